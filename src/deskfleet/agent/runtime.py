@@ -1,0 +1,533 @@
+"""The agent: the long-lived process on each machine.
+
+It enrols with the orchestrator, keeps one WebSocket open (reconnecting with backoff, and
+moving on to the next orchestrator URL when one dies), heartbeats with resource figures,
+and runs each assignment: pre-flight, reconcile when asked, the automation under a
+watchdog, then a result it re-sends until the orchestrator acknowledges it.
+
+Self-fencing: if no heartbeat has been acknowledged for the heartbeat timeout, the agent
+stops its attempt on its own. Its last acknowledged beat is never later than the last beat
+the orchestrator received, so the agent stops *before* the orchestrator expires the lease
+and hands the run to another machine — a partitioned agent does not keep clicking while
+its replacement starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import websockets
+from pydantic import BaseModel
+from websockets.asyncio.client import ClientConnection
+
+from .. import __version__
+from ..appmodel import AppModel, Credential
+from ..desktop import Desktop, Frame
+from ..errors import BusinessError, ConfigError, Stopped
+from ..protocol import (
+    AgentEvent,
+    Assign,
+    AutomationAd,
+    EnrolResponse,
+    HeartbeatAck,
+    HeartbeatMsg,
+    Hello,
+    Preparing,
+    Progress,
+    Reply,
+    Resources,
+    Result,
+    Start,
+    Stop,
+    Verified,
+    Verify,
+    Welcome,
+    server_message,
+)
+from ..sdk import Context, Registry, encode_png
+from .preflight import preflight
+
+log = logging.getLogger(__name__)
+
+REPLY_TIMEOUT = 10.0
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    servers: list[str]  # base URLs, e.g. ["http://127.0.0.1:8470"]; tried in turn
+    machine: str
+    pool: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    enrolment_token: str | None = None
+    agent_key: str | None = None
+    key_file: Path | None = None  # where the agent key is kept between restarts
+    screenshots: str = "evidence"  # evidence (pre-flight proof, playbook steps, failures) | none
+    preflight_steps: int = 8
+    reconnect_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ConfigError("the agent needs at least one orchestrator URL")
+        if self.screenshots not in ("evidence", "none"):
+            raise ConfigError("screenshots must be 'evidence' or 'none'")
+
+
+class _Disconnected(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Current:
+    assign: Assign
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_reason: str | None = None
+    task: asyncio.Task[None] | None = None
+    automation_task: asyncio.Task[Any] | None = None
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        desktop: Desktop,
+        registry: Registry,
+        *,
+        model: AppModel | None = None,
+        credentials: Mapping[str, Credential] | None = None,
+        boot_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.desktop = desktop
+        self.registry = registry
+        self.model = model
+        self.credentials = dict(credentials or {})
+        self.boot_id = boot_id or uuid.uuid4().hex
+        self.machine_id = config.machine
+        self._key = config.agent_key
+        self._ws: ClientConnection | None = None
+        self._connected = asyncio.Event()
+        self._server_index = 0
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._current: _Current | None = None
+        self._hb_interval = 2.0
+        self._hb_timeout = 10.0
+        self._last_ack = time.monotonic()
+        self._seq = itertools.count(1)
+        self._verifying = False
+        self._stopped = asyncio.Event()
+        self._offline_until = 0.0
+        self.completed = 0  # attempts this agent finished (for tests and the demo)
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def server(self) -> str:
+        return self.config.servers[self._server_index % len(self.config.servers)].rstrip("/")
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    async def run(self) -> None:
+        """Stay connected until :meth:`shutdown`; reconnect with backoff in between."""
+        delay = 0.1
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            self._http = http
+            while not self._stopped.is_set():
+                try:
+                    await self._session()
+                    delay = 0.1
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # every failure here means: reconnect
+                    log.info("connection to %s ended: %s", self.server, _short(exc), extra=self._ctx())
+                    self._server_index += 1
+                finally:
+                    self._on_disconnect()
+                if self._stopped.is_set():
+                    break
+                pause = max(delay * (0.5 + random.random()), self._offline_until - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), pause)
+                delay = min(delay * 2, self.config.reconnect_max)
+        if self._current is not None and self._current.task is not None:
+            self._current.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._current.task
+
+    async def shutdown(self) -> None:
+        self._stopped.set()
+        if self._ws is not None:
+            await self._ws.close()
+
+    def forget_everything(self, *, offline_for: float = 0.0, boot_id: str | None = None) -> None:
+        """What a machine reboot does to the agent process: in-flight work is gone, and
+        the agent is back (with a new boot id) only once the machine is up again."""
+        if self._current is not None:
+            if self._current.task is not None:
+                self._current.task.cancel()
+            self._current = None
+        self.boot_id = boot_id or uuid.uuid4().hex
+        self._offline_until = time.monotonic() + offline_for
+        if self._ws is not None:
+            asyncio.get_running_loop().create_task(self._ws.close())
+
+    # -- connection ----------------------------------------------------------------------------
+    def _ctx(self, attempt: int | None = None, run: str | None = None) -> dict[str, Any]:
+        return {"machine": self.machine_id, "attempt": attempt, "run": run}
+
+    async def _enrol(self) -> None:
+        if self._key is None and self.config.key_file is not None and self.config.key_file.exists():
+            self._key = self.config.key_file.read_text().strip() or None
+        if self._key is not None:
+            return
+        if not self.config.enrolment_token:
+            raise ConfigError("the agent is not enrolled and has no enrolment token")
+        resp = await self._http.post(
+            f"{self.server}/agent/v1/enrol",
+            json={"machine": self.config.machine, "pool": self.config.pool, "labels": self.config.labels},
+            headers={"authorization": f"Bearer {self.config.enrolment_token}"},
+        )
+        if resp.status_code != 200:
+            raise ConfigError(f"enrolment refused ({resp.status_code}): {resp.json().get('message', resp.text)}")
+        enrolled = EnrolResponse.model_validate(resp.json())
+        self._key = enrolled.agent_key
+        if self.config.key_file is not None:
+            self.config.key_file.parent.mkdir(parents=True, exist_ok=True)
+            self.config.key_file.write_text(self._key)
+            self.config.key_file.chmod(0o600)
+        log.info("enrolled in pool %s", self.config.pool, extra=self._ctx())
+
+    async def _session(self) -> None:
+        await self._enrol()
+        ws_url = self.server.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        try:
+            ws = await websockets.connect(
+                f"{ws_url}/agent/v1/connect",
+                additional_headers={"authorization": f"Bearer {self._key}", "x-deskfleet-machine": self.machine_id},
+                open_timeout=10, ping_interval=None, max_size=16 << 20,
+            )
+        except websockets.InvalidStatus as exc:
+            if exc.response.status_code in (401, 403):
+                self._key = None  # enrol again on the next try
+            raise
+        self._ws = ws
+        try:
+            await self._send(await self._hello())
+            welcome = server_message.validate_python(orjson.loads(await asyncio.wait_for(ws.recv(), REPLY_TIMEOUT)))
+            if not isinstance(welcome, Welcome):
+                raise _Disconnected(f"expected welcome, got {welcome.type}")
+            self._hb_interval, self._hb_timeout = welcome.heartbeat_interval, welcome.heartbeat_timeout
+            self._last_ack = time.monotonic()
+            self._connected.set()
+            log.info("connected to %s", self.server, extra=self._ctx(welcome.resume_attempt_id))
+            beat = asyncio.create_task(self._heartbeats())
+            try:
+                async for raw in ws:
+                    await self._dispatch(server_message.validate_python(orjson.loads(raw)))
+            finally:
+                beat.cancel()
+        except websockets.ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == 4401:
+                self._key = None
+            raise _Disconnected(str(exc)) from exc
+        finally:
+            self._ws = None
+
+    def _on_disconnect(self) -> None:
+        self._connected.clear()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(_Disconnected("connection lost"))
+        self._pending.clear()
+
+    async def _hello(self) -> Hello:
+        res, info = await self._resources()
+        return Hello(
+            boot_id=self.boot_id,
+            agent_version=__version__,
+            automations=[AutomationAd(**_spec_dict(s)) for s in self.registry.specs()],
+            labels=self.config.labels or None,
+            resources=res,
+            session_key=info.session_key if info else None,
+            session_expires_at=info.session_expires_at if info else None,
+            attempt_id=self._current.assign.attempt_id if self._current else None,
+        )
+
+    async def _resources(self) -> tuple[Resources, Any]:
+        try:
+            info = await self.desktop.info()
+        except Exception:
+            return Resources(), None
+        return Resources(memory_mb=info.memory_mb, cpu_percent=info.cpu_percent, uptime=info.uptime,
+                         app_running=info.app_running), info
+
+    async def _send(self, msg: BaseModel) -> None:
+        ws = self._ws
+        if ws is None:
+            raise _Disconnected("not connected")
+        try:
+            await ws.send(orjson.dumps(msg.model_dump(mode="json")))
+        except websockets.ConnectionClosed as exc:
+            raise _Disconnected(str(exc)) from exc
+
+    async def _request(self, make: Any) -> Reply:
+        """Send a message that needs an answer; ``make(id)`` builds it."""
+        msg_id = next(self._ids)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = fut
+        try:
+            await self._send(make(msg_id))
+            return await asyncio.wait_for(fut, REPLY_TIMEOUT)
+        finally:
+            self._pending.pop(msg_id, None)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            res, info = await self._resources()
+            cur = self._current
+            await self._send(HeartbeatMsg(
+                seq=next(self._seq), resources=res,
+                session_key=info.session_key if info else None,
+                session_expires_at=info.session_expires_at if info else None,
+                attempt_id=cur.assign.attempt_id if cur else None,
+            ))
+            await asyncio.sleep(self._hb_interval)
+
+    async def _fence_watch(self) -> None:
+        """Stop the current attempt if the orchestrator has been silent too long."""
+        while True:
+            await asyncio.sleep(min(self._hb_interval, 0.5))
+            cur = self._current
+            if cur is None or cur.stop.is_set():
+                continue
+            if time.monotonic() - self._last_ack > self._hb_timeout:
+                log.warning("no heartbeat acknowledged for %.1fs: stopping the attempt (lease presumed lost)",
+                            self._hb_timeout, extra=self._ctx(cur.assign.attempt_id, cur.assign.run_id))
+                self._stop_current(cur, "lease_presumed_lost")
+
+    async def _dispatch(self, msg: Any) -> None:
+        if isinstance(msg, HeartbeatAck):
+            self._last_ack = time.monotonic()
+        elif isinstance(msg, Reply):
+            fut = self._pending.get(msg.re)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, Assign):
+            self._accept(msg)
+        elif isinstance(msg, Stop):
+            cur = self._current
+            if cur is not None and cur.assign.attempt_id == msg.attempt_id:
+                self._stop_current(cur, msg.reason)
+        elif isinstance(msg, Verify):
+            if self._current is None and not self._verifying:
+                asyncio.get_running_loop().create_task(self._verify())
+        elif msg.type == "error":
+            log.warning("orchestrator says: %s", msg.message, extra=self._ctx())
+
+    # -- attempts ------------------------------------------------------------------------------
+    def _accept(self, assign: Assign) -> None:
+        cur = self._current
+        if cur is not None:
+            if cur.assign.attempt_id == assign.attempt_id:
+                return  # re-sent after a reconnect: already on it
+            log.error("assigned attempt %d while busy with %d; refusing", assign.attempt_id,
+                      cur.assign.attempt_id, extra=self._ctx(assign.attempt_id, assign.run_id))
+            return
+        cur = _Current(assign)
+        self._current = cur
+        cur.task = asyncio.get_running_loop().create_task(self._execute(cur))
+
+    def _stop_current(self, cur: _Current, reason: str) -> None:
+        if cur.stop.is_set():
+            return
+        cur.stop_reason = reason
+        cur.stop.set()
+        if cur.automation_task is not None:
+            cur.automation_task.cancel()
+
+    async def _execute(self, cur: _Current) -> None:
+        a = cur.assign
+        ctx_log = self._ctx(a.attempt_id, a.run_id)
+        fence = asyncio.get_running_loop().create_task(self._fence_watch())
+        result: tuple[str, dict[str, Any] | None, str]
+        try:
+            result = await self._attempt(cur)
+        except Stopped as exc:
+            result = ("stopped", None, cur.stop_reason or exc.reason)
+        except asyncio.CancelledError:
+            if not cur.stop.is_set():
+                fence.cancel()
+                raise  # the agent itself is going away
+            result = ("stopped", None, cur.stop_reason or "stopped")
+        except BusinessError as exc:
+            result = ("business_error", None, str(exc) or type(exc).__name__)
+        except Exception as exc:
+            result = ("system_error", None, f"{type(exc).__name__}: {exc}"[:2000])
+            await self._evidence(cur, "failure", None)
+        finally:
+            fence.cancel()
+        ending, output, detail = result
+        log.info("attempt finished locally: %s %s", ending, detail[:200], extra=ctx_log)
+        await self._report(cur, ending, output, detail)
+
+    async def _attempt(self, cur: _Current) -> tuple[str, dict[str, Any] | None, str]:
+        a = cur.assign
+        await self._send_quiet(Preparing(attempt_id=a.attempt_id))
+        automation = self.registry.get(a.automation, a.version)
+        if automation is None:
+            return "preflight_failed", None, f"automation {a.automation}@{a.version} is not installed on this agent"
+        ctx = Context(
+            run_id=a.run_id, attempt_id=a.attempt_id, attempt_number=a.attempt_number,
+            machine_id=self.machine_id, desktop=self.desktop, model=self.model,
+            report_progress=lambda step, pct, msg: self._progress(a.attempt_id, step, pct, msg),
+            upload=lambda name, data, ctype: self._upload(a.attempt_id, name, data, ctype),
+            stop_event=cur.stop,
+        )
+        if a.required_state != "any":
+            if self.model is None:
+                return "preflight_failed", None, "this agent has no app model, so it cannot prove the screen state"
+
+            async def record(kind: str, data: dict[str, Any], frame: Frame | None) -> str | None:
+                shot = await self._evidence(cur, kind, frame)
+                if kind == "playbook.before":
+                    return shot  # the step's own event carries it as before_screenshot
+                if shot:
+                    data = {**data, "screenshot": shot}
+                await self._send_quiet(AgentEvent(attempt_id=a.attempt_id, kind=kind, data=data))
+                return shot
+
+            pre = await preflight(
+                self.desktop, self.model, a.required_state, session_key=a.session_key,
+                credentials=self.credentials, record=record, stop=cur.stop,
+                max_steps=self.config.preflight_steps,
+            )
+            if not pre.ok:
+                return "preflight_failed", None, pre.detail
+        if a.mode == "reconcile":
+            await self._send_quiet(AgentEvent(attempt_id=a.attempt_id, kind="reconcile.started", data={}))
+            found = await self._guarded(cur, automation.run_reconcile(ctx, a.input))
+            await self._send_quiet(AgentEvent(attempt_id=a.attempt_id, kind="reconcile.done",
+                                              data={"effect_found": found is not None}))
+            if found is not None:
+                return "reconciled", found, "the effect of an earlier attempt was found"
+        reply = await self._request(lambda i: Start(id=i, attempt_id=a.attempt_id))
+        if not reply.ok:
+            raise Stopped(reply.stop or reply.error or "start refused")
+        output = await self._guarded(cur, automation.execute(ctx, a.input))
+        return "succeeded", output, ""
+
+    async def _guarded(self, cur: _Current, coro: Any) -> Any:
+        """Run automation code as a task the stop order can cancel, within the attempt timeout."""
+        if cur.stop.is_set():
+            coro.close()
+            raise Stopped(cur.stop_reason or "stopped")
+        task = asyncio.ensure_future(coro)
+        cur.automation_task = task
+        try:
+            return await asyncio.wait_for(task, cur.assign.attempt_timeout)
+        except TimeoutError as exc:
+            raise Stopped("attempt timeout reached (agent-side watchdog)") from exc
+        except asyncio.CancelledError:
+            if cur.stop.is_set():
+                raise Stopped(cur.stop_reason or "stopped") from None
+            raise
+        finally:
+            cur.automation_task = None
+
+    async def _report(self, cur: _Current, ending: str, output: dict[str, Any] | None, detail: str) -> None:
+        """Deliver the result until acknowledged (or refused as stale), across reconnects."""
+        a = cur.assign
+        try:
+            while not self._stopped.is_set():
+                try:
+                    await asyncio.wait_for(self._connected.wait(), REPLY_TIMEOUT)
+                    reply = await self._request(lambda i: Result(
+                        id=i, attempt_id=a.attempt_id, ending=ending, output=output, detail=detail,
+                    ))
+                except (TimeoutError, _Disconnected):
+                    await asyncio.sleep(0.2)
+                    continue
+                if not reply.ok:
+                    log.info("result refused: %s", reply.error, extra=self._ctx(a.attempt_id, a.run_id))
+                self.completed += 1
+                return
+        finally:
+            if self._current is cur:
+                self._current = None
+
+    async def _progress(self, attempt_id: int, step: str, pct: float | None, message: str | None) -> None:
+        await self._send_quiet(Progress(attempt_id=attempt_id, step=step, percent=pct, message=message))
+
+    async def _send_quiet(self, msg: BaseModel) -> None:
+        """Fire-and-forget: a lost progress event is not worth failing an attempt over."""
+        with contextlib.suppress(_Disconnected):
+            await self._send(msg)
+
+    async def _upload(self, attempt_id: int | None, name: str, data: bytes, ctype: str) -> str:
+        resp = await self._http.post(
+            f"{self.server}/agent/v1/artifacts",
+            params={"name": name, **({"attempt_id": attempt_id} if attempt_id is not None else {})},
+            content=data,
+            headers={"authorization": f"Bearer {self._key}", "x-deskfleet-machine": self.machine_id,
+                     "content-type": ctype},
+        )
+        if resp.status_code == 409:
+            raise Stopped("lease lost (artifact refused)")
+        resp.raise_for_status()
+        return str(resp.json()["id"])
+
+    async def _evidence(self, cur: _Current | None, name: str, frame: Frame | None) -> str | None:
+        if self.config.screenshots == "none":
+            return None
+        try:
+            if frame is None:
+                frame = await self.desktop.screenshot()
+            return await self._upload(cur.assign.attempt_id if cur else None, name, encode_png(frame), "image/png")
+        except Exception as exc:  # evidence is best effort; never fail work over it
+            log.info("could not upload %s screenshot: %s", name, _short(exc), extra=self._ctx())
+            return None
+
+    async def _verify(self) -> None:
+        """Re-prove the machine's state after a quarantine."""
+        if self.model is None:
+            return
+        self._verifying = True
+        try:
+            async def record(kind: str, data: dict[str, Any], frame: Frame | None) -> str | None:
+                if kind != "preflight.ok":
+                    await self._send_quiet(AgentEvent(kind=f"verify.{kind}", data=data))
+                    return None
+                return await self._evidence(None, "verify", frame)
+
+            pre = await preflight(self.desktop, self.model, "ready", session_key=None,
+                                  credentials=self.credentials, record=record,
+                                  max_steps=self.config.preflight_steps)
+            await self._send_quiet(Verified(ok=pre.ok, state=pre.state, detail=pre.detail,
+                                            screenshot_id=pre.evidence_id))
+        except Exception as exc:
+            await self._send_quiet(Verified(ok=False, state="unknown", detail=_short(exc)))
+        finally:
+            self._verifying = False
+
+
+def _spec_dict(spec: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(spec)
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]

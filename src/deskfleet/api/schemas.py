@@ -1,0 +1,315 @@
+"""The HTTP API's request and response models (pydantic, so they are the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+
+from .. import config as limits
+from ..models import Artifact, Attempt, AutomationSpec, Event, Machine, Pool, Run, RunSpec
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+
+
+def ts(t: float | None) -> datetime | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC)
+
+
+class RunRequest(BaseModel):
+    """A request to run an automation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    automation: str = Field(min_length=1, max_length=200, pattern=NAME, examples=["ehr.create_patient"])
+    version: str | None = Field(default=None, max_length=64, description="pin a version; default: newest")
+    input: dict[str, Any] = Field(default_factory=dict)
+    pool: str = Field(default="default", min_length=1, max_length=128, pattern=NAME)
+    labels: dict[str, str] = Field(default_factory=dict, description="every one must match the machine's")
+    machine: str | None = Field(default=None, max_length=128, description="run only on this machine")
+    prefer_machine: str | None = Field(default=None, max_length=128, description="prefer this machine, fall back after the pool's affinity wait")
+    session_key: str | None = Field(default=None, max_length=200, description="prefer the machine logged in as this account")
+    priority: int = Field(default=0, ge=-limits.MAX_PRIORITY, le=limits.MAX_PRIORITY, description="higher runs first")
+    tenant: str = Field(default="default", min_length=1, max_length=128, pattern=NAME)
+    queue_timeout: float = Field(default=3600.0, ge=limits.MIN_TIMEOUT, le=limits.MAX_QUEUE_TIMEOUT, description="seconds the run may wait for a machine")
+    attempt_timeout: float = Field(default=900.0, ge=limits.MIN_TIMEOUT, le=limits.MAX_ATTEMPT_TIMEOUT, description="seconds one attempt may take")
+    progress_timeout: float = Field(default=120.0, ge=limits.MIN_TIMEOUT, le=limits.MAX_PROGRESS_TIMEOUT, description="seconds an attempt may go without reporting a step")
+    deadline: float | None = Field(default=None, ge=limits.MIN_TIMEOUT, le=limits.MAX_DEADLINE, description="seconds from now for the whole run, all attempts")
+    max_attempts: int = Field(default=3, ge=1, le=limits.MAX_ATTEMPTS)
+    backoff_initial: float = Field(default=1.0, ge=0, le=3600)
+    backoff_max: float = Field(default=60.0, ge=0, le=86400)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200, description="same key and body → the same run")
+    webhook_url: HttpUrl | None = Field(default=None, description="POSTed the run when it ends")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > 64:
+            raise ValueError("at most 64 labels")
+        for k in v:
+            if not 0 < len(k) <= 128:
+                raise ValueError("label names are 1 to 128 characters")
+        return v
+
+    def to_spec(self) -> RunSpec:
+        return RunSpec(
+            automation=self.automation,
+            version=self.version,
+            input=self.input,
+            pool=self.pool,
+            labels=self.labels,
+            machine=self.machine,
+            prefer_machine=self.prefer_machine,
+            session_key=self.session_key,
+            priority=self.priority,
+            tenant=self.tenant,
+            queue_timeout=self.queue_timeout,
+            attempt_timeout=self.attempt_timeout,
+            progress_timeout=self.progress_timeout,
+            deadline=self.deadline,
+            max_attempts=self.max_attempts,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
+            idempotency_key=self.idempotency_key,
+            webhook_url=str(self.webhook_url) if self.webhook_url else None,
+        )
+
+
+class ErrorOut(BaseModel):
+    error: str
+    message: str
+    field: str | None = None
+
+
+class RunOut(BaseModel):
+    id: str
+    automation: str
+    version: str | None
+    state: str
+    input: dict[str, Any]
+    output: dict[str, Any] | None
+    error: ErrorOut | None
+    pool: str
+    labels: dict[str, str]
+    machine: str | None
+    prefer_machine: str | None
+    session_key: str | None
+    priority: int
+    tenant: str
+    queue_timeout: float
+    attempt_timeout: float
+    progress_timeout: float
+    deadline_at: datetime | None
+    max_attempts: int
+    attempts_started: int
+    dispatches: int
+    needs_reconcile: bool
+    idempotency_key: str | None
+    webhook: bool
+    cancel_requested_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    current_machine: str | None
+    current_attempt: int | None
+
+
+def run_out(run: Run, redacted_input: dict[str, Any]) -> RunOut:
+    return RunOut(
+        id=run.id,
+        automation=run.automation,
+        version=run.version,
+        state=run.state.value,
+        input=redacted_input,
+        output=run.output,
+        error=ErrorOut(error=run.error_code, message=run.error_message or "") if run.error_code else None,
+        pool=run.pool,
+        labels=run.labels,
+        machine=run.machine,
+        prefer_machine=run.prefer_machine,
+        session_key=run.session_key,
+        priority=run.priority,
+        tenant=run.tenant,
+        queue_timeout=run.queue_timeout,
+        attempt_timeout=run.attempt_timeout,
+        progress_timeout=run.progress_timeout,
+        deadline_at=ts(run.deadline_at),
+        max_attempts=run.max_attempts,
+        attempts_started=run.attempts_started,
+        dispatches=run.dispatches,
+        needs_reconcile=run.needs_reconcile,
+        idempotency_key=run.idempotency_key,
+        webhook=run.webhook_url is not None,
+        cancel_requested_at=ts(run.cancel_requested_at),
+        created_at=ts(run.created_at),  # type: ignore[arg-type]
+        updated_at=ts(run.updated_at),  # type: ignore[arg-type]
+        finished_at=ts(run.finished_at),
+        current_machine=run.current_machine_id,
+        current_attempt=run.current_attempt_id,
+    )
+
+
+class RunList(BaseModel):
+    runs: list[RunOut]
+    next_before: str | None = Field(description="pass as ?before= for the next page")
+
+
+class AttemptOut(BaseModel):
+    id: int
+    number: int
+    machine: str
+    state: str
+    phase: str
+    mode: str
+    ending: str | None
+    reason: str | None
+    assigned_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    progress_step: str | None
+    stop_reason: str | None
+
+    @classmethod
+    def of(cls, a: Attempt) -> AttemptOut:
+        return cls(
+            id=a.id, number=a.number, machine=a.machine_id, state=a.state.value, phase=a.phase.value,
+            mode=a.mode.value, ending=a.ending.value if a.ending else None, reason=a.reason,
+            assigned_at=ts(a.assigned_at), started_at=ts(a.started_at),  # type: ignore[arg-type]
+            ended_at=ts(a.ended_at), progress_step=a.progress_step,
+            stop_reason=a.stop_reason.value if a.stop_reason else None,
+        )
+
+
+class EventOut(BaseModel):
+    id: int
+    at: datetime
+    kind: str
+    run: str | None
+    attempt: int | None
+    machine: str | None
+    from_state: str | None
+    to_state: str | None
+    reason: str | None
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, e: Event) -> EventOut:
+        return cls(
+            id=e.id, at=ts(e.at), kind=e.kind, run=e.run_id, attempt=e.attempt_id,  # type: ignore[arg-type]
+            machine=e.machine_id, from_state=e.from_state, to_state=e.to_state, reason=e.reason, data=e.data,
+        )
+
+
+class ArtifactOut(BaseModel):
+    id: str
+    name: str
+    content_type: str
+    size: int
+    attempt: int | None
+    machine: str | None
+    created_at: datetime
+    url: str
+
+    @classmethod
+    def of(cls, a: Artifact) -> ArtifactOut:
+        return cls(
+            id=a.id, name=a.name, content_type=a.content_type, size=a.size, attempt=a.attempt_id,
+            machine=a.machine_id, created_at=ts(a.created_at), url=f"/v1/artifacts/{a.id}",  # type: ignore[arg-type]
+        )
+
+
+class MachineOut(BaseModel):
+    id: str
+    pool: str
+    labels: dict[str, str]
+    automations: list[str]
+    status: str = Field(description="ready | busy | offline | quarantined | cordoned | draining | drained")
+    health: str
+    admin: str
+    connected: bool
+    boot_id: str
+    agent_version: str
+    last_heartbeat_at: datetime | None
+    idle_since: datetime | None
+    resources: dict[str, Any]
+    session_key: str | None
+    quarantine_reason: str | None
+    runs_completed: int
+    current_run: str | None
+    current_attempt: int | None
+    last_screenshot: str | None
+
+    @classmethod
+    def of(cls, m: Machine) -> MachineOut:
+        return cls(
+            id=m.id, pool=m.pool, labels=m.labels, automations=m.automations, status=machine_status(m),
+            health=m.health.value, admin=m.admin.value, connected=m.connected, boot_id=m.boot_id,
+            agent_version=m.agent_version, last_heartbeat_at=ts(m.last_heartbeat_at),
+            idle_since=ts(m.idle_since), resources=m.resources, session_key=m.session_key,
+            quarantine_reason=m.quarantine_reason, runs_completed=m.runs_completed,
+            current_run=m.active_run_id, current_attempt=m.active_attempt_id,
+            last_screenshot=f"/v1/artifacts/{m.last_screenshot_id}" if m.last_screenshot_id else None,
+        )
+
+
+def machine_status(m: Machine) -> str:
+    """One word for a person: what the machine is doing and whether it can take work."""
+    if m.active_attempt_id is not None:
+        return "busy"
+    if not m.connected:
+        return "offline"
+    if m.health.value == "quarantined":
+        return "quarantined"
+    if m.admin.value == "cordoned":
+        return "cordoned"
+    if m.admin.value == "draining":
+        return "drained"
+    return "ready"
+
+
+class PoolIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = Field(default="", max_length=1000)
+    allow_wait_for_capacity: bool = Field(default=False, description="accept runs no enrolled machine can serve yet")
+    affinity_wait: float = Field(default=10.0, ge=0, le=3600, description="seconds a run waits for its preferred machine")
+
+
+class PoolOut(BaseModel):
+    name: str
+    description: str
+    allow_wait_for_capacity: bool
+    affinity_wait: float
+    created_at: datetime
+
+    @classmethod
+    def of(cls, p: Pool) -> PoolOut:
+        return cls(name=p.name, description=p.description, allow_wait_for_capacity=p.allow_wait_for_capacity,
+                   affinity_wait=p.affinity_wait, created_at=ts(p.created_at))  # type: ignore[arg-type]
+
+
+class AutomationOut(BaseModel):
+    name: str
+    version: str
+    description: str
+    idempotent: bool
+    has_reconcile: bool
+    required_state: str
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+
+    @classmethod
+    def of(cls, s: AutomationSpec) -> AutomationOut:
+        return cls(name=s.name, version=s.version, description=s.description, idempotent=s.idempotent,
+                   has_reconcile=s.has_reconcile, required_state=s.required_state,
+                   input_schema=s.input_schema, output_schema=s.output_schema)
+
+
+class CordonIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(default="", max_length=500)
+
+
+class Summary(BaseModel):
+    runs: dict[str, int]
+    machines: dict[str, int]

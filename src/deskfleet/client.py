@@ -1,0 +1,187 @@
+"""A small HTTP client for the deskfleet API, blocking and async, used by the CLI, the demo,
+benchmarks and tests — and by users' own scripts.
+
+One implementation of each call (``_Call``: method, path, body, how to read the answer),
+executed by either transport. API errors become :class:`ApiError` with the server's
+message; a server that cannot be reached becomes
+:class:`~deskfleet.errors.ServerUnreachable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from .errors import DeskfleetError, ServerUnreachable
+
+DEFAULT_SERVER = "http://127.0.0.1:8470"
+
+
+class ApiError(DeskfleetError):
+    def __init__(self, status: int, error: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{message} (HTTP {status})")
+        self.status = status
+        self.error = error
+        self.message = message
+        self.field = field
+
+
+@dataclass(slots=True)
+class _Call:
+    method: str
+    path: str
+    json: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
+
+
+def _run_call(automation: str, input: dict[str, Any] | None, wait: float, **options: Any) -> _Call:
+    body = {"automation": automation, "input": input or {}}
+    body.update({k: v for k, v in options.items() if v is not None})
+    return _Call("POST", "/v1/runs", body, {"wait": wait} if wait else {}, timeout=wait + 30 if wait else None)
+
+
+def _answer(resp: httpx.Response) -> Any:
+    if resp.status_code >= 400:
+        try:
+            body = resp.json()
+            raise ApiError(resp.status_code, body.get("error", "error"), body.get("message", resp.text), body.get("field"))
+        except ValueError:
+            raise ApiError(resp.status_code, "error", resp.text[:300]) from None
+    if resp.headers.get("content-type", "").startswith("application/json"):
+        return resp.json()
+    return resp.content
+
+
+class _Calls:
+    """The API's calls, independent of transport. On its own, each call returns the
+    :class:`_Call` it would make; a transport overrides ``_do`` to make it."""
+
+    def _do(self, call: _Call) -> Any:
+        return call
+
+    def submit(self, automation: str, input: dict[str, Any] | None = None, *, wait: float = 0, **options: Any) -> Any:
+        return self._do(_run_call(automation, input, wait, **options))
+
+    def run(self, run_id: str, *, wait: float = 0) -> Any:
+        return self._do(_Call("GET", f"/v1/runs/{run_id}", params={"wait": wait} if wait else {},
+                              timeout=wait + 30 if wait else None))
+
+    def runs(self, *, state: Iterable[str] = (), limit: int = 100, before: str | None = None, **filters: Any) -> Any:
+        params: dict[str, Any] = {"limit": limit, **{k: v for k, v in filters.items() if v is not None}}
+        if state:
+            params["state"] = list(state)
+        if before:
+            params["before"] = before
+        return self._do(_Call("GET", "/v1/runs", params=params))
+
+    def cancel(self, run_id: str) -> Any:
+        return self._do(_Call("POST", f"/v1/runs/{run_id}/cancel"))
+
+    def events(self, run_id: str) -> Any:
+        return self._do(_Call("GET", f"/v1/runs/{run_id}/events"))
+
+    def attempts(self, run_id: str) -> Any:
+        return self._do(_Call("GET", f"/v1/runs/{run_id}/attempts"))
+
+    def artifacts(self, run_id: str) -> Any:
+        return self._do(_Call("GET", f"/v1/runs/{run_id}/artifacts"))
+
+    def artifact(self, artifact_id: str) -> Any:
+        return self._do(_Call("GET", f"/v1/artifacts/{artifact_id}"))
+
+    def all_events(self, after: int = 0, limit: int = 1000) -> Any:
+        return self._do(_Call("GET", "/v1/events", params={"after": after, "limit": limit}))
+
+    def machines(self, pool: str | None = None) -> Any:
+        return self._do(_Call("GET", "/v1/machines", params={"pool": pool} if pool else {}))
+
+    def machine(self, machine_id: str) -> Any:
+        return self._do(_Call("GET", f"/v1/machines/{machine_id}"))
+
+    def machine_action(self, machine_id: str, action: str, reason: str = "") -> Any:
+        if action not in ("cordon", "drain", "uncordon"):
+            raise ValueError(f"unknown machine action {action!r}")
+        return self._do(_Call("POST", f"/v1/machines/{machine_id}/{action}", {"reason": reason}))
+
+    def pools(self) -> Any:
+        return self._do(_Call("GET", "/v1/pools"))
+
+    def put_pool(self, name: str, **settings: Any) -> Any:
+        return self._do(_Call("PUT", f"/v1/pools/{name}", settings))
+
+    def automations(self) -> Any:
+        return self._do(_Call("GET", "/v1/automations"))
+
+    def summary(self) -> Any:
+        return self._do(_Call("GET", "/v1/summary"))
+
+    def health(self) -> Any:
+        return self._do(_Call("GET", "/healthz"))
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class Client(_Calls):
+    """Blocking client: ``Client("http://127.0.0.1:8470").submit("ehr.lookup_patient", {...})``."""
+
+    def __init__(self, server: str = DEFAULT_SERVER, *, api_key: str | None = None, timeout: float = 30.0) -> None:
+        self.server = server.rstrip("/")
+        self._http = httpx.Client(base_url=self.server, headers=_headers(api_key), timeout=timeout)
+
+    def _do(self, call: _Call) -> Any:
+        try:
+            resp = self._http.request(call.method, call.path, json=call.json, params=call.params,
+                                      timeout=call.timeout or httpx.USE_CLIENT_DEFAULT)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(self.server, str(exc) or type(exc).__name__) from exc
+        return _answer(resp)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The same calls, awaited: ``await AsyncClient(url).submit(...)``."""
+
+    def __init__(self, server: str = DEFAULT_SERVER, *, api_key: str | None = None, timeout: float = 30.0) -> None:
+        self.server = server.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.server, headers=_headers(api_key), timeout=timeout,
+                                       limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+        self._calls = _Calls()  # builds each call; this class makes it
+
+    def __getattr__(self, name: str) -> Any:
+        build = getattr(self._calls, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await self._do(build(*args, **kwargs))
+
+        return call
+
+    async def _do(self, call: _Call) -> Any:
+        try:
+            resp = await self._http.request(call.method, call.path, json=call.json, params=call.params,
+                                            timeout=call.timeout or httpx.USE_CLIENT_DEFAULT)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(self.server, str(exc) or type(exc).__name__) from exc
+        return _answer(resp)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

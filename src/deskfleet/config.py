@@ -1,0 +1,90 @@
+"""Server settings and the limits that bound what clients may ask for.
+
+The CLI builds :class:`ServerSettings` from flags, each with a ``DESKFLEET_*`` environment
+variable; tests and embedders build it directly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+# Bounds on what a run may ask for: beyond these a value is a mistake, not a wish.
+MAX_QUEUE_TIMEOUT = 7 * 24 * 3600.0
+MAX_ATTEMPT_TIMEOUT = 24 * 3600.0
+MAX_PROGRESS_TIMEOUT = 24 * 3600.0
+MAX_DEADLINE = 30 * 24 * 3600.0
+MIN_TIMEOUT = 0.1
+MAX_ATTEMPTS = 20
+MAX_PRIORITY = 1000
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    data_dir: Path = field(default_factory=lambda: Path("deskfleet-data"))
+    db: str | None = None  # default: sqlite:///<data_dir>/deskfleet.db
+    host: str = "127.0.0.1"
+    port: int = 8470
+    api_key: str | None = None  # required on client endpoints when listening beyond loopback
+    enrolment_token: str | None = None  # default: read or create <data_dir>/enrolment-token
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 10.0
+    stop_grace: float = 15.0  # how long an agent has to confirm a stop before it is forced
+    sweep_interval: float = 0.25
+    schedule_tick: float = 0.5  # scheduler runs at least this often (backoffs, affinity waits)
+    verify_interval: float = 5.0  # how often a quarantined, connected machine is asked to re-prove
+    sqlite_synchronous: str = "FULL"
+    max_body_bytes: int = 1 << 20  # a run request (input included)
+    max_artifact_bytes: int = 16 << 20
+    webhook_secret: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= 0:
+            raise ConfigError("heartbeat interval and timeout must be positive")
+        if self.heartbeat_timeout < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                f"heartbeat timeout ({self.heartbeat_timeout:g}s) must be at least twice the "
+                f"heartbeat interval ({self.heartbeat_interval:g}s), or one late beat loses a lease"
+            )
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port {self.port} is not a TCP port")
+
+    @property
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{self.data_dir / 'deskfleet.db'}"
+
+    @property
+    def lease_timeout(self) -> float:
+        return self.heartbeat_timeout
+
+    def check_exposure(self) -> None:
+        """Listening beyond loopback without an API key would hand the fleet to anyone."""
+        if not is_loopback(self.host) and not self.api_key:
+            raise ConfigError(
+                f"listening on {self.host} exposes the API beyond this machine; set an API key "
+                "with --api-key or DESKFLEET_API_KEY (clients then send it as a Bearer token)"
+            )
+
+    def resolve_enrolment_token(self) -> str:
+        if self.enrolment_token:
+            return self.enrolment_token
+        path = self.data_dir / "enrolment-token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32) + "\n")
+            path.chmod(0o600)
+        self.enrolment_token = path.read_text().strip()
+        return self.enrolment_token

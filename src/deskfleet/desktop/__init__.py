@@ -1,0 +1,87 @@
+"""The desktop API that automations, playbooks and the agent drive.
+
+One protocol, several implementations: the simulated desktop (``deskfleet.sim``) for unit
+tests, the demo and scale tests; a real desktop over mss and pynput (X11 under Xvfb in our
+tests, Windows for users) in a later part. Code written against :class:`Desktop` runs on
+either.
+
+The API is asynchronous because an agent process may host many simulated desktops; a
+real driver offloads its blocking calls to a thread. Synchronous automations get a
+blocking facade (see ``deskfleet.sdk``).
+
+Frames are RGB ``numpy.ndarray`` of shape (height, width, 3), dtype uint8 — what mss
+produces without a copy through PIL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+Frame = npt.NDArray[np.uint8]
+
+
+class Region(NamedTuple):
+    left: int
+    top: int
+    width: int
+    height: int
+
+    def crop(self, frame: Frame) -> Frame:
+        return frame[self.top : self.top + self.height, self.left : self.left + self.width]
+
+    @property
+    def center(self) -> tuple[int, int]:
+        return self.left + self.width // 2, self.top + self.height // 2
+
+
+@dataclass(slots=True)
+class DesktopInfo:
+    """What the agent reports in its heartbeats about the machine and its application."""
+
+    width: int
+    height: int
+    boot_id: str
+    uptime: float  # seconds since the machine booted
+    memory_mb: float  # resident memory of the target application (0 when not running)
+    cpu_percent: float
+    app_running: bool = True
+    session_key: str | None = None  # the account the application is logged in as, if known
+    session_expires_at: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Desktop(Protocol):
+    """One machine's screen, keyboard and mouse, plus the controls an operator would use."""
+
+    name: str
+
+    async def screenshot(self, region: Region | None = None) -> Frame: ...
+
+    async def click(self, x: int, y: int, *, button: str = "left", count: int = 1) -> None: ...
+
+    async def move(self, x: int, y: int) -> None: ...
+
+    async def drag(self, x1: int, y1: int, x2: int, y2: int) -> None: ...
+
+    async def type_text(self, text: str) -> None: ...
+
+    async def press(self, *keys: str) -> None:
+        """A key or a combination pressed together, e.g. ``press("ctrl", "a")``."""
+
+    async def scroll(self, dy: int, dx: int = 0) -> None: ...
+
+    async def read_text(self, region: Region) -> str:
+        """Text shown in a small region (OCR on a real desktop)."""
+
+    async def info(self) -> DesktopInfo: ...
+
+    async def restart_app(self) -> None:
+        """Stop the target application (forcefully if needed) and start it again."""
+
+    async def reboot(self) -> None:
+        """Restart the whole machine; the agent comes back by itself afterwards."""

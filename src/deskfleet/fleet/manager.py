@@ -1,0 +1,127 @@
+"""The fleet manager's background loops: leases, timeouts, quarantine, webhooks.
+
+Each tick, in this order (the order matters): write the heartbeats received since the
+last tick — renewing leases — *then* expire the leases still past due, so a beat that
+arrived in time is never outrun by the expiry sweep; then quarantine silent machines,
+then enforce queue waits, deadlines, attempt timeouts and the progress watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import httpx
+import orjson
+
+from ..models import MachineHealth
+from ..protocol import Stop
+
+if TYPE_CHECKING:
+    from ..orchestrator import Orchestrator
+
+log = logging.getLogger(__name__)
+
+
+class FleetManager:
+    def __init__(self, orch: Orchestrator) -> None:
+        self.orch = orch
+
+    def start(self) -> list[asyncio.Task[None]]:
+        return [
+            asyncio.create_task(self._tick_loop(), name="deskfleet-fleet"),
+            asyncio.create_task(self._webhook_loop(), name="deskfleet-webhooks"),
+        ]
+
+    async def _tick_loop(self) -> None:
+        interval = self.orch.settings.sweep_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fleet tick failed; retrying next tick")
+
+    async def tick(self) -> None:
+        orch, store, s = self.orch, self.orch.store, self.orch.settings
+        beats = orch.hub.drain_heartbeats()
+        if beats:
+            held = await orch.db(store.heartbeat, beats, s.lease_timeout)
+            for machine_id, ok in held.items():
+                if not ok:
+                    beat = next(b for b in beats if b.machine_id == machine_id)
+                    assert beat.attempt_id is not None
+                    await orch.hub.send(machine_id, Stop(attempt_id=beat.attempt_id, reason="lease_lost"))
+        now = time.time()
+        lost = await orch.db(store.expire_leases, now)
+        for f in lost:
+            log.warning("lease expired: attempt lost → run %s", f.run.state.value,
+                        extra={"run": f.run.id, "attempt": f.attempt.id, "machine": f.attempt.machine_id})
+            await orch.hub.send(f.attempt.machine_id, Stop(attempt_id=f.attempt.id, reason="lease_lost"))
+        if lost:
+            orch.after_finished(lost)
+        await orch.db(store.expire_silent_machines, now, s.heartbeat_timeout)
+        swept = await orch.db(store.sweep, now, s.stop_grace)
+        for order in swept.stop_orders:
+            await orch.send_stop(order)
+        for run in swept.expired_runs:
+            orch.run_changed(run)
+        if swept.finished:
+            orch.after_finished(swept.finished)
+        await self._verify_quarantined(now)
+
+    async def _verify_quarantined(self, now: float) -> None:
+        """Ask connected, quarantined machines to re-prove their state, now and then."""
+        hub = self.orch.hub
+        due = [c for c in hub.connections.values() if now - c.verify_sent_at >= self.orch.settings.verify_interval]
+        if not due:
+            return
+        machines = {m.id: m for m in await self.orch.db(self.orch.store.list_machines)}
+        for conn in due:
+            m = machines.get(conn.machine_id)
+            if m is not None and m.health is MachineHealth.QUARANTINED and m.active_attempt_id is None:
+                await hub.request_verify(conn, m.quarantine_reason or "")
+
+    async def _webhook_loop(self) -> None:
+        orch = self.orch
+        async with httpx.AsyncClient(timeout=5.0, follow_redirects=False) as client:
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    due = await orch.db(orch.store.due_webhooks, time.time())
+                    for webhook_id, run_id, url in due:
+                        await self._deliver(client, webhook_id, run_id, url)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("webhook delivery pass failed")
+
+    async def _deliver(self, client: httpx.AsyncClient, webhook_id: int, run_id: str, url: str) -> None:
+        from ..api.schemas import run_out
+
+        orch = self.orch
+        run = await orch.db(orch.store.get_run, run_id)
+        if run is None:
+            return
+        body = orjson.dumps(run_out(run, await orch.redacted_input(run)).model_dump(mode="json"))
+        headers = {"content-type": "application/json", "x-deskfleet-run": run_id}
+        if orch.settings.webhook_secret:
+            sig = hmac.new(orch.settings.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
+            headers["x-deskfleet-signature"] = f"sha256={sig}"
+        error: str | None = None
+        try:
+            resp = await client.post(url, content=body, headers=headers)
+            if resp.status_code >= 300:
+                error = f"HTTP {resp.status_code}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:300]
+        await orch.db(orch.store.webhook_done, webhook_id, ok=error is None, error=error, now=time.time())
+        if error:
+            # The query string may carry the receiver's token: never log it.
+            log.warning("webhook to %s failed: %s", url.split("?")[0], error, extra={"run": run_id})

@@ -1,0 +1,298 @@
+"""The domain's nouns as plain dataclasses: runs, attempts, machines, pools, automations, events.
+
+These are what the store returns and the scheduler and fleet loops reason about. Pydantic
+models live at the edges (``api.schemas``, ``protocol``); inside, plain data. Times are
+float seconds since the epoch (UTC) everywhere inside; the API renders them as ISO 8601.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON = dict[str, Any]
+
+
+class RunState(enum.StrEnum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    PREPARING = "preparing"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_RUN_STATES
+
+    @property
+    def active(self) -> bool:
+        return self in (RunState.ASSIGNED, RunState.PREPARING, RunState.RUNNING)
+
+
+FINAL_RUN_STATES = frozenset(
+    {RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.TIMED_OUT}
+)
+
+
+class AttemptState(enum.StrEnum):
+    """An attempt is ``active`` while it holds its machine's lease; every other state is final."""
+
+    ACTIVE = "active"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    LOST = "lost"
+    ABORTED = "aborted"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+
+class AttemptPhase(enum.StrEnum):
+    ASSIGNED = "assigned"  # lease granted, assignment sent
+    PREPARING = "preparing"  # agent holds it: pre-flight check, playbooks, reconcile
+    RUNNING = "running"  # the automation itself has been allowed to start
+
+
+class AttemptMode(enum.StrEnum):
+    RUN = "run"
+    RECONCILE = "reconcile"  # run the automation's reconcile check first; run it only if not done
+
+
+class StopReason(enum.StrEnum):
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    ATTEMPT_TIMEOUT = "attempt_timeout"
+    PROGRESS_STALLED = "progress_stalled"
+
+
+class Ending(enum.StrEnum):
+    """Why an attempt ended: reported by the agent, or decided by the orchestrator."""
+
+    SUCCEEDED = "succeeded"  # the automation returned its output
+    RECONCILED = "reconciled"  # reconcile found the effect already done; its output is the result
+    BUSINESS_ERROR = "business_error"  # the automation raised BusinessError: never retried
+    SYSTEM_ERROR = "system_error"  # the automation or desktop failed unexpectedly
+    PREFLIGHT_FAILED = "preflight_failed"  # the machine could not reach the required state
+    STOPPED = "stopped"  # the agent confirmed a stop the orchestrator asked for
+    STOP_FORCED = "stop_forced"  # the agent did not confirm a stop within the grace period
+    LOST = "lost"  # heartbeat timeout, or the agent came back without the attempt
+
+
+class MachineHealth(enum.StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    QUARANTINED = "quarantined"  # must re-prove its state before it gets work again
+
+
+class MachineAdmin(enum.StrEnum):
+    ACTIVE = "active"
+    CORDONED = "cordoned"  # no new work; current work continues
+    DRAINING = "draining"  # no new work; shown as drained once idle
+
+
+@dataclass(slots=True)
+class Pool:
+    name: str
+    description: str = ""
+    allow_wait_for_capacity: bool = False
+    affinity_wait: float = 10.0  # seconds a run waits for its preferred machine before falling back
+    created_at: float = 0.0
+
+
+@dataclass(slots=True)
+class AutomationSpec:
+    """What an agent advertises about one automation; the orchestrator validates input with it."""
+
+    name: str
+    version: str = "1"
+    description: str = ""
+    input_schema: JSON = field(default_factory=dict)
+    output_schema: JSON = field(default_factory=dict)
+    idempotent: bool = False
+    has_reconcile: bool = False
+    required_state: str = "ready"
+    secret_fields: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(slots=True)
+class Machine:
+    id: str
+    pool: str
+    labels: dict[str, str] = field(default_factory=dict)
+    automations: list[str] = field(default_factory=list)  # "name@version"
+    health: MachineHealth = MachineHealth.OFFLINE
+    admin: MachineAdmin = MachineAdmin.ACTIVE
+    connected: bool = False
+    boot_id: str = ""
+    agent_version: str = ""
+    enrolled_at: float = 0.0
+    last_heartbeat_at: float | None = None
+    idle_since: float | None = None
+    resources: JSON = field(default_factory=dict)
+    session_key: str | None = None
+    session_expires_at: float | None = None
+    quarantine_reason: str | None = None
+    runs_completed: int = 0
+    active_attempt_id: int | None = None
+    active_run_id: str | None = None
+    last_screenshot_id: str | None = None
+
+    def offers(self, automation: str, version: str | None = None) -> bool:
+        if version is not None:
+            return f"{automation}@{version}" in self.automations
+        prefix = f"{automation}@"
+        return any(a.startswith(prefix) for a in self.automations)
+
+    def has_labels(self, required: dict[str, str]) -> bool:
+        return all(self.labels.get(k) == v for k, v in required.items())
+
+    @property
+    def schedulable(self) -> bool:
+        return (
+            self.connected
+            and self.health is MachineHealth.ONLINE
+            and self.admin is MachineAdmin.ACTIVE
+            and self.active_attempt_id is None
+        )
+
+
+@dataclass(slots=True)
+class RunSpec:
+    """What a client asks for. Defaults here are the product's defaults."""
+
+    automation: str
+    input: JSON = field(default_factory=dict)
+    pool: str = "default"
+    version: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    machine: str | None = None  # hard pin: only this machine
+    prefer_machine: str | None = None  # soft: this machine if free within the pool's affinity wait
+    session_key: str | None = None  # soft: the machine logged in as this account
+    priority: int = 0
+    tenant: str = "default"
+    queue_timeout: float = 3600.0
+    attempt_timeout: float = 900.0
+    progress_timeout: float = 120.0
+    deadline: float | None = None  # seconds from submit, for the run as a whole
+    max_attempts: int = 3
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    idempotency_key: str | None = None
+    webhook_url: str | None = None
+
+
+@dataclass(slots=True)
+class Run:
+    id: str
+    automation: str
+    version: str | None
+    input: JSON
+    pool: str
+    labels: dict[str, str]
+    machine: str | None
+    prefer_machine: str | None
+    session_key: str | None
+    priority: int
+    tenant: str
+    queue_timeout: float
+    attempt_timeout: float
+    progress_timeout: float
+    deadline_at: float | None
+    max_attempts: int
+    backoff_initial: float
+    backoff_max: float
+    idempotency_key: str | None
+    request_hash: str | None
+    webhook_url: str | None
+    state: RunState
+    created_at: float
+    updated_at: float
+    queued_at: float  # when it last entered the queue
+    not_before: float | None = None  # backoff: not scheduled before this time
+    attempts_started: int = 0  # attempts that reached ``running``: these spend the retry budget
+    dispatches: int = 0  # attempts of any kind
+    needs_reconcile: bool = False
+    cancel_requested_at: float | None = None
+    output: JSON | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    finished_at: float | None = None
+    current_attempt_id: int | None = None
+    current_machine_id: str | None = None
+
+
+@dataclass(slots=True)
+class Attempt:
+    id: int  # also the lease's fencing token: ids only grow, so a newer lease has a larger token
+    run_id: str
+    machine_id: str
+    number: int
+    state: AttemptState
+    phase: AttemptPhase
+    mode: AttemptMode
+    assigned_at: float
+    lease_expires_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+    last_progress_at: float | None = None
+    progress_step: str | None = None
+    stop_requested_at: float | None = None
+    stop_reason: StopReason | None = None
+    ending: Ending | None = None
+    reason: str | None = None
+
+    @property
+    def token(self) -> int:
+        return self.id
+
+
+@dataclass(slots=True)
+class Event:
+    id: int
+    at: float
+    kind: str
+    run_id: str | None = None
+    attempt_id: int | None = None
+    machine_id: str | None = None
+    from_state: str | None = None
+    to_state: str | None = None
+    reason: str | None = None
+    data: JSON = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Artifact:
+    id: str
+    run_id: str | None
+    attempt_id: int | None
+    machine_id: str | None
+    name: str
+    content_type: str
+    size: int
+    created_at: float
+
+
+@dataclass(slots=True)
+class Assignment:
+    """A claim the scheduler made: what is sent to the agent."""
+
+    run: Run
+    attempt: Attempt
+    spec: AutomationSpec | None
+
+
+@dataclass(slots=True)
+class StopOrder:
+    """An attempt that must stop; the engine tells its agent."""
+
+    machine_id: str
+    attempt_id: int
+    run_id: str
+    reason: StopReason

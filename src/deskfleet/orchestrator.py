@@ -1,0 +1,297 @@
+"""The orchestrator: what the API server runs — store, scheduler, agent hub, fleet loops.
+
+One :class:`Orchestrator` per server process. Client requests (through ``api``) and agent
+messages (through ``fleet.hub``) arrive on the event loop; every durable change goes
+through the store on its worker thread; every change that may free a machine or queue a
+run wakes the scheduler, so dispatch waits for no polling interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import jsonschema
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .config import ServerSettings
+from .crypto import SecretBox, redact
+from .errors import InvalidRequest, NotFound, Unservable
+from .models import Assignment, AutomationSpec, MachineAdmin, Pool, Run, RunSpec, StopOrder
+from .protocol import Assign, Stop
+from .scheduler import Policy, serviceable
+from .store import Finished, Store, open_store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.submitted = Counter("deskfleet_runs_submitted", "Runs accepted", registry=r)
+        self.finished = Counter("deskfleet_runs_finished", "Runs that reached a final state", ["state"], registry=r)
+        self.retried = Counter("deskfleet_runs_retried", "Attempts that ended with the run requeued", ["reason"], registry=r)
+        self.assigned = Counter("deskfleet_attempts_assigned", "Attempts handed to agents", registry=r)
+        self.stale = Counter("deskfleet_stale_writes_rejected", "Agent writes refused for a lost lease", registry=r)
+        self.schedule_seconds = Histogram(
+            "deskfleet_schedule_seconds", "One scheduling pass (match and claim)", registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.connected = Gauge("deskfleet_agents_connected", "Agents with an open connection", registry=r)
+
+
+class StoreRunner:
+    """Runs store operations on one worker thread, so the event loop never blocks on I/O.
+
+    One thread: SQLite admits one writer at a time anyway, and a single writer never
+    meets "database is locked" from itself.
+    """
+
+    def __init__(self, store: Store) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = store
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="deskfleet-store")
+
+    async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class Orchestrator:
+    def __init__(self, settings: ServerSettings, *, store: Store | None = None, policy: Policy | None = None) -> None:
+        from .fleet.hub import Hub
+        from .fleet.manager import FleetManager
+
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store or open_store(settings.db_url, sqlite_synchronous=settings.sqlite_synchronous)
+        self.db = StoreRunner(self.store)
+        self.secrets = SecretBox.from_file(settings.data_dir / "secret.key")
+        self.enrolment_token = settings.resolve_enrolment_token()
+        self.policy = policy or Policy()
+        self.metrics = Metrics()
+        self.hub = Hub(self)
+        self.fleet = FleetManager(self)
+        self._wake = asyncio.Event()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._specs: dict[tuple[str, str | None], AutomationSpec | None] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        leases = await self.db(self.store.recover, time.time(), self.settings.heartbeat_timeout)
+        if leases:
+            log.info("recovered %d active leases; agents have %.0fs to reconnect", leases, self.settings.heartbeat_timeout)
+        self._tasks = [
+            asyncio.create_task(self._schedule_loop(), name="deskfleet-scheduler"),
+            *self.fleet.start(),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.hub.close_all()
+        self.db.close()
+        self.store.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- scheduling --------------------------------------------------------------------------
+    async def _schedule_loop(self) -> None:
+        limit = 500
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.schedule_tick)
+            self._wake.clear()
+            try:
+                t0 = time.perf_counter()
+                assignments = await self.db(
+                    self.store.schedule, self.policy, time.time(), self.settings.lease_timeout, limit
+                )
+                self.metrics.schedule_seconds.observe(time.perf_counter() - t0)
+            except Exception:
+                log.exception("scheduling pass failed; retrying")
+                await asyncio.sleep(self.settings.schedule_tick)
+                continue
+            for a in assignments:
+                await self.send_assignment(a)
+            if len(assignments) >= limit:
+                self._wake.set()
+
+    async def send_assignment(self, a: Assignment) -> None:
+        self.metrics.assigned.inc()
+        spec = a.spec
+        data = self.secrets.decrypt_fields(a.run.input, spec.secret_fields if spec else ())
+        msg = Assign(
+            attempt_id=a.attempt.id,
+            run_id=a.run.id,
+            attempt_number=a.attempt.number,
+            automation=a.run.automation,
+            version=a.run.version,
+            mode=a.attempt.mode.value,
+            input=data,
+            required_state=spec.required_state if spec else "ready",
+            session_key=a.run.session_key,
+            attempt_timeout=a.run.attempt_timeout,
+            progress_timeout=a.run.progress_timeout,
+        )
+        log.info("assigned attempt %d (%s)", a.attempt.id, a.run.automation,
+                 extra={"run": a.run.id, "attempt": a.attempt.id, "machine": a.attempt.machine_id})
+        await self.hub.send(a.attempt.machine_id, msg)
+
+    async def send_stop(self, order: StopOrder) -> None:
+        log.info("telling the agent to stop: %s", order.reason.value,
+                 extra={"run": order.run_id, "attempt": order.attempt_id, "machine": order.machine_id})
+        await self.hub.send(order.machine_id, Stop(attempt_id=order.attempt_id, reason=order.reason.value))
+
+    # -- outcomes ------------------------------------------------------------------------------
+    def after_finished(self, items: Iterable[Finished]) -> None:
+        for f in items:
+            if f.retried:
+                self.metrics.retried.labels(f.attempt.ending.value if f.attempt.ending else "?").inc()
+            self.run_changed(f.run)
+        self.wake()
+
+    def run_changed(self, run: Run) -> None:
+        if run.state.final:
+            self.metrics.finished.labels(run.state.value).inc()
+            for fut in self._waiters.pop(run.id, []):
+                if not fut.done():
+                    fut.set_result(None)
+
+    # -- client operations -----------------------------------------------------------------------
+    async def spec_for(self, name: str, version: str | None) -> AutomationSpec | None:
+        key = (name, version)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = await self.db(self.store.get_automation, name, version)
+            if spec is not None:
+                self._specs[key] = spec
+        return spec
+
+    def forget_specs(self) -> None:
+        """Agents advertised automations: schemas may have changed."""
+        self._specs.clear()
+
+    async def submit(self, spec: RunSpec, body: dict[str, Any]) -> tuple[Run, bool]:
+        """Validate a run request against what exists, then store it; nothing is written
+        for a request that fails any check."""
+        pool = await self.db(self.store.get_pool, spec.pool)
+        if pool is None:
+            known = ", ".join(p.name for p in await self.db(self.store.list_pools)) or "none yet"
+            raise NotFound(f"unknown pool {spec.pool!r} (known pools: {known})", field="pool")
+        auto = await self.spec_for(spec.automation, spec.version)
+        if auto is None:
+            known_specs = await self.db(self.store.list_automations)
+            names = sorted({f"{s.name}@{s.version}" for s in known_specs}) or ["none yet: no agent has advertised any"]
+            what = spec.automation if spec.version is None else f"{spec.automation}@{spec.version}"
+            raise NotFound(f"unknown automation {what!r}; known: {', '.join(names)}", field="automation")
+        _validate_input(auto, spec.input)
+        if not pool.allow_wait_for_capacity:
+            machines = await self.db(self.store.list_machines, spec.pool)
+            if not serviceable(spec.pool, spec.labels, spec.automation, spec.version, spec.machine, machines):
+                raise Unservable(_unservable_message(spec, machines))
+        stored = replace(spec, input=self.secrets.encrypt_fields(spec.input, auto.secret_fields))
+        fingerprint = self.secrets.fingerprint(body)
+        run, created = await self.db(self.store.submit, stored, request_hash=fingerprint, now=time.time())
+        if created:
+            self.metrics.submitted.inc()
+            log.info("run submitted: %s", spec.automation, extra={"run": run.id})
+            self.wake()
+        return run, created
+
+    async def cancel(self, run_id: str) -> Run:
+        run, order = await self.db(self.store.request_cancel, run_id, time.time())
+        if order is not None:
+            await self.send_stop(order)
+        self.run_changed(run)
+        return run
+
+    async def wait(self, run_id: str, timeout: float) -> Run:
+        """Long-poll: the run once final, or as it stands after ``timeout`` seconds."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(run_id, []).append(fut)
+        try:
+            run = await self.db(self.store.get_run, run_id)
+            if run is None:
+                raise NotFound(f"no run {run_id!r}")
+            if run.state.final or timeout <= 0:
+                return run
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, timeout)
+            run = await self.db(self.store.get_run, run_id)
+            assert run is not None
+            return run
+        finally:
+            waiters = self._waiters.get(run_id)
+            if waiters and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del self._waiters[run_id]
+
+    async def redacted_input(self, run: Run) -> dict[str, Any]:
+        spec = await self.spec_for(run.automation, run.version)
+        return redact(run.input, spec.secret_fields if spec else ()) or {}
+
+    async def set_admin(self, machine_id: str, admin: MachineAdmin, reason: str = "") -> Any:
+        machine = await self.db(self.store.set_admin, machine_id, admin, time.time(), reason)
+        self.wake()
+        return machine
+
+    async def put_pool(self, pool: Pool) -> Pool:
+        result = await self.db(self.store.put_pool, pool, time.time())
+        self.wake()
+        return result
+
+
+def _validate_input(spec: AutomationSpec, data: dict[str, Any]) -> None:
+    validator = jsonschema.Draft202012Validator(spec.input_schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        parts = []
+        for e in errors[:5]:
+            where = ".".join(str(p) for p in e.absolute_path)
+            message = e.message
+            if spec.secret_fields and any(str(p) in spec.secret_fields for p in e.absolute_path):
+                message = "invalid value (not shown: the field is secret)"
+            parts.append(f"input{'.' + where if where else ''}: {message}")
+        more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise InvalidRequest(
+            f"input does not match {spec.name}@{spec.version}'s schema: " + "; ".join(parts) + more,
+            field="input",
+        )
+
+
+def _unservable_message(spec: RunSpec, machines: list[Any]) -> str:
+    if not machines:
+        return (
+            f"no machine is enrolled in pool {spec.pool!r}, so this run could never start; "
+            "enrol an agent in the pool, or let the pool wait for capacity "
+            f"(PUT /v1/pools/{spec.pool} with allow_wait_for_capacity=true)"
+        )
+    wants = [f"automation {spec.automation}" + (f"@{spec.version}" if spec.version else "")]
+    if spec.labels:
+        wants.append("labels " + ", ".join(f"{k}={v}" for k, v in spec.labels.items()))
+    if spec.machine:
+        wants.append(f"machine {spec.machine}")
+    return (
+        f"no machine in pool {spec.pool!r} offers {' and '.join(wants)}, so this run could "
+        f"never start ({len(machines)} machines enrolled there); fix the request, or let the pool "
+        "wait for capacity (allow_wait_for_capacity=true)"
+    )

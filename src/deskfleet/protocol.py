@@ -1,0 +1,219 @@
+"""The agent protocol: JSON messages over one WebSocket the agent opens to the orchestrator.
+
+Why a WebSocket the agent dials out: machines sit behind NAT and firewalls, so the agent
+connects *out*; once connected, the orchestrator pushes an assignment the moment it is
+made (no polling interval in the dispatch latency), and a heartbeat costs one small frame
+rather than an HTTP request. Bulky uploads (screenshots) go over plain HTTP POST beside it
+so that they never delay a heartbeat.
+
+    agent                                   orchestrator
+      POST /agent/v1/enrol (enrolment token) ─▶  machine id + agent key
+      WS   /agent/v1/connect (agent key)
+      hello {boot, automations, attempt?}  ─▶
+                                           ◀─  welcome {heartbeat settings, resume?}
+      heartbeat {resources, attempt?}      ─▶
+                                           ◀─  heartbeat_ack
+                                           ◀─  assign {attempt id = fencing token, run, input}
+      preparing / event / progress         ─▶  (fenced: rejected if the lease is gone)
+      start (request)                      ─▶
+                                           ◀─  reply {ok | stop}     the automation may now run
+      result {ending, output}              ─▶
+                                           ◀─  reply {ok | stale}
+                                           ◀─  stop {attempt, reason}  (cancel, timeouts, lease lost)
+                                           ◀─  verify                  (quarantined: re-prove state)
+      verified {state, screenshot}         ─▶
+
+Messages that need an answer carry ``id``; the answer is a ``reply`` with ``re`` = id.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+PROTOCOL_VERSION = 1
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class AutomationAd(_Msg):
+    name: str
+    version: str = "1"
+    description: str = ""
+    input_schema: dict[str, Any] = Field(default_factory=dict)
+    output_schema: dict[str, Any] = Field(default_factory=dict)
+    idempotent: bool = False
+    has_reconcile: bool = False
+    required_state: str = "ready"
+    secret_fields: list[str] = Field(default_factory=list)
+
+
+class Resources(_Msg):
+    memory_mb: float = 0.0  # the target application's resident memory
+    cpu_percent: float = 0.0
+    uptime: float = 0.0
+    machine_memory_percent: float | None = None
+    app_running: bool = True
+
+
+# -- agent → orchestrator --------------------------------------------------------------------
+
+
+class Hello(_Msg):
+    type: Literal["hello"] = "hello"
+    protocol: int = PROTOCOL_VERSION
+    boot_id: str
+    agent_version: str
+    automations: list[AutomationAd]
+    labels: dict[str, str] | None = None
+    resources: Resources = Field(default_factory=Resources)
+    session_key: str | None = None
+    session_expires_at: float | None = None
+    attempt_id: int | None = None  # the attempt this agent is still working on, if any
+
+
+class HeartbeatMsg(_Msg):
+    type: Literal["heartbeat"] = "heartbeat"
+    seq: int
+    resources: Resources = Field(default_factory=Resources)
+    session_key: str | None = None
+    session_expires_at: float | None = None
+    attempt_id: int | None = None
+
+
+class Preparing(_Msg):
+    type: Literal["preparing"] = "preparing"
+    attempt_id: int
+
+
+class AgentEvent(_Msg):
+    """A pre-flight or playbook step, a fault the agent saw, anything for the timeline."""
+
+    type: Literal["event"] = "event"
+    attempt_id: int | None = None
+    kind: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Progress(_Msg):
+    type: Literal["progress"] = "progress"
+    attempt_id: int
+    step: str
+    percent: float | None = None
+    message: str | None = None
+
+
+class Start(_Msg):
+    type: Literal["start"] = "start"
+    id: int
+    attempt_id: int
+
+
+class Result(_Msg):
+    type: Literal["result"] = "result"
+    id: int
+    attempt_id: int
+    ending: Literal[
+        "succeeded", "reconciled", "business_error", "system_error", "preflight_failed", "stopped"
+    ]
+    output: dict[str, Any] | None = None
+    detail: str = ""
+
+
+class Verified(_Msg):
+    """The agent re-proved its machine's state after a quarantine."""
+
+    type: Literal["verified"] = "verified"
+    ok: bool
+    state: str
+    detail: str = ""
+    screenshot_id: str | None = None
+
+
+AgentMessage = Annotated[
+    Hello | HeartbeatMsg | Preparing | AgentEvent | Progress | Start | Result | Verified,
+    Field(discriminator="type"),
+]
+agent_message: TypeAdapter[AgentMessage] = TypeAdapter(AgentMessage)
+
+
+# -- orchestrator → agent --------------------------------------------------------------------
+
+
+class Welcome(_Msg):
+    type: Literal["welcome"] = "welcome"
+    machine_id: str
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    resume_attempt_id: int | None = None  # carry on with this one
+
+
+class HeartbeatAck(_Msg):
+    type: Literal["heartbeat_ack"] = "heartbeat_ack"
+    seq: int
+
+
+class Assign(_Msg):
+    type: Literal["assign"] = "assign"
+    attempt_id: int  # also the lease's fencing token
+    run_id: str
+    attempt_number: int
+    automation: str
+    version: str | None
+    mode: Literal["run", "reconcile"]
+    input: dict[str, Any]
+    required_state: str
+    session_key: str | None = None
+    attempt_timeout: float
+    progress_timeout: float
+
+
+class Stop(_Msg):
+    type: Literal["stop"] = "stop"
+    attempt_id: int
+    reason: str
+
+
+class Verify(_Msg):
+    type: Literal["verify"] = "verify"
+    reason: str = ""
+
+
+class Reply(_Msg):
+    type: Literal["reply"] = "reply"
+    re: int
+    ok: bool
+    error: str | None = None
+    stop: str | None = None  # for a start request: the attempt must stop instead, and why
+
+
+class Error(_Msg):
+    type: Literal["error"] = "error"
+    message: str
+
+
+ServerMessage = Annotated[
+    Welcome | HeartbeatAck | Assign | Stop | Verify | Reply | Error,
+    Field(discriminator="type"),
+]
+server_message: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
+
+
+class EnrolRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    machine: str = Field(
+        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the machine's name: letters, digits, '.', '_' and '-'",
+    )
+    pool: str = Field(default="default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class EnrolResponse(BaseModel):
+    machine_id: str
+    agent_key: str
+    heartbeat_interval: float
+    heartbeat_timeout: float

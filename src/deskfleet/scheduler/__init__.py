@@ -1,0 +1,122 @@
+"""Matching queued runs to ready machines — pure functions of state, no I/O.
+
+The store calls :meth:`Policy.match` inside its claim transaction with the queued runs
+(already in priority → deadline → first-come order) and the machines that could take
+work. Which machine a run gets is a small pluggable strategy (:class:`MachineSelector`),
+in the spirit of Selenium Grid's slot selector.
+
+Rules, in order:
+
+1. *Eligibility*: same pool, the machine has every required label, its agent offers the
+   automation (and version, if pinned), and the run's hard pin (``machine``) if any.
+2. *Affinity*: a run with a ``session_key`` or ``prefer_machine`` takes the machine that
+   matches. If that machine exists but is busy, the run waits for it — up to the pool's
+   ``affinity_wait`` counted from when the run was queued — and then takes any eligible
+   machine. A waiting run does not block runs behind it.
+3. *Choice among equals* is the selector's: by default the machine idle the longest, so
+   wear spreads and a freshly recovered machine is not hammered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..models import Machine, Pool, Run
+
+
+class MachineSelector(Protocol):
+    def choose(self, run: Run, candidates: Sequence[Machine]) -> Machine: ...
+
+
+class LongestIdle:
+    """Default: affinity match first, then the machine idle the longest, then by id."""
+
+    def choose(self, run: Run, candidates: Sequence[Machine]) -> Machine:
+        return min(
+            candidates,
+            key=lambda m: (not prefers(run, m), m.idle_since if m.idle_since is not None else 0.0, m.id),
+        )
+
+
+class MostRecentlyUsed:
+    """Keep work on warm machines (the one idle the shortest): useful before scaling in."""
+
+    def choose(self, run: Run, candidates: Sequence[Machine]) -> Machine:
+        return min(
+            candidates,
+            key=lambda m: (not prefers(run, m), -(m.idle_since or 0.0), m.id),
+        )
+
+
+def eligible(run: Run, machine: Machine) -> bool:
+    return (
+        machine.pool == run.pool
+        and (run.machine is None or machine.id == run.machine)
+        and machine.has_labels(run.labels)
+        and machine.offers(run.automation, run.version)
+    )
+
+
+def prefers(run: Run, machine: Machine) -> bool:
+    """The run has a soft preference and this machine satisfies it."""
+    if run.prefer_machine is not None and machine.id == run.prefer_machine:
+        return True
+    return run.session_key is not None and machine.session_key == run.session_key
+
+
+def wants_affinity(run: Run) -> bool:
+    return run.prefer_machine is not None or run.session_key is not None
+
+
+@dataclass
+class Policy:
+    selector: MachineSelector = field(default_factory=LongestIdle)
+
+    def match(
+        self,
+        runs: Sequence[Run],
+        free: Sequence[Machine],
+        *,
+        online: Sequence[Machine],
+        pools: dict[str, Pool],
+        now: float,
+    ) -> list[tuple[Run, Machine]]:
+        """Pairs (run, machine); each machine at most once, runs in the order given.
+
+        ``free`` are machines that can take work now; ``online`` all connected machines
+        (busy ones too), used to tell whether a preferred machine is worth waiting for.
+        """
+        available = list(free)
+        pairs: list[tuple[Run, Machine]] = []
+        for run in runs:
+            if not available:
+                break
+            candidates = [m for m in available if eligible(run, m)]
+            if not candidates:
+                continue
+            if wants_affinity(run) and not any(prefers(run, m) for m in candidates):
+                pool = pools.get(run.pool)
+                wait = pool.affinity_wait if pool is not None else 0.0
+                worth_waiting = any(prefers(run, m) and eligible(run, m) for m in online)
+                if worth_waiting and now - run.queued_at < wait:
+                    continue
+            chosen = self.selector.choose(run, candidates)
+            pairs.append((run, chosen))
+            available.remove(chosen)
+        return pairs
+
+
+def serviceable(run_pool: str, labels: dict[str, str], automation: str, version: str | None,
+                machine: str | None, machines: Sequence[Machine]) -> bool:
+    """Whether any enrolled machine could ever serve such a run (checked at submit)."""
+    for m in machines:
+        if (
+            m.pool == run_pool
+            and (machine is None or m.id == machine)
+            and m.has_labels(labels)
+            and m.offers(automation, version)
+        ):
+            return True
+    return False

@@ -1,0 +1,330 @@
+"""The automation SDK: how users write the work deskfleet runs.
+
+    from pydantic import BaseModel
+    from deskfleet import automation, Context, BusinessError
+
+    class In(BaseModel):
+        mrn: str
+        name: str
+
+    class Out(BaseModel):
+        record_id: int
+
+    @automation(name="ehr.create_patient", version="2", required_state="ready")
+    async def create_patient(ctx: Context, data: In) -> Out:
+        await ctx.progress("open form")
+        ...
+        return Out(record_id=...)
+
+    @create_patient.reconcile
+    async def find_patient(ctx: Context, data: In) -> Out | None:
+        ...  # return the output if the effect already happened, None if not
+
+An automation is either ``async def`` (it awaits ``ctx.desktop``) or a plain ``def``; a
+plain function runs in a worker thread and sees a blocking facade of the same context
+(``ctx.desktop.click(…)`` without ``await``), so one implementation serves both styles.
+
+Input and output are pydantic models; their JSON schemas are advertised to the
+orchestrator, which validates client input at submit. Fields typed ``SecretStr`` are
+secrets: encrypted at rest, redacted in every response and log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from .appmodel import AppModel
+from .desktop import Desktop, Frame
+from .errors import StateTimeout, Stopped
+from .models import AutomationSpec
+
+In = TypeVar("In", bound=BaseModel)
+Out = TypeVar("Out", bound=BaseModel)
+
+log = logging.getLogger(__name__)
+
+
+class Context:
+    """What an automation gets besides its input: the desktop, progress, screenshots.
+
+    The agent creates one per attempt. Every call checks whether the attempt must stop
+    (cancel, timeout, lease lost) and raises :class:`~deskfleet.errors.Stopped` if so.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        attempt_id: int,
+        attempt_number: int,
+        machine_id: str,
+        desktop: Desktop,
+        model: AppModel | None,
+        report_progress: Callable[[str, float | None, str | None], Awaitable[None]],
+        upload: Callable[[str, bytes, str], Awaitable[str]],
+        stop_event: asyncio.Event,
+    ) -> None:
+        self.run_id = run_id
+        self.attempt_id = attempt_id
+        self.attempt_number = attempt_number
+        self.machine_id = machine_id
+        self.desktop = desktop
+        self.model = model
+        self._report_progress = report_progress
+        self._upload = upload
+        self._stop_event = stop_event
+        self.log = logging.LoggerAdapter(
+            logging.getLogger("deskfleet.automation"),
+            {"run": run_id, "attempt": attempt_id, "machine": machine_id},
+        )
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_event.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`Stopped` if the orchestrator asked this attempt to stop."""
+        if self._stop_event.is_set():
+            raise Stopped("the orchestrator asked this attempt to stop")
+
+    async def progress(
+        self, step: str, *, percent: float | None = None, message: str | None = None
+    ) -> None:
+        """Report a step: it feeds the run's timeline and the progress watchdog."""
+        self.check()
+        await self._report_progress(step, percent, message)
+
+    async def screenshot(self, name: str = "screenshot") -> str:
+        """Capture the screen and attach it to the run; returns the artifact id."""
+        self.check()
+        frame = await self.desktop.screenshot()
+        return await self._upload(name, encode_png(frame), "image/png")
+
+    async def artifact(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        self.check()
+        return await self._upload(name, data, content_type)
+
+    async def state(self) -> str:
+        """The screen state the app model recognises now (``unknown`` if none)."""
+        if self.model is None:
+            raise RuntimeError("this agent has no app model; state recognition is unavailable")
+        return self.model.classify(await self.desktop.screenshot()).state
+
+    async def wait_for(self, *states: str, timeout: float = 10.0, interval: float = 0.05) -> str:
+        """Wait until the screen shows one of ``states``; return which. Never sleeps blindly."""
+        if self.model is None:
+            raise RuntimeError("this agent has no app model; state recognition is unavailable")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        seen = "unknown"
+        while True:
+            self.check()
+            seen = self.model.classify(await self.desktop.screenshot()).state
+            if seen in states:
+                return seen
+            if loop.time() >= deadline:
+                raise StateTimeout("|".join(states), seen, timeout)
+            await asyncio.sleep(interval)
+
+
+def encode_png(frame: Frame) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class _Blocking:
+    """Blocking facade over an object with coroutine methods, for automations run in a thread."""
+
+    def __init__(self, target: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._target = target
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if inspect.iscoroutinefunction(value):
+
+            @functools.wraps(value)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return asyncio.run_coroutine_threadsafe(value(*args, **kwargs), self._loop).result()
+
+            return call
+        if name == "desktop":
+            return _Blocking(value, self._loop)
+        return value
+
+
+@dataclass(slots=True)
+class Automation(Generic[In, Out]):
+    name: str
+    version: str
+    func: Callable[..., Any]
+    input_model: type[In]
+    output_model: type[Out]
+    idempotent: bool = False
+    required_state: str = "ready"
+    description: str = ""
+    reconcile_func: Callable[..., Any] | None = None
+
+    def reconcile(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorator: the check that says whether this automation's effect already happened."""
+        self.reconcile_func = func
+        return func
+
+    @property
+    def spec(self) -> AutomationSpec:
+        input_schema = self.input_model.model_json_schema()
+        return AutomationSpec(
+            name=self.name,
+            version=self.version,
+            description=self.description,
+            input_schema=input_schema,
+            output_schema=self.output_model.model_json_schema(),
+            idempotent=self.idempotent,
+            has_reconcile=self.reconcile_func is not None,
+            required_state=self.required_state,
+            secret_fields=secret_fields(self.input_model),
+        )
+
+    def parse_input(self, data: dict[str, Any]) -> In:
+        return self.input_model.model_validate(data)
+
+    async def execute(self, ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
+        result = await _call(self.func, ctx, self.parse_input(data))
+        return self._dump(result)
+
+    async def run_reconcile(self, ctx: Context, data: dict[str, Any]) -> dict[str, Any] | None:
+        if self.reconcile_func is None:
+            raise RuntimeError(f"automation {self.name} has no reconcile check")
+        result = await _call(self.reconcile_func, ctx, self.parse_input(data))
+        return None if result is None else self._dump(result)
+
+    def _dump(self, result: Any) -> dict[str, Any]:
+        if isinstance(result, self.output_model):
+            return result.model_dump(mode="json")
+        try:
+            return self.output_model.model_validate(result).model_dump(mode="json")
+        except ValidationError as exc:
+            raise TypeError(
+                f"automation {self.name} returned {type(result).__name__}, "
+                f"not a valid {self.output_model.__name__}: {exc.errors()[0]['msg']}"
+            ) from exc
+
+
+async def _call(func: Callable[..., Any], ctx: Context, data: BaseModel) -> Any:
+    if inspect.iscoroutinefunction(func):
+        return await func(ctx, data)
+    loop = asyncio.get_running_loop()
+    facade = _Blocking(ctx, loop)
+    return await asyncio.to_thread(func, facade, data)
+
+
+def automation(
+    *,
+    name: str,
+    version: str = "1",
+    idempotent: bool = False,
+    required_state: str = "ready",
+    description: str = "",
+) -> Callable[[Callable[..., Any]], Automation[Any, Any]]:
+    """Declare an automation. Input and output models are read from the type hints."""
+
+    def wrap(func: Callable[..., Any]) -> Automation[Any, Any]:
+        hints = _resolved_hints(func)
+        params = list(inspect.signature(func).parameters)
+        if len(params) != 2:
+            raise TypeError(f"{func.__qualname__}: an automation takes (ctx, input)")
+        input_model = hints.get(params[1])
+        output_model = hints.get("return")
+        for what, model in (("input", input_model), ("output", output_model)):
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise TypeError(
+                    f"{func.__qualname__}: annotate the {what} with a pydantic model "
+                    f"(got {model!r})"
+                )
+        return Automation(
+            name=name,
+            version=version,
+            func=func,
+            input_model=input_model,  # type: ignore[arg-type]
+            output_model=output_model,  # type: ignore[arg-type]
+            idempotent=idempotent,
+            required_state=required_state,
+            description=description or (inspect.getdoc(func) or "").split("\n")[0],
+        )
+
+    return wrap
+
+
+def _resolved_hints(func: Callable[..., Any]) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(func)
+
+
+def secret_fields(model: type[BaseModel]) -> list[str]:
+    """Top-level input fields typed ``SecretStr``: encrypted at rest and redacted."""
+    out = []
+    for fname, info in model.model_fields.items():
+        ann = info.annotation
+        if ann is SecretStr or (
+            getattr(ann, "__args__", None) and SecretStr in getattr(ann, "__args__", ())
+        ):
+            out.append(info.alias or fname)
+    return out
+
+
+class Registry:
+    """The automations an agent offers, by name and version."""
+
+    def __init__(self, automations: Iterable[Automation[Any, Any]] = ()) -> None:
+        self._by_key: dict[str, Automation[Any, Any]] = {}
+        for a in automations:
+            self.add(a)
+
+    def add(self, a: Automation[Any, Any]) -> None:
+        key = f"{a.name}@{a.version}"
+        if key in self._by_key:
+            raise ValueError(f"automation {key} is registered twice")
+        self._by_key[key] = a
+
+    def get(self, name: str, version: str | None = None) -> Automation[Any, Any] | None:
+        if version is not None:
+            return self._by_key.get(f"{name}@{version}")
+        candidates = [a for a in self._by_key.values() if a.name == name]
+        return max(candidates, key=lambda a: _version_key(a.version), default=None)
+
+    def specs(self) -> list[AutomationSpec]:
+        return [a.spec for a in self._by_key.values()]
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Any:
+        return iter(self._by_key.values())
+
+    @classmethod
+    def from_modules(cls, names: Iterable[str]) -> Registry:
+        """Every :class:`Automation` defined at the top level of the named modules."""
+        found: list[Automation[Any, Any]] = []
+        for modname in names:
+            module = importlib.import_module(modname)
+            found.extend(v for v in vars(module).values() if isinstance(v, Automation))
+        return cls(found)
+
+
+def _version_key(version: str) -> tuple[Any, ...]:
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.split("."))

@@ -1,0 +1,312 @@
+"""The store interface: operations on runs, attempts, leases and machines — not SQL.
+
+Callers (the engine, the fleet loops, the CLI) speak only this interface, so that the
+embedded SQLite store and the PostgreSQL store for several replicas can differ in how
+they lock and notify without touching them. Every operation is one transaction; every
+state change it makes is recorded as an event in the same transaction.
+
+Writes on behalf of an agent name the attempt (whose id is the lease's fencing token) and
+the machine; if that attempt no longer holds its lease the store raises
+:class:`~deskfleet.errors.StaleLease` and records the rejection as an event.
+
+Methods are synchronous; the server calls them from a worker thread
+(``deskfleet.store.runner``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..models import (
+    Artifact,
+    Assignment,
+    Attempt,
+    AutomationSpec,
+    Ending,
+    Event,
+    Machine,
+    MachineAdmin,
+    Pool,
+    Run,
+    RunSpec,
+    RunState,
+    StopOrder,
+)
+
+if TYPE_CHECKING:
+    from ..scheduler import Policy
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    machine_id: str
+    at: float
+    resources: dict[str, Any] = field(default_factory=dict)
+    session_key: str | None = None
+    session_expires_at: float | None = None
+    attempt_id: int | None = None  # the attempt the agent believes it holds
+
+
+@dataclass(slots=True)
+class ConnectResult:
+    """What the store decided when an agent (re)connected, about the attempt it reported."""
+
+    machine: Machine
+    resume: Attempt | None = None  # the agent still holds this lease: carry on
+    resend: Assignment | None = None  # assigned while the agent was away: send it again
+    stale_attempt_id: int | None = None  # the agent reported an attempt it no longer holds
+    ended_run: Run | None = None  # the machine's attempt was lost with the agent's restart
+
+
+@dataclass(slots=True)
+class Finished:
+    """An attempt that ended, and the run as it stands afterwards."""
+
+    run: Run
+    attempt: Attempt
+    retried: bool
+    machine_quarantined: bool
+
+
+@dataclass(slots=True)
+class SweepResult:
+    stop_orders: list[StopOrder] = field(default_factory=list)  # attempts to tell to stop
+    finished: list[Finished] = field(default_factory=list)  # attempts ended by the sweep
+    expired_runs: list[Run] = field(default_factory=list)  # queued runs that ran out of time
+
+
+class Store(ABC):
+    # -- lifecycle -----------------------------------------------------------------------
+    @abstractmethod
+    def migrate(self) -> None:
+        """Bring the schema to the latest migration."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def recover(self, now: float, grace: float) -> int:
+        """After an orchestrator start: mark every agent disconnected and give every active
+        lease at least ``grace`` seconds so that agents can reconnect before failover.
+        Returns the number of active leases."""
+
+    # -- pools and the automation catalogue ----------------------------------------------
+    @abstractmethod
+    def put_pool(self, pool: Pool, now: float) -> Pool: ...
+
+    @abstractmethod
+    def get_pool(self, name: str) -> Pool | None: ...
+
+    @abstractmethod
+    def list_pools(self) -> list[Pool]: ...
+
+    @abstractmethod
+    def put_automations(self, specs: Sequence[AutomationSpec], now: float) -> None: ...
+
+    @abstractmethod
+    def get_automation(self, name: str, version: str | None = None) -> AutomationSpec | None:
+        """The named version, or the newest one known."""
+
+    @abstractmethod
+    def list_automations(self) -> list[AutomationSpec]: ...
+
+    # -- machines --------------------------------------------------------------------------
+    @abstractmethod
+    def enrol_machine(
+        self, machine_id: str, *, pool: str, labels: dict[str, str], key_hash: str, now: float
+    ) -> Machine:
+        """Create or re-enrol a machine (creating its pool with defaults if new)."""
+
+    @abstractmethod
+    def machine_key_hash(self, machine_id: str) -> str | None: ...
+
+    @abstractmethod
+    def connect_machine(
+        self,
+        machine_id: str,
+        *,
+        boot_id: str,
+        agent_version: str,
+        automations: Sequence[AutomationSpec],
+        labels: dict[str, str] | None,
+        heartbeat: Heartbeat,
+        lease_timeout: float,
+        now: float,
+    ) -> ConnectResult: ...
+
+    @abstractmethod
+    def disconnect_machine(self, machine_id: str, now: float) -> None: ...
+
+    @abstractmethod
+    def heartbeat(self, beats: Sequence[Heartbeat], lease_timeout: float) -> dict[str, bool]:
+        """Record heartbeats and renew the leases they carry, in one transaction.
+
+        Returns, for each beat that named an attempt, whether that lease is still held.
+        """
+
+    @abstractmethod
+    def set_admin(self, machine_id: str, admin: MachineAdmin, now: float, reason: str = "") -> Machine: ...
+
+    @abstractmethod
+    def quarantine(self, machine_id: str, reason: str, now: float) -> Machine: ...
+
+    @abstractmethod
+    def release_quarantine(self, machine_id: str, evidence: dict[str, Any], now: float) -> Machine:
+        """The machine re-proved its state: it may get work again."""
+
+    @abstractmethod
+    def get_machine(self, machine_id: str) -> Machine | None: ...
+
+    @abstractmethod
+    def list_machines(self, pool: str | None = None) -> list[Machine]: ...
+
+    @abstractmethod
+    def set_machine_screenshot(self, machine_id: str, artifact_id: str) -> None: ...
+
+    # -- runs ------------------------------------------------------------------------------
+    @abstractmethod
+    def submit(self, spec: RunSpec, *, request_hash: str, now: float) -> tuple[Run, bool]:
+        """Store a new queued run; with an idempotency key already used with the same
+        request hash, return the existing run and False. A different hash → Conflict."""
+
+    @abstractmethod
+    def get_run(self, run_id: str) -> Run | None: ...
+
+    @abstractmethod
+    def list_runs(
+        self,
+        *,
+        states: Sequence[RunState] = (),
+        pool: str | None = None,
+        automation: str | None = None,
+        machine: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> list[Run]:
+        """Newest first; ``before`` is a run id for paging."""
+
+    @abstractmethod
+    def count_runs(self) -> dict[str, int]:
+        """Runs by state."""
+
+    @abstractmethod
+    def request_cancel(self, run_id: str, now: float) -> tuple[Run, StopOrder | None]:
+        """Cancel a queued run at once; ask a running one's agent to stop (the returned
+        order). A finished run → Conflict."""
+
+    @abstractmethod
+    def list_attempts(self, run_id: str) -> list[Attempt]: ...
+
+    @abstractmethod
+    def get_attempt(self, attempt_id: int) -> Attempt | None: ...
+
+    @abstractmethod
+    def events(
+        self,
+        *,
+        run_id: str | None = None,
+        machine_id: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[Event]: ...
+
+    @abstractmethod
+    def record_event(
+        self,
+        kind: str,
+        now: float,
+        *,
+        run_id: str | None = None,
+        attempt_id: int | None = None,
+        machine_id: str | None = None,
+        reason: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None: ...
+
+    # -- scheduling --------------------------------------------------------------------------
+    @abstractmethod
+    def schedule(self, policy: Policy, now: float, lease_timeout: float, limit: int = 500) -> list[Assignment]:
+        """Match queued runs to ready machines with ``policy`` and claim each pair:
+        the run becomes ``assigned`` and an active attempt holds the machine's lease."""
+
+    # -- attempt writes from agents (fenced) ---------------------------------------------------
+    @abstractmethod
+    def attempt_preparing(self, attempt_id: int, machine_id: str, now: float) -> Attempt: ...
+
+    @abstractmethod
+    def attempt_start(self, attempt_id: int, machine_id: str, now: float) -> Attempt:
+        """The agent asks to start the automation itself; after this the effect may happen."""
+
+    @abstractmethod
+    def attempt_progress(
+        self, attempt_id: int, machine_id: str, step: str, data: dict[str, Any], now: float
+    ) -> None: ...
+
+    @abstractmethod
+    def attempt_event(
+        self, attempt_id: int, machine_id: str, kind: str, data: dict[str, Any], now: float
+    ) -> None: ...
+
+    @abstractmethod
+    def finish_attempt(
+        self,
+        attempt_id: int,
+        machine_id: str,
+        ending: Ending,
+        *,
+        output: dict[str, Any] | None,
+        detail: str,
+        now: float,
+    ) -> Finished:
+        """The agent reports how its attempt ended. A repeat of an already recorded report
+        (a retry after a lost acknowledgement) returns the same result."""
+
+    # -- the fleet manager's sweeps -----------------------------------------------------------
+    @abstractmethod
+    def expire_leases(self, now: float) -> list[Finished]:
+        """Attempts whose lease ran out are lost; their machines are quarantined."""
+
+    @abstractmethod
+    def expire_silent_machines(self, now: float, heartbeat_timeout: float) -> list[str]:
+        """Connected machines silent past the heartbeat timeout are quarantined; their ids."""
+
+    @abstractmethod
+    def pending_stops(self, machine_id: str) -> list[StopOrder]:
+        """Stops ordered for the machine's active attempt (re-sent when its agent reconnects)."""
+
+    @abstractmethod
+    def sweep(self, now: float, stop_grace: float) -> SweepResult:
+        """Queue waits and deadlines of queued runs; attempts past their attempt timeout,
+        deadline or progress limit (stop orders); stops not confirmed within
+        ``stop_grace`` (forced end, machine quarantined)."""
+
+    # -- artifacts -------------------------------------------------------------------------------
+    @abstractmethod
+    def add_artifact(
+        self,
+        *,
+        attempt_id: int | None,
+        machine_id: str,
+        name: str,
+        content_type: str,
+        data: bytes,
+        now: float,
+    ) -> Artifact:
+        """Attach an artifact; with an attempt id it is fenced like any agent write."""
+
+    @abstractmethod
+    def get_artifact(self, artifact_id: str) -> tuple[Artifact, bytes] | None: ...
+
+    @abstractmethod
+    def list_artifacts(self, run_id: str) -> list[Artifact]: ...
+
+    # -- webhooks (an outbox: written with the final state, delivered by a loop) -----------
+    @abstractmethod
+    def due_webhooks(self, now: float, limit: int = 50) -> list[tuple[int, str, str]]:
+        """(webhook id, run id, url) due for delivery."""
+
+    @abstractmethod
+    def webhook_done(self, webhook_id: int, *, ok: bool, error: str | None, now: float) -> None: ...

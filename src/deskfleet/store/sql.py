@@ -1,0 +1,909 @@
+"""The SQL implementation of the store (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+Each operation is one transaction. Decisions about runs come from ``statemachine``; this
+module only applies them atomically and records the events. Dialect differences (how a
+write transaction begins, how migrations run) are in the engine factories
+(``store.sqlite``), not here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, and_, bindparam, case, func, or_, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.sql import Select
+
+from .. import ids
+from ..errors import Conflict, NotFound, StaleLease, Stopped, StoreUnavailable
+from ..models import (
+    Artifact,
+    Assignment,
+    Attempt,
+    AttemptMode,
+    AttemptPhase,
+    AttemptState,
+    AutomationSpec,
+    Ending,
+    Event,
+    Machine,
+    MachineAdmin,
+    MachineHealth,
+    Pool,
+    Run,
+    RunSpec,
+    RunState,
+    StopOrder,
+    StopReason,
+)
+from ..scheduler import Policy
+from ..statemachine import can_transition, decide, overdue_reason, queued_expiry
+from . import rows
+from .base import ConnectResult, Finished, Heartbeat, Store, SweepResult
+from .schema import artifacts, attempts, automations, events, machines, pools, runs, webhooks
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WEBHOOK_MAX_TRIES = 12
+
+
+def _machines_query() -> Select[Any]:
+    """Machines with the attempt that holds each one's lease, if any."""
+    active = attempts.alias("active")
+    return select(
+        machines,
+        active.c.id.label("active_attempt_id"),
+        active.c.run_id.label("active_run_id"),
+    ).select_from(
+        machines.outerjoin(
+            active, and_(active.c.machine_id == machines.c.id, active.c.state == "active")
+        )
+    )
+
+
+class SQLStore(Store):
+    def __init__(self, engine: Engine, *, migrate: Callable[[Engine], None]) -> None:
+        self.engine = engine
+        self._migrate = migrate
+
+    # -- plumbing -------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(deskfleet_write=write)
+                with conn.begin():
+                    yield conn
+        except OperationalError as exc:
+            raise StoreUnavailable(f"database error: {exc.orig}") from exc
+
+    def _fenced(self, op: str, attempt_id: int, machine_id: str, now: float, fn: Callable[[Connection, Attempt], T]) -> T:
+        """Run ``fn`` if the attempt still holds its lease; otherwise record the rejected
+        write (in its own transaction, since the failed one rolls back) and raise."""
+        try:
+            with self._tx() as conn:
+                return fn(conn, self._held(conn, attempt_id, machine_id))
+        except StaleLease as exc:
+            with self._tx() as conn:
+                self._event(
+                    conn, "lease.stale_write_rejected", now, attempt_id=attempt_id,
+                    machine_id=machine_id, reason=exc.reason, data={"op": op},
+                )
+            log.warning("rejected %s from a stale lease: %s", op, exc.reason,
+                        extra={"attempt": attempt_id, "machine": machine_id})
+            raise
+
+    def _held(self, conn: Connection, attempt_id: int, machine_id: str) -> Attempt:
+        row = conn.execute(select(attempts).where(attempts.c.id == attempt_id)).mappings().first()
+        if row is None or row["machine_id"] != machine_id:
+            raise StaleLease(attempt_id, "no such attempt on this machine")
+        a = rows.attempt(row)
+        if a.state is not AttemptState.ACTIVE:
+            raise StaleLease(attempt_id, f"attempt already ended: {a.state.value}")
+        return a
+
+    @staticmethod
+    def _event(
+        conn: Connection,
+        kind: str,
+        now: float,
+        *,
+        run_id: str | None = None,
+        attempt_id: int | None = None,
+        machine_id: str | None = None,
+        from_state: str | None = None,
+        to_state: str | None = None,
+        reason: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        conn.execute(
+            events.insert().values(
+                at=now, kind=kind, run_id=run_id, attempt_id=attempt_id, machine_id=machine_id,
+                from_state=from_state, to_state=to_state, reason=reason, data=data or {},
+            )
+        )
+
+    def _get_run(self, conn: Connection, run_id: str) -> Run:
+        row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no run {run_id!r}")
+        return rows.run(row)
+
+    def _spec(self, conn: Connection, name: str, version: str | None) -> AutomationSpec | None:
+        q = select(automations).where(automations.c.name == name)
+        if version is not None:
+            q = q.where(automations.c.version == version)
+        found = [rows.automation(r) for r in conn.execute(q).mappings()]
+        if not found:
+            return None
+        from ..sdk import _version_key
+
+        return max(found, key=lambda s: _version_key(s.version))
+
+    def _set_run_state(
+        self, conn: Connection, run: Run, to: RunState, now: float, *, reason: str,
+        message: str = "", attempt_id: int | None = None, machine_id: str | None = None,
+        **values: Any,
+    ) -> None:
+        if not can_transition(run.state, to):
+            raise AssertionError(f"run {run.id}: illegal transition {run.state} → {to}")
+        res = conn.execute(
+            update(runs).where(runs.c.id == run.id, runs.c.state == run.state.value)
+            .values(state=to.value, updated_at=now, **values)
+        )
+        if res.rowcount != 1:
+            raise AssertionError(f"run {run.id} changed under a transaction (expected {run.state})")
+        self._event(
+            conn, "run.state", now, run_id=run.id, attempt_id=attempt_id, machine_id=machine_id,
+            from_state=run.state.value, to_state=to.value, reason=reason,
+            data={"message": message} if message else None,
+        )
+        if to.final and run.webhook_url:
+            conn.execute(webhooks.insert().values(
+                run_id=run.id, url=run.webhook_url, next_at=now, created_at=now,
+            ))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def migrate(self) -> None:
+        self._migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def recover(self, now: float, grace: float) -> int:
+        with self._tx() as conn:
+            conn.execute(update(machines).where(machines.c.connected.is_(True)).values(connected=False))
+            until = now + grace
+            res = conn.execute(
+                update(attempts).where(attempts.c.state == "active").values(
+                    lease_expires_at=case(
+                        (attempts.c.lease_expires_at < until, until),
+                        else_=attempts.c.lease_expires_at,
+                    )
+                )
+            )
+            self._event(conn, "orchestrator.started", now, data={"active_leases": res.rowcount, "grace": grace})
+            return int(res.rowcount)
+
+    # -- pools and automations -------------------------------------------------------------
+    def put_pool(self, pool: Pool, now: float) -> Pool:
+        with self._tx() as conn:
+            existing = conn.execute(select(pools).where(pools.c.name == pool.name)).mappings().first()
+            values = {
+                "description": pool.description,
+                "allow_wait_for_capacity": pool.allow_wait_for_capacity,
+                "affinity_wait": pool.affinity_wait,
+            }
+            if existing is None:
+                conn.execute(pools.insert().values(name=pool.name, created_at=now, **values))
+                self._event(conn, "pool.created", now, data={"pool": pool.name, **values})
+            else:
+                conn.execute(update(pools).where(pools.c.name == pool.name).values(**values))
+                self._event(conn, "pool.updated", now, data={"pool": pool.name, **values})
+            return rows.pool(conn.execute(select(pools).where(pools.c.name == pool.name)).mappings().one())
+
+    def get_pool(self, name: str) -> Pool | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(select(pools).where(pools.c.name == name)).mappings().first()
+            return rows.pool(row) if row else None
+
+    def list_pools(self) -> list[Pool]:
+        with self._tx(write=False) as conn:
+            return [rows.pool(r) for r in conn.execute(select(pools).order_by(pools.c.name)).mappings()]
+
+    def put_automations(self, specs: Sequence[AutomationSpec], now: float) -> None:
+        with self._tx() as conn:
+            self._put_automations(conn, specs, now)
+
+    def _put_automations(self, conn: Connection, specs: Sequence[AutomationSpec], now: float) -> None:
+        for spec in specs:
+            values = asdict(spec)
+            values.pop("name")
+            values.pop("version")
+            res = conn.execute(
+                update(automations)
+                .where(automations.c.name == spec.name, automations.c.version == spec.version)
+                .values(updated_at=now, **values)
+            )
+            if res.rowcount == 0:
+                conn.execute(automations.insert().values(
+                    name=spec.name, version=spec.version, updated_at=now, **values
+                ))
+
+    def get_automation(self, name: str, version: str | None = None) -> AutomationSpec | None:
+        with self._tx(write=False) as conn:
+            return self._spec(conn, name, version)
+
+    def list_automations(self) -> list[AutomationSpec]:
+        with self._tx(write=False) as conn:
+            q = select(automations).order_by(automations.c.name, automations.c.version)
+            return [rows.automation(r) for r in conn.execute(q).mappings()]
+
+    # -- machines ------------------------------------------------------------------------------
+    def enrol_machine(
+        self, machine_id: str, *, pool: str, labels: dict[str, str], key_hash: str, now: float
+    ) -> Machine:
+        with self._tx() as conn:
+            if conn.execute(select(pools.c.name).where(pools.c.name == pool)).first() is None:
+                conn.execute(pools.insert().values(name=pool, created_at=now))
+                self._event(conn, "pool.created", now, data={"pool": pool, "by": f"enrolment of {machine_id}"})
+            existing = conn.execute(select(machines.c.id).where(machines.c.id == machine_id)).first()
+            if existing is None:
+                conn.execute(machines.insert().values(
+                    id=machine_id, pool=pool, labels=labels, automations=[], health="offline",
+                    admin="active", connected=False, key_hash=key_hash, enrolled_at=now,
+                    resources={},
+                ))
+                self._event(conn, "machine.enrolled", now, machine_id=machine_id, data={"pool": pool, "labels": labels})
+            else:
+                conn.execute(update(machines).where(machines.c.id == machine_id).values(
+                    pool=pool, labels=labels, key_hash=key_hash,
+                ))
+                self._event(conn, "machine.re_enrolled", now, machine_id=machine_id, data={"pool": pool, "labels": labels})
+            return self._machine(conn, machine_id)
+
+    def _machine(self, conn: Connection, machine_id: str) -> Machine:
+        row = conn.execute(_machines_query().where(machines.c.id == machine_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no machine {machine_id!r}")
+        return rows.machine(row)
+
+    def machine_key_hash(self, machine_id: str) -> str | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(select(machines.c.key_hash).where(machines.c.id == machine_id)).first()
+            return row[0] if row else None
+
+    def connect_machine(
+        self,
+        machine_id: str,
+        *,
+        boot_id: str,
+        agent_version: str,
+        automations: Sequence[AutomationSpec],
+        labels: dict[str, str] | None,
+        heartbeat: Heartbeat,
+        lease_timeout: float,
+        now: float,
+    ) -> ConnectResult:
+        with self._tx() as conn:
+            before = self._machine(conn, machine_id)
+            self._put_automations(conn, automations, now)
+            values: dict[str, Any] = {
+                "connected": True,
+                "boot_id": boot_id,
+                "agent_version": agent_version,
+                "automations": sorted(s.key for s in automations),
+                "last_heartbeat_at": now,
+                "resources": heartbeat.resources,
+                "session_key": heartbeat.session_key,
+                "session_expires_at": heartbeat.session_expires_at,
+            }
+            if labels is not None:
+                values["labels"] = labels
+            if before.health is MachineHealth.OFFLINE:
+                values["health"] = "online"
+            if before.active_attempt_id is None and before.idle_since is None:
+                values["idle_since"] = now
+            conn.execute(update(machines).where(machines.c.id == machine_id).values(**values))
+            self._event(conn, "machine.connected", now, machine_id=machine_id, data={
+                "boot_id": boot_id, "agent_version": agent_version,
+                "reported_attempt": heartbeat.attempt_id,
+                "rebooted": bool(before.boot_id) and before.boot_id != boot_id,
+            })
+            result = ConnectResult(machine=before)
+            reported = heartbeat.attempt_id
+            if before.active_attempt_id is not None:
+                active = self._held(conn, before.active_attempt_id, machine_id)
+                if reported == active.id:
+                    conn.execute(update(attempts).where(attempts.c.id == active.id)
+                                 .values(lease_expires_at=now + lease_timeout))
+                    result.resume = active
+                elif reported is None and active.phase is AttemptPhase.ASSIGNED:
+                    conn.execute(update(attempts).where(attempts.c.id == active.id)
+                                 .values(lease_expires_at=now + lease_timeout))
+                    run = self._get_run(conn, active.run_id)
+                    result.resend = Assignment(run, active, self._spec(conn, run.automation, run.version))
+                else:
+                    finished = self._end_attempt(
+                        conn, active, Ending.LOST, now=now,
+                        detail="the agent came back without its attempt (restarted or rebooted)",
+                    )
+                    result.ended_run = finished.run
+                    if reported is not None:
+                        result.stale_attempt_id = reported
+            elif reported is not None:
+                result.stale_attempt_id = reported
+            result.machine = self._machine(conn, machine_id)
+            return result
+
+    def disconnect_machine(self, machine_id: str, now: float) -> None:
+        with self._tx() as conn:
+            conn.execute(update(machines).where(machines.c.id == machine_id).values(connected=False))
+            self._event(conn, "machine.disconnected", now, machine_id=machine_id)
+
+    def heartbeat(self, beats: Sequence[Heartbeat], lease_timeout: float) -> dict[str, bool]:
+        if not beats:
+            return {}
+        with self._tx() as conn:
+            conn.execute(
+                update(machines).where(machines.c.id == bindparam("mid")).values(
+                    last_heartbeat_at=bindparam("at"), resources=bindparam("res"),
+                    session_key=bindparam("sk"), session_expires_at=bindparam("sx"),
+                ),
+                [
+                    {"mid": b.machine_id, "at": b.at, "res": b.resources, "sk": b.session_key,
+                     "sx": b.session_expires_at}
+                    for b in beats
+                ],
+            )
+            claimed = [b for b in beats if b.attempt_id is not None]
+            if not claimed:
+                return {}
+            held_ids = {
+                r[0] for r in conn.execute(
+                    select(attempts.c.id).where(
+                        attempts.c.state == "active",
+                        attempts.c.id.in_([b.attempt_id for b in claimed]),
+                    )
+                )
+            }
+            renew = [b for b in claimed if b.attempt_id in held_ids]
+            if renew:
+                conn.execute(
+                    update(attempts).where(
+                        attempts.c.id == bindparam("aid"), attempts.c.machine_id == bindparam("mid"),
+                        attempts.c.state == "active",
+                    ).values(lease_expires_at=bindparam("until")),
+                    [{"aid": b.attempt_id, "mid": b.machine_id, "until": b.at + lease_timeout} for b in renew],
+                )
+            return {b.machine_id: b.attempt_id in held_ids for b in claimed}
+
+    def set_admin(self, machine_id: str, admin: MachineAdmin, now: float, reason: str = "") -> Machine:
+        with self._tx() as conn:
+            before = self._machine(conn, machine_id)
+            conn.execute(update(machines).where(machines.c.id == machine_id).values(admin=admin.value))
+            self._event(conn, f"machine.{admin.value}", now, machine_id=machine_id,
+                        from_state=before.admin.value, to_state=admin.value, reason=reason or None)
+            return self._machine(conn, machine_id)
+
+    def quarantine(self, machine_id: str, reason: str, now: float) -> Machine:
+        with self._tx() as conn:
+            self._quarantine(conn, machine_id, reason, now)
+            return self._machine(conn, machine_id)
+
+    def _quarantine(self, conn: Connection, machine_id: str, reason: str, now: float) -> None:
+        conn.execute(update(machines).where(machines.c.id == machine_id).values(
+            health="quarantined", quarantine_reason=reason,
+        ))
+        self._event(conn, "machine.quarantined", now, machine_id=machine_id, reason=reason)
+
+    def release_quarantine(self, machine_id: str, evidence: dict[str, Any], now: float) -> Machine:
+        with self._tx() as conn:
+            before = self._machine(conn, machine_id)
+            conn.execute(update(machines).where(machines.c.id == machine_id).values(
+                health="online", quarantine_reason=None,
+                idle_since=func.coalesce(machines.c.idle_since, now),
+            ))
+            self._event(conn, "machine.verified", now, machine_id=machine_id,
+                        from_state=before.health.value, to_state="online", data=evidence)
+            return self._machine(conn, machine_id)
+
+    def get_machine(self, machine_id: str) -> Machine | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(_machines_query().where(machines.c.id == machine_id)).mappings().first()
+            return rows.machine(row) if row else None
+
+    def list_machines(self, pool: str | None = None) -> list[Machine]:
+        with self._tx(write=False) as conn:
+            q = _machines_query().order_by(machines.c.id)
+            if pool is not None:
+                q = q.where(machines.c.pool == pool)
+            return [rows.machine(r) for r in conn.execute(q).mappings()]
+
+    def set_machine_screenshot(self, machine_id: str, artifact_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute(update(machines).where(machines.c.id == machine_id)
+                         .values(last_screenshot_id=artifact_id))
+
+    # -- runs -----------------------------------------------------------------------------------
+    def submit(self, spec: RunSpec, *, request_hash: str, now: float) -> tuple[Run, bool]:
+        try:
+            return self._submit(spec, request_hash, now)
+        except IntegrityError:
+            # A concurrent submit with the same idempotency key won the insert: answer as
+            # the second of two identical requests would be answered.
+            if spec.idempotency_key is None:
+                raise
+            return self._submit(spec, request_hash, now)
+
+    def _submit(self, spec: RunSpec, request_hash: str, now: float) -> tuple[Run, bool]:
+        with self._tx() as conn:
+            if spec.idempotency_key is not None:
+                row = conn.execute(select(runs).where(
+                    runs.c.tenant == spec.tenant, runs.c.idempotency_key == spec.idempotency_key
+                )).mappings().first()
+                if row is not None:
+                    existing = rows.run(row)
+                    if existing.request_hash != request_hash:
+                        raise Conflict(
+                            f"idempotency key {spec.idempotency_key!r} was already used for a "
+                            f"different request (run {existing.id}); send the same body again to "
+                            "get that run, or use a new key for a new run",
+                            field="idempotency_key",
+                        )
+                    return existing, False
+            run_id = ids.new_id("run")
+            conn.execute(runs.insert().values(
+                id=run_id, automation=spec.automation, version=spec.version, input=spec.input,
+                pool=spec.pool, labels=spec.labels, machine=spec.machine,
+                prefer_machine=spec.prefer_machine, session_key=spec.session_key,
+                priority=spec.priority, tenant=spec.tenant, queue_timeout=spec.queue_timeout,
+                attempt_timeout=spec.attempt_timeout, progress_timeout=spec.progress_timeout,
+                deadline_at=None if spec.deadline is None else now + spec.deadline,
+                max_attempts=spec.max_attempts, backoff_initial=spec.backoff_initial,
+                backoff_max=spec.backoff_max, idempotency_key=spec.idempotency_key,
+                request_hash=request_hash, webhook_url=spec.webhook_url, state="queued",
+                created_at=now, updated_at=now, queued_at=now,
+            ))
+            self._event(conn, "run.state", now, run_id=run_id, to_state="queued", reason="submitted",
+                        data={"automation": spec.automation, "pool": spec.pool, "priority": spec.priority})
+            return self._get_run(conn, run_id), True
+
+    def get_run(self, run_id: str) -> Run | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+            return rows.run(row) if row else None
+
+    def list_runs(
+        self,
+        *,
+        states: Sequence[RunState] = (),
+        pool: str | None = None,
+        automation: str | None = None,
+        machine: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> list[Run]:
+        q = select(runs).order_by(runs.c.id.desc()).limit(limit)
+        if states:
+            q = q.where(runs.c.state.in_([s.value for s in states]))
+        if pool is not None:
+            q = q.where(runs.c.pool == pool)
+        if automation is not None:
+            q = q.where(runs.c.automation == automation)
+        if machine is not None:
+            q = q.where(runs.c.current_machine_id == machine)
+        if before is not None:
+            q = q.where(runs.c.id < before)
+        with self._tx(write=False) as conn:
+            return [rows.run(r) for r in conn.execute(q).mappings()]
+
+    def count_runs(self) -> dict[str, int]:
+        with self._tx(write=False) as conn:
+            q = select(runs.c.state, func.count()).group_by(runs.c.state)
+            return {state: n for state, n in conn.execute(q)}
+
+    def request_cancel(self, run_id: str, now: float) -> tuple[Run, StopOrder | None]:
+        with self._tx() as conn:
+            run = self._get_run(conn, run_id)
+            if run.state.final:
+                raise Conflict(f"run {run_id} already ended ({run.state.value}); nothing to cancel")
+            if run.state is RunState.QUEUED:
+                self._set_run_state(conn, run, RunState.CANCELLED, now, reason="cancelled",
+                                    message="cancelled on request while queued",
+                                    cancel_requested_at=now, finished_at=now,
+                                    error_code="cancelled", error_message="cancelled on request")
+                return self._get_run(conn, run_id), None
+            if run.cancel_requested_at is None:
+                conn.execute(update(runs).where(runs.c.id == run_id).values(cancel_requested_at=now, updated_at=now))
+                self._event(conn, "run.cancel_requested", now, run_id=run_id,
+                            attempt_id=run.current_attempt_id, machine_id=run.current_machine_id)
+            order = None
+            if run.current_attempt_id is not None:
+                order = self._request_stop(conn, run.current_attempt_id, StopReason.CANCELLED, now)
+            return self._get_run(conn, run_id), order
+
+    def _request_stop(self, conn: Connection, attempt_id: int, reason: StopReason, now: float) -> StopOrder | None:
+        row = conn.execute(select(attempts).where(attempts.c.id == attempt_id)).mappings().first()
+        if row is None or row["state"] != "active":
+            return None
+        a = rows.attempt(row)
+        if a.stop_requested_at is None:
+            conn.execute(update(attempts).where(attempts.c.id == attempt_id).values(
+                stop_requested_at=now, stop_reason=reason.value,
+            ))
+            self._event(conn, "attempt.stop_requested", now, run_id=a.run_id, attempt_id=a.id,
+                        machine_id=a.machine_id, reason=reason.value)
+            a.stop_reason = reason
+        return StopOrder(a.machine_id, a.id, a.run_id, a.stop_reason or reason)
+
+    def list_attempts(self, run_id: str) -> list[Attempt]:
+        with self._tx(write=False) as conn:
+            q = select(attempts).where(attempts.c.run_id == run_id).order_by(attempts.c.id)
+            return [rows.attempt(r) for r in conn.execute(q).mappings()]
+
+    def get_attempt(self, attempt_id: int) -> Attempt | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(select(attempts).where(attempts.c.id == attempt_id)).mappings().first()
+            return rows.attempt(row) if row else None
+
+    def events(
+        self,
+        *,
+        run_id: str | None = None,
+        machine_id: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[Event]:
+        q = select(events).where(events.c.id > after_id).order_by(events.c.id).limit(limit)
+        if run_id is not None:
+            q = q.where(events.c.run_id == run_id)
+        if machine_id is not None:
+            q = q.where(events.c.machine_id == machine_id)
+        with self._tx(write=False) as conn:
+            return [rows.event(r) for r in conn.execute(q).mappings()]
+
+    def record_event(
+        self,
+        kind: str,
+        now: float,
+        *,
+        run_id: str | None = None,
+        attempt_id: int | None = None,
+        machine_id: str | None = None,
+        reason: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        with self._tx() as conn:
+            self._event(conn, kind, now, run_id=run_id, attempt_id=attempt_id,
+                        machine_id=machine_id, reason=reason, data=data)
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def schedule(self, policy: Policy, now: float, lease_timeout: float, limit: int = 500) -> list[Assignment]:
+        with self._tx() as conn:
+            queued = [rows.run(r) for r in conn.execute(
+                select(runs)
+                .where(runs.c.state == "queued", or_(runs.c.not_before.is_(None), runs.c.not_before <= now))
+                .order_by(runs.c.priority.desc(), runs.c.deadline_at.is_(None), runs.c.deadline_at,
+                          runs.c.created_at)
+                .limit(limit)
+            ).mappings()]
+            if not queued:
+                return []
+            online = [rows.machine(r) for r in conn.execute(
+                _machines_query().where(machines.c.connected.is_(True))
+            ).mappings()]
+            free = [m for m in online if m.schedulable]
+            if not free:
+                return []
+            pool_map = {p.name: rows.pool(p) for p in conn.execute(select(pools)).mappings()}
+            out: list[Assignment] = []
+            specs: dict[tuple[str, str | None], AutomationSpec | None] = {}
+            for run, machine in policy.match(queued, free, online=online, pools=pool_map, now=now):
+                key = (run.automation, run.version)
+                if key not in specs:
+                    specs[key] = self._spec(conn, run.automation, run.version)
+                attempt = self._claim(conn, run, machine, now, lease_timeout)
+                if attempt is not None:
+                    out.append(Assignment(self._get_run(conn, run.id), attempt, specs[key]))
+            return out
+
+    def _claim(self, conn: Connection, run: Run, machine: Machine, now: float, lease_timeout: float) -> Attempt | None:
+        mode = AttemptMode.RECONCILE if run.needs_reconcile else AttemptMode.RUN
+        try:
+            with conn.begin_nested():
+                res = conn.execute(attempts.insert().values(
+                    run_id=run.id, machine_id=machine.id, number=run.dispatches + 1, state="active",
+                    phase="assigned", mode=mode.value, assigned_at=now,
+                    lease_expires_at=now + lease_timeout,
+                ))
+        except IntegrityError:
+            # The schema's one-active-attempt constraint refused it: the machine (or run)
+            # is already taken. Never two at once, whatever the code above believed.
+            log.warning("claim refused by the store: machine %s or run %s already has an active attempt",
+                        machine.id, run.id)
+            return None
+        attempt_id = int(res.inserted_primary_key[0])
+        self._set_run_state(
+            conn, run, RunState.ASSIGNED, now, reason="scheduled", attempt_id=attempt_id,
+            machine_id=machine.id, dispatches=run.dispatches + 1, current_attempt_id=attempt_id,
+            current_machine_id=machine.id, not_before=None,
+        )
+        conn.execute(update(machines).where(machines.c.id == machine.id).values(idle_since=None))
+        row = conn.execute(select(attempts).where(attempts.c.id == attempt_id)).mappings().one()
+        return rows.attempt(row)
+
+    # -- attempt writes from agents -----------------------------------------------------------
+    def attempt_preparing(self, attempt_id: int, machine_id: str, now: float) -> Attempt:
+        def fn(conn: Connection, a: Attempt) -> Attempt:
+            if a.phase is AttemptPhase.ASSIGNED:
+                conn.execute(update(attempts).where(attempts.c.id == a.id).values(
+                    phase="preparing", last_progress_at=now,
+                ))
+                run = self._get_run(conn, a.run_id)
+                self._set_run_state(conn, run, RunState.PREPARING, now, reason="agent_accepted",
+                                    attempt_id=a.id, machine_id=machine_id)
+                a.phase = AttemptPhase.PREPARING
+            return a
+
+        return self._fenced("preparing", attempt_id, machine_id, now, fn)
+
+    def attempt_start(self, attempt_id: int, machine_id: str, now: float) -> Attempt:
+        def fn(conn: Connection, a: Attempt) -> Attempt:
+            if a.stop_requested_at is not None:
+                raise Stopped((a.stop_reason or StopReason.CANCELLED).value)
+            if a.phase is AttemptPhase.RUNNING:
+                return a
+            run = self._get_run(conn, a.run_id)
+            if a.phase is AttemptPhase.ASSIGNED:
+                self._set_run_state(conn, run, RunState.PREPARING, now, reason="agent_accepted",
+                                    attempt_id=a.id, machine_id=machine_id)
+                run.state = RunState.PREPARING
+            conn.execute(update(attempts).where(attempts.c.id == a.id).values(
+                phase="running", started_at=now, last_progress_at=now,
+            ))
+            self._set_run_state(conn, run, RunState.RUNNING, now, reason="automation_started",
+                                attempt_id=a.id, machine_id=machine_id,
+                                attempts_started=run.attempts_started + 1)
+            a.phase, a.started_at = AttemptPhase.RUNNING, now
+            return a
+
+        return self._fenced("start", attempt_id, machine_id, now, fn)
+
+    def attempt_progress(self, attempt_id: int, machine_id: str, step: str, data: dict[str, Any], now: float) -> None:
+        def fn(conn: Connection, a: Attempt) -> None:
+            conn.execute(update(attempts).where(attempts.c.id == a.id).values(
+                last_progress_at=now, progress_step=step,
+            ))
+            self._event(conn, "attempt.progress", now, run_id=a.run_id, attempt_id=a.id,
+                        machine_id=machine_id, reason=step, data=data)
+
+        self._fenced("progress", attempt_id, machine_id, now, fn)
+
+    def attempt_event(self, attempt_id: int, machine_id: str, kind: str, data: dict[str, Any], now: float) -> None:
+        def fn(conn: Connection, a: Attempt) -> None:
+            # Pre-flight and playbook steps are progress too: a frozen playbook stalls.
+            conn.execute(update(attempts).where(attempts.c.id == a.id).values(last_progress_at=now))
+            self._event(conn, kind, now, run_id=a.run_id, attempt_id=a.id, machine_id=machine_id,
+                        reason=str(data.get("playbook") or data.get("state") or "") or None, data=data)
+
+        self._fenced(kind, attempt_id, machine_id, now, fn)
+
+    def finish_attempt(
+        self,
+        attempt_id: int,
+        machine_id: str,
+        ending: Ending,
+        *,
+        output: dict[str, Any] | None,
+        detail: str,
+        now: float,
+    ) -> Finished:
+        with self._tx() as conn:
+            row = conn.execute(select(attempts).where(attempts.c.id == attempt_id)).mappings().first()
+            if row is not None and row["machine_id"] == machine_id and row["state"] != "active" \
+                    and row["ending"] == ending.value:
+                # The same report again (its acknowledgement was lost): same answer.
+                a = rows.attempt(row)
+                return Finished(self._get_run(conn, a.run_id), a, retried=False, machine_quarantined=False)
+
+        def fn(conn: Connection, a: Attempt) -> Finished:
+            return self._end_attempt(conn, a, ending, now=now, detail=detail, output=output)
+
+        return self._fenced(f"finish:{ending.value}", attempt_id, machine_id, now, fn)
+
+    def _end_attempt(
+        self,
+        conn: Connection,
+        a: Attempt,
+        ending: Ending,
+        *,
+        now: float,
+        detail: str,
+        output: dict[str, Any] | None = None,
+    ) -> Finished:
+        run = self._get_run(conn, a.run_id)
+        spec = self._spec(conn, run.automation, run.version)
+        d = decide(
+            run, phase=a.phase, ending=ending, stop_reason=a.stop_reason,
+            idempotent=bool(spec and spec.idempotent), has_reconcile=bool(spec and spec.has_reconcile),
+            now=now, detail=detail, machine_id=a.machine_id,
+        )
+        conn.execute(update(attempts).where(attempts.c.id == a.id, attempts.c.state == "active").values(
+            state=d.attempt_state.value, ended_at=now, ending=ending.value, reason=detail or d.message,
+        ))
+        self._event(conn, "attempt.ended", now, run_id=run.id, attempt_id=a.id, machine_id=a.machine_id,
+                    from_state=a.phase.value, to_state=d.attempt_state.value, reason=ending.value,
+                    data={"detail": detail} if detail else None)
+        if d.retried:
+            self._set_run_state(
+                conn, run, RunState.QUEUED, now, reason=d.code, message=d.message, attempt_id=a.id,
+                machine_id=a.machine_id, queued_at=now, not_before=d.not_before,
+                needs_reconcile=d.needs_reconcile, current_attempt_id=None, current_machine_id=None,
+            )
+        elif d.run_state is RunState.SUCCEEDED:
+            self._set_run_state(conn, run, d.run_state, now, reason=d.code, message=d.message,
+                                attempt_id=a.id, machine_id=a.machine_id, finished_at=now, output=output)
+        else:
+            self._set_run_state(conn, run, d.run_state, now, reason=d.code, message=d.message,
+                                attempt_id=a.id, machine_id=a.machine_id, finished_at=now,
+                                error_code=d.code, error_message=d.message)
+        machine_values: dict[str, Any] = {"idle_since": now}
+        if a.phase is AttemptPhase.RUNNING:
+            machine_values["runs_completed"] = machines.c.runs_completed + 1
+        conn.execute(update(machines).where(machines.c.id == a.machine_id).values(**machine_values))
+        if d.quarantine:
+            self._quarantine(conn, a.machine_id, f"attempt {a.id} {ending.value}: {detail or d.message}", now)
+        a.state, a.ended_at, a.ending = d.attempt_state, now, ending
+        return Finished(self._get_run(conn, run.id), a, retried=d.retried, machine_quarantined=d.quarantine)
+
+    # -- sweeps --------------------------------------------------------------------------------
+    def expire_leases(self, now: float) -> list[Finished]:
+        with self._tx() as conn:
+            expired = [rows.attempt(r) for r in conn.execute(
+                select(attempts).where(attempts.c.state == "active", attempts.c.lease_expires_at < now)
+            ).mappings()]
+            out = []
+            for a in expired:
+                out.append(self._end_attempt(
+                    conn, a, Ending.LOST, now=now,
+                    detail=f"no heartbeat from {a.machine_id}: its lease expired",
+                ))
+            return out
+
+    def expire_silent_machines(self, now: float, heartbeat_timeout: float) -> list[str]:
+        """Connected machines silent past the heartbeat timeout are quarantined."""
+        with self._tx() as conn:
+            silent = [r[0] for r in conn.execute(
+                select(machines.c.id).where(
+                    machines.c.connected.is_(True), machines.c.health == "online",
+                    machines.c.last_heartbeat_at < now - heartbeat_timeout,
+                )
+            )]
+            for mid in silent:
+                self._quarantine(conn, mid, f"no heartbeat for {heartbeat_timeout:g}s", now)
+            return silent
+
+    def sweep(self, now: float, stop_grace: float) -> SweepResult:
+        result = SweepResult()
+        with self._tx() as conn:
+            late = conn.execute(select(runs).where(
+                runs.c.state == "queued",
+                or_(runs.c.deadline_at <= now, runs.c.queued_at + runs.c.queue_timeout <= now),
+            )).mappings()
+            for r in list(late):
+                run = rows.run(r)
+                why = queued_expiry(run, now)
+                if why is None:
+                    continue
+                code, message = why
+                self._set_run_state(conn, run, RunState.TIMED_OUT, now, reason=code, message=message,
+                                    finished_at=now, error_code=code, error_message=message)
+                result.expired_runs.append(self._get_run(conn, run.id))
+
+            pairs = conn.execute(
+                select(attempts, runs.c.id.label("r_id"))
+                .select_from(attempts.join(runs, runs.c.id == attempts.c.run_id))
+                .where(attempts.c.state == "active")
+            ).mappings()
+            for r in list(pairs):
+                a = rows.attempt(r)
+                if a.stop_requested_at is not None:
+                    if now - a.stop_requested_at >= stop_grace:
+                        result.finished.append(self._end_attempt(
+                            conn, a, Ending.STOP_FORCED, now=now,
+                            detail=f"the agent did not confirm the stop ({a.stop_reason}) within {stop_grace:g}s",
+                        ))
+                    continue
+                run = self._get_run(conn, a.run_id)
+                reason = overdue_reason(
+                    run, assigned_at=a.assigned_at, started_at=a.started_at,
+                    last_progress_at=a.last_progress_at, now=now,
+                )
+                if reason is not None:
+                    order = self._request_stop(conn, a.id, reason, now)
+                    if order is not None:
+                        result.stop_orders.append(order)
+        return result
+
+    def pending_stops(self, machine_id: str) -> list[StopOrder]:
+        """Stops already ordered for a machine's attempt (sent again when its agent reconnects)."""
+        with self._tx(write=False) as conn:
+            q = select(attempts).where(
+                attempts.c.machine_id == machine_id, attempts.c.state == "active",
+                attempts.c.stop_requested_at.is_not(None),
+            )
+            return [
+                StopOrder(a.machine_id, a.id, a.run_id, a.stop_reason or StopReason.CANCELLED)
+                for a in (rows.attempt(r) for r in conn.execute(q).mappings())
+            ]
+
+    # -- artifacts ---------------------------------------------------------------------------------
+    def add_artifact(
+        self,
+        *,
+        attempt_id: int | None,
+        machine_id: str,
+        name: str,
+        content_type: str,
+        data: bytes,
+        now: float,
+    ) -> Artifact:
+        def insert(conn: Connection, run_id: str | None) -> Artifact:
+            art_id = ids.new_id("art")
+            conn.execute(artifacts.insert().values(
+                id=art_id, run_id=run_id, attempt_id=attempt_id, machine_id=machine_id, name=name,
+                content_type=content_type, size=len(data), data=data, created_at=now,
+            ))
+            if content_type == "image/png":
+                conn.execute(update(machines).where(machines.c.id == machine_id)
+                             .values(last_screenshot_id=art_id))
+            row = conn.execute(select(artifacts).where(artifacts.c.id == art_id)).mappings().one()
+            return rows.artifact(row)
+
+        if attempt_id is None:
+            with self._tx() as conn:
+                return insert(conn, None)
+        return self._fenced("artifact", attempt_id, machine_id, now, lambda conn, a: insert(conn, a.run_id))
+
+    def get_artifact(self, artifact_id: str) -> tuple[Artifact, bytes] | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(select(artifacts).where(artifacts.c.id == artifact_id)).mappings().first()
+            return (rows.artifact(row), bytes(row["data"])) if row else None
+
+    def list_artifacts(self, run_id: str) -> list[Artifact]:
+        with self._tx(write=False) as conn:
+            cols = [c for c in artifacts.c if c.name != "data"]
+            q = select(*cols).where(artifacts.c.run_id == run_id).order_by(artifacts.c.created_at)
+            return [rows.artifact(r) for r in conn.execute(q).mappings()]
+
+    # -- webhooks ----------------------------------------------------------------------------------
+    def due_webhooks(self, now: float, limit: int = 50) -> list[tuple[int, str, str]]:
+        with self._tx(write=False) as conn:
+            q = select(webhooks.c.id, webhooks.c.run_id, webhooks.c.url).where(
+                webhooks.c.delivered_at.is_(None), webhooks.c.gave_up_at.is_(None),
+                webhooks.c.next_at <= now,
+            ).order_by(webhooks.c.next_at).limit(limit)
+            return [(r[0], r[1], r[2]) for r in conn.execute(q)]
+
+    def webhook_done(self, webhook_id: int, *, ok: bool, error: str | None, now: float) -> None:
+        with self._tx() as conn:
+            row = conn.execute(select(webhooks).where(webhooks.c.id == webhook_id)).mappings().one()
+            tries = row["tries"] + 1
+            if ok:
+                conn.execute(update(webhooks).where(webhooks.c.id == webhook_id)
+                             .values(tries=tries, delivered_at=now, last_error=None))
+                self._event(conn, "webhook.delivered", now, run_id=row["run_id"], data={"tries": tries})
+            elif tries >= WEBHOOK_MAX_TRIES:
+                conn.execute(update(webhooks).where(webhooks.c.id == webhook_id)
+                             .values(tries=tries, gave_up_at=now, last_error=error))
+                self._event(conn, "webhook.gave_up", now, run_id=row["run_id"], reason=error, data={"tries": tries})
+            else:
+                delay = min(2.0 ** tries, 600.0)
+                conn.execute(update(webhooks).where(webhooks.c.id == webhook_id)
+                             .values(tries=tries, next_at=now + delay, last_error=error))

@@ -57,6 +57,8 @@ class AppModel:
     recoveries: dict[str, str]
     #: playbook for screens no state matches (typically "restart_app")
     on_unknown: str = "restart_app"
+    #: playbook for an app that shows a ready screen but fails the responsiveness probe
+    on_unresponsive: str = "restart_app"
     #: playbook that ends the current session (for switching accounts)
     logout: str | None = None
     default_account: str | None = None

@@ -130,6 +130,7 @@ def server(ctx: click.Context, host: str, port: int, data_dir: Path, db: str | N
 @opt("--state-dir", default="deskfleet-agent", type=click.Path(file_okay=False, path_type=Path),
      help="where the agent keeps its key")
 @opt("--sim", "sim_count", default=1, type=click.IntRange(1, 10000), help="simulated desktops in this process")
+@opt("--sim-first", default=1, type=click.IntRange(0), help="number of the first simulated machine (<machine>-01…)")
 @opt("--sim-faults", default="none", help="fault preset for simulated desktops: none, demo, chaos")
 @opt("--sim-seed", default=1, type=int)
 @opt("--sim-backend", default="deskfleet-agent/sim-ehr.db", type=click.Path(dir_okay=False, path_type=Path),
@@ -138,7 +139,7 @@ def server(ctx: click.Context, host: str, port: int, data_dir: Path, db: str | N
 @opt("--screenshots", default="evidence", type=click.Choice(["evidence", "none"]))
 def agent(orchestrators: tuple[str, ...], machine: str | None, pool: str, labels: tuple[str, ...],
           enrolment_token: str | None, enrolment_token_file: Path | None, state_dir: Path, sim_count: int,
-          sim_faults: str, sim_seed: int, sim_backend: Path, action_delay: float, screenshots: str) -> None:
+          sim_first: int, sim_faults: str, sim_seed: int, sim_backend: Path, action_delay: float, screenshots: str) -> None:
     """Run agents for simulated desktops (real desktops arrive with the desktop driver)."""
     import socket
 
@@ -150,7 +151,7 @@ def agent(orchestrators: tuple[str, ...], machine: str | None, pool: str, labels
         except OSError as exc:
             raise DeskfleetError(f"cannot read the enrolment token file: {exc.strerror}") from exc
     config = SimFleetConfig(
-        servers=list(orchestrators), prefix=machine or socket.gethostname(), count=sim_count, pool=pool,
+        servers=list(orchestrators), prefix=machine or socket.gethostname(), count=sim_count, first=sim_first, pool=pool,
         labels=_labels(labels), enrolment_token=enrolment_token, state_dir=state_dir, faults=sim_faults,
         seed=sim_seed, backend=sim_backend, action_delay=action_delay, screenshots=screenshots,
     )

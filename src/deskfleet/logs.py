@@ -60,5 +60,5 @@ def configure(level: str = "info", fmt: str = "text", stream: Any = None) -> Non
     root.setLevel(level.upper())
     # The HTTP access log is noise at fleet scale; errors still come through.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    for noisy in ("httpx", "httpcore", "websockets", "alembic"):
+    for noisy in ("httpx", "httpcore", "websockets", "alembic", "matplotlib", "PIL", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

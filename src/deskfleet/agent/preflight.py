@@ -60,7 +60,7 @@ async def preflight(
         why = ""
         if seen.state == wanted or (wanted == "ready" and seen.state in model.ready_states):
             if model.probe is not None and not await model.probe(desktop):
-                playbook_name, why = "restart_app", "the application does not respond to input"
+                playbook_name, why = model.on_unresponsive, "the application does not respond to input"
             elif session_key is not None and model.session_reader is not None:
                 account = await model.session_reader(desktop, frame)
                 if account != session_key:

@@ -95,6 +95,8 @@ class _Current:
     stop_reason: str | None = None
     task: asyncio.Task[None] | None = None
     automation_task: asyncio.Task[Any] | None = None
+    result_id: int | None = None  # the message id of the result report in flight
+    forgotten: bool = False  # the machine rebooted: this attempt no longer exists here
 
 
 class Agent:
@@ -176,6 +178,7 @@ class Agent:
         """What a machine reboot does to the agent process: in-flight work is gone, and
         the agent is back (with a new boot id) only once the machine is up again."""
         if self._current is not None:
+            self._current.forgotten = True
             if self._current.task is not None:
                 self._current.task.cancel()
             self._current = None
@@ -322,6 +325,11 @@ class Agent:
         if isinstance(msg, HeartbeatAck):
             self._last_ack = time.monotonic()
         elif isinstance(msg, Reply):
+            cur = self._current
+            if cur is not None and cur.result_id == msg.re:
+                # Free the machine now, in message order: the orchestrator may send the
+                # next assignment right behind this reply.
+                self._current = None
             fut = self._pending.get(msg.re)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -380,6 +388,8 @@ class Agent:
         finally:
             fence.cancel()
         ending, output, detail = result
+        if cur.forgotten:
+            return  # rebooted: nobody here remembers this attempt to report it
         log.info("attempt finished locally: %s %s", ending, detail[:200], extra=ctx_log)
         await self._report(cur, ending, output, detail)
 
@@ -450,13 +460,16 @@ class Agent:
     async def _report(self, cur: _Current, ending: str, output: dict[str, Any] | None, detail: str) -> None:
         """Deliver the result until acknowledged (or refused as stale), across reconnects."""
         a = cur.assign
+
+        def result(msg_id: int) -> Result:
+            cur.result_id = msg_id
+            return Result(id=msg_id, attempt_id=a.attempt_id, ending=ending, output=output, detail=detail)
+
         try:
-            while not self._stopped.is_set():
+            while not self._stopped.is_set() and not cur.forgotten:
                 try:
                     await asyncio.wait_for(self._connected.wait(), REPLY_TIMEOUT)
-                    reply = await self._request(lambda i: Result(
-                        id=i, attempt_id=a.attempt_id, ending=ending, output=output, detail=detail,
-                    ))
+                    reply = await self._request(result)
                 except (TimeoutError, _Disconnected):
                     await asyncio.sleep(0.2)
                     continue

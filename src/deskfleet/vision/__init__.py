@@ -41,8 +41,10 @@ class TemplateCheck:
     def from_frame(cls, frame: Frame, region: Region, threshold: float = 0.92) -> TemplateCheck:
         return cls(region, _gray(region.crop(frame)).astype(np.float32), threshold)
 
-    def score(self, gray_frame: np.ndarray) -> float:
-        crop = self.region.crop(gray_frame)
+    def score(self, frame: Frame) -> float:
+        # Grey only the region: converting a whole 1080p frame per check would cost more
+        # than every comparison together.
+        crop = _gray(self.region.crop(frame))
         if crop.shape != self.template.shape:
             return 0.0
         return float(1.0 - np.mean(np.abs(crop - self.template)) / 255.0)
@@ -77,12 +79,11 @@ class Classifier:
 
     def classify(self, frame: Frame) -> Classification:
         t0 = time.perf_counter()
-        gray = _gray(frame)
         scores: dict[str, float] = {}
         overlays: list[str] = []
         matches: list[str] = []
         for state in self.states:
-            check_scores = [(c.score(gray), c.threshold) for c in state.checks]
+            check_scores = [(c.score(frame), c.threshold) for c in state.checks]
             scores[state.name] = min((s for s, _ in check_scores), default=0.0)
             if check_scores and all(s >= t for s, t in check_scores):
                 (overlays if state.overlay else matches).append(state.name)

@@ -1,0 +1,285 @@
+"""The demo's report: every run accounted for, every fault met and how it was recovered,
+the invariants checked against the event log, and a timeline picture."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..audit import AuditReport, audit
+from ..client import AsyncClient
+from . import DemoConfig
+from .runner import DemoState
+
+RECOVERY_LABELS = {
+    "retry_after_reconcile": "attempt died after starting → retried after the reconcile check",
+    "retry_idempotent": "attempt died after starting → retried (idempotent automation)",
+    "requeued_not_started": "attempt died before the automation started → requeued, no retry spent",
+    "reconciled": "reconcile found the earlier attempt's effect → run succeeded without repeating it",
+    "not_retried_unsafe": "attempt died mid-run, automation neither idempotent nor reconcilable → failed loudly",
+    "retries_exhausted": "retries exhausted → failed with the last reason",
+    "business_error": "business error → failed, not retried",
+    "cancelled": "cancelled on request",
+    "deadline": "deadline passed → timed out",
+}
+
+
+@dataclass
+class Report:
+    config: DemoConfig
+    state: DemoState
+    runs: list[dict[str, Any]]
+    audit: AuditReport
+    effects: list[str]  # double-effect violations found in the EHR's records
+    recoveries: Counter[str] = field(default_factory=Counter)
+    playbooks: Counter[tuple[str, str]] = field(default_factory=Counter)
+    quarantines: Counter[str] = field(default_factory=Counter)
+    stops: Counter[str] = field(default_factory=Counter)
+    reboots: int = 0
+    reconcile_found: int = 0
+    reconcile_missing: int = 0
+    screenshots: list[tuple[str, str]] = field(default_factory=list)  # (artifact id, caption)
+    per_run: list[dict[str, Any]] = field(default_factory=list)
+    kill_times: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def unaccounted(self) -> list[str]:
+        final = {r["id"] for r in self.runs if r["state"] in ("succeeded", "failed", "cancelled", "timed_out")}
+        return [s.run_id for s in self.state.accepted if s.run_id not in final]
+
+    @property
+    def ok(self) -> bool:
+        return self.audit.ok and not self.effects and not self.unaccounted
+
+
+def _quarantine_kind(reason: str) -> str:
+    if "lease expired" in reason:
+        return "agent silent past the heartbeat timeout (lease expired)"
+    if "came back without" in reason:
+        return "machine rebooted mid-attempt (agent came back without it)"
+    if "progress_stalled" in reason or "stop_forced" in reason:
+        return "no progress (frozen app) → stopped by the watchdog"
+    if "preflight_failed" in reason:
+        return "pre-flight could not reach the required state"
+    if "no heartbeat" in reason:
+        return "agent silent (no heartbeat)"
+    return reason[:60]
+
+
+def build_report(config: DemoConfig, out: Path, state: DemoState, runs: list[dict[str, Any]],
+                 events: list[dict[str, Any]]) -> Report:
+    from ..sim.backend import SimBackend
+
+    accepted = {s.run_id for s in state.accepted}
+    runs = [r for r in runs if r["id"] in accepted]
+    effects = []
+    backend = SimBackend(out / "agents" / "ehr.db", seed=config.seed)
+    try:
+        for mrn, n in backend.duplicates().items():
+            effects.append(f"MRN {mrn} was created {n} times")
+        for r in runs:
+            if r["automation"] == "ehr.create_patient" and r["state"] == "succeeded":
+                n = backend.count_by_mrn(r["input"]["mrn"])
+                if n != 1:
+                    effects.append(f"run {r['id']} succeeded but MRN {r['input']['mrn']} has {n} records")
+        exports = Counter(r["input"]["mrn"] for r in runs if r["automation"] == "ehr.export_summary")
+        for mrn, asked in exports.items():
+            done = backend.count_exports(mrn)
+            if done > asked:
+                effects.append(f"MRN {mrn}: {done} summaries exported for {asked} requests")
+    finally:
+        backend.close()
+
+    rep = Report(config, state, runs, audit(runs, events), effects)
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        kind, reason = e["kind"], e.get("reason") or ""
+        if e.get("run"):
+            by_run.setdefault(e["run"], []).append(e)
+        if kind == "run.state" and reason in RECOVERY_LABELS and e.get("from_state"):
+            rep.recoveries[reason] += 1
+        elif kind.endswith("playbook.step"):
+            d = e["data"]
+            rep.playbooks[(d.get("from_state") or "?", d.get("playbook") or "?")] += 1
+            if d.get("before_screenshot") and len(rep.screenshots) < 8 and \
+                    d.get("from_state") not in {s for _, s in rep.screenshots}:
+                rep.screenshots.append((d["before_screenshot"], d.get("from_state") or "?"))
+        elif kind == "machine.quarantined":
+            rep.quarantines[_quarantine_kind(reason)] += 1
+        elif kind == "attempt.stop_requested":
+            rep.stops[reason] += 1
+        elif kind == "machine.connected" and e["data"].get("rebooted"):
+            rep.reboots += 1
+        elif kind == "reconcile.done":
+            if e["data"].get("effect_found"):
+                rep.reconcile_found += 1
+            else:
+                rep.reconcile_missing += 1
+    for r in runs:
+        evs = by_run.get(r["id"], [])
+        machines = sorted({e["machine"] for e in evs if e.get("machine")})
+        started = [e for e in evs if e.get("to_state") == "assigned"]
+        created = _ts(r["created_at"])
+        rep.per_run.append({
+            "id": r["id"], "automation": r["automation"], "state": r["state"],
+            "attempts": r["dispatches"], "machines": machines,
+            "queue_wait_s": round(_ts(started[0]["at"]) - created, 3) if started else None,
+            "duration_s": round(_ts(r["finished_at"]) - created, 3) if r.get("finished_at") else None,
+            "error": (r.get("error") or {}).get("message"),
+            "output": r.get("output"),
+        })
+    rep.kill_times = [(m.at, m.what) for m in state.moments]
+    return rep
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+async def write_report(rep: Report, out: Path, client: AsyncClient) -> None:
+    shots = []
+    for art_id, caption in rep.screenshots:
+        try:
+            data = await client.artifact(art_id)
+        except Exception:
+            continue
+        path = out / "screenshots" / f"{caption}-{art_id[-6:]}.png"
+        path.write_bytes(data)
+        shots.append((path.name, caption))
+    _timeline(rep, out / "timeline.png")
+    (out / "report.json").write_text(json.dumps({
+        "ok": rep.ok,
+        "config": {k: str(v) for k, v in asdict(rep.config).items()},
+        "runs_accepted": len(rep.state.accepted),
+        "runs_final": dict(rep.audit.final),
+        "unaccounted": rep.unaccounted,
+        "rejected_requests": [{"request": w, "answer": a} for w, a in rep.state.rejected],
+        "violations": [str(v) for v in rep.audit.violations],
+        "double_effects": rep.effects,
+        "stale_writes_rejected": rep.audit.stale_rejected,
+        "recoveries": dict(rep.recoveries),
+        "playbooks": {f"{s} → {p}": n for (s, p), n in rep.playbooks.items()},
+        "quarantines": dict(rep.quarantines),
+        "stop_orders": dict(rep.stops),
+        "reboots": rep.reboots,
+        "reconcile": {"effect_found": rep.reconcile_found, "not_found": rep.reconcile_missing},
+        "moments": [{"at": at, "what": what} for at, what in rep.kill_times],
+        "wall_time_s": rep.state.finished_in,
+        "runs": rep.per_run,
+    }, indent=2))
+    (out / "report.md").write_text(_markdown(rep, shots))
+
+
+def _markdown(rep: Report, shots: list[tuple[str, str]]) -> str:
+    a = rep.audit
+    lines = [
+        "# deskfleet demo report", "",
+        f"{len(rep.state.accepted)} runs accepted on {rep.config.machines} simulated desktops "
+        f"(faults: `{rep.config.faults}`, seed {rep.config.seed})"
+        + (f", finished in {rep.state.finished_in:.1f}s." if rep.state.finished_in else "."), "",
+        "## Every run accounted for", "",
+        "| final state | runs |", "|---|---|",
+        *(f"| {s} | {n} |" for s, n in sorted(a.final.items())),
+        f"| **not final** | {len(rep.unaccounted)} |", "",
+        "## Invariants, checked against the event log", "",
+        f"- every accepted run reached exactly one final state: {'yes' if not rep.unaccounted and not [v for v in a.violations if v.kind in ('final_twice', 'not_final', 'final_mismatch')] else 'NO'}",
+        f"- no machine ever had two active attempts ({a.attempts} attempts checked): {'yes' if not [v for v in a.violations if v.kind == 'overlapping_attempts'] else 'NO'}",
+        f"- no write accepted after an attempt ended; {a.stale_rejected} stale writes were rejected: {'yes' if not [v for v in a.violations if v.kind == 'write_after_end'] else 'NO'}",
+        f"- no double effects in the EHR's records: {'yes' if not rep.effects else 'NO'}",
+        *(f"  - VIOLATION {v}" for v in a.violations),
+        *(f"  - DOUBLE EFFECT {e}" for e in rep.effects), "",
+        "## Faults met, and how they were recovered", "",
+        "| what happened | times |", "|---|---|",
+        *(f"| {RECOVERY_LABELS.get(k, k)} | {n} |" for k, n in rep.recoveries.most_common()),
+        *(f"| machine quarantined: {k} | {n} |" for k, n in rep.quarantines.most_common()),
+        *(f"| stop ordered: {k} | {n} |" for k, n in rep.stops.most_common()),
+        f"| machine rebooted (agent reconnected with a new boot id) | {rep.reboots} |",
+        f"| reconcile check found the effect / did not | {rep.reconcile_found} / {rep.reconcile_missing} |", "",
+        "Pre-flight and recovery playbooks run (screen state → playbook):", "",
+        "| screen showed | playbook | times |", "|---|---|---|",
+        *(f"| {s} | {p} | {n} |" for (s, p), n in rep.playbooks.most_common()), "",
+        "## Requests refused at submit (nothing written)", "",
+        *(f"- {w}: `{ans}`" for w, ans in rep.state.rejected), "",
+        "## Moments", "",
+        *(f"- {datetime.fromtimestamp(at).strftime('%H:%M:%S')} {what}" for at, what in rep.kill_times), "",
+        "## Timeline", "", "![timeline](timeline.png)", "",
+    ]
+    if shots:
+        lines += ["## Screens the playbooks recovered from", ""]
+        lines += [f"![{cap}](screenshots/{name}) *{cap}*" for name, cap in shots]
+        lines.append("")
+    lines += ["## Runs", "", "| run | automation | state | attempts | machines | queue wait s | total s | error |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rep.per_run:
+        lines.append(f"| {r['id']} | {r['automation']} | {r['state']} | {r['attempts']} | {', '.join(r['machines'])} "
+                     f"| {r['queue_wait_s']} | {r['duration_s']} | {(r['error'] or '').replace('|', '/')[:120]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _timeline(rep: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ivs = [iv for iv in rep.audit.intervals if iv.end is not None]
+    if not ivs:
+        return
+    t0 = min(iv.start for iv in ivs)
+    machines = sorted({iv.machine for iv in ivs})
+    colours = {"succeeded": "#2e7d32", "reconciled": "#00897b", "lost": "#c62828", "system_error": "#ef6c00",
+               "stopped": "#6a1b9a", "stop_forced": "#4a148c", "preflight_failed": "#757575",
+               "business_error": "#f9a825"}
+    fig, ax = plt.subplots(figsize=(12, 0.45 * len(machines) + 1.8), dpi=110)
+    for iv in ivs:
+        y = machines.index(iv.machine)
+        ax.barh(y, iv.end - iv.start, left=iv.start - t0, height=0.7,  # type: ignore[operator]
+                color=colours.get(iv.ending or "", "#90a4ae"), edgecolor="white", linewidth=0.3)
+    for at, what in rep.kill_times:
+        if "SIGKILL" in what or "restarted" in what:
+            ax.axvline(at - t0, color="black", linestyle="--", linewidth=1)
+            ax.text(at - t0, len(machines) - 0.4, " " + what.split(":")[0], fontsize=7, va="bottom")
+    ax.set_yticks(range(len(machines)), machines)
+    ax.set_xlabel("seconds since the first assignment")
+    ax.set_title("attempts per machine, coloured by how they ended")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(handles, list(colours), loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def print_summary(console: Console, rep: Report, out: Path) -> None:
+    t = Table(title="every run accounted for", show_header=True)
+    t.add_column("final state")
+    t.add_column("runs", justify="right")
+    for s, n in sorted(rep.audit.final.items()):
+        t.add_row(s, str(n))
+    t.add_row("[red]not final[/]" if rep.unaccounted else "not final", str(len(rep.unaccounted)))
+    console.print(t)
+    f = Table(title="faults met and recovered")
+    f.add_column("what happened")
+    f.add_column("times", justify="right")
+    for k, n in rep.recoveries.most_common():
+        f.add_row(RECOVERY_LABELS.get(k, k), str(n))
+    for k, n in rep.quarantines.most_common():
+        f.add_row(f"machine quarantined: {k}", str(n))
+    for (s, p), n in rep.playbooks.most_common(6):
+        f.add_row(f"playbook {p} (screen showed {s})", str(n))
+    f.add_row("stale writes rejected (fencing)", str(rep.audit.stale_rejected))
+    console.print(f)
+    verdict = "[bold green]all invariants held[/]" if rep.ok else "[bold red]INVARIANT VIOLATIONS[/]"
+    console.print(f"{verdict}: {len(rep.audit.violations)} violations, {len(rep.effects)} double effects, "
+                  f"{len(rep.unaccounted)} runs unaccounted for")
+    for v in rep.audit.violations[:10]:
+        console.print(f"  [red]{v}[/]")
+    for e in rep.effects[:10]:
+        console.print(f"  [red]{e}[/]")
+    console.print(f"report: {out / 'report.md'}  (also report.json, timeline.png, screenshots/, logs/)")

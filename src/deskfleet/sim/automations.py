@@ -1,0 +1,212 @@
+"""Demo automations for SimEHR, written with the SDK as a user would write them.
+
+They show the three policies a run can have when an attempt dies midway:
+
+- ``ehr.create_patient`` is not idempotent but has a *reconcile* check — search by MRN —
+  so the orchestrator can tell "already saved" from "never saved" before retrying;
+- ``ehr.lookup_patient`` only reads, so it is declared idempotent and simply retried;
+- ``ehr.export_summary`` is neither: a lost attempt must fail loudly, because nobody can
+  tell whether the summary left the building.
+
+Each waits for screen states instead of sleeping, reports a step before each stage, and
+raises :class:`~deskfleet.errors.DesktopError` the moment the app shows something it did
+not expect (an error dialog, the bare desktop); all of them finish at "home".
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+
+from pydantic import BaseModel, Field
+
+from ..desktop import Desktop
+from ..errors import BusinessError, DesktopError
+from ..sdk import Context, Registry, automation
+from .layout import Layout, layout_for
+
+STEP_TIMEOUT = 10.0  # seconds for SimEHR to show the next screen
+#: screens that end any step at once: waiting longer would not make them go away
+TROUBLE = ("error_dialog", "session_expired", "validation", "desktop", "rebooting", "login")
+
+_PLAIN_TEXT = r"^[^\t\n\r]+$"  # tabs and newlines would move focus or submit the form
+
+
+class PatientInput(BaseModel):
+    mrn: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9-]+$")
+    name: str = Field(min_length=1, max_length=60, pattern=_PLAIN_TEXT)
+    dob: datetime.date
+
+
+class PatientCreated(BaseModel):
+    record_id: int
+    mrn: str
+
+
+class MrnInput(BaseModel):
+    mrn: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9-]+$")
+
+
+class PatientRecord(BaseModel):
+    record_id: int
+    name: str
+    dob: str
+
+
+class LookupResult(BaseModel):
+    mrn: str
+    count: int
+    records: list[PatientRecord]  # the first few, as the search screen lists them
+
+
+class ExportResult(BaseModel):
+    mrn: str
+    export_id: int
+    records: int
+
+
+# -- steps shared by the automations ----------------------------------------------------
+
+
+async def _layout(ctx: Context) -> Layout:
+    if ctx.model is not None and isinstance(ctx.model.meta.get("layout"), Layout):
+        return ctx.model.meta["layout"]  # type: ignore[no-any-return]
+    info = await ctx.desktop.info()
+    return layout_for(info.width, info.height)
+
+
+async def _expect(ctx: Context, *wanted: str) -> str:
+    """Wait for one of ``wanted``; fail at once if the app shows trouble instead."""
+    trouble = [s for s in TROUBLE if s not in wanted]
+    seen = await ctx.wait_for(*wanted, *trouble, timeout=STEP_TIMEOUT)
+    if seen not in wanted:
+        raise DesktopError(f"SimEHR shows {seen!r} where {' or '.join(wanted)!r} was expected")
+    return seen
+
+
+async def _fill(desktop: Desktop, layout: Layout, screen: str, field: str, text: str) -> None:
+    widget = layout.widget(screen, field)
+    await desktop.click(*widget.center)
+    await desktop.press("ctrl", "a")
+    await desktop.type_text(text)
+    shown = await desktop.read_text(widget.rect)
+    if shown != text:
+        raise DesktopError(f"the {field} field shows {shown!r} after typing {text!r}")
+
+
+_HEADER = re.compile(r"^(\d+) records? for MRN (\S+)$")
+_ROW = re.compile(r"^#(\d+)  (.*)  (\S+)$")
+
+
+async def _search(ctx: Context, mrn: str) -> tuple[int, list[PatientRecord]]:
+    """Search by MRN from "home"; returns (how many, the records listed) on the search screen."""
+    layout = await _layout(ctx)
+    desktop = ctx.desktop
+    await ctx.progress("open search")
+    await _expect(ctx, "home")
+    await desktop.click(*layout.widget("home", "search").center)
+    await _expect(ctx, "search")
+    await ctx.progress("search by MRN")
+    await _fill(desktop, layout, "search", "mrn", mrn)
+    await desktop.click(*layout.widget("search", "search").center)
+    await _expect(ctx, "search")
+    lines = (await desktop.read_text(layout.widget("search", "results").rect)).split("\n")
+    if lines[0] == f"No patient with MRN {mrn}":
+        return 0, []
+    header = _HEADER.match(lines[0])
+    if header is None or header.group(2) != mrn:
+        raise DesktopError(f"unexpected search result for MRN {mrn}: {lines[0]!r}")
+    records = []
+    for line in lines[1:]:
+        row = _ROW.match(line)
+        if row:
+            records.append(PatientRecord(record_id=int(row[1]), name=row[2], dob=row[3]))
+    return int(header.group(1)), records
+
+
+async def _back_home(ctx: Context) -> None:
+    layout = await _layout(ctx)
+    await ctx.desktop.click(*layout.widget("search", "back").center)
+    await _expect(ctx, "home")
+
+
+async def _dialog_number(ctx: Context, pattern: str) -> int:
+    layout = await _layout(ctx)
+    message = await ctx.desktop.read_text(layout.dialog_message)
+    match = re.search(pattern, message)
+    if match is None:
+        raise DesktopError(f"cannot read the number in the dialog {message!r}")
+    return int(match.group(1))
+
+
+# -- the automations --------------------------------------------------------------------
+
+
+@automation(name="ehr.create_patient", version="1")
+async def create_patient(ctx: Context, data: PatientInput) -> PatientCreated:
+    """Register a new patient. Not idempotent: saving twice makes two records."""
+    layout = await _layout(ctx)
+    desktop = ctx.desktop
+    await ctx.progress("open the new-patient form", percent=10)
+    await _expect(ctx, "home")
+    await desktop.click(*layout.widget("home", "new_patient").center)
+    await _expect(ctx, "patient_form")
+    await ctx.progress("fill in the form", percent=30)
+    for field, value in (("mrn", data.mrn), ("name", data.name), ("dob", data.dob.isoformat())):
+        await _fill(desktop, layout, "patient_form", field, value)
+    await ctx.progress("save", percent=60)
+    await desktop.click(*layout.widget("patient_form", "save").center)
+    await _expect(ctx, "saved")
+    record_id = await _dialog_number(ctx, r"record #(\d+)")
+    await ctx.progress("confirm", percent=90)
+    await desktop.click(*layout.dialog_ok.center)
+    await _expect(ctx, "home")
+    return PatientCreated(record_id=record_id, mrn=data.mrn)
+
+
+@create_patient.reconcile
+async def find_created_patient(ctx: Context, data: PatientInput) -> PatientCreated | None:
+    """Did a lost attempt already save this patient? One record: yes; none: no."""
+    count, records = await _search(ctx, data.mrn)
+    await _back_home(ctx)
+    if count == 0:
+        return None
+    if count > 1:
+        ids = ", ".join(f"#{r.record_id}" for r in records)
+        raise BusinessError(
+            f"MRN {data.mrn} has {count} records ({ids}…): a person must merge the duplicates"
+        )
+    return PatientCreated(record_id=records[0].record_id, mrn=data.mrn)
+
+
+@automation(name="ehr.lookup_patient", version="1", idempotent=True)
+async def lookup_patient(ctx: Context, data: MrnInput) -> LookupResult:
+    """Find the records with an MRN. Read-only, so safe to retry anywhere."""
+    count, records = await _search(ctx, data.mrn)
+    await ctx.progress("return home")
+    await _back_home(ctx)
+    return LookupResult(mrn=data.mrn, count=count, records=records)
+
+
+@automation(name="ehr.export_summary", version="1")
+async def export_summary(ctx: Context, data: MrnInput) -> ExportResult:
+    """Send a patient's summary out. No reconcile: a lost attempt cannot be checked."""
+    layout = await _layout(ctx)
+    count, _ = await _search(ctx, data.mrn)
+    if count == 0:
+        await _back_home(ctx)
+        raise BusinessError(f"no patient with MRN {data.mrn}")
+    await ctx.progress("export", percent=60)
+    await ctx.desktop.click(*layout.widget("search", "export").center)
+    await _expect(ctx, "exported")
+    export_id = await _dialog_number(ctx, r"export #(\d+)")
+    await ctx.progress("confirm", percent=90)
+    await ctx.desktop.click(*layout.dialog_ok.center)
+    await _expect(ctx, "search")
+    await _back_home(ctx)
+    return ExportResult(mrn=data.mrn, export_id=export_id, records=count)
+
+
+def demo_registry() -> Registry:
+    """The three SimEHR automations, as an agent would offer them."""
+    return Registry([create_patient, lookup_patient, export_summary])

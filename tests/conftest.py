@@ -24,12 +24,7 @@ from deskfleet.client import Client
 from deskfleet.config import ServerSettings
 from deskfleet.orchestrator import Orchestrator
 from deskfleet.store import Store, open_store
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from support import eventually, free_port, wait_ready  # noqa: F401 - re-exported for tests
 
 
 def fast_settings(data_dir: Path, **overrides: Any) -> ServerSettings:
@@ -145,30 +140,6 @@ async def fleet_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         except (TimeoutError, asyncio.CancelledError):
             task.cancel()
         fleet.backend.close()
-
-
-async def wait_ready(server: LiveServer, machines: set[str], timeout: float = 20.0) -> None:
-    store = server.view()
-    deadline = time.monotonic() + timeout
-    while True:
-        ready = {m.id for m in store.list_machines() if m.schedulable}
-        if machines <= ready:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"machines not ready: {sorted(machines - ready)}")
-        await asyncio.sleep(0.05)
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
-    """Poll until ``check()`` returns something truthy; fail with its last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ fleet from outside — the demo's report, the fault tests and the benchmarks all
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -132,7 +133,7 @@ def audit(runs: Iterable[Mapping[str, Any]], events: Iterable[Mapping[str, Any]]
     for iv in report.intervals:
         per_machine[iv.machine].append(iv)
     for machine, ivs in per_machine.items():
-        for a, b in zip(ivs, ivs[1:], strict=False):
+        for a, b in itertools.pairwise(ivs):
             # Event ids, not clocks, order what happened: one store, one sequence.
             if a.end_event is None or b.start_event < a.end_event:
                 v.append(Violation("overlapping_attempts", machine,

@@ -22,13 +22,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from .config import ServerSettings
 from .crypto import SecretBox, redact
 from .errors import InvalidRequest, NotFound, Unservable
-from .models import Assignment, AutomationSpec, MachineAdmin, Pool, Run, RunSpec, StopOrder
+from .models import Assignment, AutomationSpec, Machine, MachineAdmin, Pool, Run, RunSpec, StopOrder
 from .protocol import Assign, Stop
 from .scheduler import Policy, serviceable
 from .store import Finished, Store, open_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+CATALOG_TTL = 2.0  # seconds; enrolments and pool changes invalidate it at once
 
 
 class Metrics:
@@ -88,6 +90,9 @@ class Orchestrator:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._specs: dict[tuple[str, str | None], AutomationSpec | None] = {}
+        # What submit checks a request against (pools, enrolled machines), cached for a
+        # moment: re-reading every machine per submit would cost more than the submit.
+        self._catalog: tuple[float, dict[str, Pool], list[Machine]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -186,15 +191,24 @@ class Orchestrator:
         return spec
 
     def forget_specs(self) -> None:
-        """Agents advertised automations: schemas may have changed."""
+        """Agents advertised automations, or machines or pools changed: drop the caches."""
         self._specs.clear()
+        self._catalog = None
+
+    async def _pools_and_machines(self) -> tuple[dict[str, Pool], list[Machine]]:
+        now = time.monotonic()
+        if self._catalog is None or now - self._catalog[0] > CATALOG_TTL:
+            pools = {p.name: p for p in await self.db(self.store.list_pools)}
+            self._catalog = (now, pools, await self.db(self.store.list_machines))
+        return self._catalog[1], self._catalog[2]
 
     async def submit(self, spec: RunSpec, body: dict[str, Any]) -> tuple[Run, bool]:
         """Validate a run request against what exists, then store it; nothing is written
         for a request that fails any check."""
-        pool = await self.db(self.store.get_pool, spec.pool)
+        pools, machines = await self._pools_and_machines()
+        pool = pools.get(spec.pool)
         if pool is None:
-            known = ", ".join(p.name for p in await self.db(self.store.list_pools)) or "none yet"
+            known = ", ".join(sorted(pools)) or "none yet"
             raise NotFound(f"unknown pool {spec.pool!r} (known pools: {known})", field="pool")
         auto = await self.spec_for(spec.automation, spec.version)
         if auto is None:
@@ -203,10 +217,10 @@ class Orchestrator:
             what = spec.automation if spec.version is None else f"{spec.automation}@{spec.version}"
             raise NotFound(f"unknown automation {what!r}; known: {', '.join(names)}", field="automation")
         _validate_input(auto, spec.input)
-        if not pool.allow_wait_for_capacity:
-            machines = await self.db(self.store.list_machines, spec.pool)
-            if not serviceable(spec.pool, spec.labels, spec.automation, spec.version, spec.machine, machines):
-                raise Unservable(_unservable_message(spec, machines))
+        if not pool.allow_wait_for_capacity and not serviceable(
+            spec.pool, spec.labels, spec.automation, spec.version, spec.machine, machines
+        ):
+            raise Unservable(_unservable_message(spec, [m for m in machines if m.pool == spec.pool]))
         stored = replace(spec, input=self.secrets.encrypt_fields(spec.input, auto.secret_fields))
         fingerprint = self.secrets.fingerprint(body)
         run, created = await self.db(self.store.submit, stored, request_hash=fingerprint, now=time.time())
@@ -256,8 +270,15 @@ class Orchestrator:
 
     async def put_pool(self, pool: Pool) -> Pool:
         result = await self.db(self.store.put_pool, pool, time.time())
+        self.forget_specs()
         self.wake()
         return result
+
+    async def enrol(self, machine_id: str, *, pool: str, labels: dict[str, str], key_hash: str) -> Machine:
+        machine = await self.db(self.store.enrol_machine, machine_id, pool=pool, labels=labels,
+                                key_hash=key_hash, now=time.time())
+        self.forget_specs()
+        return machine
 
 
 def _validate_input(spec: AutomationSpec, data: dict[str, Any]) -> None:

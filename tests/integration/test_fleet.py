@@ -47,11 +47,19 @@ def desktop(fleet, name):
 
 
 async def test_frozen_app_is_caught_by_the_progress_watchdog(live_server, fleet_factory):
-    fleet = await fleet_factory(live_server, count=2, action_delay=0.05)
+    fleet = await fleet_factory(live_server, count=1, action_delay=0.02)
+    d = fleet.desktops[0]
     async with AsyncClient(live_server.url) as c:
+        warm = await c.submit("ehr.lookup_patient", {"mrn": "FRZ-0"}, wait=20)  # logs the app in
+        assert warm["state"] == "succeeded"
+        # Slow input, so that the freeze lands before the automation's first click takes
+        # effect: the click is swallowed and the automation waits for a screen that never
+        # comes — while its agent keeps heartbeating ("green but stuck").
+        d.action_delay = 0.3
         run = await c.submit("ehr.create_patient", patient("FRZ-1"), progress_timeout=0.8)
         machine = await running_on(c, run["id"])
-        desktop(fleet, machine).inject("freeze")
+        d.inject("freeze")
+        d.action_delay = 0.02
         done = await c.run(run["id"], wait=30)
         assert done["state"] == "succeeded"
         attempts = await c.attempts(run["id"])
@@ -61,8 +69,10 @@ async def test_frozen_app_is_caught_by_the_progress_watchdog(live_server, fleet_
         assert any(e["kind"] == "reconcile.done" for e in events), "retried only after reconcile"
         # The frozen machine was quarantined, then re-proved its state with a playbook.
         m_events = await c.all_events(limit=10000)
-        kinds = [(e["kind"], e["machine"]) for e in m_events]
-        assert ("machine.quarantined", machine) in kinds
+        assert ("machine.quarantined", machine) in [(e["kind"], e["machine"]) for e in m_events]
+        restarts = [e for e in m_events if e["kind"].endswith("playbook.step")
+                    and e["data"].get("playbook") == "restart_app"]
+        assert restarts, "the unresponsive app was restarted by a playbook"
         await eventually(lambda: live_server.view().get_machine(machine).health.value == "online")
         assert fleet.backend.count_by_mrn("FRZ-1") == 1
         await audited(c)

@@ -51,13 +51,14 @@ async def state(desktop: SimDesktop) -> str:
 
 def test_registry_offers_the_three_with_their_policies() -> None:
     registry = demo_registry()
-    assert len(registry) == 3
+    assert len(registry) == 4  # the three SimEHR automations and sim.noop for benchmarks
     specs = {s.name: s for s in registry.specs()}
     assert (specs["ehr.create_patient"].idempotent, specs["ehr.create_patient"].has_reconcile) == (
         False, True)
     assert specs["ehr.lookup_patient"].idempotent
     assert (specs["ehr.export_summary"].idempotent, specs["ehr.export_summary"].has_reconcile) == (
         False, False)
+    assert (specs["sim.noop"].idempotent, specs["sim.noop"].required_state) == (True, "any")
 
 
 async def test_create_patient_makes_one_record_and_reconcile_finds_it() -> None:

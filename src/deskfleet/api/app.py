@@ -304,8 +304,7 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
         if not token or not same(token, orch.enrolment_token):
             raise Unauthorized("missing or wrong enrolment token: send it as 'Authorization: Bearer <token>'")
         agent_key = secrets.token_urlsafe(32)
-        await orch.db(orch.store.enrol_machine, req.machine, pool=req.pool, labels=req.labels,
-                      key_hash=hash_key(agent_key), now=time.time())
+        await orch.enrol(req.machine, pool=req.pool, labels=req.labels, key_hash=hash_key(agent_key))
         return EnrolResponse(machine_id=req.machine, agent_key=agent_key,
                              heartbeat_interval=settings.heartbeat_interval,
                              heartbeat_timeout=settings.heartbeat_timeout)

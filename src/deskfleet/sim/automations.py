@@ -207,6 +207,17 @@ async def export_summary(ctx: Context, data: MrnInput) -> ExportResult:
     return ExportResult(mrn=data.mrn, export_id=export_id, records=count)
 
 
+class Echo(BaseModel):
+    value: str = ""
+
+
+@automation(name="sim.noop", version="1", idempotent=True, required_state="any")
+async def noop(ctx: Context, data: Echo) -> Echo:
+    """Does nothing on the desktop: what a run costs the orchestrator alone (benchmarks)."""
+    await ctx.progress("noop")
+    return Echo(value=data.value)
+
+
 def demo_registry() -> Registry:
-    """The three SimEHR automations, as an agent would offer them."""
-    return Registry([create_patient, lookup_patient, export_summary])
+    """The SimEHR automations (and ``sim.noop``), as an agent would offer them."""
+    return Registry([create_patient, lookup_patient, export_summary, noop])

@@ -1,0 +1,306 @@
+"""Core benchmarks: dispatch latency, orchestration overhead per run, runs/s at saturation.
+
+    .venv/bin/python bench/core.py                 # everything, results under bench/results/
+    .venv/bin/python bench/core.py --quick         # fewer samples
+    .venv/bin/python bench/core.py --only dispatch --sync NORMAL
+
+The orchestrator always runs as its own process (`deskfleet server`, default settings
+unless stated), reached over real HTTP and WebSockets.
+
+- dispatch: idle pool of 4 simulated machines whose agents live in this process, so the
+  moment an agent *holds* the assignment is timed on the same clock as the submit. One run
+  at a time (the pool is idle at every submit). Latency = POST /v1/runs sent → agent has
+  the assignment.
+- overhead: the same pool, ``sim.noop`` (an automation that does nothing), submitted with
+  ``?wait=`` — submit → durable → scheduled → leased → started → result → response: what
+  a run costs beyond its automation's own time.
+- throughput: N machines in 2 agent processes; all machines cordoned, a backlog of runs
+  submitted, machines uncordoned; completions/s measured from the event log between the
+  first assignment and the last final state, and the orchestrator's CPU per run.
+
+Medians and tails are reported; this machine is shared and noisy, so compare ratios
+across runs of this script rather than absolute figures across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from deskfleet.client import AsyncClient
+from deskfleet.sim.fleet import SimFleet, SimFleetConfig
+
+RESULTS = Path(__file__).parent / "results"
+console = Console()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+class Server:
+    def __init__(self, workdir: Path, sync: str, extra: list[str] | None = None) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data = workdir / "data"
+        self.log = open(workdir / "server.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "deskfleet", "--log-level", "warning", "server", "--port", str(self.port),
+             "--data-dir", str(self.data), "--sqlite-synchronous", sync, *(extra or [])],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.ps = psutil.Process(self.proc.pid)
+
+    async def ready(self, client: AsyncClient) -> None:
+        for _ in range(300):
+            try:
+                await client.health()
+                return
+            except Exception:
+                await asyncio.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    @property
+    def token(self) -> str:
+        return (self.data / "enrolment-token").read_text().strip()
+
+    def cpu(self) -> float:
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def wait_machines(client: AsyncClient, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ms = await client.machines()
+        if sum(1 for m in ms if m["status"] == "ready") >= n:
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{n} machines did not become ready")
+
+
+# -- dispatch latency and overhead (agents in this process) -------------------------------------
+async def idle_pool(samples: int, sync: str, workdir: Path) -> dict[str, Any]:
+    server = Server(workdir, sync)
+    async with AsyncClient(server.url) as client:
+        await server.ready(client)
+        fleet = SimFleet(SimFleetConfig(
+            servers=[server.url], prefix="lat", count=4, enrolment_token=server.token,
+            state_dir=workdir / "agents", backend=workdir / "ehr.db", action_delay=0.0, screenshots="none",
+        ))
+        received: dict[str, float] = {}
+        arrived: dict[str, asyncio.Event] = {}
+        for agent in fleet.agents:
+            original = agent._accept
+
+            def accept(assign: Any, _orig: Any = original) -> None:
+                received[assign.run_id] = time.perf_counter()
+                ev = arrived.get(assign.run_id)
+                if ev is not None:
+                    ev.set()
+                _orig(assign)
+
+            agent._accept = accept  # type: ignore[method-assign]
+        task = asyncio.create_task(fleet.run())
+        try:
+            await wait_machines(client, 4)
+            dispatch: list[float] = []
+            overhead: list[float] = []
+            for i in range(samples + 20):  # the first 20 warm caches and connections
+                t0 = time.perf_counter()
+                run = await client.submit("sim.noop", {"value": str(i)})
+                ev = arrived.setdefault(run["id"], asyncio.Event())
+                if run["id"] in received:
+                    ev.set()
+                await asyncio.wait_for(ev.wait(), 10)
+                done = await client.run(run["id"], wait=10)
+                assert done["state"] == "succeeded", done
+                if i >= 20:
+                    dispatch.append((received[run["id"]] - t0) * 1000)
+            for i in range(samples + 20):
+                t0 = time.perf_counter()
+                done = await client.submit("sim.noop", {"value": f"o{i}"}, wait=10)
+                t1 = time.perf_counter()
+                assert done["state"] == "succeeded", done
+                if i >= 20:
+                    overhead.append((t1 - t0) * 1000)
+        finally:
+            await fleet.shutdown()
+            task.cancel()
+            server.stop()
+    return {
+        "dispatch_ms": {"p50": statistics.median(dispatch), "p90": pct(dispatch, 90), "p99": pct(dispatch, 99),
+                        "max": max(dispatch), "n": len(dispatch)},
+        "overhead_ms": {"p50": statistics.median(overhead), "p90": pct(overhead, 90), "p99": pct(overhead, 99),
+                        "max": max(overhead), "n": len(overhead)},
+    }
+
+
+# -- throughput at saturation (agents in 2 processes) --------------------------------------------
+async def saturation(machines: int, runs: int, sync: str, workdir: Path) -> dict[str, Any]:
+    server = Server(workdir, sync)
+    agents: list[subprocess.Popen[bytes]] = []
+    async with AsyncClient(server.url, timeout=120) as client:
+        await server.ready(client)
+        per = [machines // 2 + machines % 2, machines // 2] if machines > 1 else [1]
+        first = 1
+        for i, n in enumerate(per):
+            log = open(workdir / f"agents-{i}.log", "ab")  # noqa: SIM115
+            agents.append(subprocess.Popen(
+                [sys.executable, "-m", "deskfleet", "--log-level", "warning", "agent", "--orchestrator", server.url,
+                 "--machine", "sat", "--sim", str(n), "--sim-first", str(first), "--enrolment-token", server.token,
+                 "--state-dir", str(workdir / "agents"), "--sim-backend", str(workdir / "ehr.db"),
+                 "--action-delay", "0", "--screenshots", "none"],
+                stdout=log, stderr=subprocess.STDOUT,
+            ))
+            first += n
+        try:
+            await wait_machines(client, machines, timeout=300)
+            ids = [m["id"] for m in await client.machines()]
+            sem = asyncio.Semaphore(32)
+
+            async def act(mid: str, action: str) -> None:
+                async with sem:
+                    await client.machine_action(mid, action)
+
+            await asyncio.gather(*(act(m, "cordon") for m in ids))
+
+            async def submit(i: int) -> None:
+                async with sem:
+                    await client.submit("sim.noop", {"value": str(i)}, queue_timeout=3600)
+
+            t_sub = time.perf_counter()
+            await asyncio.gather(*(submit(i) for i in range(runs)))
+            submit_rate = runs / (time.perf_counter() - t_sub)
+            cpu0 = server.cpu()
+            t0 = time.perf_counter()
+            await asyncio.gather(*(act(m, "uncordon") for m in ids))
+            while True:
+                s = await client.summary()
+                if s["runs"].get("succeeded", 0) + s["runs"].get("failed", 0) >= runs:
+                    break
+                if time.perf_counter() - t0 > 900:
+                    raise RuntimeError(f"backlog did not drain: {s}")
+                await asyncio.sleep(0.25)
+            wall = time.perf_counter() - t0
+            cpu = server.cpu() - cpu0
+            events: list[dict[str, Any]] = []
+            after = 0
+            while True:
+                batch = await client.all_events(after=after, limit=10000)
+                if not batch:
+                    break
+                events.extend(batch)
+                after = batch[-1]["id"]
+        finally:
+            for p in agents:
+                p.send_signal(signal.SIGTERM)
+            for p in agents:
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            server.stop()
+    from datetime import datetime
+
+    def ts(e: dict[str, Any]) -> float:
+        return datetime.fromisoformat(e["at"].replace("Z", "+00:00")).timestamp()
+
+    assigned = [ts(e) for e in events if e["kind"] == "run.state" and e["to_state"] == "assigned"]
+    finals = sorted(ts(e) for e in events if e["kind"] == "run.state" and e["to_state"] == "succeeded")
+    failed = sum(1 for e in events if e["kind"] == "run.state" and e["to_state"] == "failed")
+    span = finals[-1] - min(assigned)
+    # Steady state: between 10% and 90% of completions, free of ramp-up and tail.
+    lo, hi = finals[len(finals) // 10], finals[(9 * len(finals)) // 10]
+    steady = (0.8 * len(finals)) / (hi - lo) if hi > lo else float("nan")
+    return {
+        "machines": machines, "runs": runs, "failed": failed, "submit_per_s": submit_rate,
+        "runs_per_s": len(finals) / span, "steady_runs_per_s": steady, "drain_wall_s": wall,
+        "server_cpu_s": cpu, "server_cpu_ms_per_run": 1000 * cpu / runs,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer samples and runs")
+    ap.add_argument("--sync", default="FULL", choices=["FULL", "NORMAL"], help="SQLite synchronous setting")
+    ap.add_argument("--machines", default="50,500", help="fleet sizes for the saturation scenario")
+    ap.add_argument("--only", choices=["dispatch", "throughput"], default=None)
+    args = ap.parse_args()
+    samples = 100 if args.quick else 300
+    result: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "cpus": os.cpu_count(),
+        "python": platform.python_version(), "sqlite_synchronous": args.sync, "quick": args.quick,
+    }
+    with tempfile.TemporaryDirectory(prefix="deskfleet-bench-") as tmp:
+        if args.only in (None, "dispatch"):
+            console.print(f"[bold]idle pool[/]: {samples} runs, one at a time …")
+            result["idle_pool"] = asyncio.run(idle_pool(samples, args.sync, Path(tmp) / "idle"))
+        if args.only in (None, "throughput"):
+            result["saturation"] = []
+            for m in (int(x) for x in args.machines.split(",")):
+                runs = (10 if args.quick else 20) * m if m <= 100 else (2000 if args.quick else 5000)
+                console.print(f"[bold]saturation[/]: {m} machines, backlog of {runs} runs …")
+                (Path(tmp) / f"sat{m}").mkdir(parents=True)
+                result["saturation"].append(asyncio.run(saturation(m, runs, args.sync, Path(tmp) / f"sat{m}")))
+    show(result)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / f"core-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2))
+    console.print(f"results: {path}")
+
+
+def show(result: dict[str, Any]) -> None:
+    if "idle_pool" in result:
+        t = Table(title=f"idle pool (SQLite synchronous={result['sqlite_synchronous']})")
+        for col in ("measure", "p50 ms", "p90 ms", "p99 ms", "max ms", "n"):
+            t.add_column(col, justify="right" if col != "measure" else "left")
+        for key, label in (("dispatch_ms", "dispatch: submit → agent holds assignment"),
+                           ("overhead_ms", "overhead: submit → result of a no-op run")):
+            d = result["idle_pool"][key]
+            t.add_row(label, f"{d['p50']:.2f}", f"{d['p90']:.2f}", f"{d['p99']:.2f}", f"{d['max']:.2f}", str(d["n"]))
+        console.print(t)
+    if result.get("saturation"):
+        t = Table(title="saturation: a backlog of no-op runs drained by the fleet")
+        for col in ("machines", "runs", "runs/s", "steady runs/s", "server CPU ms/run", "submits/s", "failed"):
+            t.add_column(col, justify="right")
+        for s in result["saturation"]:
+            t.add_row(str(s["machines"]), str(s["runs"]), f"{s['runs_per_s']:.0f}", f"{s['steady_runs_per_s']:.0f}",
+                      f"{s['server_cpu_ms_per_run']:.2f}", f"{s['submit_per_s']:.0f}", str(s["failed"]))
+        console.print(t)
+
+
+if __name__ == "__main__":
+    main()

@@ -131,7 +131,7 @@ def server(ctx: click.Context, host: str, port: int, data_dir: Path, db: str | N
      help="where the agent keeps its key")
 @opt("--sim", "sim_count", default=1, type=click.IntRange(1, 10000), help="simulated desktops in this process")
 @opt("--sim-first", default=1, type=click.IntRange(0), help="number of the first simulated machine (<machine>-01…)")
-@opt("--sim-faults", default="none", help="fault preset for simulated desktops: none, demo, chaos")
+@opt("--sim-faults", default="none", type=click.Choice(["none", "demo", "chaos"]), help="fault preset for simulated desktops")
 @opt("--sim-seed", default=1, type=int)
 @opt("--sim-backend", default="deskfleet-agent/sim-ehr.db", type=click.Path(dir_okay=False, path_type=Path),
      help="the simulated EHR's shared records (a SQLite file)")
@@ -162,7 +162,7 @@ def agent(orchestrators: tuple[str, ...], machine: str | None, pool: str, labels
 @main.command()
 @opt("--machines", default=6, type=click.IntRange(1, 500), help="simulated desktops")
 @opt("--runs", default=120, type=click.IntRange(1, 100000))
-@opt("--faults", default="demo", help="fault preset: none, demo, chaos")
+@opt("--faults", default="demo", type=click.Choice(["none", "demo", "chaos"]), help="fault preset")
 @opt("--seed", default=7, type=int)
 @opt("--out", default="demo-output", type=click.Path(file_okay=False, path_type=Path), help="report directory")
 @opt("--port", default=0, type=int, help="orchestrator port (0: any free port)")
@@ -180,9 +180,9 @@ def demo(machines: int, runs: int, faults: str, seed: int, out: Path, port: int,
 # -- client commands ----------------------------------------------------------------------------------------
 @main.command()
 @click.argument("automation")
-@opt("--input", "input_", default="{}", help="JSON object, or @file.json")
+@opt("--input", "input_", default="{}", envvar="DESKFLEET_SUBMIT_INPUT", help="JSON object, or @file.json")
 @opt("--pool", default="default")
-@opt("--version", "version_", default=None, help="automation version (default: newest)")
+@opt("--version", "version_", default=None, envvar="DESKFLEET_SUBMIT_VERSION", help="automation version (default: newest)")
 @opt("--label", "labels", multiple=True, help="required machine label key=value; repeatable")
 @opt("--machine", default=None, help="run only on this machine")
 @opt("--prefer-machine", default=None)
@@ -326,5 +326,19 @@ def pools_set(ctx: click.Context, name: str, allow_wait_for_capacity: bool, affi
                           affinity_wait=affinity_wait, description=description))
 
 
+def run() -> None:
+    """Entry point: click's usage errors as one line, like every other error."""
+    try:
+        rv = main.main(standalone_mode=False)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        _fail(exc.format_message() + hint, exc.exit_code)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        _fail("aborted", 130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()

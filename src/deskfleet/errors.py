@@ -3,6 +3,7 @@
     DeskfleetError
     ├── ConfigError              bad settings or command-line arguments
     ├── InvalidRequest           a client or agent sent something we cannot accept (HTTP 4xx)
+    │   ├── InvalidInput         the run's input does not match the automation's schema (422)
     │   ├── NotFound             no such run / machine / pool / automation (404)
     │   ├── Conflict             valid, but contradicts what exists (409): idempotency key reuse,
     │   │                        cancelling a finished run, enrolling over a live agent
@@ -34,6 +35,7 @@ class ConfigError(DeskfleetError):
 
 class InvalidRequest(DeskfleetError):
     status_code = 400
+    error = "invalid_request"  # the machine-readable name in error responses
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -41,20 +43,29 @@ class InvalidRequest(DeskfleetError):
         self.field = field
 
 
+class InvalidInput(InvalidRequest):
+    status_code = 422
+    error = "invalid_input"
+
+
 class NotFound(InvalidRequest):
     status_code = 404
+    error = "not_found"
 
 
 class Conflict(InvalidRequest):
     status_code = 409
+    error = "conflict"
 
 
 class Unservable(InvalidRequest):
     status_code = 422
+    error = "unservable"
 
 
 class Unauthorized(InvalidRequest):
     status_code = 401
+    error = "unauthorized"
 
 
 class StaleLease(DeskfleetError):

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .config import ServerSettings
 from .crypto import SecretBox, redact
-from .errors import InvalidRequest, NotFound, Unservable
+from .errors import InvalidInput, NotFound, Unservable
 from .models import Assignment, AutomationSpec, Machine, MachineAdmin, Pool, Run, RunSpec, StopOrder
 from .protocol import Assign, Stop
 from .scheduler import Policy, serviceable
@@ -282,7 +282,9 @@ class Orchestrator:
 
 
 def _validate_input(spec: AutomationSpec, data: dict[str, Any]) -> None:
-    validator = jsonschema.Draft202012Validator(spec.input_schema)
+    validator = jsonschema.Draft202012Validator(
+        spec.input_schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         parts = []
@@ -293,7 +295,7 @@ def _validate_input(spec: AutomationSpec, data: dict[str, Any]) -> None:
                 message = "invalid value (not shown: the field is secret)"
             parts.append(f"input{'.' + where if where else ''}: {message}")
         more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise InvalidRequest(
+        raise InvalidInput(
             f"input does not match {spec.name}@{spec.version}'s schema: " + "; ".join(parts) + more,
             field="input",
         )

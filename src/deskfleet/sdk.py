@@ -44,7 +44,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from .appmodel import AppModel
 from .desktop import Desktop, Frame
-from .errors import StateTimeout, Stopped
+from .errors import BusinessError, StateTimeout, Stopped
 from .models import AutomationSpec
 
 In = TypeVar("In", bound=BaseModel)
@@ -200,7 +200,16 @@ class Automation(Generic[In, Out]):
         )
 
     def parse_input(self, data: dict[str, Any]) -> In:
-        return self.input_model.model_validate(data)
+        try:
+            return self.input_model.model_validate(data)
+        except ValidationError as exc:
+            # Never quote the input back: it may hold secrets.
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}"
+                for e in exc.errors(include_input=False, include_url=False)
+            )
+            # Another machine would reject it the same way: fail the run, do not retry.
+            raise BusinessError(f"input rejected by {self.name}@{self.version}: {problems}") from None
 
     async def execute(self, ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
         result = await _call(self.func, ctx, self.parse_input(data))
@@ -255,6 +264,7 @@ def automation(
                     f"{func.__qualname__}: annotate the {what} with a pydantic model "
                     f"(got {model!r})"
                 )
+        secret_fields(input_model)  # type: ignore[arg-type]  # refuse nested secrets now, not at run time
         return Automation(
             name=name,
             version=version,
@@ -276,15 +286,40 @@ def _resolved_hints(func: Callable[..., Any]) -> dict[str, Any]:
 
 
 def secret_fields(model: type[BaseModel]) -> list[str]:
-    """Top-level input fields typed ``SecretStr``: encrypted at rest and redacted."""
+    """Top-level input fields typed ``SecretStr``: encrypted at rest and redacted.
+
+    A ``SecretStr`` deeper inside the input (a nested model, a list) is refused: the
+    orchestrator encrypts and redacts top-level fields, and a secret it cannot see would
+    be stored in plain text.
+    """
     out = []
     for fname, info in model.model_fields.items():
-        ann = info.annotation
-        if ann is SecretStr or (
-            getattr(ann, "__args__", None) and SecretStr in getattr(ann, "__args__", ())
-        ):
+        if _mentions_secret(info.annotation, top=True):
             out.append(info.alias or fname)
+        elif _mentions_secret(info.annotation, top=False):
+            raise TypeError(
+                f"{model.__name__}.{fname}: SecretStr is supported only as a top-level input "
+                "field (so that it can be encrypted and redacted); move the secret up"
+            )
     return out
+
+
+def _mentions_secret(ann: Any, *, top: bool, depth: int = 0) -> bool:
+    if depth > 8:
+        return False
+    if ann is SecretStr:
+        return top
+    args = getattr(ann, "__args__", ()) or ()
+    origin = getattr(ann, "__origin__", None)
+    if top and SecretStr in args and origin is not list and origin is not dict:
+        return True  # Optional[SecretStr] / SecretStr | None
+    if top:
+        return False
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return any(_mentions_secret(f.annotation, top=True, depth=depth + 1)
+                   or _mentions_secret(f.annotation, top=False, depth=depth + 1)
+                   for f in ann.model_fields.values())
+    return any(a is SecretStr or _mentions_secret(a, top=False, depth=depth + 1) for a in args)
 
 
 class Registry:

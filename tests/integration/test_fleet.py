@@ -79,19 +79,20 @@ async def test_frozen_app_is_caught_by_the_progress_watchdog(live_server, fleet_
 
 
 async def test_attempt_timeout_stops_and_retries_until_the_budget_is_spent(live_server, fleet_factory):
-    await fleet_factory(live_server, count=1, action_delay=0.1)
+    fleet = await fleet_factory(live_server, count=1, action_delay=0.0)
     async with AsyncClient(live_server.url) as c:
+        # Log the app in first: the attempt timeout counts pre-flight too.
+        assert (await c.submit("ehr.lookup_patient", {"mrn": "W-1"}, wait=20))["state"] == "succeeded"
+        fleet.desktops[0].action_delay = 0.1
         run = await c.submit("ehr.lookup_patient", {"mrn": "NOPE-1"}, attempt_timeout=0.6,
                              max_attempts=2, backoff_initial=0)
         done = await c.run(run["id"], wait=30)
     assert done["state"] == "failed"
     assert done["error"]["error"] == "retries_exhausted"
     attempts = await AsyncClient(live_server.url).attempts(run["id"])
-    # Attempts stopped before the automation started (the pre-flight log-in is slow here)
-    # are requeued for free; the two that started spent the budget.
-    assert {a["stop_reason"] for a in attempts} == {"attempt_timeout"}
-    assert all(a["state"] == "timed_out" for a in attempts)
-    assert sum(1 for a in attempts if a["started_at"]) == 2 == done["attempts_started"]
+    assert [a["stop_reason"] for a in attempts] == ["attempt_timeout", "attempt_timeout"]
+    assert all(a["state"] == "timed_out" and a["started_at"] for a in attempts)
+    assert done["attempts_started"] == 2
 
 
 async def test_deadline_ends_the_run_wherever_it_is(live_server, fleet_factory):

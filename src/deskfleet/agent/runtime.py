@@ -34,6 +34,7 @@ from websockets.asyncio.client import ClientConnection
 
 from .. import __version__
 from ..appmodel import AppModel, Credential
+from ..crypto import REDACTED
 from ..desktop import Desktop, Frame
 from ..errors import BusinessError, ConfigError, Stopped
 from ..protocol import (
@@ -388,6 +389,7 @@ class Agent:
         finally:
             fence.cancel()
         ending, output, detail = result
+        detail = _scrub(detail, self.registry, a)
         if cur.forgotten:
             return  # rebooted: nobody here remembers this attempt to report it
         log.info("attempt finished locally: %s %s", ending, detail[:200], extra=ctx_log)
@@ -419,11 +421,12 @@ class Agent:
                 await self._send_quiet(AgentEvent(attempt_id=a.attempt_id, kind=kind, data=data))
                 return shot
 
-            pre = await preflight(
+            # A stop order cancels pre-flight too, even in the middle of a playbook step.
+            pre = await self._guarded(cur, preflight(
                 self.desktop, self.model, a.required_state, session_key=a.session_key,
                 credentials=self.credentials, record=record, stop=cur.stop,
                 max_steps=self.config.preflight_steps,
-            )
+            ))
             if not pre.ok:
                 return "preflight_failed", None, pre.detail
         if a.mode == "reconcile":
@@ -534,6 +537,18 @@ class Agent:
             await self._send_quiet(Verified(ok=False, state="unknown", detail=_short(exc)))
         finally:
             self._verifying = False
+
+
+def _scrub(text: str, registry: Registry, a: Assign) -> str:
+    """Keep secret input values out of error text (a library may quote its input)."""
+    automation = registry.get(a.automation, a.version)
+    if automation is None or not text:
+        return text
+    for name in automation.spec.secret_fields:
+        value = a.input.get(name)
+        if isinstance(value, str) and len(value) >= 3:
+            text = text.replace(value, REDACTED)
+    return text
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:

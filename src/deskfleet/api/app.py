@@ -7,6 +7,7 @@ writes nothing.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request, Response, WebSocke
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -44,6 +46,7 @@ from .schemas import (
 )
 
 MAX_WAIT = 120.0
+log = logging.getLogger(__name__)
 
 
 def _error(status: int, error: str, message: str, field: str | None = None) -> JSONResponse:
@@ -66,26 +69,29 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _error(413, "payload_too_large", f"request body is {int(declared)} bytes; the limit is {limit}")(scope, receive, send)
             return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
+        # Read the body here, within the limit, and replay it: the framework's own body
+        # parsing would swallow an error raised from inside it.
+        body = bytearray()
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge(limit)
-            return msg
+            if msg["type"] != "http.request":
+                return  # the client went away
+            body += msg.get("body", b"")
+            if len(body) > limit:
+                await _error(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")(scope, receive, send)
+                return
+            if not msg.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge as exc:
-            await _error(413, "payload_too_large", f"request body exceeds the limit of {exc.limit} bytes")(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
 
-
-class _TooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+        await self.app(scope, replay, send)
 
 
 def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
@@ -117,8 +123,21 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
     # -- errors -------------------------------------------------------------------------------
     @app.exception_handler(InvalidRequest)
     async def _invalid(_r: Request, exc: InvalidRequest) -> JSONResponse:
-        name = {404: "not_found", 409: "conflict", 422: "unservable", 401: "unauthorized"}.get(exc.status_code, "invalid_request")
-        return _error(exc.status_code, name, exc.message, exc.field)
+        return _error(exc.status_code, exc.error, exc.message, exc.field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            return _error(400, "malformed_json", "the request body is not valid JSON (or not UTF-8)")
+        names = {404: "not_found", 405: "method_not_allowed", 400: "invalid_request"}
+        message = {404: "no such endpoint; see /docs for the API", 405: "method not allowed on this endpoint"}.get(
+            exc.status_code, str(exc.detail))
+        return _error(exc.status_code, names.get(exc.status_code, "error"), message)
+
+    @app.exception_handler(Exception)
+    async def _internal(_r: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error(500, "internal", "internal error; the server log has the details")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_r: Request, exc: RequestValidationError) -> JSONResponse:
@@ -323,12 +342,12 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
     @app.websocket("/agent/v1/connect")
     async def connect(ws: WebSocket) -> None:
         machine_id = ws.headers.get("x-deskfleet-machine", "")
+        await ws.accept()  # accept first: a close before accepting reaches the agent as a bare 403
         try:
             await agent_auth(machine_id, ws.headers.get("authorization"))
         except Unauthorized as exc:
             await ws.close(code=4401, reason=exc.message[:120])
             return
-        await ws.accept()
         await orch.hub.serve(ws, machine_id)
 
     return app

@@ -98,6 +98,7 @@ class _Current:
     automation_task: asyncio.Task[Any] | None = None
     result_id: int | None = None  # the message id of the result report in flight
     forgotten: bool = False  # the machine rebooted: this attempt no longer exists here
+    received: float = field(default_factory=time.monotonic)
 
 
 class Agent:
@@ -449,9 +450,13 @@ class Agent:
             raise Stopped(cur.stop_reason or "stopped")
         task = asyncio.ensure_future(coro)
         cur.automation_task = task
+        # A backstop for when the orchestrator's stop order cannot arrive: a little later
+        # than the orchestrator's own timeout, so that its order normally comes first.
+        deadline = cur.received + cur.assign.attempt_timeout + max(1.0, 2 * self._hb_interval)
         try:
-            return await asyncio.wait_for(task, cur.assign.attempt_timeout)
+            return await asyncio.wait_for(task, max(0.0, deadline - time.monotonic()))
         except TimeoutError as exc:
+            cur.stop_reason = "attempt_timeout"
             raise Stopped("attempt timeout reached (agent-side watchdog)") from exc
         except asyncio.CancelledError:
             if cur.stop.is_set():

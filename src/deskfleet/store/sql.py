@@ -729,6 +729,12 @@ class SQLStore(Store):
     ) -> Finished:
         run = self._get_run(conn, a.run_id)
         spec = self._spec(conn, run.automation, run.version)
+        if ending is Ending.STOPPED and a.stop_reason is None:
+            # The agent stopped on its own (its backstop timer): classify it as we would have.
+            a.stop_reason = overdue_reason(run, assigned_at=a.assigned_at, started_at=a.started_at,
+                                           last_progress_at=a.last_progress_at, now=now)
+            if a.stop_reason is not None:
+                conn.execute(update(attempts).where(attempts.c.id == a.id).values(stop_reason=a.stop_reason.value))
         d = decide(
             run, phase=a.phase, ending=ending, stop_reason=a.stop_reason,
             idempotent=bool(spec and spec.idempotent), has_reconcile=bool(spec and spec.has_reconcile),

@@ -137,7 +137,7 @@ def decide(
         )
 
     if ending is Ending.BUSINESS_ERROR:
-        return Decision(RunState.FAILED, AttemptState.FAILED, "business_error", what)
+        return Decision(RunState.FAILED, AttemptState.FAILED, "business_error", what, quarantine=quarantine)
 
     if ending is Ending.PREFLIGHT_FAILED or not started:
         # Nothing of the automation ran: requeue without spending a retry.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, bindparam, case, func, or_, select, update
@@ -51,8 +51,19 @@ T = TypeVar("T")
 
 WEBHOOK_MAX_TRIES = 12
 
+# Statements on the hot path, built once: building a statement costs more than running it.
+_QUEUED = (
+    select(runs)
+    .where(runs.c.state == "queued", or_(runs.c.not_before.is_(None), runs.c.not_before <= bindparam("now")))
+    .order_by(runs.c.priority.desc(), runs.c.deadline_at.is_(None), runs.c.deadline_at, runs.c.created_at)
+    .limit(bindparam("limit"))
+)
+_SELECT_RUN = select(runs).where(runs.c.id == bindparam("id"))
+_SELECT_ATTEMPT = select(attempts).where(attempts.c.id == bindparam("id"))
+_INSERT_EVENT = events.insert()
 
-def _machines_query() -> Select[Any]:
+
+def _build_machines_query() -> Select[Any]:
     """Machines with the attempt that holds each one's lease, if any."""
     active = attempts.alias("active")
     return select(
@@ -64,6 +75,10 @@ def _machines_query() -> Select[Any]:
             active, and_(active.c.machine_id == machines.c.id, active.c.state == "active")
         )
     )
+
+
+_MACHINES = _build_machines_query()
+_CONNECTED_MACHINES = _MACHINES.where(machines.c.connected.is_(True))
 
 
 class SQLStore(Store):
@@ -82,11 +97,19 @@ class SQLStore(Store):
         except OperationalError as exc:
             raise StoreUnavailable(f"database error: {exc.orig}") from exc
 
-    def _fenced(self, op: str, attempt_id: int, machine_id: str, now: float, fn: Callable[[Connection, Attempt], T]) -> T:
+    def _fenced(
+        self, op: str, attempt_id: int, machine_id: str, now: float, fn: Callable[[Connection, Attempt], T],
+        *, repeat: Callable[[Connection, Any], T | None] | None = None,
+    ) -> T:
         """Run ``fn`` if the attempt still holds its lease; otherwise record the rejected
-        write (in its own transaction, since the failed one rolls back) and raise."""
+        write (in its own transaction, since the failed one rolls back) and raise.
+        ``repeat`` may answer a harmless repeat of an earlier write instead."""
         try:
             with self._tx() as conn:
+                if repeat is not None:
+                    row = conn.execute(_SELECT_ATTEMPT, {"id": attempt_id}).mappings().first()
+                    if row is not None and (answer := repeat(conn, row)) is not None:
+                        return answer
                 return fn(conn, self._held(conn, attempt_id, machine_id))
         except StaleLease as exc:
             with self._tx() as conn:
@@ -99,7 +122,7 @@ class SQLStore(Store):
             raise
 
     def _held(self, conn: Connection, attempt_id: int, machine_id: str) -> Attempt:
-        row = conn.execute(select(attempts).where(attempts.c.id == attempt_id)).mappings().first()
+        row = conn.execute(_SELECT_ATTEMPT, {"id": attempt_id}).mappings().first()
         if row is None or row["machine_id"] != machine_id:
             raise StaleLease(attempt_id, "no such attempt on this machine")
         a = rows.attempt(row)
@@ -121,15 +144,13 @@ class SQLStore(Store):
         reason: str | None = None,
         data: dict[str, Any] | None = None,
     ) -> None:
-        conn.execute(
-            events.insert().values(
-                at=now, kind=kind, run_id=run_id, attempt_id=attempt_id, machine_id=machine_id,
-                from_state=from_state, to_state=to_state, reason=reason, data=data or {},
-            )
-        )
+        conn.execute(_INSERT_EVENT, {
+            "at": now, "kind": kind, "run_id": run_id, "attempt_id": attempt_id, "machine_id": machine_id,
+            "from_state": from_state, "to_state": to_state, "reason": reason, "data": data or {},
+        })
 
     def _get_run(self, conn: Connection, run_id: str) -> Run:
-        row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+        row = conn.execute(_SELECT_RUN, {"id": run_id}).mappings().first()
         if row is None:
             raise NotFound(f"no run {run_id!r}")
         return rows.run(row)
@@ -149,7 +170,9 @@ class SQLStore(Store):
         self, conn: Connection, run: Run, to: RunState, now: float, *, reason: str,
         message: str = "", attempt_id: int | None = None, machine_id: str | None = None,
         **values: Any,
-    ) -> None:
+    ) -> Run:
+        """Move a run to ``to`` (a legal transition, checked), record the event; the run as it
+        now is. ``values`` are other columns to set, named as the Run's fields."""
         if not can_transition(run.state, to):
             raise AssertionError(f"run {run.id}: illegal transition {run.state} → {to}")
         res = conn.execute(
@@ -167,6 +190,7 @@ class SQLStore(Store):
             conn.execute(webhooks.insert().values(
                 run_id=run.id, url=run.webhook_url, next_at=now, created_at=now,
             ))
+        return replace(run, state=to, updated_at=now, **values)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def migrate(self) -> None:
@@ -268,7 +292,7 @@ class SQLStore(Store):
             return self._machine(conn, machine_id)
 
     def _machine(self, conn: Connection, machine_id: str) -> Machine:
-        row = conn.execute(_machines_query().where(machines.c.id == machine_id)).mappings().first()
+        row = conn.execute(_MACHINES.where(machines.c.id == machine_id)).mappings().first()
         if row is None:
             raise NotFound(f"no machine {machine_id!r}")
         return rows.machine(row)
@@ -415,12 +439,12 @@ class SQLStore(Store):
 
     def get_machine(self, machine_id: str) -> Machine | None:
         with self._tx(write=False) as conn:
-            row = conn.execute(_machines_query().where(machines.c.id == machine_id)).mappings().first()
+            row = conn.execute(_MACHINES.where(machines.c.id == machine_id)).mappings().first()
             return rows.machine(row) if row else None
 
     def list_machines(self, pool: str | None = None) -> list[Machine]:
         with self._tx(write=False) as conn:
-            q = _machines_query().order_by(machines.c.id)
+            q = _MACHINES.order_by(machines.c.id)
             if pool is not None:
                 q = q.where(machines.c.pool == pool)
             return [rows.machine(r) for r in conn.execute(q).mappings()]
@@ -514,11 +538,10 @@ class SQLStore(Store):
             if run.state.final:
                 raise Conflict(f"run {run_id} already ended ({run.state.value}); nothing to cancel")
             if run.state is RunState.QUEUED:
-                self._set_run_state(conn, run, RunState.CANCELLED, now, reason="cancelled",
-                                    message="cancelled on request while queued",
-                                    cancel_requested_at=now, finished_at=now,
-                                    error_code="cancelled", error_message="cancelled on request")
-                return self._get_run(conn, run_id), None
+                return self._set_run_state(conn, run, RunState.CANCELLED, now, reason="cancelled",
+                                           message="cancelled on request while queued",
+                                           cancel_requested_at=now, finished_at=now,
+                                           error_code="cancelled", error_message="cancelled on request"), None
             if run.cancel_requested_at is None:
                 conn.execute(update(runs).where(runs.c.id == run_id).values(cancel_requested_at=now, updated_at=now))
                 self._event(conn, "run.cancel_requested", now, run_id=run_id,
@@ -586,18 +609,10 @@ class SQLStore(Store):
     # -- scheduling ---------------------------------------------------------------------------
     def schedule(self, policy: Policy, now: float, lease_timeout: float, limit: int = 500) -> list[Assignment]:
         with self._tx() as conn:
-            queued = [rows.run(r) for r in conn.execute(
-                select(runs)
-                .where(runs.c.state == "queued", or_(runs.c.not_before.is_(None), runs.c.not_before <= now))
-                .order_by(runs.c.priority.desc(), runs.c.deadline_at.is_(None), runs.c.deadline_at,
-                          runs.c.created_at)
-                .limit(limit)
-            ).mappings()]
+            queued = [rows.run(r) for r in conn.execute(_QUEUED, {"now": now, "limit": limit}).mappings()]
             if not queued:
                 return []
-            online = [rows.machine(r) for r in conn.execute(
-                _machines_query().where(machines.c.connected.is_(True))
-            ).mappings()]
+            online = [rows.machine(r) for r in conn.execute(_CONNECTED_MACHINES).mappings()]
             free = [m for m in online if m.schedulable]
             if not free:
                 return []
@@ -608,12 +623,14 @@ class SQLStore(Store):
                 key = (run.automation, run.version)
                 if key not in specs:
                     specs[key] = self._spec(conn, run.automation, run.version)
-                attempt = self._claim(conn, run, machine, now, lease_timeout)
-                if attempt is not None:
-                    out.append(Assignment(self._get_run(conn, run.id), attempt, specs[key]))
+                claimed = self._claim(conn, run, machine, now, lease_timeout)
+                if claimed is not None:
+                    out.append(Assignment(claimed[0], claimed[1], specs[key]))
             return out
 
-    def _claim(self, conn: Connection, run: Run, machine: Machine, now: float, lease_timeout: float) -> Attempt | None:
+    def _claim(
+        self, conn: Connection, run: Run, machine: Machine, now: float, lease_timeout: float
+    ) -> tuple[Run, Attempt] | None:
         mode = AttemptMode.RECONCILE if run.needs_reconcile else AttemptMode.RUN
         try:
             with conn.begin_nested():
@@ -629,14 +646,18 @@ class SQLStore(Store):
                         machine.id, run.id)
             return None
         attempt_id = int(res.inserted_primary_key[0])
-        self._set_run_state(
+        claimed = self._set_run_state(
             conn, run, RunState.ASSIGNED, now, reason="scheduled", attempt_id=attempt_id,
             machine_id=machine.id, dispatches=run.dispatches + 1, current_attempt_id=attempt_id,
             current_machine_id=machine.id, not_before=None,
         )
         conn.execute(update(machines).where(machines.c.id == machine.id).values(idle_since=None))
-        row = conn.execute(select(attempts).where(attempts.c.id == attempt_id)).mappings().one()
-        return rows.attempt(row)
+        attempt = Attempt(
+            id=attempt_id, run_id=run.id, machine_id=machine.id, number=run.dispatches + 1,
+            state=AttemptState.ACTIVE, phase=AttemptPhase.ASSIGNED, mode=mode, assigned_at=now,
+            lease_expires_at=now + lease_timeout,
+        )
+        return claimed, attempt
 
     # -- attempt writes from agents -----------------------------------------------------------
     def attempt_preparing(self, attempt_id: int, machine_id: str, now: float) -> Attempt:
@@ -704,18 +725,17 @@ class SQLStore(Store):
         detail: str,
         now: float,
     ) -> Finished:
-        with self._tx() as conn:
-            row = conn.execute(select(attempts).where(attempts.c.id == attempt_id)).mappings().first()
-            if row is not None and row["machine_id"] == machine_id and row["state"] != "active" \
-                    and row["ending"] == ending.value:
-                # The same report again (its acknowledgement was lost): same answer.
+        def repeat(conn: Connection, row: Any) -> Finished | None:
+            if row["machine_id"] == machine_id and row["state"] != "active" and row["ending"] == ending.value:
+                # The same report again (its acknowledgement was lost): the same answer.
                 a = rows.attempt(row)
                 return Finished(self._get_run(conn, a.run_id), a, retried=False, machine_quarantined=False)
+            return None
 
         def fn(conn: Connection, a: Attempt) -> Finished:
             return self._end_attempt(conn, a, ending, now=now, detail=detail, output=output)
 
-        return self._fenced(f"finish:{ending.value}", attempt_id, machine_id, now, fn)
+        return self._fenced(f"finish:{ending.value}", attempt_id, machine_id, now, fn, repeat=repeat)
 
     def _end_attempt(
         self,
@@ -747,18 +767,18 @@ class SQLStore(Store):
                     from_state=a.phase.value, to_state=d.attempt_state.value, reason=ending.value,
                     data={"detail": detail} if detail else None)
         if d.retried:
-            self._set_run_state(
+            after = self._set_run_state(
                 conn, run, RunState.QUEUED, now, reason=d.code, message=d.message, attempt_id=a.id,
                 machine_id=a.machine_id, queued_at=now, not_before=d.not_before,
                 needs_reconcile=d.needs_reconcile, current_attempt_id=None, current_machine_id=None,
             )
         elif d.run_state is RunState.SUCCEEDED:
-            self._set_run_state(conn, run, d.run_state, now, reason=d.code, message=d.message,
-                                attempt_id=a.id, machine_id=a.machine_id, finished_at=now, output=output)
+            after = self._set_run_state(conn, run, d.run_state, now, reason=d.code, message=d.message,
+                                        attempt_id=a.id, machine_id=a.machine_id, finished_at=now, output=output)
         else:
-            self._set_run_state(conn, run, d.run_state, now, reason=d.code, message=d.message,
-                                attempt_id=a.id, machine_id=a.machine_id, finished_at=now,
-                                error_code=d.code, error_message=d.message)
+            after = self._set_run_state(conn, run, d.run_state, now, reason=d.code, message=d.message,
+                                        attempt_id=a.id, machine_id=a.machine_id, finished_at=now,
+                                        error_code=d.code, error_message=d.message)
         machine_values: dict[str, Any] = {"idle_since": now}
         if a.phase is AttemptPhase.RUNNING:
             machine_values["runs_completed"] = machines.c.runs_completed + 1
@@ -766,7 +786,7 @@ class SQLStore(Store):
         if d.quarantine:
             self._quarantine(conn, a.machine_id, f"attempt {a.id} {ending.value}: {detail or d.message}", now)
         a.state, a.ended_at, a.ending = d.attempt_state, now, ending
-        return Finished(self._get_run(conn, run.id), a, retried=d.retried, machine_quarantined=d.quarantine)
+        return Finished(after, a, retried=d.retried, machine_quarantined=d.quarantine)
 
     # -- sweeps --------------------------------------------------------------------------------
     def expire_leases(self, now: float) -> list[Finished]:
@@ -808,9 +828,10 @@ class SQLStore(Store):
                 if why is None:
                     continue
                 code, message = why
-                self._set_run_state(conn, run, RunState.TIMED_OUT, now, reason=code, message=message,
-                                    finished_at=now, error_code=code, error_message=message)
-                result.expired_runs.append(self._get_run(conn, run.id))
+                result.expired_runs.append(self._set_run_state(
+                    conn, run, RunState.TIMED_OUT, now, reason=code, message=message,
+                    finished_at=now, error_code=code, error_message=message,
+                ))
 
             pairs = conn.execute(
                 select(attempts, runs.c.id.label("r_id"))

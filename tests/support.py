@@ -1,12 +1,27 @@
-"""Helpers for tests (importable as ``support``: pytest puts tests/ on the path)."""
+"""Helpers for tests, importable as ``support`` (pytest puts tests/ on the path).
+
+Fixtures live in conftest.py files; everything a test module imports lives here, so that
+no test ever imports a conftest (several share that module name).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import uvicorn
+
+from deskfleet.api import create_app
+from deskfleet.client import Client
+from deskfleet.config import ServerSettings
+from deskfleet.orchestrator import Orchestrator
+from deskfleet.store import Store, open_store
 
 
 def free_port() -> int:
@@ -39,3 +54,68 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: 
     raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
+
+
+def fast_settings(data_dir: Path, **overrides: Any) -> ServerSettings:
+    """Short heartbeats and sweeps so that failover happens in test time."""
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "heartbeat_interval": 0.2,
+        "heartbeat_timeout": 1.0,
+        "stop_grace": 1.5,
+        "sweep_interval": 0.05,
+        "schedule_tick": 0.1,
+        "verify_interval": 0.3,
+        "sqlite_synchronous": "NORMAL",
+    }
+    values.update(overrides)
+    return ServerSettings(**values)
+
+
+@dataclass
+class LiveServer:
+    """An orchestrator serving real HTTP on a loopback port, in a background thread."""
+
+    settings: ServerSettings
+    orch: Orchestrator
+    url: str
+    _server: uvicorn.Server
+    _thread: threading.Thread
+    _views: list[Store] = field(default_factory=list)
+
+    @property
+    def token(self) -> str:
+        return self.orch.enrolment_token
+
+    def client(self, api_key: str | None = None) -> Client:
+        return Client(self.url, api_key=api_key or self.settings.api_key)
+
+    def view(self) -> Store:
+        """A second store on the same database file, for reading what the server wrote."""
+        store = open_store(self.settings.db_url, migrate=False)
+        self._views.append(store)
+        return store
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(15)
+        for v in self._views:
+            v.close()
+
+
+def start_server(settings: ServerSettings) -> LiveServer:
+    orch = Orchestrator(settings)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port if settings.port != 8470 else 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(orch), log_config=None, lifespan="on", ws_max_size=16 << 20)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    return LiveServer(settings, orch, f"http://127.0.0.1:{port}", server, thread)

@@ -21,13 +21,13 @@ import pytest
 import websockets
 from pydantic import BaseModel
 
-from conftest import LiveServer, wait_ready
 from deskfleet.agent.runtime import Agent, AgentConfig
 from deskfleet.client import ApiError
 from deskfleet.config import ServerSettings
 from deskfleet.errors import ConfigError
 from deskfleet.sdk import Context, Registry, automation
 from deskfleet.sim import SimBackend, SimDesktop, ehr_model
+from support import LiveServer, wait_ready
 
 LOOKUP = {"automation": "ehr.lookup_patient", "input": {"mrn": "M-1"}}
 PATIENT = {"mrn": "P-1", "name": "Ada Lovelace", "dob": "1990-02-03"}

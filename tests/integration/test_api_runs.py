@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import LiveServer, eventually
+from support import LiveServer, eventually
 
 LOOKUP = {"automation": "ehr.lookup_patient", "input": {"mrn": "M-1"}}
 

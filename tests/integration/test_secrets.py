@@ -25,7 +25,6 @@ import httpx
 import pytest
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
-from conftest import LiveServer, wait_ready
 from deskfleet.agent.runtime import Agent, AgentConfig
 from deskfleet.crypto import REDACTED
 from deskfleet.errors import BusinessError
@@ -33,6 +32,7 @@ from deskfleet.logs import JsonFormatter, TextFormatter
 from deskfleet.sdk import Context, Registry, automation
 from deskfleet.sim import SimBackend, SimDesktop, ehr_model
 from deskfleet.sim.layout import layout_for
+from support import LiveServer, wait_ready
 
 SEED = 4
 PASSWORD = SimBackend.accounts(SEED)["robot1"].credential.password  # "robot1-<8 hex>"

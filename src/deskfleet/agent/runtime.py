@@ -63,6 +63,10 @@ from .preflight import preflight
 log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT = 10.0
+#: The agent treats its lease as gone this far into the heartbeat timeout, counted from
+#: the *sending* of the last acknowledged beat — before the orchestrator, which counts from
+#: receiving it, can expire the lease.
+FENCE_FRACTION = 0.9
 
 
 @dataclass(slots=True)
@@ -128,12 +132,15 @@ class Agent:
         self._current: _Current | None = None
         self._hb_interval = 2.0
         self._hb_timeout = 10.0
-        self._last_ack = time.monotonic()
+        self._last_ack = time.monotonic()  # when the last acknowledged beat was *sent*
+        self._beats_sent: dict[int, float] = {}
         self._seq = itertools.count(1)
         self._verifying = False
         self._stopped = asyncio.Event()
         self._offline_until = 0.0
-        self.completed = 0  # attempts this agent finished (for tests and the demo)
+        self.completed = 0
+        if hasattr(desktop, "input_gate"):
+            desktop.input_gate = self._gate  # attempts this agent finished (for tests and the demo)
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -165,7 +172,9 @@ class Agent:
                 pause = max(delay * (0.5 + random.random()), self._offline_until - time.monotonic())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopped.wait(), pause)
-                delay = min(delay * 2, self.config.reconnect_max)
+                # Come back well within the heartbeat timeout: after an orchestrator restart
+                # a lease in flight survives only if its agent reconnects in time.
+                delay = min(delay * 2, self.config.reconnect_max, max(0.2, self._hb_timeout / 4))
         if self._current is not None and self._current.task is not None:
             self._current.task.cancel()
             with contextlib.suppress(BaseException):
@@ -230,12 +239,14 @@ class Agent:
             raise
         self._ws = ws
         try:
+            hello_sent = time.monotonic()
             await self._send(await self._hello())
             welcome = server_message.validate_python(orjson.loads(await asyncio.wait_for(ws.recv(), REPLY_TIMEOUT)))
             if not isinstance(welcome, Welcome):
                 raise _Disconnected(f"expected welcome, got {welcome.type}")
             self._hb_interval, self._hb_timeout = welcome.heartbeat_interval, welcome.heartbeat_timeout
-            self._last_ack = time.monotonic()
+            self._last_ack = hello_sent  # the hello renewed the lease when it arrived
+            self._beats_sent.clear()
             self._connected.set()
             log.info("connected to %s", self.server, extra=self._ctx(welcome.resume_attempt_id))
             beat = asyncio.create_task(self._heartbeats())
@@ -303,29 +314,49 @@ class Agent:
         while True:
             res, info = await self._resources()
             cur = self._current
+            seq = next(self._seq)
+            self._beats_sent[seq] = time.monotonic()
             await self._send(HeartbeatMsg(
-                seq=next(self._seq), resources=res,
+                seq=seq, resources=res,
                 session_key=info.session_key if info else None,
                 session_expires_at=info.session_expires_at if info else None,
                 attempt_id=cur.assign.attempt_id if cur else None,
             ))
             await asyncio.sleep(self._hb_interval)
 
+    def _lease_presumed_lost(self) -> bool:
+        return time.monotonic() - self._last_ack > FENCE_FRACTION * self._hb_timeout
+
+    def _gate(self) -> None:
+        """Checked immediately before any input reaches the desktop (see Desktop.input_gate)."""
+        cur = self._current
+        if cur is None:
+            return  # no attempt, no lease to protect (a verify pre-flight)
+        if not cur.stop.is_set() and self._lease_presumed_lost():
+            self._fence(cur)
+        if cur.stop.is_set():
+            raise Stopped(cur.stop_reason or "stopped")
+
+    def _fence(self, cur: _Current) -> None:
+        log.warning("no heartbeat acknowledged in time: stopping the attempt (lease presumed lost)",
+                    extra=self._ctx(cur.assign.attempt_id, cur.assign.run_id))
+        self._stop_current(cur, "lease_presumed_lost")
+
     async def _fence_watch(self) -> None:
         """Stop the current attempt if the orchestrator has been silent too long."""
         while True:
-            await asyncio.sleep(min(self._hb_interval, 0.5))
+            await asyncio.sleep(min(self._hb_interval, 0.5, self._hb_timeout / 10))
             cur = self._current
-            if cur is None or cur.stop.is_set():
-                continue
-            if time.monotonic() - self._last_ack > self._hb_timeout:
-                log.warning("no heartbeat acknowledged for %.1fs: stopping the attempt (lease presumed lost)",
-                            self._hb_timeout, extra=self._ctx(cur.assign.attempt_id, cur.assign.run_id))
-                self._stop_current(cur, "lease_presumed_lost")
+            if cur is not None and not cur.stop.is_set() and self._lease_presumed_lost():
+                self._fence(cur)
 
     async def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, HeartbeatAck):
-            self._last_ack = time.monotonic()
+            sent = self._beats_sent.pop(msg.seq, None)
+            if sent is not None:
+                self._last_ack = max(self._last_ack, sent)
+            for old in [s for s in self._beats_sent if s < msg.seq]:
+                del self._beats_sent[old]
         elif isinstance(msg, Reply):
             cur = self._current
             if cur is not None and cur.result_id == msg.re:

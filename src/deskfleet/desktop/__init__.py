@@ -15,6 +15,7 @@ produces without a copy through PIL.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -59,6 +60,11 @@ class Desktop(Protocol):
     """One machine's screen, keyboard and mouse, plus the controls an operator would use."""
 
     name: str
+    #: Called synchronously immediately before any input reaches the machine — after any
+    #: pause, with nothing awaited in between. The agent sets it to refuse input once its
+    #: lease may be gone (it raises ``Stopped``), so that a process that was paused (GC,
+    #: a frozen VM, SIGSTOP) cannot land a click its lease no longer allows.
+    input_gate: Callable[[], None] | None
 
     async def screenshot(self, region: Region | None = None) -> Frame: ...
 

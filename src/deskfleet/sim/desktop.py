@@ -53,6 +53,7 @@ class SimDesktop:
         drift: int | None = None,
     ) -> None:
         self.name = name
+        self.input_gate: Callable[[], None] | None = None
         self.backend = backend
         self.seed = seed
         self.fault_plan = faults or FaultPlan()
@@ -170,6 +171,8 @@ class SimDesktop:
             await asyncio.sleep(delay)
         if self.rebooting:  # (this also lets the app's timers run before the input lands)
             return
+        if self.input_gate is not None:
+            self.input_gate()  # the agent's last word: may raise to refuse the input
         apply()
         if roll.reboot:
             self._record("reboot")

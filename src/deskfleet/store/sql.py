@@ -113,8 +113,10 @@ class SQLStore(Store):
                 return fn(conn, self._held(conn, attempt_id, machine_id))
         except StaleLease as exc:
             with self._tx() as conn:
+                row = conn.execute(_SELECT_ATTEMPT, {"id": attempt_id}).mappings().first()
                 self._event(
                     conn, "lease.stale_write_rejected", now, attempt_id=attempt_id,
+                    run_id=row["run_id"] if row is not None and row["machine_id"] == machine_id else None,
                     machine_id=machine_id, reason=exc.reason, data={"op": op},
                 )
             log.warning("rejected %s from a stale lease: %s", op, exc.reason,

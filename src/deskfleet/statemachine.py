@@ -31,7 +31,15 @@ RUN_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
         {RunState.ASSIGNED, RunState.CANCELLED, RunState.TIMED_OUT, RunState.FAILED}
     ),
     RunState.ASSIGNED: frozenset(
-        {RunState.PREPARING, RunState.QUEUED, RunState.CANCELLED, RunState.TIMED_OUT, RunState.FAILED}
+        {
+            RunState.PREPARING,
+            RunState.QUEUED,
+            # a reconcile result can arrive before the (fire-and-forget) "preparing" report
+            RunState.SUCCEEDED,
+            RunState.CANCELLED,
+            RunState.TIMED_OUT,
+            RunState.FAILED,
+        }
     ),
     RunState.PREPARING: frozenset(
         {
@@ -79,7 +87,7 @@ class Decision:
 
 def backoff_delay(run: Run) -> float:
     """Exponential backoff from the run's policy, by attempts already started."""
-    exponent = max(run.attempts_started - 1, 0)
+    exponent = min(max(run.attempts_started - 1, 0), 62)  # 2**big would overflow the float
     return float(min(run.backoff_initial * (2**exponent), run.backoff_max))
 
 
@@ -113,9 +121,7 @@ def decide(
             "reconcile check found the effect of an earlier attempt; its result is the run's result",
         )
 
-    quarantine = ending in (Ending.LOST, Ending.PREFLIGHT_FAILED, Ending.STOP_FORCED) or (
-        stop_reason is StopReason.PROGRESS_STALLED
-    )
+    quarantine = quarantines(ending, stop_reason)
     attempt_state = _attempt_state_for(ending, stop_reason)
 
     # A person's cancel and the run's deadline win over any retry.
@@ -196,6 +202,16 @@ def decide(
         f"attempt ended after the automation started: {what}{where}. Not retried: the automation "
         "is not idempotent and has no reconcile check, so a retry could repeat its effect",
         quarantine=quarantine,
+    )
+
+
+def quarantines(ending: Ending, stop_reason: StopReason | None) -> bool:
+    """Whether the machine must re-prove its state after an attempt ended this way: its
+    agent was lost, failed pre-flight, ignored a stop, or its app stalled."""
+    if ending in (Ending.SUCCEEDED, Ending.RECONCILED):
+        return False
+    return ending in (Ending.LOST, Ending.PREFLIGHT_FAILED, Ending.STOP_FORCED) or (
+        stop_reason is StopReason.PROGRESS_STALLED
     )
 
 

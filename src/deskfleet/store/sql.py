@@ -41,7 +41,7 @@ from ..models import (
     StopReason,
 )
 from ..scheduler import Policy
-from ..statemachine import can_transition, decide, overdue_reason, queued_expiry
+from ..statemachine import can_transition, decide, overdue_reason, quarantines, queued_expiry
 from . import rows
 from .base import ConnectResult, Finished, Heartbeat, Store, SweepResult
 from .schema import artifacts, attempts, automations, events, machines, pools, runs, webhooks
@@ -390,15 +390,15 @@ class SQLStore(Store):
             claimed = [b for b in beats if b.attempt_id is not None]
             if not claimed:
                 return {}
-            held_ids = {
-                r[0] for r in conn.execute(
-                    select(attempts.c.id).where(
+            held = {
+                (r[0], r[1]) for r in conn.execute(
+                    select(attempts.c.id, attempts.c.machine_id).where(
                         attempts.c.state == "active",
                         attempts.c.id.in_([b.attempt_id for b in claimed]),
                     )
                 )
             }
-            renew = [b for b in claimed if b.attempt_id in held_ids]
+            renew = [b for b in claimed if (b.attempt_id, b.machine_id) in held]
             if renew:
                 conn.execute(
                     update(attempts).where(
@@ -407,7 +407,7 @@ class SQLStore(Store):
                     ).values(lease_expires_at=bindparam("until")),
                     [{"aid": b.attempt_id, "mid": b.machine_id, "until": b.at + lease_timeout} for b in renew],
                 )
-            return {b.machine_id: b.attempt_id in held_ids for b in claimed}
+            return {b.machine_id: (b.attempt_id, b.machine_id) in held for b in claimed}
 
     def set_admin(self, machine_id: str, admin: MachineAdmin, now: float, reason: str = "") -> Machine:
         with self._tx() as conn:
@@ -469,6 +469,8 @@ class SQLStore(Store):
 
     def _submit(self, spec: RunSpec, request_hash: str, now: float) -> tuple[Run, bool]:
         with self._tx() as conn:
+            if conn.execute(select(pools.c.name).where(pools.c.name == spec.pool)).first() is None:
+                raise NotFound(f"unknown pool {spec.pool!r}", field="pool")
             if spec.idempotency_key is not None:
                 row = conn.execute(select(runs).where(
                     runs.c.tenant == spec.tenant, runs.c.idempotency_key == spec.idempotency_key
@@ -515,7 +517,9 @@ class SQLStore(Store):
         limit: int = 100,
         before: str | None = None,
     ) -> list[Run]:
-        q = select(runs).order_by(runs.c.id.desc()).limit(limit)
+        # Newest first by creation time, ties broken by id; ids alone are random within a
+        # millisecond.
+        q = select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
         if states:
             q = q.where(runs.c.state.in_([s.value for s in states]))
         if pool is not None:
@@ -524,9 +528,12 @@ class SQLStore(Store):
             q = q.where(runs.c.automation == automation)
         if machine is not None:
             q = q.where(runs.c.current_machine_id == machine)
-        if before is not None:
-            q = q.where(runs.c.id < before)
         with self._tx(write=False) as conn:
+            if before is not None:
+                edge = conn.execute(select(runs.c.created_at).where(runs.c.id == before)).scalar()
+                if edge is None:
+                    raise NotFound(f"no run {before!r} to page from", field="before")
+                q = q.where(or_(runs.c.created_at < edge, and_(runs.c.created_at == edge, runs.c.id < before)))
             return [rows.run(r) for r in conn.execute(q).mappings()]
 
     def count_runs(self) -> dict[str, int]:
@@ -731,7 +738,12 @@ class SQLStore(Store):
             if row["machine_id"] == machine_id and row["state"] != "active" and row["ending"] == ending.value:
                 # The same report again (its acknowledgement was lost): the same answer.
                 a = rows.attempt(row)
-                return Finished(self._get_run(conn, a.run_id), a, retried=False, machine_quarantined=False)
+                last = conn.execute(
+                    select(events.c.to_state).where(events.c.kind == "run.state", events.c.attempt_id == a.id)
+                    .order_by(events.c.id.desc()).limit(1)
+                ).scalar()
+                return Finished(self._get_run(conn, a.run_id), a, retried=last == RunState.QUEUED.value,
+                                machine_quarantined=quarantines(ending, a.stop_reason))
             return None
 
         def fn(conn: Connection, a: Attempt) -> Finished:

@@ -1003,7 +1003,7 @@ def test_list_runs_filters_and_paging(s):
     all_runs = s.list_runs()
     assert len(all_runs) == 9
     ids = [r.id for r in all_runs]
-    assert ids == sorted(ids, reverse=True)
+    assert [r.created_at for r in all_runs] == sorted((r.created_at for r in all_runs), reverse=True)
     # Pages of 4, by the last id seen: every run once.
     pages, before = [], None
     while True:

@@ -257,6 +257,7 @@ def main() -> None:
     ap.add_argument("--sync", default="FULL", choices=["FULL", "NORMAL"], help="SQLite synchronous setting")
     ap.add_argument("--machines", default="50,500", help="fleet sizes for the saturation scenario")
     ap.add_argument("--only", choices=["dispatch", "throughput"], default=None)
+    ap.add_argument("--repeat", type=int, default=3, help="idle-pool repetitions (each a fresh server)")
     args = ap.parse_args()
     samples = 100 if args.quick else 300
     result: dict[str, Any] = {
@@ -265,8 +266,18 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="deskfleet-bench-") as tmp:
         if args.only in (None, "dispatch"):
-            console.print(f"[bold]idle pool[/]: {samples} runs, one at a time …")
-            result["idle_pool"] = asyncio.run(idle_pool(samples, args.sync, Path(tmp) / "idle"))
+            reps = []
+            for i in range(args.repeat):
+                console.print(f"[bold]idle pool[/] ({i + 1}/{args.repeat}): {samples} runs, one at a time …")
+                reps.append(asyncio.run(idle_pool(samples, args.sync, Path(tmp) / f"idle{i}")))
+            # Each figure: the median over repetitions (the machine is shared and noisy);
+            # the worst repetition is kept beside it.
+            result["idle_pool"] = {
+                key: {stat: statistics.median(r[key][stat] for r in reps) for stat in ("p50", "p90", "p99", "max", "n")}
+                | {"worst_p99": max(r[key]["p99"] for r in reps)}
+                for key in ("dispatch_ms", "overhead_ms")
+            }
+            result["idle_pool_repetitions"] = reps
         if args.only in (None, "throughput"):
             result["saturation"] = []
             for m in (int(x) for x in args.machines.split(",")):
@@ -284,13 +295,15 @@ def main() -> None:
 
 def show(result: dict[str, Any]) -> None:
     if "idle_pool" in result:
-        t = Table(title=f"idle pool (SQLite synchronous={result['sqlite_synchronous']})")
-        for col in ("measure", "p50 ms", "p90 ms", "p99 ms", "max ms", "n"):
+        reps = len(result.get("idle_pool_repetitions", [])) or 1
+        t = Table(title=f"idle pool (SQLite synchronous={result['sqlite_synchronous']}; median of {reps} repetitions)")
+        for col in ("measure", "p50 ms", "p90 ms", "p99 ms", "worst p99 ms", "max ms", "n"):
             t.add_column(col, justify="right" if col != "measure" else "left")
         for key, label in (("dispatch_ms", "dispatch: submit → agent holds assignment"),
                            ("overhead_ms", "overhead: submit → result of a no-op run")):
             d = result["idle_pool"][key]
-            t.add_row(label, f"{d['p50']:.2f}", f"{d['p90']:.2f}", f"{d['p99']:.2f}", f"{d['max']:.2f}", str(d["n"]))
+            t.add_row(label, f"{d['p50']:.2f}", f"{d['p90']:.2f}", f"{d['p99']:.2f}",
+                      f"{d.get('worst_p99', d['p99']):.2f}", f"{d['max']:.2f}", str(int(d["n"])))
         console.print(t)
     if result.get("saturation"):
         t = Table(title="saturation: a backlog of no-op runs drained by the fleet")

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 class FleetManager:
     def __init__(self, orch: Orchestrator) -> None:
         self.orch = orch
+        self._verified_at = 0.0
 
     def start(self) -> list[asyncio.Task[None]]:
         return [
@@ -78,14 +79,14 @@ class FleetManager:
 
     async def _verify_quarantined(self, now: float) -> None:
         """Ask connected, quarantined machines to re-prove their state, now and then."""
-        hub = self.orch.hub
-        due = [c for c in hub.connections.values() if now - c.verify_sent_at >= self.orch.settings.verify_interval]
-        if not due:
+        if now - self._verified_at < self.orch.settings.verify_interval:
             return
-        machines = {m.id: m for m in await self.orch.db(self.orch.store.list_machines)}
-        for conn in due:
-            m = machines.get(conn.machine_id)
-            if m is not None and m.health is MachineHealth.QUARANTINED and m.active_attempt_id is None:
+        self._verified_at = now
+        hub = self.orch.hub
+        for m in await self.orch.db(self.orch.store.list_machines, health=MachineHealth.QUARANTINED):
+            conn = hub.connections.get(m.id)
+            if conn is not None and m.active_attempt_id is None and \
+                    now - conn.verify_sent_at >= self.orch.settings.verify_interval:
                 await hub.request_verify(conn, m.quarantine_reason or "")
 
     async def _webhook_loop(self) -> None:

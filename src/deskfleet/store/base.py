@@ -29,6 +29,7 @@ from ..models import (
     Event,
     Machine,
     MachineAdmin,
+    MachineHealth,
     Pool,
     Run,
     RunSpec,
@@ -161,7 +162,7 @@ class Store(ABC):
     def get_machine(self, machine_id: str) -> Machine | None: ...
 
     @abstractmethod
-    def list_machines(self, pool: str | None = None) -> list[Machine]: ...
+    def list_machines(self, pool: str | None = None, *, health: MachineHealth | None = None) -> list[Machine]: ...
 
     @abstractmethod
     def set_machine_screenshot(self, machine_id: str, artifact_id: str) -> None: ...

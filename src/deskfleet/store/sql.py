@@ -444,11 +444,13 @@ class SQLStore(Store):
             row = conn.execute(_MACHINES.where(machines.c.id == machine_id)).mappings().first()
             return rows.machine(row) if row else None
 
-    def list_machines(self, pool: str | None = None) -> list[Machine]:
+    def list_machines(self, pool: str | None = None, *, health: MachineHealth | None = None) -> list[Machine]:
         with self._tx(write=False) as conn:
             q = _MACHINES.order_by(machines.c.id)
             if pool is not None:
                 q = q.where(machines.c.pool == pool)
+            if health is not None:
+                q = q.where(machines.c.health == health.value)
             return [rows.machine(r) for r in conn.execute(q).mappings()]
 
     def set_machine_screenshot(self, machine_id: str, artifact_id: str) -> None:
@@ -847,10 +849,27 @@ class SQLStore(Store):
                     finished_at=now, error_code=code, error_message=message,
                 ))
 
+            # Only attempts that may be overdue: the database filters, Python decides.
+            last_sign = func.coalesce(attempts.c.last_progress_at, attempts.c.started_at, attempts.c.assigned_at)
             pairs = conn.execute(
-                select(attempts, runs.c.id.label("r_id"))
+                select(attempts)
                 .select_from(attempts.join(runs, runs.c.id == attempts.c.run_id))
-                .where(attempts.c.state == "active")
+                .where(
+                    attempts.c.state == "active",
+                    or_(
+                        and_(attempts.c.stop_requested_at.is_not(None),
+                             attempts.c.stop_requested_at <= now - stop_grace),
+                        and_(
+                            attempts.c.stop_requested_at.is_(None),
+                            or_(
+                                runs.c.cancel_requested_at.is_not(None),
+                                runs.c.deadline_at <= now,
+                                attempts.c.assigned_at + runs.c.attempt_timeout <= now,
+                                last_sign + runs.c.progress_timeout <= now,
+                            ),
+                        ),
+                    ),
+                )
             ).mappings()
             for r in list(pairs):
                 a = rows.attempt(r)

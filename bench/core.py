@@ -215,14 +215,7 @@ async def saturation(machines: int, runs: int, sync: str, workdir: Path) -> dict
                 await asyncio.sleep(0.25)
             wall = time.perf_counter() - t0
             cpu = server.cpu() - cpu0
-            events: list[dict[str, Any]] = []
-            after = 0
-            while True:
-                batch = await client.all_events(after=after, limit=10000)
-                if not batch:
-                    break
-                events.extend(batch)
-                after = batch[-1]["id"]
+            events = await client.every_event()
         finally:
             for p in agents:
                 p.send_signal(signal.SIGTERM)

@@ -9,7 +9,7 @@ message; a server that cannot be reached becomes
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,34 @@ def _answer(resp: httpx.Response) -> Any:
     if resp.headers.get("content-type", "").startswith("application/json"):
         return resp.json()
     return resp.content
+
+
+Pager = Generator[_Call, Any, list[dict[str, Any]]]
+
+
+def _every_run(**filters: Any) -> Pager:
+    """All runs, newest first, a page at a time (a sans-I/O generator: yields calls, is sent
+    their answers; each transport drives it)."""
+    out: list[dict[str, Any]] = []
+    before = None
+    while True:
+        params = {"limit": 1000, **filters, **({"before": before} if before else {})}
+        page = yield _Call("GET", "/v1/runs", params=params)
+        out.extend(page["runs"])
+        before = page["next_before"]
+        if not before:
+            return out
+
+
+def _every_event(after: int = 0) -> Pager:
+    """All events after an id, oldest first."""
+    out: list[dict[str, Any]] = []
+    while True:
+        batch = yield _Call("GET", "/v1/events", params={"after": after, "limit": 10000})
+        if not batch:
+            return out
+        out.extend(batch)
+        after = batch[-1]["id"]
 
 
 class _Calls:
@@ -142,6 +170,20 @@ class Client(_Calls):
             raise ServerUnreachable(self.server, str(exc) or type(exc).__name__) from exc
         return _answer(resp)
 
+    def every_run(self, **filters: Any) -> list[dict[str, Any]]:
+        return self._drive(_every_run(**filters))
+
+    def every_event(self, after: int = 0) -> list[dict[str, Any]]:
+        return self._drive(_every_event(after))
+
+    def _drive(self, pager: Pager) -> list[dict[str, Any]]:
+        try:
+            call = next(pager)
+            while True:
+                call = pager.send(self._do(call))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
     def close(self) -> None:
         self._http.close()
 
@@ -176,6 +218,20 @@ class AsyncClient:
         except httpx.TransportError as exc:
             raise ServerUnreachable(self.server, str(exc) or type(exc).__name__) from exc
         return _answer(resp)
+
+    async def every_run(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self._drive(_every_run(**filters))
+
+    async def every_event(self, after: int = 0) -> list[dict[str, Any]]:
+        return await self._drive(_every_event(after))
+
+    async def _drive(self, pager: Pager) -> list[dict[str, Any]]:
+        try:
+            call = next(pager)
+            while True:
+                call = pager.send(await self._do(call))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         await self._http.aclose()

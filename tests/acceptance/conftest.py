@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,18 +28,13 @@ import pytest
 from deskfleet.audit import AuditReport, audit
 from deskfleet.client import Client
 from deskfleet.errors import DeskfleetError
+from support import free_port
 
 #: Failover in test time: a silent agent loses its lease after 1.5s.
 HEARTBEAT_INTERVAL = 0.2
 HEARTBEAT_TIMEOUT = 1.5
 STOP_GRACE = 2.0
 FINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -219,24 +213,10 @@ class Cluster:
         return dict(self.client.machine(machine_id))
 
     def all_runs(self) -> list[dict[str, Any]]:
-        runs: list[dict[str, Any]] = []
-        before = None
-        while True:
-            page = self.client.runs(limit=1000, before=before)
-            runs.extend(page["runs"])
-            before = page["next_before"]
-            if not before:
-                return runs
+        return self.client.every_run()
 
     def all_events(self) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        after = 0
-        while True:
-            batch = self.client.all_events(after=after, limit=10000)
-            if not batch:
-                return events
-            events.extend(batch)
-            after = batch[-1]["id"]
+        return self.client.every_event()
 
     def audit(self, *, require_final: bool = True) -> tuple[AuditReport, list[dict[str, Any]], list[dict[str, Any]]]:
         """The invariant checker over every run and every event, as the API serves them."""

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,14 +23,10 @@ from typing import Any
 import httpx
 import pytest
 
+from support import free_port
+
 _SCRIPT = Path(sys.executable).with_name("deskfleet")
 DESKFLEET = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "deskfleet"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -242,10 +242,12 @@ def _timeline(rep: Report, path: Path) -> None:
         y = machines.index(iv.machine)
         ax.barh(y, iv.end - iv.start, left=iv.start - t0, height=0.7,  # type: ignore[operator]
                 color=colours.get(iv.ending or "", "#90a4ae"), edgecolor="white", linewidth=0.3)
-    for at, what in rep.kill_times:
-        if "SIGKILL" in what or "restarted" in what:
-            ax.axvline(at - t0, color="black", linestyle="--", linewidth=1)
-            ax.text(at - t0, len(machines) - 0.4, " " + what.split(":")[0], fontsize=7, va="bottom")
+    marks = [(at, what.split(":")[0]) for at, what in rep.kill_times if "SIGKILL" in what or "restarted" in what]
+    for i, (at, label) in enumerate(marks):
+        ax.axvline(at - t0, color="black", linestyle="--", linewidth=1)
+        # Alternate heights so that labels of close events do not overprint each other.
+        ax.text(at - t0, len(machines) - 0.45 - 0.5 * (i % 2), " " + label, fontsize=7, va="bottom",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
     ax.set_yticks(range(len(machines)), machines)
     ax.set_xlabel("seconds since the first assignment")
     ax.set_title("attempts per machine, coloured by how they ended")

@@ -318,22 +318,8 @@ class Demo:
                      Panel("\n".join(self.state.feed[-12:]) or "…", title="what the orchestrator saw"))
 
     async def _collect(self, client: AsyncClient) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        runs: list[dict[str, Any]] = []
-        before = None
-        while True:
-            page = await client.runs(limit=1000, before=before)
-            runs.extend(page["runs"])
-            before = page["next_before"]
-            if not before:
-                break
-        events: list[dict[str, Any]] = []
-        after = 0
-        while True:
-            batch = await client.all_events(after=after, limit=10000)
-            if not batch:
-                break
-            events.extend(batch)
-            after = batch[-1]["id"]
+        runs = await client.every_run()
+        events = await client.every_event()
         return runs, events
 
 

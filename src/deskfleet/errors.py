@@ -11,6 +11,7 @@
     │   └── Unauthorized         a missing or wrong API key or enrolment token (401)
     ├── StaleLease               an agent wrote with a fencing token that is no longer current
     ├── StoreUnavailable         the database cannot be reached (HTTP 503)
+    ├── StoreRetry               a transaction lost a race (deadlock, serialization); run it again
     ├── AutomationError          raised inside a user's automation
     │   ├── BusinessError        the automation decided the work cannot be done; never retried
     │   └── DesktopError         the desktop did not behave (app crashed, state never reached)
@@ -79,6 +80,11 @@ class StaleLease(DeskfleetError):
 
 class StoreUnavailable(DeskfleetError):
     """The database is unreachable or refused the operation for a transient reason."""
+
+
+class StoreRetry(DeskfleetError):
+    """The transaction was rolled back by the database to break a deadlock or a
+    serialization conflict; the whole operation may run again."""
 
 
 class AutomationError(DeskfleetError):

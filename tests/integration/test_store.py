@@ -54,6 +54,7 @@ from deskfleet.models import (
 from deskfleet.scheduler import Policy
 from deskfleet.store import ConnectResult, Heartbeat, SQLStore, open_store
 from deskfleet.store.schema import attempts, events, metadata, runs
+from support import PgServer
 
 T0 = 1_700_000_000.0
 LEASE = 30.0
@@ -102,9 +103,25 @@ def _sqlite_backend(tmp_path: Path) -> Backend:
     return Backend("sqlite", lambda: f"sqlite:///{tmp_path / f'store{next(n)}.db'}")
 
 
-# Adding PostgreSQL: a param "postgresql" whose factory creates a database per call
-# (CREATE DATABASE … TEMPLATE, as Procrastinate does) on the server named by an env var.
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": _sqlite_backend}
+class _PgBackend(Backend):
+    server: PgServer | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.server is not None:
+            self.server.drop_all()
+
+
+def _postgres_backend(tmp_path: Path) -> Backend:
+    """A fresh database per call (CREATE DATABASE … TEMPLATE, as Procrastinate does) on the
+    server named by $DESKFLEET_TEST_PG; an unreachable server fails the test."""
+    server = PgServer()
+    b = _PgBackend("postgresql", server.new_database)
+    b.server = server
+    return b
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": _sqlite_backend, "postgresql": _postgres_backend}
 
 
 @pytest.fixture(params=list(BACKENDS))
@@ -1136,7 +1153,7 @@ def test_migrations_build_the_declared_schema(s):
 # -- concurrency -----------------------------------------------------------------------------------
 
 def test_concurrent_schedulers_never_double_book(backend, backend_store):
-    """8 threads, each with its own store (own engine) on the same database, submit runs
+    """8 threads x 100 operations, each with its own store (own engine) on the same database, submit runs
     pinned to one machine, schedule and end attempts as fast as they can."""
     s = backend_store
     add_machine(s, "m1")
@@ -1154,7 +1171,7 @@ def test_concurrent_schedulers_never_double_book(backend, backend_store):
     def worker(n: int) -> None:
         store = backend.open()
         try:
-            for i in range(50):
+            for i in range(100):
                 op = (n + i) % 3
                 if op == 0:
                     store.submit(RunSpec("ehr.create", machine="m1"), request_hash="h", now=now())

@@ -89,10 +89,24 @@ class Store(ABC):
     def close(self) -> None: ...
 
     @abstractmethod
-    def recover(self, now: float, grace: float) -> int:
-        """After an orchestrator start: mark every agent disconnected and give every active
-        lease at least ``grace`` seconds so that agents can reconnect before failover.
-        Returns the number of active leases."""
+    def recover(self, now: float, grace: float, *, disconnect: bool = True) -> int:
+        """Give every active lease at least ``grace`` seconds. After the (only) orchestrator
+        starts (``disconnect``): every agent is marked disconnected, and has that long to
+        reconnect before failover. After a database outage (``disconnect=False``): the
+        outage does not count against leases or the progress watchdog. Returns the number
+        of active leases."""
+
+    @abstractmethod
+    def replica_alive(self, replica: str, name: str, now: float) -> None:
+        """An orchestrator replica's own heartbeat."""
+
+    @abstractmethod
+    def reap_replicas(self, now: float, timeout: float) -> list[str]:
+        """Replicas silent past ``timeout``: their agents' connections are marked gone."""
+
+    @abstractmethod
+    def leave(self, replica: str, now: float) -> None:
+        """A replica shutting down cleanly: its agents will reconnect elsewhere."""
 
     # -- pools and the automation catalogue ----------------------------------------------
     @abstractmethod
@@ -136,10 +150,12 @@ class Store(ABC):
         heartbeat: Heartbeat,
         lease_timeout: float,
         now: float,
+        replica: str | None = None,
     ) -> ConnectResult: ...
 
     @abstractmethod
-    def disconnect_machine(self, machine_id: str, now: float) -> None: ...
+    def disconnect_machine(self, machine_id: str, now: float, replica: str | None = None) -> None:
+        """The agent's connection closed (only if it was still held by ``replica``)."""
 
     @abstractmethod
     def heartbeat(self, beats: Sequence[Heartbeat], lease_timeout: float) -> dict[str, bool]:
@@ -229,9 +245,12 @@ class Store(ABC):
 
     # -- scheduling --------------------------------------------------------------------------
     @abstractmethod
-    def schedule(self, policy: Policy, now: float, lease_timeout: float, limit: int = 500) -> list[Assignment]:
+    def schedule(
+        self, policy: Policy, now: float, lease_timeout: float, limit: int = 500, replica: str | None = None,
+    ) -> list[Assignment]:
         """Match queued runs to ready machines with ``policy`` and claim each pair:
-        the run becomes ``assigned`` and an active attempt holds the machine's lease."""
+        the run becomes ``assigned`` and an active attempt holds the machine's lease.
+        With ``replica``, only machines whose agents are connected to that replica."""
 
     # -- attempt writes from agents (fenced) ---------------------------------------------------
     @abstractmethod
@@ -275,8 +294,8 @@ class Store(ABC):
         """Connected machines silent past the heartbeat timeout are quarantined; their ids."""
 
     @abstractmethod
-    def pending_stops(self, machine_id: str) -> list[StopOrder]:
-        """Stops ordered for the machine's active attempt (re-sent when its agent reconnects)."""
+    def pending_stops(self, machine_id: str | None = None, *, replica: str | None = None) -> list[StopOrder]:
+        """Stops ordered and unconfirmed, for a machine or for a replica's machines."""
 
     @abstractmethod
     def sweep(self, now: float, stop_grace: float) -> SweepResult:

@@ -17,8 +17,22 @@ def config() -> Config:
     return cfg
 
 
+#: pg_advisory_lock key serialising migrations of replicas that start at the same moment.
+MIGRATION_LOCK = int.from_bytes(b"dfmigr", "big")
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     cfg = config()
     with engine.connect() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+        postgres = conn.dialect.name == "postgresql"
+        if postgres:
+            conn.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK})")
+            conn.commit()
+        try:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+            conn.commit()
+        finally:
+            if postgres:
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")
+                conn.commit()

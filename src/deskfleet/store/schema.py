@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
@@ -28,6 +29,10 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+
+# 64-bit ids on PostgreSQL (a busy fleet writes billions of events); on SQLite an INTEGER
+# PRIMARY KEY is the 64-bit rowid already, and must be spelled INTEGER to be one.
+Id = BigInteger().with_variant(Integer(), "sqlite")
 
 metadata = MetaData(
     naming_convention={
@@ -91,6 +96,7 @@ machines = Table(
     Column("resources", JSON, nullable=False),
     Column("session_key", String(200)),
     Column("session_expires_at", Float),
+    Column("replica", String(64)),  # the orchestrator replica holding the agent's connection
     Column("quarantine_reason", Text),
     Column("runs_completed", Integer, nullable=False, server_default=text("0")),
     Column("last_screenshot_id", String(64)),
@@ -136,7 +142,7 @@ runs = Table(
     Column("error_code", String(64)),
     Column("error_message", Text),
     Column("finished_at", Float),
-    Column("current_attempt_id", Integer),
+    Column("current_attempt_id", Id),
     Column("current_machine_id", String(128)),
     CheckConstraint(_in("state", RUN_STATES), name="state"),
     UniqueConstraint("tenant", "idempotency_key", name="uq_runs_idempotency"),
@@ -155,7 +161,7 @@ runs = Table(
 attempts = Table(
     "attempts",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Id, primary_key=True, autoincrement=True),
     Column("run_id", String(40), ForeignKey("runs.id"), nullable=False),
     Column("machine_id", String(128), ForeignKey("machines.id"), nullable=False),
     Column("number", Integer, nullable=False),
@@ -196,11 +202,11 @@ attempts = Table(
 events = Table(
     "events",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Id, primary_key=True, autoincrement=True),
     Column("at", Float, nullable=False),
     Column("kind", String(64), nullable=False),
     Column("run_id", String(40)),
-    Column("attempt_id", Integer),
+    Column("attempt_id", Id),
     Column("machine_id", String(128)),
     Column("from_state", String(32)),
     Column("to_state", String(32)),
@@ -216,7 +222,7 @@ artifacts = Table(
     metadata,
     Column("id", String(40), primary_key=True),
     Column("run_id", String(40)),
-    Column("attempt_id", Integer),
+    Column("attempt_id", Id),
     Column("machine_id", String(128)),
     Column("name", String(200), nullable=False),
     Column("content_type", String(100), nullable=False),
@@ -229,7 +235,7 @@ artifacts = Table(
 webhooks = Table(
     "webhooks",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Id, primary_key=True, autoincrement=True),
     Column("run_id", String(40), nullable=False),
     Column("url", Text, nullable=False),
     Column("tries", Integer, nullable=False, server_default=text("0")),
@@ -244,4 +250,15 @@ webhooks = Table(
         sqlite_where=text("delivered_at IS NULL AND gave_up_at IS NULL"),
         postgresql_where=text("delivered_at IS NULL AND gave_up_at IS NULL"),
     ),
+)
+
+# Orchestrator processes sharing one database (PostgreSQL): who is alive, for the leader to
+# notice a replica that died with agents connected to it.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
 )

@@ -15,11 +15,11 @@ from dataclasses import asdict, replace
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, bindparam, case, func, or_, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.sql import Select
 
 from .. import ids
-from ..errors import Conflict, NotFound, StaleLease, Stopped, StoreUnavailable
+from ..errors import Conflict, NotFound, StaleLease, Stopped, StoreRetry, StoreUnavailable
 from ..models import (
     Artifact,
     Assignment,
@@ -44,7 +44,17 @@ from ..scheduler import Policy
 from ..statemachine import can_transition, decide, overdue_reason, quarantines, queued_expiry
 from . import rows
 from .base import ConnectResult, Finished, Heartbeat, Store, SweepResult
-from .schema import artifacts, attempts, automations, events, machines, pools, runs, webhooks
+from .schema import (
+    artifacts,
+    attempts,
+    automations,
+    events,
+    machines,
+    pools,
+    replicas,
+    runs,
+    webhooks,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,7 +70,21 @@ _QUEUED = (
 )
 _SELECT_RUN = select(runs).where(runs.c.id == bindparam("id"))
 _SELECT_ATTEMPT = select(attempts).where(attempts.c.id == bindparam("id"))
+# Write paths lock rows in one order — run, then attempt, then machine — so that replicas
+# writing at once wait for each other instead of deadlocking. (SQLite ignores FOR UPDATE:
+# it has one writer at a time anyway.)
+_LOCK_RUN = select(runs).where(runs.c.id == bindparam("id")).with_for_update()
+_LOCK_ATTEMPT = select(attempts).where(attempts.c.id == bindparam("id")).with_for_update()
 _INSERT_EVENT = events.insert()
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    """A deadlock or serialization failure: the whole operation may simply run again."""
+    return str(getattr(exc.orig, "sqlstate", "") or "").startswith("40")
+
+
+def _first_line(exc: object) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _build_machines_query() -> Select[Any]:
@@ -79,6 +103,11 @@ def _build_machines_query() -> Select[Any]:
 
 _MACHINES = _build_machines_query()
 _CONNECTED_MACHINES = _MACHINES.where(machines.c.connected.is_(True))
+_QUEUED_LOCKED = _QUEUED.with_for_update(skip_locked=True)
+_LOCK_MACHINES = (
+    select(machines.c.id).where(machines.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(machines.c.id).with_for_update(skip_locked=True)
+)
 
 
 class SQLStore(Store):
@@ -94,8 +123,12 @@ class SQLStore(Store):
                 conn = conn.execution_options(deskfleet_write=write)
                 with conn.begin():
                     yield conn
-        except OperationalError as exc:
-            raise StoreUnavailable(f"database error: {exc.orig}") from exc
+        except DBAPIError as exc:
+            if _retryable(exc):
+                raise StoreRetry(f"transaction conflict: {_first_line(exc.orig)}") from exc
+            if isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated:
+                raise StoreUnavailable(f"database error: {_first_line(exc.orig)}") from exc
+            raise
 
     def _fenced(
         self, op: str, attempt_id: int, machine_id: str, now: float, fn: Callable[[Connection, Attempt], T],
@@ -106,10 +139,11 @@ class SQLStore(Store):
         ``repeat`` may answer a harmless repeat of an earlier write instead."""
         try:
             with self._tx() as conn:
-                if repeat is not None:
-                    row = conn.execute(_SELECT_ATTEMPT, {"id": attempt_id}).mappings().first()
-                    if row is not None and (answer := repeat(conn, row)) is not None:
+                row = conn.execute(_SELECT_ATTEMPT, {"id": attempt_id}).mappings().first()
+                if row is not None:
+                    if repeat is not None and (answer := repeat(conn, row)) is not None:
                         return answer
+                    conn.execute(_LOCK_RUN, {"id": row["run_id"]})
                 return fn(conn, self._held(conn, attempt_id, machine_id))
         except StaleLease as exc:
             with self._tx() as conn:
@@ -124,7 +158,8 @@ class SQLStore(Store):
             raise
 
     def _held(self, conn: Connection, attempt_id: int, machine_id: str) -> Attempt:
-        row = conn.execute(_SELECT_ATTEMPT, {"id": attempt_id}).mappings().first()
+        """The attempt, locked, if it still holds its lease on this machine (lock its run first)."""
+        row = conn.execute(_LOCK_ATTEMPT, {"id": attempt_id}).mappings().first()
         if row is None or row["machine_id"] != machine_id:
             raise StaleLease(attempt_id, "no such attempt on this machine")
         a = rows.attempt(row)
@@ -151,8 +186,8 @@ class SQLStore(Store):
             "from_state": from_state, "to_state": to_state, "reason": reason, "data": data or {},
         })
 
-    def _get_run(self, conn: Connection, run_id: str) -> Run:
-        row = conn.execute(_SELECT_RUN, {"id": run_id}).mappings().first()
+    def _get_run(self, conn: Connection, run_id: str, *, lock: bool = False) -> Run:
+        row = conn.execute(_LOCK_RUN if lock else _SELECT_RUN, {"id": run_id}).mappings().first()
         if row is None:
             raise NotFound(f"no run {run_id!r}")
         return rows.run(row)
@@ -201,9 +236,11 @@ class SQLStore(Store):
     def close(self) -> None:
         self.engine.dispose()
 
-    def recover(self, now: float, grace: float) -> int:
+    def recover(self, now: float, grace: float, *, disconnect: bool = True) -> int:
         with self._tx() as conn:
-            conn.execute(update(machines).where(machines.c.connected.is_(True)).values(connected=False))
+            if disconnect:
+                conn.execute(update(machines).where(machines.c.connected.is_(True))
+                             .values(connected=False, replica=None))
             until = now + grace
             res = conn.execute(
                 update(attempts).where(attempts.c.state == "active").values(
@@ -213,8 +250,42 @@ class SQLStore(Store):
                     )
                 )
             )
-            self._event(conn, "orchestrator.started", now, data={"active_leases": res.rowcount, "grace": grace})
+            self._event(conn, "orchestrator.started" if disconnect else "orchestrator.forgave_outage", now,
+                        data={"active_leases": res.rowcount, "grace": grace})
+            if not disconnect:
+                # Progress reports sent while the database was away were lost: do not let the
+                # watchdog count the outage against the attempts.
+                conn.execute(update(attempts).where(attempts.c.state == "active").values(
+                    last_progress_at=case(
+                        (func.coalesce(attempts.c.last_progress_at, 0.0) < now, now),
+                        else_=attempts.c.last_progress_at,
+                    )
+                ))
             return int(res.rowcount)
+
+    def replica_alive(self, replica: str, name: str, now: float) -> None:
+        with self._tx() as conn:
+            res = conn.execute(update(replicas).where(replicas.c.id == replica).values(last_seen=now))
+            if res.rowcount == 0:
+                conn.execute(replicas.insert().values(id=replica, name=name, started_at=now, last_seen=now))
+                self._event(conn, "replica.started", now, data={"replica": replica, "name": name})
+
+    def reap_replicas(self, now: float, timeout: float) -> list[str]:
+        with self._tx() as conn:
+            dead = [r[0] for r in conn.execute(select(replicas.c.id).where(replicas.c.last_seen < now - timeout))]
+            for rid in dead:
+                res = conn.execute(update(machines).where(machines.c.replica == rid)
+                                   .values(connected=False, replica=None))
+                conn.execute(replicas.delete().where(replicas.c.id == rid))
+                self._event(conn, "replica.lost", now, reason=f"silent for {timeout:g}s",
+                            data={"replica": rid, "machines_disconnected": res.rowcount})
+            return dead
+
+    def leave(self, replica: str, now: float) -> None:
+        """A replica shutting down cleanly."""
+        with self._tx() as conn:
+            conn.execute(update(machines).where(machines.c.replica == replica).values(connected=False, replica=None))
+            conn.execute(replicas.delete().where(replicas.c.id == replica))
 
     # -- pools and automations -------------------------------------------------------------
     def put_pool(self, pool: Pool, now: float) -> Pool:
@@ -315,12 +386,17 @@ class SQLStore(Store):
         heartbeat: Heartbeat,
         lease_timeout: float,
         now: float,
+        replica: str | None = None,
     ) -> ConnectResult:
         with self._tx() as conn:
             before = self._machine(conn, machine_id)
+            if before.active_attempt_id is not None:
+                # Lock order: the run, then its attempt (in _held below), then the machine.
+                conn.execute(_LOCK_RUN, {"id": before.active_run_id})
             self._put_automations(conn, automations, now)
             values: dict[str, Any] = {
                 "connected": True,
+                "replica": replica,
                 "boot_id": boot_id,
                 "agent_version": agent_version,
                 "automations": sorted(s.key for s in automations),
@@ -367,15 +443,41 @@ class SQLStore(Store):
             result.machine = self._machine(conn, machine_id)
             return result
 
-    def disconnect_machine(self, machine_id: str, now: float) -> None:
+    def disconnect_machine(self, machine_id: str, now: float, replica: str | None = None) -> None:
         with self._tx() as conn:
-            conn.execute(update(machines).where(machines.c.id == machine_id).values(connected=False))
-            self._event(conn, "machine.disconnected", now, machine_id=machine_id)
+            q = update(machines).where(machines.c.id == machine_id)
+            if replica is not None:
+                # The agent may already be connected to another replica: leave that alone.
+                q = q.where(machines.c.replica == replica)
+            if conn.execute(q.values(connected=False, replica=None)).rowcount:
+                self._event(conn, "machine.disconnected", now, machine_id=machine_id)
 
     def heartbeat(self, beats: Sequence[Heartbeat], lease_timeout: float) -> dict[str, bool]:
         if not beats:
             return {}
+        beats = sorted(beats, key=lambda b: b.machine_id)  # one lock order for every writer
         with self._tx() as conn:
+            held: set[tuple[int, str]] = set()
+            claimed = [b for b in beats if b.attempt_id is not None]
+            if claimed:
+                held = {
+                    (r[0], r[1]) for r in conn.execute(
+                        select(attempts.c.id, attempts.c.machine_id).where(
+                            attempts.c.state == "active",
+                            attempts.c.id.in_([b.attempt_id for b in claimed]),
+                        )
+                    )
+                }
+                renew = [b for b in claimed if (b.attempt_id, b.machine_id) in held]
+                if renew:
+                    # Attempts before machines: the order every other writer takes them in.
+                    conn.execute(
+                        update(attempts).where(
+                            attempts.c.id == bindparam("aid"), attempts.c.machine_id == bindparam("mid"),
+                            attempts.c.state == "active",
+                        ).values(lease_expires_at=bindparam("until")),
+                        [{"aid": b.attempt_id, "mid": b.machine_id, "until": b.at + lease_timeout} for b in renew],
+                    )
             conn.execute(
                 update(machines).where(machines.c.id == bindparam("mid")).values(
                     last_heartbeat_at=bindparam("at"), resources=bindparam("res"),
@@ -387,26 +489,6 @@ class SQLStore(Store):
                     for b in beats
                 ],
             )
-            claimed = [b for b in beats if b.attempt_id is not None]
-            if not claimed:
-                return {}
-            held = {
-                (r[0], r[1]) for r in conn.execute(
-                    select(attempts.c.id, attempts.c.machine_id).where(
-                        attempts.c.state == "active",
-                        attempts.c.id.in_([b.attempt_id for b in claimed]),
-                    )
-                )
-            }
-            renew = [b for b in claimed if (b.attempt_id, b.machine_id) in held]
-            if renew:
-                conn.execute(
-                    update(attempts).where(
-                        attempts.c.id == bindparam("aid"), attempts.c.machine_id == bindparam("mid"),
-                        attempts.c.state == "active",
-                    ).values(lease_expires_at=bindparam("until")),
-                    [{"aid": b.attempt_id, "mid": b.machine_id, "until": b.at + lease_timeout} for b in renew],
-                )
             return {b.machine_id: (b.attempt_id, b.machine_id) in held for b in claimed}
 
     def set_admin(self, machine_id: str, admin: MachineAdmin, now: float, reason: str = "") -> Machine:
@@ -545,7 +627,7 @@ class SQLStore(Store):
 
     def request_cancel(self, run_id: str, now: float) -> tuple[Run, StopOrder | None]:
         with self._tx() as conn:
-            run = self._get_run(conn, run_id)
+            run = self._get_run(conn, run_id, lock=True)
             if run.state.final:
                 raise Conflict(f"run {run_id} already ended ({run.state.value}); nothing to cancel")
             if run.state is RunState.QUEUED:
@@ -563,7 +645,7 @@ class SQLStore(Store):
             return self._get_run(conn, run_id), order
 
     def _request_stop(self, conn: Connection, attempt_id: int, reason: StopReason, now: float) -> StopOrder | None:
-        row = conn.execute(select(attempts).where(attempts.c.id == attempt_id)).mappings().first()
+        row = conn.execute(_LOCK_ATTEMPT, {"id": attempt_id}).mappings().first()
         if row is None or row["state"] != "active":
             return None
         a = rows.attempt(row)
@@ -618,13 +700,28 @@ class SQLStore(Store):
                         machine_id=machine_id, reason=reason, data=data)
 
     # -- scheduling ---------------------------------------------------------------------------
-    def schedule(self, policy: Policy, now: float, lease_timeout: float, limit: int = 500) -> list[Assignment]:
+    def schedule(
+        self, policy: Policy, now: float, lease_timeout: float, limit: int = 500, replica: str | None = None,
+    ) -> list[Assignment]:
         with self._tx() as conn:
-            queued = [rows.run(r) for r in conn.execute(_QUEUED, {"now": now, "limit": limit}).mappings()]
+            # SKIP LOCKED: runs another replica is claiming right now are not ours to take.
+            queued = [rows.run(r) for r in conn.execute(_QUEUED_LOCKED, {"now": now, "limit": limit}).mappings()]
             if not queued:
                 return []
             online = [rows.machine(r) for r in conn.execute(_CONNECTED_MACHINES).mappings()]
-            free = [m for m in online if m.schedulable]
+            # A replica assigns work to the machines whose agents it holds a connection to.
+            candidates = sorted(m.id for m in online if m.schedulable and (replica is None or m.replica == replica))
+            if not candidates:
+                return []
+            # Lock them (skipping any another writer holds), then look again: the first read
+            # may predate an attempt that ended or began since, and a claim made from a stale
+            # view would wait on that writer while holding the machine it needs — a deadlock.
+            locked = [r[0] for r in conn.execute(_LOCK_MACHINES, {"ids": candidates})]
+            if not locked:
+                return []
+            fresh = {m.id: m for m in (rows.machine(r) for r in conn.execute(
+                _MACHINES.where(machines.c.id.in_(locked))).mappings())}
+            free = [m for m in fresh.values() if m.schedulable]
             if not free:
                 return []
             pool_map = {p.name: rows.pool(p) for p in conn.execute(select(pools)).mappings()}
@@ -811,12 +908,24 @@ class SQLStore(Store):
                 select(attempts).where(attempts.c.state == "active", attempts.c.lease_expires_at < now)
             ).mappings()]
             out = []
-            for a in expired:
+            for candidate in expired:
+                a = self._relock(conn, candidate)
+                if a is None or a.lease_expires_at >= now:
+                    continue  # ended or renewed meanwhile (another replica's write)
                 out.append(self._end_attempt(
                     conn, a, Ending.LOST, now=now,
                     detail=f"no heartbeat from {a.machine_id}: its lease expired",
                 ))
             return out
+
+    def _relock(self, conn: Connection, a: Attempt) -> Attempt | None:
+        """Lock an attempt read without a lock (its run first) and return it as it is now,
+        or None if it is no longer active."""
+        conn.execute(_LOCK_RUN, {"id": a.run_id})
+        row = conn.execute(_LOCK_ATTEMPT, {"id": a.id}).mappings().first()
+        if row is None or row["state"] != "active":
+            return None
+        return rows.attempt(row)
 
     def expire_silent_machines(self, now: float, heartbeat_timeout: float) -> list[str]:
         """Connected machines silent past the heartbeat timeout are quarantined."""
@@ -837,7 +946,7 @@ class SQLStore(Store):
             late = conn.execute(select(runs).where(
                 runs.c.state == "queued",
                 or_(runs.c.deadline_at <= now, runs.c.queued_at + runs.c.queue_timeout <= now),
-            )).mappings()
+            ).with_for_update(skip_locked=True)).mappings()  # a run being claimed right now is not late
             for r in list(late):
                 run = rows.run(r)
                 why = queued_expiry(run, now)
@@ -872,7 +981,9 @@ class SQLStore(Store):
                 )
             ).mappings()
             for r in list(pairs):
-                a = rows.attempt(r)
+                a = self._relock(conn, rows.attempt(r))  # type: ignore[assignment]
+                if a is None:
+                    continue
                 if a.stop_requested_at is not None:
                     if now - a.stop_requested_at >= stop_grace:
                         result.finished.append(self._end_attempt(
@@ -891,13 +1002,17 @@ class SQLStore(Store):
                         result.stop_orders.append(order)
         return result
 
-    def pending_stops(self, machine_id: str) -> list[StopOrder]:
-        """Stops already ordered for a machine's attempt (sent again when its agent reconnects)."""
+    def pending_stops(self, machine_id: str | None = None, *, replica: str | None = None) -> list[StopOrder]:
+        """Stops ordered and not yet confirmed, for one machine or a replica's machines (sent
+        again when an agent reconnects, and now and then in case a notification was lost)."""
         with self._tx(write=False) as conn:
             q = select(attempts).where(
-                attempts.c.machine_id == machine_id, attempts.c.state == "active",
-                attempts.c.stop_requested_at.is_not(None),
+                attempts.c.state == "active", attempts.c.stop_requested_at.is_not(None),
             )
+            if machine_id is not None:
+                q = q.where(attempts.c.machine_id == machine_id)
+            if replica is not None:
+                q = q.where(attempts.c.machine_id.in_(select(machines.c.id).where(machines.c.replica == replica)))
             return [
                 StopOrder(a.machine_id, a.id, a.run_id, a.stop_reason or StopReason.CANCELLED)
                 for a in (rows.attempt(r) for r in conn.execute(q).mappings())

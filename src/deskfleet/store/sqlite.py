@@ -74,3 +74,35 @@ def make_engine(url: str, *, synchronous: str = "FULL") -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+class FileLeadership:
+    """The embedded store serves one orchestrator: an exclusive lock on a file beside the
+    database makes a second server on the same file refuse to start, instead of both
+    expiring each other's leases."""
+
+    def __init__(self, url: str) -> None:
+        self.path = sqlite_path(url).with_suffix(".lock")
+        self._fd: int | None = None
+        self.held = False
+
+    def try_acquire(self) -> bool:
+        import fcntl
+
+        if self.held:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd, self.held = fd, True
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock
+            self._fd, self.held = None, False

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 08:41:33.499217
+Create Date: 2026-11-28 10:16:48.513608
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def upgrade() -> None:
         "artifacts",
         sa.Column("id", sa.String(length=40), nullable=False),
         sa.Column("run_id", sa.String(length=40), nullable=True),
-        sa.Column("attempt_id", sa.Integer(), nullable=True),
+        sa.Column(
+            "attempt_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
+        ),
         sa.Column("machine_id", sa.String(length=128), nullable=True),
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("content_type", sa.String(length=100), nullable=False),
@@ -50,11 +52,18 @@ def upgrade() -> None:
     )
     op.create_table(
         "events",
-        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
         sa.Column("at", sa.Float(), nullable=False),
         sa.Column("kind", sa.String(length=64), nullable=False),
         sa.Column("run_id", sa.String(length=40), nullable=True),
-        sa.Column("attempt_id", sa.Integer(), nullable=True),
+        sa.Column(
+            "attempt_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
+        ),
         sa.Column("machine_id", sa.String(length=128), nullable=True),
         sa.Column("from_state", sa.String(length=32), nullable=True),
         sa.Column("to_state", sa.String(length=32), nullable=True),
@@ -82,8 +91,21 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("name", name=op.f("pk_pools")),
     )
     op.create_table(
+        "replicas",
+        sa.Column("id", sa.String(length=64), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("started_at", sa.Float(), nullable=False),
+        sa.Column("last_seen", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_replicas")),
+    )
+    op.create_table(
         "webhooks",
-        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
         sa.Column("run_id", sa.String(length=40), nullable=False),
         sa.Column("url", sa.Text(), nullable=False),
         sa.Column("tries", sa.Integer(), server_default=sa.text("0"), nullable=False),
@@ -121,6 +143,7 @@ def upgrade() -> None:
         sa.Column("resources", sa.JSON(), nullable=False),
         sa.Column("session_key", sa.String(length=200), nullable=True),
         sa.Column("session_expires_at", sa.Float(), nullable=True),
+        sa.Column("replica", sa.String(length=64), nullable=True),
         sa.Column("quarantine_reason", sa.Text(), nullable=True),
         sa.Column("runs_completed", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("last_screenshot_id", sa.String(length=64), nullable=True),
@@ -174,7 +197,11 @@ def upgrade() -> None:
         sa.Column("error_code", sa.String(length=64), nullable=True),
         sa.Column("error_message", sa.Text(), nullable=True),
         sa.Column("finished_at", sa.Float(), nullable=True),
-        sa.Column("current_attempt_id", sa.Integer(), nullable=True),
+        sa.Column(
+            "current_attempt_id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            nullable=True,
+        ),
         sa.Column("current_machine_id", sa.String(length=128), nullable=True),
         sa.CheckConstraint(
             "state IN ('queued', 'assigned', 'preparing', 'running', 'succeeded', 'failed', 'cancelled', 'timed_out')",
@@ -197,7 +224,12 @@ def upgrade() -> None:
 
     op.create_table(
         "attempts",
-        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
         sa.Column("run_id", sa.String(length=40), nullable=False),
         sa.Column("machine_id", sa.String(length=128), nullable=False),
         sa.Column("number", sa.Integer(), nullable=False),
@@ -286,6 +318,7 @@ def downgrade() -> None:
         )
 
     op.drop_table("webhooks")
+    op.drop_table("replicas")
     op.drop_table("pools")
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.drop_index("ix_events_run")

@@ -130,6 +130,7 @@ class Machine:
     health: MachineHealth = MachineHealth.OFFLINE
     admin: MachineAdmin = MachineAdmin.ACTIVE
     connected: bool = False
+    replica: str | None = None  # the orchestrator replica holding its agent's connection
     boot_id: str = ""
     agent_version: str = ""
     enrolled_at: float = 0.0

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -21,16 +24,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .config import ServerSettings
 from .crypto import SecretBox, redact
-from .errors import InvalidInput, NotFound, Unservable
+from .errors import ConfigError, InvalidInput, NotFound, StoreRetry, StoreUnavailable, Unservable
+from .fleet.bus import LocalBus, PgBus
 from .models import Assignment, AutomationSpec, Machine, MachineAdmin, Pool, Run, RunSpec, StopOrder
 from .protocol import Assign, Stop
 from .scheduler import Policy, serviceable
-from .store import Finished, Store, open_store
+from .store import Finished, Store, is_postgres, open_leadership, open_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CATALOG_TTL = 2.0  # seconds; enrolments and pool changes invalidate it at once
+RETRIES = 4  # store operations rolled back by a deadlock or conflict are run again this often
 
 
 class Metrics:
@@ -64,7 +69,16 @@ class StoreRunner:
 
     async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        for attempt in range(RETRIES):
+            try:
+                return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+            except StoreRetry:
+                # The database broke a deadlock or a conflict by rolling this one back:
+                # every operation is one transaction, so running it again is safe.
+                if attempt == RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -83,6 +97,13 @@ class Orchestrator:
         self.enrolment_token = settings.resolve_enrolment_token()
         self.policy = policy or Policy()
         self.metrics = Metrics()
+        # Each process is a replica with an identity of its own; with SQLite there is one.
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.replica_name = f"{socket.gethostname()}:{settings.port}"
+        self.multi = is_postgres(settings.db_url)
+        self.leadership = open_leadership(settings.db_url)
+        self.bus: LocalBus | PgBus = PgBus(settings.db_url, self.replica_id) if self.multi else LocalBus()
+        self._hints: set[asyncio.Task[None]] = set()
         self.hub = Hub(self)
         self.fleet = FleetManager(self)
         self._wake = asyncio.Event()
@@ -96,9 +117,19 @@ class Orchestrator:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        leases = await self.db(self.store.recover, time.time(), self.settings.heartbeat_timeout)
-        if leases:
-            log.info("recovered %d active leases; agents have %.0fs to reconnect", leases, self.settings.heartbeat_timeout)
+        if not self.multi:
+            # The embedded store serves one orchestrator: be it, or refuse to start.
+            if not self.leadership.try_acquire():
+                raise ConfigError(
+                    f"another deskfleet server is using {self.settings.db_url}; the embedded SQLite "
+                    "store serves one orchestrator (use PostgreSQL for several)"
+                )
+            leases = await self.db(self.store.recover, time.time(), self.settings.heartbeat_timeout)
+            if leases:
+                log.info("recovered %d active leases; agents have %.0fs to reconnect",
+                         leases, self.settings.heartbeat_timeout)
+        await self.db(self.store.replica_alive, self.replica_id, self.replica_name, time.time())
+        await self.bus.start(self._on_hint)
         self._tasks = [
             asyncio.create_task(self._schedule_loop(), name="deskfleet-scheduler"),
             *self.fleet.start(),
@@ -111,11 +142,46 @@ class Orchestrator:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.hub.close_all()
+        with contextlib.suppress(Exception):  # a database that is down cannot be told
+            await self.db(self.store.leave, self.replica_id, time.time())
+        await self.bus.close()
+        self.leadership.release()
         self.db.close()
         self.store.close()
 
-    def wake(self) -> None:
+    def wake(self, *, others: bool = False) -> None:
+        """Run the scheduler now (and, with ``others``, on the other replicas too)."""
         self._wake.set()
+        if others:
+            self.hint("wake")
+
+    def hint(self, kind: str, payload: str = "") -> None:
+        """Tell the other replicas (see fleet.bus); never waits, never fails the caller."""
+        if not self.multi:
+            return
+        task = asyncio.get_running_loop().create_task(self.bus.publish(kind, payload))
+        self._hints.add(task)
+        task.add_done_callback(self._hints.discard)
+
+    def _on_hint(self, kind: str, payload: str) -> None:
+        if kind == "wake":
+            self._wake.set()
+        elif kind == "final":
+            self._resolve_waiters(payload)
+        elif kind == "catalog":
+            self.forget_specs()
+        elif kind in ("stop", "verify"):
+            machine_id, _, rest = payload.partition(":")
+            conn = self.hub.connections.get(machine_id)
+            if conn is None:
+                return
+            if kind == "verify":
+                task = asyncio.get_running_loop().create_task(self.hub.request_verify(conn, rest))
+            else:
+                attempt, _, reason = rest.partition(":")
+                task = asyncio.get_running_loop().create_task(conn.send(Stop(attempt_id=int(attempt), reason=reason)))
+            self._hints.add(task)
+            task.add_done_callback(self._hints.discard)
 
     # -- scheduling --------------------------------------------------------------------------
     async def _schedule_loop(self) -> None:
@@ -127,9 +193,14 @@ class Orchestrator:
             try:
                 t0 = time.perf_counter()
                 assignments = await self.db(
-                    self.store.schedule, self.policy, time.time(), self.settings.lease_timeout, limit
+                    self.store.schedule, self.policy, time.time(), self.settings.lease_timeout, limit,
+                    self.replica_id,
                 )
                 self.metrics.schedule_seconds.observe(time.perf_counter() - t0)
+            except StoreUnavailable as exc:
+                log.warning("scheduling paused: %s", exc)
+                await asyncio.sleep(max(1.0, self.settings.schedule_tick))
+                continue
             except Exception:
                 log.exception("scheduling pass failed; retrying")
                 await asyncio.sleep(self.settings.schedule_tick)
@@ -163,22 +234,33 @@ class Orchestrator:
     async def send_stop(self, order: StopOrder) -> None:
         log.info("telling the agent to stop: %s", order.reason.value,
                  extra={"run": order.run_id, "attempt": order.attempt_id, "machine": order.machine_id})
-        await self.hub.send(order.machine_id, Stop(attempt_id=order.attempt_id, reason=order.reason.value))
+        if not await self.hub.send(order.machine_id, Stop(attempt_id=order.attempt_id, reason=order.reason.value)):
+            # Its agent is connected to another replica (or to none: then the order waits
+            # in the database for it to reconnect).
+            self.hint("stop", f"{order.machine_id}:{order.attempt_id}:{order.reason.value}")
 
     # -- outcomes ------------------------------------------------------------------------------
     def after_finished(self, items: Iterable[Finished]) -> None:
+        retried = False
         for f in items:
             if f.retried:
+                retried = True
                 self.metrics.retried.labels(f.attempt.ending.value if f.attempt.ending else "?").inc()
             self.run_changed(f.run)
-        self.wake()
+        # A machine is free here; a requeued run may fit a machine of another replica.
+        self.wake(others=retried)
 
     def run_changed(self, run: Run) -> None:
         if run.state.final:
             self.metrics.finished.labels(run.state.value).inc()
-            for fut in self._waiters.pop(run.id, []):
-                if not fut.done():
-                    fut.set_result(None)
+            self._resolve_waiters(run.id)
+            if self.multi:
+                self.hint("final", run.id)
+
+    def _resolve_waiters(self, run_id: str) -> None:
+        for fut in self._waiters.pop(run_id, []):
+            if not fut.done():
+                fut.set_result(None)
 
     # -- client operations -----------------------------------------------------------------------
     async def spec_for(self, name: str, version: str | None) -> AutomationSpec | None:
@@ -227,7 +309,7 @@ class Orchestrator:
         if created:
             self.metrics.submitted.inc()
             log.info("run submitted: %s", spec.automation, extra={"run": run.id})
-            self.wake()
+            self.wake(others=True)
         return run, created
 
     async def cancel(self, run_id: str) -> Run:
@@ -247,11 +329,17 @@ class Orchestrator:
                 raise NotFound(f"no run {run_id!r}")
             if run.state.final or timeout <= 0:
                 return run
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(fut, timeout)
-            run = await self.db(self.store.get_run, run_id)
-            assert run is not None
-            return run
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                # With several replicas the news may come as a lost hint: look again now and then.
+                step = deadline - loop.time() if not self.multi else min(1.0, deadline - loop.time())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(fut), max(step, 0.0))
+                run = await self.db(self.store.get_run, run_id)
+                assert run is not None
+                if run.state.final or fut.done() or loop.time() >= deadline:
+                    return run
         finally:
             waiters = self._waiters.get(run_id)
             if waiters and fut in waiters:
@@ -265,19 +353,21 @@ class Orchestrator:
 
     async def set_admin(self, machine_id: str, admin: MachineAdmin, reason: str = "") -> Any:
         machine = await self.db(self.store.set_admin, machine_id, admin, time.time(), reason)
-        self.wake()
+        self.wake(others=True)
         return machine
 
     async def put_pool(self, pool: Pool) -> Pool:
         result = await self.db(self.store.put_pool, pool, time.time())
         self.forget_specs()
-        self.wake()
+        self.hint("catalog")
+        self.wake(others=True)
         return result
 
     async def enrol(self, machine_id: str, *, pool: str, labels: dict[str, str], key_hash: str) -> Machine:
         machine = await self.db(self.store.enrol_machine, machine_id, pool=pool, labels=labels,
                                 key_hash=key_hash, now=time.time())
         self.forget_specs()
+        self.hint("catalog")
         return machine
 
 

@@ -1588,3 +1588,60 @@ def test_store_state_machine(backend):
         max_examples=40, stateful_step_count=50, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     ))
+
+
+# -- replicas (several orchestrators on one database) ------------------------------------------
+
+def test_a_replica_schedules_only_onto_machines_connected_to_it(s):
+    add_machine(s, "m1")
+    add_machine(s, "m2")
+    s.connect_machine("m1", boot_id="b", agent_version="1", automations=SPECS, labels=None,
+                      heartbeat=Heartbeat("m1", T0), lease_timeout=LEASE, now=T0, replica="A")
+    s.connect_machine("m2", boot_id="b", agent_version="1", automations=SPECS, labels=None,
+                      heartbeat=Heartbeat("m2", T0), lease_timeout=LEASE, now=T0, replica="B")
+    for _ in range(3):
+        submit(s, T0)
+    got_a = s.schedule(POLICY, T0 + 1, LEASE, replica="A")
+    got_b = s.schedule(POLICY, T0 + 1, LEASE, replica="B")
+    assert [a.attempt.machine_id for a in got_a] == ["m1"]
+    assert [a.attempt.machine_id for a in got_b] == ["m2"]
+    assert s.schedule(POLICY, T0 + 1, LEASE, replica="C") == []
+
+
+def test_a_late_disconnect_from_the_old_replica_leaves_the_new_connection_alone(s):
+    add_machine(s, "m1")
+    for replica in ("A", "B"):  # the agent moved from A to B
+        s.connect_machine("m1", boot_id="b", agent_version="1", automations=SPECS, labels=None,
+                          heartbeat=Heartbeat("m1", T0), lease_timeout=LEASE, now=T0, replica=replica)
+    s.disconnect_machine("m1", T0 + 1, replica="A")
+    m = s.get_machine("m1")
+    assert (m.connected, m.replica) == (True, "B")
+    s.disconnect_machine("m1", T0 + 2, replica="B")
+    m = s.get_machine("m1")
+    assert (m.connected, m.replica) == (False, None)
+
+
+def test_the_leader_reaps_a_dead_replica_and_its_connections(s):
+    add_machine(s, "m1")
+    s.replica_alive("A", "host:1", T0)
+    s.replica_alive("B", "host:2", T0)
+    s.connect_machine("m1", boot_id="b", agent_version="1", automations=SPECS, labels=None,
+                      heartbeat=Heartbeat("m1", T0), lease_timeout=LEASE, now=T0, replica="A")
+    s.replica_alive("B", "host:2", T0 + 20)
+    assert s.reap_replicas(T0 + 20, 10.0) == ["A"]
+    assert s.get_machine("m1").connected is False
+    assert s.reap_replicas(T0 + 21, 10.0) == []
+    assert any(e.kind == "replica.lost" for e in s.events())
+
+
+def test_forgiving_an_outage_extends_leases_and_progress_but_keeps_connections(s):
+    add_machine(s, "m1")
+    submit(s, T0)
+    (a,) = s.schedule(POLICY, T0, LEASE)
+    s.attempt_preparing(a.attempt.id, "m1", T0)
+    s.recover(T0 + 100, 15.0, disconnect=False)
+    att = s.get_attempt(a.attempt.id)
+    assert att.lease_expires_at == T0 + 115
+    assert att.last_progress_at == T0 + 100
+    assert s.get_machine("m1").connected is True
+    assert s.expire_leases(T0 + 114) == []

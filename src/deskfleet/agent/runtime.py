@@ -21,6 +21,7 @@ import logging
 import random
 import time
 import uuid
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,9 @@ class Agent:
         self._key = config.agent_key
         self._ws: ClientConnection | None = None
         self._connected = asyncio.Event()
-        self._server_index = 0
+        # Start at a server chosen by the machine's name, so that agents spread over the
+        # orchestrator replicas instead of all crowding the first URL.
+        self._server_index = zlib.crc32(config.machine.encode()) % len(config.servers)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._current: _Current | None = None
@@ -359,7 +362,7 @@ class Agent:
                 del self._beats_sent[old]
         elif isinstance(msg, Reply):
             cur = self._current
-            if cur is not None and cur.result_id == msg.re:
+            if cur is not None and cur.result_id == msg.re and not _unavailable(msg):
                 # Free the machine now, in message order: the orchestrator may send the
                 # next assignment right behind this reply.
                 self._current = None
@@ -468,7 +471,13 @@ class Agent:
                                               data={"effect_found": found is not None}))
             if found is not None:
                 return "reconciled", found, "the effect of an earlier attempt was found"
-        reply = await self._request(lambda i: Start(id=i, attempt_id=a.attempt_id))
+        while True:
+            reply = await self._request(lambda i: Start(id=i, attempt_id=a.attempt_id))
+            if reply.ok or not _unavailable(reply):
+                break
+            await asyncio.sleep(1.0)  # the orchestrator's database is away: ask again
+            if cur.stop.is_set():
+                raise Stopped(cur.stop_reason or "stopped")
         if not reply.ok:
             raise Stopped(reply.stop or reply.error or "start refused")
         output = await self._guarded(cur, automation.execute(ctx, a.input))
@@ -511,6 +520,9 @@ class Agent:
                     reply = await self._request(result)
                 except (TimeoutError, _Disconnected):
                     await asyncio.sleep(0.2)
+                    continue
+                if _unavailable(reply):
+                    await asyncio.sleep(1.0)  # not recorded yet: the database is away
                     continue
                 if not reply.ok:
                     log.info("result refused: %s", reply.error, extra=self._ctx(a.attempt_id, a.run_id))
@@ -573,6 +585,10 @@ class Agent:
             await self._send_quiet(Verified(ok=False, state="unknown", detail=_short(exc)))
         finally:
             self._verifying = False
+
+
+def _unavailable(reply: Reply) -> bool:
+    return not reply.ok and (reply.error or "").startswith("unavailable")
 
 
 def _scrub(text: str, registry: Registry, a: Assign) -> str:

@@ -17,7 +17,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ..errors import StaleLease, Stopped
+from ..errors import StaleLease, Stopped, StoreUnavailable
 from ..models import AutomationSpec, Ending, MachineHealth
 from ..protocol import (
     AgentEvent,
@@ -83,6 +83,11 @@ class Hub:
         beats, self.beats = list(self.beats.values()), {}
         return beats
 
+    def requeue_heartbeats(self, beats: list[Heartbeat]) -> None:
+        """Beats a failed write did not record: keep them unless a newer one arrived."""
+        for b in beats:
+            self.beats.setdefault(b.machine_id, b)
+
     async def close_all(self) -> None:
         for conn in list(self.connections.values()):
             with contextlib.suppress(RuntimeError, OSError):
@@ -109,11 +114,16 @@ class Hub:
             machine_id, now, hello.resources.model_dump(), hello.session_key,
             hello.session_expires_at, hello.attempt_id,
         )
-        result = await orch.db(
-            orch.store.connect_machine, machine_id, boot_id=hello.boot_id,
-            agent_version=hello.agent_version, automations=specs, labels=hello.labels,
-            heartbeat=beat, lease_timeout=orch.settings.lease_timeout, now=now,
-        )
+        try:
+            result = await orch.db(
+                orch.store.connect_machine, machine_id, boot_id=hello.boot_id,
+                agent_version=hello.agent_version, automations=specs, labels=hello.labels,
+                heartbeat=beat, lease_timeout=orch.settings.lease_timeout, now=now,
+                replica=orch.replica_id,
+            )
+        except StoreUnavailable:
+            await ws.close(code=1013)  # try again later: the agent reconnects with backoff
+            return
         orch.forget_specs()
         previous = self.connections.get(machine_id)
         conn = Connection(machine_id, ws)
@@ -159,7 +169,7 @@ class Hub:
                 orch.metrics.connected.set(len(self.connections))
                 self.beats.pop(machine_id, None)
                 try:
-                    await orch.db(orch.store.disconnect_machine, machine_id, time.time())
+                    await orch.db(orch.store.disconnect_machine, machine_id, time.time(), orch.replica_id)
                 except Exception:
                     log.exception("could not record the disconnect", extra=self._ctx(machine_id))
                 log.info("agent disconnected", extra=self._ctx(machine_id))
@@ -212,6 +222,11 @@ class Hub:
                 else:
                     await orch.db(store.record_event, "machine.verify_failed", now, machine_id=mid,
                                   reason=msg.detail[:500], data={"state": msg.state})
+        except StoreUnavailable:
+            # The database is away: a request is answered "retry", a report is dropped
+            # (progress resumes, the watchdog forgives the outage); the connection stays up.
+            if isinstance(msg, (Start, Result)):
+                await conn.send(Reply(re=msg.id, ok=False, error="unavailable: the database is away; retry"))
         except StaleLease as exc:
             orch.metrics.stale.inc()
             if isinstance(msg, (Start, Result)):

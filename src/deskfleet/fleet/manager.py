@@ -1,9 +1,16 @@
 """The fleet manager's background loops: leases, timeouts, quarantine, webhooks.
 
-Each tick, in this order (the order matters): write the heartbeats received since the
-last tick — renewing leases — *then* expire the leases still past due, so a beat that
-arrived in time is never outrun by the expiry sweep; then quarantine silent machines,
-then enforce queue waits, deadlines, attempt timeouts and the progress watchdog.
+Every replica, each tick: write the heartbeats its agents sent since the last tick
+(renewing their leases) and its own heartbeat. The *leader* only — one replica at a time,
+chosen by the store's leadership lock, taken over by another when it dies — then expires
+the leases still past due (after the heartbeats, so a beat that arrived in time is never
+outrun by the expiry sweep), quarantines silent machines, notices dead replicas, enforces
+queue waits, deadlines, attempt timeouts and the progress watchdog, asks quarantined
+machines to re-prove themselves, and delivers webhooks.
+
+When the database goes away, ticks fail and heartbeats wait in memory (agents keep being
+acknowledged, so they keep working); when it comes back, the leader forgives the outage:
+leases and the progress watchdog do not count the time the database could not record.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import TYPE_CHECKING
 import httpx
 import orjson
 
+from ..errors import StoreUnavailable
 from ..models import MachineHealth
 from ..protocol import Stop
 
@@ -26,11 +34,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+RESEND_INTERVAL = 2.0  # seconds between re-sends of unconfirmed stop orders
+
 
 class FleetManager:
     def __init__(self, orch: Orchestrator) -> None:
         self.orch = orch
         self._verified_at = 0.0
+        self._resent_at = 0.0
+        self._outage_since: float | None = None
+        self.leader_since: float | None = None
 
     def start(self) -> list[asyncio.Task[None]]:
         return [
@@ -44,22 +57,64 @@ class FleetManager:
             await asyncio.sleep(interval)
             try:
                 await self.tick()
+                if self._outage_since is not None:
+                    await self._outage_over()
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable as exc:
+                if self._outage_since is None:
+                    self._outage_since = time.time()
+                    log.warning("database unavailable (%s); agents are still acknowledged, "
+                                "their leases will be kept", exc)
             except Exception:
                 log.exception("fleet tick failed; retrying next tick")
+
+    async def _outage_over(self) -> None:
+        orch = self.orch
+        since, self._outage_since = self._outage_since, None
+        assert since is not None
+        log.warning("database back after %.1fs", time.time() - since)
+        if await self._lead():
+            await orch.db(orch.store.recover, time.time(), orch.settings.lease_timeout, disconnect=False)
+
+    async def _lead(self) -> bool:
+        """Whether this replica leads now (taking leadership if it is free)."""
+        orch = self.orch
+        held = await asyncio.to_thread(orch.leadership.try_acquire)
+        if held and self.leader_since is None:
+            self.leader_since = time.time()
+            log.warning("this replica (%s) is now the leader", orch.replica_name)
+            await orch.db(orch.store.record_event, "replica.leader", time.time(),
+                          data={"replica": orch.replica_id, "name": orch.replica_name})
+        elif not held and self.leader_since is not None:
+            self.leader_since = None
+            log.warning("this replica lost the leadership")
+        return held
 
     async def tick(self) -> None:
         orch, store, s = self.orch, self.orch.store, self.orch.settings
         beats = orch.hub.drain_heartbeats()
         if beats:
-            held = await orch.db(store.heartbeat, beats, s.lease_timeout)
+            try:
+                held = await orch.db(store.heartbeat, beats, s.lease_timeout)
+            except Exception:
+                orch.hub.requeue_heartbeats(beats)  # written by the next tick that can
+                raise
             for machine_id, ok in held.items():
                 if not ok:
                     beat = next(b for b in beats if b.machine_id == machine_id)
                     assert beat.attempt_id is not None
                     await orch.hub.send(machine_id, Stop(attempt_id=beat.attempt_id, reason="lease_lost"))
         now = time.time()
+        await orch.db(store.replica_alive, orch.replica_id, orch.replica_name, now)
+        if now - self._resent_at >= RESEND_INTERVAL:
+            # Stop orders whose hint may have been lost on the way to this replica.
+            self._resent_at = now
+            for order in await orch.db(store.pending_stops, replica=orch.replica_id):
+                await orch.hub.send(order.machine_id, Stop(attempt_id=order.attempt_id, reason=order.reason.value))
+        if not await self._lead():
+            return
+        await orch.db(store.reap_replicas, now, max(s.heartbeat_timeout, 10 * s.sweep_interval))
         lost = await orch.db(store.expire_leases, now)
         for f in lost:
             log.warning("lease expired: attempt lost → run %s", f.run.state.value,
@@ -84,9 +139,12 @@ class FleetManager:
         self._verified_at = now
         hub = self.orch.hub
         for m in await self.orch.db(self.orch.store.list_machines, health=MachineHealth.QUARANTINED):
+            if not m.connected or m.active_attempt_id is not None:
+                continue
             conn = hub.connections.get(m.id)
-            if conn is not None and m.active_attempt_id is None and \
-                    now - conn.verify_sent_at >= self.orch.settings.verify_interval:
+            if conn is None:
+                self.orch.hint("verify", f"{m.id}:{m.quarantine_reason or ''}")  # another replica's agent
+            elif now - conn.verify_sent_at >= self.orch.settings.verify_interval:
                 await hub.request_verify(conn, m.quarantine_reason or "")
 
     async def _webhook_loop(self) -> None:
@@ -94,6 +152,8 @@ class FleetManager:
         async with httpx.AsyncClient(timeout=5.0, follow_redirects=False) as client:
             while True:
                 await asyncio.sleep(1.0)
+                if self.leader_since is None:
+                    continue  # one replica delivers, or receivers would hear twice
                 try:
                     due = await orch.db(orch.store.due_webhooks, time.time())
                     for webhook_id, run_id, url in due:

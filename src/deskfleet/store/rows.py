@@ -59,6 +59,7 @@ def machine(r: Row) -> Machine:
         health=MachineHealth(r["health"]),
         admin=MachineAdmin(r["admin"]),
         connected=bool(r["connected"]),
+        replica=r["replica"],
         boot_id=r["boot_id"],
         agent_version=r["agent_version"],
         enrolled_at=r["enrolled_at"],

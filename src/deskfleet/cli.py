@@ -90,10 +90,12 @@ def main(server: str, api_key: str | None, log_level: str, log_format: str) -> N
 @opt("--sqlite-synchronous", default="FULL", type=click.Choice(["NORMAL", "FULL"], case_sensitive=False),
      help="FULL survives power loss; NORMAL survives process crashes and is faster")
 @opt("--webhook-secret", default=None, help="HMAC key for the X-Deskfleet-Signature webhook header")
+@opt("--secret-key-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+     help="key that encrypts secrets at rest (default: <data-dir>/secret.key); replicas share one")
 @click.pass_context
 def server(ctx: click.Context, host: str, port: int, data_dir: Path, db: str | None, enrolment_token: str | None,
            heartbeat_interval: float, heartbeat_timeout: float, stop_grace: float, sqlite_synchronous: str,
-           webhook_secret: str | None) -> None:
+           webhook_secret: str | None, secret_key_file: Path | None) -> None:
     """Run the orchestrator (API, scheduler, fleet manager)."""
     import uvicorn
 
@@ -105,10 +107,11 @@ def server(ctx: click.Context, host: str, port: int, data_dir: Path, db: str | N
         data_dir=data_dir, db=db, host=host, port=port, api_key=ctx.find_root().params["api_key"],
         enrolment_token=enrolment_token, heartbeat_interval=heartbeat_interval,
         heartbeat_timeout=heartbeat_timeout, stop_grace=stop_grace, sqlite_synchronous=sqlite_synchronous,
-        webhook_secret=webhook_secret,
+        webhook_secret=webhook_secret, secret_key_file=secret_key_file,
     )
     settings.check_exposure()
     orch = Orchestrator(settings)
+    orch.prepare()
     click.echo(f"deskfleet {__version__} on http://{host}:{port}  (db: {settings.db_url}; "
                f"enrolment token in {data_dir / 'enrolment-token'} unless set)", err=True)
     try:
@@ -137,10 +140,19 @@ def server(ctx: click.Context, host: str, port: int, data_dir: Path, db: str | N
      help="the simulated EHR's shared records (a SQLite file)")
 @opt("--action-delay", default=0.05, type=float, help="seconds each simulated input takes")
 @opt("--screenshots", default="evidence", type=click.Choice(["evidence", "none"]))
+@opt("--desktop", "desktop_kind", default="sim", type=click.Choice(["sim", "xvfb"]),
+     help="sim: simulated desktops; xvfb: real X displays (Xvfb) running DemoEHR")
+@opt("--xvfb", "xvfb_count", default=1, type=click.IntRange(1, 64), help="Xvfb desktops in this process (--desktop xvfb)")
+@opt("--app-data", default="deskfleet-agent/demoehr.db", type=click.Path(dir_okay=False, path_type=Path),
+     help="DemoEHR's records, shared by its desktops (--desktop xvfb)")
+@opt("--app-option", "app_options", multiple=True,
+     help="a DemoEHR switch for every Xvfb desktop, e.g. --app-option=--session-timeout=300; repeatable")
+@opt("--screen", default="1024x768", help="Xvfb screen size, WIDTHxHEIGHT")
 def agent(orchestrators: tuple[str, ...], machine: str | None, pool: str, labels: tuple[str, ...],
           enrolment_token: str | None, enrolment_token_file: Path | None, state_dir: Path, sim_count: int,
-          sim_first: int, sim_faults: str, sim_seed: int, sim_backend: Path, action_delay: float, screenshots: str) -> None:
-    """Run agents for simulated desktops (real desktops arrive with the desktop driver)."""
+          sim_first: int, sim_faults: str, sim_seed: int, sim_backend: Path, action_delay: float, screenshots: str,
+          desktop_kind: str, xvfb_count: int, app_data: Path, app_options: tuple[str, ...], screen: str) -> None:
+    """Run agents for simulated desktops, or for real Xvfb desktops running DemoEHR (--desktop xvfb)."""
     import socket
 
     from .sim.fleet import SimFleet, SimFleetConfig
@@ -150,6 +162,19 @@ def agent(orchestrators: tuple[str, ...], machine: str | None, pool: str, labels
             enrolment_token = enrolment_token_file.read_text().strip()
         except OSError as exc:
             raise DeskfleetError(f"cannot read the enrolment token file: {exc.strerror}") from exc
+    if desktop_kind == "xvfb":
+        from .desktop.launch import XvfbFleet, XvfbFleetConfig
+
+        width, sep, height = screen.lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit()):
+            raise click.BadParameter(f"{screen!r} is not WIDTHxHEIGHT", param_hint="--screen")
+        asyncio.run(XvfbFleet(XvfbFleetConfig(
+            servers=list(orchestrators), prefix=machine or socket.gethostname(), count=xvfb_count, first=sim_first,
+            pool=pool, labels=_labels(labels), enrolment_token=enrolment_token, state_dir=state_dir, data=app_data,
+            seed=sim_seed, app_options=list(app_options), width=int(width), height=int(height),
+            screenshots=screenshots, log_dir=state_dir / "logs",
+        )).run_until_signalled())
+        return
     config = SimFleetConfig(
         servers=list(orchestrators), prefix=machine or socket.gethostname(), count=sim_count, first=sim_first, pool=pool,
         labels=_labels(labels), enrolment_token=enrolment_token, state_dir=state_dir, faults=sim_faults,
@@ -324,6 +349,74 @@ def pools_set(ctx: click.Context, name: str, allow_wait_for_capacity: bool, affi
     with _client(ctx) as c:
         _print(c.put_pool(name, allow_wait_for_capacity=allow_wait_for_capacity,
                           affinity_wait=affinity_wait, description=description))
+
+
+# -- model --------------------------------------------------------------------------------------------
+@main.group(cls=_Group)
+def model() -> None:
+    """App models: record templates of an application's screens."""
+
+
+def _areas(values: tuple[str, ...], hint: str, *, text: bool = False) -> list[tuple[str, Any, str]]:
+    from .desktop import Region
+
+    out = []
+    for v in values:
+        name, sep, rest = v.partition("=")
+        box, _, pattern = rest.partition(":") if text else (rest, "", "")
+        numbers = box.split(",")
+        if not (sep and name and len(numbers) == 4 and all(n.strip().isdigit() for n in numbers)) or (text and not pattern):
+            form = "NAME=LEFT,TOP,WIDTH,HEIGHT" + (":REGEX" if text else "")
+            raise click.BadParameter(f"{v!r} is not {form}", param_hint=hint)
+        out.append((name, Region(*(int(n) for n in numbers)), pattern))
+    return out
+
+
+@model.command("capture")
+@opt("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path),
+     help="the model directory (model.json and template PNGs); created or updated")
+@opt("--state", required=True, help="the state the screen shows now")
+@opt("--anchor", "anchors", multiple=True, help="NAME=LEFT,TOP,WIDTH,HEIGHT: a stable part (an icon, an edge) "
+     "searched for within --margin px; repeatable")
+@opt("--fixed", "fixed", multiple=True, help="NAME=LEFT,TOP,WIDTH,HEIGHT: a plain area compared in place; repeatable")
+@opt("--text", "texts", multiple=True, help="NAME=LEFT,TOP,WIDTH,HEIGHT:REGEX read by OCR; repeatable")
+@opt("--overlay/--no-overlay", default=False, help="a dialog that covers other states and wins over them")
+@opt("--ready/--no-ready", default=False, help="automations may start in this state")
+@opt("--margin", default=4, type=click.IntRange(0, 64), help="pixels around each anchor to search")
+@opt("--threshold", default=None, type=click.FloatRange(0, 1), help="pass mark of the anchors (default 0.9)")
+@opt("--display", default=None, help="X display to capture (default: $DISPLAY; on Windows the session's screen)")
+@opt("--screenshot", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+     help="record from this PNG instead of a live display")
+@opt("--name", default=None, help="the model's name, for a new directory (default: the directory's name)")
+def model_capture(directory: Path, state: str, anchors: tuple[str, ...], fixed: tuple[str, ...], texts: tuple[str, ...],
+                  overlay: bool, ready: bool, margin: int, threshold: float | None, display: str | None,
+                  screenshot: Path | None, name: str | None) -> None:
+    """Record STATE's templates from what the screen shows now, and check they recognise it."""
+    import numpy as np
+    from PIL import Image
+
+    from .desktop.driver import capture_screen
+    from .vision.templates import Anchor, TemplateLibrary, TextSpec
+
+    parts = [Anchor(n, r, "match", threshold, margin) for n, r, _ in _areas(anchors, "--anchor")]
+    parts += [Anchor(n, r, "pixels") for n, r, _ in _areas(fixed, "--fixed")]
+    words = [TextSpec(n, r, p) for n, r, p in _areas(texts, "--text", text=True)]
+    if not parts and not words:
+        raise click.UsageError("give at least one --anchor, --fixed or --text")
+    if screenshot is not None:
+        frame = np.asarray(Image.open(screenshot).convert("RGB"))
+    else:
+        frame = capture_screen(display)
+    height, width = frame.shape[:2]
+    library = TemplateLibrary.open(directory, name or directory.resolve().name, (width, height))
+    library.record(frame, state, parts, words, overlay=overlay, ready=ready)
+    path = library.save(directory)
+    seen = TemplateLibrary.load(directory).classifier().classify(frame)
+    click.echo(f"recorded {state!r} ({len(parts)} templates, {len(words)} text checks) in {path}")
+    click.echo(f"the screen is now recognised as {seen.state!r} in {seen.elapsed_ms:.1f} ms")
+    if seen.state != state:
+        raise DeskfleetError(f"the model recognises this screen as {seen.state!r}, not {state!r}: "
+                             "its templates overlap another state's; choose parts only this state shows")
 
 
 def run() -> None:

@@ -50,6 +50,7 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20  # a run request (input included)
     max_artifact_bytes: int = 16 << 20
     webhook_secret: str | None = None
+    secret_key_file: Path | None = None  # default: <data_dir>/secret.key (created on first start)
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= 0:

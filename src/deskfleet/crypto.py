@@ -69,6 +69,10 @@ class SecretBox:
                     ) from exc
         return out
 
+    def key_fingerprint(self) -> str:
+        """Identifies the key without revealing it: replicas must all hold the same one."""
+        return hmac.new(self._mac_key, b"deskfleet-key-check", "sha256").hexdigest()[:32]
+
     def fingerprint(self, body: Any) -> str:
         return hmac.new(self._mac_key, orjson.dumps(body, option=orjson.OPT_SORT_KEYS), "sha256").hexdigest()
 

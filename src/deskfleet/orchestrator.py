@@ -93,7 +93,7 @@ class Orchestrator:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or open_store(settings.db_url, sqlite_synchronous=settings.sqlite_synchronous)
         self.db = StoreRunner(self.store)
-        self.secrets = SecretBox.from_file(settings.data_dir / "secret.key")
+        self.secrets = SecretBox.from_file(settings.secret_key_file or settings.data_dir / "secret.key")
         self.enrolment_token = settings.resolve_enrolment_token()
         self.policy = policy or Policy()
         self.metrics = Metrics()
@@ -104,6 +104,7 @@ class Orchestrator:
         self.leadership = open_leadership(settings.db_url)
         self.bus: LocalBus | PgBus = PgBus(settings.db_url, self.replica_id) if self.multi else LocalBus()
         self._hints: set[asyncio.Task[None]] = set()
+        self._prepared = False
         self.hub = Hub(self)
         self.fleet = FleetManager(self)
         self._wake = asyncio.Event()
@@ -116,14 +117,28 @@ class Orchestrator:
         self._catalog: tuple[float, dict[str, Pool], list[Machine]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self) -> None:
-        if not self.multi:
+    def prepare(self) -> None:
+        """Checks that must pass before serving (the CLI runs them first, to fail with one
+        clear line rather than a server that dies while starting)."""
+        if self._prepared:
+            return
+        if not self.multi and not self.leadership.try_acquire():
             # The embedded store serves one orchestrator: be it, or refuse to start.
-            if not self.leadership.try_acquire():
-                raise ConfigError(
-                    f"another deskfleet server is using {self.settings.db_url}; the embedded SQLite "
-                    "store serves one orchestrator (use PostgreSQL for several)"
-                )
+            raise ConfigError(
+                f"another deskfleet server is using {self.settings.db_url}; the embedded SQLite "
+                "store serves one orchestrator (use PostgreSQL for several)"
+            )
+        if not self.store.claim_key(self.secrets.key_fingerprint()):
+            raise ConfigError(
+                "this server's secret key is not the one that encrypted the secrets already in the "
+                "database; every replica needs the same key (--secret-key-file), and a replaced key "
+                "file cannot decrypt what the old one encrypted"
+            )
+        self._prepared = True
+
+    async def start(self) -> None:
+        await self.db(self.prepare)
+        if not self.multi:
             leases = await self.db(self.store.recover, time.time(), self.settings.heartbeat_timeout)
             if leases:
                 log.info("recovered %d active leases; agents have %.0fs to reconnect",

@@ -94,7 +94,8 @@ class Ledger:
 def _background(kind: str) -> bool:
     """Health bookkeeping the fleet may do at any moment (a starved agent is quarantined and
     re-verified): not something a request wrote."""
-    return kind in ("machine.quarantined", "machine.verified", "machine.verify_failed") or kind.startswith("verify.")
+    return (kind in ("machine.quarantined", "machine.verified", "machine.verify_failed")
+            or kind.startswith(("verify.", "replica.", "orchestrator.")))
 
 
 @asynccontextmanager

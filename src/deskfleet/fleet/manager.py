@@ -83,7 +83,7 @@ class FleetManager:
         held = await asyncio.to_thread(orch.leadership.try_acquire)
         if held and self.leader_since is None:
             self.leader_since = time.time()
-            log.warning("this replica (%s) is now the leader", orch.replica_name)
+            (log.warning if orch.multi else log.info)("this replica (%s) is now the leader", orch.replica_name)
             await orch.db(orch.store.record_event, "replica.leader", time.time(),
                           data={"replica": orch.replica_id, "name": orch.replica_name})
         elif not held and self.leader_since is not None:

@@ -97,6 +97,11 @@ class Store(ABC):
         of active leases."""
 
     @abstractmethod
+    def claim_key(self, fingerprint: str) -> bool:
+        """Record which secret key encrypts this database's secrets (the first caller's), and
+        say whether ``fingerprint`` is that key's."""
+
+    @abstractmethod
     def replica_alive(self, replica: str, name: str, now: float) -> None:
         """An orchestrator replica's own heartbeat."""
 

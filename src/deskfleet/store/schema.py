@@ -262,3 +262,11 @@ replicas = Table(
     Column("started_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
 )
+
+# Facts about the installation itself, e.g. which secret key encrypted the stored secrets.
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)

@@ -50,6 +50,7 @@ from .schema import (
     automations,
     events,
     machines,
+    meta,
     pools,
     replicas,
     runs,
@@ -262,6 +263,14 @@ class SQLStore(Store):
                     )
                 ))
             return int(res.rowcount)
+
+    def claim_key(self, fingerprint: str) -> bool:
+        with self._tx() as conn:
+            row = conn.execute(select(meta.c.value).where(meta.c.key == "secret_key")).first()
+            if row is None:
+                conn.execute(meta.insert().values(key="secret_key", value=fingerprint))
+                return True
+            return bool(row[0] == fingerprint)
 
     def replica_alive(self, replica: str, name: str, now: float) -> None:
         with self._tx() as conn:

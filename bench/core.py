@@ -62,17 +62,22 @@ def pct(values: list[float], p: float) -> float:
 
 
 class Server:
-    def __init__(self, workdir: Path, sync: str, extra: list[str] | None = None) -> None:
+    """One ``deskfleet server`` process."""
+
+    def __init__(self, workdir: Path, sync: str, extra: list[str] | None = None, *,
+                 db: str | None = None, data: Path | None = None, name: str = "server") -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.data = workdir / "data"
-        self.log = open(workdir / "server.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deskfleet", "--log-level", "warning", "server", "--port", str(self.port),
-             "--data-dir", str(self.data), "--sqlite-synchronous", sync, *(extra or [])],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
+        self.data = data or workdir / "data"
+        self.log = open(workdir / f"{name}.log", "ab")  # noqa: SIM115
+        self.args = [sys.executable, "-m", "deskfleet", "--log-level", "warning", "server", "--port", str(self.port),
+                     "--data-dir", str(self.data), "--sqlite-synchronous", sync,
+                     *(["--db", db] if db else []), *(extra or [])]
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.proc.pid)
 
     async def ready(self, client: AsyncClient) -> None:
@@ -93,11 +98,47 @@ class Server:
         return t.user + t.system
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class Cluster:
+    """One orchestrator on SQLite, or ``replicas`` of them sharing a PostgreSQL database
+    (and one data directory: the same secret key and enrolment token)."""
+
+    def __init__(self, workdir: Path, sync: str = "FULL", *, db: str | None = None, replicas: int = 1,
+                 extra: list[str] | None = None) -> None:
+        if replicas > 1 and not db:
+            raise SystemExit("several replicas need --db postgresql://…")
+        data = workdir / "data"
+        self.servers = [Server(workdir, sync, extra, db=db, data=data, name=f"server{i}") for i in range(replicas)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    @property
+    def token(self) -> str:
+        return self.servers[0].token
+
+    async def ready(self) -> None:
+        for i, server in enumerate(self.servers):
+            async with AsyncClient(server.url) as c:
+                await server.ready(c)
+            if i == 0:
+                await asyncio.sleep(0.2)  # the first migrates; the others then start at once
+
+    def cpu(self) -> float:
+        return sum(s.cpu() for s in self.servers if s.proc.poll() is None)
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
 
 
 async def wait_machines(client: AsyncClient, n: int, timeout: float = 120) -> None:
@@ -111,12 +152,14 @@ async def wait_machines(client: AsyncClient, n: int, timeout: float = 120) -> No
 
 
 # -- dispatch latency and overhead (agents in this process) -------------------------------------
-async def idle_pool(samples: int, sync: str, workdir: Path) -> dict[str, Any]:
-    server = Server(workdir, sync)
-    async with AsyncClient(server.url) as client:
-        await server.ready(client)
+async def idle_pool(samples: int, sync: str, workdir: Path, *, db: str | None = None, replicas: int = 1) -> dict[str, Any]:
+    cluster = Cluster(workdir, sync, db=db, replicas=replicas)
+    clients = [AsyncClient(url) for url in cluster.urls]
+    try:
+        await cluster.ready()
+        client = clients[0]
         fleet = SimFleet(SimFleetConfig(
-            servers=[server.url], prefix="lat", count=4, enrolment_token=server.token,
+            servers=cluster.urls, prefix="lat", count=4, enrolment_token=cluster.token,
             state_dir=workdir / "agents", backend=workdir / "ehr.db", action_delay=0.0, screenshots="none",
         ))
         received: dict[str, float] = {}
@@ -138,19 +181,21 @@ async def idle_pool(samples: int, sync: str, workdir: Path) -> dict[str, Any]:
             dispatch: list[float] = []
             overhead: list[float] = []
             for i in range(samples + 20):  # the first 20 warm caches and connections
+                c = clients[i % len(clients)]  # submits go round the replicas
                 t0 = time.perf_counter()
-                run = await client.submit("sim.noop", {"value": str(i)})
+                run = await c.submit("sim.noop", {"value": str(i)})
                 ev = arrived.setdefault(run["id"], asyncio.Event())
                 if run["id"] in received:
                     ev.set()
                 await asyncio.wait_for(ev.wait(), 10)
-                done = await client.run(run["id"], wait=10)
+                done = await c.run(run["id"], wait=10)
                 assert done["state"] == "succeeded", done
                 if i >= 20:
                     dispatch.append((received[run["id"]] - t0) * 1000)
             for i in range(samples + 20):
+                c = clients[i % len(clients)]
                 t0 = time.perf_counter()
-                done = await client.submit("sim.noop", {"value": f"o{i}"}, wait=10)
+                done = await c.submit("sim.noop", {"value": f"o{i}"}, wait=10)
                 t1 = time.perf_counter()
                 assert done["state"] == "succeeded", done
                 if i >= 20:
@@ -158,7 +203,10 @@ async def idle_pool(samples: int, sync: str, workdir: Path) -> dict[str, Any]:
         finally:
             await fleet.shutdown()
             task.cancel()
-            server.stop()
+    finally:
+        for c in clients:
+            await c.aclose()
+        cluster.stop()
     return {
         "dispatch_ms": {"p50": statistics.median(dispatch), "p90": pct(dispatch, 90), "p99": pct(dispatch, 99),
                         "max": max(dispatch), "n": len(dispatch)},
@@ -168,18 +216,22 @@ async def idle_pool(samples: int, sync: str, workdir: Path) -> dict[str, Any]:
 
 
 # -- throughput at saturation (agents in 2 processes) --------------------------------------------
-async def saturation(machines: int, runs: int, sync: str, workdir: Path) -> dict[str, Any]:
-    server = Server(workdir, sync)
+async def saturation(machines: int, runs: int, sync: str, workdir: Path, *, db: str | None = None,
+                     replicas: int = 1) -> dict[str, Any]:
+    cluster = Cluster(workdir, sync, db=db, replicas=replicas)
     agents: list[subprocess.Popen[bytes]] = []
-    async with AsyncClient(server.url, timeout=120) as client:
-        await server.ready(client)
+    urls = cluster.urls
+    orchestrators = [arg for url in urls for arg in ("--orchestrator", url)]
+    clients = [AsyncClient(url, timeout=120) for url in urls]
+    async with AsyncClient(urls[0], timeout=120) as client:
+        await cluster.ready()
         per = [machines // 2 + machines % 2, machines // 2] if machines > 1 else [1]
         first = 1
         for i, n in enumerate(per):
             log = open(workdir / f"agents-{i}.log", "ab")  # noqa: SIM115
             agents.append(subprocess.Popen(
-                [sys.executable, "-m", "deskfleet", "--log-level", "warning", "agent", "--orchestrator", server.url,
-                 "--machine", "sat", "--sim", str(n), "--sim-first", str(first), "--enrolment-token", server.token,
+                [sys.executable, "-m", "deskfleet", "--log-level", "warning", "agent", *orchestrators,
+                 "--machine", "sat", "--sim", str(n), "--sim-first", str(first), "--enrolment-token", cluster.token,
                  "--state-dir", str(workdir / "agents"), "--sim-backend", str(workdir / "ehr.db"),
                  "--action-delay", "0", "--screenshots", "none"],
                 stdout=log, stderr=subprocess.STDOUT,
@@ -198,12 +250,12 @@ async def saturation(machines: int, runs: int, sync: str, workdir: Path) -> dict
 
             async def submit(i: int) -> None:
                 async with sem:
-                    await client.submit("sim.noop", {"value": str(i)}, queue_timeout=3600)
+                    await clients[i % len(clients)].submit("sim.noop", {"value": str(i)}, queue_timeout=3600)
 
             t_sub = time.perf_counter()
             await asyncio.gather(*(submit(i) for i in range(runs)))
             submit_rate = runs / (time.perf_counter() - t_sub)
-            cpu0 = server.cpu()
+            cpu0 = cluster.cpu()
             t0 = time.perf_counter()
             await asyncio.gather(*(act(m, "uncordon") for m in ids))
             while True:
@@ -214,7 +266,7 @@ async def saturation(machines: int, runs: int, sync: str, workdir: Path) -> dict
                     raise RuntimeError(f"backlog did not drain: {s}")
                 await asyncio.sleep(0.25)
             wall = time.perf_counter() - t0
-            cpu = server.cpu() - cpu0
+            cpu = cluster.cpu() - cpu0
             events = await client.every_event()
         finally:
             for p in agents:
@@ -224,7 +276,9 @@ async def saturation(machines: int, runs: int, sync: str, workdir: Path) -> dict
                     p.wait(15)
                 except subprocess.TimeoutExpired:
                     p.kill()
-            server.stop()
+            for c in clients:
+                await c.aclose()
+            cluster.stop()
     from datetime import datetime
 
     def ts(e: dict[str, Any]) -> float:

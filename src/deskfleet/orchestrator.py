@@ -55,17 +55,19 @@ class Metrics:
 
 
 class StoreRunner:
-    """Runs store operations on one worker thread, so the event loop never blocks on I/O.
+    """Runs store operations on worker threads, so the event loop never blocks on I/O.
 
-    One thread: SQLite admits one writer at a time anyway, and a single writer never
-    meets "database is locked" from itself.
+    One thread for SQLite: it admits one writer at a time anyway, and a single writer never
+    meets "database is locked" from itself. A few for PostgreSQL, whose row locks let
+    different agents' writes proceed side by side (one agent's messages are still handled
+    in order: the hub awaits each before reading the next).
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, threads: int = 1) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.store = store
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="deskfleet-store")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="deskfleet-store")
 
     async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -92,7 +94,7 @@ class Orchestrator:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or open_store(settings.db_url, sqlite_synchronous=settings.sqlite_synchronous)
-        self.db = StoreRunner(self.store)
+        self.db = StoreRunner(self.store, threads=4 if is_postgres(settings.db_url) else 1)
         self.secrets = SecretBox.from_file(settings.secret_key_file or settings.data_dir / "secret.key")
         self.enrolment_token = settings.resolve_enrolment_token()
         self.policy = policy or Policy()

@@ -53,7 +53,14 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
         pool_pre_ping=True,  # a connection that died with a server restart is replaced, not used
         pool_recycle=600,
         pool_timeout=10,
-        connect_args={"connect_timeout": 5, "application_name": "deskfleet"},
+        connect_args={
+            "connect_timeout": 3,
+            "application_name": "deskfleet",
+            # A server gone silent (no reset, just nothing) must fail requests, not hang them.
+            "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+            # A write waiting on a lock this long is stuck, not busy: fail it (and retry).
+            "options": "-c lock_timeout=10000",
+        },
     )
 
 

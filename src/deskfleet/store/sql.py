@@ -80,8 +80,10 @@ _INSERT_EVENT = events.insert()
 
 
 def _retryable(exc: DBAPIError) -> bool:
-    """A deadlock or serialization failure: the whole operation may simply run again."""
-    return str(getattr(exc.orig, "sqlstate", "") or "").startswith("40")
+    """A deadlock, a serialization failure or a lock wait that timed out: the whole
+    operation may simply run again."""
+    state = str(getattr(exc.orig, "sqlstate", "") or "")
+    return state.startswith("40") or state == "55P03"
 
 
 def _first_line(exc: object) -> str:

@@ -1,9 +1,10 @@
 """The desktop API that automations, playbooks and the agent drive.
 
 One protocol, several implementations: the simulated desktop (``deskfleet.sim``) for unit
-tests, the demo and scale tests; a real desktop over mss and pynput (X11 under Xvfb in our
-tests, Windows for users) in a later part. Code written against :class:`Desktop` runs on
-either.
+tests, the demo and scale tests; the real desktop (:mod:`.driver`: mss, pynput, tesseract)
+on X11 displays started by :mod:`.xvfb` in our tests and on Windows for users
+(:mod:`.windows` holds the Windows-only extras); :mod:`.launch` runs real desktops with
+their agents. Code written against :class:`Desktop` runs on any of them.
 
 The API is asynchronous because an agent process may host many simulated desktops; a
 real driver offloads its blocking calls to a thread. Synchronous automations get a

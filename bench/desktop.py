@@ -1,0 +1,230 @@
+"""Real-desktop benchmarks: pre-flight cost per recognition method, and one desktop's footprint.
+
+    .venv/bin/python bench/desktop.py               # results under bench/results/
+    .venv/bin/python bench/desktop.py --quick       # fewer samples
+
+- preflight: DemoEHR logged in and at "home" on a 1920x1080 Xvfb display (its window
+  1024x768 at the top-left). For each recognition method, capture the whole screen and
+  classify it, N times: *fixed* (templates compared in place, as the simulated desktops'
+  model does), *match* (the shipped model: templates searched within regions with OpenCV),
+  *match + 1 OCR* (the same, plus one OCR region: "Signed in as ..."), and, for scale,
+  OCR of the whole frame. Also the real ``preflight()`` on a ready machine (capture,
+  classify, and the responsiveness probe that hovers a button).
+- footprint: a real ``deskfleet server`` and a real ``deskfleet agent --desktop xvfb``
+  as processes; time from starting the agent to its machine being schedulable (Xvfb up,
+  DemoEHR up and recognised, agent enrolled and connected), then resident memory of
+  Xvfb, DemoEHR and the agent process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from deskfleet.agent.preflight import preflight
+from deskfleet.client import Client
+from deskfleet.demoapp import credentials, demoapp_model
+from deskfleet.demoapp import layout as L
+from deskfleet.demoapp.capture import app_command
+from deskfleet.desktop.xvfb import xvfb_desktop
+from deskfleet.vision import Classifier, ScreenState, TemplateCheck
+from deskfleet.vision.match import MatchCheck, gray
+from deskfleet.vision.ocr import TextCheck, shared_engine
+
+RESULTS = Path(__file__).parent / "results"
+console = Console()
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {"n": len(s), "p50": statistics.median(s), "p90": s[int(0.9 * (len(s) - 1))], "max": s[-1]}
+
+
+def fixed_position(classifier: Classifier) -> Classifier:
+    """The same states, each template compared at the place it was cut (no search)."""
+    states = []
+    for state in classifier.states:
+        checks: list[Any] = []
+        for c in state.checks:
+            if isinstance(c, MatchCheck):
+                th, tw = c.template.shape
+                margin_x, margin_y = (c.region.width - tw) // 2, (c.region.height - th) // 2
+                at = type(c.region)(c.region.left + margin_x, c.region.top + margin_y, tw, th)
+                checks.append(TemplateCheck(at, c.template.astype(np.float32), 0.95))
+            else:
+                checks.append(c)
+        states.append(ScreenState(state.name, checks, overlay=state.overlay, ready=state.ready))
+    return Classifier(states)
+
+
+def with_ocr(classifier: Classifier) -> Classifier:
+    states = []
+    for state in classifier.states:
+        checks = list(state.checks)
+        if state.name == "home":
+            checks.append(TextCheck(L.USER_LABEL, r"^Signed in as \S+"))
+        states.append(ScreenState(state.name, checks, overlay=state.overlay, ready=state.ready))
+    return Classifier(states)
+
+
+async def bench_preflight(n: int, work: Path) -> dict[str, Any]:
+    model = demoapp_model()
+    desktop = await xvfb_desktop("bench", app_command(work / "bench.db", "--seed", "0"), width=1920, height=1080,
+                                 started=lambda f: model.classify(f).state == "login")
+    out: dict[str, Any] = {}
+    try:
+        async def record(kind: str, data: dict[str, Any], frame: Any) -> None:
+            return None
+
+        pre = await preflight(desktop, model, "ready", session_key=None, credentials=credentials(0), record=record)
+        assert pre.ok, pre.detail
+        out["login_preflight_s"] = pre.elapsed
+        shared_engine()  # created once per process (~0.1 s); not part of a pre-flight
+        methods = {"fixed": fixed_position(model.classifier), "match": model.classifier,
+                   "match + 1 OCR": with_ocr(model.classifier)}
+        capture: list[float] = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await desktop.screenshot()
+            capture.append((time.perf_counter() - t0) * 1000)
+        out["capture_ms"] = _stats(capture)
+        for name, classifier in methods.items():
+            classify, total = [], []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                frame = await desktop.screenshot()
+                t1 = time.perf_counter()
+                seen = classifier.classify(frame)
+                t2 = time.perf_counter()
+                assert seen.state == "home", (name, seen.state)
+                classify.append((t2 - t1) * 1000)
+                total.append((t2 - t0) * 1000)
+            out[name] = {"classify_ms": _stats(classify), "capture_classify_ms": _stats(total)}
+        frame = await desktop.screenshot()
+        t0 = time.perf_counter()
+        shared_engine().read(frame)
+        out["whole_frame_ocr_ms"] = (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
+        gray(frame)
+        out["gray_1080p_ms"] = (time.perf_counter() - t0) * 1000
+        ready = []
+        for _ in range(max(5, n // 10)):
+            pre = await preflight(desktop, model, "ready", session_key=None, credentials=credentials(0), record=record)
+            assert pre.ok and not pre.steps
+            ready.append(pre.elapsed * 1000)
+        out["preflight_ready_with_probe_ms"] = _stats(ready)
+    finally:
+        await desktop.close()
+    return out
+
+
+def bench_footprint(work: Path) -> dict[str, Any]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DESKFLEET_")}
+    server = subprocess.Popen([sys.executable, "-m", "deskfleet", "server", "--port", str(port), "--data-dir",
+                               str(work / "server"), "--sqlite-synchronous", "NORMAL"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agent = None
+    try:
+        url = f"http://127.0.0.1:{port}"
+        token_file = work / "server" / "enrolment-token"
+        deadline = time.monotonic() + 30
+        while not token_file.exists() or not _healthy(url):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        agent = subprocess.Popen([sys.executable, "-m", "deskfleet", "agent", "--orchestrator", url, "--desktop", "xvfb",
+                                  "--machine", "bench", "--enrolment-token-file", str(token_file),
+                                  "--state-dir", str(work / "agent"), "--app-data", str(work / "agent" / "ehr.db"),
+                                  "--screen", "1920x1080"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with Client(url) as c:
+            while not any(m["id"].startswith("bench") and m["status"] == "ready" for m in c.machines()):
+                if time.monotonic() - t0 > 60:
+                    raise RuntimeError("the agent's machine never became ready")
+                time.sleep(0.05)
+            ready_s = time.monotonic() - t0
+            run = c.submit("demoehr.create_patient", {"mrn": "BENCH-1", "name": "Ada Lovelace", "dob": "1815-12-10"},
+                           wait=60)
+            assert run["state"] == "succeeded", run
+        time.sleep(1.0)
+        proc = psutil.Process(agent.pid)
+        children = proc.children(recursive=True)
+        rss = {"agent": proc.memory_info().rss / 2**20}
+        for child in children:
+            name = "Xvfb" if "Xvfb" in child.name() else "DemoEHR" if "demoapp" in " ".join(child.cmdline()) else child.name()
+            rss[name] = child.memory_info().rss / 2**20
+        return {"agent_start_to_ready_s": ready_s, "rss_mb": rss, "total_rss_mb": sum(rss.values())}
+    finally:
+        for p in (agent, server):
+            if p is not None:
+                p.terminate()
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with Client(url) as c:
+            c.health()
+        return True
+    except Exception:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    n = 50 if args.quick else 300
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pre = asyncio.run(bench_preflight(n, work))
+        foot = bench_footprint(work)
+    table = Table("1920x1080, DemoEHR at home", "p50 ms", "p90 ms", "max ms", title="pre-flight: capture + classify")
+    c = pre["capture_ms"]
+    table.add_row("capture (mss, whole screen)", f"{c['p50']:.1f}", f"{c['p90']:.1f}", f"{c['max']:.1f}")
+    for name in ("fixed", "match", "match + 1 OCR"):
+        for part in ("classify_ms", "capture_classify_ms"):
+            s = pre[name][part]
+            label = f"{name}: {'classify' if part == 'classify_ms' else 'capture + classify'}"
+            table.add_row(label, f"{s['p50']:.1f}", f"{s['p90']:.1f}", f"{s['max']:.1f}")
+    s = pre["preflight_ready_with_probe_ms"]
+    table.add_row("preflight() at home, with the probe", f"{s['p50']:.1f}", f"{s['p90']:.1f}", f"{s['max']:.1f}")
+    table.add_row("OCR of the whole frame (reference)", f"{pre['whole_frame_ocr_ms']:.0f}", "", "")
+    console.print(table)
+    console.print(f"log-in pre-flight (login playbook, then home + probe): {pre['login_preflight_s']:.2f} s")
+    foot_table = Table("process", "RSS MiB", title=f"one desktop: agent start → ready in {foot['agent_start_to_ready_s']:.2f} s")
+    for name, mb in foot["rss_mb"].items():
+        foot_table.add_row(name, f"{mb:.0f}")
+    foot_table.add_row("total", f"{foot['total_rss_mb']:.0f}")
+    console.print(foot_table)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"desktop-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                                "samples": n, "preflight": pre, "footprint": foot}, indent=1))
+    console.print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

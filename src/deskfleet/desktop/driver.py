@@ -1,0 +1,468 @@
+"""The real desktop: a :class:`~deskfleet.desktop.Desktop` over a real screen, keyboard and mouse.
+
+One implementation for every platform, over cross-platform libraries: screenshots with
+``mss`` (X11 shared memory, GDI on Windows; ≈ 1.5 ms for a 1080p frame here), mouse and
+keyboard with ``pynput`` (XTest / SendInput), text with tesseract (``vision.ocr``), the
+application's memory and CPU with ``psutil``. The code our tests run against Xvfb is the
+code that drives a customer's Windows VM.
+
+What differs between platforms is the *host* around the application — which display
+the frames and input go to, when the machine booted, whether the app's window is up
+(and giving it the keyboard focus, which on an X server without a window manager nobody
+else does), how to reboot. That is the small :class:`Host` protocol: ``xvfb.XvfbDisplay``
+for X displays started here, ``windows.ConsoleHost`` for an attended Windows console.
+
+Blocking calls (capture, input, OCR, process control) run in worker threads, so one event
+loop can hold many desktops; an X server that hangs stalls a worker, never the loop and
+its heartbeats.
+
+The input gate (``Desktop.input_gate``) belongs to the agent and touches its asyncio
+state, so it runs on the event loop, immediately before each batch of input is handed
+to a worker. The worker re-checks that the handoff took no longer than
+:data:`GATE_FRESHNESS`: a process paused between the gate and the input (GC, SIGSTOP, a
+frozen VM) must not land input its lease may no longer allow. Long text is sent in
+short batches, each gated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+import psutil
+
+from ..errors import DesktopError, Stopped
+from . import DesktopInfo, Frame, Region
+
+log = logging.getLogger(__name__)
+
+#: seconds a gate check stays valid for the input handed to a worker right after it
+GATE_FRESHNESS = 0.5
+#: characters typed per gated batch
+TYPE_BATCH = 16
+#: seconds between polls while waiting for the app's window or first recognisable screen
+POLL = 0.05
+
+
+class Host(Protocol):
+    """The machine around the application: its display, its boot, its windows."""
+
+    @property
+    def display(self) -> str | None:
+        """The X display (``":7"``) frames and input go to; None: this session's own screen."""
+
+    def env(self) -> dict[str, str]:
+        """The environment the application is started with (DISPLAY set, on X)."""
+
+    def boot_id(self) -> str:
+        """Changes whenever the machine (or display server) restarts."""
+
+    def booted_at(self) -> float:
+        """Wall-clock time of the last boot."""
+
+    def show_window(self, pid: int) -> bool:
+        """True once a window of process ``pid`` is visible; give it the keyboard focus."""
+
+    def restart(self) -> None:
+        """Reboot: stop and start the machine (or display server); return when it is up."""
+
+    def close(self) -> None:
+        """Stop what this host started. The application must be stopped first."""
+
+
+@dataclass(slots=True)
+class AppCommand:
+    """How to start the target application, and how long to give it."""
+
+    argv: Sequence[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    stop_grace: float = 3.0  # seconds between asking it to exit and killing it
+    start_timeout: float = 30.0  # seconds for its window (and first known screen) to appear
+    log: Path | None = None  # where its stdout/stderr go (default: discarded)
+
+
+_KEYS = {
+    "ctrl": "ctrl", "control": "ctrl", "alt": "alt", "shift": "shift",
+    "cmd": "cmd", "win": "cmd", "super": "cmd", "meta": "cmd",
+    "enter": "enter", "return": "enter", "tab": "tab", "esc": "esc", "escape": "esc",
+    "backspace": "backspace", "delete": "delete", "del": "delete", "insert": "insert",
+    "home": "home", "end": "end", "pageup": "page_up", "page_up": "page_up",
+    "pagedown": "page_down", "page_down": "page_down", "up": "up", "down": "down",
+    "left": "left", "right": "right", "space": "space",
+    **{f"f{i}": f"f{i}" for i in range(1, 13)},
+}
+_BUTTONS = ("left", "right", "middle")
+
+# pynput binds to the X display named by $DISPLAY when it is imported and when a
+# controller is created; to give each desktop of one process its own display the variable
+# is set for that moment only, under this lock.
+_display_env_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _display_env(display: str | None) -> Any:
+    if display is None:
+        yield
+        return
+    with _display_env_lock:
+        old = os.environ.get("DISPLAY")
+        os.environ["DISPLAY"] = display
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("DISPLAY", None)
+            else:
+                os.environ["DISPLAY"] = old
+
+
+class _Devices:
+    """Screen capture and input devices bound to one display (re-created after a reboot)."""
+
+    def __init__(self, display: str | None) -> None:
+        try:
+            import mss
+
+            with _display_env(display):
+                from pynput import keyboard, mouse
+
+                self.mouse = mouse.Controller()
+                self.keyboard = keyboard.Controller()
+            self.screen = mss.MSS(display=display) if display else mss.MSS()
+        except Exception as exc:  # Xlib, mss and pynput each raise their own kinds
+            raise DesktopError(f"cannot open the display {display or '(session)'}: {exc}") from exc
+        self.Button = mouse.Button
+        self.Key = keyboard.Key
+        monitor = self.screen.monitors[0]
+        self.width, self.height = int(monitor["width"]), int(monitor["height"])
+        self.lock = threading.Lock()  # one input sequence at a time (a chord is not interleaved)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.screen.close()
+        # pynput has no close(); its finaliser would close these connections after the X
+        # server is gone and print a traceback, so they are closed here, while it is up.
+        for controller in (self.mouse, self.keyboard):
+            connection = getattr(controller, "_display", None)
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    connection.close()
+                del controller._display
+
+    def grab(self, region: Region | None) -> Frame:
+        box = {"left": 0, "top": 0, "width": self.width, "height": self.height}
+        if region is not None:
+            box = {"left": region.left, "top": region.top, "width": region.width, "height": region.height}
+        shot = self.screen.grab(box)
+        bgra = np.frombuffer(shot.raw, np.uint8).reshape(shot.height, shot.width, 4)
+        return np.asarray(cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB), np.uint8)
+
+    def key(self, name: str) -> Any:
+        mapped = _KEYS.get(name.lower())
+        if mapped is not None:
+            return getattr(self.Key, mapped)
+        if len(name) == 1:
+            return name
+        raise ValueError(f"unknown key {name!r}")
+
+
+def capture_screen(display: str | None = None) -> Frame:
+    """One screenshot of a whole display (``None``: ``$DISPLAY``, or this session's screen)."""
+    try:
+        import mss
+
+        with mss.MSS(display=display) if display else mss.MSS() as screen:
+            monitor = screen.monitors[0]
+            shot = screen.grab(monitor)
+    except Exception as exc:
+        raise DesktopError(f"cannot capture the display {display or '(session)'}: {exc}") from exc
+    bgra = np.frombuffer(shot.raw, np.uint8).reshape(shot.height, shot.width, 4)
+    return np.ascontiguousarray(bgra[..., 2::-1])
+
+
+class RealDesktop:
+    """A real screen with the target application on it. Start with :meth:`start`."""
+
+    def __init__(
+        self,
+        name: str,
+        host: Host,
+        app: AppCommand,
+        *,
+        started: Callable[[Frame], bool] | None = None,
+        ocr: Any | None = None,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.app = app
+        #: recognises a started application's first screen (e.g. "the model knows this state")
+        self.started = started
+        self.input_gate: Callable[[], None] | None = None
+        self._ocr = ocr
+        self._devices: _Devices | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ps: psutil.Process | None = None
+        self._gate_passed = 0.0
+        self._reboot_listeners: list[Callable[[], Any]] = []
+        self.restarts = 0
+
+    def __repr__(self) -> str:
+        return f"RealDesktop({self.name!r}, display={self.host.display!r})"
+
+    @property
+    def boot_id(self) -> str:
+        return self.host.boot_id()
+
+    @property
+    def app_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the display and start the application; return once its window shows."""
+        self._devices = await asyncio.to_thread(_Devices, self.host.display)
+        await self._launch()
+
+    async def close(self) -> None:
+        """Stop the application, then the host: toolkits and input libraries complain when
+        their display vanishes under them."""
+        await asyncio.to_thread(self._stop_app)
+        if self._devices is not None:
+            self._devices.close()
+            self._devices = None
+        await asyncio.to_thread(self.host.close)
+
+    def add_reboot_listener(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` after each reboot, once the machine is back (boot id changed)."""
+        self._reboot_listeners.append(callback)
+
+    # -- observation -------------------------------------------------------------------------
+
+    async def screenshot(self, region: Region | None = None) -> Frame:
+        dev = self._dev()
+        if region is not None:
+            self._check_region(dev, region)
+        try:
+            return await asyncio.to_thread(dev.grab, region)
+        except Exception as exc:
+            raise DesktopError(f"screenshot of {self.name} failed: {exc}") from exc
+
+    async def read_text(self, region: Region) -> str:
+        frame = await self.screenshot(region)
+        engine = await asyncio.to_thread(self._ocr_engine)  # the first call loads tesseract (~0.1 s)
+        return await asyncio.to_thread(engine.read, frame)
+
+    async def info(self) -> DesktopInfo:
+        dev = self._dev()
+        memory, cpu, running = 0.0, 0.0, False
+        ps = self._ps
+        if ps is not None:
+            try:
+                with ps.oneshot():
+                    running = ps.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+                    if running:
+                        memory = ps.memory_info().rss / 2**20
+                        cpu = ps.cpu_percent(None)
+            except psutil.Error:
+                running = False
+        return DesktopInfo(
+            width=dev.width, height=dev.height, boot_id=self.host.boot_id(),
+            uptime=max(0.0, time.time() - self.host.booted_at()),
+            memory_mb=memory, cpu_percent=cpu, app_running=running,
+            extra={"app_restarts": float(self.restarts)},
+        )
+
+    # -- input -------------------------------------------------------------------------------
+
+    async def move(self, x: int, y: int) -> None:
+        await self._input(lambda d: setattr(d.mouse, "position", (x, y)))
+
+    async def click(self, x: int, y: int, *, button: str = "left", count: int = 1) -> None:
+        if button not in _BUTTONS:
+            raise ValueError(f"button must be one of {', '.join(_BUTTONS)}")
+
+        def send(d: _Devices) -> None:
+            d.mouse.position = (x, y)
+            d.mouse.click(getattr(d.Button, button), count)
+
+        await self._input(send)
+
+    async def drag(self, x1: int, y1: int, x2: int, y2: int) -> None:
+        def send(d: _Devices) -> None:
+            d.mouse.position = (x1, y1)
+            d.mouse.press(d.Button.left)
+            steps = max(2, int(max(abs(x2 - x1), abs(y2 - y1)) / 20))
+            for i in range(1, steps + 1):  # toolkits want motion between press and release
+                d.mouse.position = (x1 + (x2 - x1) * i // steps, y1 + (y2 - y1) * i // steps)
+            d.mouse.release(d.Button.left)
+
+        await self._input(send)
+
+    async def type_text(self, text: str) -> None:
+        for start in range(0, len(text), TYPE_BATCH):
+            chunk = text[start : start + TYPE_BATCH]
+            await self._input(lambda d, chunk=chunk: d.keyboard.type(chunk))  # type: ignore[misc]
+
+    async def press(self, *keys: str) -> None:
+        if not keys:
+            raise ValueError("press() needs at least one key")
+        dev = self._dev()
+        resolved = [dev.key(k) for k in keys]  # an unknown key fails before any is pressed
+
+        def send(d: _Devices) -> None:
+            pressed = []
+            try:
+                for k in resolved:
+                    d.keyboard.press(k)
+                    pressed.append(k)
+            finally:
+                for k in reversed(pressed):
+                    d.keyboard.release(k)
+
+        await self._input(send)
+
+    async def scroll(self, dy: int, dx: int = 0) -> None:
+        await self._input(lambda d: d.mouse.scroll(dx, dy))
+
+    async def _input(self, send: Callable[[_Devices], None]) -> None:
+        dev = self._dev()
+        if self.input_gate is not None:
+            self.input_gate()  # the agent's last word: raises Stopped to refuse the input
+        self._gate_passed = time.monotonic()
+        gate = self._gate_passed
+
+        def run() -> None:
+            with dev.lock:
+                if time.monotonic() - gate > GATE_FRESHNESS:
+                    raise Stopped("input held back: it reached the display too long after its gate check")
+                send(dev)
+
+        try:
+            await asyncio.to_thread(run)
+        except Stopped:
+            raise
+        except Exception as exc:
+            raise DesktopError(f"input to {self.name} failed: {exc}") from exc
+
+    # -- operator controls ---------------------------------------------------------------------
+
+    async def stop_app(self) -> None:
+        """Stop the application (SIGKILL if it will not exit) and leave it stopped."""
+        await asyncio.to_thread(self._stop_app)
+
+    async def restart_app(self) -> None:
+        """Stop the app (SIGKILL if it will not exit) and start it; return once it shows."""
+        await asyncio.to_thread(self._stop_app)
+        self.restarts += 1
+        await self._launch()
+
+    async def reboot(self) -> None:
+        """Restart the machine — for an Xvfb machine, the X server — and the app on it."""
+        log.info("rebooting %s", self.name, extra={"machine": self.name})
+        await asyncio.to_thread(self._stop_app)
+        if self._devices is not None:
+            self._devices.close()
+            self._devices = None
+        try:
+            await asyncio.to_thread(self.host.restart)
+        except Exception as exc:
+            raise DesktopError(f"{self.name} did not come back from a reboot: {exc}") from exc
+        self._devices = await asyncio.to_thread(_Devices, self.host.display)
+        await self._launch()
+        for callback in list(self._reboot_listeners):
+            try:
+                result = callback()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("reboot listener failed on %s", self.name)
+
+    # -- the application process -----------------------------------------------------------------
+
+    async def _launch(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.app.start_timeout
+        proc = await asyncio.to_thread(self._spawn)
+        while not await asyncio.to_thread(self.host.show_window, proc.pid):
+            if proc.poll() is not None:
+                raise DesktopError(f"the application on {self.name} exited at start (status {proc.returncode})")
+            if loop.time() > deadline:
+                raise DesktopError(f"the application's window did not appear on {self.name} "
+                                   f"within {self.app.start_timeout:g}s")
+            await asyncio.sleep(POLL)
+        if self.started is None:
+            return
+        # Mapped is not drawn: wait until the screen shows something the model recognises.
+        while not self.started(await self.screenshot()):
+            if proc.poll() is not None:
+                raise DesktopError(f"the application on {self.name} exited at start (status {proc.returncode})")
+            if loop.time() > deadline:
+                raise DesktopError(f"the application on {self.name} showed no screen its model knows "
+                                   f"within {self.app.start_timeout:g}s")
+            await asyncio.sleep(POLL)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **self.host.env(), **self.app.env}
+        out: Any = subprocess.DEVNULL
+        if self.app.log is not None:
+            self.app.log.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.app.log, "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            proc = subprocess.Popen(list(self.app.argv), env=env, cwd=self.app.cwd, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT if out is not subprocess.DEVNULL else out)
+        except OSError as exc:
+            raise DesktopError(f"cannot start the application on {self.name}: {exc}") from exc
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        self._proc = proc
+        self._ps = psutil.Process(proc.pid)
+        with contextlib.suppress(psutil.Error):
+            self._ps.cpu_percent(None)  # the first reading only starts the measurement
+        log.info("started the application on %s (pid %d)", self.name, proc.pid, extra={"machine": self.name})
+        return proc
+
+    def _stop_app(self) -> None:
+        proc, self._proc, self._ps = self._proc, None, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(self.app.stop_grace)
+        except subprocess.TimeoutExpired:
+            log.info("the application on %s ignored SIGTERM; killing it", self.name, extra={"machine": self.name})
+            proc.kill()
+            proc.wait(10)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _dev(self) -> _Devices:
+        if self._devices is None:
+            raise DesktopError(f"{self.name} is not started (or is rebooting)")
+        return self._devices
+
+    def _ocr_engine(self) -> Any:
+        if self._ocr is None:
+            from ..vision.ocr import shared_engine
+
+            self._ocr = shared_engine()
+        return self._ocr
+
+    @staticmethod
+    def _check_region(dev: _Devices, region: Region) -> None:
+        if (region.width <= 0 or region.height <= 0 or region.left < 0 or region.top < 0
+                or region.left + region.width > dev.width or region.top + region.height > dev.height):
+            raise ValueError(f"region {tuple(region)} is not within the {dev.width}x{dev.height} screen")

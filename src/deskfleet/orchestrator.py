@@ -107,6 +107,7 @@ class Orchestrator:
         self.bus: LocalBus | PgBus = PgBus(settings.db_url, self.replica_id) if self.multi else LocalBus()
         self._hints: set[asyncio.Task[None]] = set()
         self._prepared = False
+        self._woke_others_at = 0.0
         self.hub = Hub(self)
         self.fleet = FleetManager(self)
         self._wake = asyncio.Event()
@@ -226,6 +227,13 @@ class Orchestrator:
                 await self.send_assignment(a)
             if len(assignments) >= limit:
                 self._wake.set()
+            now = time.monotonic()
+            if getattr(assignments, "unclaimed", 0) and now - self._woke_others_at >= self.settings.schedule_tick:
+                # Runs this replica held but could not place: another replica's machines may
+                # fit them, and it skipped them while we held them. (At most one such hint
+                # per tick: two replicas with unplaceable runs must not ping-pong.)
+                self._woke_others_at = now
+                self.hint("wake")
 
     async def send_assignment(self, a: Assignment) -> None:
         self.metrics.assigned.inc()

@@ -2,7 +2,10 @@
 
 Messages from one agent are handled in order, so a progress report never overtakes the
 result that follows it. Heartbeats do not touch the database one by one: the hub keeps
-the latest per machine and the fleet manager writes them in one transaction a tick.
+the latest per machine and the fleet manager writes them in one transaction a tick, and
+only then acknowledges them. An agent hears "your lease is renewed" only once it is — so
+a replica that cannot reach the database (while another replica, which can, expires the
+lease) never keeps an agent working on a lease it no longer has: the agent fences itself.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class Hub:
         self.orch = orch
         self.connections: dict[str, Connection] = {}
         self.beats: dict[str, Heartbeat] = {}
+        self.beat_seqs: dict[str, int] = {}  # the sequence number of each machine's latest beat
 
     def _ctx(self, machine_id: str, attempt_id: int | None = None, run_id: str | None = None) -> dict[str, Any]:
         return {"machine": machine_id, "attempt": attempt_id, "run": run_id}
@@ -79,14 +83,24 @@ class Hub:
             return False
         return await conn.send(msg)
 
-    def drain_heartbeats(self) -> list[Heartbeat]:
+    def drain_heartbeats(self) -> tuple[list[Heartbeat], dict[str, int]]:
         beats, self.beats = list(self.beats.values()), {}
-        return beats
+        seqs, self.beat_seqs = self.beat_seqs, {}
+        return beats, seqs
 
-    def requeue_heartbeats(self, beats: list[Heartbeat]) -> None:
+    def requeue_heartbeats(self, beats: list[Heartbeat], seqs: dict[str, int]) -> None:
         """Beats a failed write did not record: keep them unless a newer one arrived."""
         for b in beats:
-            self.beats.setdefault(b.machine_id, b)
+            if b.machine_id not in self.beats:
+                self.beats[b.machine_id] = b
+                self.beat_seqs[b.machine_id] = seqs[b.machine_id]
+
+    async def acknowledge(self, seqs: dict[str, int]) -> None:
+        """The beats were written: their leases are renewed; tell the agents."""
+        for machine_id, seq in seqs.items():
+            conn = self.connections.get(machine_id)
+            if conn is not None:
+                await conn.send(HeartbeatAck(seq=seq))
 
     async def close_all(self) -> None:
         for conn in list(self.connections.values()):
@@ -168,6 +182,7 @@ class Hub:
                 del self.connections[machine_id]
                 orch.metrics.connected.set(len(self.connections))
                 self.beats.pop(machine_id, None)
+                self.beat_seqs.pop(machine_id, None)
                 try:
                     await orch.db(orch.store.disconnect_machine, machine_id, time.time(), orch.replica_id)
                 except Exception:
@@ -185,7 +200,7 @@ class Hub:
             self.beats[mid] = Heartbeat(
                 mid, now, msg.resources.model_dump(), msg.session_key, msg.session_expires_at, msg.attempt_id
             )
-            await conn.send(HeartbeatAck(seq=msg.seq))
+            self.beat_seqs[mid] = msg.seq  # acknowledged once written (see the module's docstring)
             return
         try:
             if isinstance(msg, Preparing):

@@ -93,20 +93,25 @@ class FleetManager:
 
     async def tick(self) -> None:
         orch, store, s = self.orch, self.orch.store, self.orch.settings
-        beats = orch.hub.drain_heartbeats()
+        beats, seqs = orch.hub.drain_heartbeats()
         if beats:
             try:
                 held = await orch.db(store.heartbeat, beats, s.lease_timeout)
             except Exception:
-                orch.hub.requeue_heartbeats(beats)  # written by the next tick that can
+                orch.hub.requeue_heartbeats(beats, seqs)  # written (and acknowledged) by the next tick that can
                 raise
+            await orch.hub.acknowledge(seqs)
             for machine_id, ok in held.items():
                 if not ok:
                     beat = next(b for b in beats if b.machine_id == machine_id)
                     assert beat.attempt_id is not None
                     await orch.hub.send(machine_id, Stop(attempt_id=beat.attempt_id, reason="lease_lost"))
         now = time.time()
-        await orch.db(store.replica_alive, orch.replica_id, orch.replica_name, now)
+        if not await orch.db(store.replica_alive, orch.replica_id, orch.replica_name, now):
+            # The leader took this replica for dead (it was silent too long) and marked its
+            # agents disconnected: let them reconnect, so that the database knows them again.
+            log.warning("this replica was presumed dead and reaped; its agents will reconnect")
+            await orch.hub.close_all()
         if now - self._resent_at >= RESEND_INTERVAL:
             # Stop orders whose hint may have been lost on the way to this replica.
             self._resent_at = now
@@ -119,7 +124,8 @@ class FleetManager:
         for f in lost:
             log.warning("lease expired: attempt lost → run %s", f.run.state.value,
                         extra={"run": f.run.id, "attempt": f.attempt.id, "machine": f.attempt.machine_id})
-            await orch.hub.send(f.attempt.machine_id, Stop(attempt_id=f.attempt.id, reason="lease_lost"))
+            if not await orch.hub.send(f.attempt.machine_id, Stop(attempt_id=f.attempt.id, reason="lease_lost")):
+                orch.hint("stop", f"{f.attempt.machine_id}:{f.attempt.id}:lease_lost")
         if lost:
             orch.after_finished(lost)
         await orch.db(store.expire_silent_machines, now, s.heartbeat_timeout)
@@ -160,6 +166,8 @@ class FleetManager:
                         await self._deliver(client, webhook_id, run_id, url)
                 except asyncio.CancelledError:
                     raise
+                except StoreUnavailable:
+                    continue  # the tick loop reports the outage; deliveries wait for the database
                 except Exception:
                     log.exception("webhook delivery pass failed")
 

@@ -102,8 +102,10 @@ class Store(ABC):
         say whether ``fingerprint`` is that key's."""
 
     @abstractmethod
-    def replica_alive(self, replica: str, name: str, now: float) -> None:
-        """An orchestrator replica's own heartbeat."""
+    def replica_alive(self, replica: str, name: str, now: float) -> bool:
+        """An orchestrator replica's own heartbeat. False if the replica was not registered
+        (first beat — or it was silent so long that the leader reaped it and marked its
+        agents' connections gone)."""
 
     @abstractmethod
     def reap_replicas(self, now: float, timeout: float) -> list[str]:

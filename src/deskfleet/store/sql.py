@@ -79,11 +79,19 @@ _LOCK_ATTEMPT = select(attempts).where(attempts.c.id == bindparam("id")).with_fo
 _INSERT_EVENT = events.insert()
 
 
+class Claims(list[Assignment]):
+    """What a scheduling pass claimed; ``unclaimed`` counts the queued runs it held locked
+    and did not take (another replica's machines may fit them: worth a wake hint)."""
+
+    unclaimed: int = 0
+
+
 def _retryable(exc: DBAPIError) -> bool:
-    """A deadlock, a serialization failure or a lock wait that timed out: the whole
-    operation may simply run again."""
+    """A deadlock, a serialization failure, a lock wait that timed out, or a row another
+    writer created first (two replicas enrolling into one new pool): the whole operation may
+    simply run again — the second time it finds the row and takes the update path."""
     state = str(getattr(exc.orig, "sqlstate", "") or "")
-    return state.startswith("40") or state == "55P03"
+    return state.startswith("40") or state in ("55P03", "23505")
 
 
 def _first_line(exc: object) -> str:
@@ -274,12 +282,14 @@ class SQLStore(Store):
                 return True
             return bool(row[0] == fingerprint)
 
-    def replica_alive(self, replica: str, name: str, now: float) -> None:
+    def replica_alive(self, replica: str, name: str, now: float) -> bool:
         with self._tx() as conn:
             res = conn.execute(update(replicas).where(replicas.c.id == replica).values(last_seen=now))
-            if res.rowcount == 0:
-                conn.execute(replicas.insert().values(id=replica, name=name, started_at=now, last_seen=now))
-                self._event(conn, "replica.started", now, data={"replica": replica, "name": name})
+            if res.rowcount:
+                return True
+            conn.execute(replicas.insert().values(id=replica, name=name, started_at=now, last_seen=now))
+            self._event(conn, "replica.started", now, data={"replica": replica, "name": name})
+            return False
 
     def reap_replicas(self, now: float, timeout: float) -> list[str]:
         with self._tx() as conn:
@@ -555,7 +565,7 @@ class SQLStore(Store):
     def submit(self, spec: RunSpec, *, request_hash: str, now: float) -> tuple[Run, bool]:
         try:
             return self._submit(spec, request_hash, now)
-        except IntegrityError:
+        except (IntegrityError, StoreRetry):
             # A concurrent submit with the same idempotency key won the insert: answer as
             # the second of two identical requests would be answered.
             if spec.idempotency_key is None:
@@ -714,29 +724,31 @@ class SQLStore(Store):
     def schedule(
         self, policy: Policy, now: float, lease_timeout: float, limit: int = 500, replica: str | None = None,
     ) -> list[Assignment]:
+        claims = Claims()
         with self._tx() as conn:
+            # A replica assigns work to the machines whose agents it holds a connection to;
+            # with none free, it must not lock runs another replica could take right now.
+            online = [rows.machine(r) for r in conn.execute(_CONNECTED_MACHINES).mappings()]
+            candidates = sorted(m.id for m in online if m.schedulable and (replica is None or m.replica == replica))
+            if not candidates:
+                return claims
             # SKIP LOCKED: runs another replica is claiming right now are not ours to take.
             queued = [rows.run(r) for r in conn.execute(_QUEUED_LOCKED, {"now": now, "limit": limit}).mappings()]
             if not queued:
-                return []
-            online = [rows.machine(r) for r in conn.execute(_CONNECTED_MACHINES).mappings()]
-            # A replica assigns work to the machines whose agents it holds a connection to.
-            candidates = sorted(m.id for m in online if m.schedulable and (replica is None or m.replica == replica))
-            if not candidates:
-                return []
+                return claims
             # Lock them (skipping any another writer holds), then look again: the first read
             # may predate an attempt that ended or began since, and a claim made from a stale
             # view would wait on that writer while holding the machine it needs — a deadlock.
             locked = [r[0] for r in conn.execute(_LOCK_MACHINES, {"ids": candidates})]
             if not locked:
-                return []
+                claims.unclaimed = len(queued)
+                return claims
             fresh = {m.id: m for m in (rows.machine(r) for r in conn.execute(
                 _MACHINES.where(machines.c.id.in_(locked))).mappings())}
             free = [m for m in fresh.values() if m.schedulable]
             if not free:
                 return []
             pool_map = {p.name: rows.pool(p) for p in conn.execute(select(pools)).mappings()}
-            out: list[Assignment] = []
             specs: dict[tuple[str, str | None], AutomationSpec | None] = {}
             for run, machine in policy.match(queued, free, online=online, pools=pool_map, now=now):
                 key = (run.automation, run.version)
@@ -744,8 +756,9 @@ class SQLStore(Store):
                     specs[key] = self._spec(conn, run.automation, run.version)
                 claimed = self._claim(conn, run, machine, now, lease_timeout)
                 if claimed is not None:
-                    out.append(Assignment(claimed[0], claimed[1], specs[key]))
-            return out
+                    claims.append(Assignment(claimed[0], claimed[1], specs[key]))
+            claims.unclaimed = len(queued) - len(claims)
+            return claims
 
     def _claim(
         self, conn: Connection, run: Run, machine: Machine, now: float, lease_timeout: float

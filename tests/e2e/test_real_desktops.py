@@ -8,12 +8,16 @@ what the orchestrator recorded and what DemoEHR's records file holds.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
 
 from deskfleet.client import AsyncClient
 from deskfleet.demoapp import Records
+from deskfleet.errors import DesktopError
 
 pytestmark = pytest.mark.e2e
 
@@ -167,3 +171,125 @@ async def test_input_is_refused_by_the_gate_and_never_reaches_the_app(e2e_server
         desktop.input_gate = agent_gate
     await asyncio.sleep(0.3)
     assert np.array_equal(await desktop.screenshot(), before), "nothing reached the screen"
+
+
+async def sessions(client: AsyncClient) -> dict[str, str | None]:
+    return {m["id"]: m.get("session_key") for m in await client.machines()}
+
+
+async def test_a_run_with_a_session_key_goes_to_the_machine_logged_in_as_that_account(e2e_server, real_fleet):
+    fleet = await real_fleet(e2e_server, count=2, app_options=["--session-timeout", "600"])
+    a, b = fleet.names
+    async with AsyncClient(e2e_server.url) as c:
+        assert await sessions(c) == {a: None, b: None}, "nobody is logged in at start"
+        # b logs in as robot1 (the default account), then a as robot2 — so that a is the
+        # machine idle the shortest, the one the scheduler takes last without affinity.
+        first = await c.submit("demoehr.create_patient", patient("E2E-7"), machine=b, wait=90)
+        assert first["state"] == "succeeded", first
+        second = await c.submit("demoehr.search_patient", {"mrn": "E2E-7"}, machine=a, session_key="robot2", wait=90)
+        assert second["state"] == "succeeded", second
+        # The heartbeats now carry each machine's account (noted by the login playbooks).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while (seen := await sessions(c)) != {a: "robot2", b: "robot1"} and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+        assert seen == {a: "robot2", b: "robot1"}
+        run = await c.submit("demoehr.search_patient", {"mrn": "E2E-7"}, session_key="robot2", wait=90)
+        assert run["state"] == "succeeded", run
+        [attempt] = await c.attempts(run["id"])
+        events = await c.events(run["id"])
+        assert attempt["machine"] == a, "the run went to the machine already logged in as robot2"
+        assert playbooks(events) == [], "no login needed: the session was there"
+        # An app restart ends the session, and the next heartbeats say so.
+        await fleet.desktops[0].restart_app()
+        assert (await fleet.desktops[0].info()).session_key is None
+        deadline = loop.time() + 10
+        while (seen := await sessions(c)) != {a: None, b: "robot1"} and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+        assert seen == {a: None, b: "robot1"}
+
+
+async def test_the_session_note_lapses_with_the_apps_idle_timeout(e2e_server, real_fleet):
+    fleet = await real_fleet(e2e_server, app_options=["--session-timeout", "3"])
+    desktop = fleet.desktops[0]
+    async with AsyncClient(e2e_server.url) as c:
+        run = await c.submit("demoehr.create_patient", patient("E2E-8"), wait=90)
+        assert run["state"] == "succeeded", run
+        info = await desktop.info()
+        assert info.session_key == "robot1" and info.session_expires_at is not None
+        # The note lapses when the app's session does, and the app agrees: it shows login.
+        await asyncio.sleep(max(0.0, info.session_expires_at - time.time()) + 0.1)
+        assert (await desktop.info()).session_key is None
+        await screen_shows(fleet, "session_expired", timeout=5)
+
+
+async def test_x_server_death_between_runs_is_recovered_by_the_preflight(e2e_server, real_fleet):
+    fleet = await real_fleet(e2e_server)
+    desktop, agent = fleet.desktops[0], fleet.agents[0]
+    async with AsyncClient(e2e_server.url) as c:
+        first = await c.submit("demoehr.create_patient", patient("E2E-9"), wait=90)
+        assert first["state"] == "succeeded", first
+        old_x, old_boot = desktop.host.pid, desktop.boot_id
+        os.kill(old_x, signal.SIGKILL)  # the display server dies between runs; DemoEHR with it
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while (await desktop.info()).app_running:
+            assert loop.time() < deadline, "DemoEHR outlived its X server"
+            await asyncio.sleep(0.1)
+        with pytest.raises(DesktopError):
+            await desktop.screenshot()
+        run = await c.submit("demoehr.search_patient", {"mrn": "E2E-9"}, wait=90)
+        assert run["state"] == "succeeded", run
+        attempts = await c.attempts(run["id"])
+        events = await c.events(run["id"])
+        everything = await c.all_events(limit=10000)
+    assert run["output"]["count"] == 1
+    # Pre-flight found no screen to capture and restarted the desktop: a new X server.
+    assert desktop.host.pid != old_x and desktop.boot_id != old_boot == first_boot(everything, desktop.name)
+    assert agent.boot_id == desktop.boot_id
+    # The restart took the attempt with it, as a real reboot does: it had not started the
+    # automation, so the run went back to the queue without spending a retry...
+    assert [a["state"] for a in attempts] == ["lost", "succeeded"], attempts
+    assert "came back without its attempt" in attempts[0]["reason"]
+    requeued = [e["reason"] for e in events if e["kind"] == "run.state" and e["to_state"] == "queued"]
+    assert requeued[1:] == ["requeued_not_started"], requeued
+    # ...and the machine re-proved its state (login on the new display) before serving it.
+    mine = [e for e in everything if e["machine"] == desktop.name]
+    reboots = [e for e in mine if e["kind"] == "machine.connected" and e["data"]["rebooted"]]
+    assert [e["data"]["boot_id"] for e in reboots] == [desktop.boot_id]
+    kinds = [e["kind"] for e in mine if e["id"] > reboots[0]["id"]]
+    assert kinds.index("machine.quarantined") < kinds.index("machine.verified")
+    verified = next(e["id"] for e in mine if e["kind"] == "machine.verified" and e["id"] > reboots[0]["id"])
+    [retried] = [e["id"] for e in events if e.get("to_state") == "assigned" and e["attempt"] == attempts[1]["id"]]
+    assert verified < retried
+    assert [e["data"]["playbook"] for e in mine if e["kind"] == "verify.playbook.step"] == ["login"]
+
+
+def first_boot(events: list[dict], machine: str) -> str:
+    return next(e["data"]["boot_id"] for e in events if e["kind"] == "machine.connected" and e["machine"] == machine)
+
+
+def test_an_x_server_restart_takes_another_number_when_its_own_was_taken():
+    from deskfleet.desktop.driver import capture_screen
+    from deskfleet.desktop.xvfb import XvfbDisplay
+
+    display = XvfbDisplay().start()
+    number = display.number
+    squatter = None
+    try:
+        os.kill(display.pid, signal.SIGKILL)  # dies; another desktop's Xvfb then takes its number
+        squatter = XvfbDisplay(number=number)
+        for _ in range(50):
+            try:
+                squatter.start()
+                break
+            except DesktopError:
+                time.sleep(0.1)  # the killed server's socket is still going away
+        assert squatter.display == f":{number}"
+        display.restart()
+        assert display.number != number
+        assert capture_screen(display.display).shape[:2] == (768, 1024)
+    finally:
+        display.close()
+        if squatter is not None:
+            squatter.close()

@@ -4,6 +4,10 @@ needs — or bring it there with the app model's playbooks (invariant 5).
     screenshot → classify → wanted and responsive and right account? → done
                           ↘ otherwise: run the playbook for what the screen shows, repeat
                             (bounded; every step recorded with before and after screenshots)
+
+A screen that cannot be captured at all (the display server died, the session is gone)
+is not a reason to give up the attempt: it is one more state, :data:`NO_SCREEN`, for which
+the app model names a playbook (typically a restart of the desktop) like for any other.
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ from typing import Any
 
 from ..appmodel import AppModel, Credential, PlaybookContext
 from ..desktop import Desktop, Frame
-from ..errors import Stopped
+from ..errors import DesktopError, Stopped
+from ..vision import Classification
 
 log = logging.getLogger(__name__)
+
+#: the state of a screen that cannot be captured; ``AppModel.recoveries`` maps it to a playbook
+NO_SCREEN = "no_screen"
 
 #: Called for every step: (kind, data, screenshot or None) → the screenshot's artifact id or None.
 StepRecorder = Callable[[str, dict[str, Any], Frame | None], Awaitable[str | None]]
@@ -53,12 +61,11 @@ async def preflight(
     for _ in range(max_steps + 1):
         if stop is not None and stop.is_set():
             raise Stopped("stopped during pre-flight")
-        frame = await desktop.screenshot()
-        seen = model.classify(frame)
+        frame, seen, capture_error = await _look(desktop, model)
         last_state = seen.state
         playbook_name: str | None = None
         why = ""
-        if seen.state == wanted or (wanted == "ready" and seen.state in model.ready_states):
+        if frame is not None and (seen.state == wanted or (wanted == "ready" and seen.state in model.ready_states)):
             if model.probe is not None and not await model.probe(desktop):
                 playbook_name, why = model.on_unresponsive, "the application does not respond to input"
             elif session_key is not None and model.session_reader is not None:
@@ -72,7 +79,7 @@ async def preflight(
                                        evidence_id=evidence, elapsed=time.monotonic() - t0)
         else:
             playbook_name = model.recovery_for(seen.state)
-            why = f"screen shows {seen.state!r}"
+            why = capture_error or f"screen shows {seen.state!r}"
         if len(steps) >= max_steps:
             break
         playbook = model.playbooks.get(playbook_name)
@@ -90,10 +97,9 @@ async def preflight(
         except Exception as exc:  # a playbook that fails is one failed step, not a crash
             error = f"{type(exc).__name__}: {exc}"
             log.info("playbook %s failed: %s", playbook_name, error)
-        after = await desktop.screenshot()
-        after_state = model.classify(after).state
+        after, after_seen, _ = await _look(desktop, model)
         await record("playbook.step", {
-            "playbook": playbook_name, "from_state": seen.state, "to_state": after_state,
+            "playbook": playbook_name, "from_state": seen.state, "to_state": after_seen.state,
             "why": why, "error": error or None, "before_screenshot": before_id,
         }, after)
     return PreflightResult(
@@ -102,3 +108,12 @@ async def preflight(
         f"tried {', '.join(steps) or 'nothing'})",
         steps, elapsed=time.monotonic() - t0,
     )
+
+
+async def _look(desktop: Desktop, model: AppModel) -> tuple[Frame | None, Classification, str]:
+    """Capture and classify; a capture that fails is the state NO_SCREEN, with its error."""
+    try:
+        frame = await desktop.screenshot()
+    except DesktopError as exc:
+        return None, Classification(NO_SCREEN), f"the screen cannot be captured: {exc}"
+    return frame, model.classify(frame), ""

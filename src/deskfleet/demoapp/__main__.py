@@ -45,6 +45,10 @@ def parse(argv: list[str] | None = None) -> Options:
                    help="seconds without input after which the session ends")
     p.add_argument("--error-rate", type=float, default=float(_env("error_rate", "0") or 0),
                    help="chance of a modal error dialog at each step")
+    p.add_argument("--crash-rate", type=float, default=float(_env("crash_rate", "0") or 0),
+                   help="chance that the process exits at each step")
+    p.add_argument("--freeze-rate", type=float, default=float(_env("freeze_rate", "0") or 0),
+                   help="chance that the app hangs at each step")
     p.add_argument("--error-at", type=_steps, default=_steps(_env("error_at", "") or ""), help="steps that show an error dialog")
     p.add_argument("--crash-at", type=_steps, default=_steps(_env("crash_at", "") or ""), help="steps where the process exits")
     p.add_argument("--freeze-at", type=_steps, default=_steps(_env("freeze_at", "") or ""), help="steps where the app hangs")
@@ -59,7 +63,8 @@ def parse(argv: list[str] | None = None) -> Options:
         return Options(
             data=args.data, name=args.name, seed=args.seed, mfa=args.mfa,
             session_timeout=float(args.session_timeout) if args.session_timeout else None,
-            error_rate=args.error_rate, error_at=args.error_at, crash_at=args.crash_at, freeze_at=args.freeze_at,
+            error_rate=args.error_rate, crash_rate=args.crash_rate, freeze_rate=args.freeze_rate,
+            error_at=args.error_at, crash_at=args.crash_at, freeze_at=args.freeze_at,
             leak_mb=args.leak_mb, font_delta=args.font_delta, show_dialog=args.show_dialog,
         )
     except ValueError as exc:

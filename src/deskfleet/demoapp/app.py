@@ -10,15 +10,19 @@ switches or ``DESKFLEET_DEMOAPP_*`` variables), as the applications our users au
 do on their own:
 
 - an idle session timeout that returns to the login screen with a "session expired" dialog;
-- random modal error dialogs (seeded), or one at a chosen step;
-- a crash — the process exits — at a chosen step;
-- a freeze at a chosen step: the callback never returns, the Tk mainloop stops
-  processing events, and the window keeps showing its last frame, pixel-perfect;
+- modal error dialogs, at random (seeded) or at a chosen step;
+- a crash — the process exits — at random (seeded) or at a chosen step;
+- a freeze, at random (seeded) or at a chosen step: the callback never returns, the Tk
+  mainloop stops processing events, and the window keeps showing its last frame,
+  pixel-perfect;
 - memory growth per saved record.
 
-Steps where scripted faults can strike: :data:`STEPS`. ``saved`` and ``updated`` come
-after the database write and before the confirmation, the moment that makes a retry
-dangerous.
+Faults strike at :data:`STEPS`. ``saved`` and ``updated`` come after the database write
+and before the confirmation, the moment that makes a retry dangerous. Seeded faults are
+drawn at every step from one stream per kind, seeded by the seed, the desktop's name and
+how many times DemoEHR started on it before: the same seed and the same sequence of steps
+give the same faults, and an app restarted after a crash does not replay it. Every fault
+taken (and every session expiry) is logged in the records file.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class Options:
     mfa: bool = False  # every account is asked for a TOTP code (clinic-* always are)
     session_timeout: float | None = None  # seconds of no input before the session ends
     error_rate: float = 0.0  # chance of an error dialog at each step
+    crash_rate: float = 0.0  # chance the process exits at each step
+    freeze_rate: float = 0.0  # chance the app hangs at each step
     error_at: dict[str, int] = field(default_factory=dict)  # step → how many times, across processes
     crash_at: dict[str, int] = field(default_factory=dict)
     freeze_at: dict[str, int] = field(default_factory=dict)
@@ -73,8 +79,9 @@ class Options:
             unknown = set(getattr(self, name)) - set(STEPS)
             if unknown:
                 raise ValueError(f"{name}: unknown step(s) {', '.join(sorted(unknown))}; steps: {', '.join(STEPS)}")
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError("error_rate must be within [0, 1]")
+        for name in ("error_rate", "crash_rate", "freeze_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1]")
         if self.show_dialog is not None and self.show_dialog not in L.DIALOGS:
             raise ValueError(f"show_dialog must be one of {', '.join(L.DIALOGS)}")
 
@@ -142,7 +149,9 @@ class DemoApp:
         self.opt = options
         self.records = Records(options.data)
         self.accounts = credentials(options.seed)
-        self.rng = random.Random(f"{options.seed}:{options.name}")
+        launch = self.records.launch(options.name)
+        self.rolls = {kind: random.Random(f"{options.seed}:{options.name}:{launch}:{kind}")
+                      for kind in ("crash", "freeze", "error_dialog")}
         self.user: str | None = None
         self._pending_user: str | None = None
         self._last_input = time.monotonic()
@@ -383,18 +392,27 @@ class DemoApp:
 
     def _step(self, step: str) -> bool:
         """Let the configured faults strike at ``step``; False if an error dialog took its place."""
-        records, name = self.records, self.opt.name
-        if step in self.opt.crash_at and records.claim_fault("crash", step, self.opt.crash_at[step], machine=name):
+        records, name, opt = self.records, self.opt.name, self.opt
+        # One draw per kind at every step, whatever the rates and the scripted faults.
+        roll = {kind: rng.random() for kind, rng in self.rolls.items()}
+
+        def strikes(kind: str, scripted: dict[str, int], rate: float) -> bool:
+            if step in scripted and records.claim_fault(kind, step, scripted[step], machine=name):
+                return True
+            if roll[kind] < rate:
+                records.log_fault(kind, step, machine=name, origin="seeded")
+                return True
+            return False
+
+        if strikes("crash", opt.crash_at, opt.crash_rate):
             log.warning("crashing at %s, as configured", step)
             os._exit(CRASH_STATUS)
-        if step in self.opt.freeze_at and records.claim_fault("freeze", step, self.opt.freeze_at[step], machine=name):
+        if strikes("freeze", opt.freeze_at, opt.freeze_rate):
             log.warning("freezing at %s, as configured", step)
             self.root.update_idletasks()
             while True:  # the mainloop never runs again: no repaint, no input, until killed
                 time.sleep(3600)
-        scripted = step in self.opt.error_at and records.claim_fault(
-            "error_dialog", step, self.opt.error_at[step], machine=name)
-        if scripted or self.rng.random() < self.opt.error_rate:
+        if strikes("error_dialog", opt.error_at, opt.error_rate):
             self.dialog("error_dialog", "An unexpected error occurred. Click OK to continue.")
             return False
         return True
@@ -406,6 +424,7 @@ class DemoApp:
         timeout = self.opt.session_timeout
         if self.user is not None and timeout is not None and time.monotonic() - self._last_input > timeout:
             self.user = None
+            self.records.log_fault("session_expired", "idle", machine=self.opt.name, origin="timeout")
             self.show_login()
             self.dialog("session_expired", "Your session has expired. Please sign in again.")
         self.root.after(200, self._tick)

@@ -15,7 +15,10 @@ window) is plain black, which cannot be located, so it is compared in place.
 Playbooks speak only the :class:`~deskfleet.desktop.Desktop` protocol and click the
 centres :mod:`.layout` gives. Each waits for the screen to move on, never sleeps: a
 screen that did not change at all after input belongs to a hung app, which they restart.
-The probe catches what pixels cannot: a hung app showing a perfect "home".
+The probe catches what pixels cannot: a hung app showing a perfect "home". Playbooks
+tell the desktop whom the app is logged in as when they see it change (a login reaching
+"home", a screen that means nobody is), so that heartbeats carry the session without an
+OCR read each (:func:`~deskfleet.desktop.note_session`).
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ import time
 import numpy as np
 import pyotp
 
+from ..agent.preflight import NO_SCREEN
 from ..appmodel import AppModel, Playbook, PlaybookContext
-from ..desktop import Desktop, Frame, Region
+from ..desktop import Desktop, Frame, Region, note_session
 from ..errors import DesktopError
 from ..vision import UNKNOWN, Classifier
 from ..vision.templates import Anchor, TemplateLibrary
@@ -49,7 +53,10 @@ RECOVERIES = {
     "search": "go_home", "patient_form": "go_home", "edit_form": "go_home",
     **{kind: "dismiss" for kind in DIALOG_STATES},
     "desktop": "restart_app",
+    NO_SCREEN: "restart_desktop",  # the screen cannot even be captured: the display server is gone
 }
+#: screens that mean nobody is logged in
+SIGNED_OUT = frozenset({"login", "mfa", "session_expired", "desktop"})
 
 
 def inner(r: Region, frac: float = 0.15) -> Region:
@@ -124,23 +131,30 @@ async def _fill(desktop: Desktop, field: Region, text: str) -> None:
 
 
 def _playbooks(classifier: Classifier) -> dict[str, Playbook]:
-    def waits(playbook: Playbook) -> Playbook:
+    def waits(playbook: Playbook, *, signs_in: bool = False) -> Playbook:
         @functools.wraps(playbook)
         async def run(ctx: PlaybookContext) -> None:
             before = await ctx.desktop.screenshot()
             await playbook(ctx)
-            await _moved_on(ctx.desktop, classifier, before, ctx.state.state)
+            now = await _moved_on(ctx.desktop, classifier, before, ctx.state.state)
+            if now in SIGNED_OUT:
+                note_session(ctx.desktop, None)
+            elif signs_in and now == READY:
+                note_session(ctx.desktop, ctx.credential().username)
 
         return run
 
-    @waits
+    def signs_in(playbook: Playbook) -> Playbook:
+        return waits(playbook, signs_in=True)
+
+    @signs_in
     async def login(ctx: PlaybookContext) -> None:
         cred = ctx.credential()
         await _fill(ctx.desktop, L.USERNAME, cred.username)
         await _fill(ctx.desktop, L.PASSWORD, cred.password)
         await ctx.desktop.click(*L.SIGN_IN.center)
 
-    @waits
+    @signs_in
     async def mfa(ctx: PlaybookContext) -> None:
         cred = ctx.credential()
         if not cred.totp_seed:
@@ -216,9 +230,12 @@ _SIGNED_IN = re.compile(r"Signed in as (\S+)", re.IGNORECASE)
 
 
 async def session_reader(desktop: Desktop, frame: Frame) -> str | None:
-    """The account "home" says it is signed in as (OCR of one label)."""
+    """The account "home" says it is signed in as (OCR of one label); noted on the desktop."""
     match = _SIGNED_IN.search(await desktop.read_text(L.USER_LABEL))
-    return match.group(1) if match else None
+    if match is None:
+        return None
+    note_session(desktop, match.group(1))
+    return match.group(1)
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,8 +7,10 @@ tests look for double effects — ``mrn`` deliberately has no unique constraint,
 
 Scripted faults (``--crash-at save``…) are claimed here: the first *N* processes to reach
 the step take the fault, whichever desktop they run on, so a retry elsewhere or after a
-restart goes through. The demo accounts are derived from a seed, so every process — the
-app and the agents that log into it — agrees on them without sharing a secret file.
+restart goes through. Seeded faults (``--crash-rate``…) and session expiries are logged
+beside them (:meth:`Records.fault_log`), so that a report can say which faults struck
+where and when. The demo accounts are derived from a seed, so every process — the app and
+the agents that log into it — agrees on them without sharing a secret file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..appmodel import Credential
 
@@ -38,12 +41,26 @@ CREATE TABLE IF NOT EXISTS faults (
     kind TEXT NOT NULL,
     step TEXT NOT NULL,
     machine TEXT NOT NULL,
+    at REAL NOT NULL,
+    origin TEXT NOT NULL DEFAULT 'scripted'
+);
+CREATE TABLE IF NOT EXISTS launches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    machine TEXT NOT NULL,
     at REAL NOT NULL
 );
 """
 
 ACCOUNTS = ("robot1", "robot2", "robot3", "clinic-a", "clinic-b")
 MFA_ALWAYS = frozenset({"clinic-a", "clinic-b"})
+
+
+class FaultTaken(NamedTuple):
+    kind: str  # crash, freeze, error_dialog, session_expired
+    step: str  # where it struck (a step of app.STEPS; "idle" for a session expiry)
+    machine: str
+    at: float
+    origin: str  # scripted (--crash-at…), seeded (--crash-rate…) or timeout (--session-timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +95,22 @@ class Records:
             try:
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.executescript(_SCHEMA)
+                self._upgrade()
                 break
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or attempt == 99:
                     raise
                 time.sleep(0.05)
+
+    def _upgrade(self) -> None:
+        """Files written before seeded faults were logged lack faults.origin."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(faults)")}
+        if "origin" not in columns:
+            try:
+                self._db.execute("ALTER TABLE faults ADD COLUMN origin TEXT NOT NULL DEFAULT 'scripted'")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process upgraded it first
+                    raise
 
     def close(self) -> None:
         self._db.close()
@@ -125,8 +153,8 @@ class Records:
         """Take one of the ``limit`` scripted faults ``kind`` at ``step``; False once all are spent."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            (n,) = self._db.execute("SELECT count(*) FROM faults WHERE kind = ? AND step = ?",
-                                    (kind, step)).fetchone()
+            (n,) = self._db.execute("SELECT count(*) FROM faults WHERE kind = ? AND step = ?"
+                                    " AND origin = 'scripted'", (kind, step)).fetchone()
             if n >= limit:
                 return False
             self._db.execute("INSERT INTO faults (kind, step, machine, at) VALUES (?, ?, ?, ?)",
@@ -137,5 +165,30 @@ class Records:
 
     def faults(self) -> list[tuple[str, str, str, float]]:
         """Every scripted fault taken: (kind, step, machine, time)."""
-        rows = self._db.execute("SELECT kind, step, machine, at FROM faults ORDER BY id").fetchall()
+        rows = self._db.execute("SELECT kind, step, machine, at FROM faults WHERE origin = 'scripted'"
+                                " ORDER BY id").fetchall()
         return [(str(k), str(s), str(m), float(a)) for k, s, m, a in rows]
+
+    def log_fault(self, kind: str, step: str, *, machine: str, origin: str) -> None:
+        """Log a fault that was not claimed (a seeded one, a session expiry)."""
+        self._db.execute("INSERT INTO faults (kind, step, machine, at, origin) VALUES (?, ?, ?, ?, ?)",
+                         (kind, step, machine, time.time(), origin))
+
+    def fault_log(self) -> list[FaultTaken]:
+        """Every fault DemoEHR produced, scripted, seeded or timed, in order."""
+        rows = self._db.execute("SELECT kind, step, machine, at, origin FROM faults ORDER BY id").fetchall()
+        return [FaultTaken(str(k), str(s), str(m), float(a), str(o)) for k, s, m, a, o in rows]
+
+    def launch(self, machine: str) -> int:
+        """Count a start of DemoEHR on ``machine``; returns how many starts came before it.
+
+        Seeded faults are drawn from a stream per start, so an app restarted after a
+        seeded crash does not replay the same faults at the same steps.
+        """
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            (n,) = self._db.execute("SELECT count(*) FROM launches WHERE machine = ?", (machine,)).fetchone()
+            self._db.execute("INSERT INTO launches (machine, at) VALUES (?, ?)", (machine, time.time()))
+            return int(n)
+        finally:
+            self._db.execute("COMMIT")

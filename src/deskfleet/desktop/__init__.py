@@ -4,7 +4,9 @@ One protocol, several implementations: the simulated desktop (``deskfleet.sim``)
 tests, the demo and scale tests; the real desktop (:mod:`.driver`: mss, pynput, tesseract)
 on X11 displays started by :mod:`.xvfb` in our tests and on Windows for users
 (:mod:`.windows` holds the Windows-only extras); :mod:`.launch` runs real desktops with
-their agents. Code written against :class:`Desktop` runs on any of them.
+their agents. Code written against :class:`Desktop` runs on any of them. A real desktop
+keeps a note of the account its application is logged in as (:mod:`.session`), which
+playbooks update through :func:`note_session`.
 
 The API is asynchronous because an agent process may host many simulated desktops; a
 real driver offloads its blocking calls to a thread. Synchronous automations get a
@@ -92,3 +94,21 @@ class Desktop(Protocol):
 
     async def reboot(self) -> None:
         """Restart the whole machine; the agent comes back by itself afterwards."""
+
+
+@runtime_checkable
+class NotesSession(Protocol):
+    """A desktop that cannot see the application's login for itself (a real one) and keeps
+    a note of it, for its heartbeats: see :mod:`deskfleet.desktop.session`."""
+
+    def note_session(self, account: str | None) -> None: ...
+
+
+def note_session(desktop: Desktop, account: str | None) -> None:
+    """Tell ``desktop`` which account its application is now logged in as (None: logged out).
+
+    Playbooks and session readers call it when they learn it; a desktop that knows the
+    session by itself (the simulated one) ignores it.
+    """
+    if isinstance(desktop, NotesSession):
+        desktop.note_session(account)

@@ -44,6 +44,7 @@ import psutil
 
 from ..errors import DesktopError, Stopped
 from . import DesktopInfo, Frame, Region
+from .session import SessionNote
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,11 @@ class _Devices:
         raise ValueError(f"unknown key {name!r}")
 
 
+def _describe(exc: BaseException) -> str:
+    """An exception as text; some (mss on a dead X server) carry no message."""
+    return str(exc) or type(exc).__name__
+
+
 def capture_screen(display: str | None = None) -> Frame:
     """One screenshot of a whole display (``None``: ``$DISPLAY``, or this session's screen)."""
     try:
@@ -203,6 +209,7 @@ class RealDesktop:
         *,
         started: Callable[[Frame], bool] | None = None,
         ocr: Any | None = None,
+        session_idle_timeout: float | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -217,6 +224,8 @@ class RealDesktop:
         self._gate_passed = 0.0
         self._reboot_listeners: list[Callable[[], Any]] = []
         self.restarts = 0
+        #: the account the app is logged in as, as far as playbooks told (see .session)
+        self.session = SessionNote(idle_timeout=session_idle_timeout)
 
     def __repr__(self) -> str:
         return f"RealDesktop({self.name!r}, display={self.host.display!r})"
@@ -258,7 +267,7 @@ class RealDesktop:
         try:
             return await asyncio.to_thread(dev.grab, region)
         except Exception as exc:
-            raise DesktopError(f"screenshot of {self.name} failed: {exc}") from exc
+            raise DesktopError(f"screenshot of {self.name} failed: {_describe(exc)}") from exc
 
     async def read_text(self, region: Region) -> str:
         frame = await self.screenshot(region)
@@ -278,17 +287,28 @@ class RealDesktop:
                         cpu = ps.cpu_percent(None)
             except psutil.Error:
                 running = False
+        if not running:
+            self.session.signed_out()  # the app crashed or was killed: its session went with it
+        account, expires = self.session.current()
         return DesktopInfo(
             width=dev.width, height=dev.height, boot_id=self.host.boot_id(),
             uptime=max(0.0, time.time() - self.host.booted_at()),
             memory_mb=memory, cpu_percent=cpu, app_running=running,
+            session_key=account, session_expires_at=expires,
             extra={"app_restarts": float(self.restarts)},
         )
+
+    def note_session(self, account: str | None) -> None:
+        """What a playbook or session reader learnt about the app's login (None: logged out)."""
+        if account is None:
+            self.session.signed_out()
+        else:
+            self.session.signed_in(account)
 
     # -- input -------------------------------------------------------------------------------
 
     async def move(self, x: int, y: int) -> None:
-        await self._input(lambda d: setattr(d.mouse, "position", (x, y)))
+        await self._input(lambda d: setattr(d.mouse, "position", (x, y)), touches=False)
 
     async def click(self, x: int, y: int, *, button: str = "left", count: int = 1) -> None:
         if button not in _BUTTONS:
@@ -337,7 +357,8 @@ class RealDesktop:
     async def scroll(self, dy: int, dx: int = 0) -> None:
         await self._input(lambda d: d.mouse.scroll(dx, dy))
 
-    async def _input(self, send: Callable[[_Devices], None]) -> None:
+    async def _input(self, send: Callable[[_Devices], None], *, touches: bool = True) -> None:
+        """Send input through the gate. ``touches``: the input resets the app's idle clock."""
         dev = self._dev()
         if self.input_gate is not None:
             self.input_gate()  # the agent's last word: raises Stopped to refuse the input
@@ -355,7 +376,9 @@ class RealDesktop:
         except Stopped:
             raise
         except Exception as exc:
-            raise DesktopError(f"input to {self.name} failed: {exc}") from exc
+            raise DesktopError(f"input to {self.name} failed: {_describe(exc)}") from exc
+        if touches:
+            self.session.touched()
 
     # -- operator controls ---------------------------------------------------------------------
 
@@ -393,6 +416,7 @@ class RealDesktop:
     # -- the application process -----------------------------------------------------------------
 
     async def _launch(self) -> None:
+        self.session.signed_out()  # a new app process starts logged out
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.app.start_timeout
         proc = await asyncio.to_thread(self._spawn)
@@ -436,6 +460,7 @@ class RealDesktop:
         return proc
 
     def _stop_app(self) -> None:
+        self.session.signed_out()
         proc, self._proc, self._ps = self._proc, None, None
         if proc is None or proc.poll() is not None:
             return

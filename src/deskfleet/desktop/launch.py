@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agent.runtime import Agent, AgentConfig
+from ..errors import ConfigError
 from ..vision import UNKNOWN
 from .driver import AppCommand, RealDesktop
 from .xvfb import xvfb_desktop
@@ -71,6 +72,17 @@ class XvfbFleet:
                 "--seed", str(c.seed), *c.app_options, *c.machine_options.get(name, [])]
         return AppCommand(argv, log=c.log_dir / f"{name}.app.log" if c.log_dir else None)
 
+    def session_timeout(self, name: str) -> float | None:
+        """DemoEHR's idle logout on ``name``, read from its switches as DemoEHR reads them."""
+        from ..demoapp.__main__ import parse
+
+        argv = list(self.app_command(name).argv[3:])  # what follows "python -m deskfleet.demoapp"
+        try:
+            return parse(argv).session_timeout
+        except SystemExit as exc:  # argparse has said what is wrong on stderr
+            options = [*self.config.app_options, *self.config.machine_options.get(name, [])]
+            raise ConfigError(f"DemoEHR refuses the options given for {name}: {' '.join(options)}") from exc
+
     def recognised(self, frame: Any) -> bool:
         """DemoEHR is up once its screen shows a state the model knows (other than no app)."""
         return self.model.classify(frame).state not in (UNKNOWN, "desktop")
@@ -80,7 +92,8 @@ class XvfbFleet:
         c.data.parent.mkdir(parents=True, exist_ok=True)
         results = await asyncio.gather(
             *(xvfb_desktop(name, self.app_command(name), width=c.width, height=c.height,
-                           started=self.recognised, log_dir=c.log_dir) for name in self.names),
+                           started=self.recognised, log_dir=c.log_dir,
+                           session_idle_timeout=self.session_timeout(name)) for name in self.names),
             return_exceptions=True,
         )
         started = [r for r in results if isinstance(r, RealDesktop)]

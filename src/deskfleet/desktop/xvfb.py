@@ -4,10 +4,11 @@
 tests, the demo and on Linux robots: it starts ``Xvfb :N -screen 0 WxHx24 -nolisten tcp``
 on a free display number (the server picks it and reports it through ``-displayfd`` once
 it accepts connections — no polling, no race with a neighbour picking the same number),
-and stops it. "Rebooting" the machine restarts the X server on the same number, with a
-new boot id. :func:`xvfb_desktop` puts a :class:`~deskfleet.desktop.driver.RealDesktop`
-on a new display: closing that desktop stops the application first and the display last
-(input libraries and toolkits complain when their display vanishes under them).
+and stops it. "Rebooting" the machine restarts the X server on the same number if that is
+still free (another Xvfb may have taken it meanwhile), else on any, with a new boot id.
+:func:`xvfb_desktop` puts a :class:`~deskfleet.desktop.driver.RealDesktop` on a new display:
+closing that desktop stops the application first and the display last (input libraries
+and toolkits complain when their display vanishes under them).
 
 There is no window manager: nobody gives a new window the keyboard focus, so
 :meth:`XvfbDisplay.show_window` does what a minimal one would at map time — it finds the
@@ -171,7 +172,14 @@ class XvfbDisplay:
 
     def restart(self) -> None:
         self._stop_server()
-        self.start()
+        try:
+            self.start()
+        except DesktopError as exc:
+            # While this server was down (killed, crashed), another Xvfb starting on this host
+            # may have taken its number: the lowest free one is what Xvfb picks. Take any.
+            log.info("Xvfb could not start again on :%s (%s); taking another display", self.number, exc)
+            self.number = None
+            self.start()
 
     def close(self) -> None:
         self._stop_server()
@@ -214,11 +222,15 @@ class XvfbDisplay:
 
 
 async def xvfb_desktop(name: str, app: AppCommand, *, width: int = 1024, height: int = 768,
-                       started: Callable[[Frame], bool] | None = None, log_dir: Path | None = None) -> RealDesktop:
-    """Start an Xvfb display and the application on it; the desktop owns both."""
+                       started: Callable[[Frame], bool] | None = None, log_dir: Path | None = None,
+                       session_idle_timeout: float | None = None) -> RealDesktop:
+    """Start an Xvfb display and the application on it; the desktop owns both.
+
+    ``session_idle_timeout``: the app's own idle logout, if it has one (see ``.session``).
+    """
     display = XvfbDisplay(width, height, log_file=log_dir / f"{name}.xvfb.log" if log_dir else None)
     await asyncio.to_thread(display.start)
-    desktop = RealDesktop(name, display, app, started=started)
+    desktop = RealDesktop(name, display, app, started=started, session_idle_timeout=session_idle_timeout)
     try:
         await desktop.start()
     except BaseException:

@@ -419,7 +419,7 @@ def test_demo_50_machines_1000_runs_with_faults_accounts_for_every_run(tmp_path:
     t0 = time.monotonic()
     with open(tmp_path / "demo.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "deskfleet", "demo", "--machines", "50", "--runs", "1000",
+            [sys.executable, "-m", "deskfleet", "demo", "--desktop", "sim", "--machines", "50", "--runs", "1000",
              "--faults", DEMO_FAULTS, "--seed", "7", "--out", str(out)],  # SIGKILLs an agent process too
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
         )

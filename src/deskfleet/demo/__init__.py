@@ -1,9 +1,11 @@
 """``deskfleet demo``: a whole fleet on one machine, faults switched on, every run accounted for.
 
-It starts a real orchestrator process on SQLite and agent processes driving simulated
-desktops, submits a mixed workload over HTTP, shows the fleet live in the terminal,
-SIGKILLs one agent process midway (and brings it back), and finally audits the event log
-and writes a report (``report.md``, ``report.json``, ``timeline.png``, screenshots).
+It starts a real orchestrator process on SQLite and agent processes driving desktops —
+real ones by default (an Xvfb display with DemoEHR on it per machine, ``--desktop xvfb``)
+or simulated ones for scale (``--desktop sim``; :mod:`.desktops` holds what differs) —
+submits a mixed workload over HTTP, shows the fleet live in the terminal, SIGKILLs one
+agent process midway (and brings it back), and finally audits the event log and writes a
+report (``report.md``, ``report.json``, ``timeline.png``, screenshots).
 """
 
 from __future__ import annotations
@@ -11,11 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
+
+#: desktop kind → (machines, runs) by default
+DEFAULTS = {"xvfb": (4, 120), "sim": (6, 120)}
+#: real desktops on one machine at most: each is an X server, a Tk app and an agent's share
+MAX_REAL = 16
+
 
 @dataclass(slots=True)
 class DemoConfig:
-    machines: int = 6
-    runs: int = 120
+    desktop: str = "xvfb"  # xvfb: real desktops (Xvfb + DemoEHR); sim: simulated desktops
+    machines: int = 0  # 0: the desktop kind's default
+    runs: int = 0  # 0: the desktop kind's default
     faults: str = "demo"
     seed: int = 7
     out: Path = Path("demo-output")
@@ -25,6 +35,16 @@ class DemoConfig:
     action_delay: float = 0.04
     timeout: float = 900.0  # give up waiting for the workload after this many seconds
     live: bool | None = None  # live terminal view; default: when stdout is a terminal
+
+    def __post_init__(self) -> None:
+        if self.desktop not in DEFAULTS:
+            raise ValueError(f"desktop must be one of {', '.join(DEFAULTS)}")
+        machines, runs = DEFAULTS[self.desktop]
+        self.machines = self.machines or machines
+        self.runs = self.runs or runs
+        if self.desktop == "xvfb" and self.machines > MAX_REAL:
+            raise ConfigError(f"{self.machines} real desktops are too many for one machine (at most {MAX_REAL}, "
+                              "each an X server, a Tk app and its agent); for scale use --desktop sim")
 
 
 def run_demo(config: DemoConfig) -> bool:
@@ -36,4 +56,4 @@ def run_demo(config: DemoConfig) -> bool:
     return asyncio.run(Demo(config).run())
 
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DEFAULTS", "DemoConfig", "run_demo"]

@@ -1,5 +1,11 @@
 """The demo's report: every run accounted for, every fault met and how it was recovered,
-the invariants checked against the event log, and a timeline picture."""
+the invariants checked against the event log, a timeline picture, and the screenshots the
+agents uploaded — the screens the playbooks recovered from (before and after) and the
+screens of attempts that failed.
+
+Double effects are counted in the application's own records: DemoEHR's records file on
+real desktops, the simulator's backend on simulated ones (:mod:`.desktops`). On real
+desktops each fault DemoEHR produced is also told one by one (:mod:`.faults`)."""
 
 from __future__ import annotations
 
@@ -16,7 +22,18 @@ from rich.table import Table
 from ..audit import AuditReport, audit
 from ..client import AsyncClient
 from . import DemoConfig
+from .desktops import DemoDesktops
+from .faults import KINDS, FaultStory, describe, stories, summary
 from .runner import DemoState
+
+#: screenshots kept in the report: playbook steps (before and after), failed attempts
+PLAYBOOK_SHOTS = 10
+FAILURE_SHOTS = 8
+
+#: moments drawn on the timeline: (how the moment's text starts, its label)
+MARKS = (("SIGKILLed agent", "agent process killed"), ("restarted agents", "agent process back"),
+         ("a quiet spell", "quiet spell"), ("killed the X server", "X server killed"),
+         ("wave ", "next wave"))
 
 RECOVERY_LABELS = {
     "retry_after_reconcile": "attempt died after starting → retried after the reconcile check",
@@ -45,9 +62,14 @@ class Report:
     reboots: int = 0
     reconcile_found: int = 0
     reconcile_missing: int = 0
-    screenshots: list[tuple[str, str]] = field(default_factory=list)  # (artifact id, caption)
+    #: (before artifact id, after artifact id or None, caption) of playbook steps
+    playbook_shots: list[tuple[str, str | None, str]] = field(default_factory=list)
+    #: (run id, attempt id, caption) of attempts whose agent uploaded a failure screenshot
+    failure_shots: list[tuple[str, int, str]] = field(default_factory=list)
     per_run: list[dict[str, Any]] = field(default_factory=list)
     kill_times: list[tuple[float, str]] = field(default_factory=list)
+    faults: list[FaultStory] = field(default_factory=list)  # real desktops: each fault, told
+    noun: str = "desktops"
 
     @property
     def unaccounted(self) -> list[str]:
@@ -74,31 +96,13 @@ def _quarantine_kind(reason: str) -> str:
 
 
 def build_report(config: DemoConfig, out: Path, state: DemoState, runs: list[dict[str, Any]],
-                 events: list[dict[str, Any]]) -> Report:
-    from ..sim.backend import SimBackend
-
+                 events: list[dict[str, Any]], desktops: DemoDesktops) -> Report:
     accepted = {s.run_id for s in state.accepted}
     runs = [r for r in runs if r["id"] in accepted]
-    effects = []
-    backend = SimBackend(out / "agents" / "ehr.db", seed=config.seed)
-    try:
-        for mrn, n in backend.duplicates().items():
-            effects.append(f"MRN {mrn} was created {n} times")
-        for r in runs:
-            if r["automation"] == "ehr.create_patient" and r["state"] == "succeeded":
-                n = backend.count_by_mrn(r["input"]["mrn"])
-                if n != 1:
-                    effects.append(f"run {r['id']} succeeded but MRN {r['input']['mrn']} has {n} records")
-        exports = Counter(r["input"]["mrn"] for r in runs if r["automation"] == "ehr.export_summary")
-        for mrn, asked in exports.items():
-            done = backend.count_exports(mrn)
-            if done > asked:
-                effects.append(f"MRN {mrn}: {done} summaries exported for {asked} requests")
-    finally:
-        backend.close()
-
-    rep = Report(config, state, runs, audit(runs, events), effects)
+    effects = desktops.double_effects(runs)
+    rep = Report(config, state, runs, audit(runs, events), effects, noun=desktops.noun)
     by_run: dict[str, list[dict[str, Any]]] = {}
+    seen_steps: set[tuple[str, str]] = set()
     for e in events:
         kind, reason = e["kind"], e.get("reason") or ""
         if e.get("run"):
@@ -107,10 +111,12 @@ def build_report(config: DemoConfig, out: Path, state: DemoState, runs: list[dic
             rep.recoveries[reason] += 1
         elif kind.endswith("playbook.step"):
             d = e["data"]
-            rep.playbooks[(d.get("from_state") or "?", d.get("playbook") or "?")] += 1
-            if d.get("before_screenshot") and len(rep.screenshots) < 8 and \
-                    d.get("from_state") not in {s for _, s in rep.screenshots}:
-                rep.screenshots.append((d["before_screenshot"], d.get("from_state") or "?"))
+            step = (d.get("from_state") or "?", d.get("playbook") or "?")
+            rep.playbooks[step] += 1
+            if d.get("before_screenshot") and step not in seen_steps and len(rep.playbook_shots) < PLAYBOOK_SHOTS:
+                seen_steps.add(step)
+                rep.playbook_shots.append((d["before_screenshot"], d.get("screenshot"),
+                                           f"{e.get('machine')}: {step[0]} → {step[1]} → {d.get('to_state')}"))
         elif kind == "machine.quarantined":
             rep.quarantines[_quarantine_kind(reason)] += 1
         elif kind == "attempt.stop_requested":
@@ -136,6 +142,21 @@ def build_report(config: DemoConfig, out: Path, state: DemoState, runs: list[dic
             "output": r.get("output"),
         })
     rep.kill_times = [(m.at, m.what) for m in state.moments]
+    for iv in rep.audit.intervals:
+        if iv.ending == "system_error" and len(rep.failure_shots) < FAILURE_SHOTS:
+            detail = next((e["data"].get("detail") or "" for e in by_run.get(iv.run, [])
+                           if e["kind"] == "attempt.ended" and e.get("attempt") == iv.attempt), "")
+            rep.failure_shots.append((iv.run, iv.attempt, f"{iv.machine}, attempt {iv.attempt}: {detail[:100]}"))
+    records = getattr(desktops, "records_path", None)
+    if records is not None:
+        from ..demoapp import Records
+
+        log = Records(records)
+        try:
+            taken = log.fault_log()
+        finally:
+            log.close()
+        rep.faults = stories(taken, state.moments, runs, events, rep.audit.intervals)
     return rep
 
 
@@ -144,18 +165,25 @@ def _ts(value: str) -> float:
 
 
 async def write_report(rep: Report, out: Path, client: AsyncClient) -> None:
-    shots = []
-    for art_id, caption in rep.screenshots:
+    shots: list[tuple[str | None, str | None, str]] = []  # (before file, after file, caption)
+    for before, after, caption in rep.playbook_shots:
+        files = [await _download(client, art, out, f"step{len(shots) + 1:02d}-{label}")
+                 for art, label in ((before, "before"), (after, "after"))]
+        if files[0] or files[1]:
+            shots.append((files[0], files[1], caption))
+    failures: list[tuple[str, str]] = []
+    for run_id, attempt, caption in rep.failure_shots:
         try:
-            data = await client.artifact(art_id)
+            found = [a for a in await client.artifacts(run_id) if a["attempt"] == attempt and a["name"] == "failure"]
         except Exception:
-            continue
-        path = out / "screenshots" / f"{caption}-{art_id[-6:]}.png"
-        path.write_bytes(data)
-        shots.append((path.name, caption))
+            found = []
+        name = await _download(client, found[0]["id"], out, f"failure{len(failures) + 1:02d}") if found else None
+        if name:
+            failures.append((name, caption))
     _timeline(rep, out / "timeline.png")
     (out / "report.json").write_text(json.dumps({
         "ok": rep.ok,
+        "desktop": rep.config.desktop,
         "config": {k: str(v) for k, v in asdict(rep.config).items()},
         "runs_accepted": len(rep.state.accepted),
         "runs_final": dict(rep.audit.final),
@@ -170,18 +198,35 @@ async def write_report(rep: Report, out: Path, client: AsyncClient) -> None:
         "stop_orders": dict(rep.stops),
         "reboots": rep.reboots,
         "reconcile": {"effect_found": rep.reconcile_found, "not_found": rep.reconcile_missing},
+        "faults_met": summary(rep.faults),
+        "faults": [s.as_dict() | {"how": describe(s)} for s in rep.faults],
+        "screenshots": [{"file": f, "caption": c} for b, a, c in shots for f in (b, a) if f]
+                       + [{"file": f, "caption": c} for f, c in failures],
         "moments": [{"at": at, "what": what} for at, what in rep.kill_times],
         "wall_time_s": rep.state.finished_in,
         "runs": rep.per_run,
     }, indent=2))
-    (out / "report.md").write_text(_markdown(rep, shots))
+    (out / "report.md").write_text(_markdown(rep, shots, failures))
 
 
-def _markdown(rep: Report, shots: list[tuple[str, str]]) -> str:
+async def _download(client: AsyncClient, artifact_id: str | None, out: Path, stem: str) -> str | None:
+    """Save an uploaded screenshot under screenshots/; None if it is not there."""
+    if not artifact_id:
+        return None
+    try:
+        data = await client.artifact(artifact_id)
+    except Exception:
+        return None
+    path = out / "screenshots" / f"{stem}.png"
+    path.write_bytes(data)
+    return path.name
+
+
+def _markdown(rep: Report, shots: list[tuple[str | None, str | None, str]], failures: list[tuple[str, str]]) -> str:
     a = rep.audit
     lines = [
         "# deskfleet demo report", "",
-        f"{len(rep.state.accepted)} runs accepted on {rep.config.machines} simulated desktops "
+        f"{len(rep.state.accepted)} runs accepted on {rep.config.machines} {rep.noun} "
         f"(faults: `{rep.config.faults}`, seed {rep.config.seed})"
         + (f", finished in {rep.state.finished_in:.1f}s." if rep.state.finished_in else "."), "",
         "## Every run accounted for", "",
@@ -205,6 +250,7 @@ def _markdown(rep: Report, shots: list[tuple[str, str]]) -> str:
         "Pre-flight and recovery playbooks run (screen state → playbook):", "",
         "| screen showed | playbook | times |", "|---|---|---|",
         *(f"| {s} | {p} | {n} |" for (s, p), n in rep.playbooks.most_common()), "",
+        *_fault_lines(rep),
         "## Requests refused at submit (nothing written)", "",
         *(f"- {w}: `{ans}`" for w, ans in rep.state.rejected), "",
         "## Moments", "",
@@ -212,9 +258,15 @@ def _markdown(rep: Report, shots: list[tuple[str, str]]) -> str:
         "## Timeline", "", "![timeline](timeline.png)", "",
     ]
     if shots:
-        lines += ["## Screens the playbooks recovered from", ""]
-        lines += [f"![{cap}](screenshots/{name}) *{cap}*" for name, cap in shots]
+        lines += ["## Screens the playbooks recovered from", "",
+                  "One of each kind of step, as the agent uploaded them: the screen before the playbook and after it.",
+                  "", "| step | before | after |", "|---|---|---|"]
+        lines += [f"| {cap} | {_img(b)} | {_img(af)} |" for b, af, cap in shots]
         lines.append("")
+    if failures:
+        lines += ["## Failed attempts, as their agents saw them", ""]
+        for name, cap in failures:
+            lines += [f"**{cap.replace('|', '/')}**", "", f"![failure](screenshots/{name})", ""]
     lines += ["## Runs", "", "| run | automation | state | attempts | machines | queue wait s | total s | error |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rep.per_run:
@@ -223,11 +275,35 @@ def _markdown(rep: Report, shots: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _img(name: str | None) -> str:
+    return f"![](screenshots/{name})" if name else "—"
+
+
+def _fault_lines(rep: Report) -> list[str]:
+    if not rep.faults:
+        return []
+    met = summary(rep.faults)
+    lines = ["## Each fault met, and how it was recovered", "",
+             "DemoEHR logs every fault it produces in its records file; the demo adds what it did from outside. "
+             "Each is matched with the attempt it struck and what the orchestrator did next.", "",
+             "| fault | met | recovered |", "|---|---|---|",
+             *(f"| {KINDS.get(k, k)} | {v['met']} | {v['recovered']} |" for k, v in met.items()), "",
+             "| time | machine | fault | where | run | how it was recovered |", "|---|---|---|---|---|---|"]
+    for s in rep.faults:
+        where = s.step if s.origin in ("demo", "app") else f"{s.step} ({s.origin})"
+        lines.append(f"| {datetime.fromtimestamp(s.at).strftime('%H:%M:%S.%f')[:-4]} | {s.machine} | "
+                     f"{KINDS.get(s.kind, s.kind)} | {where} | {s.run or '—'} | "
+                     f"{'' if s.recovered else '**not recovered** '}{describe(s).replace('|', '/')} |")
+    lines.append("")
+    return lines
+
+
 def _timeline(rep: Report, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     ivs = [iv for iv in rep.audit.intervals if iv.end is not None]
     if not ivs:
@@ -237,22 +313,32 @@ def _timeline(rep: Report, path: Path) -> None:
     colours = {"succeeded": "#2e7d32", "reconciled": "#00897b", "lost": "#c62828", "system_error": "#ef6c00",
                "stopped": "#6a1b9a", "stop_forced": "#4a148c", "preflight_failed": "#757575",
                "business_error": "#f9a825"}
-    fig, ax = plt.subplots(figsize=(12, 0.45 * len(machines) + 1.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(13, 0.45 * len(machines) + 1.8), dpi=110)
     for iv in ivs:
         y = machines.index(iv.machine)
         ax.barh(y, iv.end - iv.start, left=iv.start - t0, height=0.7,  # type: ignore[operator]
                 color=colours.get(iv.ending or "", "#90a4ae"), edgecolor="white", linewidth=0.3)
-    marks = [(at, what.split(":")[0]) for at, what in rep.kill_times if "SIGKILL" in what or "restarted" in what]
-    for i, (at, label) in enumerate(marks):
+    marks: list[tuple[float, str]] = []
+    for at, what in sorted(rep.kill_times):
+        label = next((label for key, label in MARKS if what.startswith(key)), None)
+        if label is None:
+            continue
+        if marks and at - marks[-1][0] < 0.5:  # one line for moments at the same time
+            marks[-1] = (marks[-1][0], f"{marks[-1][1]}, {label}")
+        else:
+            marks.append((at, label))
+    for at, label in marks:
         ax.axvline(at - t0, color="black", linestyle="--", linewidth=1)
-        # Alternate heights so that labels of close events do not overprint each other.
-        ax.text(at - t0, len(machines) - 0.45 - 0.5 * (i % 2), " " + label, fontsize=7, va="bottom",
-                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+        # Along the line, inside the plot (x in data, y in axes units): labels of moments a
+        # little apart do not overprint each other.
+        ax.text(at - t0, 0.98, label + " ", transform=ax.get_xaxis_transform(), rotation=90, fontsize=7,
+                ha="right", va="top", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})
     ax.set_yticks(range(len(machines)), machines)
     ax.set_xlabel("seconds since the first assignment")
     ax.set_title("attempts per machine, coloured by how they ended")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(handles, list(colours), loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, fontsize=8)
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(handles, list(colours), loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 if len(machines) > 3 else 2,
+              fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -277,6 +363,14 @@ def print_summary(console: Console, rep: Report, out: Path) -> None:
         f.add_row(f"playbook {p} (screen showed {s})", str(n))
     f.add_row("stale writes rejected (fencing)", str(rep.audit.stale_rejected))
     console.print(f)
+    if rep.faults:
+        table = Table(title="each fault met, one by one (report.md tells how)")
+        table.add_column("fault")
+        table.add_column("met", justify="right")
+        table.add_column("recovered", justify="right")
+        for kind, row in summary(rep.faults).items():
+            table.add_row(KINDS.get(kind, kind), str(row["met"]), str(row["recovered"]))
+        console.print(table)
     verdict = "[bold green]all invariants held[/]" if rep.ok else "[bold red]INVARIANT VIOLATIONS[/]"
     console.print(f"{verdict}: {len(rep.audit.violations)} violations, {len(rep.effects)} double effects, "
                   f"{len(rep.unaccounted)} runs unaccounted for")

@@ -1,20 +1,25 @@
-"""The demo's moving parts: processes, workload, live view, the agent kill."""
+"""The demo's moving parts: processes, workload in waves, live view, the agent kill.
+
+What differs between real and simulated desktops (agent command line, workload, faults,
+the double-effect check) is in :mod:`.desktops`; this module drives either.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -24,13 +29,14 @@ from rich.table import Table
 from ..client import ApiError, AsyncClient
 from ..errors import DeskfleetError
 from . import DemoConfig
+from .desktops import Work, desktops_for
 
 MARKER = ".deskfleet-demo"
 FINAL = ("succeeded", "failed", "cancelled", "timed_out")
-NAMES = ("Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra", "Barbara Liskov",
-         "Donald Knuth", "Frances Allen", "John Backus", "Leslie Lamport", "Radia Perlman")
 NOTABLE = ("machine.quarantined", "machine.verified", "lease.stale_write_rejected", "attempt.stop_requested",
-           "reconcile.done", "playbook.step", "attempt.ended")
+           "reconcile.done", "playbook.step", "verify.playbook.step", "attempt.ended")
+#: seconds a SIGKILLed agent process stays down before it is started again
+KILLED_FOR = 5.0
 
 
 @dataclass
@@ -45,6 +51,8 @@ class Submitted:
 class Moment:
     at: float
     what: str
+    kind: str = ""  # agent_killed, display_killed: faults the demo causes from outside
+    machines: list[str] = field(default_factory=list)  # the machines it struck
 
 
 @dataclass
@@ -63,11 +71,22 @@ class Demo:
         self.out = config.out.resolve()
         self.console = Console()
         self.state = DemoState()
+        self.desktops = desktops_for(config, self.out)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.agent_args: dict[str, list[str]] = {}
+        self.machines_of: dict[str, list[str]] = {}  # agent process → its machines
         self.port = config.port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.live = config.live if config.live is not None else sys.stdout.isatty()
+        self.total = 0  # runs planned, over every wave
+        self._chaos = _Chaos()
+        self._deadline = 0.0
+        self._after = 0  # the last event id fed to the live view
+        self._progress = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self._task = self._progress.add_task("runs", total=0)
+        self._view_live: Live | None = None
+        self._last_line = 0.0
+        self._machines: list[dict[str, Any]] = []  # as of the last tick
 
     # -- the whole show ---------------------------------------------------------------------
     async def run(self) -> bool:
@@ -75,7 +94,7 @@ class Demo:
 
         self._prepare_dir()
         c = self.console
-        c.print(f"[bold]deskfleet demo[/]: {self.cfg.machines} simulated desktops, {self.cfg.runs} runs, "
+        c.print(f"[bold]deskfleet demo[/]: {self.cfg.machines} {self.desktops.noun}, {self.cfg.runs} runs, "
                 f"faults '{self.cfg.faults}', seed {self.cfg.seed} → {self.out}")
         try:
             self._start_server()
@@ -83,10 +102,9 @@ class Demo:
                 await self._wait_health(client)
                 self._start_agents()
                 await self._wait_machines(client)
-                await self._submit_workload(client)
-                await self._watch(client)
+                await self._workload(client)
                 runs, events = await self._collect(client)
-                report = build_report(self.cfg, self.out, self.state, runs, events)
+                report = build_report(self.cfg, self.out, self.state, runs, events, self.desktops)
                 await write_report(report, self.out, client)
         finally:
             self._stop_processes()
@@ -124,26 +142,64 @@ class Demo:
         for i in range(k):
             count = n // k + (1 if i < n % k else 0)
             name = f"agents-{chr(ord('a') + i)}"
-            self.agent_args[name] = [
-                "agent", "--orchestrator", self.url, "--machine", "desk", "--sim", str(count),
-                "--sim-first", str(first), "--sim-faults", self.cfg.faults, "--sim-seed", str(self.cfg.seed),
-                "--sim-backend", str(self.out / "agents" / "ehr.db"), "--state-dir", str(self.out / "agents"),
-                "--enrolment-token-file", str(self.out / "data" / "enrolment-token"),
-                "--action-delay", str(self.cfg.action_delay),
-            ]
+            self.agent_args[name] = self.desktops.agent_args(self.url, first, count)
+            width = max(2, len(str(first + count - 1)))  # as the agent names them: desk-01…
+            self.machines_of[name] = [f"desk-{j:0{width}d}" for j in range(first, first + count)]
             first += count
             self._spawn(name, self.agent_args[name])
 
     def _stop_processes(self) -> None:
+        # What the agents started (X servers, apps) is collected first: an agent that has to
+        # be killed below leaves them behind.
+        started = [p for proc in self.procs.values() for p in _descendants(proc.pid)]
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 15
         for proc in self.procs.values():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+        _kill_all(started)
+
+    def _kill_agent_process(self, name: str) -> int:
+        """SIGKILL an agent process and what it started: its machines go dark at once, as
+        when a VM dies (its X servers and apps would otherwise live on as orphans).
+        Returns how many X servers went with it."""
+        proc = self.procs[name]
+        started = _descendants(proc.pid)
+        displays = 0
+        for p in started:
+            with contextlib.suppress(psutil.Error):
+                displays += "Xvfb" in p.name()
+        proc.kill()
+        proc.wait()
+        _kill_all(started)
+        return displays
+
+    def _kill_display(self) -> tuple[str, str] | None:
+        """SIGKILL the X server of the first real desktop of the first agent process."""
+        proc = self.procs.get("agents-a")
+        if proc is None or proc.poll() is not None:
+            return None
+        apps: dict[str, str] = {}  # display → machine, from DemoEHR's command line and environment
+        servers: dict[str, psutil.Process] = {}  # display → Xvfb, from the socket it listens on
+        for p in _descendants(proc.pid):
+            with contextlib.suppress(psutil.Error, KeyError, ValueError):
+                cmd = p.cmdline()
+                if "deskfleet.demoapp" in cmd:
+                    apps[p.environ()["DISPLAY"]] = cmd[cmd.index("--name") + 1]
+                elif "Xvfb" in p.name():
+                    for c in p.net_connections(kind="unix"):
+                        if isinstance(c.laddr, str) and c.laddr.startswith("/tmp/.X11-unix/X"):
+                            servers[":" + c.laddr.rsplit("X", 1)[1]] = p
+        for display, machine in sorted(apps.items(), key=lambda a: a[1]):
+            if display in servers:
+                with contextlib.suppress(psutil.Error):
+                    servers[display].kill()
+                    return machine, display
+        return None
 
     async def _wait_health(self, client: AsyncClient) -> None:
         deadline = time.monotonic() + 30
@@ -158,7 +214,7 @@ class Demo:
             await asyncio.sleep(0.1)
 
     async def _wait_machines(self, client: AsyncClient) -> None:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while True:
             machines = await client.machines()
             ready = sum(1 for m in machines if m["status"] == "ready")
@@ -169,120 +225,155 @@ class Demo:
                 if proc.poll() is not None:
                     raise DeskfleetError(f"{name} exited at start; see {self.out / 'logs' / (name + '.log')}")
             if time.monotonic() > deadline:
-                raise DeskfleetError(f"only {ready} of {self.cfg.machines} machines became ready")
+                raise DeskfleetError(f"only {ready} of {self.cfg.machines} machines became ready; "
+                                     f"see {self.out / 'logs'}")
             await asyncio.sleep(0.1)
 
     # -- workload ---------------------------------------------------------------------------------
-    def _workload(self) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-        rng = random.Random(self.cfg.seed)
-        created: list[str] = []
-        out = []
-        for i in range(self.cfg.runs):
-            options: dict[str, Any] = {"deadline": 600, "progress_timeout": 6, "attempt_timeout": 120,
-                                       "idempotency_key": f"demo-{self.cfg.seed}-{i}"}
-            roll = rng.random()
-            if rng.random() < 0.15:
-                options["session_key"] = rng.choice(["clinic-a", "robot2"])
-            if rng.random() < 0.1:
-                options["priority"] = 5
-            if i < 3 or roll < 0.6 or not created:
-                mrn = f"D{self.cfg.seed}-{i:05d}"
-                created.append(mrn)
-                dob = f"{rng.randint(1930, 2020)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
-                out.append(("ehr.create_patient", {"mrn": mrn, "name": rng.choice(NAMES), "dob": dob}, options))
-            elif roll < 0.88:
-                out.append(("ehr.lookup_patient", {"mrn": rng.choice(created)}, options))
-            else:
-                out.append(("ehr.export_summary", {"mrn": rng.choice(created)}, options))
-        return out
+    async def _workload(self, client: AsyncClient) -> None:
+        waves = self.desktops.waves()
+        self.total = sum(len(w.work) for w in waves)
+        self._progress.update(self._task, total=self.total)
+        self._deadline = time.monotonic() + self.cfg.timeout
+        with self._live_view():
+            for number, wave in enumerate(waves):
+                if number > 0:
+                    if not await self._watch(client, until_final=True):
+                        return
+                    if wave.quiet_before:
+                        # Machines still recovering (re-proving their state, logging in again)
+                        # would not be idle long enough: the spell starts once all are ready.
+                        await self._watch(client, until_settled=30)
+                        self._moment(wave.why)
+                        if self.desktops.kind == "xvfb":
+                            killed = self._kill_display()
+                            if killed:
+                                machine, display = killed
+                                self._moment(f"killed the X server of {machine} (display {display}) between "
+                                             "runs: its next pre-flight finds no screen and restarts the desktop",
+                                             "display_killed", [machine])
+                        await self._watch(client, for_seconds=wave.quiet_before)
+                    self._moment(f"wave {number + 1}: {len(wave.work)} more runs")
+                await self._submit(client, wave.work, refuse=number == 0)
+            await self._watch(client, until_final=True)
 
-    async def _submit_workload(self, client: AsyncClient) -> None:
-        rng = random.Random(self.cfg.seed + 1)
-        work = self._workload()
-        cancel_at = set(rng.sample(range(len(work) // 2, len(work)), min(2, len(work) // 2))) if len(work) >= 8 else set()
+    async def _submit(self, client: AsyncClient, work: list[Work], *, refuse: bool) -> None:
+        cancel_at = self.desktops.queued_cancels(work) if refuse else set()
         sem = asyncio.Semaphore(16)
+        accepted: list[Submitted] = []
 
         async def one(i: int, automation: str, data: dict[str, Any], options: dict[str, Any]) -> None:
             async with sem:
                 run = await client.submit(automation, data, **options)
-            self.state.accepted.append(Submitted(run["id"], automation, data.get("mrn", ""), i in cancel_at))
+            accepted.append(Submitted(run["id"], automation, data.get("mrn", ""), i in cancel_at))
 
         await asyncio.gather(*(one(i, *w) for i, w in enumerate(work)))
-        # Requests that must be refused with a clear message, and nothing written.
-        for what, automation, data, options in (
-            ("an automation nobody offers", "ehr.discharge_patient", {"mrn": "X"}, {}),
-            ("input that fails the schema", "ehr.create_patient", {"mrn": "bad mrn!", "name": "X"}, {}),
-            ("labels no machine has", "ehr.lookup_patient", {"mrn": "X"}, {"labels": {"site": "mars"}}),
-        ):
-            try:
-                await client.submit(automation, data, **options)
-                self.state.rejected.append((what, "accepted (unexpected!)"))
-            except ApiError as exc:
-                self.state.rejected.append((what, f"{exc.status} {exc.error}: {exc.message}"))
-        for s in self.state.accepted:
+        self.state.accepted += accepted
+        if refuse:
+            # Requests that must be refused with a clear message, and nothing written.
+            for what, automation, data, options in self.desktops.bad_requests():
+                try:
+                    await client.submit(automation, data, **options)
+                    self.state.rejected.append((what, "accepted (unexpected!)"))
+                except ApiError as exc:
+                    self.state.rejected.append((what, f"{exc.status} {exc.error}: {exc.message}"))
+        for s in accepted:
             if s.cancel:
                 with contextlib.suppress(ApiError):
                     await client.cancel(s.run_id)
                 self._moment(f"cancelled {s.run_id} while queued")
-        self.console.print(f"  {len(self.state.accepted)} runs accepted, {len(self.state.rejected)} bad requests refused")
+        self._say(f"  {len(accepted)} runs accepted" +
+                  (f", {len(self.state.rejected)} bad requests refused" if refuse else ""))
 
-    def _moment(self, what: str) -> None:
-        self.state.moments.append(Moment(time.time(), what))
+    def _moment(self, what: str, kind: str = "", machines: list[str] | None = None) -> None:
+        self.state.moments.append(Moment(time.time(), what, kind, machines or []))
         self.state.feed.append(f"[bold magenta]{time.strftime('%H:%M:%S')} {what}[/]")
+        if self._view_live is None:
+            self.console.print(f"  {time.strftime('%H:%M:%S')} {what}")
+
+    def _say(self, text: str) -> None:
+        if self._view_live is not None:
+            self._view_live.console.print(text)
+        else:
+            self.console.print(text)
 
     # -- watching -----------------------------------------------------------------------------------
-    async def _watch(self, client: AsyncClient) -> None:
-        total = len(self.state.accepted)
-        killed_at: float | None = None
-        restarted = False
-        cancelled_running = False
-        after = 0
-        progress = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        task = progress.add_task("runs", total=total)
-        deadline = time.monotonic() + self.cfg.timeout
-        live = Live(console=self.console, refresh_per_second=4, transient=False) if self.live else None
-        last_line = 0.0
-        with live if live is not None else contextlib.nullcontext():
-            while True:
-                summary = await client.summary()
-                machines = await client.machines()
-                events = await client.all_events(after=after, limit=500)
-                if events:
-                    after = events[-1]["id"]
-                    self._feed(events)
-                done = sum(summary["runs"].get(s, 0) for s in FINAL)
-                progress.update(task, completed=done)
-                if live is not None:
-                    live.update(self._view(progress, summary, machines))
-                elif time.monotonic() - last_line > 2:
-                    last_line = time.monotonic()
-                    self.console.print(f"  {done}/{total} runs final; " +
-                                       ", ".join(f"{k} {v}" for k, v in sorted(summary["runs"].items())))
-                if done >= total:
+    @contextlib.contextmanager
+    def _live_view(self) -> Iterator[None]:
+        if not self.live:
+            yield
+            return
+        with Live(console=self.console, refresh_per_second=4, transient=False) as live:
+            self._view_live = live
+            try:
+                yield
+            finally:
+                self._view_live = None
+
+    async def _watch(self, client: AsyncClient, *, until_final: bool = False, until_settled: float = 0.0,
+                     for_seconds: float = 0.0) -> bool:
+        """Poll the fleet (live view, chaos) until every accepted run is final, until every
+        machine is ready (for at most ``until_settled`` seconds), or for a while. False once
+        the demo's timeout has passed."""
+        stop_at = time.monotonic() + (until_settled or for_seconds)
+        while True:
+            done = await self._tick(client)
+            if until_final and done >= len(self.state.accepted):
+                if done >= self.total:
                     self.state.finished_in = time.time() - self.state.started
-                    break
-                if time.monotonic() > deadline:
-                    self._moment(f"gave up waiting after {self.cfg.timeout:g}s")
-                    break
-                if not cancelled_running and done >= total * 0.15:
-                    running = await client.runs(state=["running"], limit=1)
-                    if running["runs"]:
-                        rid = running["runs"][0]["id"]
-                        await client.cancel(rid)
-                        self._moment(f"cancelled {rid} while running: its agent is told to stop")
-                        cancelled_running = True
-                if self.cfg.kill_agent and killed_at is None and done >= total * 0.3 and len(self.procs) > 2:
-                    name = sorted(n for n in self.procs if n.startswith("agents-"))[-1]
-                    self.procs[name].kill()
-                    self.procs[name].wait()
-                    killed_at = time.monotonic()
-                    self._moment(f"SIGKILLed agent process {name}: its machines go silent mid-run")
-                if killed_at is not None and not restarted and time.monotonic() - killed_at > 5:
-                    name = sorted(n for n in self.procs if n.startswith("agents-"))[-1]
-                    self._spawn(name, self.agent_args[name])
-                    restarted = True
-                    self._moment(f"restarted {name}: its machines reconnect and must re-prove their state")
-                await asyncio.sleep(0.5)
+                return True
+            if until_settled and all(m["status"] == "ready" for m in self._machines):
+                return True
+            if not until_final and time.monotonic() >= stop_at:
+                return True
+            if time.monotonic() > self._deadline:
+                self._moment(f"gave up waiting after {self.cfg.timeout:g}s")
+                return False
+            await asyncio.sleep(0.5)
+
+    async def _tick(self, client: AsyncClient) -> int:
+        summary = await client.summary()
+        machines = self._machines = await client.machines()
+        events = await client.all_events(after=self._after, limit=500)
+        if events:
+            self._after = events[-1]["id"]
+            self._feed(events)
+        done = int(sum(summary["runs"].get(s, 0) for s in FINAL))
+        self._progress.update(self._task, completed=done)
+        if self._view_live is not None:
+            self._view_live.update(self._view(self._progress, summary, machines))
+        elif time.monotonic() - self._last_line > 2:
+            self._last_line = time.monotonic()
+            self.console.print(f"  {done}/{self.total} runs final; " +
+                               ", ".join(f"{k} {v}" for k, v in sorted(summary["runs"].items())))
+        await self._chaos_step(client, done)
+        return done
+
+    async def _chaos_step(self, client: AsyncClient, done: int) -> None:
+        """What the demo does to the fleet from outside, mid-run: a cancel, an agent killed."""
+        ch, total = self._chaos, self.total
+        agents = sorted(n for n in self.procs if n.startswith("agents-"))
+        if not ch.cancelled_running and done >= total * 0.15:
+            running = await client.runs(state=["running"], limit=20)
+            wanted = self.desktops.cancel_running
+            which = [r for r in running["runs"] if not wanted or r["automation"] in wanted]
+            if which:
+                rid = which[0]["id"]
+                await client.cancel(rid)
+                self._moment(f"cancelled {rid} while running: its agent is told to stop")
+                ch.cancelled_running = True
+        if self.cfg.kill_agent and ch.killed_at is None and done >= total * 0.3 and len(agents) > 1:
+            name = agents[-1]
+            took = self._kill_agent_process(name)
+            ch.killed_at = time.monotonic()
+            with_it = f" with its {took} desktops (X server and DemoEHR each)" if took else ""
+            self._moment(f"SIGKILLed agent process {name}{with_it}: its machines go silent mid-run",
+                         "agent_killed", self.machines_of[name])
+        if ch.killed_at is not None and not ch.restarted and time.monotonic() - ch.killed_at > KILLED_FOR:
+            name = agents[-1]
+            self._spawn(name, self.agent_args[name])
+            ch.restarted = True
+            self._moment(f"restarted {name}: its machines reconnect and must re-prove their state")
 
     def _feed(self, events: list[dict[str, Any]]) -> None:
         for e in events:
@@ -292,7 +383,7 @@ class Demo:
             reason, m = e.get("reason") or "", e.get("machine") or ""
             if kind == "attempt.ended" and reason == "succeeded":
                 continue
-            if kind == "playbook.step":
+            if kind.endswith("playbook.step"):
                 d = e["data"]
                 text = f"{m}: {d.get('from_state')} → playbook {d.get('playbook')} → {d.get('to_state')}"
             elif kind == "attempt.ended":
@@ -321,6 +412,27 @@ class Demo:
         runs = await client.every_run()
         events = await client.every_event()
         return runs, events
+
+
+@dataclass
+class _Chaos:
+    cancelled_running: bool = False
+    killed_at: float | None = None
+    restarted: bool = False
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return []
+
+
+def _kill_all(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=5)
 
 
 def _free_port() -> int:

@@ -51,7 +51,7 @@ async def state(desktop: SimDesktop) -> str:
 
 def test_registry_offers_the_three_with_their_policies() -> None:
     registry = demo_registry()
-    assert len(registry) == 4  # the three SimEHR automations and sim.noop for benchmarks
+    assert len(registry) == 5  # the three SimEHR automations, sim.noop and sim.work for benchmarks
     specs = {s.name: s for s in registry.specs()}
     assert (specs["ehr.create_patient"].idempotent, specs["ehr.create_patient"].has_reconcile) == (
         False, True)
@@ -59,6 +59,25 @@ def test_registry_offers_the_three_with_their_policies() -> None:
     assert (specs["ehr.export_summary"].idempotent, specs["ehr.export_summary"].has_reconcile) == (
         False, False)
     assert (specs["sim.noop"].idempotent, specs["sim.noop"].required_state) == (True, "any")
+    assert (specs["sim.work"].idempotent, specs["sim.work"].has_reconcile) == (False, True)
+
+
+async def test_work_leaves_its_effect_halfway_and_reconcile_finds_it() -> None:
+    backend = SimBackend()
+    desktop = SimDesktop("m1", backend, seed=5)
+    work = demo_registry().get("sim.work", None)
+    assert work is not None
+    steps: list[str] = []
+    assert await work.run_reconcile(context(desktop, steps), {"key": "w1", "seconds": 0.2}) is None
+    task = asyncio.ensure_future(work.execute(context(desktop, steps), {"key": "w1", "seconds": 0.2}))
+    await asyncio.sleep(0.05)
+    assert backend.work_count("w1") == 0, "not yet: the effect lands halfway"
+    await asyncio.sleep(0.1)
+    assert backend.work_count("w1") == 1
+    task.cancel()  # killed in the second half: done, but never reported
+    found = await work.run_reconcile(context(desktop, steps), {"key": "w1", "seconds": 0.2})
+    assert found == {"key": "w1", "machine": "m1"}
+    assert backend.work_counts() == {"w1": 1}
 
 
 async def test_create_patient_makes_one_record_and_reconcile_finds_it() -> None:

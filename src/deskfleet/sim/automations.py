@@ -15,6 +15,7 @@ not expect (an error dialog, the bare desktop); all of them finish at "home".
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import re
 
@@ -218,6 +219,41 @@ async def noop(ctx: Context, data: Echo) -> Echo:
     return Echo(value=data.value)
 
 
+class WorkInput(BaseModel):
+    key: str = Field(min_length=1, max_length=64)
+    seconds: float = Field(default=0.0, ge=0.0, le=3600.0)
+
+
+class WorkDone(BaseModel):
+    key: str
+    machine: str
+
+
+@automation(name="sim.work", version="1", required_state="any")
+async def work(ctx: Context, data: WorkInput) -> WorkDone:
+    """A unit of work of a given duration whose side effect lands halfway through it (in the
+    simulated backend, countable by key) — for benchmarks of utilisation, failover and
+    double effects: a machine killed in the second half has done the work but not said so."""
+    backend = getattr(ctx.desktop, "backend", None)
+    if backend is None:
+        raise BusinessError("sim.work needs a simulated desktop")
+    await ctx.progress("work", percent=0)
+    await asyncio.sleep(data.seconds / 2)
+    backend.record_work(data.key, machine=ctx.machine_id)
+    await ctx.progress("effect recorded", percent=50)
+    await asyncio.sleep(data.seconds / 2)
+    return WorkDone(key=data.key, machine=ctx.machine_id)
+
+
+@work.reconcile
+async def work_was_done(ctx: Context, data: WorkInput) -> WorkDone | None:
+    """Did a lost attempt already do it? The backend knows."""
+    backend = getattr(ctx.desktop, "backend", None)
+    if backend is None or backend.work_count(data.key) == 0:
+        return None
+    return WorkDone(key=data.key, machine=ctx.machine_id)
+
+
 def demo_registry() -> Registry:
-    """The SimEHR automations (and ``sim.noop``), as an agent would offer them."""
-    return Registry([create_patient, lookup_patient, export_summary, noop])
+    """The SimEHR automations (and ``sim.noop``, ``sim.work``), as an agent would offer them."""
+    return Registry([create_patient, lookup_patient, export_summary, noop, work])

@@ -31,6 +31,12 @@ CREATE TABLE IF NOT EXISTS patients (
     created_by_machine TEXT
 );
 CREATE INDEX IF NOT EXISTS patients_mrn ON patients (mrn);
+CREATE TABLE IF NOT EXISTS work_done (
+    key TEXT NOT NULL,
+    created_at REAL,
+    created_by_machine TEXT
+);
+CREATE INDEX IF NOT EXISTS work_done_key ON work_done (key);
 CREATE TABLE IF NOT EXISTS exports (
     export_id INTEGER PRIMARY KEY AUTOINCREMENT,
     mrn TEXT NOT NULL,
@@ -197,3 +203,18 @@ class SimBackend:
         else:
             (n,) = self._db.execute("SELECT count(*) FROM exports WHERE mrn = ?", (mrn,)).fetchone()
         return int(n)
+
+    # -- units of work (benchmarks) ---------------------------------------------------
+
+    def record_work(self, key: str, *, machine: str = "") -> None:
+        """The side effect of one ``sim.work`` execution (no unique key: doubles show)."""
+        self._db.execute("INSERT INTO work_done (key, created_at, created_by_machine) VALUES (?, ?, ?)",
+                         (key, time.time(), machine))
+
+    def work_count(self, key: str) -> int:
+        (n,) = self._db.execute("SELECT count(*) FROM work_done WHERE key = ?", (key,)).fetchone()
+        return int(n)
+
+    def work_counts(self) -> dict[str, int]:
+        """key → how many times its effect happened."""
+        return {k: int(n) for k, n in self._db.execute("SELECT key, count(*) FROM work_done GROUP BY key")}

@@ -146,13 +146,26 @@ class Machine:
     last_screenshot_id: str | None = None
 
     def offers(self, automation: str, version: str | None = None) -> bool:
-        if version is not None:
-            return f"{automation}@{version}" in self.automations
-        prefix = f"{automation}@"
-        return any(a.startswith(prefix) for a in self.automations)
+        return _offers(self.automations, automation, version)
 
     def has_labels(self, required: dict[str, str]) -> bool:
         return all(self.labels.get(k) == v for k, v in required.items())
+
+    @property
+    def status(self) -> str:
+        """One word for a person: what the machine is doing and whether it can take work
+        (``Store.count_machines`` counts the same in SQL)."""
+        if self.active_attempt_id is not None:
+            return "busy"
+        if not self.connected:
+            return "offline"
+        if self.health is MachineHealth.QUARANTINED:
+            return "quarantined"
+        if self.admin is MachineAdmin.CORDONED:
+            return "cordoned"
+        if self.admin is MachineAdmin.DRAINING:
+            return "drained"
+        return "ready"
 
     @property
     def schedulable(self) -> bool:
@@ -162,6 +175,32 @@ class Machine:
             and self.admin is MachineAdmin.ACTIVE
             and self.active_attempt_id is None
         )
+
+
+def _offers(automations: list[str], automation: str, version: str | None) -> bool:
+    if version is not None:
+        return f"{automation}@{version}" in automations
+    prefix = f"{automation}@"
+    return any(a.startswith(prefix) for a in automations)
+
+
+@dataclass(slots=True)
+class MachineShape:
+    """What a group of enrolled machines offers alike — pool, labels, automations — and
+    how many they are: enough to tell whether a run could ever be served, without reading
+    every machine of a big fleet."""
+
+    pool: str
+    labels: dict[str, str]
+    automations: list[str]
+    count: int
+    id: None = None  # a shape is no particular machine: it matches no pin
+
+    def offers(self, automation: str, version: str | None = None) -> bool:
+        return _offers(self.automations, automation, version)
+
+    def has_labels(self, required: dict[str, str]) -> bool:
+        return all(self.labels.get(k) == v for k, v in required.items())
 
 
 @dataclass(slots=True)

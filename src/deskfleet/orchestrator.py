@@ -26,7 +26,17 @@ from .config import ServerSettings
 from .crypto import SecretBox, redact
 from .errors import ConfigError, InvalidInput, NotFound, StoreRetry, StoreUnavailable, Unservable
 from .fleet.bus import LocalBus, PgBus
-from .models import Assignment, AutomationSpec, Machine, MachineAdmin, Pool, Run, RunSpec, StopOrder
+from .models import (
+    Assignment,
+    AutomationSpec,
+    Machine,
+    MachineAdmin,
+    MachineShape,
+    Pool,
+    Run,
+    RunSpec,
+    StopOrder,
+)
 from .protocol import Assign, Stop
 from .scheduler import Policy, serviceable
 from .store import Finished, Store, is_postgres, open_leadership, open_store
@@ -117,7 +127,7 @@ class Orchestrator:
         self._specs: dict[tuple[str, str | None], AutomationSpec | None] = {}
         # What submit checks a request against (pools, enrolled machines), cached for a
         # moment: re-reading every machine per submit would cost more than the submit.
-        self._catalog: tuple[float, dict[str, Pool], list[Machine]] | None = None
+        self._catalog: tuple[float, dict[str, Pool], list[MachineShape]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -302,17 +312,17 @@ class Orchestrator:
         self._specs.clear()
         self._catalog = None
 
-    async def _pools_and_machines(self) -> tuple[dict[str, Pool], list[Machine]]:
+    async def _pools_and_shapes(self) -> tuple[dict[str, Pool], list[MachineShape]]:
         now = time.monotonic()
         if self._catalog is None or now - self._catalog[0] > CATALOG_TTL:
             pools = {p.name: p for p in await self.db(self.store.list_pools)}
-            self._catalog = (now, pools, await self.db(self.store.list_machines))
+            self._catalog = (now, pools, await self.db(self.store.machine_shapes))
         return self._catalog[1], self._catalog[2]
 
     async def submit(self, spec: RunSpec, body: dict[str, Any]) -> tuple[Run, bool]:
         """Validate a run request against what exists, then store it; nothing is written
         for a request that fails any check."""
-        pools, machines = await self._pools_and_machines()
+        pools, shapes = await self._pools_and_shapes()
         pool = pools.get(spec.pool)
         if pool is None:
             known = ", ".join(sorted(pools)) or "none yet"
@@ -324,10 +334,13 @@ class Orchestrator:
             what = spec.automation if spec.version is None else f"{spec.automation}@{spec.version}"
             raise NotFound(f"unknown automation {what!r}; known: {', '.join(names)}", field="automation")
         _validate_input(auto, spec.input)
-        if not pool.allow_wait_for_capacity and not serviceable(
-            spec.pool, spec.labels, spec.automation, spec.version, spec.machine, machines
-        ):
-            raise Unservable(_unservable_message(spec, [m for m in machines if m.pool == spec.pool]))
+        if not pool.allow_wait_for_capacity:
+            # A pinned run needs that machine; any other, some shape of machine that fits.
+            pinned = await self.db(self.store.get_machine, spec.machine) if spec.machine else None
+            candidates: list[Machine] | list[MachineShape] = [pinned] if pinned else [] if spec.machine else shapes
+            if not serviceable(spec.pool, spec.labels, spec.automation, spec.version, spec.machine, candidates):
+                in_pool = sum(s.count for s in shapes if s.pool == spec.pool)
+                raise Unservable(_unservable_message(spec, in_pool))
         stored = replace(spec, input=self.secrets.encrypt_fields(spec.input, auto.secret_fields))
         fingerprint = self.secrets.fingerprint(body)
         run, created = await self.db(self.store.submit, stored, request_hash=fingerprint, now=time.time())
@@ -416,8 +429,8 @@ def _validate_input(spec: AutomationSpec, data: dict[str, Any]) -> None:
         )
 
 
-def _unservable_message(spec: RunSpec, machines: list[Any]) -> str:
-    if not machines:
+def _unservable_message(spec: RunSpec, enrolled: int) -> str:
+    if not enrolled:
         return (
             f"no machine is enrolled in pool {spec.pool!r}, so this run could never start; "
             "enrol an agent in the pool, or let the pool wait for capacity "
@@ -430,6 +443,6 @@ def _unservable_message(spec: RunSpec, machines: list[Any]) -> str:
         wants.append(f"machine {spec.machine}")
     return (
         f"no machine in pool {spec.pool!r} offers {' and '.join(wants)}, so this run could "
-        f"never start ({len(machines)} machines enrolled there); fix the request, or let the pool "
+        f"never start ({enrolled} machines enrolled there); fix the request, or let the pool "
         "wait for capacity (allow_wait_for_capacity=true)"
     )

@@ -564,6 +564,73 @@ def test_schedule_matches_pool_labels_and_version(s):
     assert run_state(s, r_v1_p2.id) is RunState.QUEUED and run_state(s, r_mac.id) is RunState.QUEUED
 
 
+def test_machines_are_counted_by_status_as_each_machine_tells_it(s):
+    for m in ("busy", "offline", "quarantined", "cordoned", "drained", "ready1", "ready2"):
+        add_machine(s, m)
+    claim(s, machine="busy")
+    s.disconnect_machine("offline", T0)
+    s.quarantine("quarantined", "suspicious", T0)
+    s.set_admin("cordoned", MachineAdmin.CORDONED, T0)
+    s.set_admin("drained", MachineAdmin.DRAINING, T0)
+    listed = Counter(m.status for m in s.list_machines())
+    assert s.count_machines() == dict(listed) == {
+        "busy": 1, "offline": 1, "quarantined": 1, "cordoned": 1, "drained": 1, "ready": 2}
+
+
+@pytest.fixture
+def small_pages(monkeypatch):
+    """Scheduling passes read 2 free machines and 2 queued runs a page (the real pages are
+    hundreds): what a pass does beyond its first page shows with a handful of rows."""
+    import deskfleet.store.sql as sql
+
+    monkeypatch.setattr(sql, "MACHINE_PAGE", 2)
+    monkeypatch.setattr(sql, "RUN_PAGE_MIN", 2)
+    monkeypatch.setattr(sql, "RUNS_PER_FREE", 1)
+
+
+def test_a_pass_reads_past_its_first_page_of_machines_for_a_run_only_a_later_one_serves(s, small_pages):
+    for m in ("m1", "m2", "m3", "m4"):
+        add_machine(s, m, labels={"os": "win"})
+    add_machine(s, "m5", labels={"os": "mac"})
+    win = submit(s, T0 + 1, labels={"os": "win"})
+    mac = submit(s, T0 + 2, labels={"os": "mac"})
+    got = {a.run.id: a.attempt.machine_id for a in s.schedule(POLICY, T0 + 3, LEASE)}
+    # The longest idle first (all equal here: then by id), and the one mac wherever it is.
+    assert got == {win.id: "m1", mac.id: "m5"}
+
+
+def test_a_free_machine_holding_the_wanted_session_is_chosen_even_beyond_the_first_page(s, small_pages):
+    for m in ("m1", "m2", "m3", "m4", "m5"):
+        add_machine(s, m)
+    s.heartbeat([Heartbeat("m5", T0 + 1, session_key="robot2")], LEASE)
+    run = submit(s, T0 + 2, session_key="robot2")
+    (a,) = s.schedule(POLICY, T0 + 3, LEASE)
+    assert (a.run.id, a.attempt.machine_id) == (run.id, "m5")
+
+
+def test_a_pass_reads_past_its_first_page_of_runs_for_a_free_machine_only_a_later_run_fits(s, small_pages):
+    add_machine(s, "m1", labels={"os": "win"})
+    for i in range(4):
+        submit(s, T0 + i, labels={"os": "mac"})  # at the head of the queue, nobody serves them
+    win = submit(s, T0 + 5, labels={"os": "win"})
+    (a,) = s.schedule(POLICY, T0 + 6, LEASE)
+    assert (a.run.id, a.attempt.machine_id) == (win.id, "m1")
+    assert s.count_runs() == {"queued": 4, "assigned": 1}
+
+
+def test_an_idle_fleet_with_nothing_queued_reads_no_machine(s, monkeypatch):
+    add_machine(s, "m1")
+    import deskfleet.store.sql as sql
+
+    read = []
+    monkeypatch.setattr(sql.SQLStore, "_free_machines", lambda *a: read.append(a) or ([], False))
+    assert s.schedule(POLICY, T0, LEASE) == []
+    assert read == []
+    submit(s, T0 + 1)
+    s.schedule(POLICY, T0 + 2, LEASE)
+    assert len(read) == 1
+
+
 # -- fenced writes -------------------------------------------------------------------------------
 
 def test_attempt_lifecycle(s):

@@ -243,7 +243,7 @@ class MachineOut(BaseModel):
     @classmethod
     def of(cls, m: Machine) -> MachineOut:
         return cls(
-            id=m.id, pool=m.pool, labels=m.labels, automations=m.automations, status=machine_status(m),
+            id=m.id, pool=m.pool, labels=m.labels, automations=m.automations, status=m.status,
             health=m.health.value, admin=m.admin.value, connected=m.connected, boot_id=m.boot_id,
             agent_version=m.agent_version, last_heartbeat_at=ts(m.last_heartbeat_at),
             idle_since=ts(m.idle_since), resources=m.resources, session_key=m.session_key,
@@ -251,21 +251,6 @@ class MachineOut(BaseModel):
             current_run=m.active_run_id, current_attempt=m.active_attempt_id,
             last_screenshot=f"/v1/artifacts/{m.last_screenshot_id}" if m.last_screenshot_id else None,
         )
-
-
-def machine_status(m: Machine) -> str:
-    """One word for a person: what the machine is doing and whether it can take work."""
-    if m.active_attempt_id is not None:
-        return "busy"
-    if not m.connected:
-        return "offline"
-    if m.health.value == "quarantined":
-        return "quarantined"
-    if m.admin.value == "cordoned":
-        return "cordoned"
-    if m.admin.value == "draining":
-        return "drained"
-    return "ready"
 
 
 class PoolIn(BaseModel):

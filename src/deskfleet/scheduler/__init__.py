@@ -23,15 +23,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..models import Machine, Pool, Run
+from ..models import Machine, MachineShape, Pool, Run
 
 
 class MachineSelector(Protocol):
     def choose(self, run: Run, candidates: Sequence[Machine]) -> Machine: ...
 
 
+# A selector may say in which order it prefers machines apart from affinity, as a
+# ``prefetch`` attribute: "idle_first" (idle_since ascending, never-used first) or
+# "recent_first". The store then reads a big fleet's free machines a page at a time in that
+# order instead of all of them at every pass. Without it, every free machine is read.
+
+
 class LongestIdle:
     """Default: affinity match first, then the machine idle the longest, then by id."""
+
+    prefetch = "idle_first"
 
     def choose(self, run: Run, candidates: Sequence[Machine]) -> Machine:
         return min(
@@ -42,6 +50,8 @@ class LongestIdle:
 
 class MostRecentlyUsed:
     """Keep work on warm machines (the one idle the shortest): useful before scaling in."""
+
+    prefetch = "recent_first"
 
     def choose(self, run: Run, candidates: Sequence[Machine]) -> Machine:
         return min(
@@ -85,8 +95,9 @@ class Policy:
     ) -> list[tuple[Run, Machine]]:
         """Pairs (run, machine); each machine at most once, runs in the order given.
 
-        ``free`` are machines that can take work now; ``online`` all connected machines
-        (busy ones too), used to tell whether a preferred machine is worth waiting for.
+        ``free`` are machines that can take work now; ``online`` connected machines (busy
+        ones too) — at least those some run prefers — used to tell whether a preferred
+        machine is worth waiting for.
         """
         available = list(free)
         pairs: list[tuple[Run, Machine]] = []
@@ -109,8 +120,9 @@ class Policy:
 
 
 def serviceable(run_pool: str, labels: dict[str, str], automation: str, version: str | None,
-                machine: str | None, machines: Sequence[Machine]) -> bool:
-    """Whether any enrolled machine could ever serve such a run (checked at submit)."""
+                machine: str | None, machines: Sequence[Machine] | Sequence[MachineShape]) -> bool:
+    """Whether any enrolled machine (or shape of machine) could ever serve such a run
+    (checked at submit)."""
     for m in machines:
         if (
             m.pool == run_pool

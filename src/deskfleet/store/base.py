@@ -30,6 +30,7 @@ from ..models import (
     Machine,
     MachineAdmin,
     MachineHealth,
+    MachineShape,
     Pool,
     Run,
     RunSpec,
@@ -60,6 +61,7 @@ class ConnectResult:
     resend: Assignment | None = None  # assigned while the agent was away: send it again
     stale_attempt_id: int | None = None  # the agent reported an attempt it no longer holds
     ended_run: Run | None = None  # the machine's attempt was lost with the agent's restart
+    offers_changed: bool = False  # its automations or labels are not what they were
 
 
 @dataclass(slots=True)
@@ -186,6 +188,14 @@ class Store(ABC):
 
     @abstractmethod
     def list_machines(self, pool: str | None = None, *, health: MachineHealth | None = None) -> list[Machine]: ...
+
+    @abstractmethod
+    def machine_shapes(self) -> list[MachineShape]:
+        """Enrolled machines grouped by what they offer (pool, labels, automations)."""
+
+    @abstractmethod
+    def count_machines(self) -> dict[str, int]:
+        """Machines by ``Machine.status`` (busy, offline, quarantined, cordoned, drained, ready)."""
 
     @abstractmethod
     def set_machine_screenshot(self, machine_id: str, artifact_id: str) -> None: ...

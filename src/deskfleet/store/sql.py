@@ -14,7 +14,20 @@ from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, bindparam, case, func, or_, select, update
+import orjson
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.sql import Select
 
@@ -33,6 +46,7 @@ from ..models import (
     Machine,
     MachineAdmin,
     MachineHealth,
+    MachineShape,
     Pool,
     Run,
     RunSpec,
@@ -40,7 +54,7 @@ from ..models import (
     StopOrder,
     StopReason,
 )
-from ..scheduler import Policy
+from ..scheduler import Policy, eligible
 from ..statemachine import can_transition, decide, overdue_reason, quarantines, queued_expiry
 from . import rows
 from .base import ConnectResult, Finished, Heartbeat, Store, SweepResult
@@ -113,8 +127,33 @@ def _build_machines_query() -> Select[Any]:
 
 
 _MACHINES = _build_machines_query()
-_CONNECTED_MACHINES = _MACHINES.where(machines.c.connected.is_(True))
 _QUEUED_LOCKED = _QUEUED.with_for_update(skip_locked=True)
+_ANY_QUEUED = (
+    select(runs.c.id)
+    .where(runs.c.state == "queued", or_(runs.c.not_before.is_(None), runs.c.not_before <= bindparam("now")))
+    .limit(1)
+)
+#: machines that could take work now (what ``Machine.schedulable`` says, in SQL)
+_FREE = _MACHINES.where(
+    machines.c.connected.is_(True), machines.c.health == "online", machines.c.admin == "active",
+    _MACHINES.selected_columns.active_attempt_id.is_(None),
+)
+_PREFERRED = _MACHINES.where(
+    machines.c.connected.is_(True),
+    or_(machines.c.session_key.in_(bindparam("keys", expanding=True)),
+        machines.c.id.in_(bindparam("ids", expanding=True))),
+)
+#: heartbeats, in each driver's own parameter style (see ``heartbeat``)
+_RENEW_SQLITE = "UPDATE attempts SET lease_expires_at = ? WHERE id = ? AND machine_id = ? AND state = 'active'"
+_RENEW_PG = _RENEW_SQLITE.replace("?", "%s")
+_BEAT_SQLITE = ("UPDATE machines SET last_heartbeat_at = ?, resources = ?, session_key = ?, session_expires_at = ?"
+                " WHERE id = ?")
+_BEAT_PG = _BEAT_SQLITE.replace("resources = ?", "resources = CAST(? AS JSON)").replace("?", "%s")
+#: scheduling passes read free machines a page at a time, in the selector's order
+MACHINE_PAGE = 256
+#: and queued runs this many per free machine (at least RUN_PAGE_MIN), up to the pass's limit
+RUNS_PER_FREE = 4
+RUN_PAGE_MIN = 64
 _LOCK_MACHINES = (
     select(machines.c.id).where(machines.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(machines.c.id).with_for_update(skip_locked=True)
@@ -125,6 +164,7 @@ class SQLStore(Store):
     def __init__(self, engine: Engine, *, migrate: Callable[[Engine], None]) -> None:
         self.engine = engine
         self._migrate = migrate
+        self._written_specs: dict[str, bytes] = {}  # automation key → the spec as last written
 
     # -- plumbing -------------------------------------------------------------------------
     @contextmanager
@@ -132,8 +172,11 @@ class SQLStore(Store):
         try:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(deskfleet_write=write)
+                conn.info["deskfleet_specs"] = []  # nothing of a rolled-back transaction's
                 with conn.begin():
                     yield conn
+                # Committed: what it wrote may be remembered (see _put_automations).
+                self._written_specs.update(conn.info.pop("deskfleet_specs", ()))
         except DBAPIError as exc:
             if _retryable(exc):
                 raise StoreRetry(f"transaction conflict: {_first_line(exc.orig)}") from exc
@@ -339,8 +382,14 @@ class SQLStore(Store):
             self._put_automations(conn, specs, now)
 
     def _put_automations(self, conn: Connection, specs: Sequence[AutomationSpec], now: float) -> None:
+        # Every agent advertises its automations at every connect, thousands of agents the
+        # same few: a spec this store wrote (or read) as it is now is not written again.
         for spec in specs:
             values = asdict(spec)
+            fingerprint = orjson.dumps(values, option=orjson.OPT_SORT_KEYS)
+            if self._written_specs.get(spec.key) == fingerprint:
+                continue
+            conn.info["deskfleet_specs"].append((spec.key, fingerprint))
             values.pop("name")
             values.pop("version")
             res = conn.execute(
@@ -428,6 +477,8 @@ class SQLStore(Store):
             }
             if labels is not None:
                 values["labels"] = labels
+            offers_changed = values["automations"] != before.automations or (
+                labels is not None and labels != before.labels)
             if before.health is MachineHealth.OFFLINE:
                 values["health"] = "online"
             if before.active_attempt_id is None and before.idle_since is None:
@@ -438,7 +489,7 @@ class SQLStore(Store):
                 "reported_attempt": heartbeat.attempt_id,
                 "rebooted": bool(before.boot_id) and before.boot_id != boot_id,
             })
-            result = ConnectResult(machine=before)
+            result = ConnectResult(machine=before, offers_changed=offers_changed)
             reported = heartbeat.attempt_id
             if before.active_attempt_id is not None:
                 active = self._held(conn, before.active_attempt_id, machine_id)
@@ -477,6 +528,9 @@ class SQLStore(Store):
         if not beats:
             return {}
         beats = sorted(beats, key=lambda b: b.machine_id)  # one lock order for every writer
+        # Thousands of machines beat every couple of seconds: the rows go to the driver's
+        # executemany as they are, without a statement per row to compile.
+        pg = self.engine.dialect.name == "postgresql"
         with self._tx() as conn:
             held: set[tuple[int, str]] = set()
             claimed = [b for b in beats if b.attempt_id is not None]
@@ -492,23 +546,14 @@ class SQLStore(Store):
                 renew = [b for b in claimed if (b.attempt_id, b.machine_id) in held]
                 if renew:
                     # Attempts before machines: the order every other writer takes them in.
-                    conn.execute(
-                        update(attempts).where(
-                            attempts.c.id == bindparam("aid"), attempts.c.machine_id == bindparam("mid"),
-                            attempts.c.state == "active",
-                        ).values(lease_expires_at=bindparam("until")),
-                        [{"aid": b.attempt_id, "mid": b.machine_id, "until": b.at + lease_timeout} for b in renew],
+                    conn.exec_driver_sql(
+                        _RENEW_PG if pg else _RENEW_SQLITE,
+                        [(b.at + lease_timeout, b.attempt_id, b.machine_id) for b in renew],
                     )
-            conn.execute(
-                update(machines).where(machines.c.id == bindparam("mid")).values(
-                    last_heartbeat_at=bindparam("at"), resources=bindparam("res"),
-                    session_key=bindparam("sk"), session_expires_at=bindparam("sx"),
-                ),
-                [
-                    {"mid": b.machine_id, "at": b.at, "res": b.resources, "sk": b.session_key,
-                     "sx": b.session_expires_at}
-                    for b in beats
-                ],
+            conn.exec_driver_sql(
+                _BEAT_PG if pg else _BEAT_SQLITE,
+                [(b.at, orjson.dumps(b.resources).decode(), b.session_key, b.session_expires_at, b.machine_id)
+                 for b in beats],
             )
             return {b.machine_id: (b.attempt_id, b.machine_id) in held for b in claimed}
 
@@ -555,6 +600,25 @@ class SQLStore(Store):
             if health is not None:
                 q = q.where(machines.c.health == health.value)
             return [rows.machine(r) for r in conn.execute(q).mappings()]
+
+    def machine_shapes(self) -> list[MachineShape]:
+        labels, offered = cast(machines.c.labels, Text), cast(machines.c.automations, Text)
+        q = select(machines.c.pool, labels, offered, func.count()).group_by(machines.c.pool, labels, offered)
+        with self._tx(write=False) as conn:
+            return [MachineShape(pool, orjson.loads(lab), orjson.loads(auto), int(n))
+                    for pool, lab, auto, n in conn.execute(q)]
+
+    def count_machines(self) -> dict[str, int]:
+        # Machine.status, in SQL: a fleet of thousands is counted, not read.
+        busy = _MACHINES.selected_columns.active_attempt_id.is_not(None)
+        status = case(
+            (busy, "busy"), (machines.c.connected.is_(False), "offline"),
+            (machines.c.health == "quarantined", "quarantined"), (machines.c.admin == "cordoned", "cordoned"),
+            (machines.c.admin == "draining", "drained"), else_="ready",
+        ).label("status")
+        q = _MACHINES.with_only_columns(status, func.count()).group_by(status)
+        with self._tx(write=False) as conn:
+            return {name: int(n) for name, n in conn.execute(q)}
 
     def set_machine_screenshot(self, machine_id: str, artifact_id: str) -> None:
         with self._tx() as conn:
@@ -726,39 +790,108 @@ class SQLStore(Store):
     ) -> list[Assignment]:
         claims = Claims()
         with self._tx() as conn:
+            # The cheapest question first: an idle fleet of thousands must not pay for reading
+            # its machines at every tick.
+            if conn.execute(_ANY_QUEUED, {"now": now}).first() is None:
+                return claims
             # A replica assigns work to the machines whose agents it holds a connection to;
             # with none free, it must not lock runs another replica could take right now.
-            online = [rows.machine(r) for r in conn.execute(_CONNECTED_MACHINES).mappings()]
-            candidates = sorted(m.id for m in online if m.schedulable and (replica is None or m.replica == replica))
-            if not candidates:
+            # Free machines come a page at a time, in the selector's own order, so that a big
+            # idle fleet is read in full only when a pass cannot place its runs otherwise.
+            order = getattr(policy.selector, "prefetch", None)
+            free, more_machines = self._free_machines(conn, replica, order, MACHINE_PAGE if order else None)
+            if not free:
                 return claims
             # SKIP LOCKED: runs another replica is claiming right now are not ours to take.
-            queued = [rows.run(r) for r in conn.execute(_QUEUED_LOCKED, {"now": now, "limit": limit}).mappings()]
+            page = min(limit, max(RUN_PAGE_MIN, RUNS_PER_FREE * len(free)))
+            queued = self._queued(conn, now, page)
             if not queued:
                 return claims
-            # Lock them (skipping any another writer holds), then look again: the first read
-            # may predate an attempt that ended or began since, and a claim made from a stale
-            # view would wait on that writer while holding the machine it needs — a deadlock.
-            locked = [r[0] for r in conn.execute(_LOCK_MACHINES, {"ids": candidates})]
-            if not locked:
-                claims.unclaimed = len(queued)
-                return claims
-            fresh = {m.id: m for m in (rows.machine(r) for r in conn.execute(
-                _MACHINES.where(machines.c.id.in_(locked))).mappings())}
-            free = [m for m in fresh.values() if m.schedulable]
-            if not free:
-                return []
+            more_runs = len(queued) == page < limit
             pool_map = {p.name: rows.pool(p) for p in conn.execute(select(pools)).mappings()}
             specs: dict[tuple[str, str | None], AutomationSpec | None] = {}
-            for run, machine in policy.match(queued, free, online=online, pools=pool_map, now=now):
-                key = (run.automation, run.version)
-                if key not in specs:
-                    specs[key] = self._spec(conn, run.automation, run.version)
-                claimed = self._claim(conn, run, machine, now, lease_timeout)
-                if claimed is not None:
-                    claims.append(Assignment(claimed[0], claimed[1], specs[key]))
-            claims.unclaimed = len(queued) - len(claims)
+            used: set[str] = set()  # machines claimed by this pass
+            while True:
+                online = self._preferred(conn, queued)
+                # A preferred machine that is free belongs in the pass even if its page did not
+                # bring it (the selector puts it first).
+                seen = {m.id for m in free}
+                free += [m for m in online if m.schedulable and m.id not in seen and m.id not in used
+                         and (replica is None or m.replica == replica)]
+                free, locked_any = self._lock_free(conn, free)
+                if not locked_any:
+                    claims.unclaimed = len(queued)
+                    return claims
+                placed: set[str] = set()
+                for run, machine in policy.match(queued, free, online=online, pools=pool_map, now=now):
+                    key = (run.automation, run.version)
+                    if key not in specs:
+                        specs[key] = self._spec(conn, run.automation, run.version)
+                    claimed = self._claim(conn, run, machine, now, lease_timeout)
+                    if claimed is not None:
+                        claims.append(Assignment(claimed[0], claimed[1], specs[key]))
+                        placed.add(run.id)
+                        used.add(machine.id)
+                queued = [r for r in queued if r.id not in placed]
+                left = [m for m in free if m.id not in used]
+                # A second look only where it can change the outcome: a run left over that no
+                # machine read so far could serve, while free machines were not all read; or
+                # free machines left over while queued runs were not all read.
+                if more_machines and any(not any(eligible(r, m) for m in left) for r in queued):
+                    free, more_machines = self._free_machines(conn, replica, None, None)
+                    free = [m for m in free if m.id not in used]
+                elif more_runs and left:
+                    placed_ids = {c.run.id for c in claims}
+                    queued = [r for r in self._queued(conn, now, limit) if r.id not in placed_ids]
+                    free, more_runs = left, False
+                else:
+                    break
+                if not queued or not free:
+                    break
+            claims.unclaimed = len(queued)
             return claims
+
+    def _free_machines(
+        self, conn: Connection, replica: str | None, order: str | None, page: int | None,
+    ) -> tuple[list[Machine], bool]:
+        """Free machines (of ``replica``), in the selector's order; whether there are more."""
+        q = _FREE if replica is None else _FREE.where(machines.c.replica == replica)
+        if order == "idle_first":
+            q = q.order_by(machines.c.idle_since.asc().nulls_first(), machines.c.id)
+        elif order == "recent_first":
+            q = q.order_by(machines.c.idle_since.desc().nulls_last(), machines.c.id)
+        else:
+            q = q.order_by(machines.c.id)
+        if page is not None:
+            q = q.limit(page + 1)
+        found = [rows.machine(r) for r in conn.execute(q).mappings()]
+        if page is not None and len(found) > page:
+            return found[:page], True
+        return found, False
+
+    def _queued(self, conn: Connection, now: float, limit: int) -> list[Run]:
+        return [rows.run(r) for r in conn.execute(_QUEUED_LOCKED, {"now": now, "limit": limit}).mappings()]
+
+    def _lock_free(self, conn: Connection, free: list[Machine]) -> tuple[list[Machine], bool]:
+        """Lock the machines (skipping any another writer holds), then look again: the first
+        read may predate an attempt that ended or began since, and a claim made from a stale
+        view would wait on that writer while holding the machine it needs — a deadlock."""
+        if self.engine.dialect.name == "sqlite":
+            return free, bool(free)  # one writer at a time: what was read is what is
+        locked = [r[0] for r in conn.execute(_LOCK_MACHINES, {"ids": sorted(m.id for m in free)})]
+        if not locked:
+            return [], False
+        fresh = [rows.machine(r) for r in conn.execute(_MACHINES.where(machines.c.id.in_(locked))).mappings()]
+        return [m for m in fresh if m.schedulable], True
+
+    def _preferred(self, conn: Connection, queued: list[Run]) -> list[Machine]:
+        """The connected machines some queued run prefers (busy ones too): the policy waits
+        a while for such a machine rather than give the run to another."""
+        keys = sorted({r.session_key for r in queued if r.session_key is not None})
+        ids = sorted({r.prefer_machine for r in queued if r.prefer_machine is not None})
+        if not keys and not ids:
+            return []
+        return [rows.machine(r) for r in conn.execute(_PREFERRED, {"keys": keys, "ids": ids}).mappings()]
 
     def _claim(
         self, conn: Connection, run: Run, machine: Machine, now: float, lease_timeout: float

@@ -109,7 +109,8 @@ def start_server(settings: ServerSettings) -> LiveServer:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port if settings.port != 8470 else 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(orch), log_config=None, lifespan="on", ws_max_size=16 << 20)
+    config = uvicorn.Config(create_app(orch), log_config=None, lifespan="on", ws_max_size=16 << 20,
+                            ws_per_message_deflate=False, ws_ping_interval=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()

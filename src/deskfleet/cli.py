@@ -114,11 +114,26 @@ def server(ctx: click.Context, host: str, port: int, data_dir: Path, db: str | N
     orch.prepare()
     click.echo(f"deskfleet {__version__} on http://{host}:{port}  (db: {settings.db_url}; "
                f"enrolment token in {data_dir / 'enrolment-token'} unless set)", err=True)
+    _tune_gc()
     try:
+        # Agent messages are small JSON frames: compressing each costs more CPU than it saves
+        # bandwidth (a heartbeat is ~150 bytes), on both ends. No WebSocket pings: heartbeats
+        # are the liveness check, and the hub closes the connection of a silent agent.
         uvicorn.run(create_app(orch), host=host, port=port, log_config=None, ws_max_size=16 << 20,
-                    timeout_graceful_shutdown=5)
+                    ws_per_message_deflate=False, ws_ping_interval=None, timeout_graceful_shutdown=5)
     except OSError as exc:
         raise DeskfleetError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def _tune_gc() -> None:
+    """A long-lived server allocates many short-lived objects per message and few cycles:
+    collect the youngest generation less often, and keep what start-up made (modules,
+    the app) out of every later full collection."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 # -- agent --------------------------------------------------------------------------------------------
@@ -175,6 +190,7 @@ def agent(orchestrators: tuple[str, ...], machine: str | None, pool: str, labels
             screenshots=screenshots, log_dir=state_dir / "logs",
         )).run_until_signalled())
         return
+    _tune_gc()
     config = SimFleetConfig(
         servers=list(orchestrators), prefix=machine or socket.gethostname(), count=sim_count, first=sim_first, pool=pool,
         labels=_labels(labels), enrolment_token=enrolment_token, state_dir=state_dir, faults=sim_faults,

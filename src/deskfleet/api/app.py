@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request, Response, WebSocket
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..crypto import hash_key, same
 from ..errors import InvalidRequest, NotFound, StaleLease, StoreUnavailable, Unauthorized
+from ..fleet.hub import AgentSocket, Disconnected
 from ..models import MachineAdmin, Pool, RunState
 from ..orchestrator import Orchestrator
 from ..protocol import EnrolRequest, EnrolResponse
@@ -41,7 +42,6 @@ from .schemas import (
     RunOut,
     RunRequest,
     Summary,
-    machine_status,
     run_out,
 )
 
@@ -251,11 +251,7 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
     @app.get("/v1/summary", response_model=Summary, dependencies=[Client])
     async def summary() -> Summary:
         counts = await orch.db(orch.store.count_runs)
-        machines: dict[str, int] = {}
-        for m in await orch.db(orch.store.list_machines):
-            status = machine_status(m)
-            machines[status] = machines.get(status, 0) + 1
-        return Summary(runs=counts, machines=machines)
+        return Summary(runs=counts, machines=await orch.db(orch.store.count_machines))
 
     # -- machines and pools ------------------------------------------------------------------
     @app.get("/v1/machines", response_model=list[MachineOut], dependencies=[Client])
@@ -339,16 +335,37 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
                             name=name[:200], content_type=ctype[:100], data=data, now=time.time())
         return {"id": art.id}
 
-    @app.websocket("/agent/v1/connect")
-    async def connect(ws: WebSocket) -> None:
+    async def connect(scope: Scope, receive: Receive, send: Send) -> None:
+        ws = AgentSocket(scope, receive, send)
         machine_id = ws.headers.get("x-deskfleet-machine", "")
-        await ws.accept()  # accept first: a close before accepting reaches the agent as a bare 403
+        try:
+            await ws.accept()  # accept first: a close before accepting reaches the agent as a bare 403
+        except Disconnected:
+            return
         try:
             await agent_auth(machine_id, ws.headers.get("authorization"))
         except Unauthorized as exc:
-            await ws.close(code=4401, reason=exc.message[:120])
+            await ws.close(4401, exc.message[:120])
+            return
+        except StoreUnavailable:
+            await ws.close(1013)  # try again later
             return
         await orch.hub.serve(ws, machine_id)
 
+    app.add_middleware(AgentSockets, path="/agent/v1/connect", endpoint=connect)
     return app
+
+
+class AgentSockets:
+    """Agents' WebSockets served beneath the framework (see ``fleet.hub.AgentSocket``);
+    everything else goes on to the app."""
+
+    def __init__(self, app: ASGIApp, path: str, endpoint: ASGIApp) -> None:
+        self.app, self.path, self.endpoint = app, path, endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == self.path:
+            await self.endpoint(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 

@@ -14,23 +14,24 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.types import Message, Receive, Scope, Send
 
 from ..errors import StaleLease, Stopped, StoreUnavailable
 from ..models import AutomationSpec, Ending, MachineHealth
 from ..protocol import (
     AgentEvent,
     Error,
-    HeartbeatAck,
     HeartbeatMsg,
     Hello,
     Preparing,
     Progress,
     Reply,
+    Resources,
     Result,
     Start,
     Stop,
@@ -49,22 +50,124 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0
 
 
+class Disconnected(Exception):
+    """The agent's WebSocket closed (or never opened)."""
+
+
+class AgentSocket:
+    """One agent's WebSocket, spoken in ASGI messages directly.
+
+    The agent endpoint is served beneath the web framework (``api.app.AgentSockets``): a
+    machine's connection carries a heartbeat every couple of seconds for as long as the
+    machine lives, thousands of connections at once, so each frame skips the framework's
+    per-message layers (its WebSocket wrapper and exception middleware around ``send``).
+    """
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        self.closed = False
+
+    async def accept(self) -> None:
+        if (await self._receive())["type"] != "websocket.connect":
+            raise Disconnected("the client went away before the handshake")
+        await self._send({"type": "websocket.accept"})
+
+    async def receive(self) -> bytes:
+        msg: Message = await self._receive()
+        if msg["type"] == "websocket.receive":
+            data = msg.get("bytes")
+            return data if data is not None else str(msg.get("text") or "").encode()
+        self.closed = True
+        raise Disconnected(f"closed ({msg.get('code', 1000)})")
+
+    async def send(self, data: bytes) -> bool:
+        if self.closed:
+            return False
+        try:
+            await self._send({"type": "websocket.send", "bytes": data})
+            return True
+        except (OSError, RuntimeError):  # uvicorn's ClientDisconnected is an OSError
+            self.closed = True
+            return False
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError, RuntimeError):
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
 class Connection:
-    def __init__(self, machine_id: str, ws: WebSocket) -> None:
+    def __init__(self, machine_id: str, ws: AgentSocket) -> None:
         self.machine_id = machine_id
         self.ws = ws
         self.lock = asyncio.Lock()
         self.verify_sent_at = 0.0
+        self.last_seen = time.time()  # the last message from the agent
 
     async def send(self, msg: BaseModel) -> bool:
-        if self.ws.client_state is not WebSocketState.CONNECTED:
-            return False
-        try:
-            async with self.lock:
-                await self.ws.send_bytes(orjson.dumps(msg.model_dump(mode="json")))
-            return True
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            return False
+        return await self.send_raw(orjson.dumps(msg.model_dump(mode="json")))
+
+    async def send_raw(self, data: bytes) -> bool:
+        async with self.lock:
+            return await self.ws.send(data)
+
+
+def heartbeat_ack(seq: int) -> bytes:
+    """``HeartbeatAck(seq=seq)`` encoded: the frame the hub sends most, built without a model."""
+    return b'{"type":"heartbeat_ack","seq":%d}' % seq
+
+
+_RESOURCE_DEFAULTS = Resources().model_dump()
+_RESOURCE_FLOATS = ("memory_mb", "cpu_percent", "uptime", "machine_memory_percent")
+
+
+@dataclass(slots=True)
+class Beat:
+    """A heartbeat as the hub keeps it (see :func:`quick_heartbeat`)."""
+
+    seq: int
+    resources: dict[str, Any]
+    session_key: str | None
+    session_expires_at: float | None
+    attempt_id: int | None
+
+    @classmethod
+    def of(cls, msg: HeartbeatMsg) -> Beat:
+        return cls(msg.seq, msg.resources.model_dump(), msg.session_key, msg.session_expires_at, msg.attempt_id)
+
+
+def quick_heartbeat(data: Any) -> Beat | None:
+    """A heartbeat read without the model when it has exactly the usual shape (most frames
+    on the wire are heartbeats); None for anything else, which then goes through the model
+    and its error messages. Accepts only what the model would, and gives the same values."""
+    if type(data) is not dict or data.get("type") != "heartbeat":
+        return None
+    seq, res = data.get("seq"), data.get("resources", {})
+    key, expires, attempt = data.get("session_key"), data.get("session_expires_at"), data.get("attempt_id")
+    if type(seq) is not int or type(res) is not dict:
+        return None
+    if not (key is None or type(key) is str) or not (attempt is None or type(attempt) is int):
+        return None
+    if not (expires is None or type(expires) in (int, float)):
+        return None
+    values = dict(_RESOURCE_DEFAULTS)
+    for name, value in res.items():
+        if name in _RESOURCE_FLOATS:
+            if type(value) in (int, float):
+                values[name] = float(value)
+            elif value is None and name == "machine_memory_percent":
+                values[name] = None
+            else:
+                return None
+        elif name == "app_running":
+            if type(value) is not bool:
+                return None
+            values[name] = value
+    return Beat(seq, values, key, None if expires is None else float(expires), attempt)
 
 
 class Hub:
@@ -100,26 +203,36 @@ class Hub:
         for machine_id, seq in seqs.items():
             conn = self.connections.get(machine_id)
             if conn is not None:
-                await conn.send(HeartbeatAck(seq=seq))
+                await conn.send_raw(heartbeat_ack(seq))
+
+    async def close_silent(self, now: float, timeout: float) -> list[str]:
+        """Close the connections of agents silent for ``timeout``: a machine that vanished
+        without closing its socket (power cut, network gone) must reconnect to be heard
+        again. Heartbeats are the liveness check; the connection needs no pings of its own."""
+        silent = [c for c in self.connections.values() if now - c.last_seen > timeout]
+        for conn in silent:
+            log.warning("agent silent for %.0fs: closing its connection", now - conn.last_seen,
+                        extra=self._ctx(conn.machine_id))
+            await conn.ws.close(1011)
+        return [c.machine_id for c in silent]
 
     async def close_all(self) -> None:
         for conn in list(self.connections.values()):
-            with contextlib.suppress(RuntimeError, OSError):
-                await conn.ws.close(code=1012)  # service restart: agents reconnect
+            await conn.ws.close(1012)  # service restart: agents reconnect
 
-    async def serve(self, ws: WebSocket, machine_id: str) -> None:
-        """Run one agent's connection until it closes."""
+    async def serve(self, ws: AgentSocket, machine_id: str) -> None:
+        """Run one agent's (accepted, authenticated) connection until it closes."""
         orch = self.orch
         try:
-            raw = await asyncio.wait_for(ws.receive_bytes(), HELLO_TIMEOUT)
+            raw = await asyncio.wait_for(ws.receive(), HELLO_TIMEOUT)
             hello = agent_message.validate_python(orjson.loads(raw))
             if not isinstance(hello, Hello):
                 raise ValueError("the first message must be hello")
         except (TimeoutError, ValueError, ValidationError, orjson.JSONDecodeError, KeyError) as exc:
-            await ws.send_bytes(orjson.dumps(Error(message=f"bad hello: {exc}").model_dump()))
-            await ws.close(code=1002)
+            await ws.send(orjson.dumps(Error(message=f"bad hello: {exc}").model_dump()))
+            await ws.close(1002)
             return
-        except WebSocketDisconnect:
+        except Disconnected:
             return
 
         now = time.time()
@@ -136,17 +249,18 @@ class Hub:
                 replica=orch.replica_id,
             )
         except StoreUnavailable:
-            await ws.close(code=1013)  # try again later: the agent reconnects with backoff
+            await ws.close(1013)  # try again later: the agent reconnects with backoff
             return
-        orch.forget_specs()
+        if result.offers_changed:
+            orch.forget_specs()  # and tell the other replicas: what the fleet offers changed
+            orch.hint("catalog")
         previous = self.connections.get(machine_id)
         conn = Connection(machine_id, ws)
         self.connections[machine_id] = conn
         orch.metrics.connected.set(len(self.connections))
         if previous is not None:
             # The newest connection for a machine wins; the old one is a ghost.
-            with contextlib.suppress(RuntimeError, OSError):
-                await previous.ws.close(code=1008)
+            await previous.ws.close(1008)
         log.info("agent connected (boot %s)", hello.boot_id[:8], extra=self._ctx(machine_id, hello.attempt_id))
         await conn.send(Welcome(
             machine_id=machine_id,
@@ -168,14 +282,17 @@ class Hub:
 
         try:
             while True:
-                raw = await ws.receive_bytes()
+                raw = await ws.receive()
                 try:
-                    msg = agent_message.validate_python(orjson.loads(raw))
+                    data = orjson.loads(raw)
+                    msg: Any = quick_heartbeat(data) or agent_message.validate_python(data)
+                    if isinstance(msg, HeartbeatMsg):
+                        msg = Beat.of(msg)
                 except (ValidationError, orjson.JSONDecodeError) as exc:
                     await conn.send(Error(message=f"unreadable message: {str(exc)[:200]}"))
                     continue
                 await self._handle(conn, msg)
-        except (WebSocketDisconnect, RuntimeError):
+        except Disconnected:
             pass
         finally:
             if self.connections.get(machine_id) is conn:
@@ -196,10 +313,9 @@ class Hub:
     async def _handle(self, conn: Connection, msg: Any) -> None:
         orch, mid, now = self.orch, conn.machine_id, time.time()
         store = orch.store
-        if isinstance(msg, HeartbeatMsg):
-            self.beats[mid] = Heartbeat(
-                mid, now, msg.resources.model_dump(), msg.session_key, msg.session_expires_at, msg.attempt_id
-            )
+        conn.last_seen = now
+        if isinstance(msg, Beat):
+            self.beats[mid] = Heartbeat(mid, now, msg.resources, msg.session_key, msg.session_expires_at, msg.attempt_id)
             self.beat_seqs[mid] = msg.seq  # acknowledged once written (see the module's docstring)
             return
         try:

@@ -42,6 +42,7 @@ class FleetManager:
         self.orch = orch
         self._verified_at = 0.0
         self._resent_at = 0.0
+        self._silence_checked_at = 0.0
         self._outage_since: float | None = None
         self.leader_since: float | None = None
 
@@ -107,6 +108,9 @@ class FleetManager:
                     assert beat.attempt_id is not None
                     await orch.hub.send(machine_id, Stop(attempt_id=beat.attempt_id, reason="lease_lost"))
         now = time.time()
+        if now - self._silence_checked_at >= 1.0:
+            self._silence_checked_at = now
+            await orch.hub.close_silent(now, s.heartbeat_timeout)
         if not await orch.db(store.replica_alive, orch.replica_id, orch.replica_name, now):
             # The leader took this replica for dead (it was silent too long) and marked its
             # agents disconnected: let them reconnect, so that the database knows them again.

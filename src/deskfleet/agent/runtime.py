@@ -116,8 +116,13 @@ class Agent:
         model: AppModel | None = None,
         credentials: Mapping[str, Credential] | None = None,
         boot_id: str | None = None,
+        http: httpx.AsyncClient | None = None,
     ) -> None:
         self.config = config
+        # Agents packed many to a process (simulated fleets) share one HTTP client: each
+        # client builds its own TLS context, which costs tens of milliseconds.
+        self._shared_http = http
+        self._http: httpx.AsyncClient | None = http
         self.desktop = desktop
         self.registry = registry
         self.model = model
@@ -157,8 +162,9 @@ class Agent:
     async def run(self) -> None:
         """Stay connected until :meth:`shutdown`; reconnect with backoff in between."""
         delay = 0.1
-        async with httpx.AsyncClient(timeout=10.0) as http:
-            self._http = http
+        own = httpx.AsyncClient(timeout=10.0) if self._shared_http is None else None
+        async with own if own is not None else contextlib.nullcontext():
+            self._http = own if own is not None else self._shared_http
             while not self._stopped.is_set():
                 try:
                     await self._session()
@@ -212,6 +218,7 @@ class Agent:
             return
         if not self.config.enrolment_token:
             raise ConfigError("the agent is not enrolled and has no enrolment token")
+        assert self._http is not None  # set by run()
         resp = await self._http.post(
             f"{self.server}/agent/v1/enrol",
             json={"machine": self.config.machine, "pool": self.config.pool, "labels": self.config.labels},
@@ -235,6 +242,7 @@ class Agent:
                 f"{ws_url}/agent/v1/connect",
                 additional_headers={"authorization": f"Bearer {self._key}", "x-deskfleet-machine": self.machine_id},
                 open_timeout=10, ping_interval=None, max_size=16 << 20,
+                compression=None,  # small JSON frames: deflate costs more CPU than it saves
             )
         except websockets.InvalidStatus as exc:
             if exc.response.status_code in (401, 403):
@@ -541,6 +549,7 @@ class Agent:
             await self._send(msg)
 
     async def _upload(self, attempt_id: int | None, name: str, data: bytes, ctype: str) -> str:
+        assert self._http is not None  # set by run()
         resp = await self._http.post(
             f"{self.server}/agent/v1/artifacts",
             params={"name": name, **({"attempt_id": attempt_id} if attempt_id is not None else {})},

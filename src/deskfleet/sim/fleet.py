@@ -14,6 +14,9 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from ..agent.runtime import Agent, AgentConfig
 from .backend import SimBackend
@@ -54,6 +57,8 @@ class SimFleet:
         width = max(2, len(str(config.first + config.count - 1)))
         self.desktops: list[SimDesktop] = []
         self.agents: list[Agent] = []
+        # One HTTP client (enrolment, uploads) for every agent of the process.
+        self.http = _SharedClient(timeout=10.0, limits=httpx.Limits(max_connections=32))
         for i in range(config.first, config.first + config.count):
             name = f"{config.prefix}-{i:0{width}d}"
             desktop = SimDesktop(name, self.backend, seed=config.seed * 100_003 + i, faults=faults,
@@ -65,6 +70,7 @@ class SimFleet:
                     screenshots=config.screenshots,
                 ),
                 desktop, registry, model=model, credentials=credentials, boot_id=desktop.boot_id,
+                http=self.http,
             )
             desktop.add_reboot_listener(_rebooter(agent, desktop))
             self.desktops.append(desktop)
@@ -75,6 +81,7 @@ class SimFleet:
 
     async def shutdown(self) -> None:
         await asyncio.gather(*(a.shutdown() for a in self.agents), return_exceptions=True)
+        await self.http.aclose()
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
@@ -96,3 +103,17 @@ def _rebooter(agent: Agent, desktop: SimDesktop):  # type: ignore[no-untyped-def
         agent.forget_everything(offline_for=desktop.fault_plan.reboot_duration, boot_id=desktop.boot_id)
 
     return on_reboot
+
+
+class _SharedClient(httpx.AsyncClient):
+    """An HTTP client for thousands of agents at once: requests wait their turn here, a few
+    at a time, rather than all inside the connection pool (whose bookkeeping grows with
+    the square of the requests waiting in it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns = asyncio.Semaphore(32)
+
+    async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        async with self._turns:
+            return await super().send(request, **kwargs)

@@ -144,8 +144,7 @@ class Cluster:
 async def wait_machines(client: AsyncClient, n: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ms = await client.machines()
-        if sum(1 for m in ms if m["status"] == "ready") >= n:
+        if (await client.summary())["machines"].get("ready", 0) >= n:
             return
         await asyncio.sleep(0.2)
     raise RuntimeError(f"{n} machines did not become ready")

@@ -1,0 +1,114 @@
+"""The agent's WebSocket as the hub serves it: raw clients speaking the protocol by hand.
+
+The hub serves agents beneath the web framework and reads heartbeats without the model
+(``fleet.hub``): these tests hold it to the protocol from outside — a silent agent's
+connection is closed, odd frames get an error and leave the connection up, a beat is
+acknowledged only once written, a bad key is refused with 4401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import orjson
+import pytest
+import websockets
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deskfleet.fleet.hub import Beat, heartbeat_ack, quick_heartbeat
+from deskfleet.protocol import HeartbeatAck, HeartbeatMsg, Hello, server_message
+from support import eventually
+
+
+async def enrol(server, machine: str) -> str:
+    async with httpx.AsyncClient() as http:
+        resp = await http.post(f"{server.url}/agent/v1/enrol", json={"machine": machine},
+                               headers={"authorization": f"Bearer {server.token}"})
+    assert resp.status_code == 200, resp.text
+    return str(resp.json()["agent_key"])
+
+
+async def connect(server, machine: str, key: str) -> websockets.ClientConnection:
+    ws = await websockets.connect(
+        server.url.replace("http://", "ws://") + "/agent/v1/connect", compression=None,
+        additional_headers={"authorization": f"Bearer {key}", "x-deskfleet-machine": machine},
+    )
+    hello = Hello(boot_id="boot-1", agent_version="test", automations=[])
+    await ws.send(orjson.dumps(hello.model_dump(mode="json")))
+    welcome = server_message.validate_python(orjson.loads(await asyncio.wait_for(ws.recv(), 5)))
+    assert welcome.type == "welcome"
+    return ws
+
+
+async def test_a_silent_agent_is_disconnected_after_the_heartbeat_timeout(live_server):
+    key = await enrol(live_server, "mute-1")
+    ws = await connect(live_server, "mute-1", key)
+    t0 = time.monotonic()
+    # Beats are acknowledged, once written, with their own sequence number.
+    await ws.send(orjson.dumps(HeartbeatMsg(seq=7).model_dump(mode="json")))
+    ack = server_message.validate_python(orjson.loads(await asyncio.wait_for(ws.recv(), 5)))
+    assert ack == HeartbeatAck(seq=7)
+    # Then silence (a machine gone without closing its socket): the hub closes it. (What
+    # it says meanwhile — a request to re-prove its state, once quarantined — is not
+    # answered either.)
+    heard = []
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            heard.append(orjson.loads(await asyncio.wait_for(ws.recv(), 10))["type"])
+    waited = time.monotonic() - t0
+    assert set(heard) <= {"verify"}, heard
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    assert live_server.settings.heartbeat_timeout <= waited < live_server.settings.heartbeat_timeout + 3
+    await eventually(lambda: not live_server.view().get_machine("mute-1").connected)
+
+
+async def test_unreadable_frames_get_an_error_and_the_connection_stays_up(live_server):
+    key = await enrol(live_server, "odd-1")
+    ws = await connect(live_server, "odd-1", key)
+    try:
+        for frame in (b"not json", b'{"type": "heartbeat", "seq": "many"}', b'{"type": "nonsense"}'):
+            await ws.send(frame)
+            reply = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert reply["type"] == "error" and "unreadable message" in reply["message"], reply
+        # A beat in an unusual but valid shape (a float uptime given as an int, an unknown
+        # field) still counts: the model reads what the quick path declines.
+        await ws.send(orjson.dumps({"type": "heartbeat", "seq": 1, "resources": {"uptime": 5, "gpu": 1}}))
+        ack = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert ack == {"type": "heartbeat_ack", "seq": 1}
+    finally:
+        await ws.close()
+
+
+async def test_a_wrong_agent_key_is_refused_with_4401(live_server):
+    await enrol(live_server, "key-1")
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await connect(live_server, "key-1", "not-the-key")
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+
+
+def test_the_encoded_ack_is_the_models():
+    assert orjson.loads(heartbeat_ack(42)) == HeartbeatAck(seq=42).model_dump(mode="json")
+
+
+numbers = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False))
+anything = st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=5), st.lists(st.integers(), max_size=2))
+resources = st.dictionaries(
+    st.sampled_from(["memory_mb", "cpu_percent", "uptime", "machine_memory_percent", "app_running", "extra"]),
+    anything, max_size=6)
+beats = st.fixed_dictionaries(
+    {"type": st.just("heartbeat"), "seq": st.one_of(st.integers(0, 10**9), anything)},
+    optional={"resources": st.one_of(resources, anything), "session_key": anything,
+              "session_expires_at": anything, "attempt_id": anything, "other": anything},
+)
+
+
+@given(beats)
+def test_the_quick_heartbeat_reads_what_the_model_reads_or_declines(data):
+    quick = quick_heartbeat(data)
+    if quick is None:
+        return  # declined: the model decides (and explains) instead
+    # Whatever the quick path accepts, the model accepts too, with the same values.
+    assert quick == Beat.of(HeartbeatMsg.model_validate(data))

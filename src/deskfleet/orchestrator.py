@@ -46,6 +46,7 @@ T = TypeVar("T")
 
 CATALOG_TTL = 2.0  # seconds; enrolments and pool changes invalidate it at once
 RETRIES = 4  # store operations rolled back by a deadlock or conflict are run again this often
+BATCH_MAX = 256  # agent writes applied in one transaction at most
 
 
 class Metrics:
@@ -78,6 +79,9 @@ class StoreRunner:
 
         self.store = store
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="deskfleet-store")
+        self._batching = bool(getattr(store, "batches_writes", False))
+        self._queued: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -91,6 +95,52 @@ class StoreRunner:
                     raise
                 await asyncio.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    async def write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """An agent's fenced write (``store.attempt_*``, ``store.finish_attempt``). Where the
+        store gains from it (one writer: SQLite), writes that arrive while a transaction is
+        being applied wait and go together in the next one — a group commit: one commit and
+        one fsync for many agents' reports. Each still answers on its own, only once it is
+        committed."""
+        if not self._batching:
+            return await self(fn, *args, **kwargs)
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queued.append((fn, args, kwargs, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        while self._queued:
+            items, self._queued = self._queued[:BATCH_MAX], self._queued[BATCH_MAX:]
+            try:
+                results = await self(self.store.batch, [(fn, args, kwargs) for fn, args, kwargs, _ in items])
+            except StoreUnavailable as exc:
+                for *_, fut in items:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            except Exception:
+                # Something unexpected rolled the batch back: each on its own, so that only
+                # the write at fault fails.
+                log.warning("a batch of %d writes failed; applying them one by one", len(items), exc_info=True)
+                for fn, args, kwargs, fut in items:
+                    try:
+                        result = await self(fn, *args, **kwargs)
+                    except Exception as exc:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    else:
+                        if not fut.done():
+                            fut.set_result(result)
+                continue
+            for (*_, fut), result in zip(items, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -115,7 +165,7 @@ class Orchestrator:
         self.multi = is_postgres(settings.db_url)
         self.leadership = open_leadership(settings.db_url)
         self.bus: LocalBus | PgBus = PgBus(settings.db_url, self.replica_id) if self.multi else LocalBus()
-        self._hints: set[asyncio.Task[None]] = set()
+        self._hints: set[asyncio.Task[Any]] = set()
         self._prepared = False
         self._woke_others_at = 0.0
         self.hub = Hub(self)
@@ -203,6 +253,7 @@ class Orchestrator:
             conn = self.hub.connections.get(machine_id)
             if conn is None:
                 return
+            task: asyncio.Task[Any]
             if kind == "verify":
                 task = asyncio.get_running_loop().create_task(self.hub.request_verify(conn, rest))
             else:

@@ -722,6 +722,66 @@ def test_fenced_write_after_the_lease_is_gone_is_rejected(s, op, how):
     assert ev.reason == exc.value.reason
 
 
+def batched(st_: SQLStore, op: str, aid: int, mid: str, now: float) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """FENCED_WRITES[op] as a call ``SQLStore.batch`` takes."""
+    return {
+        "preparing": (st_.attempt_preparing, (aid, mid, now), {}),
+        "start": (st_.attempt_start, (aid, mid, now), {}),
+        "progress": (st_.attempt_progress, (aid, mid, "step", {}, now), {}),
+        "ui.dialog": (st_.attempt_event, (aid, mid, "ui.dialog", {}, now), {}),
+        "finish:system_error": (st_.finish_attempt, (aid, mid, Ending.SYSTEM_ERROR),
+                                {"output": None, "detail": "late", "now": now}),
+    }[op]
+
+
+@pytest.mark.parametrize("op", [op for op in FENCED_WRITES if op != "artifact"])
+def test_a_stale_write_in_a_batch_fails_alone_and_the_others_commit(s, op):
+    for m in ("m1", "m2", "m3"):
+        add_machine(s, m)
+    one, late, two = (claim(s, T0, machine=m) for m in ("m1", "m2", "m3"))
+    s.finish_attempt(late.attempt.id, "m2", Ending.SUCCEEDED, output={}, detail="", now=T0 + 1)
+    _, stop = s.request_cancel(two.run.id, T0 + 1)
+    assert stop is not None
+    out = s.batch([
+        (s.attempt_preparing, (one.attempt.id, "m1", T0 + 2), {}),
+        batched(s, op, late.attempt.id, "m2", T0 + 2),  # its lease is gone
+        (s.attempt_start, (two.attempt.id, "m3", T0 + 2), {}),  # its run was cancelled
+        (s.attempt_start, (one.attempt.id, "m1", T0 + 3), {}),
+    ])
+    assert [type(r).__name__ for r in out] == ["Attempt", "StaleLease", "Stopped", "Attempt"]
+    assert run_state(s, one.run.id) is RunState.RUNNING  # both of its writes committed
+    assert run_state(s, late.run.id) is RunState.SUCCEEDED
+    stale = [e for e in s.events() if e.kind == "lease.stale_write_rejected"]
+    assert [(e.attempt_id, e.data) for e in stale] == [(late.attempt.id, {"op": op})]
+
+
+def test_a_batch_takes_only_the_writes_that_can_share_a_transaction(s):
+    with pytest.raises(ValueError, match="only these writes"):
+        s.batch([(s.submit, (RunSpec("ehr.create"),), {"request_hash": "h", "now": T0})])
+    other = s.__class__(s.engine, migrate=lambda e: None)
+    with pytest.raises(ValueError):
+        s.batch([(other.attempt_start, (1, "m1", T0), {})])  # another store's method
+
+
+def test_an_unexpected_error_rolls_the_whole_batch_back(s, monkeypatch):
+    for m in ("m1", "m2"):
+        add_machine(s, m)
+    one, two = claim(s, T0, machine="m1"), claim(s, T0, machine="m2")
+    before = table_digest(s)
+    real = SQLStore._set_run_state
+
+    def broken(self, conn, run, to, now, **kw):
+        if run.id == two.run.id:
+            raise RuntimeError("a bug")
+        return real(self, conn, run, to, now, **kw)
+
+    monkeypatch.setattr(SQLStore, "_set_run_state", broken)
+    with pytest.raises(RuntimeError):
+        s.batch([(s.attempt_preparing, (one.attempt.id, "m1", T0 + 1), {}),
+                 (s.attempt_preparing, (two.attempt.id, "m2", T0 + 1), {})])
+    assert table_digest(s) == before  # the first write, applied before the error, went too
+
+
 def test_start_after_a_stop_order_is_refused(s):
     add_machine(s, "m1")
     a = claim(s)

@@ -519,7 +519,8 @@ class Agent:
 
         def result(msg_id: int) -> Result:
             cur.result_id = msg_id
-            return Result(id=msg_id, attempt_id=a.attempt_id, ending=ending, output=output, detail=detail)
+            return Result(id=msg_id, attempt_id=a.attempt_id, ending=ending, output=output,  # type: ignore[arg-type]
+                          detail=detail)
 
         try:
             while not self._stopped.is_set() and not cur.forgotten:

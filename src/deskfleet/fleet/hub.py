@@ -320,24 +320,24 @@ class Hub:
             return
         try:
             if isinstance(msg, Preparing):
-                await orch.db(store.attempt_preparing, msg.attempt_id, mid, now)
+                await orch.db.write(store.attempt_preparing, msg.attempt_id, mid, now)
             elif isinstance(msg, Progress):
                 data = {k: v for k, v in (("percent", msg.percent), ("message", msg.message)) if v is not None}
-                await orch.db(store.attempt_progress, msg.attempt_id, mid, msg.step, data, now)
+                await orch.db.write(store.attempt_progress, msg.attempt_id, mid, msg.step, data, now)
             elif isinstance(msg, AgentEvent):
                 if msg.attempt_id is None:
                     await orch.db(store.record_event, msg.kind, now, machine_id=mid, data=msg.data)
                 else:
-                    await orch.db(store.attempt_event, msg.attempt_id, mid, msg.kind, msg.data, now)
+                    await orch.db.write(store.attempt_event, msg.attempt_id, mid, msg.kind, msg.data, now)
             elif isinstance(msg, Start):
                 try:
-                    await orch.db(store.attempt_start, msg.attempt_id, mid, now)
+                    await orch.db.write(store.attempt_start, msg.attempt_id, mid, now)
                 except Stopped as exc:
                     await conn.send(Reply(re=msg.id, ok=False, stop=exc.reason))
                     return
                 await conn.send(Reply(re=msg.id, ok=True))
             elif isinstance(msg, Result):
-                finished = await orch.db(
+                finished = await orch.db.write(
                     store.finish_attempt, msg.attempt_id, mid, Ending(msg.ending),
                     output=msg.output, detail=msg.detail[:2000], now=now,
                 )

@@ -99,12 +99,19 @@ class Policy:
         ones too) — at least those some run prefers — used to tell whether a preferred
         machine is worth waiting for.
         """
-        available = list(free)
+        taken: set[str] = set()
         pairs: list[tuple[Run, Machine]] = []
+        # Runs alike (same pool, pin, automation, labels) have the same eligible machines:
+        # worked out once per pass, not once per run.
+        eligible_for: dict[tuple[object, ...], list[Machine]] = {}
         for run in runs:
-            if not available:
+            if len(taken) == len(free):
                 break
-            candidates = [m for m in available if eligible(run, m)]
+            key = (run.pool, run.machine, run.automation, run.version, tuple(sorted(run.labels.items())))
+            alike = eligible_for.get(key)
+            if alike is None:
+                alike = eligible_for[key] = [m for m in free if eligible(run, m)]
+            candidates = [m for m in alike if m.id not in taken]
             if not candidates:
                 continue
             if wants_affinity(run) and not any(prefers(run, m) for m in candidates):
@@ -115,7 +122,7 @@ class Policy:
                     continue
             chosen = self.selector.choose(run, candidates)
             pairs.append((run, chosen))
-            available.remove(chosen)
+            taken.add(chosen.id)
         return pairs
 
 

@@ -16,10 +16,11 @@ Methods are synchronous; the server calls them from a worker thread
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import StaleLease, Stopped
 from ..models import (
     Artifact,
     Assignment,
@@ -82,6 +83,21 @@ class SweepResult:
 
 
 class Store(ABC):
+    #: whether agents' fenced writes gain from sharing a transaction (see :meth:`batch`)
+    batches_writes: bool = False
+
+    def batch(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+        """Apply several fenced writes (``attempt_*``, ``finish_attempt``) of this store; each
+        answers on its own: its result, or the StaleLease or Stopped it raised. Here one by
+        one; a store with one writer at a time applies them in one transaction."""
+        out: list[Any] = []
+        for fn, args, kwargs in calls:
+            try:
+                out.append(fn(*args, **kwargs))
+            except (StaleLease, Stopped) as exc:
+                out.append(exc)
+        return out
+
     # -- lifecycle -----------------------------------------------------------------------
     @abstractmethod
     def migrate(self) -> None:

@@ -23,7 +23,7 @@ from ..models import (
     StopReason,
 )
 
-Row = Mapping[str, Any]
+Row = Mapping[Any, Any]  # SQLAlchemy RowMapping, or a dict from the driver path
 
 
 def pool(r: Row) -> Pool:

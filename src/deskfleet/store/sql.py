@@ -8,7 +8,10 @@ write transaction begins, how migrations run) are in the engine factories
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -58,6 +61,7 @@ from ..scheduler import Policy, eligible
 from ..statemachine import can_transition, decide, overdue_reason, quarantines, queued_expiry
 from . import rows
 from .base import ConnectResult, Finished, Heartbeat, Store, SweepResult
+from .driver import Driver, Raw, columns, select_by_id
 from .schema import (
     artifacts,
     attempts,
@@ -77,13 +81,6 @@ T = TypeVar("T")
 WEBHOOK_MAX_TRIES = 12
 
 # Statements on the hot path, built once: building a statement costs more than running it.
-_QUEUED = (
-    select(runs)
-    .where(runs.c.state == "queued", or_(runs.c.not_before.is_(None), runs.c.not_before <= bindparam("now")))
-    .order_by(runs.c.priority.desc(), runs.c.deadline_at.is_(None), runs.c.deadline_at, runs.c.created_at)
-    .limit(bindparam("limit"))
-)
-_SELECT_RUN = select(runs).where(runs.c.id == bindparam("id"))
 _SELECT_ATTEMPT = select(attempts).where(attempts.c.id == bindparam("id"))
 # Write paths lock rows in one order — run, then attempt, then machine — so that replicas
 # writing at once wait for each other instead of deadlocking. (SQLite ignores FOR UPDATE:
@@ -91,6 +88,11 @@ _SELECT_ATTEMPT = select(attempts).where(attempts.c.id == bindparam("id"))
 _LOCK_RUN = select(runs).where(runs.c.id == bindparam("id")).with_for_update()
 _LOCK_ATTEMPT = select(attempts).where(attempts.c.id == bindparam("id")).with_for_update()
 _INSERT_EVENT = events.insert()
+# The same, as SQL text for the driver (see store.driver).
+_RAW_RUN = select_by_id(runs)
+_RAW_LOCK_RUN = select_by_id(runs, lock=True)
+_RAW_ATTEMPT = select_by_id(attempts)
+_RAW_LOCK_ATTEMPT = select_by_id(attempts, lock=True)
 
 
 class Claims(list[Assignment]):
@@ -127,16 +129,10 @@ def _build_machines_query() -> Select[Any]:
 
 
 _MACHINES = _build_machines_query()
-_QUEUED_LOCKED = _QUEUED.with_for_update(skip_locked=True)
 _ANY_QUEUED = (
     select(runs.c.id)
     .where(runs.c.state == "queued", or_(runs.c.not_before.is_(None), runs.c.not_before <= bindparam("now")))
     .limit(1)
-)
-#: machines that could take work now (what ``Machine.schedulable`` says, in SQL)
-_FREE = _MACHINES.where(
-    machines.c.connected.is_(True), machines.c.health == "online", machines.c.admin == "active",
-    _MACHINES.selected_columns.active_attempt_id.is_(None),
 )
 _PREFERRED = _MACHINES.where(
     machines.c.connected.is_(True),
@@ -149,6 +145,27 @@ _RENEW_PG = _RENEW_SQLITE.replace("?", "%s")
 _BEAT_SQLITE = ("UPDATE machines SET last_heartbeat_at = ?, resources = ?, session_key = ?, session_expires_at = ?"
                 " WHERE id = ?")
 _BEAT_PG = _BEAT_SQLITE.replace("resources = ?", "resources = CAST(? AS JSON)").replace("?", "%s")
+#: seconds an automation spec read from the database is trusted (see ``SQLStore._spec``)
+SPEC_TTL = 2.0
+#: the writes that may share a transaction (``SQLStore.batch``): each raises its expected
+#: errors (StaleLease, Stopped) before it writes anything
+BATCHABLE = frozenset({"attempt_preparing", "attempt_start", "attempt_progress", "attempt_event", "finish_attempt"})
+# A scheduling pass's reads, as SQL text (see store.driver): queued runs in priority →
+# deadline → age order; machines that could take work now (``Machine.schedulable``, in SQL).
+_RAW_QUEUED = (
+    f"SELECT {columns(runs)} FROM runs WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?)"
+    " ORDER BY priority DESC, deadline_at IS NULL, deadline_at, created_at LIMIT ?"
+)
+_RAW_FREE = (
+    f"SELECT {columns(machines, 'm.')}, NULL AS active_attempt_id, NULL AS active_run_id FROM machines m"
+    " WHERE m.connected AND m.health = 'online' AND m.admin = 'active'"
+    " AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.machine_id = m.id AND a.state = 'active')"
+)
+_RAW_FREE_ORDER = {
+    "idle_first": " ORDER BY m.idle_since ASC NULLS FIRST, m.id",
+    "recent_first": " ORDER BY m.idle_since DESC NULLS LAST, m.id",
+    None: " ORDER BY m.id",
+}
 #: scheduling passes read free machines a page at a time, in the selector's order
 MACHINE_PAGE = 256
 #: and queued runs this many per free machine (at least RUN_PAGE_MIN), up to the pass's limit
@@ -165,10 +182,43 @@ class SQLStore(Store):
         self.engine = engine
         self._migrate = migrate
         self._written_specs: dict[str, bytes] = {}  # automation key → the spec as last written
+        self._specs: dict[tuple[str, str | None], tuple[float, AutomationSpec | None]] = {}  # see _spec
+        self._pg = engine.dialect.name == "postgresql"
+        self._drv = Driver(engine.dialect.name)
+        # One writer at a time (SQLite): agents' writes gain from sharing a transaction — one
+        # commit, one fsync, for many. With row locks (PostgreSQL), writes of different
+        # agents already run side by side, and a shared transaction would hold locks longer.
+        self.batches_writes = not self._pg
+        self._joined = threading.local()  # the transaction of the batch being applied, if any
 
     # -- plumbing -------------------------------------------------------------------------
+    def batch(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+        """Apply several of this store's fenced writes in one transaction. Each answers on its
+        own — its result, or the StaleLease or Stopped it raised (which those writes raise
+        before they write anything, so the others are unaffected); any other error rolls the
+        whole batch back and is raised."""
+        if any(getattr(fn, "__name__", "") not in BATCHABLE or getattr(fn, "__self__", None) is not self
+               for fn, _, _ in calls):
+            raise ValueError(f"only these writes can share a transaction: {', '.join(sorted(BATCHABLE))}")
+        out: list[Any] = []
+        with self._tx() as conn:
+            self._joined.conn = conn
+            try:
+                for fn, args, kwargs in calls:
+                    try:
+                        out.append(fn(*args, **kwargs))
+                    except (StaleLease, Stopped) as exc:
+                        out.append(exc)
+            finally:
+                self._joined.conn = None
+        return out
+
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[Connection]:
+        joined = getattr(self._joined, "conn", None)
+        if joined is not None:
+            yield joined  # inside batch(): its transaction, committed at its end
+            return
         try:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(deskfleet_write=write)
@@ -176,7 +226,10 @@ class SQLStore(Store):
                 with conn.begin():
                     yield conn
                 # Committed: what it wrote may be remembered (see _put_automations).
-                self._written_specs.update(conn.info.pop("deskfleet_specs", ()))
+                written = conn.info.pop("deskfleet_specs", ())
+                if written:
+                    self._written_specs.update(written)
+                    self._specs.clear()
         except DBAPIError as exc:
             if _retryable(exc):
                 raise StoreRetry(f"transaction conflict: {_first_line(exc.orig)}") from exc
@@ -185,23 +238,35 @@ class SQLStore(Store):
             raise
 
     def _fenced(
-        self, op: str, attempt_id: int, machine_id: str, now: float, fn: Callable[[Connection, Attempt], T],
-        *, repeat: Callable[[Connection, Any], T | None] | None = None,
+        self, op: str, attempt_id: int, machine_id: str, now: float, fn: Callable[[Connection, Attempt, Run | None], T],
+        *, repeat: Callable[[Connection, Any], T | None] | None = None, needs_run: bool = True,
     ) -> T:
-        """Run ``fn`` if the attempt still holds its lease; otherwise record the rejected
-        write (in its own transaction, since the failed one rolls back) and raise.
-        ``repeat`` may answer a harmless repeat of an earlier write instead."""
+        """Run ``fn(conn, attempt, run)`` if the attempt still holds its lease; otherwise
+        record the rejected write (in its own transaction, since the failed one rolls back)
+        and raise. ``repeat`` may answer a harmless repeat of an earlier write instead. The
+        run is read only if ``needs_run`` (always on PostgreSQL, where it is locked first)."""
         try:
             with self._tx() as conn:
-                row = conn.execute(_SELECT_ATTEMPT, {"id": attempt_id}).mappings().first()
-                if row is not None:
-                    if repeat is not None and (answer := repeat(conn, row)) is not None:
-                        return answer
-                    conn.execute(_LOCK_RUN, {"id": row["run_id"]})
-                return fn(conn, self._held(conn, attempt_id, machine_id))
+                row = self._drv.one(conn, _RAW_ATTEMPT, (attempt_id,), attempts)
+                if row is not None and repeat is not None and (answer := repeat(conn, row)) is not None:
+                    return answer
+                if row is None or row["machine_id"] != machine_id:
+                    raise StaleLease(attempt_id, "no such attempt on this machine")
+                run: Run | None = None
+                if self._pg:
+                    # Lock order: the run, then its attempt — read again once locked.
+                    run = self._get_run(conn, row["run_id"], lock=True)
+                    row = self._drv.one(conn, _RAW_LOCK_ATTEMPT, (attempt_id,), attempts)
+                    assert row is not None
+                elif needs_run:
+                    run = self._get_run(conn, row["run_id"])  # one writer: what was read still is
+                a = rows.attempt(row)
+                if a.state is not AttemptState.ACTIVE:
+                    raise StaleLease(attempt_id, f"attempt already ended: {a.state.value}")
+                return fn(conn, a, run)
         except StaleLease as exc:
             with self._tx() as conn:
-                row = conn.execute(_SELECT_ATTEMPT, {"id": attempt_id}).mappings().first()
+                row = self._drv.one(conn, _RAW_ATTEMPT, (attempt_id,), attempts)
                 self._event(
                     conn, "lease.stale_write_rejected", now, attempt_id=attempt_id,
                     run_id=row["run_id"] if row is not None and row["machine_id"] == machine_id else None,
@@ -221,8 +286,8 @@ class SQLStore(Store):
             raise StaleLease(attempt_id, f"attempt already ended: {a.state.value}")
         return a
 
-    @staticmethod
     def _event(
+        self,
         conn: Connection,
         kind: str,
         now: float,
@@ -235,18 +300,31 @@ class SQLStore(Store):
         reason: str | None = None,
         data: dict[str, Any] | None = None,
     ) -> None:
-        conn.execute(_INSERT_EVENT, {
+        self._drv.insert(conn, events, {
             "at": now, "kind": kind, "run_id": run_id, "attempt_id": attempt_id, "machine_id": machine_id,
             "from_state": from_state, "to_state": to_state, "reason": reason, "data": data or {},
         })
 
     def _get_run(self, conn: Connection, run_id: str, *, lock: bool = False) -> Run:
-        row = conn.execute(_LOCK_RUN if lock else _SELECT_RUN, {"id": run_id}).mappings().first()
+        row = self._drv.one(conn, _RAW_LOCK_RUN if lock and self._pg else _RAW_RUN, (run_id,), runs)
         if row is None:
             raise NotFound(f"no run {run_id!r}")
         return rows.run(row)
 
     def _spec(self, conn: Connection, name: str, version: str | None) -> AutomationSpec | None:
+        """The automation (its latest version if ``version`` is None), as read at most
+        SPEC_TTL seconds ago: every attempt's end needs its retry policy, and specs change
+        only when agents advertise new ones (this store forgets what it rewrote at once)."""
+        key = (name, version)
+        cached = self._specs.get(key)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < SPEC_TTL:
+            return cached[1]
+        spec = self._read_spec(conn, name, version)
+        self._specs[key] = (now, spec)
+        return spec
+
+    def _read_spec(self, conn: Connection, name: str, version: str | None) -> AutomationSpec | None:
         q = select(automations).where(automations.c.name == name)
         if version is not None:
             q = q.where(automations.c.version == version)
@@ -266,11 +344,9 @@ class SQLStore(Store):
         now is. ``values`` are other columns to set, named as the Run's fields."""
         if not can_transition(run.state, to):
             raise AssertionError(f"run {run.id}: illegal transition {run.state} → {to}")
-        res = conn.execute(
-            update(runs).where(runs.c.id == run.id, runs.c.state == run.state.value)
-            .values(state=to.value, updated_at=now, **values)
-        )
-        if res.rowcount != 1:
+        changed = self._drv.update(conn, runs, {"state": to.value, "updated_at": now, **values},
+                                   {"id": run.id, "state": run.state.value})
+        if changed != 1:
             raise AssertionError(f"run {run.id} changed under a transaction (expected {run.state})")
         self._event(
             conn, "run.state", now, run_id=run.id, attempt_id=attempt_id, machine_id=machine_id,
@@ -404,7 +480,7 @@ class SQLStore(Store):
 
     def get_automation(self, name: str, version: str | None = None) -> AutomationSpec | None:
         with self._tx(write=False) as conn:
-            return self._spec(conn, name, version)
+            return self._read_spec(conn, name, version)
 
     def list_automations(self) -> list[AutomationSpec]:
         with self._tx(write=False) as conn:
@@ -855,22 +931,19 @@ class SQLStore(Store):
         self, conn: Connection, replica: str | None, order: str | None, page: int | None,
     ) -> tuple[list[Machine], bool]:
         """Free machines (of ``replica``), in the selector's order; whether there are more."""
-        q = _FREE if replica is None else _FREE.where(machines.c.replica == replica)
-        if order == "idle_first":
-            q = q.order_by(machines.c.idle_since.asc().nulls_first(), machines.c.id)
-        elif order == "recent_first":
-            q = q.order_by(machines.c.idle_since.desc().nulls_last(), machines.c.id)
-        else:
-            q = q.order_by(machines.c.id)
+        sql = _RAW_FREE + (" AND m.replica = ?" if replica is not None else "") + _RAW_FREE_ORDER[order]
+        params: list[Any] = [replica] if replica is not None else []
         if page is not None:
-            q = q.limit(page + 1)
-        found = [rows.machine(r) for r in conn.execute(q).mappings()]
+            sql += " LIMIT ?"
+            params.append(page + 1)
+        found = [rows.machine(r) for r in self._drv.rows(conn, sql, params, machines)]
         if page is not None and len(found) > page:
             return found[:page], True
         return found, False
 
     def _queued(self, conn: Connection, now: float, limit: int) -> list[Run]:
-        return [rows.run(r) for r in conn.execute(_QUEUED_LOCKED, {"now": now, "limit": limit}).mappings()]
+        sql = _RAW_QUEUED + (" FOR UPDATE SKIP LOCKED" if self._pg else "")
+        return [rows.run(r) for r in self._drv.rows(conn, sql, (now, limit), runs)]
 
     def _lock_free(self, conn: Connection, free: list[Machine]) -> tuple[list[Machine], bool]:
         """Lock the machines (skipping any another writer holds), then look again: the first
@@ -897,26 +970,26 @@ class SQLStore(Store):
         self, conn: Connection, run: Run, machine: Machine, now: float, lease_timeout: float
     ) -> tuple[Run, Attempt] | None:
         mode = AttemptMode.RECONCILE if run.needs_reconcile else AttemptMode.RUN
+        values = {"run_id": run.id, "machine_id": machine.id, "number": run.dispatches + 1, "state": "active",
+                  "phase": "assigned", "mode": mode.value, "assigned_at": now, "lease_expires_at": now + lease_timeout}
         try:
-            with conn.begin_nested():
-                res = conn.execute(attempts.insert().values(
-                    run_id=run.id, machine_id=machine.id, number=run.dispatches + 1, state="active",
-                    phase="assigned", mode=mode.value, assigned_at=now,
-                    lease_expires_at=now + lease_timeout,
-                ))
+            # A refused INSERT fails alone in SQLite; PostgreSQL aborts the whole transaction
+            # unless the statement has a savepoint of its own.
+            with conn.begin_nested() if self._pg else contextlib.nullcontext():
+                attempt_id = self._drv.insert(conn, attempts, values, returning_id=True)
         except IntegrityError:
             # The schema's one-active-attempt constraint refused it: the machine (or run)
             # is already taken. Never two at once, whatever the code above believed.
             log.warning("claim refused by the store: machine %s or run %s already has an active attempt",
                         machine.id, run.id)
             return None
-        attempt_id = int(res.inserted_primary_key[0])
+        assert attempt_id is not None
         claimed = self._set_run_state(
             conn, run, RunState.ASSIGNED, now, reason="scheduled", attempt_id=attempt_id,
             machine_id=machine.id, dispatches=run.dispatches + 1, current_attempt_id=attempt_id,
             current_machine_id=machine.id, not_before=None,
         )
-        conn.execute(update(machines).where(machines.c.id == machine.id).values(idle_since=None))
+        self._drv.update(conn, machines, {"idle_since": None}, {"id": machine.id})
         attempt = Attempt(
             id=attempt_id, run_id=run.id, machine_id=machine.id, number=run.dispatches + 1,
             state=AttemptState.ACTIVE, phase=AttemptPhase.ASSIGNED, mode=mode, assigned_at=now,
@@ -926,12 +999,10 @@ class SQLStore(Store):
 
     # -- attempt writes from agents -----------------------------------------------------------
     def attempt_preparing(self, attempt_id: int, machine_id: str, now: float) -> Attempt:
-        def fn(conn: Connection, a: Attempt) -> Attempt:
+        def fn(conn: Connection, a: Attempt, run: Run | None) -> Attempt:
+            assert run is not None
             if a.phase is AttemptPhase.ASSIGNED:
-                conn.execute(update(attempts).where(attempts.c.id == a.id).values(
-                    phase="preparing", last_progress_at=now,
-                ))
-                run = self._get_run(conn, a.run_id)
+                self._drv.update(conn, attempts, {"phase": "preparing", "last_progress_at": now}, {"id": a.id})
                 self._set_run_state(conn, run, RunState.PREPARING, now, reason="agent_accepted",
                                     attempt_id=a.id, machine_id=machine_id)
                 a.phase = AttemptPhase.PREPARING
@@ -940,19 +1011,18 @@ class SQLStore(Store):
         return self._fenced("preparing", attempt_id, machine_id, now, fn)
 
     def attempt_start(self, attempt_id: int, machine_id: str, now: float) -> Attempt:
-        def fn(conn: Connection, a: Attempt) -> Attempt:
+        def fn(conn: Connection, a: Attempt, run: Run | None) -> Attempt:
+            assert run is not None
             if a.stop_requested_at is not None:
                 raise Stopped((a.stop_reason or StopReason.CANCELLED).value)
             if a.phase is AttemptPhase.RUNNING:
                 return a
-            run = self._get_run(conn, a.run_id)
             if a.phase is AttemptPhase.ASSIGNED:
                 self._set_run_state(conn, run, RunState.PREPARING, now, reason="agent_accepted",
                                     attempt_id=a.id, machine_id=machine_id)
                 run.state = RunState.PREPARING
-            conn.execute(update(attempts).where(attempts.c.id == a.id).values(
-                phase="running", started_at=now, last_progress_at=now,
-            ))
+            self._drv.update(conn, attempts, {"phase": "running", "started_at": now, "last_progress_at": now},
+                             {"id": a.id})
             self._set_run_state(conn, run, RunState.RUNNING, now, reason="automation_started",
                                 attempt_id=a.id, machine_id=machine_id,
                                 attempts_started=run.attempts_started + 1)
@@ -962,23 +1032,21 @@ class SQLStore(Store):
         return self._fenced("start", attempt_id, machine_id, now, fn)
 
     def attempt_progress(self, attempt_id: int, machine_id: str, step: str, data: dict[str, Any], now: float) -> None:
-        def fn(conn: Connection, a: Attempt) -> None:
-            conn.execute(update(attempts).where(attempts.c.id == a.id).values(
-                last_progress_at=now, progress_step=step,
-            ))
+        def fn(conn: Connection, a: Attempt, _run: Run | None) -> None:
+            self._drv.update(conn, attempts, {"last_progress_at": now, "progress_step": step}, {"id": a.id})
             self._event(conn, "attempt.progress", now, run_id=a.run_id, attempt_id=a.id,
                         machine_id=machine_id, reason=step, data=data)
 
-        self._fenced("progress", attempt_id, machine_id, now, fn)
+        self._fenced("progress", attempt_id, machine_id, now, fn, needs_run=False)
 
     def attempt_event(self, attempt_id: int, machine_id: str, kind: str, data: dict[str, Any], now: float) -> None:
-        def fn(conn: Connection, a: Attempt) -> None:
+        def fn(conn: Connection, a: Attempt, _run: Run | None) -> None:
             # Pre-flight and playbook steps are progress too: a frozen playbook stalls.
-            conn.execute(update(attempts).where(attempts.c.id == a.id).values(last_progress_at=now))
+            self._drv.update(conn, attempts, {"last_progress_at": now}, {"id": a.id})
             self._event(conn, kind, now, run_id=a.run_id, attempt_id=a.id, machine_id=machine_id,
                         reason=str(data.get("playbook") or data.get("state") or "") or None, data=data)
 
-        self._fenced(kind, attempt_id, machine_id, now, fn)
+        self._fenced(kind, attempt_id, machine_id, now, fn, needs_run=False)
 
     def finish_attempt(
         self,
@@ -1002,8 +1070,8 @@ class SQLStore(Store):
                                 machine_quarantined=quarantines(ending, a.stop_reason))
             return None
 
-        def fn(conn: Connection, a: Attempt) -> Finished:
-            return self._end_attempt(conn, a, ending, now=now, detail=detail, output=output)
+        def fn(conn: Connection, a: Attempt, run: Run | None) -> Finished:
+            return self._end_attempt(conn, a, ending, now=now, detail=detail, output=output, run=run)
 
         return self._fenced(f"finish:{ending.value}", attempt_id, machine_id, now, fn, repeat=repeat)
 
@@ -1016,23 +1084,23 @@ class SQLStore(Store):
         now: float,
         detail: str,
         output: dict[str, Any] | None = None,
+        run: Run | None = None,  # the attempt's run, if the caller has read it already
     ) -> Finished:
-        run = self._get_run(conn, a.run_id)
+        run = run or self._get_run(conn, a.run_id)
         spec = self._spec(conn, run.automation, run.version)
         if ending is Ending.STOPPED and a.stop_reason is None:
             # The agent stopped on its own (its backstop timer): classify it as we would have.
             a.stop_reason = overdue_reason(run, assigned_at=a.assigned_at, started_at=a.started_at,
                                            last_progress_at=a.last_progress_at, now=now)
             if a.stop_reason is not None:
-                conn.execute(update(attempts).where(attempts.c.id == a.id).values(stop_reason=a.stop_reason.value))
+                self._drv.update(conn, attempts, {"stop_reason": a.stop_reason.value}, {"id": a.id})
         d = decide(
             run, phase=a.phase, ending=ending, stop_reason=a.stop_reason,
             idempotent=bool(spec and spec.idempotent), has_reconcile=bool(spec and spec.has_reconcile),
             now=now, detail=detail, machine_id=a.machine_id,
         )
-        conn.execute(update(attempts).where(attempts.c.id == a.id, attempts.c.state == "active").values(
-            state=d.attempt_state.value, ended_at=now, ending=ending.value, reason=detail or d.message,
-        ))
+        self._drv.update(conn, attempts, {"state": d.attempt_state.value, "ended_at": now, "ending": ending.value,
+                                          "reason": detail or d.message}, {"id": a.id, "state": "active"})
         self._event(conn, "attempt.ended", now, run_id=run.id, attempt_id=a.id, machine_id=a.machine_id,
                     from_state=a.phase.value, to_state=d.attempt_state.value, reason=ending.value,
                     data={"detail": detail} if detail else None)
@@ -1051,8 +1119,8 @@ class SQLStore(Store):
                                         error_code=d.code, error_message=d.message)
         machine_values: dict[str, Any] = {"idle_since": now}
         if a.phase is AttemptPhase.RUNNING:
-            machine_values["runs_completed"] = machines.c.runs_completed + 1
-        conn.execute(update(machines).where(machines.c.id == a.machine_id).values(**machine_values))
+            machine_values["runs_completed"] = Raw("runs_completed + 1")
+        self._drv.update(conn, machines, machine_values, {"id": a.machine_id})
         if d.quarantine:
             self._quarantine(conn, a.machine_id, f"attempt {a.id} {ending.value}: {detail or d.message}", now)
         a.state, a.ended_at, a.ending = d.attempt_state, now, ending
@@ -1138,7 +1206,7 @@ class SQLStore(Store):
                 )
             ).mappings()
             for r in list(pairs):
-                a = self._relock(conn, rows.attempt(r))  # type: ignore[assignment]
+                a = self._relock(conn, rows.attempt(r))
                 if a is None:
                     continue
                 if a.stop_requested_at is not None:
@@ -1201,7 +1269,8 @@ class SQLStore(Store):
         if attempt_id is None:
             with self._tx() as conn:
                 return insert(conn, None)
-        return self._fenced("artifact", attempt_id, machine_id, now, lambda conn, a: insert(conn, a.run_id))
+        return self._fenced("artifact", attempt_id, machine_id, now, lambda conn, a, _run: insert(conn, a.run_id),
+                            needs_run=False)
 
     def get_artifact(self, artifact_id: str) -> tuple[Artifact, bytes] | None:
         with self._tx(write=False) as conn:

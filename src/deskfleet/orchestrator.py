@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import jsonschema
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .config import ServerSettings
@@ -97,11 +98,11 @@ class StoreRunner:
         raise AssertionError("unreachable")
 
     async def write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """An agent's fenced write (``store.attempt_*``, ``store.finish_attempt``). Where the
-        store gains from it (one writer: SQLite), writes that arrive while a transaction is
-        being applied wait and go together in the next one — a group commit: one commit and
-        one fsync for many agents' reports. Each still answers on its own, only once it is
-        committed."""
+        """A write that may share a transaction (``store.attempt_*``, ``store.finish_attempt``,
+        ``store.submit``: see ``Store.batch``). Where the store gains from it (one writer:
+        SQLite), writes that arrive while a transaction is being applied wait and go together
+        in the next one — a group commit: one commit and one fsync for many agents' reports
+        and clients' submits. Each still answers on its own, only once it is committed."""
         if not self._batching:
             return await self(fn, *args, **kwargs)
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -394,7 +395,7 @@ class Orchestrator:
                 raise Unservable(_unservable_message(spec, in_pool))
         stored = replace(spec, input=self.secrets.encrypt_fields(spec.input, auto.secret_fields))
         fingerprint = self.secrets.fingerprint(body)
-        run, created = await self.db(self.store.submit, stored, request_hash=fingerprint, now=time.time())
+        run, created = await self.db.write(self.store.submit, stored, request_hash=fingerprint, now=time.time())
         if created:
             self.metrics.submitted.inc()
             log.info("run submitted: %s", spec.automation, extra={"run": run.id})
@@ -460,10 +461,23 @@ class Orchestrator:
         return machine
 
 
+_VALIDATORS: dict[bytes, jsonschema.Draft202012Validator] = {}
+
+
+def _validator(schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
+    """One validator per input schema (building one costs more than validating)."""
+    key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+    v = _VALIDATORS.get(key)
+    if v is None:
+        if len(_VALIDATORS) > 1000:
+            _VALIDATORS.clear()
+        v = _VALIDATORS[key] = jsonschema.Draft202012Validator(
+            schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    return v
+
+
 def _validate_input(spec: AutomationSpec, data: dict[str, Any]) -> None:
-    validator = jsonschema.Draft202012Validator(
-        spec.input_schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
-    )
+    validator = _validator(spec.input_schema)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         parts = []

@@ -757,10 +757,25 @@ def test_a_stale_write_in_a_batch_fails_alone_and_the_others_commit(s, op):
 
 def test_a_batch_takes_only_the_writes_that_can_share_a_transaction(s):
     with pytest.raises(ValueError, match="only these writes"):
-        s.batch([(s.submit, (RunSpec("ehr.create"),), {"request_hash": "h", "now": T0})])
+        s.batch([(s.set_admin, ("m1", MachineAdmin.CORDONED, T0), {})])
     other = s.__class__(s.engine, migrate=lambda e: None)
     with pytest.raises(ValueError):
         s.batch([(other.attempt_start, (1, "m1", T0), {})])  # another store's method
+
+
+def test_submits_in_a_batch_answer_each_for_itself(s):
+    s.put_pool(Pool("default"), T0)
+    first = submit(s, T0, idempotency_key="k1")
+
+    def sub(key: str | None, body: str, pool: str = "default") -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        return (s.submit, (RunSpec("ehr.create", pool=pool, idempotency_key=key),), {"request_hash": body, "now": T0 + 1})
+
+    out = s.batch([sub("k2", "h"), sub("k1", "other body"), sub("k2", "h"), sub(None, "h", pool="nope"), sub(None, "h")])
+    assert [type(r).__name__ for r in out] == ["tuple", "Conflict", "tuple", "NotFound", "tuple"]
+    (a, created_a), (b, created_b), (c, created_c) = out[0], out[2], out[4]
+    assert created_a and not created_b and a.id == b.id, "the same key twice in one batch: one run"
+    assert created_c and c.id not in (a.id, first.id)
+    assert s.count_runs() == {"queued": 3}
 
 
 def test_an_unexpected_error_rolls_the_whole_batch_back(s, monkeypatch):

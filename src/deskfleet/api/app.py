@@ -165,8 +165,9 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
         return _error(409, "stale_lease", str(exc))
 
     # -- auth ----------------------------------------------------------------------------------
-    def client_auth(authorization: Annotated[str | None, Header()] = None,
-                    x_api_key: Annotated[str | None, Header()] = None) -> None:
+    # async: FastAPI runs a plain function dependency in a worker thread, a hop per request.
+    async def client_auth(authorization: Annotated[str | None, Header()] = None,
+                          x_api_key: Annotated[str | None, Header()] = None) -> None:
         if not settings.api_key:
             return
         given = x_api_key or (authorization or "").removeprefix("Bearer ").strip()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import StaleLease, Stopped
+from ..errors import Conflict, NotFound, StaleLease, Stopped
 from ..models import (
     Artifact,
     Assignment,
@@ -87,14 +87,15 @@ class Store(ABC):
     batches_writes: bool = False
 
     def batch(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
-        """Apply several fenced writes (``attempt_*``, ``finish_attempt``) of this store; each
-        answers on its own: its result, or the StaleLease or Stopped it raised. Here one by
-        one; a store with one writer at a time applies them in one transaction."""
+        """Apply several writes of this store (agents' fenced writes ``attempt_*`` and
+        ``finish_attempt``, and ``submit``); each answers on its own: its result, or the
+        StaleLease, Stopped, Conflict or NotFound it raised. Here one by one; a store with one
+        writer at a time applies them in one transaction."""
         out: list[Any] = []
         for fn, args, kwargs in calls:
             try:
                 out.append(fn(*args, **kwargs))
-            except (StaleLease, Stopped) as exc:
+            except (StaleLease, Stopped, Conflict, NotFound) as exc:
                 out.append(exc)
         return out
 

@@ -93,6 +93,8 @@ _RAW_RUN = select_by_id(runs)
 _RAW_LOCK_RUN = select_by_id(runs, lock=True)
 _RAW_ATTEMPT = select_by_id(attempts)
 _RAW_LOCK_ATTEMPT = select_by_id(attempts, lock=True)
+_RAW_POOL_EXISTS = "SELECT 1 FROM pools WHERE name = ?"
+_RAW_BY_KEY = f"SELECT {columns(runs)} FROM runs WHERE tenant = ? AND idempotency_key = ?"
 
 
 class Claims(list[Assignment]):
@@ -149,7 +151,10 @@ _BEAT_PG = _BEAT_SQLITE.replace("resources = ?", "resources = CAST(? AS JSON)").
 SPEC_TTL = 2.0
 #: the writes that may share a transaction (``SQLStore.batch``): each raises its expected
 #: errors (StaleLease, Stopped) before it writes anything
-BATCHABLE = frozenset({"attempt_preparing", "attempt_start", "attempt_progress", "attempt_event", "finish_attempt"})
+BATCHABLE = frozenset({"attempt_preparing", "attempt_start", "attempt_progress", "attempt_event", "finish_attempt",
+                       "submit"})
+#: the errors a batched write answers with on its own (all raised before it writes)
+ANSWERS = (StaleLease, Stopped, Conflict, NotFound)
 # A scheduling pass's reads, as SQL text (see store.driver): queued runs in priority →
 # deadline → age order; machines that could take work now (``Machine.schedulable``, in SQL).
 _RAW_QUEUED = (
@@ -169,8 +174,8 @@ _RAW_FREE_ORDER = {
 #: scheduling passes read free machines a page at a time, in the selector's order
 MACHINE_PAGE = 256
 #: and queued runs this many per free machine (at least RUN_PAGE_MIN), up to the pass's limit
-RUNS_PER_FREE = 4
-RUN_PAGE_MIN = 64
+RUNS_PER_FREE = 2
+RUN_PAGE_MIN = 16
 _LOCK_MACHINES = (
     select(machines.c.id).where(machines.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(machines.c.id).with_for_update(skip_locked=True)
@@ -193,10 +198,11 @@ class SQLStore(Store):
 
     # -- plumbing -------------------------------------------------------------------------
     def batch(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
-        """Apply several of this store's fenced writes in one transaction. Each answers on its
-        own — its result, or the StaleLease or Stopped it raised (which those writes raise
-        before they write anything, so the others are unaffected); any other error rolls the
-        whole batch back and is raised."""
+        """Apply several of this store's writes (agents' fenced writes, submits) in one
+        transaction. Each answers on its own — its result, or the StaleLease, Stopped,
+        Conflict or NotFound it raised (which those writes raise before they write anything,
+        so the others are unaffected); any other error rolls the whole batch back and is
+        raised."""
         if any(getattr(fn, "__name__", "") not in BATCHABLE or getattr(fn, "__self__", None) is not self
                for fn, _, _ in calls):
             raise ValueError(f"only these writes can share a transaction: {', '.join(sorted(BATCHABLE))}")
@@ -207,7 +213,7 @@ class SQLStore(Store):
                 for fn, args, kwargs in calls:
                     try:
                         out.append(fn(*args, **kwargs))
-                    except (StaleLease, Stopped) as exc:
+                    except ANSWERS as exc:
                         out.append(exc)
             finally:
                 self._joined.conn = None
@@ -714,12 +720,10 @@ class SQLStore(Store):
 
     def _submit(self, spec: RunSpec, request_hash: str, now: float) -> tuple[Run, bool]:
         with self._tx() as conn:
-            if conn.execute(select(pools.c.name).where(pools.c.name == spec.pool)).first() is None:
+            if self._drv.execute(conn, _RAW_POOL_EXISTS, (spec.pool,)).fetchone() is None:
                 raise NotFound(f"unknown pool {spec.pool!r}", field="pool")
             if spec.idempotency_key is not None:
-                row = conn.execute(select(runs).where(
-                    runs.c.tenant == spec.tenant, runs.c.idempotency_key == spec.idempotency_key
-                )).mappings().first()
+                row = self._drv.one(conn, _RAW_BY_KEY, (spec.tenant, spec.idempotency_key), runs)
                 if row is not None:
                     existing = rows.run(row)
                     if existing.request_hash != request_hash:
@@ -731,18 +735,20 @@ class SQLStore(Store):
                         )
                     return existing, False
             run_id = ids.new_id("run")
-            conn.execute(runs.insert().values(
-                id=run_id, automation=spec.automation, version=spec.version, input=spec.input,
-                pool=spec.pool, labels=spec.labels, machine=spec.machine,
-                prefer_machine=spec.prefer_machine, session_key=spec.session_key,
-                priority=spec.priority, tenant=spec.tenant, queue_timeout=spec.queue_timeout,
-                attempt_timeout=spec.attempt_timeout, progress_timeout=spec.progress_timeout,
-                deadline_at=None if spec.deadline is None else now + spec.deadline,
-                max_attempts=spec.max_attempts, backoff_initial=spec.backoff_initial,
-                backoff_max=spec.backoff_max, idempotency_key=spec.idempotency_key,
-                request_hash=request_hash, webhook_url=spec.webhook_url, state="queued",
-                created_at=now, updated_at=now, queued_at=now,
-            ))
+            self._drv.insert(conn, runs, {
+                "id": run_id, "automation": spec.automation, "version": spec.version, "input": spec.input,
+                "pool": spec.pool, "labels": spec.labels, "machine": spec.machine,
+                "prefer_machine": spec.prefer_machine, "session_key": spec.session_key,
+                "priority": spec.priority, "tenant": spec.tenant, "queue_timeout": spec.queue_timeout,
+                "attempt_timeout": spec.attempt_timeout, "progress_timeout": spec.progress_timeout,
+                "deadline_at": None if spec.deadline is None else now + spec.deadline,
+                "max_attempts": spec.max_attempts, "backoff_initial": spec.backoff_initial,
+                "backoff_max": spec.backoff_max, "idempotency_key": spec.idempotency_key,
+                "request_hash": request_hash, "webhook_url": spec.webhook_url, "state": "queued",
+                "created_at": now, "updated_at": now, "queued_at": now,
+                # the schema's defaults, said here: the driver path sends what it is given
+                "attempts_started": 0, "dispatches": 0, "needs_reconcile": False,
+            })
             self._event(conn, "run.state", now, run_id=run_id, to_state="queued", reason="submitted",
                         data={"automation": spec.automation, "pool": spec.pool, "priority": spec.priority})
             return self._get_run(conn, run_id), True

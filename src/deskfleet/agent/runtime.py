@@ -440,7 +440,10 @@ class Agent:
 
     async def _attempt(self, cur: _Current) -> tuple[str, dict[str, Any] | None, str]:
         a = cur.assign
-        await self._send_quiet(Preparing(attempt_id=a.attempt_id))
+        if a.required_state != "any" or a.mode == "reconcile":
+            # Pre-flight or reconcile comes first: say the assignment is taken (the progress
+            # watchdog counts from here). Otherwise "start" follows at once and says it.
+            await self._send_quiet(Preparing(attempt_id=a.attempt_id))
         automation = self.registry.get(a.automation, a.version)
         if automation is None:
             return "preflight_failed", None, f"automation {a.automation}@{a.version} is not installed on this agent"

@@ -174,7 +174,11 @@ def decide(
             f"attempt {run.attempts_started} of {run.max_attempts} ended: {what}{where}; no retries left",
             quarantine=quarantine,
         )
-    not_before = now + backoff_delay(run)
+    # Errors back off before the retry. A lost attempt does not: its machine went silent or
+    # rebooted, which says nothing about the run, and noticing it already took a heartbeat
+    # timeout — the retry goes to another machine at once (max_attempts still bounds a run
+    # that takes its machines down with it).
+    not_before = None if ending is Ending.LOST else now + backoff_delay(run)
     if idempotent:
         return Decision(
             RunState.QUEUED,

@@ -244,12 +244,13 @@ def test_started_attempt_is_retried_only_when_safe(run, ending, stop, idempotent
         assert d.run_state is RunState.QUEUED
         assert d.code == "retry_idempotent"
         assert d.needs_reconcile is False
-        assert d.not_before == now + backoff_delay(run)
+        assert d.not_before == (None if ending is Ending.LOST else now + backoff_delay(run))
     elif has_reconcile:
         assert d.run_state is RunState.QUEUED
         assert d.code == "retry_after_reconcile"
         assert d.needs_reconcile is True  # the next attempt asks first whether it is done
-        assert d.not_before == now + backoff_delay(run)
+        # A lost machine says nothing about the run: retried elsewhere at once; errors back off.
+        assert d.not_before == (None if ending is Ending.LOST else now + backoff_delay(run))
     else:
         assert d.run_state is RunState.FAILED
         assert d.code == "not_retried_unsafe"

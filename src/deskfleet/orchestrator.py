@@ -316,7 +316,7 @@ class Orchestrator:
         )
         log.info("assigned attempt %d (%s)", a.attempt.id, a.run.automation,
                  extra={"run": a.run.id, "attempt": a.attempt.id, "machine": a.attempt.machine_id})
-        await self.hub.send(a.attempt.machine_id, msg)
+        await self.hub.send_assignment(a.attempt.machine_id, msg)
 
     async def send_stop(self, order: StopOrder) -> None:
         log.info("telling the agent to stop: %s", order.reason.value,

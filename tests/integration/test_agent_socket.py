@@ -18,8 +18,17 @@ import websockets
 from hypothesis import given
 from hypothesis import strategies as st
 
+from deskfleet.client import AsyncClient
 from deskfleet.fleet.hub import Beat, heartbeat_ack, quick_heartbeat
-from deskfleet.protocol import HeartbeatAck, HeartbeatMsg, Hello, server_message
+from deskfleet.protocol import (
+    AutomationAd,
+    HeartbeatAck,
+    HeartbeatMsg,
+    Hello,
+    Result,
+    Start,
+    server_message,
+)
 from support import eventually
 
 
@@ -31,12 +40,13 @@ async def enrol(server, machine: str) -> str:
     return str(resp.json()["agent_key"])
 
 
-async def connect(server, machine: str, key: str) -> websockets.ClientConnection:
+async def connect(server, machine: str, key: str, automations: list[AutomationAd] | None = None,
+                  ) -> websockets.ClientConnection:
     ws = await websockets.connect(
         server.url.replace("http://", "ws://") + "/agent/v1/connect", compression=None,
         additional_headers={"authorization": f"Bearer {key}", "x-deskfleet-machine": machine},
     )
-    hello = Hello(boot_id="boot-1", agent_version="test", automations=[])
+    hello = Hello(boot_id="boot-1", agent_version="test", automations=automations or [])
     await ws.send(orjson.dumps(hello.model_dump(mode="json")))
     welcome = server_message.validate_python(orjson.loads(await asyncio.wait_for(ws.recv(), 5)))
     assert welcome.type == "welcome"
@@ -87,6 +97,50 @@ async def test_a_wrong_agent_key_is_refused_with_4401(live_server):
     with pytest.raises(websockets.ConnectionClosed) as closed:
         await connect(live_server, "key-1", "not-the-key")
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+
+
+async def test_a_results_reply_reaches_the_agent_before_its_next_assignment(live_server):
+    """The machine is free the moment its result commits, and a scheduling pass may claim it
+    then; an assignment that overtook the reply would reach an agent that still thinks it
+    is busy (and refuses it). Here the reply is held back after the commit, a second run is
+    waiting, and the scheduler ticks meanwhile: the assignment must still come second."""
+    key = await enrol(live_server, "ord-1")
+    ws = await connect(live_server, "ord-1", key, [AutomationAd(name="t.job", required_state="any", idempotent=True)])
+    runner = live_server.orch.db
+    real_write = runner.write
+
+    async def slow_finish(fn, *args, **kwargs):
+        result = await real_write(fn, *args, **kwargs)
+        if getattr(fn, "__name__", "") == "finish_attempt":
+            await asyncio.sleep(0.5)  # committed; the reply is not sent yet
+        return result
+
+    runner.write = slow_finish
+
+    async def frames(n: int) -> list[dict]:
+        got = []
+        while len(got) < n:
+            msg = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+            if msg["type"] != "heartbeat_ack":
+                got.append(msg)
+        return got
+
+    try:
+        async with AsyncClient(live_server.url) as c:
+            first = await c.submit("t.job", {})
+            [assign] = await frames(1)
+            assert assign["type"] == "assign" and assign["run_id"] == first["id"]
+            await ws.send(orjson.dumps(Start(id=1, attempt_id=assign["attempt_id"]).model_dump(mode="json")))
+            assert (await frames(1))[0] == {"type": "reply", "re": 1, "ok": True, "error": None, "stop": None}
+            second = await c.submit("t.job", {})  # waits for the machine
+            await ws.send(orjson.dumps(Result(id=2, attempt_id=assign["attempt_id"], ending="succeeded",
+                                              output={}).model_dump(mode="json")))
+            reply, next_assign = await frames(2)
+        assert (reply["type"], reply["re"], reply["ok"]) == ("reply", 2, True)
+        assert (next_assign["type"], next_assign["run_id"]) == ("assign", second["id"])
+    finally:
+        runner.write = real_write
+        await ws.close()
 
 
 def test_the_encoded_ack_is_the_models():

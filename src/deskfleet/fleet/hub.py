@@ -104,7 +104,8 @@ class Connection:
     def __init__(self, machine_id: str, ws: AgentSocket) -> None:
         self.machine_id = machine_id
         self.ws = ws
-        self.lock = asyncio.Lock()
+        self.lock = asyncio.Lock()  # one frame at a time
+        self.order = asyncio.Lock()  # a result's reply before the next assignment (see serve)
         self.verify_sent_at = 0.0
         self.last_seen = time.time()  # the last message from the agent
 
@@ -185,6 +186,15 @@ class Hub:
         if conn is None:
             return False
         return await conn.send(msg)
+
+    async def send_assignment(self, machine_id: str, msg: BaseModel) -> bool:
+        """An assignment goes out only after the reply to a result being recorded on the
+        same connection: the scheduler may claim the machine the moment the result commits."""
+        conn = self.connections.get(machine_id)
+        if conn is None:
+            return False
+        async with conn.order:
+            return await conn.send(msg)
 
     def drain_heartbeats(self) -> tuple[list[Heartbeat], dict[str, int]]:
         beats, self.beats = list(self.beats.values()), {}
@@ -291,7 +301,13 @@ class Hub:
                 except (ValidationError, orjson.JSONDecodeError) as exc:
                     await conn.send(Error(message=f"unreadable message: {str(exc)[:200]}"))
                     continue
-                await self._handle(conn, msg)
+                if isinstance(msg, Result):
+                    # The machine is free once the result is recorded; its next assignment
+                    # must not overtake the reply that tells the agent so (it would refuse it).
+                    async with conn.order:
+                        await self._handle(conn, msg)
+                else:
+                    await self._handle(conn, msg)
         except Disconnected:
             pass
         finally:

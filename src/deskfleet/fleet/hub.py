@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+ACK_SLICE = 64  # heartbeat acknowledgements sent between two yields to the event loop
 
 
 class Disconnected(Exception):
@@ -210,10 +211,14 @@ class Hub:
 
     async def acknowledge(self, seqs: dict[str, int]) -> None:
         """The beats were written: their leases are renewed; tell the agents."""
-        for machine_id, seq in seqs.items():
+        for n, (machine_id, seq) in enumerate(seqs.items(), 1):
             conn = self.connections.get(machine_id)
             if conn is not None:
                 await conn.send_raw(heartbeat_ack(seq))
+            if n % ACK_SLICE == 0:
+                # A tick acknowledges hundreds of beats; sends that do not block never yield,
+                # so let a submit or an assignment through now and then.
+                await asyncio.sleep(0)
 
     async def close_silent(self, now: float, timeout: float) -> list[str]:
         """Close the connections of agents silent for ``timeout``: a machine that vanished

@@ -813,14 +813,11 @@ class Feed:
         self.by_run: dict[str, list[dict[str, Any]]] = {}
 
     async def catch_up(self) -> None:
-        while True:
-            batch = await self.client.all_events(after=self.cursor, limit=1000)
-            for e in batch:
-                self._fold(e)
-            if batch:
-                self.cursor = batch[-1]["id"]
-            if len(batch) < 1000:
-                return
+        batch = await self.client.every_event(after=self.cursor)
+        for e in batch:
+            self._fold(e)
+        if batch:
+            self.cursor = batch[-1]["id"]
 
     def _fold(self, e: dict[str, Any]) -> None:
         run = e.get("run")

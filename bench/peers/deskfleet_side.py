@@ -128,16 +128,12 @@ class DeskfleetSide(Side):
 
     async def _catch_up(self) -> int:
         assert self.client is not None
-        total = 0
-        while True:
-            batch = await self.client.all_events(after=self._cursor, limit=1000)
-            for e in batch:
-                self._on_event(e)
-            if batch:
-                self._cursor = batch[-1]["id"]
-            total += len(batch)
-            if len(batch) < 1000:
-                return total
+        batch = await self.client.every_event(after=self._cursor)
+        for e in batch:
+            self._on_event(e)
+        if batch:
+            self._cursor = batch[-1]["id"]
+        return len(batch)
 
     def _on_event(self, e: dict[str, Any]) -> None:
         run = e.get("run")

@@ -612,7 +612,6 @@ class SQLStore(Store):
         beats = sorted(beats, key=lambda b: b.machine_id)  # one lock order for every writer
         # Thousands of machines beat every couple of seconds: the rows go to the driver's
         # executemany as they are, without a statement per row to compile.
-        pg = self.engine.dialect.name == "postgresql"
         with self._tx() as conn:
             held: set[tuple[int, str]] = set()
             claimed = [b for b in beats if b.attempt_id is not None]
@@ -629,11 +628,11 @@ class SQLStore(Store):
                 if renew:
                     # Attempts before machines: the order every other writer takes them in.
                     conn.exec_driver_sql(
-                        _RENEW_PG if pg else _RENEW_SQLITE,
+                        _RENEW_PG if self._pg else _RENEW_SQLITE,
                         [(b.at + lease_timeout, b.attempt_id, b.machine_id) for b in renew],
                     )
             conn.exec_driver_sql(
-                _BEAT_PG if pg else _BEAT_SQLITE,
+                _BEAT_PG if self._pg else _BEAT_SQLITE,
                 [(b.at, orjson.dumps(b.resources).decode(), b.session_key, b.session_expires_at, b.machine_id)
                  for b in beats],
             )
@@ -955,7 +954,7 @@ class SQLStore(Store):
         """Lock the machines (skipping any another writer holds), then look again: the first
         read may predate an attempt that ended or began since, and a claim made from a stale
         view would wait on that writer while holding the machine it needs — a deadlock."""
-        if self.engine.dialect.name == "sqlite":
+        if not self._pg:
             return free, bool(free)  # one writer at a time: what was read is what is
         locked = [r[0] for r in conn.execute(_LOCK_MACHINES, {"ids": sorted(m.id for m in free)})]
         if not locked:

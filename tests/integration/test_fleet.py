@@ -83,7 +83,9 @@ async def test_attempt_timeout_stops_and_retries_until_the_budget_is_spent(live_
     async with AsyncClient(live_server.url) as c:
         # Log the app in first: the attempt timeout counts pre-flight too.
         assert (await c.submit("ehr.lookup_patient", {"mrn": "W-1"}, wait=20))["state"] == "succeeded"
-        fleet.desktops[0].action_delay = 0.1
+        # Slow inputs: a lookup then takes seconds, far past the timeout and the sweep that
+        # enforces it, even on a loaded machine (at 0.1 s an input it could finish first).
+        fleet.desktops[0].action_delay = 0.4
         run = await c.submit("ehr.lookup_patient", {"mrn": "NOPE-1"}, attempt_timeout=0.6,
                              max_attempts=2, backoff_initial=0)
         done = await c.run(run["id"], wait=30)

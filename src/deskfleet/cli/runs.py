@@ -1,0 +1,159 @@
+"""Client commands: ``submit``, ``runs``, ``machines``, ``pools``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ._common import _client, _Group, _labels, _print, main, opt
+
+
+# -- client commands ----------------------------------------------------------------------------------------
+@main.command()
+@click.argument("automation")
+@opt("--input", "input_", default="{}", envvar="DESKFLEET_SUBMIT_INPUT", help="JSON object, or @file.json")
+@opt("--pool", default="default")
+@opt("--version", "version_", default=None, envvar="DESKFLEET_SUBMIT_VERSION", help="automation version (default: newest)")
+@opt("--label", "labels", multiple=True, help="required machine label key=value; repeatable")
+@opt("--machine", default=None, help="run only on this machine")
+@opt("--prefer-machine", default=None)
+@opt("--session-key", default=None, help="prefer the machine logged in as this account")
+@opt("--priority", default=0, type=int)
+@opt("--deadline", default=None, type=float, help="seconds for the whole run")
+@opt("--queue-timeout", default=None, type=float)
+@opt("--attempt-timeout", default=None, type=float)
+@opt("--max-attempts", default=None, type=int)
+@opt("--idempotency-key", default=None)
+@opt("--webhook-url", default=None)
+@opt("--wait", default=0.0, type=float, help="seconds to wait for the result")
+@click.pass_context
+def submit(ctx: click.Context, automation: str, input_: str, pool: str, version_: str | None,
+           labels: tuple[str, ...], machine: str | None, prefer_machine: str | None, session_key: str | None,
+           priority: int, deadline: float | None, queue_timeout: float | None, attempt_timeout: float | None,
+           max_attempts: int | None, idempotency_key: str | None, webhook_url: str | None, wait: float) -> None:
+    """Submit a run of AUTOMATION and print it."""
+    try:
+        text = Path(input_[1:]).read_text() if input_.startswith("@") else input_
+        data = json.loads(text)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {input_[1:]}: {exc.strerror}", param_hint="--input") from exc
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                                 param_hint="--input") from exc
+    if not isinstance(data, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--input")
+    with _client(ctx) as c:
+        _print(c.submit(automation, data, wait=wait, pool=pool, version=version_, labels=_labels(labels) or None,
+                        machine=machine, prefer_machine=prefer_machine, session_key=session_key,
+                        priority=priority, deadline=deadline, queue_timeout=queue_timeout,
+                        attempt_timeout=attempt_timeout, max_attempts=max_attempts,
+                        idempotency_key=idempotency_key, webhook_url=webhook_url))
+
+
+@main.group(cls=_Group)
+def runs() -> None:
+    """List, show and cancel runs."""
+
+
+@runs.command("list")
+@opt("--state", "states", multiple=True, help="filter by state; repeatable")
+@opt("--limit", default=50, type=click.IntRange(1, 1000))
+@click.pass_context
+def runs_list(ctx: click.Context, states: tuple[str, ...], limit: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(ctx) as c:
+        page = c.runs(state=states, limit=limit)
+    table = Table("id", "automation", "state", "machine", "attempts", "created", "error")
+    for r in page["runs"]:
+        err = (r.get("error") or {}).get("message", "")
+        table.add_row(r["id"], r["automation"], r["state"], r.get("current_machine") or "",
+                      str(r["dispatches"]), r["created_at"][:19], err[:60])
+    Console().print(table)
+
+
+@runs.command("show")
+@click.argument("run_id")
+@opt("--events/--no-events", default=False, help="include the run's timeline")
+@opt("--wait", default=0.0, type=float)
+@click.pass_context
+def runs_show(ctx: click.Context, run_id: str, events: bool, wait: float) -> None:
+    with _client(ctx) as c:
+        run = c.run(run_id, wait=wait)
+        if events:
+            run["attempts"] = c.attempts(run_id)
+            run["events"] = c.events(run_id)
+    _print(run)
+
+
+@runs.command("cancel")
+@click.argument("run_id")
+@click.pass_context
+def runs_cancel(ctx: click.Context, run_id: str) -> None:
+    with _client(ctx) as c:
+        _print(c.cancel(run_id))
+
+
+@main.group(cls=_Group)
+def machines() -> None:
+    """List machines; cordon, drain or uncordon one."""
+
+
+@machines.command("list")
+@opt("--pool", default=None)
+@click.pass_context
+def machines_list(ctx: click.Context, pool: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(ctx) as c:
+        found = c.machines(pool)
+    table = Table("id", "pool", "status", "run", "runs done", "memory MB", "session", "note")
+    for m in found:
+        table.add_row(m["id"], m["pool"], m["status"], m.get("current_run") or "", str(m["runs_completed"]),
+                      f"{m['resources'].get('memory_mb', 0):.0f}", m.get("session_key") or "",
+                      (m.get("quarantine_reason") or "")[:50])
+    Console().print(table)
+
+
+def _machine_action(action: str, help_text: str) -> None:
+    @machines.command(action, help=help_text)
+    @click.argument("machine_id")
+    @opt("--reason", default="")
+    @click.pass_context
+    def cmd(ctx: click.Context, machine_id: str, reason: str) -> None:
+        with _client(ctx) as c:
+            m = c.machine_action(machine_id, action, reason)
+        click.echo(f"{m['id']}: {m['status']} (admin {m['admin']})")
+
+
+_machine_action("cordon", "Stop giving the machine new work; current work continues.")
+_machine_action("drain", "Cordon, and show the machine as drained once its current run ends.")
+_machine_action("uncordon", "Give the machine work again.")
+
+
+@main.group(cls=_Group)
+def pools() -> None:
+    """List pools or change a pool's settings."""
+
+
+@pools.command("list")
+@click.pass_context
+def pools_list(ctx: click.Context) -> None:
+    with _client(ctx) as c:
+        _print(c.pools())
+
+
+@pools.command("set")
+@click.argument("name")
+@opt("--allow-wait-for-capacity/--no-allow-wait-for-capacity", default=False)
+@opt("--affinity-wait", default=10.0, type=float)
+@opt("--description", default="")
+@click.pass_context
+def pools_set(ctx: click.Context, name: str, allow_wait_for_capacity: bool, affinity_wait: float, description: str) -> None:
+    with _client(ctx) as c:
+        _print(c.put_pool(name, allow_wait_for_capacity=allow_wait_for_capacity,
+                          affinity_wait=affinity_wait, description=description))

@@ -1,10 +1,15 @@
 """The desktop API that automations, playbooks and the agent drive.
 
-One protocol, several implementations: the simulated desktop (``deskfleet.sim``) for unit
-tests, the demo and scale tests; the real desktop (:mod:`.driver`: mss, pynput, tesseract)
-on X11 displays started by :mod:`.xvfb` in our tests and on Windows for users
-(:mod:`.windows` holds the Windows-only extras); :mod:`.launch` runs real desktops with
-their agents. Code written against :class:`Desktop` runs on any of them. A real desktop
+One protocol, several implementations: simulated desktops (a pack's ``[hooks] sim``) for
+unit tests, the demo and scale tests; the real desktop (:mod:`.driver`: mss, pynput,
+tesseract) on X11 displays — started by :mod:`.xvfb`, or the session's own (:mod:`.local`)
+— and on Windows (:mod:`.windows` holds the Windows-only extras). Code written against
+:class:`Desktop` runs on any of them; ``deskfleet.agent.host`` puts them under agents.
+
+Public here, for pack authors' tools and tests: :class:`Desktop`, :class:`Region`,
+:class:`DesktopInfo`, :func:`note_session`, and (imported on first use) ``RealDesktop``,
+``Station``, ``AppCommand``, ``XvfbDisplay`` and ``xvfb_desktop`` — a real desktop with an
+application on a fresh Xvfb display. A real desktop
 keeps a note of the account its application is logged in as (:mod:`.session`), which
 playbooks update through :func:`note_session`.
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -112,3 +117,27 @@ def note_session(desktop: Desktop, account: str | None) -> None:
     """
     if isinstance(desktop, NotesSession):
         desktop.note_session(account)
+
+
+_LAZY = {"RealDesktop": "driver", "Station": "driver", "AppCommand": "driver", "capture_screen": "driver",
+         "XvfbDisplay": "xvfb", "xvfb_desktop": "xvfb"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deskfleet.desktop' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .driver import AppCommand as AppCommand
+    from .driver import RealDesktop as RealDesktop
+    from .driver import Station as Station
+    from .driver import capture_screen as capture_screen
+    from .xvfb import XvfbDisplay as XvfbDisplay
+    from .xvfb import xvfb_desktop as xvfb_desktop

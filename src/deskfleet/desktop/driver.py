@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import threading
 import time
@@ -75,6 +76,14 @@ class Host(Protocol):
     def show_window(self, pid: int) -> bool:
         """True once a window of process ``pid`` is visible; give it the keyboard focus."""
 
+    def find_window(self, title: str) -> int | None:
+        """The process id of a visible top-level window whose title matches the regex ``title``."""
+
+    @property
+    def attachable(self) -> bool:
+        """Whether an application already running here may be taken over (a session we did
+        not start: yes; a display we just started: nothing can be running on it yet)."""
+
     def restart(self) -> None:
         """Reboot: stop and start the machine (or display server); return when it is up."""
 
@@ -92,6 +101,9 @@ class AppCommand:
     stop_grace: float = 3.0  # seconds between asking it to exit and killing it
     start_timeout: float = 30.0  # seconds for its window (and first known screen) to appear
     log: Path | None = None  # where its stdout/stderr go (default: discarded)
+    process: str | None = None  # regex on the command line of the app when it is already running
+    window: str | None = None  # regex on the title of one of its top-level windows
+    stop_command: Sequence[str] | None = None  # asks the app to exit (default: SIGTERM)
 
 
 _KEYS = {
@@ -198,57 +210,36 @@ def capture_screen(display: str | None = None) -> Frame:
     return np.ascontiguousarray(bgra[..., 2::-1])
 
 
-class RealDesktop:
-    """A real screen with the target application on it. Start with :meth:`start`."""
+class Station:
+    """One machine's screen, input devices and host, shared by the applications on it.
 
-    def __init__(
-        self,
-        name: str,
-        host: Host,
-        app: AppCommand,
-        *,
-        started: Callable[[Frame], bool] | None = None,
-        ocr: Any | None = None,
-        session_idle_timeout: float | None = None,
-    ) -> None:
+    Each application on the machine is driven through its own :class:`RealDesktop` (its
+    process, its session note), and all of them share this: the frames, the mouse and
+    keyboard, the input gate of the agent, and the reboot that takes every app with it.
+    """
+
+    def __init__(self, name: str, host: Host, *, ocr: Any | None = None) -> None:
         self.name = name
         self.host = host
-        self.app = app
-        #: recognises a started application's first screen (e.g. "the model knows this state")
-        self.started = started
         self.input_gate: Callable[[], None] | None = None
+        self.apps: list[RealDesktop] = []
         self._ocr = ocr
         self._devices: _Devices | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._ps: psutil.Process | None = None
-        self._gate_passed = 0.0
         self._reboot_listeners: list[Callable[[], Any]] = []
-        self.restarts = 0
-        #: the account the app is logged in as, as far as playbooks told (see .session)
-        self.session = SessionNote(idle_timeout=session_idle_timeout)
-
-    def __repr__(self) -> str:
-        return f"RealDesktop({self.name!r}, display={self.host.display!r})"
 
     @property
     def boot_id(self) -> str:
         return self.host.boot_id()
 
-    @property
-    def app_pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Open the display and start the application; return once its window shows."""
-        self._devices = await asyncio.to_thread(_Devices, self.host.display)
-        await self._launch()
+    async def open(self) -> None:
+        if self._devices is None:
+            self._devices = await asyncio.to_thread(_Devices, self.host.display)
 
     async def close(self) -> None:
-        """Stop the application, then the host: toolkits and input libraries complain when
-        their display vanishes under them."""
-        await asyncio.to_thread(self._stop_app)
+        """Stop every application, then the devices, then the host: toolkits and input
+        libraries complain when their display vanishes under them."""
+        for app in self.apps:
+            await asyncio.to_thread(app._stop_app)
         if self._devices is not None:
             self._devices.close()
             self._devices = None
@@ -258,12 +249,15 @@ class RealDesktop:
         """Call ``callback()`` after each reboot, once the machine is back (boot id changed)."""
         self._reboot_listeners.append(callback)
 
-    # -- observation -------------------------------------------------------------------------
+    def dev(self) -> _Devices:
+        if self._devices is None:
+            raise DesktopError(f"{self.name} is not started (or is rebooting)")
+        return self._devices
 
     async def screenshot(self, region: Region | None = None) -> Frame:
-        dev = self._dev()
+        dev = self.dev()
         if region is not None:
-            self._check_region(dev, region)
+            _check_region(dev, region)
         try:
             return await asyncio.to_thread(dev.grab, region)
         except Exception as exc:
@@ -274,8 +268,157 @@ class RealDesktop:
         engine = await asyncio.to_thread(self._ocr_engine)  # the first call loads tesseract (~0.1 s)
         return await asyncio.to_thread(engine.read, frame)
 
+    def _ocr_engine(self) -> Any:
+        if self._ocr is None:
+            from ..vision.ocr import shared_engine
+
+            self._ocr = shared_engine()
+        return self._ocr
+
+    async def send(self, send: Callable[[_Devices], None]) -> None:
+        """Send input through the agent's gate (see the module's docstring)."""
+        dev = self.dev()
+        if self.input_gate is not None:
+            self.input_gate()  # the agent's last word: raises Stopped to refuse the input
+        gate = time.monotonic()
+
+        def run() -> None:
+            with dev.lock:
+                if time.monotonic() - gate > GATE_FRESHNESS:
+                    raise Stopped("input held back: it reached the display too long after its gate check")
+                send(dev)
+
+        try:
+            await asyncio.to_thread(run)
+        except Stopped:
+            raise
+        except Exception as exc:
+            raise DesktopError(f"input to {self.name} failed: {_describe(exc)}") from exc
+
+    async def reboot(self) -> None:
+        """Restart the machine — for an Xvfb machine, the X server — and every app on it."""
+        log.info("rebooting %s", self.name, extra={"machine": self.name})
+        for app in self.apps:
+            await asyncio.to_thread(app._stop_app)
+        if self._devices is not None:
+            self._devices.close()
+            self._devices = None
+        try:
+            await asyncio.to_thread(self.host.restart)
+        except Exception as exc:
+            raise DesktopError(f"{self.name} did not come back from a reboot: {exc}") from exc
+        self._devices = await asyncio.to_thread(_Devices, self.host.display)
+        for app in self.apps:
+            await app._launch()
+        for callback in list(self._reboot_listeners):
+            try:
+                result = callback()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("reboot listener failed on %s", self.name)
+
+
+class RealDesktop:
+    """One application on a real screen: the :class:`~deskfleet.desktop.Desktop` its
+    playbooks and automations drive. Start with :meth:`start`.
+
+    Several applications on one machine share a :class:`Station` (pass ``station``);
+    without one, the desktop makes its own and owns it (closing the desktop closes it).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        host: Host,
+        app: AppCommand,
+        *,
+        started: Callable[[Frame], bool] | None = None,
+        ocr: Any | None = None,
+        session_idle_timeout: float | None = None,
+        station: Station | None = None,
+        expected_screen: tuple[int, int] | None = None,
+    ) -> None:
+        self.name = name
+        self.app = app
+        #: the screen size the app and its model expect (None: any)
+        self.expected_screen = expected_screen
+        self._owns_station = station is None
+        self.station = station if station is not None else Station(name, host, ocr=ocr)
+        self.station.apps.append(self)
+        #: recognises a started application's first screen (e.g. "the model knows this state")
+        self.started = started
+        self._proc: subprocess.Popen[bytes] | None = None  # the app, when we started it
+        self._ps: psutil.Process | None = None  # the app, started or attached
+        self.attached = False  # the app was already running when the desktop started
+        self.restarts = 0
+        #: the account the app is logged in as, as far as playbooks told (see .session)
+        self.session = SessionNote(idle_timeout=session_idle_timeout)
+
+    def __repr__(self) -> str:
+        return f"RealDesktop({self.name!r}, display={self.host.display!r})"
+
+    @property
+    def host(self) -> Host:
+        return self.station.host
+
+    @property
+    def input_gate(self) -> Callable[[], None] | None:
+        return self.station.input_gate
+
+    @input_gate.setter
+    def input_gate(self, gate: Callable[[], None] | None) -> None:
+        self.station.input_gate = gate
+
+    @property
+    def boot_id(self) -> str:
+        return self.station.boot_id
+
+    @property
+    def app_pid(self) -> int | None:
+        ps = self._ps
+        if ps is None:
+            return None
+        try:
+            return ps.pid if ps.is_running() and ps.status() != psutil.STATUS_ZOMBIE else None
+        except psutil.Error:
+            return None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the display and take over the application if it is already running here
+        (found by ``AppCommand.process`` / ``window``), else start it; return once its
+        window shows."""
+        await self.station.open()
+        if self.host.attachable and (self.app.process or self.app.window):
+            pid = await asyncio.to_thread(self._find_running)
+            if pid is not None:
+                self._attach(pid)
+                return
+        await self._launch()
+
+    async def close(self) -> None:
+        """Stop the application (and, if this desktop owns its station, the display)."""
+        if self._owns_station:
+            await self.station.close()
+        else:
+            await asyncio.to_thread(self._stop_app)
+
+    def add_reboot_listener(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` after each reboot, once the machine is back (boot id changed)."""
+        self.station.add_reboot_listener(callback)
+
+    # -- observation -------------------------------------------------------------------------
+
+    async def screenshot(self, region: Region | None = None) -> Frame:
+        return await self.station.screenshot(region)
+
+    async def read_text(self, region: Region) -> str:
+        return await self.station.read_text(region)
+
     async def info(self) -> DesktopInfo:
-        dev = self._dev()
+        dev = self.station.dev()
         memory, cpu, running = 0.0, 0.0, False
         ps = self._ps
         if ps is not None:
@@ -297,6 +440,20 @@ class RealDesktop:
             session_key=account, session_expires_at=expires,
             extra={"app_restarts": float(self.restarts)},
         )
+
+    async def problems(self) -> list[str]:
+        """What keeps this machine from being driven (machine health, checked by pre-flight):
+        a screen of another size than the app expects; on Windows a locked console, a
+        disconnected RDP session, a service session, a screensaver."""
+        found = []
+        dev = self.station.dev()
+        if self.expected_screen is not None and (dev.width, dev.height) != tuple(self.expected_screen):
+            want = self.expected_screen
+            found.append(f"the screen is {dev.width}x{dev.height}, the application expects {want[0]}x{want[1]}")
+        check = getattr(self.host, "problems", None)
+        if check is not None:
+            found += await asyncio.to_thread(check)
+        return found
 
     def note_session(self, account: str | None) -> None:
         """What a playbook or session reader learnt about the app's login (None: logged out)."""
@@ -339,7 +496,7 @@ class RealDesktop:
     async def press(self, *keys: str) -> None:
         if not keys:
             raise ValueError("press() needs at least one key")
-        dev = self._dev()
+        dev = self.station.dev()
         resolved = [dev.key(k) for k in keys]  # an unknown key fails before any is pressed
 
         def send(d: _Devices) -> None:
@@ -359,24 +516,7 @@ class RealDesktop:
 
     async def _input(self, send: Callable[[_Devices], None], *, touches: bool = True) -> None:
         """Send input through the gate. ``touches``: the input resets the app's idle clock."""
-        dev = self._dev()
-        if self.input_gate is not None:
-            self.input_gate()  # the agent's last word: raises Stopped to refuse the input
-        self._gate_passed = time.monotonic()
-        gate = self._gate_passed
-
-        def run() -> None:
-            with dev.lock:
-                if time.monotonic() - gate > GATE_FRESHNESS:
-                    raise Stopped("input held back: it reached the display too long after its gate check")
-                send(dev)
-
-        try:
-            await asyncio.to_thread(run)
-        except Stopped:
-            raise
-        except Exception as exc:
-            raise DesktopError(f"input to {self.name} failed: {_describe(exc)}") from exc
+        await self.station.send(send)
         if touches:
             self.session.touched()
 
@@ -393,27 +533,41 @@ class RealDesktop:
         await self._launch()
 
     async def reboot(self) -> None:
-        """Restart the machine — for an Xvfb machine, the X server — and the app on it."""
-        log.info("rebooting %s", self.name, extra={"machine": self.name})
-        await asyncio.to_thread(self._stop_app)
-        if self._devices is not None:
-            self._devices.close()
-            self._devices = None
-        try:
-            await asyncio.to_thread(self.host.restart)
-        except Exception as exc:
-            raise DesktopError(f"{self.name} did not come back from a reboot: {exc}") from exc
-        self._devices = await asyncio.to_thread(_Devices, self.host.display)
-        await self._launch()
-        for callback in list(self._reboot_listeners):
-            try:
-                result = callback()
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:
-                log.exception("reboot listener failed on %s", self.name)
+        """Restart the machine — for an Xvfb machine, the X server — and every app on it."""
+        await self.station.reboot()
 
     # -- the application process -----------------------------------------------------------------
+
+    def _find_running(self) -> int | None:
+        """The pid of this app already running in this session, if any."""
+        if self.app.window:
+            pid = self.host.find_window(self.app.window)
+            if pid is not None:
+                return pid
+        if not self.app.process:
+            return None
+        pattern = re.compile(self.app.process)
+        display = self.host.display
+        me = os.getpid()
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["pid"] == me or not cmd or not pattern.search(cmd):
+                continue
+            if display is not None:
+                with contextlib.suppress(psutil.Error, KeyError):
+                    if p.environ().get("DISPLAY") not in (display, None):
+                        continue  # the same app on another display of this host
+            return int(p.info["pid"])
+        return None
+
+    def _attach(self, pid: int) -> None:
+        self._proc = None
+        self._ps = psutil.Process(pid)
+        self.attached = True
+        with contextlib.suppress(psutil.Error):
+            self._ps.cpu_percent(None)  # the first reading only starts the measurement
+        self.host.show_window(pid)
+        log.info("took over the running application on %s (pid %d)", self.name, pid, extra={"machine": self.name})
 
     async def _launch(self) -> None:
         self.session.signed_out()  # a new app process starts logged out
@@ -454,6 +608,7 @@ class RealDesktop:
                 out.close()
         self._proc = proc
         self._ps = psutil.Process(proc.pid)
+        self.attached = False
         with contextlib.suppress(psutil.Error):
             self._ps.cpu_percent(None)  # the first reading only starts the measurement
         log.info("started the application on %s (pid %d)", self.name, proc.pid, extra={"machine": self.name})
@@ -461,33 +616,43 @@ class RealDesktop:
 
     def _stop_app(self) -> None:
         self.session.signed_out()
-        proc, self._proc, self._ps = self._proc, None, None
-        if proc is None or proc.poll() is not None:
+        proc, ps, self._proc, self._ps = self._proc, self._ps, None, None
+        if proc is not None:
+            if proc.poll() is not None:
+                return
+            self._ask_to_exit(proc.pid, proc.terminate)
+            try:
+                proc.wait(self.app.stop_grace)
+            except subprocess.TimeoutExpired:
+                log.info("the application on %s ignored the request to exit; killing it", self.name,
+                         extra={"machine": self.name})
+                proc.kill()
+                proc.wait(10)
             return
-        proc.terminate()
-        try:
-            proc.wait(self.app.stop_grace)
-        except subprocess.TimeoutExpired:
-            log.info("the application on %s ignored SIGTERM; killing it", self.name, extra={"machine": self.name})
-            proc.kill()
-            proc.wait(10)
+        if ps is None:
+            return
+        try:  # an application we attached to: not our child, so psutil does the waiting
+            self._ask_to_exit(ps.pid, ps.terminate)
+            ps.wait(self.app.stop_grace)
+        except psutil.TimeoutExpired:
+            with contextlib.suppress(psutil.Error):
+                ps.kill()
+                ps.wait(10)
+        except psutil.Error:
+            pass
 
-    # -- helpers -------------------------------------------------------------------------------
+    def _ask_to_exit(self, pid: int, terminate: Callable[[], None]) -> None:
+        if self.app.stop_command:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run([a.replace("{pid}", str(pid)) for a in self.app.stop_command],
+                               env={**os.environ, **self.host.env()}, timeout=self.app.stop_grace,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                return
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            terminate()
 
-    def _dev(self) -> _Devices:
-        if self._devices is None:
-            raise DesktopError(f"{self.name} is not started (or is rebooting)")
-        return self._devices
 
-    def _ocr_engine(self) -> Any:
-        if self._ocr is None:
-            from ..vision.ocr import shared_engine
-
-            self._ocr = shared_engine()
-        return self._ocr
-
-    @staticmethod
-    def _check_region(dev: _Devices, region: Region) -> None:
-        if (region.width <= 0 or region.height <= 0 or region.left < 0 or region.top < 0
-                or region.left + region.width > dev.width or region.top + region.height > dev.height):
-            raise ValueError(f"region {tuple(region)} is not within the {dev.width}x{dev.height} screen")
+def _check_region(dev: _Devices, region: Region) -> None:
+    if (region.width <= 0 or region.height <= 0 or region.left < 0 or region.top < 0
+            or region.left + region.width > dev.width or region.top + region.height > dev.height):
+        raise ValueError(f"region {tuple(region)} is not within the {dev.width}x{dev.height} screen")

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -59,8 +61,15 @@ def _uiautomation() -> Any:
 class ConsoleHost:
     """The interactive session this process runs in, on a Windows machine."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, reboot_command: Sequence[str] | None = None,
+                 expected: tuple[int, int] | None = None) -> None:
         _require_windows()
+        self.reboot_command = list(reboot_command or ["shutdown", "/r", "/t", "0", "/c", "deskfleet: machine restart"])
+        self.expected = expected
+
+    @property
+    def attachable(self) -> bool:
+        return True  # the session is the user's: the app may well be running already
 
     @property
     def display(self) -> str | None:
@@ -86,11 +95,23 @@ class ConsoleHost:
                 return True
         return False
 
+    def find_window(self, title: str) -> int | None:
+        """The process id of a visible top-level window whose title matches the regex ``title``."""
+        pattern = re.compile(title)
+        auto = _uiautomation()
+        for window in auto.GetRootControl().GetChildren():
+            if not window.IsOffscreen and pattern.search(window.Name or ""):
+                return int(window.ProcessId)
+        return None
+
+    def problems(self) -> list[str]:
+        """Console problems are machine health: pre-flight refuses work while there are any."""
+        return console_problems(self.expected)
+
     def restart(self) -> None:
         """Reboot Windows. The agent process ends with it; returning means it did not happen."""
         try:
-            subprocess.run(["shutdown", "/r", "/t", "0", "/c", "deskfleet: machine restart"], check=True,
-                           capture_output=True, timeout=30)
+            subprocess.run(self.reboot_command, check=True, capture_output=True, timeout=30)
         except (OSError, subprocess.SubprocessError) as exc:
             raise DesktopError(f"shutdown /r failed: {exc}") from exc
         time.sleep(REBOOT_WAIT)

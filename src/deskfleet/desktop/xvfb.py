@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -186,39 +187,95 @@ class XvfbDisplay:
 
     # -- windows -------------------------------------------------------------------------------
 
-    def show_window(self, pid: int) -> bool:
-        """Is a top-level window of ``pid`` viewable? If so, give it the keyboard focus."""
-        import Xlib.error
-        import Xlib.X
+    @property
+    def attachable(self) -> bool:
+        return False  # a display started here: no app runs on it before we start one
 
+    def show_window(self, pid: int) -> bool:
         with self._x_lock:
-            x = self._x
-            if x is None:
-                return False
+            return show_window(self._x, pid)
+
+    def find_window(self, title: str) -> int | None:
+        with self._x_lock:
+            return find_window(self._x, title)
+
+
+# -- X11 windows, for any X display (ours or a session's) -----------------------------------------
+
+
+def top_level_windows(x: Any) -> list[tuple[Any, str, int | None]]:
+    """The viewable top-level windows of display connection ``x``: (window, title, pid).
+
+    The pid comes from the server (X-Resource), not from _NET_WM_PID: toolkits need not set
+    it (Tk does not), and a window of an app just killed can still be listed for a moment.
+    """
+    import Xlib.error
+    import Xlib.X
+
+    out: list[tuple[Any, str, int | None]] = []
+    if x is None:
+        return out
+    try:
+        for window in x.screen().root.query_tree().children:
             try:
-                for window in x.screen().root.query_tree().children:
-                    if window.get_attributes().map_state == Xlib.X.IsViewable and self._owner(window) == pid:
-                        window.set_input_focus(Xlib.X.RevertToPointerRoot, Xlib.X.CurrentTime)
-                        x.sync()
-                        return True
+                if window.get_attributes().map_state != Xlib.X.IsViewable:
+                    continue
+                out.append((window, _title(x, window), _owner(x, window)))
+            except Xlib.error.XError:
+                continue  # it went away between the listing and the question
+    except Xlib.error.XError:
+        return []
+    return out
+
+
+def show_window(x: Any, pid: int) -> bool:
+    """Is a top-level window of ``pid`` viewable? If so, give it the keyboard focus (what a
+    window manager does at map time; without one, nobody else does)."""
+    import Xlib.error
+    import Xlib.X
+
+    for window, _, owner in top_level_windows(x):
+        if owner == pid:
+            try:
+                window.set_input_focus(Xlib.X.RevertToPointerRoot, Xlib.X.CurrentTime)
+                x.sync()
             except Xlib.error.XError:
                 return False  # the window went away between the listing and the focus
-        return False
+            return True
+    return False
 
-    def _owner(self, window: Any) -> int | None:
-        """The pid of the client that created ``window``, from the server (X-Resource).
 
-        Toolkits need not set _NET_WM_PID (Tk does not), and a window of the app just
-        killed can still be listed for a moment: focusing it would send the new app's
-        keystrokes nowhere.
-        """
-        from Xlib.ext import res
+def find_window(x: Any, title: str) -> int | None:
+    """The pid of the first viewable top-level window whose title matches the regex ``title``."""
+    pattern = re.compile(title)
+    for _, name, owner in top_level_windows(x):
+        if owner is not None and pattern.search(name):
+            return owner
+    return None
 
-        reply = self._x.res_query_client_ids([{"client": window.id, "mask": res.LocalClientPIDMask}])
-        for client in reply.ids:
-            if client.value:
-                return int(client.value[0])
-        return None
+
+def _title(x: Any, window: Any) -> str:
+    """A window's title: _NET_WM_NAME (UTF-8) if set, else WM_NAME; a wrapper's child's otherwise."""
+    net_name, utf8 = x.intern_atom("_NET_WM_NAME"), x.intern_atom("UTF8_STRING")
+    prop = window.get_full_property(net_name, utf8)
+    if prop is not None and prop.value:
+        value = prop.value
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    name = window.get_wm_name()
+    if isinstance(name, bytes):
+        return name.decode("latin-1")
+    return name or ""
+
+
+def _owner(x: Any, window: Any) -> int | None:
+    """The pid of the client that created ``window``, from the server (X-Resource)."""
+    from Xlib.ext import res
+
+    reply = x.res_query_client_ids([{"client": window.id, "mask": res.LocalClientPIDMask}])
+    for client in reply.ids:
+        if client.value:
+            return int(client.value[0])
+    return None
 
 
 async def xvfb_desktop(name: str, app: AppCommand, *, width: int = 1024, height: int = 768,

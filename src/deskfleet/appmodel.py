@@ -4,17 +4,32 @@ An app model names the application's screen states (recognised by ``vision``), s
 of them are *ready* (an automation may start there), and maps every other state to the
 playbook that moves the application toward ready: log in, answer MFA, dismiss a dialog,
 restart the app. The agent's pre-flight drives this loop before every attempt (invariant 5:
-no work without a fresh screenshot proving the state).
+no work without a fresh screenshot proving the state), and an automation can drive it
+mid-run (``ctx.ensure``).
+
+A pack builds its model from its manifest (``pack.toml``), its recorded model directory
+and the playbooks its module declares (:mod:`deskfleet.packs`); playbooks get a
+:class:`PlaybookContext` with the helpers every playbook needs — wait for the screen to
+move on, wait for a state, fill a field — so that none of them times anything by hand.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .desktop import Desktop, Frame
+import numpy as np
+
+from .desktop import Desktop, Frame, Region
+from .errors import DesktopError
 from .vision import UNKNOWN, Classification, Classifier
+
+#: seconds a playbook waits by default for the application to show its next screen
+SCREEN_WAIT = 8.0
+#: seconds between two looks while waiting for a screen
+POLL = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +41,65 @@ class Credential:
     totp_seed: str | None = field(default=None, repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What a responsiveness probe found: ``ok``, or why not (the event says it)."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+Playbook = Callable[["PlaybookContext"], Awaitable[None]]
+#: a probe returns a ProbeResult (or a plain bool, for an unexplained answer)
+Probe = Callable[[Desktop], Awaitable["ProbeResult | bool"]]
+SessionReader = Callable[[Desktop, Frame], Awaitable[str | None]]
+
+
+@dataclass(slots=True)
+class AppModel:
+    name: str
+    classifier: Classifier
+    ready_states: frozenset[str]
+    playbooks: dict[str, Playbook]
+    #: state name → playbook name that moves the app away from it toward a ready state
+    recoveries: dict[str, str]
+    #: playbook for screens no state matches
+    on_unknown: str = "wait"
+    #: playbook for an app that shows a ready screen but fails the responsiveness probe
+    on_unresponsive: str = "restart_app"
+    #: playbook that ends the current session (for switching accounts)
+    logout: str | None = None
+    default_account: str | None = None
+    #: responsiveness probe: a frozen app shows a perfect "ready" frame, pixels cannot tell
+    probe: Probe | None = None
+    #: which account the app is logged in as, read from the screen
+    session_reader: SessionReader | None = None
+    #: screens that mean nobody is logged in: seeing one clears the machine's session note
+    signed_out: frozenset[str] = frozenset()
+    #: a state must hold this long (and for ``settle_frames`` looks) before pre-flight acts on it
+    settle: float = 0.0
+    settle_frames: int = 1
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def classify(self, frame: Frame) -> Classification:
+        return self.classifier.classify(frame)
+
+    def recovery_for(self, state: str) -> str:
+        if state == UNKNOWN:
+            return self.on_unknown
+        return self.recoveries.get(state, self.on_unknown)
+
+    def is_ready(self, state: str, wanted: str = "ready") -> bool:
+        return state == wanted or (wanted == "ready" and state in self.ready_states)
+
+
 @dataclass(slots=True)
 class PlaybookContext:
+    """What a playbook gets: the desktop, the model, the account, and waiting helpers."""
+
     desktop: Desktop
     model: AppModel
     credentials: Mapping[str, Credential]
@@ -41,37 +113,54 @@ class PlaybookContext:
             raise LookupError(f"no stored credential for account {key!r}")
         return self.credentials[key]
 
+    async def look(self) -> Classification:
+        """Capture the screen now and classify it."""
+        return self.model.classify(await self.desktop.screenshot())
 
-Playbook = Callable[[PlaybookContext], Awaitable[None]]
-Probe = Callable[[Desktop], Awaitable[bool]]
-SessionReader = Callable[[Desktop, Frame], Awaitable[str | None]]
+    async def wait_for(self, *states: str, timeout: float = SCREEN_WAIT) -> str:
+        """Wait until the screen shows one of ``states``; return which. StateTimeout otherwise."""
+        from .errors import StateTimeout
 
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            seen = (await self.look()).state
+            if seen in states:
+                return seen
+            if loop.time() >= deadline:
+                raise StateTimeout("|".join(states), seen, timeout)
+            await asyncio.sleep(POLL)
 
-@dataclass(slots=True)
-class AppModel:
-    name: str
-    classifier: Classifier
-    ready_states: frozenset[str]
-    playbooks: dict[str, Playbook]
-    #: state name → playbook name that moves the app away from it toward a ready state
-    recoveries: dict[str, str]
-    #: playbook for screens no state matches (typically "restart_app")
-    on_unknown: str = "restart_app"
-    #: playbook for an app that shows a ready screen but fails the responsiveness probe
-    on_unresponsive: str = "restart_app"
-    #: playbook that ends the current session (for switching accounts)
-    logout: str | None = None
-    default_account: str | None = None
-    #: responsiveness probe: a frozen app shows a perfect "ready" frame, pixels cannot tell
-    probe: Probe | None = None
-    #: which account the app is logged in as, read from the screen
-    session_reader: SessionReader | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    async def moved_on(self, before: Frame, *, timeout: float | None = None) -> str:
+        """Wait until the screen shows a known state other than the one this playbook
+        started from, and return it.
 
-    def classify(self, frame: Frame) -> Classification:
-        return self.classifier.classify(frame)
+        If nothing on the screen changed at all since ``before`` (a screenshot taken
+        before the playbook's input), the application is hung: it is restarted and
+        ``"restarted"`` returned. If the screen changed but stayed in the same state, the
+        application refused the input: DesktopError says so.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (SCREEN_WAIT if timeout is None else timeout)
+        start = self.state.state
+        frame = before
+        state = start
+        while True:
+            frame = await self.desktop.screenshot()
+            state = self.model.classify(frame).state
+            if state not in (start, UNKNOWN):
+                return state
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(POLL)
+        if np.array_equal(frame, before):
+            await self.desktop.restart_app()
+            return "restarted"
+        if state == start:
+            raise DesktopError(f"the application stayed at {start!r} after the input")
+        return state
 
-    def recovery_for(self, state: str) -> str:
-        if state == UNKNOWN:
-            return self.on_unknown
-        return self.recoveries.get(state, self.on_unknown)
+    async def click(self, where: Region | tuple[int, int]) -> None:
+        """Click a region's centre (or a point)."""
+        x, y = where.center if isinstance(where, Region) else where
+        await self.desktop.click(x, y)

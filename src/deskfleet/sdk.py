@@ -44,7 +44,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from .appmodel import AppModel
 from .desktop import Desktop, Frame
-from .errors import BusinessError, StateTimeout, Stopped
+from .errors import BusinessError, DesktopError, StateTimeout, Stopped
 from .models import AutomationSpec
 
 In = TypeVar("In", bound=BaseModel)
@@ -72,6 +72,8 @@ class Context:
         report_progress: Callable[[str, float | None, str | None], Awaitable[None]],
         upload: Callable[[str, bytes, str], Awaitable[str]],
         stop_event: asyncio.Event,
+        ensure: Callable[[str], Awaitable[Any]] | None = None,
+        required_state: str = "ready",
     ) -> None:
         self.run_id = run_id
         self.attempt_id = attempt_id
@@ -82,6 +84,8 @@ class Context:
         self._report_progress = report_progress
         self._upload = upload
         self._stop_event = stop_event
+        self._ensure = ensure
+        self.required_state = required_state
         self.log = logging.LoggerAdapter(
             logging.getLogger("deskfleet.automation"),
             {"run": run_id, "attempt": attempt_id, "machine": machine_id},
@@ -136,6 +140,24 @@ class Context:
             await asyncio.sleep(interval)
 
 
+    async def ensure(self, state: str = "ready") -> str:
+        """Bring the application to ``state`` with the app model's playbooks, as pre-flight
+        does — with this run's account — and return the state reached. For a screen the
+        automation did not expect mid-run: a session that expired, a dialog that came up.
+        Every step is on the run's timeline. DesktopError if the state cannot be reached."""
+        self.check()
+        if self._ensure is None:
+            raise RuntimeError("this agent has no app model; ensure() needs one")
+        result = await self._ensure(state)
+        if not result.ok:
+            raise DesktopError(f"could not bring the application back to {state!r}: {result.detail}")
+        return str(result.state)
+
+    async def recover(self) -> str:
+        """Back to the state this automation starts in (its ``required_state``): see :meth:`ensure`."""
+        return await self.ensure("ready" if self.required_state == "any" else self.required_state)
+
+
 def encode_png(frame: Frame) -> bytes:
     import io
 
@@ -178,6 +200,8 @@ class Automation(Generic[In, Out]):
     required_state: str = "ready"
     description: str = ""
     reconcile_func: Callable[..., Any] | None = None
+    pack: str | None = None  # the pack that offers it (set when the pack is loaded)
+    needs_account: bool = False  # its pack logs in: each attempt needs an account of the pack
 
     def reconcile(self, func: Callable[..., Any]) -> Callable[..., Any]:
         """Decorator: the check that says whether this automation's effect already happened."""

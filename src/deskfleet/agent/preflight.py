@@ -1,13 +1,24 @@
 """Pre-flight: prove by a fresh screenshot that the machine is in the state an automation
 needs — or bring it there with the app model's playbooks (invariant 5).
 
-    screenshot → classify → wanted and responsive and right account? → done
-                          ↘ otherwise: run the playbook for what the screen shows, repeat
-                            (bounded; every step recorded with before and after screenshots)
+    screenshot → classify → settled? → wanted and responsive and right account? → done
+                                     ↘ otherwise: run the playbook for what the screen shows, repeat
+                                       (bounded; every step recorded with before and after screenshots)
 
-A screen that cannot be captured at all (the display server died, the session is gone)
-is not a reason to give up the attempt: it is one more state, :data:`NO_SCREEN`, for which
-the app model names a playbook (typically a restart of the desktop) like for any other.
+A state must *settle* before pre-flight acts on it: a screen that a recovery would act on
+must hold for the model's settle time (and frames) — a black frame between two windows, a
+dialog caught while it draws, is not a crash or an error; a ready screen must be seen in
+two looks in a row. A screen that cannot be captured at all (the display server died, the
+session is gone) is not a reason to give up the attempt: it is one more state,
+:data:`NO_SCREEN`, for which the app model names a playbook (typically a restart of the
+desktop) like for any other. A screen of another size than the model's is not something
+a playbook can fix: pre-flight fails at once and says so.
+
+Pre-flight also keeps the machine's session note (``deskfleet.desktop.note_session``)
+true as it goes: a screen the model calls signed out clears it; a playbook that logs in
+(``@playbook(signs_in=True)``) and reaches a ready screen writes the account.
+
+The same loop serves an automation mid-run (``ctx.ensure(state)``), with the run's account.
 """
 
 from __future__ import annotations
@@ -19,8 +30,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..appmodel import AppModel, Credential, PlaybookContext
-from ..desktop import Desktop, Frame
+from ..appmodel import AppModel, Credential, PlaybookContext, ProbeResult
+from ..desktop import Desktop, Frame, note_session
 from ..errors import DesktopError, Stopped
 from ..vision import Classification
 
@@ -28,6 +39,12 @@ log = logging.getLogger(__name__)
 
 #: the state of a screen that cannot be captured; ``AppModel.recoveries`` maps it to a playbook
 NO_SCREEN = "no_screen"
+#: the state of a screen whose size is not the model's (``deskfleet.vision``)
+WRONG_SCREEN = "wrong_screen"
+#: seconds between looks while a state settles
+SETTLE_POLL = 0.05
+#: a screen that keeps changing for this long (beyond the settle time) is acted on as it is
+SETTLE_GIVE_UP = 3.0
 
 #: Called for every step: (kind, data, screenshot or None) → the screenshot's artifact id or None.
 StepRecorder = Callable[[str, dict[str, Any], Frame | None], Awaitable[str | None]]
@@ -58,18 +75,29 @@ async def preflight(
     t0 = time.monotonic()
     steps: list[str] = []
     last_state = "unknown"
+    problems = await _problems(desktop)
+    if problems:
+        return PreflightResult(False, "unhealthy", "this machine cannot be driven: " + "; ".join(problems),
+                               elapsed=time.monotonic() - t0)
     for _ in range(max_steps + 1):
         if stop is not None and stop.is_set():
             raise Stopped("stopped during pre-flight")
-        frame, seen, capture_error = await _look(desktop, model)
+        frame, seen, capture_error = await _settled(desktop, model, wanted, stop)
         last_state = seen.state
+        if seen.state in model.signed_out:
+            note_session(desktop, None)
         playbook_name: str | None = None
         why = ""
-        if frame is not None and (seen.state == wanted or (wanted == "ready" and seen.state in model.ready_states)):
-            if model.probe is not None and not await model.probe(desktop):
-                playbook_name, why = model.on_unresponsive, "the application does not respond to input"
-            elif session_key is not None and model.session_reader is not None:
+        if frame is not None and model.is_ready(seen.state, wanted):
+            if model.probe is not None:
+                ok, reason = _probe_answer(await model.probe(desktop))
+                if not ok:
+                    playbook_name = model.on_unresponsive
+                    why = reason or "the application does not respond to input (probe failed)"
+            if playbook_name is None and session_key is not None and model.session_reader is not None:
                 account = await model.session_reader(desktop, frame)
+                if account is not None:
+                    note_session(desktop, account)
                 if account != session_key:
                     playbook_name = model.logout or "restart_app"
                     why = f"logged in as {account!r}, the run needs {session_key!r}"
@@ -77,6 +105,9 @@ async def preflight(
                 evidence = await record("preflight.ok", {"state": seen.state, "steps": len(steps)}, frame)
                 return PreflightResult(True, seen.state, steps=steps, frame=frame,
                                        evidence_id=evidence, elapsed=time.monotonic() - t0)
+        elif seen.state == WRONG_SCREEN and WRONG_SCREEN not in model.recoveries:
+            detail = getattr(seen, "detail", "") or "the screen is not the size the app model was recorded at"
+            return PreflightResult(False, seen.state, detail, steps, frame, elapsed=time.monotonic() - t0)
         else:
             playbook_name = model.recovery_for(seen.state)
             why = capture_error or f"screen shows {seen.state!r}"
@@ -98,6 +129,12 @@ async def preflight(
             error = f"{type(exc).__name__}: {exc}"
             log.info("playbook %s failed: %s", playbook_name, error)
         after, after_seen, _ = await _look(desktop, model)
+        if after_seen.state in model.signed_out:
+            note_session(desktop, None)
+        elif not error and model.is_ready(after_seen.state) and playbook_name in model.meta.get("signs_in", ()):
+            account = session_key or model.default_account
+            if account is not None:
+                note_session(desktop, account)
         await record("playbook.step", {
             "playbook": playbook_name, "from_state": seen.state, "to_state": after_seen.state,
             "why": why, "error": error or None, "before_screenshot": before_id,
@@ -108,6 +145,54 @@ async def preflight(
         f"tried {', '.join(steps) or 'nothing'})",
         steps, elapsed=time.monotonic() - t0,
     )
+
+
+def _probe_answer(answer: ProbeResult | bool) -> tuple[bool, str]:
+    if isinstance(answer, ProbeResult):
+        return answer.ok, answer.reason
+    return bool(answer), ""
+
+
+async def _problems(desktop: Desktop) -> list[str]:
+    """What keeps this machine from being driven at all (a locked console, a wrong resolution)."""
+    check = getattr(desktop, "problems", None)
+    if check is None:
+        return []
+    try:
+        found = await check()
+    except Exception as exc:  # a health check that cannot run says nothing against the machine
+        log.info("health check failed: %s", exc)
+        return []
+    return list(found)
+
+
+async def _settled(desktop: Desktop, model: AppModel, wanted: str,
+                   stop: asyncio.Event | None) -> tuple[Frame | None, Classification, str]:
+    """Look until the state holds: ``settle_frames`` looks in a row, and — for a state a
+    playbook would act on — ``settle`` seconds, so a transitional frame triggers nothing."""
+    frame, seen, error = await _look(desktop, model)
+    if model.settle <= 0 and model.settle_frames <= 1:
+        return frame, seen, error
+    loop = asyncio.get_running_loop()
+    since = loop.time()
+    give_up = since + model.settle + SETTLE_GIVE_UP
+    looks = 1
+    while True:
+        ready = frame is not None and model.is_ready(seen.state, wanted)
+        hold = 0.0 if ready else model.settle
+        if looks >= (2 if ready else model.settle_frames) and loop.time() - since >= hold:
+            return frame, seen, error
+        if loop.time() >= give_up:
+            return frame, seen, error  # a screen that keeps changing: act on what it shows now
+        if stop is not None and stop.is_set():
+            raise Stopped("stopped during pre-flight")
+        await asyncio.sleep(SETTLE_POLL)
+        frame2, seen2, error2 = await _look(desktop, model)
+        if seen2.state != seen.state:
+            since, looks = loop.time(), 1
+        else:
+            looks += 1
+        frame, seen, error = frame2, seen2, error2
 
 
 async def _look(desktop: Desktop, model: AppModel) -> tuple[Frame | None, Classification, str]:

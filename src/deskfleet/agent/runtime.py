@@ -22,8 +22,8 @@ import random
 import time
 import uuid
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 
 from .. import __version__
-from ..appmodel import AppModel, Credential
+from ..appmodel import AppModel, Credential, PlaybookContext
 from ..crypto import REDACTED
 from ..desktop import Desktop, Frame
 from ..errors import BusinessError, ConfigError, Stopped
@@ -59,11 +59,15 @@ from ..protocol import (
     server_message,
 )
 from ..sdk import Context, Registry, encode_png
-from .preflight import preflight
+from .preflight import PreflightResult, preflight
 
 log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT = 10.0
+#: seconds between checks of whether an idle session needs its keep-alive
+UPKEEP_POLL = 1.0
+#: seconds a keep-alive playbook may take
+UPKEEP_TIMEOUT = 20.0
 #: The agent treats its lease as gone this far into the heartbeat timeout, counted from
 #: the *sending* of the last acknowledged beat — before the orchestrator, which counts from
 #: receiving it, can expire the lease.
@@ -90,6 +94,21 @@ class AgentConfig:
             raise ConfigError("screenshots must be 'evidence' or 'none'")
 
 
+@dataclass(slots=True)
+class App:
+    """One application an agent drives: the desktop its automations see, its app model and
+    its automations — what a pack gives, on one machine. A machine may run several."""
+
+    desktop: Desktop
+    registry: Registry
+    model: AppModel | None = None
+    name: str | None = None  # the pack's name
+    #: session upkeep: seconds before the app's idle logout at which an idle machine runs
+    #: ``keepalive`` (a playbook of the model); None: no upkeep
+    keepalive: str | None = None
+    keepalive_margin: float = 30.0
+
+
 class _Disconnected(Exception):
     pass
 
@@ -110,10 +129,8 @@ class Agent:
     def __init__(
         self,
         config: AgentConfig,
-        desktop: Desktop,
-        registry: Registry,
+        apps: App | Sequence[App],
         *,
-        model: AppModel | None = None,
         credentials: Mapping[str, Credential] | None = None,
         boot_id: str | None = None,
         http: httpx.AsyncClient | None = None,
@@ -123,9 +140,11 @@ class Agent:
         # client builds its own TLS context, which costs tens of milliseconds.
         self._shared_http = http
         self._http: httpx.AsyncClient | None = http
-        self.desktop = desktop
-        self.registry = registry
-        self.model = model
+        self.apps = [apps] if isinstance(apps, App) else list(apps)
+        if not self.apps:
+            raise ConfigError("an agent needs at least one application to drive")
+        self.registry = Registry([a for app in self.apps for a in app.registry])
+        self._app_of = {id(a): app for app in self.apps for a in app.registry}
         self.credentials = dict(credentials or {})
         self.boot_id = boot_id or uuid.uuid4().hex
         self.machine_id = config.machine
@@ -147,10 +166,23 @@ class Agent:
         self._stopped = asyncio.Event()
         self._offline_until = 0.0
         self.completed = 0
-        if hasattr(desktop, "input_gate"):
-            desktop.input_gate = self._gate  # attempts this agent finished (for tests and the demo)
+        for app in self.apps:
+            if hasattr(app.desktop, "input_gate"):
+                app.desktop.input_gate = self._gate
+        self._upkeep_lock = asyncio.Lock()  # session upkeep and attempts take turns on the desktop
+        self._infos: list[Any] = []  # each app's DesktopInfo, as of the last heartbeat
 
     # -- public ------------------------------------------------------------------------------
+    @property
+    def desktop(self) -> Desktop:
+        """The machine's (first) desktop."""
+        return self.apps[0].desktop
+
+    @property
+    def model(self) -> AppModel | None:
+        """The (first) application's model."""
+        return self.apps[0].model
+
     @property
     def server(self) -> str:
         return self.config.servers[self._server_index % len(self.config.servers)].rstrip("/")
@@ -163,6 +195,7 @@ class Agent:
         """Stay connected until :meth:`shutdown`; reconnect with backoff in between."""
         delay = 0.1
         own = httpx.AsyncClient(timeout=10.0) if self._shared_http is None else None
+        upkeep = asyncio.get_running_loop().create_task(self._upkeep())
         async with own if own is not None else contextlib.nullcontext():
             self._http = own if own is not None else self._shared_http
             while not self._stopped.is_set():
@@ -184,6 +217,7 @@ class Agent:
                 # Come back well within the heartbeat timeout: after an orchestrator restart
                 # a lease in flight survives only if its agent reconnects in time.
                 delay = min(delay * 2, self.config.reconnect_max, max(0.2, self._hb_timeout / 4))
+        upkeep.cancel()
         if self._current is not None and self._current.task is not None:
             self._current.task.cancel()
             with contextlib.suppress(BaseException):
@@ -295,7 +329,17 @@ class Agent:
 
     async def _resources(self) -> tuple[Resources, Any]:
         try:
-            info = await self.desktop.info()
+            if len(self.apps) == 1:
+                info = await self.desktop.info()
+                self._infos = [info]
+            else:  # one machine, several apps: their figures add up, the first session leads
+                infos = self._infos = [await app.desktop.info() for app in self.apps]
+                info = replace(infos[0], memory_mb=sum(i.memory_mb for i in infos),
+                               cpu_percent=sum(i.cpu_percent for i in infos),
+                               app_running=all(i.app_running for i in infos),
+                               session_key=next((i.session_key for i in infos if i.session_key), None),
+                               session_expires_at=min((i.session_expires_at for i in infos
+                                                       if i.session_expires_at is not None), default=None))
         except Exception:
             return Resources(), None
         return Resources(memory_mb=info.memory_mb, cpu_percent=info.cpu_percent, uptime=info.uptime,
@@ -447,32 +491,49 @@ class Agent:
         automation = self.registry.get(a.automation, a.version)
         if automation is None:
             return "preflight_failed", None, f"automation {a.automation}@{a.version} is not installed on this agent"
+        app = self._app_of[id(automation)]
+
+        async def record(kind: str, data: dict[str, Any], frame: Frame | None) -> str | None:
+            shot = await self._evidence(cur, kind, frame)
+            if kind == "playbook.before":
+                return shot  # the step's own event carries it as before_screenshot
+            if shot:
+                data = {**data, "screenshot": shot}
+            await self._send_quiet(AgentEvent(attempt_id=a.attempt_id, kind=kind, data=data))
+            return shot
+
+        async def ensure(state: str) -> PreflightResult:
+            assert app.model is not None  # Context refuses before calling without a model
+            return await preflight(app.desktop, app.model, state, session_key=a.session_key,
+                                   credentials=self.credentials, record=record, stop=cur.stop,
+                                   max_steps=self.config.preflight_steps)
+
+        async def ensure_mid_run(state: str) -> PreflightResult:
+            """``ctx.ensure``: the same loop, its steps marked as taken mid-run."""
+            async def marked(kind: str, data: dict[str, Any], frame: Frame | None) -> str | None:
+                return await record(kind, {**data, "mid_run": True}, frame)
+
+            assert app.model is not None
+            return await preflight(app.desktop, app.model, state, session_key=a.session_key,
+                                   credentials=self.credentials, record=marked, stop=cur.stop,
+                                   max_steps=self.config.preflight_steps)
+
         ctx = Context(
             run_id=a.run_id, attempt_id=a.attempt_id, attempt_number=a.attempt_number,
-            machine_id=self.machine_id, desktop=self.desktop, model=self.model,
+            machine_id=self.machine_id, desktop=app.desktop, model=app.model,
             report_progress=lambda step, pct, msg: self._progress(a.attempt_id, step, pct, msg),
             upload=lambda name, data, ctype: self._upload(a.attempt_id, name, data, ctype),
-            stop_event=cur.stop,
+            stop_event=cur.stop, ensure=ensure_mid_run if app.model is not None else None,
+            required_state=a.required_state,
         )
         if a.required_state != "any":
-            if self.model is None:
+            if app.model is None:
                 return "preflight_failed", None, "this agent has no app model, so it cannot prove the screen state"
-
-            async def record(kind: str, data: dict[str, Any], frame: Frame | None) -> str | None:
-                shot = await self._evidence(cur, kind, frame)
-                if kind == "playbook.before":
-                    return shot  # the step's own event carries it as before_screenshot
-                if shot:
-                    data = {**data, "screenshot": shot}
-                await self._send_quiet(AgentEvent(attempt_id=a.attempt_id, kind=kind, data=data))
-                return shot
-
+            # Session upkeep (a keep-alive on an idle machine) finishes before pre-flight looks.
+            async with self._upkeep_lock:
+                pass
             # A stop order cancels pre-flight too, even in the middle of a playbook step.
-            pre = await self._guarded(cur, preflight(
-                self.desktop, self.model, a.required_state, session_key=a.session_key,
-                credentials=self.credentials, record=record, stop=cur.stop,
-                max_steps=self.config.preflight_steps,
-            ))
+            pre = await self._guarded(cur, ensure(a.required_state))
             if not pre.ok:
                 return "preflight_failed", None, pre.detail
         if a.mode == "reconcile":
@@ -578,8 +639,9 @@ class Agent:
             return None
 
     async def _verify(self) -> None:
-        """Re-prove the machine's state after a quarantine."""
-        if self.model is None:
+        """Re-prove the machine's state after a quarantine: every app with a model, ready."""
+        apps = [app for app in self.apps if app.model is not None]
+        if not apps:
             return
         self._verifying = True
         try:
@@ -589,15 +651,65 @@ class Agent:
                     return None
                 return await self._evidence(None, "verify", frame)
 
-            pre = await preflight(self.desktop, self.model, "ready", session_key=None,
-                                  credentials=self.credentials, record=record,
-                                  max_steps=self.config.preflight_steps)
+            pre: PreflightResult | None = None
+            async with self._upkeep_lock:
+                for app in apps:
+                    assert app.model is not None
+                    pre = await preflight(app.desktop, app.model, "ready", session_key=None,
+                                          credentials=self.credentials, record=record,
+                                          max_steps=self.config.preflight_steps)
+                    if not pre.ok:
+                        break
+            assert pre is not None
             await self._send_quiet(Verified(ok=pre.ok, state=pre.state, detail=pre.detail,
                                             screenshot_id=pre.evidence_id))
         except Exception as exc:
             await self._send_quiet(Verified(ok=False, state="unknown", detail=_short(exc)))
         finally:
             self._verifying = False
+
+    # -- session upkeep ----------------------------------------------------------------------------
+    async def _upkeep(self) -> None:
+        """Keep idle sessions alive: an app whose idle logout is near runs its keep-alive
+        playbook — only while the machine is idle, never during an attempt, so that a run
+        seldom pays for a login (or an MFA prompt) in its pre-flight."""
+        if not any(app.keepalive and app.model is not None for app in self.apps):
+            return
+        while True:
+            # The heartbeats read each app's session (DesktopInfo) anyway: look at their last reading.
+            await asyncio.sleep(min(UPKEEP_POLL, self._hb_interval))
+            for i, (app, info) in enumerate(zip(self.apps, self._infos, strict=False)):
+                if not app.keepalive or app.model is None:
+                    continue
+                if self._current is not None or self._verifying or not self._connected.is_set():
+                    break
+                due = info.session_expires_at
+                if info.session_key is None or due is None or due - time.time() > app.keepalive_margin:
+                    continue
+                await self._keep_alive(app, info.session_key)
+                with contextlib.suppress(Exception):  # what the keep-alive did to the session
+                    self._infos[i] = await app.desktop.info()
+
+    async def _keep_alive(self, app: App, account: str) -> None:
+        assert app.model is not None and app.keepalive is not None
+        async with self._upkeep_lock:
+            if self._current is not None:
+                return  # an assignment arrived meanwhile: its pre-flight deals with the session
+            t0 = time.monotonic()
+            frame = await app.desktop.screenshot()
+            seen = app.model.classify(frame)
+            error = ""
+            if not app.model.is_ready(seen.state):
+                error = f"the screen shows {seen.state!r}, not a ready state: left for the next pre-flight"
+            else:
+                ctx = PlaybookContext(app.desktop, app.model, self.credentials, account, seen)
+                try:
+                    await asyncio.wait_for(app.model.playbooks[app.keepalive](ctx), UPKEEP_TIMEOUT)
+                except Exception as exc:  # upkeep is a courtesy: the next pre-flight recovers
+                    error = _short(exc)
+            await self._send_quiet(AgentEvent(kind="session.keepalive", data={
+                "app": app.name, "account": account, "playbook": app.keepalive, "state": seen.state,
+                "ok": not error, "error": error or None, "seconds": round(time.monotonic() - t0, 3)}))
 
 
 def _unavailable(reply: Reply) -> bool:

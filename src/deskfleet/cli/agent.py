@@ -1,9 +1,10 @@
-"""``deskfleet agent``: agents for simulated or real desktops."""
+"""``deskfleet agent``: agents for the machines of this process, built from packs."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,65 +12,111 @@ from ..client import DEFAULT_SERVER
 from ..errors import DeskfleetError
 from ._common import _labels, _tune_gc, main, opt
 
+if TYPE_CHECKING:
+    from ..appmodel import Credential
+    from ..packs.loader import Pack
 
-# -- agent --------------------------------------------------------------------------------------------
+
 @main.command()
+@opt("--pack", "packs", multiple=True, envvar="DESKFLEET_AGENT_PACK",
+     help="a pack: its directory, or an installed pack's name; repeat for several apps on each machine")
+@opt("--desktop", "desktop_kind", default="xvfb", type=click.Choice(["local", "xvfb", "sim"]),
+     help="local: drive this session ($DISPLAY, or the Windows console); xvfb: start Xvfb displays, the "
+          "packs' apps on each; sim: simulated desktops of a pack that offers them")
+@opt("--count", "count", default=None, type=click.IntRange(1, 10000),
+     help="machines in this process (xvfb, sim); default 1")
 @opt("--orchestrator", "orchestrators", multiple=True, default=[DEFAULT_SERVER],
      help="orchestrator URL; repeat for several (the agent moves on when one dies)")
-@opt("--machine", default=None, help="this machine's name (with --sim N: a prefix)")
+@opt("--machine", default=None, help="this machine's name (local; default: the host name), or the prefix of "
+     "NAME-01, NAME-02… (xvfb, sim)")
+@opt("--first", default=1, type=click.IntRange(0), help="number of the first machine (NAME-01…)")
 @opt("--pool", default="default")
 @opt("--label", "labels", multiple=True, help="key=value; repeatable")
 @opt("--enrolment-token", default=None, help="enrolment token (or --enrolment-token-file)")
 @opt("--enrolment-token-file", default=None, type=click.Path(dir_okay=False, path_type=Path))
 @opt("--state-dir", default="deskfleet-agent", type=click.Path(file_okay=False, path_type=Path),
-     help="where the agent keeps its key")
-@opt("--sim", "sim_count", default=1, type=click.IntRange(1, 10000), help="simulated desktops in this process")
-@opt("--sim-first", default=1, type=click.IntRange(0), help="number of the first simulated machine (<machine>-01…)")
-@opt("--sim-faults", default="none", type=click.Choice(["none", "demo", "chaos"]), help="fault preset for simulated desktops")
-@opt("--sim-seed", default=1, type=int)
-@opt("--sim-backend", default="deskfleet-agent/sim-ehr.db", type=click.Path(dir_okay=False, path_type=Path),
-     help="the simulated EHR's shared records (a SQLite file)")
-@opt("--action-delay", default=0.05, type=float, help="seconds each simulated input takes")
-@opt("--screenshots", default="evidence", type=click.Choice(["evidence", "none"]))
-@opt("--desktop", "desktop_kind", default="sim", type=click.Choice(["sim", "xvfb"]),
-     help="sim: simulated desktops; xvfb: real X displays (Xvfb) running DemoEHR")
-@opt("--xvfb", "xvfb_count", default=1, type=click.IntRange(1, 64), help="Xvfb desktops in this process (--desktop xvfb)")
-@opt("--app-data", default="deskfleet-agent/demoehr.db", type=click.Path(dir_okay=False, path_type=Path),
-     help="DemoEHR's records, shared by its desktops (--desktop xvfb)")
+     help="where the agent keeps its keys (and, by default, its data and logs)")
+@opt("--data-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+     help="each pack's {data} directory is DATA_DIR/<pack> (default: STATE_DIR/data)")
+@opt("--log-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+     help="the apps' and displays' output (default: STATE_DIR/logs)")
 @opt("--app-option", "app_options", multiple=True,
-     help="a DemoEHR switch for every Xvfb desktop, e.g. --app-option=--session-timeout=300; repeatable")
-@opt("--screen", default="1024x768", help="Xvfb screen size, WIDTHxHEIGHT")
-def agent(orchestrators: tuple[str, ...], machine: str | None, pool: str, labels: tuple[str, ...],
-          enrolment_token: str | None, enrolment_token_file: Path | None, state_dir: Path, sim_count: int,
-          sim_first: int, sim_faults: str, sim_seed: int, sim_backend: Path, action_delay: float, screenshots: str,
-          desktop_kind: str, xvfb_count: int, app_data: Path, app_options: tuple[str, ...], screen: str) -> None:
-    """Run agents for simulated desktops, or for real Xvfb desktops running DemoEHR (--desktop xvfb)."""
-    import socket
+     help="one more argument for the app's command, e.g. --app-option=--mfa; repeatable (one pack only)")
+@opt("--app-idle-timeout", default=None, type=click.FloatRange(min=0, min_open=True),
+     help="seconds after which the app logs an idle session out (overrides the pack's [session] idle_timeout)")
+@opt("--upkeep/--no-upkeep", default=True, help="session upkeep: an idle machine runs the pack's keep-alive "
+     "playbook before the app's idle logout (needs [session] keepalive and the idle timeout)")
+@opt("--screen", default=None, help="Xvfb screen size WIDTHxHEIGHT (default: the pack's)")
+@opt("--screenshots", default="evidence", type=click.Choice(["evidence", "none"]))
+@opt("--reboot-command", default=None, help="local: the command that reboots this machine (e.g. 'sudo systemctl "
+     "reboot'); without it the agent never reboots the machine")
+@opt("--sim-faults", default="none", type=click.Choice(["none", "demo", "chaos"]),
+     help="sim: the fault preset of the simulated app")
+@opt("--sim-seed", default=1, type=int, help="sim: seed of the simulated machines (and of the demo accounts)")
+@opt("--sim-backend", default=None, type=click.Path(dir_okay=False, path_type=Path),
+     help="sim: the file the simulated apps share (default: in the pack's data directory)")
+@opt("--action-delay", default=0.05, type=float, help="sim: seconds each simulated input takes")
+@opt("--xvfb", "xvfb_count", default=None, type=click.IntRange(1, 64), hidden=True)
+@opt("--sim", "sim_count", default=None, type=click.IntRange(1, 10000), hidden=True)
+@opt("--sim-first", default=None, type=click.IntRange(0), hidden=True)
+def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestrators: tuple[str, ...],
+          machine: str | None, first: int, pool: str, labels: tuple[str, ...], enrolment_token: str | None,
+          enrolment_token_file: Path | None, state_dir: Path, data_dir: Path | None, log_dir: Path | None,
+          app_options: tuple[str, ...], app_idle_timeout: float | None, upkeep: bool, screen: str | None, screenshots: str,
+          reboot_command: str | None, sim_faults: str, sim_seed: int, sim_backend: Path | None,
+          action_delay: float, xvfb_count: int | None, sim_count: int | None, sim_first: int | None) -> None:
+    """Run agents for the machines of this process: each drives the packs' applications.
 
-    from ..sim.fleet import SimFleet, SimFleetConfig
+    \b
+      deskfleet agent --pack ./my-pack --desktop local                # this session's screen
+      deskfleet agent --pack ./my-pack --desktop xvfb --count 2       # two Xvfb displays
+      deskfleet agent --pack simehr --desktop sim --count 50          # fifty simulated machines
+    """
+    import shlex
+
+    from ..agent.host import AgentHost, AgentHostConfig, SimSettings
+    from ..packs.loader import installed_packs, load_packs
 
     if enrolment_token is None and enrolment_token_file is not None:
         try:
             enrolment_token = enrolment_token_file.read_text().strip()
         except OSError as exc:
             raise DeskfleetError(f"cannot read the enrolment token file: {exc.strerror}") from exc
-    if desktop_kind == "xvfb":
-        from ..desktop.launch import XvfbFleet, XvfbFleetConfig
-
+    parsed_labels = _labels(labels)
+    if not packs:
+        known = ", ".join(sorted(installed_packs())) or "none installed"
+        raise click.UsageError(f"which application? give --pack PATH (a pack's directory) or --pack NAME ({known})")
+    size = None
+    if screen is not None:
         width, sep, height = screen.lower().partition("x")
         if not (sep and width.isdigit() and height.isdigit()):
             raise click.BadParameter(f"{screen!r} is not WIDTHxHEIGHT", param_hint="--screen")
-        asyncio.run(XvfbFleet(XvfbFleetConfig(
-            servers=list(orchestrators), prefix=machine or socket.gethostname(), count=xvfb_count, first=sim_first,
-            pool=pool, labels=_labels(labels), enrolment_token=enrolment_token, state_dir=state_dir, data=app_data,
-            seed=sim_seed, app_options=list(app_options), width=int(width), height=int(height),
-            screenshots=screenshots, log_dir=state_dir / "logs",
-        )).run_until_signalled())
-        return
-    _tune_gc()
-    config = SimFleetConfig(
-        servers=list(orchestrators), prefix=machine or socket.gethostname(), count=sim_count, first=sim_first, pool=pool,
-        labels=_labels(labels), enrolment_token=enrolment_token, state_dir=state_dir, faults=sim_faults,
-        seed=sim_seed, backend=sim_backend, action_delay=action_delay, screenshots=screenshots,
+        size = (int(width), int(height))
+    loaded = load_packs(packs)
+    if app_options and len(loaded) > 1:
+        raise click.UsageError("--app-option goes to one app: give a single --pack with it")
+    first_pack = loaded[0].name
+    config = AgentHostConfig(
+        servers=list(orchestrators), packs=loaded, desktop=desktop_kind, machine=machine or "",
+        count=count or xvfb_count or sim_count or 1, first=sim_first if sim_first is not None else first,
+        pool=pool, labels=parsed_labels, enrolment_token=enrolment_token, state_dir=state_dir,
+        data_dir=data_dir, app_args={first_pack: list(app_options)} if app_options else {},
+        idle_timeouts={first_pack: app_idle_timeout} if app_idle_timeout else {}, screen=size,
+        screenshots=screenshots, log_dir=log_dir or state_dir / "logs",
+        reboot_command=shlex.split(reboot_command) if reboot_command else None, upkeep=upkeep,
+        sim=SimSettings(sim_seed, sim_faults, sim_backend, action_delay),
+        credentials=_demo_accounts(loaded, sim_seed),
     )
-    asyncio.run(SimFleet(config).run_until_signalled())
+    if desktop_kind == "sim":
+        _tune_gc()
+    asyncio.run(AgentHost(config).run_until_signalled())
+
+
+def _demo_accounts(packs: list[Pack], seed: int) -> dict[str, Credential]:
+    """Until accounts come from the orchestrator's vault: the packs' demo accounts for ``seed``."""
+    out: dict[str, Credential] = {}
+    for pack in packs:
+        make = pack.hook("accounts")
+        if make is not None:
+            out.update(make(seed))
+    return out

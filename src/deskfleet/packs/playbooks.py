@@ -1,0 +1,145 @@
+"""How a pack's module declares its playbooks, probe and session reader — and the playbooks
+every pack has without writing them.
+
+    from deskfleet import PlaybookContext, ProbeResult, playbook, probe
+
+    @playbook(signs_in=True)
+    async def login(ctx: PlaybookContext) -> None:
+        account = ctx.credential()
+        await ctx.desktop.click(400, 300)
+        await ctx.desktop.type_text(account.username)
+        ...
+
+    @probe
+    async def responsive(desktop: Desktop) -> ProbeResult:
+        ...
+
+A playbook decorated with ``@playbook`` waits, after its own input, until the screen shows
+a known state other than the one it started from (``PlaybookContext.moved_on``): a screen
+that did not change at all belongs to a hung app, which it restarts. ``wait=False`` opts
+out (for playbooks that wait in their own way). ``signs_in=True`` marks the playbooks that
+log in: when pre-flight sees one reach a ready screen, it notes the account on the machine.
+
+Built in (a pack may define its own under the same name): ``restart_app`` (a reboot when
+the app will not come up), ``restart_desktop`` (reboot), ``wait`` (a screen caught
+mid-repaint settles by itself; one that stays unrecognised gets ``restart_app``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+from ..appmodel import Playbook, PlaybookContext
+from ..errors import DesktopError
+from ..vision import UNKNOWN
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: seconds the built-in ``wait`` gives an unrecognised screen to settle
+SETTLE_WAIT = 1.5
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybookInfo:
+    name: str
+    signs_in: bool = False
+    waits: bool = True
+
+
+ATTR = "__deskfleet_playbook__"
+PROBE_ATTR = "__deskfleet_probe__"
+READER_ATTR = "__deskfleet_session_reader__"
+
+
+@overload
+def playbook(func: Playbook, /) -> Playbook: ...
+
+
+@overload
+def playbook(
+    *, name: str | None = None, signs_in: bool = False, wait: bool = True
+) -> Callable[[Playbook], Playbook]: ...
+
+
+def playbook(
+    func: Playbook | None = None, /, *, name: str | None = None, signs_in: bool = False, wait: bool = True
+) -> Playbook | Callable[[Playbook], Playbook]:
+    """Declare a playbook of the pack (its name: ``name``, or the function's)."""
+
+    def wrap(fn: Playbook) -> Playbook:
+        info = PlaybookInfo(name or fn.__name__, signs_in, wait)
+        if not asyncio.iscoroutinefunction(fn):
+            raise TypeError(f"playbook {info.name}: write it as 'async def {fn.__name__}(ctx)'")
+        if not wait:
+            setattr(fn, ATTR, info)
+            return fn
+
+        @functools.wraps(fn)
+        async def run(ctx: PlaybookContext) -> None:
+            before = await ctx.desktop.screenshot()
+            await fn(ctx)
+            await ctx.moved_on(before)
+
+        setattr(run, ATTR, info)
+        return run
+
+    return wrap(func) if func is not None else wrap
+
+
+def probe(func: F) -> F:
+    """Declare the pack's responsiveness probe: ``async def (desktop) -> ProbeResult | bool``."""
+    if not asyncio.iscoroutinefunction(func):
+        raise TypeError(f"probe {func.__name__}: write it as 'async def {func.__name__}(desktop)'")
+    setattr(func, PROBE_ATTR, True)
+    return func
+
+
+def session_reader(func: F) -> F:
+    """Declare how to read the logged-in account off the screen:
+    ``async def (desktop, frame) -> str | None``."""
+    if not asyncio.iscoroutinefunction(func):
+        raise TypeError(f"session reader {func.__name__}: write it as 'async def {func.__name__}(desktop, frame)'")
+    setattr(func, READER_ATTR, True)
+    return func
+
+
+def info(func: Any) -> PlaybookInfo | None:
+    found = getattr(func, ATTR, None)
+    return found if isinstance(found, PlaybookInfo) else None
+
+
+# -- built in -----------------------------------------------------------------------------------
+
+
+@playbook(wait=False)
+async def restart_app(ctx: PlaybookContext) -> None:
+    """Restart the application; if it will not come up, the machine is sick: reboot it."""
+    try:
+        await ctx.desktop.restart_app()
+    except DesktopError:
+        await ctx.desktop.reboot()
+
+
+@playbook(wait=False)
+async def restart_desktop(ctx: PlaybookContext) -> None:
+    """Reboot the machine (for an Xvfb machine: its X server and the app)."""
+    await ctx.desktop.reboot()
+
+
+@playbook(wait=False)
+async def wait(ctx: PlaybookContext) -> None:
+    """A screen caught mid-repaint settles by itself; one that stays unknown needs a restart."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_WAIT
+    while loop.time() < deadline:
+        await asyncio.sleep(0.1)
+        if (await ctx.look()).state != UNKNOWN:
+            return
+    await restart_app(ctx)
+
+
+BUILTIN: dict[str, Playbook] = {"restart_app": restart_app, "restart_desktop": restart_desktop, "wait": wait}

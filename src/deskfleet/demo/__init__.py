@@ -1,8 +1,9 @@
 """``deskfleet demo``: a whole fleet on one machine, faults switched on, every run accounted for.
 
 It starts a real orchestrator process on SQLite and agent processes driving desktops —
-real ones by default (an Xvfb display with DemoEHR on it per machine, ``--desktop xvfb``)
-or simulated ones for scale (``--desktop sim``; :mod:`.desktops` holds what differs) —
+real ones by default (an Xvfb display with the pack's app on it per machine, ``--desktop
+xvfb``) or simulated ones for scale (``--desktop sim``) — for a pack that brings a demo
+(its workload, faults and effect checks: :mod:`.desktops`),
 submits a mixed workload over HTTP, shows the fleet live in the terminal, SIGKILLs one
 agent process midway (and brings it back), and finally audits the event log and writes a
 report (``report.md``, ``report.json``, ``timeline.png``, screenshots).
@@ -23,7 +24,8 @@ MAX_REAL = 16
 
 @dataclass(slots=True)
 class DemoConfig:
-    desktop: str = "xvfb"  # xvfb: real desktops (Xvfb + DemoEHR); sim: simulated desktops
+    desktop: str = "xvfb"  # xvfb: real desktops (Xvfb + the pack's app); sim: simulated desktops
+    pack: str = ""  # the pack to demo (a directory or an installed name); "": the one with a demo for `desktop`
     machines: int = 0  # 0: the desktop kind's default
     runs: int = 0  # 0: the desktop kind's default
     faults: str = "demo"
@@ -44,7 +46,7 @@ class DemoConfig:
         self.runs = self.runs or runs
         if self.desktop == "xvfb" and self.machines > MAX_REAL:
             raise ConfigError(f"{self.machines} real desktops are too many for one machine (at most {MAX_REAL}, "
-                              "each an X server, a Tk app and its agent); for scale use --desktop sim")
+                              "each an X server, an app and its agent); for scale use --desktop sim")
 
 
 def run_demo(config: DemoConfig) -> bool:
@@ -56,4 +58,7 @@ def run_demo(config: DemoConfig) -> bool:
     return asyncio.run(Demo(config).run())
 
 
-__all__ = ["DEFAULTS", "DemoConfig", "run_demo"]
+# What a pack's demo hook is written against (docs/your-app.md, "A demo of your pack").
+from .plan import NAMES, BadRequest, FaultTaken, PackDemo, Wave, Work  # noqa: E402 - needs DemoConfig first
+
+__all__ = ["DEFAULTS", "NAMES", "BadRequest", "DemoConfig", "FaultTaken", "PackDemo", "Wave", "Work", "run_demo"]

@@ -59,7 +59,7 @@ class FaultStory:
 
 def stories(faults: list[Any], moments: list[Any], runs: list[dict[str, Any]],
             events: list[dict[str, Any]], intervals: list[Interval]) -> list[FaultStory]:
-    """``faults``: DemoEHR's log (``Records.fault_log()``); ``moments``: what the demo did
+    """``faults``: the app's log of the faults it produced (``PackDemo.fault_log()``); ``moments``: what the demo did
     (``runner.Moment``: its ``kind`` and the ``machines`` it struck)."""
     by_machine: dict[str, list[Interval]] = defaultdict(list)
     for iv in intervals:

@@ -3,9 +3,9 @@ the invariants checked against the event log, a timeline picture, and the screen
 agents uploaded — the screens the playbooks recovered from (before and after) and the
 screens of attempts that failed.
 
-Double effects are counted in the application's own records: DemoEHR's records file on
-real desktops, the simulator's backend on simulated ones (:mod:`.desktops`). On real
-desktops each fault DemoEHR produced is also told one by one (:mod:`.faults`)."""
+Double effects are counted in the application's own records, by the pack's demo
+(:mod:`.desktops`); where the application logs the faults it produced (DemoEHR does), each
+is also told one by one (:mod:`.faults`)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from rich.table import Table
 from ..audit import AuditReport, audit
 from ..client import AsyncClient
 from . import DemoConfig
-from .desktops import DemoDesktops
 from .faults import KINDS, FaultStory, describe, stories, summary
+from .plan import PackDemo
 from .runner import DemoState
 
 #: screenshots kept in the report: playbook steps (before and after), failed attempts
@@ -96,7 +96,7 @@ def _quarantine_kind(reason: str) -> str:
 
 
 def build_report(config: DemoConfig, out: Path, state: DemoState, runs: list[dict[str, Any]],
-                 events: list[dict[str, Any]], desktops: DemoDesktops) -> Report:
+                 events: list[dict[str, Any]], desktops: PackDemo) -> Report:
     accepted = {s.run_id for s in state.accepted}
     runs = [r for r in runs if r["id"] in accepted]
     effects = desktops.double_effects(runs)
@@ -147,15 +147,8 @@ def build_report(config: DemoConfig, out: Path, state: DemoState, runs: list[dic
             detail = next((e["data"].get("detail") or "" for e in by_run.get(iv.run, [])
                            if e["kind"] == "attempt.ended" and e.get("attempt") == iv.attempt), "")
             rep.failure_shots.append((iv.run, iv.attempt, f"{iv.machine}, attempt {iv.attempt}: {detail[:100]}"))
-    records = getattr(desktops, "records_path", None)
-    if records is not None:
-        from ..demoapp import Records
-
-        log = Records(records)
-        try:
-            taken = log.fault_log()
-        finally:
-            log.close()
+    taken = desktops.fault_log()
+    if taken is not None:
         rep.faults = stories(taken, state.moments, runs, events, rep.audit.intervals)
     return rep
 
@@ -284,7 +277,7 @@ def _fault_lines(rep: Report) -> list[str]:
         return []
     met = summary(rep.faults)
     lines = ["## Each fault met, and how it was recovered", "",
-             "DemoEHR logs every fault it produces in its records file; the demo adds what it did from outside. "
+             "The application logs every fault it produces in its records; the demo adds what it did from outside. "
              "Each is matched with the attempt it struck and what the orchestrator did next.", "",
              "| fault | met | recovered |", "|---|---|---|",
              *(f"| {KINDS.get(k, k)} | {v['met']} | {v['recovered']} |" for k, v in met.items()), "",

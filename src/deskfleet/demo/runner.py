@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ from rich.table import Table
 from ..client import ApiError, AsyncClient
 from ..errors import DeskfleetError
 from . import DemoConfig
-from .desktops import Work, desktops_for
+from .plan import Work, data_dir, demo_for
 
 MARKER = ".deskfleet-demo"
 FINAL = ("succeeded", "failed", "cancelled", "timed_out")
@@ -71,7 +72,7 @@ class Demo:
         self.out = config.out.resolve()
         self.console = Console()
         self.state = DemoState()
-        self.desktops = desktops_for(config, self.out)
+        self.pack_ref, self.desktops = demo_for(config, self.out)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.agent_args: dict[str, list[str]] = {}
         self.machines_of: dict[str, list[str]] = {}  # agent process → its machines
@@ -142,7 +143,12 @@ class Demo:
         for i in range(k):
             count = n // k + (1 if i < n % k else 0)
             name = f"agents-{chr(ord('a') + i)}"
-            self.agent_args[name] = self.desktops.agent_args(self.url, first, count)
+            self.agent_args[name] = [
+                "agent", "--orchestrator", self.url, "--pack", self.pack_ref, "--desktop", self.cfg.desktop,
+                "--machine", "desk", "--count", str(count), "--first", str(first),
+                "--state-dir", str(self.out / "agents"), "--data-dir", str(data_dir(self.out)),
+                "--enrolment-token-file", str(self.out / "data" / "enrolment-token"),
+                *self.desktops.agent_args()]
             width = max(2, len(str(first + count - 1)))  # as the agent names them: desk-01…
             self.machines_of[name] = [f"desk-{j:0{width}d}" for j in range(first, first + count)]
             first += count
@@ -179,26 +185,23 @@ class Demo:
         return displays
 
     def _kill_display(self) -> tuple[str, str] | None:
-        """SIGKILL the X server of the first real desktop of the first agent process."""
+        """SIGKILL the X server of the first real desktop of the first agent process (the
+        agent describes each machine's display in <state-dir>/machines/<name>.json)."""
         proc = self.procs.get("agents-a")
         if proc is None or proc.poll() is not None:
             return None
-        apps: dict[str, str] = {}  # display → machine, from DemoEHR's command line and environment
-        servers: dict[str, psutil.Process] = {}  # display → Xvfb, from the socket it listens on
-        for p in _descendants(proc.pid):
-            with contextlib.suppress(psutil.Error, KeyError, ValueError):
-                cmd = p.cmdline()
-                if "deskfleet.demoapp" in cmd:
-                    apps[p.environ()["DISPLAY"]] = cmd[cmd.index("--name") + 1]
-                elif "Xvfb" in p.name():
-                    for c in p.net_connections(kind="unix"):
-                        if isinstance(c.laddr, str) and c.laddr.startswith("/tmp/.X11-unix/X"):
-                            servers[":" + c.laddr.rsplit("X", 1)[1]] = p
-        for display, machine in sorted(apps.items(), key=lambda a: a[1]):
-            if display in servers:
-                with contextlib.suppress(psutil.Error):
-                    servers[display].kill()
-                    return machine, display
+        mine = {p.pid: p for p in _descendants(proc.pid)}
+        for machine in self.machines_of.get("agents-a", []):
+            try:
+                described = json.loads((self.out / "agents" / "machines" / f"{machine}.json").read_text())
+            except (OSError, ValueError):
+                continue
+            server = mine.get(described.get("display_pid") or -1)
+            if server is None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                server.kill()
+                return machine, str(described.get("display"))
         return None
 
     async def _wait_health(self, client: AsyncClient) -> None:
@@ -245,7 +248,7 @@ class Demo:
                         # would not be idle long enough: the spell starts once all are ready.
                         await self._watch(client, until_settled=30)
                         self._moment(wave.why)
-                        if self.desktops.kind == "xvfb":
+                        if self.cfg.desktop == "xvfb":
                             killed = self._kill_display()
                             if killed:
                                 machine, display = killed
@@ -366,7 +369,7 @@ class Demo:
             name = agents[-1]
             took = self._kill_agent_process(name)
             ch.killed_at = time.monotonic()
-            with_it = f" with its {took} desktops (X server and DemoEHR each)" if took else ""
+            with_it = f" with its {took} desktops (X server and app each)" if took else ""
             self._moment(f"SIGKILLed agent process {name}{with_it}: its machines go silent mid-run",
                          "agent_killed", self.machines_of[name])
         if ch.killed_at is not None and not ch.restarted and time.monotonic() - ch.killed_at > KILLED_FOR:

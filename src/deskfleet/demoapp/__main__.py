@@ -52,6 +52,8 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument("--error-at", type=_steps, default=_steps(_env("error_at", "") or ""), help="steps that show an error dialog")
     p.add_argument("--crash-at", type=_steps, default=_steps(_env("crash_at", "") or ""), help="steps where the process exits")
     p.add_argument("--freeze-at", type=_steps, default=_steps(_env("freeze_at", "") or ""), help="steps where the app hangs")
+    p.add_argument("--expire-at", type=_steps, default=_steps(_env("expire_at", "") or ""),
+                   help="steps where the session ends (back to login, as after an idle timeout)")
     p.add_argument("--leak-mb", type=float, default=float(_env("leak_mb", "0") or 0), help="MB kept per saved record")
     p.add_argument("--font-delta", type=int, default=int(_env("font_delta", "0") or 0), help="pixels added to font sizes")
     p.add_argument("--show-dialog", choices=sorted(DIALOGS), default=_env("show_dialog"),
@@ -64,7 +66,7 @@ def parse(argv: list[str] | None = None) -> Options:
             data=args.data, name=args.name, seed=args.seed, mfa=args.mfa,
             session_timeout=float(args.session_timeout) if args.session_timeout else None,
             error_rate=args.error_rate, crash_rate=args.crash_rate, freeze_rate=args.freeze_rate,
-            error_at=args.error_at, crash_at=args.crash_at, freeze_at=args.freeze_at,
+            error_at=args.error_at, crash_at=args.crash_at, freeze_at=args.freeze_at, expire_at=args.expire_at,
             leak_mb=args.leak_mb, font_delta=args.font_delta, show_dialog=args.show_dialog,
         )
     except ValueError as exc:

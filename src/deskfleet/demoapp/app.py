@@ -42,7 +42,8 @@ from typing import Literal
 
 import pyotp
 
-from ..desktop import Region
+from deskfleet import Region
+
 from . import layout as L
 from .records import MFA_ALWAYS, Patient, Records, credentials
 
@@ -70,12 +71,13 @@ class Options:
     error_at: dict[str, int] = field(default_factory=dict)  # step → how many times, across processes
     crash_at: dict[str, int] = field(default_factory=dict)
     freeze_at: dict[str, int] = field(default_factory=dict)
+    expire_at: dict[str, int] = field(default_factory=dict)  # the session ends at the step (logged out)
     leak_mb: float = 0.0  # memory kept per saved or updated record
     font_delta: int = 0  # pixels added to every font size (rendering drift for tests)
     show_dialog: str | None = None  # a dialog kind shown over the login screen at start
 
     def __post_init__(self) -> None:
-        for name in ("error_at", "crash_at", "freeze_at"):
+        for name in ("error_at", "crash_at", "freeze_at", "expire_at"):
             unknown = set(getattr(self, name)) - set(STEPS)
             if unknown:
                 raise ValueError(f"{name}: unknown step(s) {', '.join(sorted(unknown))}; steps: {', '.join(STEPS)}")
@@ -415,6 +417,11 @@ class DemoApp:
         if strikes("error_dialog", opt.error_at, opt.error_rate):
             self.dialog("error_dialog", "An unexpected error occurred. Click OK to continue.")
             return False
+        if self.user is not None and step in opt.expire_at and records.claim_fault(
+                "session_expired", step, opt.expire_at[step], machine=name):
+            log.warning("ending the session at %s, as configured", step)
+            self._expire()
+            return False
         return True
 
     def _touched(self, event: tk.Event) -> None:
@@ -423,11 +430,14 @@ class DemoApp:
     def _tick(self) -> None:
         timeout = self.opt.session_timeout
         if self.user is not None and timeout is not None and time.monotonic() - self._last_input > timeout:
-            self.user = None
             self.records.log_fault("session_expired", "idle", machine=self.opt.name, origin="timeout")
-            self.show_login()
-            self.dialog("session_expired", "Your session has expired. Please sign in again.")
+            self._expire()
         self.root.after(200, self._tick)
+
+    def _expire(self) -> None:
+        self.user = None
+        self.show_login()
+        self.dialog("session_expired", "Your session has expired. Please sign in again.")
 
     def sign_in(self) -> None:
         if not self._step("sign_in"):

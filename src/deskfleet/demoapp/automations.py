@@ -19,13 +19,12 @@ import asyncio
 import datetime
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel, Field
 
-from ..desktop import Region
-from ..errors import BusinessError, DesktopError
-from ..sdk import Context, Registry, automation
+from deskfleet import BusinessError, Context, DesktopError, Region, Registry, automation
+
 from . import layout as L
 
 STEP_TIMEOUT = 10.0  # seconds for DemoEHR to show the next screen
@@ -75,6 +74,28 @@ class PatientUpdated(BaseModel):
 
 
 # -- steps shared by the automations ----------------------------------------------------
+
+
+#: screens that mean the session ended mid-run: the automation logs in again and carries on
+SESSION_LOST = ("session_expired", "login", "mfa")
+
+
+async def _act(ctx: Context, act: Callable[[], Awaitable[None]], *wanted: str) -> str:
+    """Do ``act`` and wait for one of ``wanted``. If the session ended meanwhile — the app is
+    back at its login — log in again mid-run (``ctx.recover()``: the app model's playbooks,
+    with this run's account) and do it once more."""
+    for again in (False, True):
+        await act()
+        trouble = [s for s in TROUBLE if s not in wanted]
+        seen = await ctx.wait_for(*wanted, *trouble, timeout=STEP_TIMEOUT)
+        if seen in wanted:
+            return seen
+        if seen in SESSION_LOST and not again:
+            await ctx.progress("the session ended: signing in again")
+            await ctx.recover()
+            continue
+        break
+    raise DesktopError(f"DemoEHR shows {seen!r} where {' or '.join(wanted)!r} was expected")
 
 
 async def _expect(ctx: Context, *wanted: str) -> str:
@@ -138,8 +159,7 @@ async def _search(ctx: Context, mrn: str) -> tuple[int, list[Found]]:
     """From "home", search by MRN; returns (how many, the records listed) on the search screen."""
     await ctx.progress("open search")
     await _expect(ctx, "home")
-    await ctx.desktop.click(*L.SEARCH_NAV.center)
-    await _expect(ctx, "search")
+    await _act(ctx, lambda: ctx.desktop.click(*L.SEARCH_NAV.center), "search")
     await ctx.progress("search by MRN")
     await ctx.desktop.click(*L.SEARCH_MRN.center)
     await ctx.desktop.press("ctrl", "a")
@@ -193,8 +213,7 @@ async def create_patient(ctx: Context, data: NewPatient) -> PatientCreated:
     """Register a new patient. Not idempotent: saving twice makes two records."""
     await ctx.progress("open the new-patient form", percent=10)
     await _expect(ctx, "home")
-    await ctx.desktop.click(*L.NEW_PATIENT.center)
-    await _expect(ctx, "patient_form")
+    await _act(ctx, lambda: ctx.desktop.click(*L.NEW_PATIENT.center), "patient_form")
     await ctx.progress("fill in the form", percent=30)
     await _fill(ctx, [("MRN", L.FORM_MRN, data.mrn), ("name", L.FORM_NAME, data.name),
                       ("date of birth", L.FORM_DOB, data.dob.isoformat())])

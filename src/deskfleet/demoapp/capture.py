@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import pyotp
 
-from ..desktop import Frame, Region
-from ..desktop.driver import AppCommand, RealDesktop
-from ..desktop.xvfb import xvfb_desktop
-from ..errors import DesktopError
-from ..vision.templates import TemplateLibrary
+from deskfleet import DesktopError, Frame, Region
+from deskfleet.desktop import AppCommand, RealDesktop, xvfb_desktop
+from deskfleet.vision.templates import TemplateLibrary
+
 from . import layout as L
 from .model import DIALOG_STATES, PARK, anchors
 from .records import credentials

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..desktop import Region
+from deskfleet import Region
 
 WIDTH, HEIGHT = 1024, 768
 APP_NAME = "DemoEHR"

@@ -1,24 +1,24 @@
 """DemoEHR's app model: how its screens are recognised and how to bring it to "home".
 
-Recognition data is package data (``model/``: ``model.json`` plus template PNGs),
-recorded from the real app on a real X display by :mod:`.capture` with the anchors
-:func:`anchors` names. Every anchor is an icon — the inner part of it, where its mark
-is — because icons do not change with the font: a ±1 px font is a realistic difference
-between two machines, and text-bearing templates would sink on it. Screens are told apart
-by their icons (header, panel, body); dialogs by their icon and the glyph on their
-title strip. "home", the one ready state, is held to 43 anchors spread over the whole
-window (no gap between them is wider than 180 px), so that a window of any other app or an unknown dialog lying anywhere over it
-hides at least one and the screen is not taken for ready; every other screen has an icon
-where dialogs appear, so a dialog the model does not know leaves it unknown. The bare desktop (no app
-window) is plain black, which cannot be located, so it is compared in place.
+DemoEHR is a pack like any other (``pack.toml`` beside this module): its recognition data is
+the model directory ``model/`` (``model.json`` plus template PNGs), recorded from the real app
+on a real X display by :mod:`.capture` with the anchors :func:`anchors` names; this module
+holds its playbooks, probe and session reader, written against deskfleet's public API only.
 
-Playbooks speak only the :class:`~deskfleet.desktop.Desktop` protocol and click the
-centres :mod:`.layout` gives. Each waits for the screen to move on, never sleeps: a
-screen that did not change at all after input belongs to a hung app, which they restart.
-The probe catches what pixels cannot: a hung app showing a perfect "home". Playbooks
-tell the desktop whom the app is logged in as when they see it change (a login reaching
-"home", a screen that means nobody is), so that heartbeats carry the session without an
-OCR read each (:func:`~deskfleet.desktop.note_session`).
+Every anchor is an icon — the inner part of it, where its mark is — because icons do not
+change with the font: a ±1 px font is a realistic difference between two machines, and
+text-bearing templates would sink on it. Screens are told apart by their icons (header,
+panel, body); dialogs by their icon and the glyph on their title strip. "home", the one
+ready state, is held to 43 anchors spread over the whole window (no gap between them is
+wider than 180 px), so that a window of any other app or an unknown dialog lying anywhere
+over it hides at least one and the screen is not taken for ready; every other screen has an
+icon where dialogs appear, so a dialog the model does not know leaves it unknown. The bare
+desktop (no app window) is plain black, which cannot be located, so it is compared in place.
+
+Playbooks click the centres :mod:`.layout` gives; ``@playbook`` waits for the screen to move
+on after their input (and restarts an app that did not react at all). Which screens mean
+"signed out" and which playbook answers which screen is in ``pack.toml``. The probe catches
+what pixels cannot: a hung app showing a perfect "home".
 """
 
 from __future__ import annotations
@@ -30,33 +30,29 @@ import re
 import time
 
 import numpy as np
-import pyotp
 
-from ..agent.preflight import NO_SCREEN
-from ..appmodel import AppModel, Playbook, PlaybookContext
-from ..desktop import Desktop, Frame, Region, note_session
-from ..errors import DesktopError
-from ..vision import UNKNOWN, Classifier
-from ..vision.templates import Anchor, TemplateLibrary
+from deskfleet import (
+    AppModel,
+    Desktop,
+    Frame,
+    Pack,
+    PlaybookContext,
+    ProbeResult,
+    Region,
+    load_pack,
+    playbook,
+    probe,
+    session_reader,
+)
+from deskfleet.vision.templates import Anchor, TemplateLibrary
+
 from . import layout as L
 
 READY = "home"
 DIALOG_STATES = ("error_dialog", "session_expired", "validation", "saved", "updated")
 TOTP_MARGIN = 3.0  # seconds: a code about to roll over is not worth typing
-SCREEN_WAIT = 8.0  # seconds for the app to show the next screen after an input
 PROBE_BOUND = 1.5  # seconds a live app takes at most to repaint a hovered button
 PARK = (1014, 730)  # an empty spot of every screen, where the pointer rests
-
-#: state → the playbook that moves the app from it toward "home"
-RECOVERIES = {
-    "login": "login", "mfa": "mfa",
-    "search": "go_home", "patient_form": "go_home", "edit_form": "go_home",
-    **{kind: "dismiss" for kind in DIALOG_STATES},
-    "desktop": "restart_app",
-    NO_SCREEN: "restart_desktop",  # the screen cannot even be captured: the display server is gone
-}
-#: screens that mean nobody is logged in
-SIGNED_OUT = frozenset({"login", "mfa", "session_expired", "desktop"})
 
 
 def inner(r: Region, frac: float = 0.15) -> Region:
@@ -99,110 +95,60 @@ def load_library() -> TemplateLibrary:
 # -- playbooks --------------------------------------------------------------------------------
 
 
-async def _moved_on(desktop: Desktop, classifier: Classifier, before: Frame, from_state: str,
-                    timeout: float = SCREEN_WAIT) -> str:
-    """Wait until the screen shows a known state other than ``from_state``; return it.
-
-    If nothing on the screen changed since ``before`` (taken before the input), the app
-    is hung: restart it. If it changed but stayed in ``from_state``, the input was refused.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        frame = await desktop.screenshot()
-        state = classifier.classify(frame).state
-        if state not in (from_state, UNKNOWN):
-            return state
-        if loop.time() >= deadline:
-            break
-        await asyncio.sleep(0.05)
-    if np.array_equal(frame, before):
-        await desktop.restart_app()
-        return "restarted"
-    if state == from_state:
-        raise DesktopError(f"the app stayed at {from_state!r} after the input")
-    return state
+async def _fill(ctx: PlaybookContext, field: Region, text: str) -> None:
+    await ctx.desktop.click(*field.center)  # no window manager: focus goes where you click
+    await ctx.desktop.press("ctrl", "a")  # replace whatever is there
+    await ctx.desktop.type_text(text)
 
 
-async def _fill(desktop: Desktop, field: Region, text: str) -> None:
-    await desktop.click(*field.center)  # no window manager: focus goes where you click
-    await desktop.press("ctrl", "a")  # replace whatever is there
-    await desktop.type_text(text)
+@playbook(signs_in=True)
+async def login(ctx: PlaybookContext) -> None:
+    cred = ctx.credential()
+    await _fill(ctx, L.USERNAME, cred.username)
+    await _fill(ctx, L.PASSWORD, cred.password)
+    await ctx.desktop.click(*L.SIGN_IN.center)
 
 
-def _playbooks(classifier: Classifier) -> dict[str, Playbook]:
-    def waits(playbook: Playbook, *, signs_in: bool = False) -> Playbook:
-        @functools.wraps(playbook)
-        async def run(ctx: PlaybookContext) -> None:
-            before = await ctx.desktop.screenshot()
-            await playbook(ctx)
-            now = await _moved_on(ctx.desktop, classifier, before, ctx.state.state)
-            if now in SIGNED_OUT:
-                note_session(ctx.desktop, None)
-            elif signs_in and now == READY:
-                note_session(ctx.desktop, ctx.credential().username)
+@playbook(signs_in=True)
+async def mfa(ctx: PlaybookContext) -> None:
+    import pyotp
 
-        return run
-
-    def signs_in(playbook: Playbook) -> Playbook:
-        return waits(playbook, signs_in=True)
-
-    @signs_in
-    async def login(ctx: PlaybookContext) -> None:
-        cred = ctx.credential()
-        await _fill(ctx.desktop, L.USERNAME, cred.username)
-        await _fill(ctx.desktop, L.PASSWORD, cred.password)
-        await ctx.desktop.click(*L.SIGN_IN.center)
-
-    @signs_in
-    async def mfa(ctx: PlaybookContext) -> None:
-        cred = ctx.credential()
-        if not cred.totp_seed:
-            raise LookupError(f"account {cred.username!r} has no TOTP seed; MFA needs a person")
-        totp = pyotp.TOTP(cred.totp_seed)
-        remaining = totp.interval - time.time() % totp.interval
-        if remaining < TOTP_MARGIN:
-            await asyncio.sleep(remaining + 0.05)  # the next code, rather than one about to expire
-        await _fill(ctx.desktop, L.CODE, totp.now())
-        await ctx.desktop.click(*L.VERIFY.center)
-
-    @waits
-    async def dismiss(ctx: PlaybookContext) -> None:
-        await ctx.desktop.click(*L.DIALOG_OK.center)
-
-    @waits
-    async def go_home(ctx: PlaybookContext) -> None:
-        button = L.SEARCH_BACK if ctx.state.state == "search" else L.FORM_CANCEL
-        await ctx.desktop.click(*button.center)
-
-    @waits
-    async def logout(ctx: PlaybookContext) -> None:
-        await ctx.desktop.click(*L.SIGN_OUT.center)
-
-    async def restart_app(ctx: PlaybookContext) -> None:
-        try:
-            await ctx.desktop.restart_app()
-        except DesktopError:
-            await ctx.desktop.reboot()  # the app does not come up: the machine is sick
-
-    async def restart_desktop(ctx: PlaybookContext) -> None:
-        await ctx.desktop.reboot()
-
-    async def recover_unknown(ctx: PlaybookContext) -> None:
-        """A screen caught mid-repaint settles by itself; one that stays unknown needs a restart."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.5
-        while loop.time() < deadline:
-            await asyncio.sleep(0.1)
-            if classifier.classify(await ctx.desktop.screenshot()).state != UNKNOWN:
-                return
-        await restart_app(ctx)
-
-    return {"login": login, "mfa": mfa, "dismiss": dismiss, "go_home": go_home, "logout": logout,
-            "restart_app": restart_app, "restart_desktop": restart_desktop, "recover_unknown": recover_unknown}
+    cred = ctx.credential()
+    if not cred.totp_seed:
+        raise LookupError(f"account {cred.username!r} has no TOTP seed; MFA needs a person")
+    totp = pyotp.TOTP(cred.totp_seed)
+    remaining = totp.interval - time.time() % totp.interval
+    if remaining < TOTP_MARGIN:
+        await asyncio.sleep(remaining + 0.05)  # the next code, rather than one about to expire
+    await _fill(ctx, L.CODE, totp.now())
+    await ctx.desktop.click(*L.VERIFY.center)
 
 
-async def probe(desktop: Desktop) -> bool:
+@playbook
+async def dismiss(ctx: PlaybookContext) -> None:
+    await ctx.desktop.click(*L.DIALOG_OK.center)
+
+
+@playbook
+async def go_home(ctx: PlaybookContext) -> None:
+    button = L.SEARCH_BACK if ctx.state.state == "search" else L.FORM_CANCEL
+    await ctx.desktop.click(*button.center)
+
+
+@playbook
+async def logout(ctx: PlaybookContext) -> None:
+    await ctx.desktop.click(*L.SIGN_OUT.center)
+
+
+@playbook(wait=False)
+async def keepalive(ctx: PlaybookContext) -> None:
+    """Session upkeep on an idle machine: a click on an empty spot of "home" is input to
+    DemoEHR (its idle clock restarts) and changes nothing."""
+    await ctx.desktop.click(*PARK)
+
+
+@probe
+async def responsive(desktop: Desktop) -> ProbeResult:
     """Hover a button: a live app repaints its highlight within the bound, a hung one never."""
     button = inner(L.SEARCH_NAV, 0.1)
     await desktop.move(*PARK)
@@ -219,9 +165,10 @@ async def probe(desktop: Desktop) -> bool:
     try:
         while loop.time() < deadline:
             if not np.array_equal(await desktop.screenshot(button), plain):
-                return True
+                return ProbeResult(True)
             await asyncio.sleep(0.02)
-        return False
+        return ProbeResult(False, f"the Search button did not highlight within {PROBE_BOUND:g}s of a hover: "
+                                  "the application does not repaint (hung)")
     finally:
         await desktop.move(*PARK)
 
@@ -229,30 +176,18 @@ async def probe(desktop: Desktop) -> bool:
 _SIGNED_IN = re.compile(r"Signed in as (\S+)", re.IGNORECASE)
 
 
-async def session_reader(desktop: Desktop, frame: Frame) -> str | None:
-    """The account "home" says it is signed in as (OCR of one label); noted on the desktop."""
+@session_reader
+async def signed_in_as(desktop: Desktop, frame: Frame) -> str | None:
+    """The account "home" says it is signed in as (OCR of one label)."""
     match = _SIGNED_IN.search(await desktop.read_text(L.USER_LABEL))
-    if match is None:
-        return None
-    note_session(desktop, match.group(1))
-    return match.group(1)
+    return match.group(1) if match else None
+
+
+def demoapp_model() -> AppModel:
+    """DemoEHR's app model, as the ``demoehr`` pack loads it (once per process; do not mutate)."""
+    return _pack().model
 
 
 @functools.lru_cache(maxsize=1)
-def demoapp_model() -> AppModel:
-    """DemoEHR's app model, from the shipped templates. Built once and shared: do not mutate."""
-    classifier = load_library().classifier()
-    return AppModel(
-        name=L.APP_NAME,
-        classifier=classifier,
-        ready_states=frozenset({READY}),
-        playbooks=_playbooks(classifier),
-        recoveries=dict(RECOVERIES),
-        on_unknown="recover_unknown",
-        on_unresponsive="restart_app",
-        logout="logout",
-        default_account="robot1",
-        probe=probe,
-        session_reader=session_reader,
-        meta={"width": L.WIDTH, "height": L.HEIGHT},
-    )
+def _pack() -> Pack:
+    return load_pack("demoehr")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from ..appmodel import Credential
+from deskfleet import Credential
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS patients (

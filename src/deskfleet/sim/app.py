@@ -165,6 +165,12 @@ class SimApp:
             self.dialogs = [("session_expired", "Your session has expired. Please sign in again.")]
             self._on_fault("session_expired")
 
+    def touched(self) -> None:
+        """User input reached the app: with an idle timeout, the session lasts longer."""
+        ttl = self.faults.session_ttl
+        if self.faults.session_idle and ttl is not None and self.responsive and self.session_expires_at is not None:
+            self.session_expires_at = max(self.session_expires_at, self.clock() + ttl)
+
     def show_error(self) -> None:
         if self.responsive:
             self.dialogs.append(("error_dialog", "An unexpected error occurred. Click OK to continue."))

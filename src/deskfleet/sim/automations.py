@@ -21,9 +21,8 @@ import re
 
 from pydantic import BaseModel, Field
 
-from ..desktop import Desktop
-from ..errors import BusinessError, DesktopError
-from ..sdk import Context, Registry, automation
+from deskfleet import BusinessError, Context, Desktop, DesktopError, Registry, automation
+
 from .layout import Layout, layout_for
 
 STEP_TIMEOUT = 10.0  # seconds for SimEHR to show the next screen

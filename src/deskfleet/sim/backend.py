@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..appmodel import Credential
+from deskfleet import Credential
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS patients (
@@ -218,3 +218,9 @@ class SimBackend:
     def work_counts(self) -> dict[str, int]:
         """key → how many times its effect happened."""
         return {k: int(n) for k, n in self._db.execute("SELECT key, count(*) FROM work_done GROUP BY key")}
+
+
+def demo_accounts(seed: int = 0) -> dict[str, Credential]:
+    """SimEHR's demo accounts for ``seed`` (the pack's ``accounts`` hook): the same seed gives
+    the same passwords and TOTP seeds, which the simulated app checks logins against."""
+    return SimBackend.credentials(seed)

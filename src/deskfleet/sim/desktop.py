@@ -23,7 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..desktop import DesktopInfo, Frame, Region
+from deskfleet import DesktopInfo, Frame, Region
+
 from .app import SimApp
 from .backend import SimBackend
 from .faults import FaultPlan
@@ -83,6 +84,11 @@ class SimDesktop:
 
     def __repr__(self) -> str:
         return f"SimDesktop({self.name!r}, seed={self.seed})"
+
+    @property
+    def reboot_downtime(self) -> float:
+        """Seconds this machine stays dark after a reboot (its agent is away that long)."""
+        return self.fault_plan.reboot_duration
 
     # -- observation ------------------------------------------------------------------
 
@@ -174,6 +180,7 @@ class SimDesktop:
         if self.input_gate is not None:
             self.input_gate()  # the agent's last word: may raise to refuse the input
         apply()
+        self.app.touched()
         if roll.reboot:
             self._record("reboot")
             self._start_reboot()

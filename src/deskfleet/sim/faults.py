@@ -37,6 +37,9 @@ class FaultPlan:
     freeze_rate: float = 0.0  # the app hangs: input ignored, its last frame stays
     error_dialog_rate: float = 0.0  # a modal "Unexpected error" dialog appears
     session_ttl: float | None = None  # seconds a login lasts; None = forever
+    #: the session ends ``session_ttl`` seconds after the last input (an idle timeout, as
+    #: most enterprise apps have) rather than that long after the login
+    session_idle: bool = False
     mfa_rate: float = 0.0  # chance a successful password login asks for a TOTP code
     leak_mb_per_txn: float = 0.0  # app memory growth per saved record
     reboot_rate: float = 0.0  # the machine reboots (an OS update, a hypervisor event)

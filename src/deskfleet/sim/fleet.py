@@ -1,29 +1,56 @@
 """Many simulated machines in one process, each with its own real agent and connection.
 
-This is how the demo, the fault tests and the scale benchmarks put tens to thousands of
-machines on one host: the agents speak the real protocol over real sockets; only the
-desktop behind each is simulated. A simulated reboot does to its agent what a real one
-does: in-flight work is forgotten and the agent reconnects with a new boot id.
+:func:`make_desktops` is the ``simehr`` pack's ``sim`` hook: what ``deskfleet agent --pack
+simehr --desktop sim --count N`` runs, through :class:`~deskfleet.agent.host.AgentHost`
+like any pack. :class:`SimFleet` is the same for tests and benchmarks, started in their own
+event loop. The agents speak the real protocol over real sockets; only the desktop behind
+each is simulated. A simulated reboot does to its agent what a real one does: in-flight
+work is forgotten and the agent reconnects with a new boot id.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import signal
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import httpx
+from deskfleet import AgentHost, AgentHostConfig, Credential, SimSettings, load_pack
 
-from ..agent.runtime import Agent, AgentConfig
 from .backend import SimBackend
 from .desktop import SimDesktop
 from .faults import FaultPlan
 
 log = logging.getLogger(__name__)
+
+
+class SimEHRDesktops:
+    """Simulated machines sharing one SimEHR backend (a SQLite file of records)."""
+
+    def __init__(self, names: Sequence[str], settings: SimSettings) -> None:
+        backend_path = settings.backend or Path("deskfleet-agent/sim-ehr.db")
+        backend_path.parent.mkdir(parents=True, exist_ok=True)
+        self.backend = SimBackend(backend_path, seed=settings.seed)
+        faults = FaultPlan.preset(settings.faults)
+        first = _number(names[0]) if names else 1
+        self.desktops: list[SimDesktop] = [
+            SimDesktop(name, self.backend, seed=settings.seed * 100_003 + (_number(name) or first + i),
+                       faults=faults, action_delay=settings.action_delay)
+            for i, name in enumerate(names)
+        ]
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def make_desktops(names: Sequence[str], settings: SimSettings) -> SimEHRDesktops:
+    """The ``sim`` hook of the simehr pack."""
+    return SimEHRDesktops(names, settings)
+
+
+def _number(name: str) -> int:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 @dataclass(slots=True)
@@ -41,79 +68,44 @@ class SimFleetConfig:
     backend: Path = Path("deskfleet-agent/sim-ehr.db")
     action_delay: float = 0.05
     screenshots: str = "evidence"
+    #: accounts kept in the agents' process (default: SimEHR's demo accounts for the seed)
+    credentials: Mapping[str, Credential] | None = None
+    fault_plan: FaultPlan | None = None  # instead of the ``faults`` preset
+    upkeep: bool = True  # idle machines keep their sessions alive (see AgentHostConfig)
 
 
 class SimFleet:
-    def __init__(self, config: SimFleetConfig) -> None:
-        from . import demo_registry, ehr_model
+    """SimEHR machines with their agents, in the caller's event loop: ``await run()``."""
 
+    def __init__(self, config: SimFleetConfig) -> None:
         self.config = config
-        config.backend.parent.mkdir(parents=True, exist_ok=True)
-        self.backend = SimBackend(config.backend, seed=config.seed)
-        faults = FaultPlan.preset(config.faults)
-        model = ehr_model()
-        registry = demo_registry()
-        credentials = SimBackend.credentials(config.seed)
-        width = max(2, len(str(config.first + config.count - 1)))
-        self.desktops: list[SimDesktop] = []
-        self.agents: list[Agent] = []
-        # One HTTP client (enrolment, uploads) for every agent of the process.
-        self.http = _SharedClient(timeout=10.0, limits=httpx.Limits(max_connections=32))
-        for i in range(config.first, config.first + config.count):
-            name = f"{config.prefix}-{i:0{width}d}"
-            desktop = SimDesktop(name, self.backend, seed=config.seed * 100_003 + i, faults=faults,
-                                 action_delay=config.action_delay)
-            agent = Agent(
-                AgentConfig(
-                    servers=config.servers, machine=name, pool=config.pool, labels=config.labels,
-                    enrolment_token=config.enrolment_token, key_file=config.state_dir / f"{name}.key",
-                    screenshots=config.screenshots,
-                ),
-                desktop, registry, model=model, credentials=credentials, boot_id=desktop.boot_id,
-                http=self.http,
-            )
-            desktop.add_reboot_listener(_rebooter(agent, desktop))
-            self.desktops.append(desktop)
-            self.agents.append(agent)
+        pack = load_pack("simehr")
+        self.host = AgentHost(AgentHostConfig(
+            servers=config.servers, packs=[pack], desktop="sim", machine=config.prefix, count=config.count,
+            first=config.first, pool=config.pool, labels=config.labels, enrolment_token=config.enrolment_token,
+            state_dir=config.state_dir, screenshots=config.screenshots,
+            sim=SimSettings(config.seed, config.faults, config.backend, config.action_delay),
+            credentials=config.credentials if config.credentials is not None else SimBackend.credentials(config.seed),
+            upkeep=config.upkeep,
+        ))
+        self.host.start_simulated()
+        sim = self.host._sim
+        assert isinstance(sim, SimEHRDesktops)
+        self.backend: SimBackend = sim.backend
+        self.desktops: list[SimDesktop] = sim.desktops
+        if config.fault_plan is not None:
+            for d in self.desktops:
+                d.fault_plan = d.app.faults = config.fault_plan
+        self.agents = self.host.agents
 
     async def run(self) -> None:
-        await asyncio.gather(*(a.run() for a in self.agents))
+        await self.host.run()
 
     async def shutdown(self) -> None:
-        await asyncio.gather(*(a.shutdown() for a in self.agents), return_exceptions=True)
-        await self.http.aclose()
+        await self.host.shutdown()
 
     async def run_until_signalled(self) -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        task = asyncio.create_task(self.run())
-        log.info("%d simulated machines running", len(self.agents))
-        await stop.wait()
-        await self.shutdown()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, 10)
+        await self.host.run_until_signalled()
+
+    def close(self) -> None:
         self.backend.close()
-
-
-def _rebooter(agent: Agent, desktop: SimDesktop):  # type: ignore[no-untyped-def]
-    def on_reboot() -> None:
-        agent.forget_everything(offline_for=desktop.fault_plan.reboot_duration, boot_id=desktop.boot_id)
-
-    return on_reboot
-
-
-class _SharedClient(httpx.AsyncClient):
-    """An HTTP client for thousands of agents at once: requests wait their turn here, a few
-    at a time, rather than all inside the connection pool (whose bookkeeping grows with
-    the square of the requests waiting in it)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._turns = asyncio.Semaphore(32)
-
-    async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
-        async with self._turns:
-            return await super().send(request, **kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from ..desktop import Region
+from deskfleet import Region
 
 APP_NAME = "SimEHR"
 SCREENS = ("login", "mfa", "home", "patient_form", "search")

@@ -1,13 +1,14 @@
-"""The app model of SimEHR: how to recognise its screens and how to bring it to "home".
+"""SimEHR's app model: its playbooks, probe and session reader, and how its model directory
+is recorded — SimEHR is a pack (``pack.toml`` beside this module), loaded like any other.
 
-Templates are cut from frames the renderer draws, on parts that never change with the
-user's data: each screen's colour badge and a button only that screen has; the plain
-part of each dialog's coloured title strip and its OK button; the desktop's icons; the
-reboot logo. Text is left out on purpose: the classifier compares at fixed positions, and
-a 1-px rendering shift moves text edges enough to sink a match, where the inside of a
-solid block does not move at all. Playbooks
-speak only the :class:`~deskfleet.desktop.Desktop` protocol and click at the centres the
-:class:`~deskfleet.sim.app.Layout` gives, so they would drive a real SimEHR the same way.
+Templates (``model/``, recorded by :mod:`.capture` from frames the renderer draws) cover
+parts that never change with the user's data: each screen's colour badge and a button only
+that screen has; the plain part of each dialog's coloured title strip and its OK button; the
+desktop's icons; the reboot logo. Text is left out on purpose: they are compared at fixed
+positions, and a 1-px rendering shift moves text edges enough to sink a match, where the
+inside of a solid block does not move at all. Playbooks speak only the public desktop API
+and click at the centres the :class:`~deskfleet.sim.layout.Layout` gives, so they would
+drive a real SimEHR the same way.
 
 Every playbook that types or clicks checks that the screen changed; a screen that did not
 react at all belongs to a hung app, which no amount of clicking will fix, so the playbook
@@ -21,34 +22,31 @@ import asyncio
 import functools
 import re
 import time
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import pyotp
 
-from ..appmodel import AppModel, Playbook, PlaybookContext, Probe, SessionReader
-from ..desktop import Desktop, Frame, Region
-from ..vision import Classifier, ScreenState, TemplateCheck
-from .layout import APP_NAME, Layout, View, inset, layout_for
+from deskfleet import (
+    AppModel,
+    Desktop,
+    Frame,
+    PlaybookContext,
+    ProbeResult,
+    Region,
+    playbook,
+    probe,
+    session_reader,
+)
+from deskfleet.vision import Classifier, ScreenState, TemplateCheck
+
+from .layout import Layout, View, inset, layout_for
 from .render import Renderer
 
 READY = "home"
-REBOOT_WAIT = 600.0  # seconds the "wait" playbook watches a rebooting machine
+REBOOT_WAIT = 600.0  # seconds the "wait_reboot" playbook watches a rebooting machine
 TOTP_MARGIN = 3.0  # seconds: a code about to roll over is not worth typing
-
-#: state → the playbook that moves the app from it toward "home"
-RECOVERIES = {
-    "login": "login",
-    "mfa": "mfa",
-    "patient_form": "go_home",
-    "search": "go_home",
-    "saved": "dismiss",
-    "exported": "dismiss",
-    "error_dialog": "dismiss",
-    "session_expired": "dismiss",
-    "validation": "dismiss",
-    "desktop": "restart_app",
-    "rebooting": "wait",
-}
+THRESHOLD = 0.92  # a template's pass mark: a desktop's 1-px drift and colour quirks stay above it
 
 # state → (its screen, the widgets whose insides become templates)
 _BASE = {
@@ -100,30 +98,38 @@ def _regions(layout: Layout) -> dict[str, list[Region]]:
 
 
 def build_classifier(width: int = 1024, height: int = 768) -> Classifier:
-    """Capture every state's templates from the renderer (no drift)."""
+    """Every state's templates cut from the renderer for a screen size (no drift): the
+    recorded model directory is this at 1024x768; other sizes are for tests of the renderer."""
     renderer = Renderer(width, height)
     views = _sample_views()
     states = []
     for state, regions in _regions(renderer.layout).items():
         frame = renderer.frame(views[state])
-        states.append(
-            ScreenState(
-                state,
-                [TemplateCheck.from_frame(frame, r) for r in regions],
-                overlay=state in _DIALOG_BASE,
-                ready=state == READY,
-            )
-        )
+        states.append(ScreenState(state, [TemplateCheck.from_frame(frame, r, THRESHOLD) for r in regions],
+                                  overlay=state in _DIALOG_BASE, ready=state == READY))
     return Classifier(states)
 
 
-def _unfreezing(playbook: Playbook) -> Playbook:
+# -- playbooks ------------------------------------------------------------------------------
+
+
+def _layout(desktop: Desktop) -> Layout:
+    """The layout of the screen this desktop draws (a SimDesktop knows its own)."""
+    found = getattr(desktop, "layout", None)
+    return found if isinstance(found, Layout) else layout_for()
+
+
+def _at(desktop: Desktop, screen: str, name: str) -> tuple[int, int]:
+    return _layout(desktop).widget(screen, name).center
+
+
+def _unfreezing(fn: Callable[[PlaybookContext], Awaitable[None]]) -> Callable[[PlaybookContext], Awaitable[None]]:
     """Restart the app if the playbook's input changed nothing on screen (the app hangs)."""
 
-    @functools.wraps(playbook)
+    @functools.wraps(fn)
     async def run(ctx: PlaybookContext) -> None:
         before = await ctx.desktop.screenshot()
-        await playbook(ctx)
+        await fn(ctx)
         after = await ctx.desktop.screenshot()
         if np.array_equal(before, after):
             await ctx.desktop.restart_app()
@@ -131,113 +137,110 @@ def _unfreezing(playbook: Playbook) -> Playbook:
     return run
 
 
-def _playbooks(layout: Layout, classifier: Classifier) -> dict[str, Playbook]:
-    def at(screen: str, name: str) -> tuple[int, int]:
-        return layout.widget(screen, name).center
-
-    async def fill(desktop: Desktop, screen: str, field: str, text: str) -> None:
-        await desktop.click(*at(screen, field))  # no window manager: focus by clicking
-        await desktop.press("ctrl", "a")  # replace whatever is there
-        await desktop.type_text(text)
-
-    @_unfreezing
-    async def login(ctx: PlaybookContext) -> None:
-        cred = ctx.credential()
-        await fill(ctx.desktop, "login", "username", cred.username)
-        await fill(ctx.desktop, "login", "password", cred.password)
-        await ctx.desktop.click(*at("login", "sign_in"))
-
-    @_unfreezing
-    async def mfa(ctx: PlaybookContext) -> None:
-        cred = ctx.credential()
-        if not cred.totp_seed:
-            raise LookupError(f"account {cred.username!r} has no TOTP seed; MFA needs a person")
-        totp = pyotp.TOTP(cred.totp_seed)
-        remaining = totp.interval - time.time() % totp.interval
-        if remaining < TOTP_MARGIN:
-            await asyncio.sleep(remaining + 0.05)
-        await fill(ctx.desktop, "mfa", "code", totp.now())
-        await ctx.desktop.click(*at("mfa", "verify"))
-
-    @_unfreezing
-    async def dismiss(ctx: PlaybookContext) -> None:
-        await ctx.desktop.click(*layout.dialog_ok.center)
-
-    @_unfreezing
-    async def go_home(ctx: PlaybookContext) -> None:
-        button = {"patient_form": "cancel", "search": "back"}.get(ctx.state.state)
-        if button is not None:
-            await ctx.desktop.click(*at(ctx.state.state, button))
-
-    @_unfreezing
-    async def logout(ctx: PlaybookContext) -> None:
-        await ctx.desktop.click(*at("home", "sign_out"))
-
-    async def restart_app(ctx: PlaybookContext) -> None:
-        await ctx.desktop.restart_app()
-
-    async def wait(ctx: PlaybookContext) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + REBOOT_WAIT
-        while loop.time() < deadline:
-            if classifier.classify(await ctx.desktop.screenshot()).state != "rebooting":
-                return
-            await asyncio.sleep(0.1)
-
-    return {
-        "login": login,
-        "mfa": mfa,
-        "dismiss": dismiss,
-        "go_home": go_home,
-        "logout": logout,
-        "restart_app": restart_app,
-        "wait": wait,
-    }
+async def _fill(desktop: Desktop, screen: str, field: str, text: str) -> None:
+    await desktop.click(*_at(desktop, screen, field))  # no window manager: focus by clicking
+    await desktop.press("ctrl", "a")  # replace whatever is there
+    await desktop.type_text(text)
 
 
-def _probe(layout: Layout) -> Probe:
+@playbook(signs_in=True, wait=False)
+@_unfreezing
+async def login(ctx: PlaybookContext) -> None:
+    cred = ctx.credential()
+    await _fill(ctx.desktop, "login", "username", cred.username)
+    await _fill(ctx.desktop, "login", "password", cred.password)
+    await ctx.desktop.click(*_at(ctx.desktop, "login", "sign_in"))
+
+
+@playbook(signs_in=True, wait=False)
+@_unfreezing
+async def mfa(ctx: PlaybookContext) -> None:
+    cred = ctx.credential()
+    if not cred.totp_seed:
+        raise LookupError(f"account {cred.username!r} has no TOTP seed; MFA needs a person")
+    totp = pyotp.TOTP(cred.totp_seed)
+    remaining = totp.interval - time.time() % totp.interval
+    if remaining < TOTP_MARGIN:
+        await asyncio.sleep(remaining + 0.05)
+    await _fill(ctx.desktop, "mfa", "code", totp.now())
+    await ctx.desktop.click(*_at(ctx.desktop, "mfa", "verify"))
+
+
+@playbook(wait=False)
+@_unfreezing
+async def dismiss(ctx: PlaybookContext) -> None:
+    await ctx.desktop.click(*_layout(ctx.desktop).dialog_ok.center)
+
+
+@playbook(wait=False)
+@_unfreezing
+async def go_home(ctx: PlaybookContext) -> None:
+    button = {"patient_form": "cancel", "search": "back"}.get(ctx.state.state)
+    if button is not None:
+        await ctx.desktop.click(*_at(ctx.desktop, ctx.state.state, button))
+
+
+@playbook(wait=False)
+@_unfreezing
+async def logout(ctx: PlaybookContext) -> None:
+    await ctx.desktop.click(*_at(ctx.desktop, "home", "sign_out"))
+
+
+@playbook(name="restart_app", wait=False)
+async def restart(ctx: PlaybookContext) -> None:
+    await ctx.desktop.restart_app()
+
+
+@playbook(wait=False)
+async def wait_reboot(ctx: PlaybookContext) -> None:
+    """A rebooting machine shows its logo until it is back: watch, do nothing."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REBOOT_WAIT
+    while loop.time() < deadline:
+        if (await ctx.look()).state != "rebooting":
+            return
+        await asyncio.sleep(0.1)
+
+
+@playbook(wait=False)
+async def keepalive(ctx: PlaybookContext) -> None:
+    """Session upkeep on an idle machine: a click on empty background of "home"."""
+    layout = _layout(ctx.desktop)
+    await ctx.desktop.click(layout.width - 16, layout.height - 16)
+
+
+@probe
+async def responsive(desktop: Desktop) -> ProbeResult:
+    """Hover a button and move away: a live app repaints its highlight, a hung one cannot."""
+    layout = _layout(desktop)
     button = layout.widget("home", "search")
-    away = (layout.width - 16, layout.height - 16)  # empty background on "home"
-
-    async def probe(desktop: Desktop) -> bool:
-        """Hover a button and move away: a live app repaints its highlight, a hung one cannot."""
-        await desktop.move(*button.center)
-        hovered = await desktop.screenshot(button.rect)
-        await desktop.move(*away)
-        plain = await desktop.screenshot(button.rect)
-        return not np.array_equal(hovered, plain)
-
-    return probe
+    await desktop.move(*button.center)
+    hovered = await desktop.screenshot(button.rect)
+    await desktop.move(layout.width - 16, layout.height - 16)  # empty background on "home"
+    plain = await desktop.screenshot(button.rect)
+    if np.array_equal(hovered, plain):
+        return ProbeResult(False, "the Search button did not highlight on hover: the application does not repaint")
+    return ProbeResult(True)
 
 
 _SIGNED_IN = re.compile(r"Signed in as (\S+)")
 
 
-def _session_reader(layout: Layout) -> SessionReader:
-    label = layout.widget("home", "user").rect
-
-    async def session_reader(desktop: Desktop, frame: Frame) -> str | None:
-        match = _SIGNED_IN.search(await desktop.read_text(label))
-        return match.group(1) if match else None
-
-    return session_reader
+@session_reader
+async def signed_in_as(desktop: Desktop, frame: Frame) -> str | None:
+    match = _SIGNED_IN.search(await desktop.read_text(_layout(desktop).widget("home", "user").rect))
+    return match.group(1) if match else None
 
 
 @functools.lru_cache(maxsize=8)
 def ehr_model(width: int = 1024, height: int = 768) -> AppModel:
-    """SimEHR's app model for a screen size. Built once per size and shared: do not mutate."""
-    layout = layout_for(width, height)
-    classifier = build_classifier(width, height)
-    return AppModel(
-        name=APP_NAME,
-        classifier=classifier,
-        ready_states=frozenset({READY}),
-        playbooks=_playbooks(layout, classifier),
-        recoveries=dict(RECOVERIES),
-        on_unknown="restart_app",
-        logout="logout",
-        default_account="robot1",
-        probe=_probe(layout),
-        session_reader=_session_reader(layout),
-        meta={"layout": layout, "width": width, "height": height},
-    )
+    """SimEHR's app model, as the ``simehr`` pack loads it (other screen sizes: its classifier
+    cut from the renderer at that size). Built once per size and shared: do not mutate."""
+    from deskfleet import load_pack
+
+    model = load_pack("simehr").model
+    if (width, height) == (1024, 768):
+        return model
+    return AppModel(**{**{f: getattr(model, f) for f in model.__dataclass_fields__},
+                       "classifier": build_classifier(width, height),
+                       "meta": {**model.meta, "screen": [width, height]}})

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..desktop import Frame, Region
+from deskfleet import Frame, Region
+
 from .layout import (
     APP_NAME,
     DIALOGS,

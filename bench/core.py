@@ -230,7 +230,7 @@ async def saturation(machines: int, runs: int, sync: str, workdir: Path, *, db: 
             log = open(workdir / f"agents-{i}.log", "ab")  # noqa: SIM115
             agents.append(subprocess.Popen(
                 [sys.executable, "-m", "deskfleet", "--log-level", "warning", "agent", *orchestrators,
-                 "--machine", "sat", "--sim", str(n), "--sim-first", str(first), "--enrolment-token", cluster.token,
+                 "--pack", "simehr", "--desktop", "sim", "--machine", "sat", "--count", str(n), "--first", str(first), "--enrolment-token", cluster.token,
                  "--state-dir", str(workdir / "agents"), "--sim-backend", str(workdir / "ehr.db"),
                  "--action-delay", "0", "--screenshots", "none"],
                 stdout=log, stderr=subprocess.STDOUT,

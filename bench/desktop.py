@@ -152,9 +152,9 @@ def bench_footprint(work: Path) -> dict[str, Any]:
                 raise RuntimeError("the server did not start")
             time.sleep(0.05)
         t0 = time.monotonic()
-        agent = subprocess.Popen([sys.executable, "-m", "deskfleet", "agent", "--orchestrator", url, "--desktop", "xvfb",
-                                  "--machine", "bench", "--enrolment-token-file", str(token_file),
-                                  "--state-dir", str(work / "agent"), "--app-data", str(work / "agent" / "ehr.db"),
+        agent = subprocess.Popen([sys.executable, "-m", "deskfleet", "agent", "--orchestrator", url, "--pack", "demoehr",
+                                  "--desktop", "xvfb", "--machine", "bench", "--enrolment-token-file", str(token_file),
+                                  "--state-dir", str(work / "agent"), "--data-dir", str(work / "agent" / "data"),
                                   "--screen", "1920x1080"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with Client(url) as c:
             while not any(m["id"].startswith("bench") and m["status"] == "ready" for m in c.machines()):

@@ -275,7 +275,7 @@ def machine_name(prefix: str, number: int) -> str:
 def agent_argv(server: core.Server, workdir: Path, prefix: str, count: int, first: int) -> list[str]:
     """``deskfleet agent`` for ``count`` simulated machines, as bench/core.py starts them."""
     return [sys.executable, "-m", "deskfleet", "--log-level", "warning", "agent", "--orchestrator", server.url,
-            "--machine", prefix, "--sim", str(count), "--sim-first", str(first),
+            "--pack", "simehr", "--desktop", "sim", "--machine", prefix, "--count", str(count), "--first", str(first),
             "--enrolment-token", server.token, "--state-dir", str(workdir / "agents"),
             "--sim-backend", str(workdir / "sim-backend.db"), "--action-delay", "0", "--screenshots", "none"]
 

@@ -65,8 +65,8 @@ class DeskfleetSide(Side):
         assert self.server is not None
         prefix, number = name.rsplit("-", 1)
         return [sys.executable, "-m", "deskfleet", "--log-level", "warning", "agent",
-                "--orchestrator", self.server.url, "--machine", prefix, "--sim", "1",
-                "--sim-first", str(int(number)), "--enrolment-token", self.server.token,
+                "--orchestrator", self.server.url, "--pack", "simehr", "--desktop", "sim", "--machine", prefix,
+                "--count", "1", "--first", str(int(number)), "--enrolment-token", self.server.token,
                 "--state-dir", str(self.workdir / "agents"), "--sim-backend", str(self.backend_path),
                 "--action-delay", "0", "--screenshots", "none"], {}
 

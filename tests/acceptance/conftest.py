@@ -427,7 +427,7 @@ class Cluster:
         ``urls``: the orchestrators it may connect to (default: this cluster's one server)."""
         servers = [arg for url in (urls or [self.url]) for arg in ("--orchestrator", url)]
         return self._proc(name, [
-            "agent", *servers, "--machine", name, "--sim", str(count),
+            "agent", *servers, "--pack", "simehr", "--desktop", "sim", "--machine", name, "--count", str(count),
             "--sim-faults", faults, "--sim-backend", str(self.backend),
             "--state-dir", str(self.root / f"agent-{name}"),
             "--enrolment-token-file", str(self.data_dir / "enrolment-token"),

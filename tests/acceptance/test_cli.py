@@ -225,7 +225,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ], work, env))
         _until(lambda: httpx.get(f"{s.url}/healthz", timeout=2).status_code == 200, 30, "the server", s)
         s.procs.append(_start("agent", [
-            "agent", "--orchestrator", s.url, "--sim", "2", "--machine", "cli",
+            "agent", "--orchestrator", s.url, "--pack", "simehr", "--desktop", "sim", "--count", "2", "--machine", "cli",
             "--enrolment-token-file", str(work / "data" / "enrolment-token"),
             "--state-dir", str(work / "agent"), "--sim-backend", str(work / "agent" / "ehr.db"),
             "--action-delay", "0.01", "--screenshots", "none",

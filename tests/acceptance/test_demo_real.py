@@ -123,7 +123,7 @@ def test_real_desktop_demo_recovers_every_fault_and_accounts_for_every_run(tmp_p
     finally:
         store.close()
     assert sum(counts.values()) == 12 and set(counts) <= FINAL, counts
-    records = Records(out / "agents" / "demoehr.db")
+    records = Records(out / "agents" / "data" / "demoehr" / "demoehr.db")
     try:
         assert records.duplicates() == {}
         scripted = {(kind, step) for kind, step, _, _ in records.faults()}

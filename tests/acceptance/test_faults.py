@@ -450,7 +450,7 @@ def test_demo_50_machines_1000_runs_with_faults_accounts_for_every_run(tmp_path:
     finally:
         store.close()
     assert sum(counts.values()) == 1000 and set(counts) <= FINAL, counts
-    ehr = SimBackend(out / "agents" / "ehr.db")
+    ehr = SimBackend(out / "agents" / "data" / "simehr" / "ehr.db")
     try:
         assert ehr.duplicates() == {}
         succeeded = [r for r in report["runs"] if r["automation"] == "ehr.create_patient" and r["state"] == "succeeded"]

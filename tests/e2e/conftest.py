@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from deskfleet.desktop.launch import XvfbFleet, XvfbFleetConfig
+from deskfleet import AgentHost, AgentHostConfig, load_pack
+from deskfleet.demoapp import credentials
+from deskfleet.demoapp.__main__ import parse
 from deskfleet.errors import ConfigError
 from support import LiveServer, wait_ready
 
@@ -47,30 +49,52 @@ def e2e_server(server_factory: Callable[..., LiveServer]) -> LiveServer:
     return server_factory(heartbeat_interval=0.3, heartbeat_timeout=3.0, stop_grace=3.0)
 
 
+class RealFleet:
+    """DemoEHR machines on Xvfb with their agents (an AgentHost), and DemoEHR's records file."""
+
+    def __init__(self, host: AgentHost, data: Path) -> None:
+        self.host = host
+        self.data = data  # DemoEHR's records file, shared by the machines
+        self.names = host.names
+        self.agents = host.agents
+        self.desktops = host.desktops
+        self.model = host.model
+
+
 @pytest.fixture
 async def real_fleet(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Start Xvfb machines with DemoEHR and real agents in the test's event loop."""
-    fleets: list[tuple[XvfbFleet, asyncio.Task[None]]] = []
+    """Start Xvfb machines with DemoEHR (the demoehr pack) and real agents in the test's event loop.
 
-    async def make(server: LiveServer, count: int = 1, **overrides: Any) -> XvfbFleet:
+    ``app_options``: DemoEHR's switches for every machine; ``machine_options``: more for some."""
+    fleets: list[tuple[AgentHost, asyncio.Task[None]]] = []
+    pack = load_pack("demoehr")
+
+    async def make(server: LiveServer, count: int = 1, *, app_options: list[str] | None = None,
+                   machine_options: dict[str, list[str]] | None = None, seed: int = 0, **overrides: Any) -> RealFleet:
+        options = [f"--seed={seed}", *(app_options or [])]
+        idle = parse(["--data", "x", *options]).session_timeout  # DemoEHR's idle logout, as it reads it
         values: dict[str, Any] = {
-            "servers": [server.url], "count": count, "enrolment_token": server.token,
-            "prefix": f"x{len(fleets)}", "state_dir": tmp_path / f"agents{len(fleets)}",
-            "data": tmp_path / "demoehr.db", "log_dir": tmp_path / "logs", "screenshots": "evidence",
+            "servers": [server.url], "packs": [pack], "desktop": "xvfb", "count": count,
+            "enrolment_token": server.token, "machine": f"x{len(fleets)}",
+            "state_dir": tmp_path / f"agents{len(fleets)}", "data_dir": tmp_path / "data",
+            "log_dir": tmp_path / "logs", "screenshots": "evidence",
+            "app_args": {"demoehr": options}, "machine_args": machine_options or {},
+            "idle_timeouts": {"demoehr": idle} if idle else {}, "credentials": credentials(seed),
+            "upkeep": False,  # sessions expire here as the tests expect; tests of upkeep turn it on
         }
         values.update(overrides)
-        fleet = XvfbFleet(XvfbFleetConfig(**values))
-        await fleet.start()
-        task = asyncio.create_task(fleet.run())
-        fleets.append((fleet, task))
-        await wait_ready(server, {a.machine_id for a in fleet.agents}, timeout=60)
-        return fleet
+        host = AgentHost(AgentHostConfig(**values))
+        await host.start()
+        task = asyncio.create_task(host.run())
+        fleets.append((host, task))
+        await wait_ready(server, {a.machine_id for a in host.agents}, timeout=60)
+        return RealFleet(host, tmp_path / "data" / "demoehr" / "demoehr.db")
 
     yield make
-    for fleet, task in fleets:
-        await fleet.shutdown()
+    for host, task in fleets:
+        await host.shutdown()
         try:
             await asyncio.wait_for(task, 10)
         except (TimeoutError, asyncio.CancelledError):
             task.cancel()
-        await fleet.close()
+        await host.close()

@@ -58,9 +58,9 @@ async def test_agent_process_on_xvfb_serves_runs_and_tears_down_in_order(e2e_ser
     env = {k: v for k, v in os.environ.items() if not k.startswith("DESKFLEET_")}
     with open(tmp_path / "agent.log", "wb") as log:
         agent = subprocess.Popen(
-            [sys.executable, "-m", "deskfleet", "agent", "--orchestrator", e2e_server.url, "--desktop", "xvfb",
-             "--machine", "cli", "--enrolment-token-file", str(token), "--state-dir", str(tmp_path / "agent"),
-             "--app-data", str(tmp_path / "ehr.db"), "--app-option=--session-timeout=600"],
+            [sys.executable, "-m", "deskfleet", "agent", "--orchestrator", e2e_server.url, "--pack", "demoehr",
+             "--desktop", "xvfb", "--machine", "cli", "--enrolment-token-file", str(token), "--state-dir", str(tmp_path / "agent"),
+             "--data-dir", str(tmp_path / "data"), "--app-option=--session-timeout=600", "--sim-seed", "0"],
             env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         store = e2e_server.view()
@@ -71,7 +71,7 @@ async def test_agent_process_on_xvfb_serves_runs_and_tears_down_in_order(e2e_ser
             run = await c.submit("demoehr.create_patient", {"mrn": "CLI-1", "name": "Ada Lovelace",
                                                              "dob": "1815-12-10"}, wait=90)
         assert run["state"] == "succeeded", run
-        assert [p.created_by for p in Records(tmp_path / "ehr.db").find("CLI-1")] == ["cli-01"]
+        assert [p.created_by for p in Records(tmp_path / "data" / "demoehr" / "demoehr.db").find("CLI-1")] == ["cli-01"]
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(30) == 0
         _, alive = psutil.wait_procs(parts, timeout=10)

@@ -39,7 +39,7 @@ async def test_login_mfa_and_create_patient(e2e_server, real_fleet, tmp_path):
         assert run["state"] == "succeeded", run
         events = await c.events(run["id"])
     assert playbooks(events) == ["login", "mfa"]
-    records = Records(fleet.config.data)
+    records = Records(fleet.data)
     [saved] = records.find("E2E-1")
     assert run["output"] == {"record_id": saved.record_id, "mrn": "E2E-1"}
     assert (saved.name, saved.dob, saved.created_by) == ("Grace Hopper", "1906-12-09", fleet.names[0])
@@ -85,7 +85,7 @@ async def test_crash_mid_create_is_reconciled_and_retried_on_another_desktop(e2e
         assert run["state"] == "succeeded", run
         attempts = await c.attempts(run["id"])
         events = await c.events(run["id"])
-    records = Records(fleet.config.data)
+    records = Records(fleet.data)
     [(kind, step, crashed_on, _)] = records.faults()
     assert (kind, step) == ("crash", "saved")
     assert [a["machine"] for a in attempts] == [crashed_on, next(n for n in fleet.names if n != crashed_on)], attempts
@@ -112,7 +112,7 @@ async def test_modal_error_dialogs_are_recovered(e2e_server, real_fleet):
     assert [e["data"]["from_state"] for e in dismissed] == ["error_dialog", "error_dialog"]
     assert [e["attempt"] for e in dismissed] == [a["id"] for a in attempts]
     assert [e["data"]["effect_found"] for e in events if e["kind"] == "reconcile.done"] == [False]
-    assert len(Records(fleet.config.data).find("E2E-4")) == 1
+    assert len(Records(fleet.data).find("E2E-4")) == 1
 
 
 async def test_frozen_app_is_caught_by_the_progress_watchdog(e2e_server, real_fleet):
@@ -129,9 +129,9 @@ async def test_frozen_app_is_caught_by_the_progress_watchdog(e2e_server, real_fl
     assert ("machine.quarantined", machine) in [(e["kind"], e["machine"]) for e in everything]
     # The frozen app showed a perfect "home": only the probe could tell, and it was restarted.
     restarts = [e for e in everything if e["kind"] == "verify.playbook.step" and e["data"]["playbook"] == "restart_app"]
-    assert restarts and "does not respond" in restarts[0]["data"]["why"]
+    assert restarts and "did not highlight" in restarts[0]["data"]["why"]  # the probe says why
     assert restarts[0]["data"]["from_state"] == "home"
-    assert len(Records(fleet.config.data).find("E2E-5")) == 1
+    assert len(Records(fleet.data).find("E2E-5")) == 1
 
 
 async def test_a_rebooted_desktop_comes_back_with_a_new_boot_id_and_serves_runs(e2e_server, real_fleet):
@@ -293,3 +293,23 @@ def test_an_x_server_restart_takes_another_number_when_its_own_was_taken():
         display.close()
         if squatter is not None:
             squatter.close()
+
+
+async def test_a_session_that_ends_mid_run_is_recovered_by_the_automation(e2e_server, real_fleet):
+    """DemoEHR ends the session when the form is opened (``--expire-at open_form``): the
+    automation sees the login screen mid-run, calls ``ctx.recover()`` — the model's playbooks
+    with the run's account — and carries on. One attempt, one patient."""
+    fleet = await real_fleet(e2e_server, app_options=["--mfa", "--expire-at", "open_form"])
+    async with AsyncClient(e2e_server.url) as c:
+        run = await c.submit("demoehr.create_patient", patient("E2E-MID"), wait=120)
+        assert run["state"] == "succeeded", run
+        events = await c.events(run["id"])
+    assert run["dispatches"] == 1, "recovered within the attempt, not by a retry"
+    steps = [e["data"] for e in events if e["kind"] == "playbook.step"]
+    before = [s["playbook"] for s in steps if not s.get("mid_run")]
+    during = [s["playbook"] for s in steps if s.get("mid_run")]
+    assert before == ["login", "mfa"]
+    assert during == ["dismiss", "login", "mfa"], steps
+    records = Records(fleet.data)
+    assert len(records.find("E2E-MID")) == 1
+    assert ("session_expired", "open_form") in {(k, s) for k, s, _, _ in records.faults()}

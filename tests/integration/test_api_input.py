@@ -21,7 +21,7 @@ import pytest
 import websockets
 from pydantic import BaseModel
 
-from deskfleet.agent.runtime import Agent, AgentConfig
+from deskfleet.agent.runtime import Agent, AgentConfig, App
 from deskfleet.client import ApiError
 from deskfleet.config import ServerSettings
 from deskfleet.errors import ConfigError
@@ -129,8 +129,8 @@ async def agent_in_pool(server: LiveServer, tmp_path: Path, pool: str, machine: 
     agent = Agent(
         AgentConfig(servers=[server.url], machine=machine, pool=pool, enrolment_token=server.token,
                     key_file=tmp_path / f"{machine}.key", screenshots="none"),
-        SimDesktop(machine, backend, seed=11), Registry([lookup_v2]),
-        model=ehr_model(), credentials=SimBackend.credentials(1),
+        App(SimDesktop(machine, backend, seed=11), Registry([lookup_v2]), ehr_model()),
+        credentials=SimBackend.credentials(1),
     )
     task = asyncio.create_task(agent.run())
     try:

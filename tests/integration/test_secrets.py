@@ -25,7 +25,7 @@ import httpx
 import pytest
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
-from deskfleet.agent.runtime import Agent, AgentConfig
+from deskfleet.agent.runtime import Agent, AgentConfig, App
 from deskfleet.crypto import REDACTED
 from deskfleet.errors import BusinessError
 from deskfleet.logs import JsonFormatter, TextFormatter
@@ -117,8 +117,8 @@ async def vault_machine(server: LiveServer, tmp_path: Path) -> AsyncIterator[Age
     agent = Agent(
         AgentConfig(servers=[server.url], machine="vault-01", enrolment_token=server.token,
                     key_file=tmp_path / "vault-01.key", screenshots="none"),
-        SimDesktop("vault-01", backend, seed=3), Registry([sign_in, sign_in_strict]),
-        model=ehr_model(), credentials={},  # nothing stored: the run must bring the password
+        App(SimDesktop("vault-01", backend, seed=3), Registry([sign_in, sign_in_strict]), ehr_model()),
+        credentials={},  # nothing stored: the run must bring the password
     )
     task = asyncio.create_task(agent.run())
     try:

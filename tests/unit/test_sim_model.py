@@ -201,7 +201,7 @@ async def test_mfa_playbook_without_a_totp_seed_asks_for_a_person() -> None:
 def test_model_is_built_once_per_size_and_fits_other_sizes() -> None:
     assert ehr_model() is MODEL
     small = ehr_model(800, 600)
-    assert small is not MODEL and small.meta["layout"].width == 800
+    assert small is not MODEL and small.meta["screen"] == [800, 600]
     check = small.classifier.states[0].checks[0]
     assert check.template.shape == (check.region.height, check.region.width)
     assert np.all(check.template >= 0)

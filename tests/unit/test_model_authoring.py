@@ -21,42 +21,7 @@ from deskfleet.vision import UNKNOWN, WRONG_SCREEN, Classifier, TemplateLibrary,
 from deskfleet.vision.authoring import add_screen, capture, remove
 from deskfleet.vision.screens import Labelled, evaluate, read_labels, saved_screens
 from deskfleet.vision.templates import Anchor, TextSpec
-
-W, H = 640, 480
-LOGO = Region(10, 10, 32, 32)
-PANEL = Region(300, 100, 32, 32)
-CARD = Region(300, 200, 32, 32)
-BODY = Region(200, 300, 32, 32)
-OK = Region(400, 250, 32, 32)
-
-
-def icon(frame: np.ndarray, at: Region, kind: int = 0, dy: int = 0) -> None:
-    """A 32x32 icon with a mark that depends on ``kind``."""
-    ic = np.full((32, 32, 3), 40, np.uint8)
-    ic[2:6, 2:30] = 160
-    ic[8:24, 14:18] = 250
-    if kind == 0:
-        ic[14:18, 8:24] = 250
-    elif kind == 1:
-        ic[26:30, 4:28] = 200
-    else:
-        ic[8:24, 4:8] = 120
-    frame[at.top + dy : at.top + dy + 32, at.left : at.left + 32] = ic
-
-
-def draw(name: str, *, dy: int = 0) -> np.ndarray:
-    frame = np.full((H, W, 3), 230, np.uint8)
-    icon(frame, LOGO)
-    if name in ("login", "login+dialog"):
-        icon(frame, PANEL, 0)
-    if name in ("home", "home+dialog"):
-        icon(frame, CARD, 1)
-    if name == "form":
-        icon(frame, BODY, 1, dy)
-    if name.endswith("+dialog"):
-        frame[230:300, 380:460] = 250
-        icon(frame, OK, 2)
-    return frame
+from drawn_screens import BODY, CARD, LOGO, OK, PANEL, H, W, draw, icon
 
 
 def tree(directory: Path) -> dict[str, bytes]:

@@ -246,6 +246,8 @@ class TemplateLibrary:
         """Read and validate a model directory (a path, as ``str`` or ``Path``, or package data)."""
         root = model_root(directory)
         where = f"{root}/{DESCRIPTION}"
+        if isinstance(root, Path) and root.is_file():
+            raise ConfigError(f"{root} is not a model directory (a directory holding {DESCRIPTION})")
         try:
             text = (root / DESCRIPTION).read_text(encoding="utf-8")
         except FileNotFoundError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -252,3 +253,29 @@ def test_a_broken_model_is_one_line_naming_the_file(shots: Path, model: Path) ->
                     ["capture", "--dir", "m", "--state", "x", "--screenshot", "home.png", "--anchor", LOGO]):
         refused(deskfleet("model", *command, cwd=shots), "deskfleet: m/model.json: not valid JSON: Expecting ',' "
                 "delimiter at line ")
+
+
+def test_test_draws_rich_tables_on_a_terminal(shots: Path, model: Path) -> None:
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DESKFLEET_")}
+    env.update({"COLUMNS": "120", "NO_COLOR": "1", "TERM": "xterm"})
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([*DESKFLEET, "model", "test", "m"], cwd=shots, env=env, stdout=follower,
+                              stderr=subprocess.PIPE, timeout=60)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal is closed once everything was read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(leader)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", b"".join(chunks).decode())
+    assert proc.returncode == 0, proc.stderr
+    assert "┃ state" in out and "│ home (ready) │" in out and "false ready: 0" in out

@@ -327,18 +327,18 @@ def _report_text(report: Report, source: str) -> None:
         from rich.table import Table
 
         console = Console()
-        table = Table(*per_head, title=f"{report.total} screenshots from {source}")
-        for row in per_rows:
-            table.add_row(*row)
-        console.print(table)
-        matrix = Table(*conf_head, title="confusion (rows: labelled, columns: recognised)")
-        for row in conf_rows:
-            matrix.add_row(*row)
-        console.print(matrix)
+        for title, head, rows in ((f"{report.total} screenshots from {source}", per_head, per_rows),
+                                  ("confusion (rows: labelled, columns: recognised)", conf_head, conf_rows)):
+            table = Table(title=title)
+            for i, name in enumerate(head):
+                table.add_column(name, justify="left" if i == 0 else "right")
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
         for line in summary:
             console.print(line, highlight=False)
         for line in wrong:
-            console.print(f"  {line}", highlight=False, markup=False)
+            console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
         return
     click.echo(f"{report.total} screenshots from {source}")
     click.echo("\n".join(_plain(per_head, per_rows)))

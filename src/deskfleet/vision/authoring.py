@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..desktop import Frame
 from ..errors import ConfigError
-from .classifier import UNKNOWN, Classifier, Explanation, wrong_screen_message
+from .classifier import UNKNOWN, WRONG_SCREEN, Classifier, Explanation, wrong_screen_message
 from .screens import SCREENS, Labelled, Outcome, check_labels, evaluate, save_screen, saved_screens
 from .templates import Anchor, TemplateLibrary, TextSpec
 
@@ -51,7 +51,7 @@ class Change:
         """Why the change fails its check ([] when it passes)."""
         out = []
         if self.seen is not None and self.seen.state != self.state:
-            why = self.seen.classification.detail if self.seen.state == "wrong_screen" else _why(self.seen, self.state)
+            why = self.seen.classification.detail if self.seen.state == WRONG_SCREEN else _why(self.seen, self.state)
             out.append(f"this screenshot is recognised as {self.seen.state!r}, not {self.state!r} ({why})")
         out += [f"it breaks {o.describe()}" for o in self.broken]
         return out
@@ -136,7 +136,6 @@ def add_screen(directory: Path, frame: Frame, state: str, *, force: bool = False
     if (w, h) != library.screen:
         raise ConfigError(f"screenshot not added: {wrong_screen_message((w, h), library.screen)}")
     change = Change(state, seen=library.classifier().explain(frame))
-    change.checked = len(saved_screens(directory))
     problems = change.problems()
     if problems and not force:
         raise _refuse("screenshot not added", problems, "--force adds it anyway")

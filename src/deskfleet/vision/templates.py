@@ -46,7 +46,15 @@ from PIL import Image, UnidentifiedImageError
 
 from ..desktop import Frame, Region
 from ..errors import ConfigError
-from .classifier import UNKNOWN, WRONG_SCREEN, Check, Classifier, ScreenState, TemplateCheck
+from .classifier import (
+    UNKNOWN,
+    WRONG_SCREEN,
+    Check,
+    Classifier,
+    ScreenState,
+    TemplateCheck,
+    wrong_screen_message,
+)
 from .match import MIN_TEXTURE, MatchCheck, expand, gray
 
 FORMAT = 1
@@ -137,7 +145,7 @@ class TemplateLibrary:
         """Cut ``anchors`` from ``frame`` as the templates of ``state`` (replacing any earlier)."""
         h, w = frame.shape[:2]
         if (w, h) != self.screen:
-            raise ConfigError(f"the screenshot is {w}x{h}, the model is recorded at {self.screen[0]}x{self.screen[1]}")
+            raise ConfigError(f"the screenshot is {w}x{h}; the model was recorded at {self.screen[0]}x{self.screen[1]}")
         _check_name(state, "state")
         if not anchors and not texts:
             raise ConfigError(f"state {state!r} needs at least one check (an anchor, a fixed area or a text)")
@@ -237,8 +245,7 @@ class TemplateLibrary:
             return cls(name, screen)
         lib = cls.load(directory)
         if lib.screen != screen:
-            raise ConfigError(f"{directory} was recorded at {lib.screen[0]}x{lib.screen[1]}, "
-                              f"the screen is {screen[0]}x{screen[1]}")
+            raise ConfigError(f"{directory}: {wrong_screen_message(screen, lib.screen)}")
         return lib
 
     @classmethod

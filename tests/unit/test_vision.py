@@ -18,7 +18,7 @@ from deskfleet.demoapp.automations import same_text
 from deskfleet.demoapp.model import load_library
 from deskfleet.desktop import Region
 from deskfleet.errors import ConfigError
-from deskfleet.vision import UNKNOWN, Classifier, ScreenState, TemplateCheck
+from deskfleet.vision import UNKNOWN, WRONG_SCREEN, Classifier, ScreenState, TemplateCheck
 from deskfleet.vision.match import MatchCheck, gray
 from deskfleet.vision.ocr import TextCheck, shared_engine
 from deskfleet.vision.templates import Anchor, TemplateLibrary, TextSpec
@@ -186,3 +186,125 @@ def test_the_shipped_demoapp_model_recognises_its_own_templates() -> None:
             frame[at.top : at.top + at.height, at.left : at.left + at.width] = library.images[check["template"]]
         assert model.classify(frame).state == state["name"]
     assert model.classify(np.full((768, 1024, 3), 200, np.uint8)).state == UNKNOWN
+
+
+# -- explanations, the wrong-size state and the public surface ---------------------------------
+
+
+def test_the_public_surface_is_pinned() -> None:
+    import deskfleet.vision as vision
+
+    assert sorted(vision.__all__) == sorted([
+        "EXPENSIVE", "UNKNOWN", "WRONG_SCREEN", "Check", "CheckScore", "Classification", "Classifier",
+        "Explanation", "ScreenState", "StateVerdict", "TemplateCheck", "TemplateLibrary", "load_model"])
+    for name in vision.__all__:
+        assert getattr(vision, name) is not None
+    assert vision.WRONG_SCREEN == "wrong_screen"
+
+
+def _toy_classifier(frame: np.ndarray, **kwargs) -> tuple[Classifier, Counting]:
+    """home (ready): the icon and a plain corner; form: the icon and an icon that is absent."""
+    ocr = Counting(1.0)
+    absent = MatchCheck.from_frame(screen(at=(400, 300)), Region(400, 300, 32, 32), name="body")
+    return Classifier([
+        ScreenState("home", [MatchCheck.from_frame(frame, ICON, name="logo"),
+                             TemplateCheck.from_frame(frame, Region(300, 300, 40, 40), 0.95, "corner"), ocr],
+                    ready=True),
+        ScreenState("form", [MatchCheck.from_frame(frame, ICON, name="logo"), absent]),
+    ], **kwargs), ocr
+
+
+def test_explain_gives_every_check_of_the_winner_and_why_each_other_state_lost() -> None:
+    frame = screen()
+    classifier, _ = _toy_classifier(frame)
+    seen = classifier.explain(frame)
+    assert seen.state == "home" and seen.size == (W, H)
+    home, form = seen.verdict("home"), seen.verdict("form")
+    assert home is not None and form is not None
+    assert home.recognised and home.ready and not home.reason
+    assert [(c.name, c.kind, c.threshold, c.passed) for c in home.checks] == [
+        ("logo", "match", 0.9, True), ("corner", "pixels", 0.95, True), ("#3", "Counting", 0.5, True)]
+    assert not form.recognised
+    assert form.reason.startswith("match check 'body' scored 0.") and form.reason.endswith("< 0.90")
+    assert form.checks[1].score is not None and form.checks[1].score < 0.9
+    as_json = seen.to_dict()
+    assert as_json["state"] == "home" and as_json["states"][1]["reason"] == form.reason
+    assert classifier.classify(frame).state == "home"
+
+
+def test_explain_names_two_base_states_and_an_overlay_that_won() -> None:
+    frame = screen()
+    icon = MatchCheck.from_frame(frame, ICON, name="logo")
+    words = Counting(1.0)
+    both = Classifier([ScreenState("a", [icon]), ScreenState("b", [icon, words])])
+    seen = both.explain(frame)
+    assert seen.state == UNKNOWN and seen.classification.detail == "two base states matched: a, b"
+    assert [v.reason for v in seen.states] == ["two base states matched: a, b"] * 2
+    assert both.classify(frame).detail == "two base states matched: a, b"
+    assert both.classify(np.zeros_like(frame)).detail == "no state matched"
+
+    under = Counting(1.0)
+    dialogs = Classifier([
+        ScreenState("home", [icon, under], ready=True),
+        ScreenState("saved", [icon], overlay=True),
+        ScreenState("error", [TemplateCheck.from_frame(frame, Region(300, 300, 40, 40), 0.5, "plain")], overlay=True),
+    ])
+    seen = dialogs.explain(frame)
+    assert seen.state == "saved" and under.reads == 0
+    home, error = seen.verdict("home"), seen.verdict("error")
+    assert home is not None and error is not None
+    assert home.reason == ("overlay 'saved' won; not read: Counting check '#2', skipped because a dialog "
+                           "covers every base state")
+    assert home.checks[1].score is None and home.checks[1].passed is None
+    assert error.reason == "overlay 'saved' won: the same weakest score (1.000), and it comes first"
+    frame[300:340, 300:340] = 220
+    error_verdict = dialogs.explain(frame).verdict("error")
+    assert error_verdict is not None
+    assert error_verdict.reason.startswith("overlay 'saved' won with a higher weakest score (1.000 vs 0.9")
+
+
+def test_a_frame_of_another_size_is_wrong_screen_with_both_sizes_and_no_check_read() -> None:
+    frame = screen()
+    classifier, ocr = _toy_classifier(frame, screen=(W, H))
+    big = np.zeros((1080, 1920, 3), np.uint8)
+    seen = classifier.classify(big)
+    assert seen.state == WRONG_SCREEN and not seen.unknown
+    assert seen.detail == "the screen is 1920x1080; the model was recorded at 640x480"
+    assert seen.scores == {} and ocr.reads == 0
+    explained = classifier.explain(big)
+    assert explained.state == WRONG_SCREEN
+    assert all(v.reason == f"not checked: {seen.detail}" for v in explained.states)
+    assert all(c.score is None for v in explained.states for c in v.checks)
+    assert classifier.classify(frame).state == "home"
+    # Without a recorded size (a renderer's model), any size is classified.
+    unsized, _ = _toy_classifier(frame)
+    assert unsized.classify(big).state == UNKNOWN
+
+
+def test_explain_decides_exactly_as_classify() -> None:
+    base = screen()
+    classifier, _ = _toy_classifier(base, screen=(W, H))
+    rng = np.random.default_rng(3)
+    for i in range(30):
+        frame = screen(at=(100 + int(rng.integers(-6, 7)), 80 + int(rng.integers(-6, 7))),
+                       shade=int(rng.integers(0, 60)))
+        if i % 3 == 0:
+            frame[300:340, 300:340] = int(rng.integers(0, 255))
+        fast, slow = classifier.classify(frame), classifier.explain(frame).classification
+        assert (fast.state, fast.detail) == (slow.state, slow.detail)
+        assert fast.scores.keys() == slow.scores.keys()
+        assert all(math.isclose(fast.scores[k], slow.scores[k]) or math.isnan(fast.scores[k])
+                   for k in fast.scores)
+
+
+def test_a_fixed_area_threshold_decides_a_dialog_over_plain_tiles() -> None:
+    """The issue's case: a dialog over plain tiles scored 0.947-0.99 and passed 0.95."""
+    tiles = np.full((H, W, 3), 200, np.uint8)
+    area = Region(0, 0, 320, 240)
+    covered = tiles.copy()
+    covered[20:80, 20:140] = 150  # a small dialog over part of the area: a high similarity still
+    for threshold, passes in ((0.95, True), (0.99, False)):
+        check = TemplateCheck.from_frame(tiles, area, threshold, "tile")
+        score = check.score(covered)
+        assert 0.95 <= score < 0.99
+        assert (score >= check.threshold) is passes

@@ -17,7 +17,7 @@ too. A template with no texture would correlate with anything flat; it is refuse
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import cast
+from typing import ClassVar, cast
 
 import cv2
 import numpy as np
@@ -52,6 +52,8 @@ class MatchCheck:
 
     ``max_shade`` bounds the mean grey-level difference (0-255) at the best position.
     """
+
+    kind: ClassVar[str] = "match"
 
     region: Region  # where to search (the template's recorded place plus a margin)
     template: Gray

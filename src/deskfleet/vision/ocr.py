@@ -25,7 +25,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -122,6 +122,8 @@ def shared_engine() -> OcrEngine:
 @dataclass(slots=True)
 class TextCheck:
     """Text read in ``region`` matches ``pattern`` (a regular expression, case-insensitive)."""
+
+    kind: ClassVar[str] = "text"
 
     region: Region
     pattern: str

@@ -1,16 +1,17 @@
 """An app model's recognition data on disk: template PNGs plus one JSON description.
 
 A model directory holds ``model.json`` — the screen size it was recorded at, and each
-state with its checks, regions and thresholds — and one PNG per template, cut from a
-live screenshot. ``deskfleet model capture`` writes it from a running display; an app
-model loads it with :meth:`TemplateLibrary.load` and gets a
-:class:`~deskfleet.vision.Classifier`. People review and edit the JSON (a threshold, a
-region); the PNGs show exactly what each check looks for.
+state with its checks, regions and thresholds — one PNG per template, cut from a live
+screenshot, and ``screens/<state>/<n>.png``, the labelled screenshots the model must keep
+recognising (:mod:`.screens`). ``deskfleet model capture`` writes it from a running
+display; :func:`load_model` (or :meth:`TemplateLibrary.load` and ``.classifier()``) reads
+it. People review and edit the JSON (a threshold, a region); the PNGs show exactly what
+each check looks for.
 
     {"format": 1, "name": "demoehr", "screen": [1024, 768],
      "states": [{"name": "home", "ready": true, "overlay": false, "checks": [
         {"kind": "match", "name": "logo", "template": "home.logo.png",
-         "at": [12, 8, 40, 40], "margin": 4, "threshold": 0.9},
+         "at": [12, 8, 40, 40], "threshold": 0.9, "margin": 4},
         {"kind": "pixels", "name": "corner", "template": "home.corner.png",
          "at": [900, 700, 60, 40], "threshold": 0.95},
         {"kind": "text", "name": "title", "region": [60, 10, 300, 36],
@@ -20,34 +21,77 @@ Kinds: ``match`` searches for the template within ``margin`` px of where it was 
 (:class:`~deskfleet.vision.match.MatchCheck`), ``pixels`` compares it at exactly that
 place (:class:`~deskfleet.vision.TemplateCheck`, for plain areas that cannot be located),
 ``text`` reads the region by OCR (:class:`~deskfleet.vision.ocr.TextCheck`).
+
+Loading validates everything before anything is used — JSON syntax (with line and
+column), every field's type and range, template files present and of their region's size,
+state names unique — and says what is wrong in one :class:`~deskfleet.errors.ConfigError`
+line naming the file. Saving writes each file to a temporary name and renames it into
+place, ``model.json`` last, so a reader never meets a half-written file.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..desktop import Frame, Region
 from ..errors import ConfigError
-from . import Check, Classifier, ScreenState, TemplateCheck
+from .classifier import (
+    UNKNOWN,
+    WRONG_SCREEN,
+    Check,
+    Classifier,
+    ScreenState,
+    TemplateCheck,
+    wrong_screen_message,
+)
 from .match import MIN_TEXTURE, MatchCheck, expand, gray
 
 FORMAT = 1
 DESCRIPTION = "model.json"
 KINDS = ("match", "pixels", "text")
 DEFAULT_THRESHOLD = {"match": 0.9, "pixels": 0.95, "text": 0.5}
+DEFAULT_MARGIN = 4
+MAX_MARGIN = 64
+#: state names the classifier itself returns: no model state may take them
+RESERVED = frozenset({UNKNOWN, WRONG_SCREEN})
+#: names that become file names (states, templates): letters, digits, '_' and '-'
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+_TOP = ("format", "name", "screen", "states")
+_STATE = ("name", "overlay", "ready", "checks")
+_FIELDS = {
+    "match": ("kind", "name", "template", "at", "threshold", "margin"),
+    "pixels": ("kind", "name", "template", "at", "threshold"),
+    "text": ("kind", "name", "region", "pattern", "threshold"),
+}
+
+#: where a model is read from: a path (``str`` or ``Path``) or package data
+#: (``importlib.resources.files(package) / "model"``)
+ModelSource = str | os.PathLike[str] | Traversable
 
 
-class Readable(Protocol):
-    """A directory to read from: a ``Path`` or package data (``importlib.resources``)."""
+def model_root(where: ModelSource) -> Traversable:
+    """The model directory ``where`` names (a path to its ``model.json`` names it too)."""
+    if isinstance(where, str | os.PathLike):
+        path = Path(where)
+        return path.parent if path.name == DESCRIPTION and path.is_file() else path
+    return where
 
-    def __truediv__(self, name: str) -> Any: ...
+
+def load_model(where: ModelSource) -> Classifier:
+    """The classifier of the model directory ``where``; ConfigError saying what is wrong."""
+    return TemplateLibrary.load(where).classifier()
 
 
 @dataclass(slots=True)
@@ -57,8 +101,8 @@ class Anchor:
     name: str
     at: Region
     kind: str = "match"  # match | pixels
-    threshold: float | None = None
-    margin: int = 4
+    threshold: float | None = None  # None: the kind's default
+    margin: int = DEFAULT_MARGIN
 
 
 @dataclass(slots=True)
@@ -68,7 +112,7 @@ class TextSpec:
     name: str
     region: Region
     pattern: str
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD["text"]
 
 
 class TemplateLibrary:
@@ -79,6 +123,12 @@ class TemplateLibrary:
         self.screen = screen
         self.states: list[dict[str, Any]] = []
         self.images: dict[str, Frame] = {}  # template file name → RGB pixels
+        self._dirty: set[str] = set()  # templates recorded since loading: to be written
+        self._origin: Path | None = None  # the directory loaded from, if on disk
+
+    @property
+    def state_names(self) -> list[str]:
+        return [s["name"] for s in self.states]
 
     # -- recording ------------------------------------------------------------------------
 
@@ -95,46 +145,84 @@ class TemplateLibrary:
         """Cut ``anchors`` from ``frame`` as the templates of ``state`` (replacing any earlier)."""
         h, w = frame.shape[:2]
         if (w, h) != self.screen:
-            raise ConfigError(f"the screenshot is {w}x{h}, the model is recorded at {self.screen[0]}x{self.screen[1]}")
+            raise ConfigError(f"the screenshot is {w}x{h}; the model was recorded at {self.screen[0]}x{self.screen[1]}")
+        _check_name(state, "state")
+        if not anchors and not texts:
+            raise ConfigError(f"state {state!r} needs at least one check (an anchor, a fixed area or a text)")
+        names = [a.name for a in anchors] + [t.name for t in texts or []]
+        for n in names:
+            _check_name(n, f"check of {state!r}")
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError(f"state {state!r} names {', '.join(map(repr, twice))} twice: give each check its own name")
+        images: dict[str, Frame] = {}
         checks: list[dict[str, Any]] = []
         for a in anchors:
+            what = f"anchor {a.name!r} of {state!r}"
             if a.kind not in ("match", "pixels"):
-                raise ConfigError(f"anchor {a.name!r}: kind must be match or pixels, not {a.kind!r}")
-            if a.at.left < 0 or a.at.top < 0 or a.at.left + a.at.width > w or a.at.top + a.at.height > h:
-                raise ConfigError(f"anchor {a.name!r} {tuple(a.at)} lies outside the {w}x{h} screen")
-            crop = a.at.crop(frame).copy()
-            if a.kind == "match" and float(gray(crop).std()) < MIN_TEXTURE:
-                raise ConfigError(
-                    f"anchor {a.name!r} of {state!r} is too plain to locate (an area of one colour); "
-                    "record an icon or an edge, or use kind 'pixels'"
-                )
+                raise ConfigError(f"{what}: kind must be match or pixels, not {a.kind!r}")
+            _box(list(a.at), what, self.screen)  # inside the screen before anything is cut
             file = f"{state}.{a.name}.png"
-            self.images[file] = crop
+            images[file] = a.at.crop(frame).copy()
             entry: dict[str, Any] = {
                 "kind": a.kind, "name": a.name, "template": file, "at": list(a.at),
                 "threshold": a.threshold if a.threshold is not None else DEFAULT_THRESHOLD[a.kind],
             }
             if a.kind == "match":
                 entry["margin"] = a.margin
-            checks.append(entry)
+            checks.append(_check_spec(entry, f"{what}: ", self.screen, images.__getitem__))
         for t in texts or []:
-            checks.append({"kind": "text", "name": t.name, "region": list(t.region),
-                           "pattern": t.pattern, "threshold": t.threshold})
+            entry = {"kind": "text", "name": t.name, "region": list(t.region), "pattern": t.pattern,
+                     "threshold": t.threshold}
+            checks.append(_check_spec(entry, f"text {t.name!r} of {state!r}: ", self.screen, images.__getitem__))
         described = {"name": state, "overlay": overlay, "ready": ready, "checks": checks}
-        self.states = [s for s in self.states if s["name"] != state] + [described]
+        for old in self.states:
+            if old["name"] == state:
+                self._forget(old)
+        at = next((i for i, s in enumerate(self.states) if s["name"] == state), len(self.states))
+        self.states = [s for s in self.states if s["name"] != state]
+        self.states.insert(at, described)  # recorded again: same place in the model
+        self.images.update(images)
+        self._dirty.update(images)
         return described
 
+    def remove(self, state: str) -> None:
+        """Drop ``state`` and its templates (refused if it is the model's only state)."""
+        found = next((s for s in self.states if s["name"] == state), None)
+        if found is None:
+            raise ConfigError(f"the model has no state {state!r} (its states: {', '.join(self.state_names)})")
+        if len(self.states) == 1:
+            raise ConfigError(f"{state!r} is the model's only state: a model needs at least one "
+                              "(delete the directory to start again)")
+        self._forget(found)
+        self.states.remove(found)
+
+    def _forget(self, state: dict[str, Any]) -> None:
+        for check in state["checks"]:
+            if "template" in check:
+                self.images.pop(check["template"], None)
+                self._dirty.discard(check["template"])
+
     def save(self, directory: Path) -> Path:
+        """Write the model into ``directory``: changed templates, then ``model.json``, then
+        remove templates no state uses any more. Each file goes to a temporary name first."""
+        directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        here = directory.resolve()
         used = {c["template"] for s in self.states for c in s["checks"] if "template" in c}
-        for file in used:
-            if file in self.images:
-                Image.fromarray(self.images[file]).save(directory / file, format="PNG", optimize=True)
+        for file in sorted(used):
+            target = directory / file
+            if file in self._dirty or self._origin != here or not target.exists():
+                buffer = io.BytesIO()
+                Image.fromarray(self.images[file]).save(buffer, format="PNG", optimize=True)
+                write_atomically(target, buffer.getvalue())
+        path = directory / DESCRIPTION
+        write_atomically(path, self._describe().encode())
         for stale in directory.glob("*.png"):
             if stale.name not in used:
                 stale.unlink()
-        path = directory / DESCRIPTION
-        path.write_text(self._describe())
+        self._dirty.clear()
+        self._origin = here
         return path
 
     def _describe(self) -> str:
@@ -153,38 +241,34 @@ class TemplateLibrary:
     @classmethod
     def open(cls, directory: Path, name: str, screen: tuple[int, int]) -> TemplateLibrary:
         """The library in ``directory`` to add to, or a new one if there is none yet."""
-        if not (directory / DESCRIPTION).exists():
+        if not (Path(directory) / DESCRIPTION).exists():
             return cls(name, screen)
         lib = cls.load(directory)
         if lib.screen != screen:
-            raise ConfigError(f"{directory} was recorded at {lib.screen[0]}x{lib.screen[1]}, "
-                              f"the screen is {screen[0]}x{screen[1]}")
+            raise ConfigError(f"{directory}: {wrong_screen_message(screen, lib.screen)}")
         return lib
 
     @classmethod
-    def load(cls, directory: Path | Readable) -> TemplateLibrary:
-        where = str(directory)
+    def load(cls, directory: ModelSource) -> TemplateLibrary:
+        """Read and validate a model directory (a path, as ``str`` or ``Path``, or package data)."""
+        root = model_root(directory)
+        where = f"{root}/{DESCRIPTION}"
+        if isinstance(root, Path) and root.is_file():
+            raise ConfigError(f"{root} is not a model directory (a directory holding {DESCRIPTION})")
         try:
-            data = json.loads((directory / DESCRIPTION).read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"no {DESCRIPTION} in {where}") from exc
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read {where}/{DESCRIPTION}: {exc}") from exc
-        if data.get("format") != FORMAT:
-            raise ConfigError(f"{where}/{DESCRIPTION}: format {data.get('format')!r} is not {FORMAT}")
-        lib = cls(str(data["name"]), (int(data["screen"][0]), int(data["screen"][1])))
-        lib.states = list(data["states"])
-        for state in lib.states:
-            for check in state["checks"]:
-                if check.get("kind") not in KINDS:
-                    raise ConfigError(f"{where}: state {state['name']!r} has a check of unknown kind {check.get('kind')!r}")
-                file = check.get("template")
-                if file and file not in lib.images:
-                    try:
-                        raw = (directory / file).read_bytes()
-                    except OSError as exc:
-                        raise ConfigError(f"{where}: template {file} is missing") from exc
-                    lib.images[file] = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+            text = (root / DESCRIPTION).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"no {DESCRIPTION} in {root}: not a model directory "
+                              "(record one with 'deskfleet model capture')") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {where}: {exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+        lib = _parse(data, root, where)
+        if isinstance(root, Path):
+            lib._origin = root.resolve()
         return lib
 
     def screen_states(self) -> list[ScreenState]:
@@ -196,25 +280,191 @@ class TemplateLibrary:
         return out
 
     def classifier(self) -> Classifier:
-        return Classifier(self.screen_states())
+        return Classifier(self.screen_states(), screen=self.screen)
 
     def _check(self, state: str, c: dict[str, Any]) -> Check:
-        kind, name = c["kind"], c.get("name", "")
-        threshold = float(c.get("threshold", DEFAULT_THRESHOLD[kind]))
+        kind, name, threshold = c["kind"], c.get("name", ""), float(c["threshold"])
         if kind == "text":
-            from .ocr import TextCheck
+            from .ocr import TextCheck  # tesserocr loads only for models that read text
 
             return TextCheck(Region(*c["region"]), c["pattern"], threshold, name=name)
         at = Region(*c["at"])
         image = self.images[c["template"]]
-        if image.shape[:2] != (at.height, at.width):
-            raise ConfigError(f"template {c['template']} is not the size of its region {tuple(at)}")
         if kind == "pixels":
-            return TemplateCheck(at, gray(image).astype(np.float32), threshold)
+            return TemplateCheck(at, gray(image).astype(np.float32), threshold, name)
         sw, sh = self.screen
-        try:
-            return MatchCheck(expand(at, int(c.get("margin", 4)), sw, sh), gray(image).copy(), threshold,
-                              name=f"{state}.{name}")
-        except ValueError as exc:
-            raise ConfigError(f"state {state!r}, check {name!r}: {exc}") from exc
+        return MatchCheck(expand(at, int(c["margin"]), sw, sh), gray(image).copy(), threshold, name=name)
 
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def _fail(message: str) -> NoReturn:
+    raise ConfigError(message)
+
+
+def _check_name(name: object, what: str) -> None:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        _fail(f"{what} name {name!r} is not usable: letters, digits, '_' and '-' only (it names files)")
+    if name in RESERVED:
+        _fail(f"{what} name {name!r} is reserved: the classifier itself answers {name!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _box(value: object, what: str, screen: tuple[int, int]) -> Region:
+    """A [left, top, width, height] list inside a ``screen``-sized frame."""
+    if not (isinstance(value, list) and len(value) == 4 and all(_is_int(v) for v in value)):
+        _fail(f"{what}: a region is [left, top, width, height] in whole pixels, not {value!r}")
+    r = Region(*value)
+    sw, sh = screen
+    if r.width <= 0 or r.height <= 0:
+        _fail(f"{what}: region {value} is empty")
+    if r.left < 0 or r.top < 0 or r.left + r.width > sw or r.top + r.height > sh:
+        _fail(f"{what}: region {value} lies outside the {sw}x{sh} screen")
+    return r
+
+
+def _check_spec(c: dict[str, Any], ctx: str, screen: tuple[int, int],
+                image_of: Callable[[str], Frame]) -> dict[str, Any]:
+    """One check's description, validated and with defaults filled in (``ctx`` prefixes errors).
+    ``image_of`` gives a template's pixels, or raises LookupError saying why it cannot."""
+    kind = c.get("kind")
+    if kind not in KINDS:
+        _fail(f"{ctx}unknown check kind {kind!r} (kinds: {', '.join(KINDS)})")
+    extra = [k for k in c if k not in _FIELDS[kind]]
+    if extra:
+        _fail(f"{ctx}unknown field {extra[0]!r} for a {kind} check (fields: {', '.join(_FIELDS[kind])})")
+    name = c.get("name", "")
+    if not isinstance(name, str):
+        _fail(f"{ctx}name must be a string, not {name!r}")
+    threshold = c.get("threshold", DEFAULT_THRESHOLD[kind])
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
+        _fail(f"{ctx}threshold {threshold!r} is outside 0..1")
+    out: dict[str, Any] = {"kind": kind, "name": name}
+    if kind == "text":
+        out["region"] = list(_box(c.get("region"), f"{ctx[:-2]}", screen))
+        pattern = c.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            _fail(f"{ctx}a text check needs a 'pattern' (a regular expression)")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            _fail(f"{ctx}pattern {pattern!r} is not a regular expression: {exc}")
+        out["pattern"] = pattern
+        out["threshold"] = threshold
+        return out
+    file = c.get("template")
+    if not isinstance(file, str) or not file.endswith(".png") or file != Path(file).name or file.startswith("."):
+        _fail(f"{ctx}'template' must name a PNG file in the model directory, not {file!r}")
+    at = _box(c.get("at"), ctx[:-2], screen)
+    try:
+        image = image_of(file)
+    except LookupError as exc:
+        _fail(f"{ctx}{exc.args[0]}")
+    ih, iw = image.shape[:2]
+    if (iw, ih) != (at.width, at.height):
+        _fail(f"{ctx}template {file} is {iw}x{ih}, its region {list(at)} is {at.width}x{at.height}")
+    out.update({"template": file, "at": list(at), "threshold": threshold})
+    if kind == "match":
+        margin = c.get("margin", DEFAULT_MARGIN)
+        if not _is_int(margin) or not 0 <= margin <= MAX_MARGIN:
+            _fail(f"{ctx}margin {margin!r} must be a whole number of pixels, 0..{MAX_MARGIN}")
+        if float(gray(image).std()) < MIN_TEXTURE:
+            _fail(f"{ctx}template {file} is too plain to locate (an area of one colour); "
+                  "record an icon or an edge, or make it a 'pixels' check (--fixed)")
+        out["margin"] = margin
+    return out
+
+
+def _parse(data: Any, root: Traversable, where: str) -> TemplateLibrary:
+    def fail(message: str) -> NoReturn:
+        _fail(f"{where}: {message}")
+
+    if not isinstance(data, dict):
+        fail("the description must be a JSON object")
+    extra = [k for k in data if k not in _TOP]
+    if extra:
+        fail(f"unknown field {extra[0]!r} (fields: {', '.join(_TOP)})")
+    if data.get("format") != FORMAT:
+        fail(f"format {data.get('format')!r} is not {FORMAT}")
+    name, screen, states = data.get("name"), data.get("screen"), data.get("states")
+    if not isinstance(name, str):
+        fail(f"'name' must be a string, not {name!r}")
+    if not (isinstance(screen, list) and len(screen) == 2 and all(_is_int(v) and v > 0 for v in screen)):
+        fail(f"'screen' must be [width, height] in pixels, not {screen!r}")
+    if not isinstance(states, list) or not states:
+        fail("'states' must be a non-empty list of states")
+    lib = TemplateLibrary(name, (screen[0], screen[1]))
+
+    def image_of(file: str) -> Frame:
+        if file not in lib.images:
+            try:
+                raw = (root / file).read_bytes()
+            except OSError:
+                raise LookupError(f"template {file} is missing") from None
+            try:
+                lib.images[file] = decode_image(raw)
+            except ValueError as exc:
+                raise LookupError(f"template {file} {exc}") from None
+        return lib.images[file]
+
+    seen: set[str] = set()
+    for i, state in enumerate(states):
+        if not isinstance(state, dict):
+            fail(f"state #{i + 1} must be a JSON object")
+        sname = state.get("name")
+        if not isinstance(sname, str) or not sname:
+            fail(f"state #{i + 1} has no 'name'")
+        if sname in RESERVED:
+            fail(f"state name {sname!r} is reserved: the classifier itself answers {sname!r}")
+        if sname in seen:
+            fail(f"state {sname!r} is described twice")
+        seen.add(sname)
+        extra = [k for k in state if k not in _STATE]
+        if extra:
+            fail(f"state {sname!r}: unknown field {extra[0]!r} (fields: {', '.join(_STATE)})")
+        for flag in ("overlay", "ready"):
+            if not isinstance(state.get(flag, False), bool):
+                fail(f"state {sname!r}: {flag!r} must be true or false")
+        checks = state.get("checks")
+        if not isinstance(checks, list) or not checks:
+            fail(f"state {sname!r} has no checks")
+        specs = []
+        names: set[str] = set()
+        for j, check in enumerate(checks):
+            label = check.get("name") if isinstance(check, dict) else None
+            ctx = f"state {sname!r}, check {label or f'#{j + 1}'!r}: "
+            if not isinstance(check, dict):
+                fail(f"{ctx}a check must be a JSON object")
+            spec = _check_spec(check, f"{where}: {ctx}", lib.screen, image_of)
+            if spec["name"] and spec["name"] in names:
+                fail(f"state {sname!r} has two checks named {spec['name']!r}")
+            names.add(spec["name"])
+            specs.append(spec)
+        lib.states.append({"name": sname, "overlay": bool(state.get("overlay", False)),
+                           "ready": bool(state.get("ready", False)), "checks": specs})
+    return lib
+
+
+def decode_image(raw: bytes) -> Frame:
+    """RGB pixels of an image file's bytes; ValueError("is not …") if they are not an image."""
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            return np.asarray(image.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError("is not an image (PNG expected)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"is not a readable image: {exc}") from None
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,246 @@
+"""Labelled screenshots, and how well a model recognises them.
+
+A model keeps the screenshots its states were recorded from, and any more that were added,
+in ``screens/<state>/<n>.png`` inside its directory: the folder is the label, ``n`` counts
+from 1. The label ``unknown`` holds screens the model must *not* recognise (a dialog it
+does not know, another program's window). Every change to a model is checked against all
+of them (:mod:`.authoring`), and ``deskfleet model test`` measures a model on them, or on
+a CSV of ``image,state`` rows.
+
+:func:`evaluate` classifies each labelled screen and counts what matters: accuracy per
+state, the confusion matrix, and **false ready** — a screen recognised as a ready state
+while its label is another state, the one error that lets an automation start on the
+wrong screen.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..desktop import Frame
+from ..errors import ConfigError
+from .classifier import UNKNOWN, WRONG_SCREEN, Classifier, Explanation
+from .templates import NAME, ModelSource, decode_image, model_root, write_atomically
+
+SCREENS = "screens"
+#: labels a screen may carry besides the model's states
+EXTRA_LABELS = (UNKNOWN, WRONG_SCREEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Labelled:
+    """A screenshot and the state it shows. ``name`` is how reports call it."""
+
+    label: str
+    source: Traversable
+    name: str
+    line: int | None = None  # in the CSV it was listed in
+
+    def frame(self) -> Frame:
+        return read_image(self.source, self.name)
+
+
+def read_image(source: Traversable | str | os.PathLike[str], name: str | None = None) -> Frame:
+    """An image file as an RGB frame (any mode, any size); ConfigError if it is not one."""
+    source = Path(source) if isinstance(source, str | os.PathLike) else source
+    shown = name or str(source)
+    try:
+        raw = source.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {shown}: {exc.strerror or exc}") from None
+    try:
+        return decode_image(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{shown} {exc}") from None
+
+
+def _number(entry: Traversable) -> int:
+    stem = entry.name[: -len(".png")]
+    return int(stem) if stem.isdigit() else 1 << 30
+
+
+def saved_screens(model: ModelSource) -> list[Labelled]:
+    """The screenshots saved with a model, state by state, in the order they were added."""
+    root = model_root(model) / SCREENS
+    if not root.is_dir():
+        return []
+    out = []
+    for folder in sorted(root.iterdir(), key=lambda e: e.name):
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        shots = [e for e in folder.iterdir() if e.name.endswith(".png") and not e.name.startswith(".")]
+        for shot in sorted(shots, key=lambda e: (_number(e), e.name)):
+            out.append(Labelled(folder.name, shot, f"{SCREENS}/{folder.name}/{shot.name}"))
+    return out
+
+
+def save_screen(model: Path, state: str, frame: Frame) -> str:
+    """Save ``frame`` as the next screenshot of ``state``; returns its name in the model."""
+    if not NAME.fullmatch(state):
+        raise ConfigError(f"state name {state!r} is not usable for a screens folder")
+    folder = Path(model) / SCREENS / state
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = [_number(e) for e in folder.glob("*.png") if _number(e) < 1 << 30]
+    path = folder / f"{max(taken, default=0) + 1}.png"
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG", optimize=True)
+    write_atomically(path, buffer.getvalue())
+    return f"{SCREENS}/{state}/{path.name}"
+
+
+def read_labels(path: Path) -> list[Labelled]:
+    """Rows ``image,state`` of a CSV file (a header line is allowed; ``#`` starts a comment).
+    Image paths are relative to the CSV's directory."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not a text (CSV) file: {exc}") from None
+    base = Path(path).parent
+    out = []
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        cells = [c.strip() for c in row]
+        if not any(cells) or cells[0].startswith("#"):
+            continue
+        if number == 1 and [c.lower() for c in cells[:2]] == ["image", "state"]:
+            continue
+        if len(cells) != 2 or not all(cells):
+            raise ConfigError(f"{path}, line {number}: expected 'image,state', got {','.join(row)!r}")
+        image, label = cells
+        file = base / image
+        if not file.is_file():
+            raise ConfigError(f"{path}, line {number}: no image {image} (paths are relative to the CSV's directory)")
+        out.append(Labelled(label, file, image, number))
+    if not out:
+        raise ConfigError(f"{path} lists no images (rows of image,state)")
+    return out
+
+
+def check_labels(items: Iterable[Labelled], states: Sequence[str], where: str) -> None:
+    """ConfigError for the first label that is neither a state of the model nor unknown/wrong_screen."""
+    allowed = set(states) | set(EXTRA_LABELS)
+    for item in items:
+        if item.label not in allowed:
+            at = f", line {item.line}" if item.line is not None else ""
+            raise ConfigError(f"{where}{at}: {item.name} is labelled {item.label!r}, which is not a state of the model "
+                              f"(its states: {', '.join(states)}; or {UNKNOWN})")
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Outcome:
+    item: Labelled
+    seen: Explanation
+    false_ready: bool
+
+    @property
+    def correct(self) -> bool:
+        return self.seen.state == self.item.label
+
+    def why(self) -> str:
+        """Why a wrong outcome happened, from the labelled state's point of view."""
+        label, state = self.item.label, self.seen.state
+        if self.correct:
+            return ""
+        if state == WRONG_SCREEN:
+            return self.seen.classification.detail
+        verdict = self.seen.verdict(label)
+        if verdict is not None:
+            return f"{label}: {verdict.reason}"
+        if label == UNKNOWN:
+            return f"every check of {state!r} passed"
+        return self.seen.classification.detail
+
+    def describe(self) -> str:
+        return f"{self.item.name} is {self.seen.state!r}, not {self.item.label!r} ({self.why()})"
+
+
+@dataclass(slots=True)
+class Report:
+    """How a classifier did on a set of labelled screens."""
+
+    states: list[str]  # the model's states, in order
+    ready: frozenset[str]
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def correct(self) -> int:
+        return sum(o.correct for o in self.outcomes)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.outcomes else 1.0
+
+    @property
+    def false_ready(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.false_ready]
+
+    @property
+    def wrong(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.correct]
+
+    def labels(self) -> list[str]:
+        """Rows of the confusion matrix: labels seen, in model order, then unknown, wrong_screen."""
+        present = {o.item.label for o in self.outcomes}
+        return [s for s in (*self.states, *EXTRA_LABELS) if s in present]
+
+    def columns(self) -> list[str]:
+        """Columns: every state of the model, unknown, and wrong_screen if it happened."""
+        seen = {o.seen.state for o in self.outcomes}
+        return [*self.states, UNKNOWN, *([WRONG_SCREEN] if WRONG_SCREEN in seen else [])]
+
+    def confusion(self) -> dict[str, Counter[str]]:
+        out: dict[str, Counter[str]] = {label: Counter() for label in self.labels()}
+        for o in self.outcomes:
+            out[o.item.label][o.seen.state] += 1
+        return out
+
+    def per_state(self) -> dict[str, tuple[int, int]]:
+        """label → (correct, screens)."""
+        out = {}
+        for label in self.labels():
+            mine = [o for o in self.outcomes if o.item.label == label]
+            out[label] = (sum(o.correct for o in mine), len(mine))
+        return out
+
+    def times_ms(self) -> list[float]:
+        return [o.seen.classification.elapsed_ms for o in self.outcomes]
+
+    def to_dict(self) -> dict[str, Any]:
+        times = sorted(self.times_ms())
+        return {
+            "screens": self.total, "correct": self.correct, "accuracy": self.accuracy,
+            "false_ready": len(self.false_ready),
+            "per_state": {k: {"correct": c, "screens": n, "accuracy": c / n} for k, (c, n) in self.per_state().items()},
+            "confusion": {k: dict(v) for k, v in self.confusion().items()},
+            "classify_ms": {"median": times[len(times) // 2], "max": times[-1]} if times else None,
+            "wrong": [{"image": o.item.name, "label": o.item.label, "state": o.seen.state, "why": o.why(),
+                       "false_ready": o.false_ready} for o in self.wrong],
+        }
+
+
+def evaluate(classifier: Classifier, items: Iterable[tuple[Labelled, Frame]]) -> Report:
+    """Classify every labelled frame and count the outcomes."""
+    ready = frozenset(s.name for s in classifier.states if s.ready)
+    report = Report([s.name for s in classifier.states], ready)
+    for item, frame in items:
+        seen = classifier.explain(frame)
+        report.outcomes.append(Outcome(item, seen, seen.state in ready and seen.state != item.label))
+    return report

@@ -52,7 +52,7 @@ _LAZY = {
     "Classification": "vision",
     "UNKNOWN": "vision",
     "NO_SCREEN": "agent.preflight",
-    "WRONG_SCREEN": "agent.preflight",
+    "WRONG_SCREEN": "vision",
     # embedding the agent
     "Agent": "agent.runtime",
     "AgentConfig": "agent.runtime",
@@ -120,10 +120,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .agent.host import AgentHost, AgentHostConfig, SimSettings
-    from .agent.preflight import NO_SCREEN, WRONG_SCREEN
+    from .agent.preflight import NO_SCREEN
     from .agent.runtime import Agent, AgentConfig, App
     from .appmodel import AppModel, Credential, PlaybookContext, ProbeResult
     from .desktop import Desktop, DesktopInfo, Frame, Region, note_session
     from .packs.loader import Pack, PackError, installed_packs, load_pack, load_packs
     from .packs.playbooks import playbook, probe, session_reader
-    from .vision import UNKNOWN, Classification
+    from .vision import UNKNOWN, WRONG_SCREEN, Classification

@@ -113,10 +113,10 @@ async def test_a_state_that_holds_is_acted_on_after_the_settle_time(pack: Any) -
     assert loop.time() - t0 >= pack.model.settle  # it waited for the dialog to settle
 
 
-async def test_a_ready_screen_needs_two_looks_in_a_row(pack: Any) -> None:
+async def test_a_ready_screen_is_taken_at_once(pack: Any) -> None:
     desktop = Scripted(lambda: SCREENS["home"])
     result = await run(desktop, pack.model)
-    assert result.ok and desktop.looks >= 2
+    assert result.ok and desktop.looks == 1
 
 
 async def test_a_failing_probe_says_why_in_the_step(pack: Any) -> None:

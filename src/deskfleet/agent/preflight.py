@@ -7,8 +7,8 @@ needs — or bring it there with the app model's playbooks (invariant 5).
 
 A state must *settle* before pre-flight acts on it: a screen that a recovery would act on
 must hold for the model's settle time (and frames) — a black frame between two windows, a
-dialog caught while it draws, is not a crash or an error; a ready screen must be seen in
-two looks in a row. A screen that cannot be captured at all (the display server died, the
+dialog caught while it draws, is not a crash or an error. A ready screen is taken at once
+(the probe and the session check follow). A screen that cannot be captured at all (the display server died, the
 session is gone) is not a reason to give up the attempt: it is one more state,
 :data:`NO_SCREEN`, for which the app model names a playbook (typically a restart of the
 desktop) like for any other. A screen of another size than the model's is not something
@@ -33,14 +33,12 @@ from typing import Any
 from ..appmodel import AppModel, Credential, PlaybookContext, ProbeResult
 from ..desktop import Desktop, Frame, note_session
 from ..errors import DesktopError, Stopped
-from ..vision import Classification
+from ..vision import WRONG_SCREEN, Classification
 
 log = logging.getLogger(__name__)
 
 #: the state of a screen that cannot be captured; ``AppModel.recoveries`` maps it to a playbook
 NO_SCREEN = "no_screen"
-#: the state of a screen whose size is not the model's (``deskfleet.vision``)
-WRONG_SCREEN = "wrong_screen"
 #: seconds between looks while a state settles
 SETTLE_POLL = 0.05
 #: a screen that keeps changing for this long (beyond the settle time) is acted on as it is
@@ -106,7 +104,7 @@ async def preflight(
                 return PreflightResult(True, seen.state, steps=steps, frame=frame,
                                        evidence_id=evidence, elapsed=time.monotonic() - t0)
         elif seen.state == WRONG_SCREEN and WRONG_SCREEN not in model.recoveries:
-            detail = getattr(seen, "detail", "") or "the screen is not the size the app model was recorded at"
+            detail = seen.detail or "the screen is not the size the app model was recorded at"
             return PreflightResult(False, seen.state, detail, steps, frame, elapsed=time.monotonic() - t0)
         else:
             playbook_name = model.recovery_for(seen.state)
@@ -168,8 +166,8 @@ async def _problems(desktop: Desktop) -> list[str]:
 
 async def _settled(desktop: Desktop, model: AppModel, wanted: str,
                    stop: asyncio.Event | None) -> tuple[Frame | None, Classification, str]:
-    """Look until the state holds: ``settle_frames`` looks in a row, and — for a state a
-    playbook would act on — ``settle`` seconds, so a transitional frame triggers nothing."""
+    """Look until a state a playbook would act on holds: ``settle_frames`` looks in a row over
+    ``settle`` seconds, so that a transitional frame triggers nothing. A ready screen returns at once."""
     frame, seen, error = await _look(desktop, model)
     if model.settle <= 0 and model.settle_frames <= 1:
         return frame, seen, error
@@ -178,9 +176,9 @@ async def _settled(desktop: Desktop, model: AppModel, wanted: str,
     give_up = since + model.settle + SETTLE_GIVE_UP
     looks = 1
     while True:
-        ready = frame is not None and model.is_ready(seen.state, wanted)
-        hold = 0.0 if ready else model.settle
-        if looks >= (2 if ready else model.settle_frames) and loop.time() - since >= hold:
+        if frame is not None and model.is_ready(seen.state, wanted):
+            return frame, seen, error  # nothing acts on a ready screen but the probe and the session check
+        if looks >= model.settle_frames and loop.time() - since >= model.settle:
             return frame, seen, error
         if loop.time() >= give_up:
             return frame, seen, error  # a screen that keeps changing: act on what it shows now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 @opt("--screen", default=None, help="Xvfb screen size WIDTHxHEIGHT (default: the pack's)")
 @opt("--screenshots", default="evidence", type=click.Choice(["evidence", "none"]))
 @opt("--reboot-command", default=None, help="local: the command that reboots this machine (e.g. 'sudo systemctl "
-     "reboot'); without it the agent never reboots the machine")
+     "reboot'; on Windows 'shutdown /r /f /t 0'); without it the agent never reboots the machine")
 @opt("--sim-faults", default="none", type=click.Choice(["none", "demo", "chaos"]),
      help="sim: the fault preset of the simulated app")
 @opt("--sim-seed", default=1, type=int, help="sim: seed of the simulated machines (and of the demo accounts)")
@@ -72,8 +73,6 @@ def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestr
       deskfleet agent --pack ./my-pack --desktop xvfb --count 2       # two Xvfb displays
       deskfleet agent --pack simehr --desktop sim --count 50          # fifty simulated machines
     """
-    import shlex
-
     from ..agent.host import AgentHost, AgentHostConfig, SimSettings
     from ..packs.loader import installed_packs, load_packs
 
@@ -103,13 +102,23 @@ def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestr
         data_dir=data_dir, app_args={first_pack: list(app_options)} if app_options else {},
         idle_timeouts={first_pack: app_idle_timeout} if app_idle_timeout else {}, screen=size,
         screenshots=screenshots, log_dir=log_dir or state_dir / "logs",
-        reboot_command=shlex.split(reboot_command) if reboot_command else None, upkeep=upkeep,
+        reboot_command=command_words(reboot_command) if reboot_command else None, upkeep=upkeep,
         sim=SimSettings(sim_seed, sim_faults, sim_backend, action_delay),
         credentials=_demo_accounts(loaded, sim_seed),
     )
     if desktop_kind == "sim":
         _tune_gc()
     asyncio.run(AgentHost(config).run_until_signalled())
+
+
+def command_words(line: str) -> list[str]:
+    """A command line as words: shell rules, except on Windows, where a backslash is a path
+    separator, not an escape (``C:\\Tools\\reboot.cmd``), and double quotes group words."""
+    import shlex
+
+    if sys.platform != "win32":
+        return shlex.split(line)
+    return [w[1:-1] if len(w) >= 2 and w[0] == w[-1] == '"' else w for w in shlex.split(line, posix=False)]
 
 
 def _demo_accounts(packs: list[Pack], seed: int) -> dict[str, Credential]:

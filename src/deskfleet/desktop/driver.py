@@ -10,7 +10,8 @@ What differs between platforms is the *host* around the application — which di
 the frames and input go to, when the machine booted, whether the app's window is up
 (and giving it the keyboard focus, which on an X server without a window manager nobody
 else does), how to reboot. That is the small :class:`Host` protocol: ``xvfb.XvfbDisplay``
-for X displays started here, ``windows.ConsoleHost`` for an attended Windows console.
+for X displays started here, ``local.X11Session`` for an X session somebody else
+started, ``windows.ConsoleHost`` for the interactive Windows session an agent runs in.
 
 Blocking calls (capture, input, OCR, process control) run in worker threads, so one event
 loop can hold many desktops; an X server that hangs stalls a worker, never the loop and
@@ -83,6 +84,11 @@ class Host(Protocol):
     def attachable(self) -> bool:
         """Whether an application already running here may be taken over (a session we did
         not start: yes; a display we just started: nothing can be running on it yet)."""
+
+    def problems(self) -> list[str]:
+        """What keeps this machine from being driven, one line each that says what to do (a
+        locked Windows console, a disconnected session); a screen of the wrong size is the
+        desktop's own check."""
 
     def restart(self) -> None:
         """Reboot: stop and start the machine (or display server); return when it is up."""
@@ -449,10 +455,9 @@ class RealDesktop:
         dev = self.station.dev()
         if self.expected_screen is not None and (dev.width, dev.height) != tuple(self.expected_screen):
             want = self.expected_screen
-            found.append(f"the screen is {dev.width}x{dev.height}, the application expects {want[0]}x{want[1]}")
-        check = getattr(self.host, "problems", None)
-        if check is not None:
-            found += await asyncio.to_thread(check)
+            found.append(f"the screen is {dev.width}x{dev.height}, the application expects {want[0]}x{want[1]}: "
+                         f"set the display to {want[0]}x{want[1]} (on a VM, its virtual display adapter's resolution)")
+        found += await asyncio.to_thread(self.host.problems)
         return found
 
     def note_session(self, account: str | None) -> None:

@@ -199,6 +199,9 @@ class XvfbDisplay:
         with self._x_lock:
             return find_window(self._x, title)
 
+    def problems(self) -> list[str]:
+        return []  # a display of our own, of the size we asked for, with no lock screen
+
 
 # -- X11 windows, for any X display (ours or a session's) -----------------------------------------
 

@@ -14,6 +14,7 @@ Run it again whenever DemoEHR's look changes, and review the PNGs it writes.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ import pyotp
 
 from deskfleet import DesktopError, Frame, Region
 from deskfleet.desktop import AppCommand, RealDesktop, xvfb_desktop
+from deskfleet.vision.screens import save_screen
 from deskfleet.vision.templates import TemplateLibrary
 
 from . import layout as L
@@ -113,19 +115,27 @@ async def tour(workdir: Path, *, font_delta: int = 0, width: int = L.WIDTH,
 
 
 async def record(out: Path) -> Path:
-    """Take the tour and record every state's anchors into ``out``."""
+    """Take the tour and record every state's anchors into ``out``, keeping every screen of
+    the tour as a labelled screenshot of the model (``deskfleet model test`` runs on them)."""
     library = TemplateLibrary(L.APP_NAME, (L.WIDTH, L.HEIGHT))
     wanted = anchors()
     seen: set[str] = set()
+    screens: list[tuple[str, Frame]] = []
     with tempfile.TemporaryDirectory() as tmp:
         async for state, frame in tour(Path(tmp)):
+            screens.append((state, frame))
             if state in wanted and state not in seen:
                 library.record(frame, state, wanted[state], overlay=state in DIALOG_STATES, ready=state == "home")
                 seen.add(state)
     missing = set(wanted) - seen
     if missing:
         raise DesktopError(f"the tour never showed {', '.join(sorted(missing))}")
-    return library.save(out)
+    if (out / "screens").exists():
+        shutil.rmtree(out / "screens")
+    path = library.save(out)
+    for state, frame in screens:
+        save_screen(out, state, frame)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ class CheckReport:
     pack: Pack | None = None
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    screens: tuple[int, int, int] | None = None  # saved screens: (total, recognised, false ready)
 
     @property
     def ok(self) -> bool:
@@ -35,8 +36,12 @@ class CheckReport:
             return "the pack does not load"
         p = self.pack
         states = len(p.library.states)
+        screens = ""
+        if self.screens is not None:
+            total, correct, false_ready = self.screens
+            screens = f", {correct}/{total} saved screens recognised ({false_ready} false ready)"
         return (f"pack {p.name} {p.version}: {states} screen states, {len(p.registry)} automations, "
-                f"{len(p.playbooks)} playbooks of its own, probe {'yes' if p.model.probe else 'no'}")
+                f"{len(p.playbooks)} playbooks of its own, probe {'yes' if p.model.probe else 'no'}{screens}")
 
 
 def check_pack(ref: str | os.PathLike[str]) -> CheckReport:
@@ -92,7 +97,32 @@ def check_pack(ref: str | os.PathLike[str]) -> CheckReport:
     if not m.app.command and not (m.app.process or m.app.window) and not m.hooks.sim:
         report.warnings.append(f"{where}: [app] has no command, process or window: an agent can neither "
                                "start the application nor find it running")
+    _check_saved_screens(pack, report)
     if m.session.keepalive and m.session.idle_timeout is None and not m.hooks.sim:
         report.warnings.append(f"{where}: [session] keepalive without idle_timeout: upkeep runs only when an "
                                "agent is told the idle timeout (--app-idle-timeout)")
     return report
+
+
+def _check_saved_screens(pack: Pack, report: CheckReport) -> None:
+    """The model's saved screenshots (``deskfleet model capture`` keeps them): each must still
+    be recognised as its label, and none may be taken for ready when it is not."""
+    from ..vision.screens import evaluate, saved_screens
+
+    model_dir = pack.root / pack.manifest.pack.model
+    try:
+        items = saved_screens(model_dir)
+        result = evaluate(pack.model.classifier, ((item, item.frame()) for item in items))
+    except ConfigError as exc:
+        report.problems.append(f"{pack.where}: model screens: {exc}")
+        return
+    if not items:
+        report.warnings.append(f"{pack.where}: the model keeps no labelled screenshots: `deskfleet model test` "
+                               "has nothing to guard it with (model capture and add-screen save them)")
+        return
+    for outcome in result.false_ready:
+        report.problems.append(f"{pack.where}: model: {outcome.describe()} — taken for ready (false ready)")
+    for outcome in result.wrong:
+        if not outcome.false_ready:
+            report.warnings.append(f"{pack.where}: model: {outcome.describe()}")
+    report.screens = (result.total, result.correct, len(result.false_ready))

@@ -36,8 +36,8 @@ def record(directory: Path, width: int = 1024, height: int = 768) -> TemplateLib
         anchors = [Anchor(f"part{i}", r, kind="pixels", threshold=THRESHOLD) for i, r in enumerate(regions)]
         library.record(frame, state, anchors, overlay=state in _DIALOG_BASE, ready=state == READY)
     library.save(directory)
-    for state in library.states:  # each state's frame, as the tests of the renderer check the rest
-        save_screen(directory, state["name"], renderer.frame(views[state["name"]]))
+    for described in library.states:  # each state's frame, as the tests of the renderer check the rest
+        save_screen(directory, described["name"], renderer.frame(views[described["name"]]))
     return library
 
 

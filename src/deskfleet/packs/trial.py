@@ -121,8 +121,9 @@ async def pack_machine(pack: Pack, *, desktop: str = "xvfb", app_args: Sequence[
                        state_dir: Path = Path("deskfleet-try"),
                        screen: tuple[int, int] | None = None) -> AsyncIterator[RealDesktop]:
     """The pack's application up on a fresh Xvfb display (or this session): its desktop.
-    Leaving the block stops the app, then the display. The app's output goes to
-    ``<state_dir>/logs``, its ``{data}`` is ``<state_dir>/data/<pack>``."""
+    Leaving the block stops the app, then the display — but an app that was already running
+    in this session (``local``), and was taken over, is left running. The app's output goes
+    to ``<state_dir>/logs``, its ``{data}`` is ``<state_dir>/data/<pack>``."""
     from ..agent.host import open_machine
 
     config = machine_config(pack, desktop=desktop, app_args=app_args, state_dir=state_dir, screen=screen)
@@ -133,6 +134,7 @@ async def pack_machine(pack: Pack, *, desktop: str = "xvfb", app_args: Sequence[
     try:
         yield desktops[0]
     finally:
+        station.apps = [d for d in station.apps if not d.attached]  # not ours to stop
         await station.close()
 
 
@@ -275,8 +277,8 @@ async def try_automation(
                          + [c.totp_seed or "" for c in creds.values()])
     result = TrialResult(ok=False, steps=recorder.steps)
     started = time.monotonic()
-    recorder.step("desktop", f"starting {loaded.name}'s app on "
-                  + ("a new Xvfb display" if desktop == "xvfb" else "this session's display"))
+    recorder.step("desktop", f"starting {loaded.name}'s app on a new Xvfb display" if desktop == "xvfb" else
+                  f"taking over {loaded.name}'s app on this session's display, or starting it")
     async with pack_machine(loaded, desktop=desktop, app_args=app_args, state_dir=state_dir) as machine:
         result.display = machine.host.display
         w, h = loaded.screen

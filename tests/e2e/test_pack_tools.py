@@ -192,3 +192,29 @@ def test_open_keeps_the_app_up_until_interrupted_then_stops_it_and_the_display(p
     assert out.strip() == "stopping the app and the display"
     assert not psutil.pid_exists(app_pid) or psutil.Process(app_pid).status() == psutil.STATUS_ZOMBIE
     assert not Path(f"/tmp/.X11-unix/X{display[1:]}").exists()  # the X server is gone
+
+
+def test_an_interrupted_try_stops_the_app_and_the_display_and_exits_130(tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DESKFLEET_")}
+    proc = subprocess.Popen([sys.executable, "-m", "deskfleet", "pack", "try", "demoehr", "create_patient",
+                             "--input", json.dumps({"mrn": "F-1", "name": "Ada", "dob": "1815-12-10"}),
+                             "--app-option=--freeze-at=open_form", "--state-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean)
+    try:
+        assert proc.stdout is not None
+        seen = ""
+        while "progress" not in seen:  # the automation is under way; the app hangs as its form opens
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else ""
+            seen += line
+        found = re.search(r"DISPLAY=(:\d+)  1024x768, app pid (\d+)", seen)
+        assert found, seen
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and err.strip() == "deskfleet: interrupted"
+    app = int(found[2])
+    assert not psutil.pid_exists(app) or psutil.Process(app).status() == psutil.STATUS_ZOMBIE
+    assert not Path(f"/tmp/.X11-unix/X{found[1][1:]}").exists()

@@ -325,9 +325,9 @@ def _print_step(step: TrialStep) -> None:
 @pack.command("try")
 @click.argument("ref", metavar="PACK")
 @click.argument("automation_name", metavar="AUTOMATION")
-@opt("--input", "input_text", default="{}", help="the automation's input: JSON, or @FILE (@- reads stdin)")
+@opt("--input", "input_text", default="{}", envvar="DESKFLEET_PACK_TRY_INPUT", help="the automation's input: JSON, or @FILE (@- reads stdin)")
 @opt("--desktop", "desktop_kind", default="xvfb", type=click.Choice(["xvfb", "local"]),
-     help="xvfb: the app on a new Xvfb display; local: this session ($DISPLAY), taking over the app if it runs")
+     envvar="DESKFLEET_PACK_TRY_DESKTOP", help="xvfb: the app on a new Xvfb display; local: this session ($DISPLAY), taking over the app if it runs")
 @opt("--account", default=None, help="the account to log in as: a name for --username's account, or one of "
      "the pack's demo accounts (default: the pack's default account)")
 @opt("--username", default=None, help="log in as this user (the password from --password-stdin or --password-file)")

@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -43,6 +43,9 @@ from ..errors import ConfigError
 from ..packs.loader import Pack
 from ..vision import UNKNOWN
 from .runtime import Agent, AgentConfig, App
+
+if TYPE_CHECKING:
+    from ..desktop.driver import RealDesktop, Station
 
 log = logging.getLogger(__name__)
 
@@ -214,40 +217,9 @@ class AgentHost:
         log.info("%d machine(s) up (%s desktops): %s", len(self.agents), c.desktop, ", ".join(self.names))
 
     async def _real_machine(self, name: str) -> list[Desktop]:
-        from ..desktop.driver import RealDesktop, Station
-
-        c = self.config
-        host = await asyncio.to_thread(self._host, name)
-        station = Station(name, host)
+        station, desktops = await open_machine(self.config, name)
         self._stations.append(station)
-        desktops = []
-        for i, pack in enumerate(self.packs):
-            args = [*c.app_args.get(pack.name, []), *(c.machine_args.get(name, []) if i == 0 else [])]
-            command = pack.app_command(machine=name, data=c.data_for(pack), display=host.display, extra_args=args,
-                                       log=c.log_dir / f"{name}.{pack.name}.log" if c.log_dir else None)
-            desktops.append(RealDesktop(name, host, command, started=_recognised(pack), station=station,
-                                        session_idle_timeout=c.idle_timeouts.get(pack.name,
-                                                                                 pack.manifest.session.idle_timeout),
-                                        expected_screen=pack.screen))
-        await station.open()
-        for d in desktops:
-            await d.start()
         return list(desktops)
-
-    def _host(self, name: str) -> Any:
-        c = self.config
-        if c.desktop == "xvfb":
-            from ..desktop.xvfb import XvfbDisplay
-
-            width, height = c.screen or self.packs[0].screen
-            return XvfbDisplay(width, height, log_file=c.log_dir / f"{name}.xvfb.log" if c.log_dir else None).start()
-        if sys.platform == "win32":
-            from ..desktop.windows import ConsoleHost
-
-            return ConsoleHost(reboot_command=c.reboot_command)
-        from ..desktop.local import X11Session
-
-        return X11Session(os.environ.get("DISPLAY"), reboot_command=c.reboot_command)
 
     def _describe(self, name: str, desktops: list[Desktop]) -> None:
         """Write <state_dir>/machines/<name>.json: the machine's display and processes, for
@@ -301,6 +273,51 @@ class AgentHost:
                 await asyncio.wait_for(task, 10)
         finally:
             await self.close()
+
+
+async def open_machine(config: AgentHostConfig, name: str) -> tuple[Station, list[RealDesktop]]:
+    """One real machine of ``config`` (``xvfb`` or ``local``): its host — a new Xvfb display,
+    or this session — and each pack's application on it, started or taken over, up once its
+    screen shows a state the pack's model knows. ``Station.close()`` stops them all (apps
+    first, the display last). ``deskfleet pack try`` and ``pack open`` use it too."""
+    from ..desktop.driver import RealDesktop, Station
+
+    host = await asyncio.to_thread(_machine_host, config, name)
+    station = Station(name, host)
+    desktops = []
+    try:
+        for i, pack in enumerate(config.packs):
+            args = [*config.app_args.get(pack.name, []), *(config.machine_args.get(name, []) if i == 0 else [])]
+            command = pack.app_command(machine=name, data=config.data_for(pack), display=host.display,
+                                       extra_args=args,
+                                       log=config.log_dir / f"{name}.{pack.name}.log" if config.log_dir else None)
+            desktops.append(RealDesktop(name, host, command, started=_recognised(pack), station=station,
+                                        session_idle_timeout=config.idle_timeouts.get(
+                                            pack.name, pack.manifest.session.idle_timeout),
+                                        expected_screen=pack.screen))
+        await station.open()
+        for d in desktops:
+            await d.start()
+    except BaseException:
+        await station.close()
+        raise
+    return station, desktops
+
+
+def _machine_host(config: AgentHostConfig, name: str) -> Any:
+    if config.desktop == "xvfb":
+        from ..desktop.xvfb import XvfbDisplay
+
+        width, height = config.screen or config.packs[0].screen
+        return XvfbDisplay(width, height,
+                           log_file=config.log_dir / f"{name}.xvfb.log" if config.log_dir else None).start()
+    if sys.platform == "win32":
+        from ..desktop.windows import ConsoleHost
+
+        return ConsoleHost(reboot_command=config.reboot_command)
+    from ..desktop.local import X11Session
+
+    return X11Session(os.environ.get("DISPLAY"), reboot_command=config.reboot_command)
 
 
 def _recognised(pack: Pack) -> Callable[[Frame], bool]:

@@ -31,7 +31,7 @@ import pytest
 from test_packs import MANIFEST, write_pack
 
 from deskfleet import load_pack
-from deskfleet.agent.host import AgentHost, AgentHostConfig
+from deskfleet.agent.host import AgentHost, AgentHostConfig, _machine_host
 from deskfleet.agent.preflight import preflight
 from deskfleet.cli.agent import command_words
 from deskfleet.desktop import driver, windows
@@ -537,9 +537,9 @@ def agent_host(pack: Any, tmp_path: Path, **overrides: Any) -> AgentHost:
 
 def test_the_agent_host_drives_the_console_session_on_windows(tiny: Any, win: Fakes, tmp_path: Path) -> None:
     command = ["shutdown", "/r", "/f", "/t", "0"]
-    host = agent_host(tiny, tmp_path, reboot_command=command)._host("robot-07")
+    host = _machine_host(agent_host(tiny, tmp_path, reboot_command=command).config, "robot-07")
     assert isinstance(host, ConsoleHost) and host.reboot_command == command
-    assert agent_host(tiny, tmp_path)._host("robot-07").reboot_command == []
+    assert _machine_host(agent_host(tiny, tmp_path).config, "robot-07").reboot_command == []
 
 
 # -- the local desktop on a Windows console: attach, health, pre-flight -----------------------------

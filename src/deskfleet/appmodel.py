@@ -136,24 +136,26 @@ class PlaybookContext:
         started from, and return it.
 
         If nothing on the screen changed at all since ``before`` (a screenshot taken
-        before the playbook's input), the application is hung: it is restarted and
-        ``"restarted"`` returned. If the screen changed but stayed in the same state, the
-        application refused the input: DesktopError says so.
+        before the playbook's input) in any look, the application is hung: it is restarted
+        and ``"restarted"`` returned. If the screen changed but stayed in (or came back to)
+        the same state — a refused login redraws the login screen — the application did not
+        take the input: DesktopError says so.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (SCREEN_WAIT if timeout is None else timeout)
         start = self.state.state
-        frame = before
         state = start
+        changed = False  # anything drawn since `before`, even if it looks the same again now
         while True:
             frame = await self.desktop.screenshot()
+            changed = changed or not np.array_equal(frame, before)
             state = self.model.classify(frame).state
             if state not in (start, UNKNOWN):
                 return state
             if loop.time() >= deadline:
                 break
             await asyncio.sleep(POLL)
-        if np.array_equal(frame, before):
+        if not changed:
             await self.desktop.restart_app()
             return "restarted"
         if state == start:

@@ -95,7 +95,7 @@ def test_a_refused_password_fails_fast_in_one_line_and_is_never_shown(pack: Path
     assert time.monotonic() - started < 30  # two refusals, not eight playbook steps
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
-    assert lines[0].startswith("deskfleet: acme.add_item failed: pre-flight stopped: login failed twice the same "
+    assert lines[0].startswith("deskfleet: acme.add_item failed: pre-flight failed: login failed twice the same "
                                "way: DesktopError: the app refused the login of 'demo': Invalid username or password.")
     assert lines[0].endswith(f"(the screen then: {shots}/05-failure.png)")
     assert [k for k, _ in steps(done.stdout)].count("playbook") == 2

@@ -188,3 +188,42 @@ async def test_moved_on_refuses_input_the_app_did_not_take(pack: Any) -> None:
     before = await desktop.screenshot()
     with pytest.raises(DesktopError, match="stayed at 'login'"):
         await ctx.moved_on(before, timeout=0.2)
+
+
+async def test_a_playbook_that_cannot_succeed_stops_preflight_at_once(pack: Any) -> None:
+    """A refused account (BusinessError) is not retried step after step: that could lock it."""
+    from deskfleet import BusinessError
+
+    async def refused(ctx: PlaybookContext) -> None:
+        raise BusinessError("the app refused the password of 'robot'")
+
+    pack.model.playbooks["login"] = refused
+    desktop = Scripted(lambda: SCREENS["login"])
+    result = await run(desktop, pack.model)
+    assert not result.ok and result.steps == ["login"]
+    assert result.detail == "login failed: BusinessError: the app refused the password of 'robot'"
+
+
+async def test_a_playbook_failing_twice_the_same_way_stops_preflight(pack: Any) -> None:
+    async def flaky(ctx: PlaybookContext) -> None:
+        raise DesktopError("the sign-in button is greyed out")
+
+    pack.model.playbooks["login"] = flaky
+    desktop = Scripted(lambda: SCREENS["login"])
+    result = await run(desktop, pack.model)
+    assert not result.ok and result.steps == ["login", "login"]
+    assert result.detail == "login failed twice the same way: DesktopError: the sign-in button is greyed out"
+
+
+async def test_moved_on_does_not_take_a_redrawn_screen_for_a_hung_app(pack: Any) -> None:
+    """A refused login redraws exactly the screen it started from: the app changed (it is
+    alive), so it is not restarted; the playbook says the input was not taken."""
+    model = pack.model
+    redraw = SCREENS["login"].copy()
+    redraw[0, 0] = (9, 9, 9)
+    shown = iter([redraw, redraw] + [SCREENS["login"]] * 1000)  # a flash, then the same login again
+    desktop = Scripted(lambda: next(shown))
+    ctx = PlaybookContext(desktop, model, {}, None, model.classify(SCREENS["login"]))
+    with pytest.raises(DesktopError, match="stayed at 'login'"):
+        await ctx.moved_on(SCREENS["login"], timeout=0.2)
+    assert desktop.clicks == []  # never restarted

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..appmodel import AppModel, Credential, PlaybookContext, ProbeResult
 from ..desktop import Desktop, Frame, note_session
-from ..errors import DesktopError, Stopped
+from ..errors import BusinessError, DesktopError, Stopped
 from ..vision import WRONG_SCREEN, Classification
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,13 @@ async def preflight(
     if problems:
         return PreflightResult(False, "unhealthy", "this machine cannot be driven: " + "; ".join(problems),
                                elapsed=time.monotonic() - t0)
+    looked: tuple[Frame | None, Classification, str] | None = None  # the last step's settled look
+    last_failure: tuple[str, str] | None = None
     for _ in range(max_steps + 1):
         if stop is not None and stop.is_set():
             raise Stopped("stopped during pre-flight")
-        frame, seen, capture_error = await _settled(desktop, model, wanted, stop)
+        frame, seen, capture_error = looked or await _settled(desktop, model, wanted, stop)
+        looked = None
         last_state = seen.state
         if seen.state in model.signed_out:
             note_session(desktop, None)
@@ -119,14 +122,24 @@ async def preflight(
         before_id = await record("playbook.before", {"playbook": playbook_name, "state": seen.state, "why": why}, frame)
         ctx = PlaybookContext(desktop, model, credentials, session_key, seen)
         error = ""
+        final = ""  # a failure no further step can fix
         try:
             await playbook(ctx)
         except Stopped:
             raise
+        except (BusinessError, LookupError) as exc:
+            # A refused password, an account without a TOTP seed: trying again would only
+            # repeat it (and may lock the account). A person must fix it.
+            error = f"{type(exc).__name__}: {exc}"
+            final = f"{playbook_name} failed: {error}"
         except Exception as exc:  # a playbook that fails is one failed step, not a crash
             error = f"{type(exc).__name__}: {exc}"
             log.info("playbook %s failed: %s", playbook_name, error)
-        after, after_seen, _ = await _look(desktop, model)
+        looked = await _settled(desktop, model, wanted, stop)
+        after, after_seen, _ = looked
+        if error and (playbook_name, error) == last_failure:
+            final = f"{playbook_name} failed twice the same way: {error}"
+        last_failure = (playbook_name, error) if error else None
         if after_seen.state in model.signed_out:
             note_session(desktop, None)
         elif not error and model.is_ready(after_seen.state) and playbook_name in model.meta.get("signs_in", ()):
@@ -137,6 +150,9 @@ async def preflight(
             "playbook": playbook_name, "from_state": seen.state, "to_state": after_seen.state,
             "why": why, "error": error or None, "before_screenshot": before_id,
         }, after)
+        if final:
+            return PreflightResult(False, after_seen.state, final, steps, after,
+                                   elapsed=time.monotonic() - t0)
     return PreflightResult(
         False, last_state,
         f"could not reach {wanted!r} in {max_steps} playbook steps (last screen: {last_state!r}; "

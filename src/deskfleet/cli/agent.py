@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 @main.command()
 @opt("--pack", "packs", multiple=True, envvar="DESKFLEET_AGENT_PACK",
      help="a pack: its directory, or an installed pack's name; repeat for several apps on each machine")
-@opt("--desktop", "desktop_kind", default="xvfb", type=click.Choice(["local", "xvfb", "sim"]),
+@opt("--desktop", "desktop_kind", default="xvfb", type=click.Choice(["local", "xvfb", "sim"]), envvar="DESKFLEET_AGENT_DESKTOP",
      help="local: drive this session ($DISPLAY, or the Windows console); xvfb: start Xvfb displays, the "
           "packs' apps on each; sim: simulated desktops of a pack that offers them")
 @opt("--count", "count", default=None, type=click.IntRange(1, 10000),
@@ -57,15 +57,12 @@ if TYPE_CHECKING:
 @opt("--sim-backend", default=None, type=click.Path(dir_okay=False, path_type=Path),
      help="sim: the file the simulated apps share (default: in the pack's data directory)")
 @opt("--action-delay", default=0.05, type=float, help="sim: seconds each simulated input takes")
-@opt("--xvfb", "xvfb_count", default=None, type=click.IntRange(1, 64), hidden=True)
-@opt("--sim", "sim_count", default=None, type=click.IntRange(1, 10000), hidden=True)
-@opt("--sim-first", default=None, type=click.IntRange(0), hidden=True)
 def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestrators: tuple[str, ...],
           machine: str | None, first: int, pool: str, labels: tuple[str, ...], enrolment_token: str | None,
           enrolment_token_file: Path | None, state_dir: Path, data_dir: Path | None, log_dir: Path | None,
           app_options: tuple[str, ...], app_idle_timeout: float | None, upkeep: bool, screen: str | None, screenshots: str,
           reboot_command: str | None, sim_faults: str, sim_seed: int, sim_backend: Path | None,
-          action_delay: float, xvfb_count: int | None, sim_count: int | None, sim_first: int | None) -> None:
+          action_delay: float) -> None:
     """Run agents for the machines of this process: each drives the packs' applications.
 
     \b
@@ -97,7 +94,7 @@ def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestr
     first_pack = loaded[0].name
     config = AgentHostConfig(
         servers=list(orchestrators), packs=loaded, desktop=desktop_kind, machine=machine or "",
-        count=count or xvfb_count or sim_count or 1, first=sim_first if sim_first is not None else first,
+        count=count or 1, first=first,
         pool=pool, labels=parsed_labels, enrolment_token=enrolment_token, state_dir=state_dir,
         data_dir=data_dir, app_args={first_pack: list(app_options)} if app_options else {},
         idle_timeouts={first_pack: app_idle_timeout} if app_idle_timeout else {}, screen=size,

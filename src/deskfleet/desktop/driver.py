@@ -245,7 +245,10 @@ class Station:
         """Stop every application, then the devices, then the host: toolkits and input
         libraries complain when their display vanishes under them."""
         for app in self.apps:
-            await asyncio.to_thread(app._stop_app)
+            if app.attached:
+                app.let_go()  # an app we found running is not ours to stop: leave it as it was
+            else:
+                await asyncio.to_thread(app._stop_app)
         if self._devices is not None:
             self._devices.close()
             self._devices = None
@@ -564,6 +567,11 @@ class RealDesktop:
                         continue  # the same app on another display of this host
             return int(p.info["pid"])
         return None
+
+    def let_go(self) -> None:
+        """Stop watching the application without stopping it (one we took over)."""
+        self.session.signed_out()
+        self._proc, self._ps = None, None
 
     def _attach(self, pid: int) -> None:
         self._proc = None

@@ -134,8 +134,7 @@ async def pack_machine(pack: Pack, *, desktop: str = "xvfb", app_args: Sequence[
     try:
         yield desktops[0]
     finally:
-        station.apps = [d for d in station.apps if not d.attached]  # not ours to stop
-        await station.close()
+        await station.close()  # an app it took over (--desktop local) is left running
 
 
 def _with_probe_reported(model: AppModel, recorder: _Recorder) -> AppModel:
@@ -177,8 +176,6 @@ class _Recorder:
         self.steps: list[TrialStep] = []
         self.shots = 0
         self.stop = asyncio.Event()  # set to stop pre-flight and the automation
-        self.gave_up = ""  # why the recorder stopped them
-        self._last_failure: tuple[str, str] | None = None
         if screenshots is not None:
             screenshots.mkdir(parents=True, exist_ok=True)
 
@@ -204,15 +201,6 @@ class _Recorder:
             self.on_step(step)
         return step
 
-    def _repeated_failure(self, playbook: str, error: str | None) -> None:
-        """A playbook that fails twice in a row the same way (a refused password) will fail
-        again: stop pre-flight now rather than after every step an agent would try."""
-        failure = (playbook, error) if error else None
-        if failure is not None and failure == self._last_failure:
-            self.gave_up = f"{playbook} failed twice the same way: {error}"
-            self.stop.set()
-        self._last_failure = failure
-
     def preflight_recorder(self, mid_run: bool = False) -> Callable[[str, dict[str, Any], Frame | None],
                                                                     Awaitable[str | None]]:
         """The ``record`` callback of :func:`preflight`: each playbook and the state it proved."""
@@ -226,7 +214,6 @@ class _Recorder:
                               label=f"{state}-before-{name}")
             elif kind == "playbook.step":
                 result = f"failed: {data['error']}" if data.get("error") else f"the screen shows {data['to_state']!r}"
-                self._repeated_failure(data["playbook"], data.get("error"))
                 s = self.step("playbook", f"{prefix}{data['playbook']} done, {result}", frame,
                               label=f"after-{data['playbook']}-{data['to_state']}")
             elif kind == "preflight.ok":
@@ -344,8 +331,7 @@ async def _run(pack: Pack, auto: Automation[Any, Any], data: dict[str, Any], des
         result.error = recorder.scrub(f"business error: {exc}")
         return
     except Stopped as exc:
-        result.error = recorder.scrub(f"pre-flight stopped: {recorder.gave_up}" if recorder.gave_up
-                                      else f"stopped: {exc.reason}")
+        result.error = recorder.scrub(f"stopped: {exc.reason}")
         return
     except Exception as exc:  # the automation's failure is the trial's result, in one line
         text = " ".join(f"{type(exc).__name__}: {exc}".split())

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ import psutil
 from ..errors import DesktopError, Stopped
 from . import DesktopInfo, Frame, Region
 from .session import SessionNote
+from .xkeys import XKeyboard, char_keysym, key_keysym
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +143,16 @@ def _display_env(display: str | None) -> Any:
                 os.environ["DISPLAY"] = old
 
 
+#: the keyboard goes through XTest (``xkeys``) on X11; elsewhere through pynput (SendInput)
+X11 = sys.platform not in ("win32", "darwin")
+
+
 class _Devices:
     """Screen capture and input devices bound to one display (re-created after a reboot)."""
 
     def __init__(self, display: str | None) -> None:
+        self.xkeys: XKeyboard | None = None
+        self.keyboard: Any = None
         try:
             import mss
 
@@ -152,9 +160,14 @@ class _Devices:
                 from pynput import keyboard, mouse
 
                 self.mouse = mouse.Controller()
-                self.keyboard = keyboard.Controller()
+                if X11:
+                    self.xkeys = XKeyboard(display)
+                else:
+                    self.keyboard = keyboard.Controller()
             self.screen = mss.MSS(display=display) if display else mss.MSS()
         except Exception as exc:  # Xlib, mss and pynput each raise their own kinds
+            if self.xkeys is not None:
+                self.xkeys.close()
             raise DesktopError(f"cannot open the display {display or '(session)'}: {exc}") from exc
         self.Button = mouse.Button
         self.Key = keyboard.Key
@@ -165,6 +178,8 @@ class _Devices:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.screen.close()
+        if self.xkeys is not None:
+            self.xkeys.close()
         # pynput has no close(); its finaliser would close these connections after the X
         # server is gone and print a traceback, so they are closed here, while it is up.
         for controller in (self.mouse, self.keyboard):
@@ -183,12 +198,41 @@ class _Devices:
         return np.asarray(cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB), np.uint8)
 
     def key(self, name: str) -> Any:
+        """A key name as the keyboard backend takes it; ValueError for an unknown name."""
+        if self.xkeys is not None:
+            return key_keysym(name)
         mapped = _KEYS.get(name.lower())
         if mapped is not None:
             return getattr(self.Key, mapped)
         if len(name) == 1:
             return name
         raise ValueError(f"unknown key {name!r}")
+
+    def check_text(self, text: str) -> None:
+        """ValueError before any key is sent if ``text`` holds a character that cannot be typed."""
+        if self.xkeys is not None:
+            for ch in text:
+                char_keysym(ch)
+
+    def type(self, text: str) -> None:
+        if self.xkeys is not None:
+            self.xkeys.type(text)
+        else:
+            self.keyboard.type(text)
+
+    def press(self, names: Sequence[str]) -> None:
+        """Press ``names`` together, in order, and release them in reverse order."""
+        if self.xkeys is not None:
+            self.xkeys.press(names)
+            return
+        pressed = []
+        try:
+            for k in [self.key(n) for n in names]:
+                self.keyboard.press(k)
+                pressed.append(k)
+        finally:
+            for k in reversed(pressed):
+                self.keyboard.release(k)
 
 
 def _describe(exc: BaseException) -> str:
@@ -489,27 +533,35 @@ class RealDesktop:
         await self._input(send)
 
     async def type_text(self, text: str) -> None:
+        """Type ``text`` into the application (see the module's docstring: focus, XTest)."""
+        self.station.dev().check_text(text)  # a character that cannot be typed fails before any key
         for start in range(0, len(text), TYPE_BATCH):
             chunk = text[start : start + TYPE_BATCH]
-            await self._input(lambda d, chunk=chunk: d.keyboard.type(chunk))  # type: ignore[misc]
+            await self._keys(lambda d, chunk=chunk: d.type(chunk))  # type: ignore[misc]
 
     async def press(self, *keys: str) -> None:
         if not keys:
             raise ValueError("press() needs at least one key")
         dev = self.station.dev()
-        resolved = [dev.key(k) for k in keys]  # an unknown key fails before any is pressed
+        for k in keys:
+            dev.key(k)  # an unknown key fails before any is pressed
+        await self._keys(lambda d: d.press(keys))
 
-        def send(d: _Devices) -> None:
-            pressed = []
-            try:
-                for k in resolved:
-                    d.keyboard.press(k)
-                    pressed.append(k)
-            finally:
-                for k in reversed(pressed):
-                    d.keyboard.release(k)
+    async def _keys(self, send: Callable[[_Devices], None]) -> None:
+        """Keyboard input: first make sure the keyboard focus is the application's (the host
+        gives it to the app's window when it is not, as a window manager would), then send —
+        both in the same gated batch."""
+        pid = self.app_pid
+        focus: Callable[[int], str | None] | None = getattr(self.host, "focus_app", None)
 
-        await self._input(send)
+        def run(d: _Devices) -> None:
+            if focus is not None and pid is not None:
+                moved = focus(pid)
+                if moved is not None:
+                    log.info("%s: %s", self.name, moved, extra={"machine": self.name})
+            send(d)
+
+        await self._input(run)
 
     async def scroll(self, dy: int, dx: int = 0) -> None:
         await self._input(lambda d: d.mouse.scroll(dx, dy))

@@ -15,9 +15,14 @@ the focus on the application). For each character the keymap is searched for its
   (ISO_Level3_Shift) and column 5 with Shift+AltGr — XKB's levels as the core keymap shows
   them; columns 2 and 3 (the second group, reached through Mode_switch) are not used;
 - a character the keymap lacks is typed through a spare keycode (one with no keysym at all),
-  bound to the character's keysym for the moment and restored afterwards, as xdotool does.
-  Clients read a changed keymap when they next look a key up, so the binding is kept until
-  they have had :data:`BORROW_SETTLE` seconds to handle the keys typed with it.
+  bound to the character's keysym for the moment and restored afterwards, as xdotool does
+  (all of a batch's borrowed keycodes in one request, so clients get one MappingNotify).
+  The server tells every client of the binding before the keys that use it; but clients
+  read a changed keymap lazily — when they next look a key up, after reading whatever
+  their socket holds by then — so a binding restored before the app has handled its keys
+  makes them type nothing. It is kept :data:`BORROW_SETTLE` seconds after them: at 50 ms
+  a Tk app lost 1 such character in 40 batches with both cores busy; at 100 ms, none in
+  80 (a still slower app may drop one, which ``fill`` catches).
 
 Before each batch, modifier keys left pressed (a process killed mid-chord) are released
 and Caps Lock is turned off, so that ``A`` is typed as ``A``. The keymap is read again when
@@ -39,9 +44,9 @@ from ..errors import DesktopError
 
 log = logging.getLogger(__name__)
 
-#: seconds a borrowed keycode stays bound before its keys and after them (clients fetch the
-#: changed keymap lazily, when they handle the next key event)
-BORROW_SETTLE = 0.05
+#: seconds a borrowed keycode stays bound after its keys (clients fetch a changed keymap
+#: lazily: restored before the app handled the key, the key types nothing)
+BORROW_SETTLE = 0.1
 
 SHIFT_L = 0xFFE1
 CAPS_LOCK = 0xFFE5
@@ -300,10 +305,7 @@ class XKeyboard:
         x, fake = self.x, self._xtest.fake_input
         self._release_stuck(keymap)
         if borrowed:
-            for keysym, keycode in borrowed.items():
-                x.change_keyboard_mapping(keycode, [(keysym, keysym)])
-            x.sync()
-            time.sleep(BORROW_SETTLE)
+            self._remap({keycode: (keysym, keysym) for keysym, keycode in borrowed.items()})
         try:
             it = iter(strokes)
             for chord in chords:
@@ -322,12 +324,24 @@ class XKeyboard:
         finally:
             if borrowed:
                 time.sleep(BORROW_SETTLE)
-                for keycode in borrowed.values():
-                    x.change_keyboard_mapping(keycode, [(NO_SYMBOL, NO_SYMBOL)])
-                x.sync()
+                self._remap({keycode: () for keycode in borrowed.values()})
                 # our own MappingNotify events say the keymap changed; it is back as it was
                 while x.pending_events():
                     x.next_event()
+
+    def _remap(self, rows: dict[int, tuple[int, ...]]) -> None:
+        """Bind keycodes to keysyms (an empty row: no keysym) in one request, so that clients
+        get one MappingNotify and see every binding at once; the keycodes between them are
+        written back as the server has them now."""
+        first, last = min(rows), max(rows)
+        current = [tuple(r) for r in self.x.get_keyboard_mapping(first, last - first + 1)]
+        width = max(2, *(len(r) for r in current))
+        table = []
+        for keycode, now in enumerate(current, first):
+            row = rows.get(keycode, now)
+            table.append(tuple(row) + (NO_SYMBOL,) * (width - len(row)))
+        self.x.change_keyboard_mapping(first, table)
+        self.x.sync()  # the server sends MappingNotify ahead of the keys that follow
 
     def _release_stuck(self, keymap: Keymap) -> None:
         """Release modifier keys still held down and turn Caps Lock off: both would change

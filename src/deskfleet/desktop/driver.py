@@ -1,16 +1,22 @@
 """The real desktop: a :class:`~deskfleet.desktop.Desktop` over a real screen, keyboard and mouse.
 
 One implementation for every platform, over cross-platform libraries: screenshots with
-``mss`` (X11 shared memory, GDI on Windows; ≈ 1.5 ms for a 1080p frame here), mouse and
-keyboard with ``pynput`` (XTest / SendInput), text with tesseract (``vision.ocr``), the
-application's memory and CPU with ``psutil``. The code our tests run against Xvfb is the
-code that drives a customer's Windows VM.
+``mss`` (X11 shared memory, GDI on Windows; ≈ 1.5 ms for a 1080p frame here), the mouse
+with ``pynput`` (XTest / SendInput), the keyboard with XTest on X11 (:mod:`.xkeys`: every
+key as if typed on the keyboard — pynput sends characters there with XSendEvent, which
+loses them once the focused window has closed) and with ``pynput`` (SendInput) elsewhere,
+text with tesseract (``vision.ocr``), the application's memory and CPU with ``psutil``.
+The code our tests run against Xvfb is the code that drives a customer's Windows VM.
 
 What differs between platforms is the *host* around the application — which display
 the frames and input go to, when the machine booted, whether the app's window is up
 (and giving it the keyboard focus, which on an X server without a window manager nobody
 else does), how to reboot. That is the small :class:`Host` protocol: ``xvfb.XvfbDisplay``
-for X displays started here, ``windows.ConsoleHost`` for an attended Windows console.
+for X displays started here, ``local.X11Session`` for the session the agent runs in,
+``windows.ConsoleHost`` for an attended Windows console. An X host also has
+``focus_app(pid)``: before every keyboard batch the desktop asks it to make sure the
+keyboard focus is a window of the app, and to give it the app's topmost window (a dialog
+of it first) when it is not — what a click-to-focus window manager would do.
 
 Blocking calls (capture, input, OCR, process control) run in worker threads, so one event
 loop can hold many desktops; an X server that hangs stalls a worker, never the loop and
@@ -21,7 +27,7 @@ state, so it runs on the event loop, immediately before each batch of input is h
 to a worker. The worker re-checks that the handoff took no longer than
 :data:`GATE_FRESHNESS`: a process paused between the gate and the input (GC, SIGSTOP, a
 frozen VM) must not land input its lease may no longer allow. Long text is sent in
-short batches, each gated.
+short batches, each gated; the focus check runs inside the batch, after the gate.
 """
 
 from __future__ import annotations

@@ -181,6 +181,31 @@ async def test_the_focus_goes_to_a_dialog_of_the_app_before_its_main_window(app:
     assert app.text("plain") == ""
 
 
+async def test_the_focus_finds_the_app_inside_a_window_managers_frame(app: App) -> None:
+    """Under a reparenting window manager the app's window is a child of the manager's frame
+    (here: a frame made by the test process, the app's window reparented into it)."""
+    import Xlib.display
+    import Xlib.X
+
+    await app.second_window()
+    other = Xlib.display.Display(app.desktop.host.display)
+    try:
+        root = other.screen().root
+        second = next(w for w in root.query_tree().children if w.get_wm_name() == "second")
+        frame = root.create_window(190, 180, 440, 220, 0, other.screen().root_depth)
+        frame.map()
+        second.reparent(frame, 10, 20)
+        other.sync()
+        await asyncio.sleep(0.3)
+        other.set_input_focus(Xlib.X.PointerRoot, Xlib.X.RevertToPointerRoot, Xlib.X.CurrentTime)
+        other.sync()
+        await app.desktop.type_text("framed")
+        assert await app.shows("framed") == "framed"
+        assert app.focus().id == second.id  # type: ignore[attr-defined]
+    finally:
+        other.close()
+
+
 async def test_no_keys_are_sent_while_the_app_shows_no_window(app: App) -> None:
     """Keys for the app never go to another program: with no window of the app up, the
     input is refused and says why, and the program that has the focus gets nothing."""

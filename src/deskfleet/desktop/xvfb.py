@@ -318,7 +318,8 @@ def _describe_focus(x: Any, focus: Any, pid: int) -> str:
 
 def _app_windows(x: Any, pid: int) -> list[Any]:
     """The viewable top-level windows of ``pid``, bottom to top, menus and tooltips
-    (override-redirect windows) left out."""
+    (override-redirect windows) left out. Under a reparenting window manager (a desktop
+    session) a top-level window sits inside the manager's frame: it is looked for there."""
     import Xlib.error
     import Xlib.X
 
@@ -330,6 +331,11 @@ def _app_windows(x: Any, pid: int) -> list[Any]:
                 continue
             if _owner(x, window) == pid:
                 out.append(window)
+                continue
+            for inner in window.query_tree().children:  # a frame: the app's window inside it
+                if _owner(x, inner) == pid and inner.get_attributes().map_state == Xlib.X.IsViewable:
+                    out.append(inner)
+                    break
         except Xlib.error.XError:
             continue  # it went away between the listing and the question
     return out

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .desktop import Desktop, Frame, Region
+from .desktop.fill import fill as fill_field
 from .errors import DesktopError
 from .vision import UNKNOWN, Classification, Classifier
 
@@ -98,7 +99,8 @@ class AppModel:
 
 @dataclass(slots=True)
 class PlaybookContext:
-    """What a playbook gets: the desktop, the model, the account, and waiting helpers."""
+    """What a playbook gets: the desktop, the model, the account, waiting helpers, and
+    :meth:`fill` (type into a field and confirm the text arrived)."""
 
     desktop: Desktop
     model: AppModel
@@ -166,3 +168,12 @@ class PlaybookContext:
         """Click a region's centre (or a point)."""
         x, y = where.center if isinstance(where, Region) else where
         await self.desktop.click(x, y)
+
+    async def fill(self, field: Region, text: str, *, label: str, read: Region | None = None,
+                   secret: bool = False, clear: bool = True) -> None:
+        """Click ``field``, replace what it holds with ``text`` and confirm the text arrived:
+        read back by OCR (of ``read`` if given), or for ``secret=True`` (a password field
+        showing dots) by the field's pixels changing from the empty field's. One retry, then
+        DesktopError naming the field by ``label`` — never quoting a secret. See
+        :func:`deskfleet.desktop.fill.fill`."""
+        await fill_field(self.desktop, field, text, label=label, read=read, secret=secret, clear=clear)

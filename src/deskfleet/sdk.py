@@ -43,7 +43,8 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from .appmodel import AppModel
-from .desktop import Desktop, Frame
+from .desktop import Desktop, Frame, Region
+from .desktop.fill import fill as fill_field
 from .errors import BusinessError, DesktopError, StateTimeout, Stopped
 from .models import AutomationSpec
 
@@ -54,7 +55,9 @@ log = logging.getLogger(__name__)
 
 
 class Context:
-    """What an automation gets besides its input: the desktop, progress, screenshots.
+    """What an automation gets besides its input: the desktop, progress, screenshots,
+    screen states (``state``, ``wait_for``, ``ensure``), and :meth:`fill` — type into a field
+    and confirm the text arrived.
 
     The agent creates one per attempt. Every call checks whether the attempt must stop
     (cancel, timeout, lease lost) and raises :class:`~deskfleet.errors.Stopped` if so.
@@ -139,6 +142,17 @@ class Context:
                 raise StateTimeout("|".join(states), seen, timeout)
             await asyncio.sleep(interval)
 
+
+    async def fill(self, field: Region, text: str, *, label: str, read: Region | None = None,
+                   secret: bool = False, clear: bool = True) -> None:
+        """Click ``field``, replace what it holds with ``text`` and confirm the text arrived:
+        read back by OCR (of ``read`` if given; OCR's usual confusions such as O/0 and l/1
+        are forgiven), or for ``secret=True`` (a password field showing dots) by the field's
+        pixels changing from the empty field's. One retry, then DesktopError naming the
+        field by ``label`` ("the password field did not take the text …") — never quoting a
+        secret. See :func:`deskfleet.desktop.fill.fill`."""
+        self.check()
+        await fill_field(self.desktop, field, text, label=label, read=read, secret=secret, clear=clear)
 
     async def ensure(self, state: str = "ready") -> str:
         """Bring the application to ``state`` with the app model's playbooks, as pre-flight

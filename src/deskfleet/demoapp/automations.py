@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pydantic import BaseModel, Field
 
 from deskfleet import BusinessError, Context, DesktopError, Region, Registry, automation
+from deskfleet.desktop.fill import same_text
 
 from . import layout as L
 
@@ -136,18 +137,6 @@ def _inside(field: Region) -> Region:
     """A field without its border: a border line against the first glyph ("John…") makes
     tesseract read nothing at all."""
     return Region(field.left + 2, field.top + 2, field.width - 4, field.height - 4)
-
-
-_CONFUSABLE = str.maketrans({"O": "0", "o": "0", "Q": "0", "l": "1", "I": "1", "i": "1", "|": "1",
-                             "S": "5", "s": "5", "B": "8", "Z": "2", "z": "2"})
-
-
-def same_text(read: str, expected: str) -> bool:
-    """Whether OCR text says ``expected``, forgiving the glyphs OCR confuses (O/0, l/1, S/5…)."""
-    def norm(t: str) -> str:
-        return "".join(t.split()).translate(_CONFUSABLE).upper()
-
-    return norm(read) == norm(expected)
 
 
 _HEADER = re.compile(r"(\d+)\s+records?\s+for\s+MRN\s+(\S+)", re.IGNORECASE)

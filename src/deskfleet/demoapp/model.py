@@ -95,17 +95,11 @@ def load_library() -> TemplateLibrary:
 # -- playbooks --------------------------------------------------------------------------------
 
 
-async def _fill(ctx: PlaybookContext, field: Region, text: str) -> None:
-    await ctx.desktop.click(*field.center)  # no window manager: focus goes where you click
-    await ctx.desktop.press("ctrl", "a")  # replace whatever is there
-    await ctx.desktop.type_text(text)
-
-
 @playbook(signs_in=True)
 async def login(ctx: PlaybookContext) -> None:
     cred = ctx.credential()
-    await _fill(ctx, L.USERNAME, cred.username)
-    await _fill(ctx, L.PASSWORD, cred.password)
+    await ctx.fill(L.USERNAME, cred.username, label="username")  # typed, then read back
+    await ctx.fill(L.PASSWORD, cred.password, label="password", secret=True)  # dots: checked by pixels
     await ctx.desktop.click(*L.SIGN_IN.center)
 
 
@@ -120,7 +114,7 @@ async def mfa(ctx: PlaybookContext) -> None:
     remaining = totp.interval - time.time() % totp.interval
     if remaining < TOTP_MARGIN:
         await asyncio.sleep(remaining + 0.05)  # the next code, rather than one about to expire
-    await _fill(ctx, L.CODE, totp.now())
+    await ctx.fill(L.CODE, totp.now(), label="verification code")
     await ctx.desktop.click(*L.VERIFY.center)
 
 

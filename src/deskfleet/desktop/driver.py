@@ -1,17 +1,22 @@
 """The real desktop: a :class:`~deskfleet.desktop.Desktop` over a real screen, keyboard and mouse.
 
 One implementation for every platform, over cross-platform libraries: screenshots with
-``mss`` (X11 shared memory, GDI on Windows; ≈ 1.5 ms for a 1080p frame here), mouse and
-keyboard with ``pynput`` (XTest / SendInput), text with tesseract (``vision.ocr``), the
-application's memory and CPU with ``psutil``. The code our tests run against Xvfb is the
-code that drives a customer's Windows VM.
+``mss`` (X11 shared memory, GDI on Windows; ≈ 1.5 ms for a 1080p frame here), the mouse
+with ``pynput`` (XTest / SendInput), the keyboard with XTest on X11 (:mod:`.xkeys`: every
+key as if typed on the keyboard — pynput sends characters there with XSendEvent, which
+loses them once the focused window has closed) and with ``pynput`` (SendInput) elsewhere,
+text with tesseract (``vision.ocr``), the application's memory and CPU with ``psutil``.
+The code our tests run against Xvfb is the code that drives a customer's Windows VM.
 
 What differs between platforms is the *host* around the application — which display
 the frames and input go to, when the machine booted, whether the app's window is up
 (and giving it the keyboard focus, which on an X server without a window manager nobody
 else does), how to reboot. That is the small :class:`Host` protocol: ``xvfb.XvfbDisplay``
 for X displays started here, ``local.X11Session`` for an X session somebody else
-started, ``windows.ConsoleHost`` for the interactive Windows session an agent runs in.
+started, ``windows.ConsoleHost`` for the interactive Windows session an agent runs in. An X
+host also has ``focus_app(pid)``: before every keyboard batch the desktop asks it to make
+sure the keyboard focus is a window of the app, and to give it the app's topmost window (a
+dialog of it first) when it is not — what a click-to-focus window manager would do.
 
 Blocking calls (capture, input, OCR, process control) run in worker threads, so one event
 loop can hold many desktops; an X server that hangs stalls a worker, never the loop and
@@ -22,7 +27,7 @@ state, so it runs on the event loop, immediately before each batch of input is h
 to a worker. The worker re-checks that the handoff took no longer than
 :data:`GATE_FRESHNESS`: a process paused between the gate and the input (GC, SIGSTOP, a
 frozen VM) must not land input its lease may no longer allow. Long text is sent in
-short batches, each gated.
+short batches, each gated; the focus check runs inside the batch, after the gate.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +53,7 @@ import psutil
 from ..errors import DesktopError, Stopped
 from . import DesktopInfo, Frame, Region
 from .session import SessionNote
+from .xkeys import XKeyboard, char_keysym, key_keysym
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +154,16 @@ def _display_env(display: str | None) -> Any:
                 os.environ["DISPLAY"] = old
 
 
+#: the keyboard goes through XTest (``xkeys``) on X11; elsewhere through pynput (SendInput)
+X11 = sys.platform not in ("win32", "darwin")
+
+
 class _Devices:
     """Screen capture and input devices bound to one display (re-created after a reboot)."""
 
     def __init__(self, display: str | None) -> None:
+        self.xkeys: XKeyboard | None = None
+        self.keyboard: Any = None
         try:
             import mss
 
@@ -158,9 +171,14 @@ class _Devices:
                 from pynput import keyboard, mouse
 
                 self.mouse = mouse.Controller()
-                self.keyboard = keyboard.Controller()
+                if X11:
+                    self.xkeys = XKeyboard(display)
+                else:
+                    self.keyboard = keyboard.Controller()
             self.screen = mss.MSS(display=display) if display else mss.MSS()
         except Exception as exc:  # Xlib, mss and pynput each raise their own kinds
+            if self.xkeys is not None:
+                self.xkeys.close()
             raise DesktopError(f"cannot open the display {display or '(session)'}: {exc}") from exc
         self.Button = mouse.Button
         self.Key = keyboard.Key
@@ -171,6 +189,8 @@ class _Devices:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.screen.close()
+        if self.xkeys is not None:
+            self.xkeys.close()
         # pynput has no close(); its finaliser would close these connections after the X
         # server is gone and print a traceback, so they are closed here, while it is up.
         for controller in (self.mouse, self.keyboard):
@@ -189,12 +209,41 @@ class _Devices:
         return np.asarray(cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB), np.uint8)
 
     def key(self, name: str) -> Any:
+        """A key name as the keyboard backend takes it; ValueError for an unknown name."""
+        if self.xkeys is not None:
+            return key_keysym(name)
         mapped = _KEYS.get(name.lower())
         if mapped is not None:
             return getattr(self.Key, mapped)
         if len(name) == 1:
             return name
         raise ValueError(f"unknown key {name!r}")
+
+    def check_text(self, text: str) -> None:
+        """ValueError before any key is sent if ``text`` holds a character that cannot be typed."""
+        if self.xkeys is not None:
+            for ch in text:
+                char_keysym(ch)
+
+    def type(self, text: str) -> None:
+        if self.xkeys is not None:
+            self.xkeys.type(text)
+        else:
+            self.keyboard.type(text)
+
+    def press(self, names: Sequence[str]) -> None:
+        """Press ``names`` together, in order, and release them in reverse order."""
+        if self.xkeys is not None:
+            self.xkeys.press(names)
+            return
+        pressed = []
+        try:
+            for k in [self.key(n) for n in names]:
+                self.keyboard.press(k)
+                pressed.append(k)
+        finally:
+            for k in reversed(pressed):
+                self.keyboard.release(k)
 
 
 def _describe(exc: BaseException) -> str:
@@ -497,27 +546,35 @@ class RealDesktop:
         await self._input(send)
 
     async def type_text(self, text: str) -> None:
+        """Type ``text`` into the application (see the module's docstring: focus, XTest)."""
+        self.station.dev().check_text(text)  # a character that cannot be typed fails before any key
         for start in range(0, len(text), TYPE_BATCH):
             chunk = text[start : start + TYPE_BATCH]
-            await self._input(lambda d, chunk=chunk: d.keyboard.type(chunk))  # type: ignore[misc]
+            await self._keys(lambda d, chunk=chunk: d.type(chunk))  # type: ignore[misc]
 
     async def press(self, *keys: str) -> None:
         if not keys:
             raise ValueError("press() needs at least one key")
         dev = self.station.dev()
-        resolved = [dev.key(k) for k in keys]  # an unknown key fails before any is pressed
+        for k in keys:
+            dev.key(k)  # an unknown key fails before any is pressed
+        await self._keys(lambda d: d.press(keys))
 
-        def send(d: _Devices) -> None:
-            pressed = []
-            try:
-                for k in resolved:
-                    d.keyboard.press(k)
-                    pressed.append(k)
-            finally:
-                for k in reversed(pressed):
-                    d.keyboard.release(k)
+    async def _keys(self, send: Callable[[_Devices], None]) -> None:
+        """Keyboard input: first make sure the keyboard focus is the application's (the host
+        gives it to the app's window when it is not, as a window manager would), then send —
+        both in the same gated batch."""
+        pid = self.app_pid
+        focus: Callable[[int], str | None] | None = getattr(self.host, "focus_app", None)
 
-        await self._input(send)
+        def run(d: _Devices) -> None:
+            if focus is not None and pid is not None:
+                moved = focus(pid)
+                if moved is not None:
+                    log.info("%s: %s", self.name, moved, extra={"machine": self.name})
+            send(d)
+
+        await self._input(run)
 
     async def scroll(self, dy: int, dx: int = 0) -> None:
         await self._input(lambda d: d.mouse.scroll(dx, dy))

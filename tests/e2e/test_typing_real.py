@@ -202,6 +202,12 @@ async def test_the_focus_finds_the_app_inside_a_window_managers_frame(app: App) 
         await app.desktop.type_text("framed")
         assert await app.shows("framed") == "framed"
         assert app.focus().id == second.id  # type: ignore[attr-defined]
+        # Finding the app's window by its title (what --desktop local does at start) and
+        # telling it is up look inside the frame too.
+        host = app.desktop.host
+        pid = app.desktop.app_pid
+        assert pid is not None and host.find_window("^second$") == pid
+        assert host.show_window(pid)
     finally:
         other.close()
 

@@ -219,10 +219,14 @@ class XvfbDisplay:
 
 
 def top_level_windows(x: Any) -> list[tuple[Any, str, int | None]]:
-    """The viewable top-level windows of display connection ``x``: (window, title, pid).
+    """The viewable top-level windows of display connection ``x``: (window, title, pid),
+    bottom to top.
 
     The pid comes from the server (X-Resource), not from _NET_WM_PID: toolkits need not set
     it (Tk does not), and a window of an app just killed can still be listed for a moment.
+    Under a reparenting window manager (a desktop session, ``--desktop local``) a top-level
+    window sits inside the manager's frame, a window of another client: the titled windows
+    inside a frame are listed too.
     """
     import Xlib.error
     import Xlib.X
@@ -233,9 +237,16 @@ def top_level_windows(x: Any) -> list[tuple[Any, str, int | None]]:
     try:
         for window in x.screen().root.query_tree().children:
             try:
-                if window.get_attributes().map_state != Xlib.X.IsViewable:
+                attrs = window.get_attributes()
+                if attrs.map_state != Xlib.X.IsViewable:
                     continue
-                out.append((window, _title(x, window), _owner(x, window)))
+                owner = _owner(x, window)
+                out.append((window, _title(x, window), owner))
+                if attrs.override_redirect:
+                    continue
+                for inner in window.query_tree().children:  # a frame's client (its title is the app's)
+                    if _owner(x, inner) != owner and inner.get_attributes().map_state == Xlib.X.IsViewable:
+                        out.append((inner, _title(x, inner), _owner(x, inner)))
             except Xlib.error.XError:
                 continue  # it went away between the listing and the question
     except Xlib.error.XError:

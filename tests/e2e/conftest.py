@@ -74,7 +74,7 @@ async def real_fleet(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         options = [f"--seed={seed}", *(app_options or [])]
         idle = parse(["--data", "x", *options]).session_timeout  # DemoEHR's idle logout, as it reads it
         values: dict[str, Any] = {
-            "servers": [server.url], "packs": [pack], "desktop": "xvfb", "count": count,
+            "servers": [server.url], "packs": [pack], "desktop": "xvfb", "count": count,  # packs= may override
             "enrolment_token": server.token, "machine": f"x{len(fleets)}",
             "state_dir": tmp_path / f"agents{len(fleets)}", "data_dir": tmp_path / "data",
             "log_dir": tmp_path / "logs", "screenshots": "evidence",

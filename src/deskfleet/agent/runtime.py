@@ -532,6 +532,7 @@ class Agent:
             # Session upkeep (a keep-alive on an idle machine) finishes before pre-flight looks.
             async with self._upkeep_lock:
                 pass
+            await _activate(app)
             # A stop order cancels pre-flight too, even in the middle of a playbook step.
             pre = await self._guarded(cur, ensure(a.required_state))
             if not pre.ok:
@@ -655,6 +656,7 @@ class Agent:
             async with self._upkeep_lock:
                 for app in apps:
                     assert app.model is not None
+                    await _activate(app)
                     pre = await preflight(app.desktop, app.model, "ready", session_key=None,
                                           credentials=self.credentials, record=record,
                                           max_steps=self.config.preflight_steps)
@@ -696,6 +698,7 @@ class Agent:
             if self._current is not None:
                 return  # an assignment arrived meanwhile: its pre-flight deals with the session
             t0 = time.monotonic()
+            await _activate(app)
             frame = await app.desktop.screenshot()
             seen = app.model.classify(frame)
             error = ""
@@ -710,6 +713,13 @@ class Agent:
             await self._send_quiet(AgentEvent(kind="session.keepalive", data={
                 "app": app.name, "account": account, "playbook": app.keepalive, "state": seen.state,
                 "ok": not error, "error": error or None, "seconds": round(time.monotonic() - t0, 3)}))
+
+
+async def _activate(app: App) -> None:
+    """Bring the app to the front of a screen it shares with other apps (real desktops)."""
+    activate = getattr(app.desktop, "activate", None)
+    if activate is not None:
+        await activate()
 
 
 def _unavailable(reply: Reply) -> bool:

@@ -499,6 +499,17 @@ class RealDesktop:
             extra={"app_restarts": float(self.restarts)},
         )
 
+    async def activate(self) -> None:
+        """Bring this application to the front of its machine's screen, when it shares the
+        screen with others (several packs on one machine): what a click on it would do under
+        a window manager. Alone on its screen, an app is left as it is — raising its main
+        window could hide a dialog of its own."""
+        pid = self.app_pid
+        bring: Callable[[int], int] | None = getattr(self.host, "raise_app", None)
+        if len(self.station.apps) < 2 or pid is None or bring is None:
+            return
+        await asyncio.to_thread(bring, pid)
+
     async def problems(self) -> list[str]:
         """What keeps this machine from being driven (machine health, checked by pre-flight):
         a screen of another size than the app expects; on Windows a locked console, a

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from ..errors import ConfigError, DesktopError
-from .xvfb import find_window, focus_app, kernel_boot_id, show_window
+from .xvfb import find_window, focus_app, kernel_boot_id, raise_app, show_window
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,10 @@ class X11Session:
     def find_window(self, title: str) -> int | None:
         with self._x_lock:
             return find_window(self._x, title)
+
+    def raise_app(self, pid: int) -> int:
+        with self._x_lock:
+            return raise_app(self._x, pid)
 
     def focus_app(self, pid: int) -> str | None:
         """Give the keyboard focus to ``pid``'s window unless one of its windows has it

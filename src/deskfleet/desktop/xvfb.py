@@ -214,6 +214,13 @@ class XvfbDisplay:
                 raise DesktopError("the Xvfb display is not running")
             return focus_app(self._x, pid)
 
+    def raise_app(self, pid: int) -> int:
+        """Bring ``pid``'s windows to the front (see :func:`raise_app`)."""
+        with self._x_lock:
+            if self._x is None:
+                raise DesktopError("the Xvfb display is not running")
+            return raise_app(self._x, pid)
+
 
 # -- X11 windows, for any X display (ours or a session's) -----------------------------------------
 
@@ -328,6 +335,28 @@ def _describe_focus(x: Any, focus: Any, pid: int) -> str:
     if owner == pid:
         return f"window 0x{focus.id:x} of the application, no longer viewable"
     return f"window 0x{focus.id:x} of another client (pid {owner})"
+
+
+def raise_app(x: Any, pid: int) -> int:
+    """Bring ``pid``'s viewable top-level windows above every other client's, keeping their
+    own order (a dialog stays above its main window); returns how many were raised. For
+    several applications on one display: the one about to be driven comes to the front, as
+    a click on it would under a window manager."""
+    import Xlib.error
+    import Xlib.X
+
+    raised = 0
+    root = x.screen().root
+    for window in _app_windows(x, pid):  # bottom to top: each raised above the one before
+        try:
+            parent = window.query_tree().parent
+            target = parent if parent is not None and parent.id != root.id else window  # a WM's frame
+            target.configure(stack_mode=Xlib.X.Above)
+            raised += 1
+        except Xlib.error.XError:
+            continue  # it went away meanwhile
+    x.sync()
+    return raised
 
 
 def _app_windows(x: Any, pid: int) -> list[Any]:

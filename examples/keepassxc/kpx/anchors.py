@@ -49,8 +49,9 @@ MENU = [Spot("menu_left", R(4, 5, 186, 18)), Spot("menu_right", R(206, 5, 132, 1
         Spot("settings", R(529, 40, 28, 28)), Spot("search_glass", R(585, 46, 15, 15))]
 #: toolbar buttons enabled only while the database is unlocked (grey on the unlock screen)
 UNLOCKED = [Spot("lock", R(98, 40, 26, 29))]
-#: the left panels and the preview panel: the same in the list and in search results
-PANELS = [Spot("tree_root", R(28, 100, 80, 18)), Spot("searches_label", R(9, 530, 138, 16)),
+#: the left panels and the preview panel: the same in the list and in search results (not the
+#: group tree's root: its highlight turns dark when the tree has the keyboard focus)
+PANELS = [Spot("searches_label", R(9, 530, 138, 16)),
           Spot("all_entries", R(14, 582, 88, 16)), Spot("weak_passwords", R(14, 632, 130, 16)),
           Spot("preview_close", R(986, 289, 26, 26)), Spot("general_tab", R(406, 333, 70, 24))]
 

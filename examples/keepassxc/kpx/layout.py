@@ -25,6 +25,10 @@ LOCK_BUTTON = Region(97, 40, 28, 28)
 NEW_BUTTON = Region(161, 40, 28, 28)
 SEARCH_BOX = Region(605, 42, 320, 24)  # the text part (the icons around it stay out)
 
+#: the root group ("Passwords") in the group tree: selecting it brings back the preview panel,
+#: which KeePassXC hides when nothing is selected (after a search with no results is cleared)
+GROUP_ROOT = Region(28, 97, 360, 24)
+
 # -- the unlock screen ----------------------------------------------------------------------------
 PASSWORD = Region(192, 311, 600, 32)  # the field without its eye icon
 PASSWORD_TEXT = Region(198, 315, 590, 24)  # inside the border: where the dots are drawn

@@ -24,6 +24,7 @@ KeePassXC itself; its pid is written to the private home for ``stop``, which SIG
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -91,10 +92,8 @@ def stop(args: argparse.Namespace) -> int:
         return 0  # not running
     if str(home / "keepassxc.ini").encode() not in cmdline:
         return 0  # the pid was reused by another process: ours is gone
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     return 0
 
 

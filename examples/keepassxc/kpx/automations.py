@@ -18,6 +18,7 @@ and the step done once more. Both end at the entry list.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Awaitable, Callable
 
@@ -27,12 +28,15 @@ from deskfleet import BusinessError, Context, DesktopError, Region, automation
 
 from . import layout as L
 from . import screen
+from .fields import click_into
 from .screen import same_text
 from .shared import SharedDatabase
 
 STEP_TIMEOUT = 10.0  # seconds for KeePassXC to show the next screen
 #: what the form takes and OCR reads back reliably (no quotes: a title is searched as title:"…")
 SAFE = r"^[A-Za-z0-9][A-Za-z0-9 ._@:/+,-]*$"
+#: the quote marks OCR may read a straight double quote as
+QUOTES = frozenset("\"'`\u2018\u2019\u201c\u201d")
 OPTIONAL = r"^([A-Za-z0-9][A-Za-z0-9 ._@:/+,-]*)?$"
 #: screens that end any step at once: waiting longer would not make them go away
 TROUBLE = ("locked", "locked_error", "unlock_failed", "lock_confirm", "unsaved_changes", "welcome", "desktop")
@@ -134,10 +138,11 @@ async def _reloaded(ctx: Context, db: SharedDatabase) -> None:
     saved = db.last_save()
     if saved is None or saved.entries is None or saved.mtime_ns != db.mtime_ns():
         return  # written by someone outside the lock (or never by a robot): the quiet time is all we have
+    expected = saved.entries
     for again in (False, True):
         try:
-            await screen.read_until(ctx.desktop, L.ENTRY_COUNT,
-                                    lambda text: _count_is(text, saved.entries), "the entry count")
+            await screen.read_until(ctx.desktop, L.ENTRY_COUNT, functools.partial(_count_is, expected=expected),
+                                    "the entry count")
             return
         except DesktopError:
             if again:
@@ -155,7 +160,10 @@ def _count_is(text: str, expected: int) -> bool:
 
 
 async def _fill(ctx: Context, field: Region, text: str) -> None:
-    await ctx.desktop.click(*field.center)  # no window manager: the focus goes where we click
+    if field is L.NOTES:  # a text area draws no focus frame: its read-back decides
+        await ctx.desktop.click(*field.center)
+    else:
+        await click_into(ctx.desktop, field)  # no window manager: the focus goes where we click
     await ctx.desktop.press("ctrl", "a")
     await ctx.desktop.type_text(text)
 
@@ -174,7 +182,7 @@ async def _fill_form(ctx: Context, data: NewEntry) -> None:
     await _fill(ctx, L.ENTRY_PASSWORD, secret)
     await ctx.desktop.move(*L.PARK)
     for label, region, text in fields:
-        await screen.read_until(ctx.desktop, L.inside(region), lambda t, text=text: same_text(t, text),
+        await screen.read_until(ctx.desktop, L.inside(region), functools.partial(same_text, expected=text),
                                 f"the {label} field does not show {text!r} after typing it")
     if data.notes:
         await screen.read_until(ctx.desktop, L.NOTES_FIRST_LINE, lambda t: same_text(t, data.notes),
@@ -191,7 +199,7 @@ async def _search(ctx: Context, title: str) -> Found:
     query = f'title:"{title}"'
 
     async def type_query() -> None:
-        await ctx.desktop.click(*L.SEARCH_BOX.center)
+        await click_into(ctx.desktop, L.SEARCH_BOX, L.SEARCH_FRAME_AT)
         await ctx.desktop.press("ctrl", "a")
         await ctx.desktop.type_text(query)
         await ctx.desktop.move(*L.PARK)
@@ -217,14 +225,15 @@ async def _search(ctx: Context, title: str) -> Found:
 
 
 def _unquote(text: str) -> str:
-    return "".join(c for c in text if c not in "\"'“”‘’`")
+    """Quotes as OCR may read them (straight, curly, a grave accent) taken out."""
+    return "".join(c for c in text if c not in QUOTES)
 
 
 async def _clear_search(ctx: Context) -> None:
     """Escape clears the search; a click on the root group then selects it, so that the
     preview panel shows (KeePassXC hides it when the search selected nothing)."""
     async def escape() -> None:
-        await ctx.desktop.click(*L.SEARCH_BOX.center)
+        await click_into(ctx.desktop, L.SEARCH_BOX, L.SEARCH_FRAME_AT)
         await ctx.desktop.press("esc")
         await ctx.desktop.click(*L.GROUP_ROOT.center)
         await ctx.desktop.move(*L.PARK)

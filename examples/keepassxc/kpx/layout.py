@@ -24,6 +24,7 @@ HELP_ABOUT = Region(320, 190, 100, 22)  # in the Help menu, once open
 LOCK_BUTTON = Region(97, 40, 28, 28)
 NEW_BUTTON = Region(161, 40, 28, 28)
 SEARCH_BOX = Region(605, 42, 320, 24)  # the text part (the icons around it stay out)
+SEARCH_FRAME_AT = (578, 54)  # a pixel of the search box's frame (green while it has the focus)
 
 #: the root group ("Passwords") in the group tree: selecting it brings back the preview panel,
 #: which KeePassXC hides when nothing is selected (after a search with no results is cleared)

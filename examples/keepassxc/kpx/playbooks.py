@@ -18,11 +18,21 @@ import asyncio
 
 import numpy as np
 
-from deskfleet import Desktop, DesktopError, PlaybookContext, ProbeResult, Region, note_session, playbook, probe
 from deskfleet import UNKNOWN as UNKNOWN_STATE
+from deskfleet import (
+    Desktop,
+    DesktopError,
+    PlaybookContext,
+    ProbeResult,
+    Region,
+    note_session,
+    playbook,
+    probe,
+)
 
 from . import layout as L
 from . import screen
+from .fields import click_into
 
 #: seconds a live KeePassXC takes at most to highlight a hovered toolbar button
 PROBE_BOUND = 1.5
@@ -47,7 +57,7 @@ async def unlock(ctx: PlaybookContext) -> None:
         await ctx.wait_for("locked")
     password = ctx.credential().password
     field = L.PASSWORD
-    await ctx.desktop.click(*field.center)  # focus: after a dialog it is nowhere
+    await click_into(ctx.desktop, field)  # focus: after a dialog it is nowhere
     await ctx.desktop.press("ctrl", "a")
     await ctx.desktop.press("backspace")
     await ctx.desktop.type_text(password)
@@ -100,7 +110,7 @@ async def cancel_form(ctx: PlaybookContext) -> None:
 @playbook
 async def clear_search(ctx: PlaybookContext) -> None:
     """Search results: Escape in the search box clears the search."""
-    await ctx.desktop.click(*L.SEARCH_BOX.center)
+    await click_into(ctx.desktop, L.SEARCH_BOX, L.SEARCH_FRAME_AT)
     await ctx.desktop.press("esc")
     await ctx.desktop.move(*L.PARK)
 

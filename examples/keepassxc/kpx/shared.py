@@ -115,6 +115,8 @@ class SharedDatabase:
 
     def last_save(self) -> Saved | None:
         saved = self.ledger().get("saved")
+        if not isinstance(saved, dict):
+            return None
         try:
             return Saved(int(saved["mtime_ns"]), saved.get("entries"), str(saved.get("by", "")),
                          float(saved.get("at", 0)))

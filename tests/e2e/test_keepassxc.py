@@ -9,6 +9,7 @@ the database holds is checked from outside with ``keepassxc-cli``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import shutil
@@ -302,6 +303,30 @@ async def test_an_unknown_modal_dialog_is_never_taken_for_the_list_and_is_closed
              for e in events if e["kind"] == "playbook.step"]
     assert steps == [("escape_then_wait", "unknown", "entries")], steps
     assert run["dispatches"] == 1 and run["output"]["exact"] == 1
+
+
+async def test_a_hung_keepassxc_showing_the_list_is_caught_by_the_probe(kx_server, kx_fleet):
+    """A stopped KeePassXC (SIGSTOP) keeps showing a perfect list: only the probe can tell. It
+    hovers a toolbar button, sees no highlight, says so, and the app is restarted."""
+    fleet = await kx_fleet(kx_server)
+    machine = fleet.names[0]
+    async with AsyncClient(kx_server.url) as c:
+        first = await c.submit("keepassxc.add_entry", entry("Perlman Spanning"), wait=90)
+        assert first["state"] == "succeeded", first
+        pid = fleet.desktop(machine).app_pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            run = await c.submit("keepassxc.find_entry", {"title": "Perlman Spanning"}, wait=90)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        assert run["state"] == "succeeded", run
+        events = await c.events(run["id"])
+    steps = [e["data"] for e in events if e["kind"] == "playbook.step"]
+    assert [(s["playbook"], s["from_state"]) for s in steps] == [("restart_app", "entries"), ("unlock", "locked")]
+    assert "did not highlight" in steps[0]["why"], steps[0]
+    assert fleet.desktop(machine).app_pid != pid
+    assert run["output"]["exact"] == 1
 
 
 async def test_session_upkeep_keeps_the_database_unlocked_on_an_idle_machine(kx_server, kx_fleet):

@@ -19,6 +19,8 @@ from deskfleet.packs.check import check_pack
 from deskfleet.vision.templates import Anchor, TemplateLibrary
 
 SRC = Path(deskfleet.__file__).parent
+#: example packs loaded by path, as a user's are (deskfleet agent --pack examples/NAME)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 MANIFEST = """
 [pack]
@@ -192,6 +194,12 @@ def test_check_passes_the_packs_we_ship() -> None:
     for name in ("demoehr", "simehr"):
         report = check_pack(name)
         assert report.ok, report.problems
+    examples = sorted(p for p in EXAMPLES.iterdir() if (p / "pack.toml").is_file())
+    assert [p.name for p in examples] == ["keepassxc"]
+    for path in examples:
+        report = check_pack(path)
+        assert report.ok, report.problems
+        assert report.warnings == [], report.warnings
 
 
 def test_pack_check_as_a_command(tmp_path: Path) -> None:
@@ -258,13 +266,17 @@ def _help_text(tree: ast.AST, node: ast.Constant) -> bool:
 def test_example_packs_use_only_the_public_surface() -> None:
     """An example pack imports what a user's pack can: ``deskfleet`` and its documented
     subpackages (``deskfleet.vision`` to record models, ``deskfleet.desktop`` for real desktops in
-    tools, ``deskfleet.demo`` for demo hooks), and its own modules."""
+    tools, ``deskfleet.demo`` for demo hooks), and its own modules — the packs in the package
+    (DemoEHR, SimEHR) and those in examples/, loaded by path (KeePassXC)."""
     allowed = re.compile(r"^(from deskfleet(\.(vision|desktop|demo)(\.\w+)?)? import|from \.)")
+    imported = re.compile(r"^import deskfleet(\.(vision|desktop|demo))?(\s|$|,)")
+    files = [*(SRC / "demoapp").rglob("*.py"), *(SRC / "sim").rglob("*.py"), *EXAMPLES.rglob("*.py")]
+    assert any(EXAMPLES in path.parents for path in files), "the examples/ packs are checked too"
     offenders = []
-    for package in ("demoapp", "sim"):
-        for path in (SRC / package).rglob("*.py"):
-            for number, line in enumerate(path.read_text().splitlines(), 1):
-                stripped = line.strip()
-                if stripped.startswith("from ..") or (stripped.startswith("from deskfleet") and not allowed.match(stripped)):
-                    offenders.append(f"{package}/{path.name}:{number}: {stripped}")
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            stripped = line.strip()
+            if (stripped.startswith("from ..") or (stripped.startswith("from deskfleet") and not allowed.match(stripped))
+                    or (stripped.startswith("import deskfleet") and not imported.match(stripped))):
+                offenders.append(f"{path.parent.name}/{path.name}:{number}: {stripped}")
     assert offenders == []

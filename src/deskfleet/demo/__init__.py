@@ -59,6 +59,6 @@ def run_demo(config: DemoConfig) -> bool:
 
 
 # What a pack's demo hook is written against (docs/your-app.md, "A demo of your pack").
-from .plan import NAMES, BadRequest, FaultTaken, PackDemo, Wave, Work  # noqa: E402 - needs DemoConfig first
+from .plan import NAMES, BadRequest, DemoExtras, FaultTaken, PackDemo, Wave, Work  # noqa: E402 - needs DemoConfig first
 
-__all__ = ["DEFAULTS", "NAMES", "BadRequest", "DemoConfig", "FaultTaken", "PackDemo", "Wave", "Work", "run_demo"]
+__all__ = ["DEFAULTS", "NAMES", "BadRequest", "DemoConfig", "DemoExtras", "FaultTaken", "PackDemo", "Wave", "Work", "run_demo"]

@@ -28,6 +28,8 @@ KINDS = {
     "freeze": "app froze (hung, last frame still shown)",
     "agent_killed": "agent process SIGKILLed (with its desktops)",
     "display_killed": "X server killed",
+    "app_killed": "app SIGKILLed by the demo mid-run",
+    "unknown_dialog": "a modal dialog the model does not know",
 }
 #: seconds around an attempt within which a fault counts as hitting it (clocks of two processes)
 SLACK = 0.3

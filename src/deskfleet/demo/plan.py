@@ -10,6 +10,14 @@ A :class:`PackDemo` gives the workload in waves (a quiet spell before a wave let
 expire), the requests that must be refused, the agent options its fault preset needs, the
 accounts the app logs in with, the double-effect check (counted in the app's own records)
 and, if the app keeps one, its log of the faults it produced.
+
+Three methods are optional (:class:`DemoExtras`), for an application that cannot produce
+faults by itself, as DemoEHR's switches do — a third-party app the demo must strike from
+outside: ``prepare()`` runs before the agents start (create the app's data: a database),
+``strike(done, total, machines)`` at every tick of the workload (about twice a second, with
+the number of runs final, the runs planned and the orchestrator's view of the machines) and
+returns what it did, for the live view and the report's moments; ``close()`` at the end. The
+faults it strikes go into ``fault_log()`` like an app's own, and the report tells each one.
 """
 
 from __future__ import annotations
@@ -74,6 +82,19 @@ class PackDemo(Protocol):
 
     def fault_log(self) -> list[FaultTaken] | None:
         """The faults the application logged, or None if it keeps no such log."""
+
+
+class DemoExtras(Protocol):
+    """Optional methods of a :class:`PackDemo` (the runner calls them when they exist)."""
+
+    def prepare(self) -> None:
+        """Before the agents start: the app's data on the demo's machines."""
+
+    async def strike(self, done: int, total: int, machines: list[dict[str, Any]]) -> list[str]:
+        """At every tick: faults struck from outside; what was done, one line each."""
+
+    def close(self) -> None:
+        """After the workload: stop what ``prepare`` started."""
 
 
 DemoHook = Callable[[DemoConfig, Path, Path], PackDemo]

@@ -94,6 +94,9 @@ class Demo:
         from .report import build_report, print_summary, write_report
 
         self._prepare_dir()
+        prepare = getattr(self.desktops, "prepare", None)
+        if prepare is not None:
+            prepare()  # the pack's app data on the demo's machines (a database to create…)
         c = self.console
         c.print(f"[bold]deskfleet demo[/]: {self.cfg.machines} {self.desktops.noun}, {self.cfg.runs} runs, "
                 f"faults '{self.cfg.faults}', seed {self.cfg.seed} → {self.out}")
@@ -109,6 +112,9 @@ class Demo:
                 await write_report(report, self.out, client)
         finally:
             self._stop_processes()
+            close = getattr(self.desktops, "close", None)
+            if close is not None:
+                close()
         print_summary(self.console, report, self.out)
         return report.ok
 
@@ -353,8 +359,13 @@ class Demo:
         return done
 
     async def _chaos_step(self, client: AsyncClient, done: int) -> None:
-        """What the demo does to the fleet from outside, mid-run: a cancel, an agent killed."""
+        """What the demo does to the fleet from outside, mid-run: a cancel, an agent killed,
+        and the faults only the pack's app can suffer (its demo's ``strike``)."""
         ch, total = self._chaos, self.total
+        strike = getattr(self.desktops, "strike", None)
+        if strike is not None:
+            for what in await strike(done, total, self._machines):
+                self._moment(what)
         agents = sorted(n for n in self.procs if n.startswith("agents-"))
         if not ch.cancelled_running and done >= total * 0.15:
             running = await client.runs(state=["running"], limit=20)

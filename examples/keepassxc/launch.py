@@ -1,6 +1,6 @@
 """Start (and stop) KeePassXC the way this pack's model expects it: the pack's ``[app] command``.
 
-    python launch.py --data DIR --machine NAME [--database FILE] [--lock-after SECONDS]
+    python launch.py --data DIR --machine NAME [--lock-after SECONDS]
     python launch.py stop --data DIR --machine NAME
 
 Each machine gets a private home, ``DIR/home/NAME`` (HOME, XDG_* and TMPDIR point into it,
@@ -12,8 +12,8 @@ external change, idle lock after ``--lock-after`` seconds, English, light theme,
 entries view on unlock); ``local.ini`` holds the window layout the model was recorded with
 (splitters, list columns). The window is pinned to 1024x768 at (0, 0) with ``-geometry``.
 
-The database is ``DIR/keepassxc.kdbx`` unless ``--database`` names another: one file for
-every machine of the host (see README.md, "One database, several desktops"). It must exist:
+The database is ``DIR/keepassxc.kdbx`` (the automations find it there too, as
+``ctx.data_dir / "keepassxc.kdbx"``): one file for every machine of the host (see README.md, "One database, several desktops"). It must exist:
 this launcher never creates a password database (create it with ``keepassxc-cli db-create``).
 
 The launcher replaces itself with KeePassXC (``exec``), so the process the agent started is
@@ -64,7 +64,7 @@ def prepare(home: Path, lock_after: float) -> dict[str, str]:
 
 def start(args: argparse.Namespace) -> int:
     data = Path(args.data).resolve()
-    database = Path(args.database).resolve() if args.database else data / "keepassxc.kdbx"
+    database = data / "keepassxc.kdbx"
     if not database.is_file():
         print(f"launch.py: no database at {database}: create it first "
               f"(keepassxc-cli db-create -p {database}); this launcher never creates one", file=sys.stderr)
@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="the pack's data directory ({data})")
     parser.add_argument("--machine", required=True, help="the machine's name ({machine})")
     if not stopping:
-        parser.add_argument("--database", default="", help="the .kdbx file (default: DATA/keepassxc.kdbx)")
         parser.add_argument("--lock-after", type=float, default=LOCK_AFTER,
                             help=f"seconds of no input before the database locks itself (default {LOCK_AFTER})")
     args = parser.parse_args(argv[1:] if stopping else argv)

@@ -38,6 +38,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -77,6 +78,7 @@ class Context:
         stop_event: asyncio.Event,
         ensure: Callable[[str], Awaitable[Any]] | None = None,
         required_state: str = "ready",
+        data_dir: Path | None = None,
     ) -> None:
         self.run_id = run_id
         self.attempt_id = attempt_id
@@ -89,6 +91,9 @@ class Context:
         self._stop_event = stop_event
         self._ensure = ensure
         self.required_state = required_state
+        #: the pack's ``{data}`` directory on this machine (where its app keeps what it keeps),
+        #: None when the agent was given none (a simulated desktop without one)
+        self.data_dir = data_dir
         self.log = logging.LoggerAdapter(
             logging.getLogger("deskfleet.automation"),
             {"run": run_id, "attempt": attempt_id, "machine": machine_id},

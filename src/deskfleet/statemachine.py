@@ -145,6 +145,30 @@ def decide(
     if ending is Ending.BUSINESS_ERROR:
         return Decision(RunState.FAILED, AttemptState.FAILED, "business_error", what, quarantine=quarantine)
 
+    if ending is Ending.SYSTEM_ERROR and not started and run.needs_reconcile:
+        # The reconcile check itself raised: the automation's own code failed, and another
+        # machine would likely fail the same way. Unlike a machine that could not get ready,
+        # that spends an attempt: back off, and give up after max_attempts such failures —
+        # loudly, since whether the earlier attempt's effect happened is still unknown.
+        failed_checks = run.dispatches - run.attempts_started
+        if failed_checks >= run.max_attempts:
+            return Decision(
+                RunState.FAILED,
+                attempt_state,
+                "reconcile_failed",
+                f"the reconcile check failed {failed_checks} times (last: {what}{where}); whether an earlier "
+                "attempt's effect happened is unknown, so the run is not retried: a person must look",
+                quarantine=quarantine,
+            )
+        return Decision(
+            RunState.QUEUED,
+            attempt_state,
+            "retry_reconcile_failed",
+            f"the reconcile check failed ({what}{where}); trying it again",
+            needs_reconcile=True,
+            not_before=now + backoff_delay(run),
+            quarantine=quarantine,
+        )
     if ending is Ending.PREFLIGHT_FAILED or not started:
         # Nothing of the automation ran: requeue without spending a retry.
         if run.dispatches >= MAX_DISPATCHES_NOT_STARTED:

@@ -134,7 +134,7 @@ def test_an_app_that_does_not_start_is_reported_with_what_it_said(pack: Path, tm
     done = deskfleet("pack", "try", str(pack), "add_item", "--input", ITEM, "--state-dir", str(tmp_path / "t"))
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
-    assert line.startswith("deskfleet: the application on try exited at start (status 2) (its output, in ")
+    assert line.startswith("deskfleet: the application on try exited at start (status 2); it said: ")
     assert "missing.py" in line and "No such file or directory" in line
 
 

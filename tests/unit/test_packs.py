@@ -280,3 +280,21 @@ def test_example_packs_use_only_the_public_surface() -> None:
                     or (stripped.startswith("import deskfleet") and not imported.match(stripped))):
                 offenders.append(f"{path.parent.name}/{path.name}:{number}: {stripped}")
     assert offenders == []
+
+
+def test_stop_command_may_name_the_pid_and_hooks_may_name_the_packs_module(tmp_path: Path) -> None:
+    manifest = MANIFEST.replace('screen = [320, 240]', 'screen = [320, 240]\nstop_command = ["kill", "{pid}"]')
+    manifest += '\n[hooks]\ndemo = ":alive"\n'
+    pack = load_pack(write_pack(tmp_path / "tiny", manifest))
+    assert pack.manifest.app.stop_command == ["kill", "{pid}"]
+    assert pack.hook("demo") is vars(pack.module)["alive"]
+    with pytest.raises(deskfleet.ConfigError, match=r"unknown placeholder \{pid\}"):
+        load_pack(write_pack(tmp_path / "bad", MANIFEST.replace("{machine}", "{pid}")))
+
+
+def test_a_hook_may_name_a_submodule_of_a_directory_packs_package(tmp_path: Path) -> None:
+    root = write_pack(tmp_path / "tiny", MANIFEST + '\n[hooks]\ndemo = "extra.deep:make"\n')
+    (root / "extra").mkdir()
+    (root / "extra" / "__init__.py").write_text("")
+    (root / "extra" / "deep.py").write_text("def make():\n    return 'made'\n")
+    assert load_pack(root).hook("demo")() == "made"  # type: ignore[misc]

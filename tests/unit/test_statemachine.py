@@ -211,6 +211,7 @@ def test_attempt_that_never_ran_spends_no_retry(run, phase, ending, stop, idempo
     unsafe automation, and the run keeps any pending reconcile. Only the dispatch cap stops it."""
     assume(ending not in (*SUCCESS, Ending.BUSINESS_ERROR))
     assume(phase is not AttemptPhase.RUNNING or ending is Ending.PREFLIGHT_FAILED)
+    assume(not (ending is Ending.SYSTEM_ERROR and phase is not AttemptPhase.RUNNING and run.needs_reconcile))
     run, stop = calm(run, stop, now)
     d = call_decide(run, phase, ending, stop, idempotent, has_reconcile, now)
     if run.dispatches >= MAX_DISPATCHES_NOT_STARTED:
@@ -222,6 +223,24 @@ def test_attempt_that_never_ran_spends_no_retry(run, phase, ending, stop, idempo
         assert d.code == "requeued_not_started"
         assert d.needs_reconcile == run.needs_reconcile
         assert d.not_before is None  # no backoff: nothing was tried
+
+
+@given(**decide_args)
+def test_a_failing_reconcile_check_spends_attempts_and_then_fails_loudly(run, phase, ending, stop, idempotent,
+                                                                           has_reconcile, now):
+    """The reconcile check raised: the automation's own code failed. It is tried again with a
+    backoff, never without one, and after max_attempts such failures the run fails saying
+    that whether the earlier effect happened is unknown (never an endless requeue)."""
+    assume(phase is not AttemptPhase.RUNNING)
+    run, stop = calm(run, stop, now)
+    run = replace(run, needs_reconcile=True)
+    d = call_decide(run, phase, Ending.SYSTEM_ERROR, stop, idempotent, has_reconcile, now)
+    if run.dispatches - run.attempts_started >= run.max_attempts:
+        assert (d.run_state, d.code) == (RunState.FAILED, "reconcile_failed")
+        assert "unknown" in d.message
+    else:
+        assert (d.run_state, d.code) == (RunState.QUEUED, "retry_reconcile_failed")
+        assert d.needs_reconcile and d.not_before is not None and d.not_before >= now
 
 
 @example(run=make_run(attempts_started=1, max_attempts=3), ending=Ending.SYSTEM_ERROR, stop=None,

@@ -247,7 +247,7 @@ async def _clear_search(ctx: Context) -> None:
 @automation(name="keepassxc.add_entry", version="1")
 async def add_entry(ctx: Context, data: NewEntry) -> EntryAdded:
     """Add an entry. Not idempotent: saving twice makes two entries."""
-    db = SharedDatabase.of(ctx.desktop)
+    db = SharedDatabase.of(ctx)
     await ctx.progress("take the shared database's write lock", percent=5)
     async with db.write_lock(ctx):
         await _at_list(ctx)
@@ -275,7 +275,7 @@ async def add_entry(ctx: Context, data: NewEntry) -> EntryAdded:
 async def entry_already_added(ctx: Context, data: NewEntry) -> EntryAdded | None:
     """Did a lost attempt already save this entry? Searched under the write lock, on a desktop that
     reloaded the file: one entry with the title, yes; none, no; more, a person must look."""
-    db = SharedDatabase.of(ctx.desktop)
+    db = SharedDatabase.of(ctx)
     await ctx.progress("take the shared database's write lock", percent=5)
     async with db.write_lock(ctx):
         await _at_list(ctx)
@@ -297,7 +297,7 @@ async def entry_already_added(ctx: Context, data: NewEntry) -> EntryAdded | None
 @automation(name="keepassxc.find_entry", version="1", idempotent=True)
 async def find_entry(ctx: Context, data: EntryQuery) -> Found:
     """The entries whose title contains ``title``, as the list shows them. Read-only."""
-    db = SharedDatabase.of(ctx.desktop)
+    db = SharedDatabase.of(ctx)
     await _at_list(ctx)
     await _reloaded(ctx, db)
     await ctx.progress("search", percent=40)

@@ -25,7 +25,6 @@ from deskfleet import (
     PlaybookContext,
     ProbeResult,
     Region,
-    note_session,
     playbook,
     probe,
 )
@@ -149,14 +148,10 @@ async def escape_then_wait(ctx: PlaybookContext) -> None:
 async def keepalive(ctx: PlaybookContext) -> None:
     """Session upkeep on an idle machine: KeePassXC counts pointer motion as activity (its idle
     lock restarts), so a move over an empty spot of the list screen is enough, and changes
-    nothing. deskfleet's session note counts only clicks and keys, so the playbook tells it
-    that the session goes on."""
+    nothing (``[session] pointer_counts`` tells deskfleet's session note the same)."""
     x, y = L.PARK
     await ctx.desktop.move(x + 12, y)
     await ctx.desktop.move(x, y)
-    account = ctx.session_key or ctx.model.default_account
-    if account is not None:
-        note_session(ctx.desktop, account)
 
 
 @probe

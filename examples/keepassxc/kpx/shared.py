@@ -34,8 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deskfleet import Context, Desktop, DesktopError
+from deskfleet import Context, DesktopError
 
+#: the database's file name in the pack's {data} directory (launch.py opens the same)
+DATABASE = "keepassxc.kdbx"
 #: seconds add_entry waits for the lock before giving up (another robot may be mid-save)
 LOCK_WAIT = 90.0
 #: seconds a file must stay unchanged before a desktop is taken to have reloaded it
@@ -44,18 +46,6 @@ QUIET = 1.0
 SAVE_WAIT = 10.0
 #: seconds between progress reports while waiting for the lock (feeds the progress watchdog)
 REPORT_EVERY = 2.0
-
-
-def database_of(desktop: Desktop) -> Path:
-    """The .kdbx the desktop's KeePassXC has open, from its app command (``launch.py``'s
-    ``--database``, else ``--data``/keepassxc.kdbx)."""
-    argv = [str(a) for a in getattr(getattr(desktop, "app", None), "argv", None) or []]
-    for flag, name in (("--database", ""), ("--data", "keepassxc.kdbx")):
-        if flag in argv[:-1]:
-            value = Path(argv[argv.index(flag) + 1])
-            return value / name if name else value
-    raise DesktopError("cannot tell which database this desktop's KeePassXC has open: its app command is not "
-                       f"this pack's launch.py ({' '.join(argv[:3]) or 'no command'}…)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +63,11 @@ class SharedDatabase:
         self.ledger_path = path.with_name(path.name + ".ledger.json")
 
     @classmethod
-    def of(cls, desktop: Desktop) -> SharedDatabase:
-        return cls(database_of(desktop))
+    def of(cls, ctx: Context) -> SharedDatabase:
+        """The database of the run's machine: ``keepassxc.kdbx`` in the pack's ``{data}``."""
+        if ctx.data_dir is None:
+            raise DesktopError("this agent gives the pack no data directory: the shared database cannot be found")
+        return cls(ctx.data_dir / DATABASE)
 
     # -- the file ------------------------------------------------------------------------------
 

@@ -200,7 +200,9 @@ class AgentHost:
         for name, desktops in zip(self.names, self.machines, strict=True):
             apps = [App(d, p.registry, p.model, p.name,
                         keepalive=(p.manifest.session.keepalive or None) if c.upkeep else None,
-                        keepalive_margin=p.manifest.session.keepalive_margin)
+                        keepalive_margin=p.manifest.session.keepalive_margin,
+                        idle_timeout=c.idle_timeouts.get(p.name, p.manifest.session.idle_timeout),
+                        data_dir=c.data_for(p).resolve())
                     for d, p in zip(desktops, self.packs, strict=True)]
             agent = Agent(
                 AgentConfig(servers=c.servers, machine=name, pool=c.pool, labels=c.labels,
@@ -294,7 +296,8 @@ async def open_machine(config: AgentHostConfig, name: str) -> tuple[Station, lis
             desktops.append(RealDesktop(name, host, command, started=_recognised(pack), station=station,
                                         session_idle_timeout=config.idle_timeouts.get(
                                             pack.name, pack.manifest.session.idle_timeout),
-                                        expected_screen=pack.screen))
+                                        expected_screen=pack.screen,
+                                        pointer_counts=pack.manifest.session.pointer_counts))
         await station.open()
         for d in desktops:
             await d.start()

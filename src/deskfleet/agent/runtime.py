@@ -107,6 +107,8 @@ class App:
     #: ``keepalive`` (a playbook of the model); None: no upkeep
     keepalive: str | None = None
     keepalive_margin: float = 30.0
+    idle_timeout: float | None = None  # the app's idle logout, if known (bounds the keep-alive margin)
+    data_dir: Path | None = None  # the pack's {data} directory on this machine (ctx.data_dir)
 
 
 class _Disconnected(Exception):
@@ -524,7 +526,7 @@ class Agent:
             report_progress=lambda step, pct, msg: self._progress(a.attempt_id, step, pct, msg),
             upload=lambda name, data, ctype: self._upload(a.attempt_id, name, data, ctype),
             stop_event=cur.stop, ensure=ensure_mid_run if app.model is not None else None,
-            required_state=a.required_state,
+            required_state=a.required_state, data_dir=app.data_dir,
         )
         if a.required_state != "any":
             if app.model is None:
@@ -686,7 +688,10 @@ class Agent:
                 if self._current is not None or self._verifying or not self._connected.is_set():
                     break
                 due = info.session_expires_at
-                if info.session_key is None or due is None or due - time.time() > app.keepalive_margin:
+                # A margin longer than half the idle timeout (a short timeout set for a test or
+                # a demo) would keep the machine clicking: take at most half.
+                margin = min(app.keepalive_margin, app.idle_timeout / 2) if app.idle_timeout else app.keepalive_margin
+                if info.session_key is None or due is None or due - time.time() > margin:
                     continue
                 await self._keep_alive(app, info.session_key)
                 with contextlib.suppress(Exception):  # what the keep-alive did to the session

@@ -4,7 +4,7 @@ agents uploaded — the screens the playbooks recovered from (before and after) 
 screens of attempts that failed.
 
 Double effects are counted in the application's own records, by the pack's demo
-(:mod:`.desktops`); where the application logs the faults it produced (DemoEHR does), each
+(:mod:`.plan`); where the application logs the faults it produced (DemoEHR does), each
 is also told one by one (:mod:`.faults`)."""
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ RECOVERY_LABELS = {
     "reconciled": "reconcile found the earlier attempt's effect → run succeeded without repeating it",
     "not_retried_unsafe": "attempt died mid-run, automation neither idempotent nor reconcilable → failed loudly",
     "retries_exhausted": "retries exhausted → failed with the last reason",
+    "retry_reconcile_failed": "the reconcile check itself failed → tried again after a backoff",
+    "reconcile_failed": "the reconcile check kept failing → failed loudly (effect unknown)",
     "business_error": "business error → failed, not retried",
     "cancelled": "cancelled on request",
     "deadline": "deadline passed → timed out",
@@ -54,7 +56,7 @@ class Report:
     state: DemoState
     runs: list[dict[str, Any]]
     audit: AuditReport
-    effects: list[str]  # double-effect violations found in the EHR's records
+    effects: list[str]  # double effects found in the application's own records
     recoveries: Counter[str] = field(default_factory=Counter)
     playbooks: Counter[tuple[str, str]] = field(default_factory=Counter)
     quarantines: Counter[str] = field(default_factory=Counter)
@@ -230,7 +232,7 @@ def _markdown(rep: Report, shots: list[tuple[str | None, str | None, str]], fail
         f"- every accepted run reached exactly one final state: {'yes' if not rep.unaccounted and not [v for v in a.violations if v.kind in ('final_twice', 'not_final', 'final_mismatch')] else 'NO'}",
         f"- no machine ever had two active attempts ({a.attempts} attempts checked): {'yes' if not [v for v in a.violations if v.kind == 'overlapping_attempts'] else 'NO'}",
         f"- no write accepted after an attempt ended; {a.stale_rejected} stale writes were rejected: {'yes' if not [v for v in a.violations if v.kind == 'write_after_end'] else 'NO'}",
-        f"- no double effects in the EHR's records: {'yes' if not rep.effects else 'NO'}",
+        f"- no double effects in the application's own records: {'yes' if not rep.effects else 'NO'}",
         *(f"  - VIOLATION {v}" for v in a.violations),
         *(f"  - DOUBLE EFFECT {e}" for e in rep.effects), "",
         "## Faults met, and how they were recovered", "",

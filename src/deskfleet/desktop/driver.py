@@ -396,11 +396,14 @@ class RealDesktop:
         session_idle_timeout: float | None = None,
         station: Station | None = None,
         expected_screen: tuple[int, int] | None = None,
+        pointer_counts: bool = False,
     ) -> None:
         self.name = name
         self.app = app
         #: the screen size the app and its model expect (None: any)
         self.expected_screen = expected_screen
+        #: the app's idle clock restarts on pointer motion too (see ``[session] pointer_counts``)
+        self.pointer_counts = pointer_counts
         self._owns_station = station is None
         self.station = station if station is not None else Station(name, host, ocr=ocr)
         self.station.apps.append(self)
@@ -533,7 +536,7 @@ class RealDesktop:
     # -- input -------------------------------------------------------------------------------
 
     async def move(self, x: int, y: int) -> None:
-        await self._input(lambda d: setattr(d.mouse, "position", (x, y)), touches=False)
+        await self._input(lambda d: setattr(d.mouse, "position", (x, y)), touches=self.pointer_counts)
 
     async def click(self, x: int, y: int, *, button: str = "left", count: int = 1) -> None:
         if button not in _BUTTONS:
@@ -657,10 +660,11 @@ class RealDesktop:
         proc = await asyncio.to_thread(self._spawn)
         while not await asyncio.to_thread(self.host.show_window, proc.pid):
             if proc.poll() is not None:
-                raise DesktopError(f"the application on {self.name} exited at start (status {proc.returncode})")
+                raise DesktopError(f"the application on {self.name} exited at start (status {proc.returncode})"
+                                   f"{self._said()}")
             if loop.time() > deadline:
                 raise DesktopError(f"the application's window did not appear on {self.name} "
-                                   f"within {self.app.start_timeout:g}s")
+                                   f"within {self.app.start_timeout:g}s{self._said()}")
             await asyncio.sleep(POLL)
         if self.started is None:
             return
@@ -672,6 +676,18 @@ class RealDesktop:
                 raise DesktopError(f"the application on {self.name} showed no screen its model knows "
                                    f"within {self.app.start_timeout:g}s")
             await asyncio.sleep(POLL)
+
+    def _said(self) -> str:
+        """The last line the application wrote to its log, to quote in an error about it."""
+        if self.app.log is None:
+            return ""
+        try:
+            with open(self.app.log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 2048))
+                lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        except OSError:
+            return ""
+        return f"; it said: {lines[-1][:300]} (log: {self.app.log})" if lines else f" (log: {self.app.log}, empty)"
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = {**os.environ, **self.host.env(), **self.app.env}

@@ -212,6 +212,10 @@ def _import_in_pack(root: Traversable, modname: str, pack_name: str, where: str,
     (imported under a private name, since two packs may both name theirs ``automations``)."""
     if package is not None:
         return importlib.import_module(f"{package}.{modname}")
+    head, _, rest = modname.partition(".")
+    if rest:  # a submodule of a package in the pack's directory
+        parent = _import_in_pack(root, head, pack_name, where, package)
+        return importlib.import_module(f"{parent.__name__}.{rest}")
     base = Path(str(root))
     file, package_dir = base / f"{modname}.py", base / modname
     private = f"_deskfleet_pack_{re.sub(r'[^0-9a-zA-Z_]', '_', pack_name)}_{re.sub(r'[^0-9a-zA-Z_]', '_', modname)}"

@@ -36,7 +36,7 @@
 
 Command placeholders: ``{python}`` (this Python), ``{pack}`` (the pack's directory),
 ``{data}`` (the agent's data directory for this app, created), ``{machine}`` (the machine's
-name), ``{display}`` (its X display, or empty).
+name), ``{display}`` (its X display, or empty); ``stop_command`` may also use ``{pid}``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import re
 import tomllib
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ..errors import ConfigError
 
@@ -89,12 +89,13 @@ class AppSection(_Section):
 
     @field_validator("command", "stop_command")
     @classmethod
-    def _placeholders(cls, value: list[str]) -> list[str]:
+    def _placeholders(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        known = (*PLACEHOLDERS, "pid") if info.field_name == "stop_command" else PLACEHOLDERS
         for part in value:
             for name in re.findall(r"\{([^{}]*)\}", part):
-                if name not in PLACEHOLDERS:
+                if name not in known:
                     raise ValueError(f"unknown placeholder {{{name}}} in {part!r} "
-                                     f"(known: {', '.join('{' + p + '}' for p in PLACEHOLDERS)})")
+                                     f"(known: {', '.join('{' + p + '}' for p in known)})")
         return value
 
 
@@ -122,6 +123,9 @@ class SessionSection(_Section):
     idle_timeout: Seconds | None = None
     keepalive: str = ""
     keepalive_margin: Seconds = 30.0
+    #: the app counts pointer motion as activity (its idle clock restarts on a mere move), not
+    #: only clicks and keys: the machine's session note then lapses as late as the app's does
+    pointer_counts: bool = False
 
 
 class HooksSection(_Section):
@@ -134,8 +138,8 @@ class HooksSection(_Section):
     @field_validator("sim", "demo", "accounts")
     @classmethod
     def _reference(cls, value: str) -> str:
-        if value and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
-            raise ValueError(f"{value!r} is not module:callable")
+        if value and not re.fullmatch(r"([A-Za-z_][\w.]*)?:[A-Za-z_]\w*", value):
+            raise ValueError(f"{value!r} is not module:callable (or :callable, in the pack's module)")
         return value
 
 

@@ -33,7 +33,7 @@ from typing import Any
 from ..appmodel import AppModel, Credential, ProbeResult
 from ..desktop import Desktop, Frame
 from ..desktop.driver import RealDesktop
-from ..errors import BusinessError, ConfigError, DeskfleetError, DesktopError, Stopped
+from ..errors import BusinessError, ConfigError, DeskfleetError, Stopped
 from ..sdk import Automation, Context, encode_png
 from .loader import Pack, PackError, load_pack
 
@@ -127,10 +127,7 @@ async def pack_machine(pack: Pack, *, desktop: str = "xvfb", app_args: Sequence[
     from ..agent.host import open_machine
 
     config = machine_config(pack, desktop=desktop, app_args=app_args, state_dir=state_dir, screen=screen)
-    try:
-        station, desktops = await open_machine(config, MACHINE)
-    except DesktopError as exc:
-        raise DesktopError(f"{exc}{_app_log_hint(config.log_dir / f'{MACHINE}.{pack.name}.log')}") from None
+    station, desktops = await open_machine(config, MACHINE)  # a failed start quotes the app's log
     try:
         yield desktops[0]
     finally:
@@ -153,15 +150,6 @@ def _with_probe_reported(model: AppModel, recorder: _Recorder) -> AppModel:
         return answer
 
     return dataclasses.replace(model, probe=reported)
-
-
-def _app_log_hint(log: Path) -> str:
-    """What the app said last before it failed to start, and where the rest is."""
-    try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return f" (its output, in {log}: {lines[-1][:200]!r})" if lines else f" (its output: {log}, empty)"
 
 
 class _Recorder:

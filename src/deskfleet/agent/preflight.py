@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..appmodel import AppModel, Credential, PlaybookContext
+from ..appmodel import Account, AppModel, PlaybookContext
 from ..desktop import Desktop, Frame
 from ..errors import DesktopError, Stopped
 from ..vision import Classification
@@ -50,7 +50,7 @@ async def preflight(
     wanted: str,
     *,
     session_key: str | None,
-    credentials: Mapping[str, Credential],
+    account: Account | None = None,
     record: StepRecorder,
     stop: asyncio.Event | None = None,
     max_steps: int = 8,
@@ -68,11 +68,14 @@ async def preflight(
         if frame is not None and (seen.state == wanted or (wanted == "ready" and seen.state in model.ready_states)):
             if model.probe is not None and not await model.probe(desktop):
                 playbook_name, why = model.on_unresponsive, "the application does not respond to input"
-            elif session_key is not None and model.session_reader is not None:
-                account = await model.session_reader(desktop, frame)
-                if account != session_key:
+            elif (wanted_user := account.username if account is not None else session_key) is not None \
+                    and model.session_reader is not None:
+                # Logged in as the account this attempt was given (and holds the lease of),
+                # not merely as anyone.
+                seen_user = await model.session_reader(desktop, frame)
+                if seen_user != wanted_user:
                     playbook_name = model.logout or "restart_app"
-                    why = f"logged in as {account!r}, the run needs {session_key!r}"
+                    why = f"logged in as {seen_user!r}, the run needs {wanted_user!r}"
             if playbook_name is None:
                 evidence = await record("preflight.ok", {"state": seen.state, "steps": len(steps)}, frame)
                 return PreflightResult(True, seen.state, steps=steps, frame=frame,
@@ -88,7 +91,7 @@ async def preflight(
                                    steps, frame, elapsed=time.monotonic() - t0)
         steps.append(playbook_name)
         before_id = await record("playbook.before", {"playbook": playbook_name, "state": seen.state, "why": why}, frame)
-        ctx = PlaybookContext(desktop, model, credentials, session_key, seen)
+        ctx = PlaybookContext(desktop, model, account, session_key, seen)
         error = ""
         try:
             await playbook(ctx)

@@ -5,6 +5,13 @@ moving on to the next orchestrator URL when one dies), heartbeats with resource 
 and runs each assignment: pre-flight, reconcile when asked, the automation under a
 watchdog, then a result it re-sends until the orchestrator acknowledges it.
 
+Accounts: the agent holds no credentials of its own. An assignment (or a verify order)
+that needs a login carries the account's password (``AccountGrant``); the agent builds the
+:class:`~deskfleet.appmodel.Account` pre-flight logs in with, asks the orchestrator for a
+TOTP code when an MFA prompt needs one, and drops the grant when the attempt (or the
+verification) ends. Embedders and tests may still give an agent accounts of its own
+(``accounts=``), used when an assignment brings none.
+
 Self-fencing: if no heartbeat has been acknowledged for the heartbeat timeout, the agent
 stops its attempt on its own. Its last acknowledged beat is never later than the last beat
 the orchestrator received, so the agent stops *before* the orchestrator expires the lease
@@ -34,11 +41,12 @@ from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 
 from .. import __version__
-from ..appmodel import AppModel, Credential
+from ..appmodel import Account, AppModel, Credential
 from ..crypto import REDACTED
 from ..desktop import Desktop, Frame
 from ..errors import BusinessError, ConfigError, Stopped
 from ..protocol import (
+    AccountGrant,
     AgentEvent,
     Assign,
     AutomationAd,
@@ -53,6 +61,7 @@ from ..protocol import (
     Result,
     Start,
     Stop,
+    TotpRequest,
     Verified,
     Verify,
     Welcome,
@@ -96,7 +105,8 @@ class _Disconnected(Exception):
 
 @dataclass(slots=True)
 class _Current:
-    assign: Assign
+    assign: Assign  # without its account grant: that is ``account``, dropped when the attempt ends
+    account: Account | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: str | None = None
     task: asyncio.Task[None] | None = None
@@ -114,10 +124,14 @@ class Agent:
         registry: Registry,
         *,
         model: AppModel | None = None,
+        accounts: Mapping[str, Account] | None = None,
         credentials: Mapping[str, Credential] | None = None,
         boot_id: str | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
+        """``accounts``: accounts of the agent's own, for assignments that bring none
+        (embedders, tests); agents of a fleet get theirs from the orchestrator's vault.
+        ``credentials`` is the older form of the same (account name → Credential)."""
         self.config = config
         # Agents packed many to a process (simulated fleets) share one HTTP client: each
         # client builds its own TLS context, which costs tens of milliseconds.
@@ -126,7 +140,12 @@ class Agent:
         self.desktop = desktop
         self.registry = registry
         self.model = model
-        self.credentials = dict(credentials or {})
+        self.accounts: dict[str, Account] = dict(accounts or {})
+        for name, cred in (credentials or {}).items():
+            self.accounts.setdefault(name, Account.from_credential(name, cred))
+        # Which account each username is (learned from grants; not a secret): session notes
+        # name usernames, leases go by account name.
+        self._account_names: dict[str, str] = {a.username: a.name for a in self.accounts.values()}
         self.boot_id = boot_id or uuid.uuid4().hex
         self.machine_id = config.machine
         self._key = config.agent_key
@@ -282,16 +301,26 @@ class Agent:
 
     async def _hello(self) -> Hello:
         res, info = await self._resources()
+        sessions = self._sessions(info)
         return Hello(
             boot_id=self.boot_id,
             agent_version=__version__,
             automations=[AutomationAd(**_spec_dict(s)) for s in self.registry.specs()],
             labels=self.config.labels or None,
             resources=res,
-            session_key=info.session_key if info else None,
+            session_key=sessions[0] if sessions else None,
             session_expires_at=info.session_expires_at if info else None,
             attempt_id=self._current.assign.attempt_id if self._current else None,
+            sessions=sessions,
         )
+
+    def _sessions(self, info: Any) -> list[str]:
+        """The accounts the machine's apps are logged in as (their session notes), by the
+        vault's names where the agent knows them (it was granted the account)."""
+        if info is None:
+            return []
+        notes = getattr(info, "sessions", None) or ([info.session_key] if info.session_key else [])
+        return [self._account_names.get(n, n) for n in notes]
 
     async def _resources(self) -> tuple[Resources, Any]:
         try:
@@ -327,11 +356,13 @@ class Agent:
             cur = self._current
             seq = next(self._seq)
             self._beats_sent[seq] = time.monotonic()
+            sessions = self._sessions(info)
             await self._send(HeartbeatMsg(
                 seq=seq, resources=res,
-                session_key=info.session_key if info else None,
+                session_key=sessions[0] if sessions else None,
                 session_expires_at=info.session_expires_at if info else None,
                 attempt_id=cur.assign.attempt_id if cur else None,
+                sessions=sessions,
             ))
             await asyncio.sleep(self._hb_interval)
 
@@ -385,7 +416,7 @@ class Agent:
                 self._stop_current(cur, msg.reason)
         elif isinstance(msg, Verify):
             if self._current is None and not self._verifying:
-                asyncio.get_running_loop().create_task(self._verify())
+                asyncio.get_running_loop().create_task(self._verify(msg.accounts))
         elif msg.type == "error":
             log.warning("orchestrator says: %s", msg.message, extra=self._ctx())
 
@@ -398,9 +429,31 @@ class Agent:
             log.error("assigned attempt %d while busy with %d; refusing", assign.attempt_id,
                       cur.assign.attempt_id, extra=self._ctx(assign.attempt_id, assign.run_id))
             return
-        cur = _Current(assign)
+        # The grant lives only in ``cur.account``, for the attempt's duration.
+        cur = _Current(assign.model_copy(update={"account": None}),
+                       account=self._account(assign.account, assign.session_key))
         self._current = cur
         cur.task = asyncio.get_running_loop().create_task(self._execute(cur))
+
+    def _account(self, grant: AccountGrant | None, session_key: str | None) -> Account | None:
+        """The account a login uses: the grant that came with the order, else one of the
+        agent's own accounts (the run's session_key, or the app model's default)."""
+        if grant is None:
+            key = session_key or (self.model.default_account if self.model is not None else None)
+            return self.accounts.get(key) if key is not None else None
+        self._account_names[grant.username] = grant.name
+        return Account(grant.name, grant.username, grant.password, app=grant.app, has_totp=grant.totp,
+                       codes=self._codes_for(grant.name) if grant.totp else None)
+
+    def _codes_for(self, account: str) -> Any:
+        async def codes() -> tuple[str, float]:
+            """A code computed by the orchestrator: the seed never leaves it."""
+            reply = await self._request(lambda i: TotpRequest(id=i, account=account))
+            if not reply.ok or reply.code is None:
+                raise LookupError(f"no TOTP code for account {account!r}: {reply.error or 'refused'}")
+            return reply.code, float(reply.valid_for or 0.0)
+
+        return codes
 
     def _stop_current(self, cur: _Current, reason: str) -> None:
         if cur.stop.is_set():
@@ -431,8 +484,12 @@ class Agent:
             await self._evidence(cur, "failure", None)
         finally:
             fence.cancel()
+            # The attempt is over: drop the account's secrets (the result may take a while to
+            # be acknowledged; it needs none of them).
+            granted, cur.account = cur.account, None
         ending, output, detail = result
-        detail = _scrub(detail, self.registry, a)
+        detail = _scrub(detail, self.registry, a, granted.password if granted is not None else None)
+        del granted
         if cur.forgotten:
             return  # rebooted: nobody here remembers this attempt to report it
         log.info("attempt finished locally: %s %s", ending, detail[:200], extra=ctx_log)
@@ -470,7 +527,7 @@ class Agent:
             # A stop order cancels pre-flight too, even in the middle of a playbook step.
             pre = await self._guarded(cur, preflight(
                 self.desktop, self.model, a.required_state, session_key=a.session_key,
-                credentials=self.credentials, record=record, stop=cur.stop,
+                account=cur.account, record=record, stop=cur.stop,
                 max_steps=self.config.preflight_steps,
             ))
             if not pre.ok:
@@ -577,11 +634,13 @@ class Agent:
             log.info("could not upload %s screenshot: %s", name, _short(exc), extra=self._ctx())
             return None
 
-    async def _verify(self) -> None:
-        """Re-prove the machine's state after a quarantine."""
+    async def _verify(self, grants: list[AccountGrant] | None = None) -> None:
+        """Re-prove the machine's state after a quarantine (logging in with the account the
+        order brought, if the app needs it); the grant is dropped when it ends."""
         if self.model is None:
             return
         self._verifying = True
+        account = self._account(_pick(grants or [], self._packs()), None)
         try:
             async def record(kind: str, data: dict[str, Any], frame: Frame | None) -> str | None:
                 if kind != "preflight.ok":
@@ -590,30 +649,55 @@ class Agent:
                 return await self._evidence(None, "verify", frame)
 
             pre = await preflight(self.desktop, self.model, "ready", session_key=None,
-                                  credentials=self.credentials, record=record,
+                                  account=account, record=record,
                                   max_steps=self.config.preflight_steps)
-            await self._send_quiet(Verified(ok=pre.ok, state=pre.state, detail=pre.detail,
+            await self._send_quiet(Verified(ok=pre.ok, state=pre.state,
+                                            detail=_scrub_secret(pre.detail, account),
                                             screenshot_id=pre.evidence_id))
         except Exception as exc:
-            await self._send_quiet(Verified(ok=False, state="unknown", detail=_short(exc)))
+            await self._send_quiet(Verified(ok=False, state="unknown", detail=_scrub_secret(_short(exc), account)))
         finally:
             self._verifying = False
+            account = None  # the grant is dropped with the verification
+
+    def _packs(self) -> set[str]:
+        """The packs this agent's automations log in to."""
+        return {s.pack for s in self.registry.specs() if s.needs_account and s.pack is not None}
 
 
 def _unavailable(reply: Reply) -> bool:
     return not reply.ok and (reply.error or "").startswith("unavailable")
 
 
-def _scrub(text: str, registry: Registry, a: Assign) -> str:
-    """Keep secret input values out of error text (a library may quote its input)."""
+def _scrub(text: str, registry: Registry, a: Assign, password: str | None = None) -> str:
+    """Keep secret input values and the granted password out of error text (a library, or
+    a playbook, may quote what it typed)."""
+    if not text:
+        return text
+    text = _scrub_secret(text, password)
     automation = registry.get(a.automation, a.version)
-    if automation is None or not text:
+    if automation is None:
         return text
     for name in automation.spec.secret_fields:
         value = a.input.get(name)
         if isinstance(value, str) and len(value) >= 3:
             text = text.replace(value, REDACTED)
     return text
+
+
+def _scrub_secret(text: str, secret: Account | str | None) -> str:
+    value = secret.password if isinstance(secret, Account) else secret
+    if value and len(value) >= 3:
+        return text.replace(value, REDACTED)
+    return text
+
+
+def _pick(grants: list[AccountGrant], packs: set[str]) -> AccountGrant | None:
+    """The grant for this agent's app (one app model per agent): its pack's, else the first."""
+    for g in grants:
+        if g.app in packs:
+            return g
+    return grants[0] if grants else None
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:

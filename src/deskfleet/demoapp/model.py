@@ -27,10 +27,8 @@ import asyncio
 import functools
 import importlib.resources
 import re
-import time
 
 import numpy as np
-import pyotp
 
 from ..agent.preflight import NO_SCREEN
 from ..appmodel import AppModel, Playbook, PlaybookContext
@@ -140,7 +138,7 @@ def _playbooks(classifier: Classifier) -> dict[str, Playbook]:
             if now in SIGNED_OUT:
                 note_session(ctx.desktop, None)
             elif signs_in and now == READY:
-                note_session(ctx.desktop, ctx.credential().username)
+                note_session(ctx.desktop, ctx.account.username)
 
         return run
 
@@ -149,21 +147,15 @@ def _playbooks(classifier: Classifier) -> dict[str, Playbook]:
 
     @signs_in
     async def login(ctx: PlaybookContext) -> None:
-        cred = ctx.credential()
-        await _fill(ctx.desktop, L.USERNAME, cred.username)
-        await _fill(ctx.desktop, L.PASSWORD, cred.password)
+        account = ctx.account
+        await _fill(ctx.desktop, L.USERNAME, account.username)
+        await _fill(ctx.desktop, L.PASSWORD, account.password)
         await ctx.desktop.click(*L.SIGN_IN.center)
 
     @signs_in
     async def mfa(ctx: PlaybookContext) -> None:
-        cred = ctx.credential()
-        if not cred.totp_seed:
-            raise LookupError(f"account {cred.username!r} has no TOTP seed; MFA needs a person")
-        totp = pyotp.TOTP(cred.totp_seed)
-        remaining = totp.interval - time.time() % totp.interval
-        if remaining < TOTP_MARGIN:
-            await asyncio.sleep(remaining + 0.05)  # the next code, rather than one about to expire
-        await _fill(ctx.desktop, L.CODE, totp.now())
+        code = await ctx.account.totp()  # from the orchestrator: the seed never leaves it
+        await _fill(ctx.desktop, L.CODE, code)
         await ctx.desktop.click(*L.VERIFY.center)
 
     @waits

@@ -55,12 +55,11 @@ class XvfbFleet:
     """``await start()``, then ``await run()``; ``await shutdown()`` tears everything down."""
 
     def __init__(self, config: XvfbFleetConfig) -> None:
-        from ..demoapp import credentials, demoapp_model, demoapp_registry
+        from ..demoapp import demoapp_model, demoapp_registry
 
         self.config = config
         self.model = demoapp_model()
-        self.registry = demoapp_registry()
-        self.credentials = credentials(config.seed)
+        self.registry = demoapp_registry()  # accounts come from the orchestrator's vault, per attempt
         width = max(2, len(str(config.first + config.count - 1)))
         self.names = [f"{config.prefix}-{i:0{width}d}" for i in range(config.first, config.first + config.count)]
         self.desktops: list[RealDesktop] = []
@@ -107,7 +106,7 @@ class XvfbFleet:
                 AgentConfig(servers=c.servers, machine=desktop.name, pool=c.pool, labels=c.labels,
                             enrolment_token=c.enrolment_token, key_file=c.state_dir / f"{desktop.name}.key",
                             screenshots=c.screenshots),
-                desktop, self.registry, model=self.model, credentials=self.credentials, boot_id=desktop.boot_id,
+                desktop, self.registry, model=self.model, boot_id=desktop.boot_id,
             )
             desktop.add_reboot_listener(_rebooter(agent, desktop))
             self.agents.append(agent)

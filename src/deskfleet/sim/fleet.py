@@ -52,8 +52,7 @@ class SimFleet:
         self.backend = SimBackend(config.backend, seed=config.seed)
         faults = FaultPlan.preset(config.faults)
         model = ehr_model()
-        registry = demo_registry()
-        credentials = SimBackend.credentials(config.seed)
+        registry = demo_registry()  # accounts come from the orchestrator's vault, per attempt
         width = max(2, len(str(config.first + config.count - 1)))
         self.desktops: list[SimDesktop] = []
         self.agents: list[Agent] = []
@@ -69,7 +68,7 @@ class SimFleet:
                     enrolment_token=config.enrolment_token, key_file=config.state_dir / f"{name}.key",
                     screenshots=config.screenshots,
                 ),
-                desktop, registry, model=model, credentials=credentials, boot_id=desktop.boot_id,
+                desktop, registry, model=model, boot_id=desktop.boot_id,
                 http=self.http,
             )
             desktop.add_reboot_listener(_rebooter(agent, desktop))

@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-import time
 
 import numpy as np
-import pyotp
 
 from ..appmodel import AppModel, Playbook, PlaybookContext, Probe, SessionReader
 from ..desktop import Desktop, Frame, Region
@@ -142,21 +140,15 @@ def _playbooks(layout: Layout, classifier: Classifier) -> dict[str, Playbook]:
 
     @_unfreezing
     async def login(ctx: PlaybookContext) -> None:
-        cred = ctx.credential()
-        await fill(ctx.desktop, "login", "username", cred.username)
-        await fill(ctx.desktop, "login", "password", cred.password)
+        account = ctx.account
+        await fill(ctx.desktop, "login", "username", account.username)
+        await fill(ctx.desktop, "login", "password", account.password)
         await ctx.desktop.click(*at("login", "sign_in"))
 
     @_unfreezing
     async def mfa(ctx: PlaybookContext) -> None:
-        cred = ctx.credential()
-        if not cred.totp_seed:
-            raise LookupError(f"account {cred.username!r} has no TOTP seed; MFA needs a person")
-        totp = pyotp.TOTP(cred.totp_seed)
-        remaining = totp.interval - time.time() % totp.interval
-        if remaining < TOTP_MARGIN:
-            await asyncio.sleep(remaining + 0.05)
-        await fill(ctx.desktop, "mfa", "code", totp.now())
+        code = await ctx.account.totp()  # from the orchestrator: the seed never leaves it
+        await fill(ctx.desktop, "mfa", "code", code)
         await ctx.desktop.click(*at("mfa", "verify"))
 
     @_unfreezing

@@ -10,7 +10,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,26 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: 
     raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
+
+
+async def register_accounts(server: Any, credentials: Mapping[str, Any], *, app: str | None,
+                            max_sessions: int = 1) -> None:
+    """Put an app's demo accounts in the server's vault, each allowed at least
+    ``max_sessions`` sessions (a second fleet on the same server keeps the larger limit)."""
+    from deskfleet.client import AsyncClient
+
+    async with AsyncClient(server.url, api_key=server.settings.api_key) as c:
+        existing = {a["name"]: a["max_sessions"] for a in await c.accounts()}
+        for name, cred in credentials.items():
+            await c.put_account(name, app=app, username=cred.username, password=cred.password,
+                                totp_seed=cred.totp_seed, max_sessions=max(max_sessions, existing.get(name, 0)))
+
+
+async def register_sim_accounts(server: Any, *, seed: int = 1, max_sessions: int = 1) -> None:
+    """SimEHR's demo accounts for ``seed`` (pack ``simehr``)."""
+    from deskfleet.sim import SimBackend
+
+    await register_accounts(server, SimBackend.credentials(seed), app="simehr", max_sessions=max_sessions)
 
 
 def fast_settings(data_dir: Path, **overrides: Any) -> ServerSettings:

@@ -131,7 +131,8 @@ async def test_a_results_reply_reaches_the_agent_before_its_next_assignment(live
             [assign] = await frames(1)
             assert assign["type"] == "assign" and assign["run_id"] == first["id"]
             await ws.send(orjson.dumps(Start(id=1, attempt_id=assign["attempt_id"]).model_dump(mode="json")))
-            assert (await frames(1))[0] == {"type": "reply", "re": 1, "ok": True, "error": None, "stop": None}
+            reply = (await frames(1))[0]
+            assert {k: v for k, v in reply.items() if v is not None} == {"type": "reply", "re": 1, "ok": True}
             second = await c.submit("t.job", {})  # waits for the machine
             await ws.send(orjson.dumps(Result(id=2, attempt_id=assign["attempt_id"], ending="succeeded",
                                               output={}).model_dump(mode="json")))

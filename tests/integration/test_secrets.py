@@ -118,7 +118,7 @@ async def vault_machine(server: LiveServer, tmp_path: Path) -> AsyncIterator[Age
         AgentConfig(servers=[server.url], machine="vault-01", enrolment_token=server.token,
                     key_file=tmp_path / "vault-01.key", screenshots="none"),
         SimDesktop("vault-01", backend, seed=3), Registry([sign_in, sign_in_strict]),
-        model=ehr_model(), credentials={},  # nothing stored: the run must bring the password
+        model=ehr_model(),  # no accounts of its own, none in the vault: the run must bring the password
     )
     task = asyncio.create_task(agent.run())
     try:

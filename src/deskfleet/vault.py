@@ -45,11 +45,11 @@ def normalize_seed(seed: str) -> str:
     """A TOTP seed as authenticator apps show it (spaces, dashes, lower case, padding) made
     canonical; ValueError (saying what is wrong, never quoting it) if it is not base32."""
     s = re.sub(r"[\s-]", "", seed).upper().rstrip("=")
-    if len(s) < MIN_SEED_CHARS:
-        raise ValueError(f"a TOTP seed is at least {MIN_SEED_CHARS} base32 characters; this one has {len(s)}")
-    if not re.fullmatch(r"[A-Z2-7]+", s):
+    if not re.fullmatch(r"[A-Z2-7]*", s):
         raise ValueError("not a base32 TOTP seed (letters A-Z and digits 2-7, as an authenticator app "
                          "shows it); check it was copied whole")
+    if len(s) < MIN_SEED_CHARS:
+        raise ValueError(f"a TOTP seed is at least {MIN_SEED_CHARS} base32 characters; this one has {len(s)}")
     try:
         base64.b32decode(s + "=" * (-len(s) % 8))
     except binascii.Error:

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from deskfleet.demoapp import credentials
 from deskfleet.desktop.launch import XvfbFleet, XvfbFleetConfig
 from deskfleet.errors import ConfigError
-from support import LiveServer, wait_ready
+from support import LiveServer, register_accounts, wait_ready
 
 
 @pytest.fixture(autouse=True)
@@ -59,6 +60,8 @@ async def real_fleet(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             "data": tmp_path / "demoehr.db", "log_dir": tmp_path / "logs", "screenshots": "evidence",
         }
         values.update(overrides)
+        # Agents get DemoEHR's accounts from the vault; a robot logs in on one machine at a time.
+        await register_accounts(server, credentials(values.get("seed", 0)), app="demoehr", max_sessions=1)
         fleet = XvfbFleet(XvfbFleetConfig(**values))
         await fleet.start()
         task = asyncio.create_task(fleet.run())

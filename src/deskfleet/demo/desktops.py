@@ -56,6 +56,9 @@ class DemoDesktops(Protocol):
 
     def double_effects(self, runs: list[dict[str, Any]]) -> list[str]: ...
 
+    def accounts(self) -> tuple[str, dict[str, Any], int]:
+        """The app's accounts for the vault: (pack, name → credential, max_sessions)."""
+
 
 def desktops_for(config: DemoConfig, out: Path) -> DemoDesktops:
     return RealDesktops(config, out) if config.desktop == "xvfb" else SimDesktops(config, out)
@@ -77,6 +80,12 @@ class SimDesktops:
     kind: str = "sim"
     noun: str = "simulated desktops"
     cancel_running: tuple[str, ...] = ()
+
+    def accounts(self) -> tuple[str, dict[str, Any], int]:
+        from ..sim.backend import SimBackend
+
+        # SimEHR does not end an older session: every machine may share an account.
+        return "simehr", dict(SimBackend.credentials(self.config.seed)), self.config.machines
 
     def queued_cancels(self, work: list[Work]) -> set[int]:
         rng = random.Random(self.config.seed + 1)
@@ -188,6 +197,11 @@ class RealDesktops:
     noun: str = "real desktops (Xvfb + DemoEHR)"
     #: not a create: wave 2 updates the patients wave 1 created
     cancel_running: tuple[str, ...] = ("demoehr.search_patient", "demoehr.update_patient")
+
+    def accounts(self) -> tuple[str, dict[str, Any], int]:
+        from ..demoapp import credentials
+
+        return "demoehr", dict(credentials(self.config.seed)), 1  # a robot logs in on one machine at a time
 
     def queued_cancels(self, work: list[Work]) -> set[int]:
         """The last search of the first wave (still queued right after it was submitted)."""

@@ -100,6 +100,8 @@ class Demo:
             self._start_server()
             async with AsyncClient(self.url) as client:
                 await self._wait_health(client)
+                app, accounts, max_sessions = self.desktops.accounts()
+                await client.put_accounts(accounts, app=app, max_sessions=max_sessions)  # agents log in from the vault
                 self._start_agents()
                 await self._wait_machines(client)
                 await self._workload(client)

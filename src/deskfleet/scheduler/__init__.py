@@ -104,7 +104,7 @@ def _prefers(run: Run, machine: Machine, accounts: AccountBook | None) -> bool:
     """``prefers``, and for a run naming an account: the machine holds that account's lease."""
     if prefers(run, machine):
         return True
-    return accounts is not None and run.session_key is not None and machine.id in accounts.holders(run.session_key)
+    return accounts is not None and run.session_key is not None and accounts.holds_account(run.session_key, machine.id)
 
 
 def wants_affinity(run: Run) -> bool:

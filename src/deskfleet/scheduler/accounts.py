@@ -9,7 +9,8 @@ one now:
 - the run names an account (its ``session_key``): the machine holds it, or the account
   has a free slot;
 - otherwise (the automation logs in to its pack): the account of that pack the machine
-  already holds, else a free one of the pack — the one with the fewest sessions.
+  already holds, else a free one of the pack — the one with the fewest sessions (then the
+  one added to the vault first: an operator's first account is the usual one).
 
 The store enforces the limit again when it claims (the account row locked, its leases
 counted); this book only keeps a pass from proposing what the store would refuse, and
@@ -38,6 +39,7 @@ class Slot:
     app: str | None
     max_sessions: int
     holders: set[str] = field(default_factory=set)
+    rank: float = 0.0  # among equals, the lower first (when the account was added)
 
     @property
     def free(self) -> bool:
@@ -71,7 +73,7 @@ class AccountBook:
         free = [s for s in of_pack if s.free]
         if not free:
             return None
-        return min(free, key=lambda s: (len(s.holders), s.name)).name
+        return min(free, key=lambda s: (len(s.holders), s.rank, s.name)).name
 
     def holds(self, need: Need, machine_id: str) -> bool:
         """Whether the machine already holds what ``need`` asks for (no login needed)."""
@@ -83,6 +85,10 @@ class AccountBook:
     def holders(self, account: str) -> set[str]:
         slot = self.slots.get(account)
         return set(slot.holders) if slot is not None else set()
+
+    def holds_account(self, account: str, machine_id: str) -> bool:
+        slot = self.slots.get(account)
+        return slot is not None and machine_id in slot.holders
 
     def take(self, account: str, machine_id: str) -> None:
         """The pass handed ``account`` to ``machine_id``: it counts from now on."""

@@ -173,7 +173,7 @@ class AccountOps:
             for pack in sorted(packs, key=lambda p: p or ""):
                 candidates = self._slots_of(conn, pack)
                 mine = [s for s in candidates if machine_id in s.holders]
-                order = mine or sorted((s for s in candidates if s.free), key=lambda s: (len(s.holders), s.name))
+                order = mine or sorted((s for s in candidates if s.free), key=lambda s: (len(s.holders), s.rank, s.name))
                 for slot in order:
                     acct = self._claim_slot(conn, slot.name, machine_id)
                     if acct is not None:
@@ -251,11 +251,11 @@ class AccountOps:
         return out
 
     def _slots_of(self, conn: Connection, pack: str | None) -> list[Slot]:
-        q = select(accounts.c.name, accounts.c.app, accounts.c.max_sessions)
+        q = select(accounts.c.name, accounts.c.app, accounts.c.max_sessions, accounts.c.created_at)
         q = q.where(accounts.c.app.is_(None) if pack is None else accounts.c.app == pack).order_by(accounts.c.name)
         found = list(conn.execute(q))
         holders = self._holders(conn, [r[0] for r in found])
-        return [Slot(name, app, max_sessions, holders[name]) for name, app, max_sessions in found]
+        return [Slot(name, app, max_sessions, holders[name], created) for name, app, max_sessions, created in found]
 
     def _catalog(self, conn: Connection) -> dict[str, VaultAccount]:
         """Every account (secrets left out), as read at most ACCOUNTS_TTL seconds ago."""
@@ -265,9 +265,11 @@ class AccountOps:
         if cached is not None and time.monotonic() - cached[0] < ACCOUNTS_TTL:
             return cached[1]
         found = {
-            name: VaultAccount(name=name, username=username, password="", app=app, max_sessions=max_sessions)
-            for name, app, username, max_sessions in conn.execute(
-                select(accounts.c.name, accounts.c.app, accounts.c.username, accounts.c.max_sessions))
+            name: VaultAccount(name=name, username=username, password="", app=app, max_sessions=max_sessions,
+                               created_at=created)
+            for name, app, username, max_sessions, created in conn.execute(
+                select(accounts.c.name, accounts.c.app, accounts.c.username, accounts.c.max_sessions,
+                       accounts.c.created_at))
         }
         self._accounts_cache = (time.monotonic(), found)
         return found
@@ -298,7 +300,8 @@ class AccountOps:
         packs = {n.pack for n in needs.values() if n.account is None}
         names = sorted(name for name, acct in catalog.items() if name in wanted or acct.app in packs)
         holders = self._holders(conn, names)
-        return needs, [Slot(n, catalog[n].app, catalog[n].max_sessions, holders[n]) for n in names]
+        return needs, [Slot(n, catalog[n].app, catalog[n].max_sessions, holders[n], catalog[n].created_at)
+                       for n in names]
 
     def _claim_slot(self, conn: Connection, name: str, machine_id: str) -> VaultAccount | None:
         """Lock the account and count its leases: the account, if ``machine_id`` holds it or

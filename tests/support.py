@@ -7,6 +7,7 @@ no test ever imports a conftest (several share that module name).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from deskfleet.api import create_app
 from deskfleet.client import Client
 from deskfleet.config import ServerSettings
 from deskfleet.orchestrator import Orchestrator
-from deskfleet.store import Store, open_store
+from deskfleet.store import SQLStore, Store, open_store
 
 
 def free_port() -> int:
@@ -220,3 +221,59 @@ class PgServer:
             for name in self.created:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         self.created.clear()
+
+
+# -- store backends (the store suite runs on each) -------------------------------------------------
+
+@dataclass
+class Backend:
+    """A database server for the suite: hands out fresh, empty databases."""
+
+    name: str
+    new_url: Callable[[], str]
+    url: str = ""
+    opened: list[SQLStore] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.url = self.new_url()
+
+    def open(self, url: str | None = None, *, migrate: bool = False) -> SQLStore:
+        """Another store (its own engine and connections) on the test's database."""
+        store = open_store(url or self.url, migrate=migrate, sqlite_synchronous="NORMAL")
+        assert isinstance(store, SQLStore)
+        self.opened.append(store)
+        return store
+
+    def fresh(self) -> SQLStore:
+        """A migrated store on a new database (for property tests: one per example)."""
+        return self.open(self.new_url(), migrate=True)
+
+    def close(self) -> None:
+        for s in self.opened:
+            s.close()
+
+
+def _sqlite_backend(tmp_path: Path) -> Backend:
+    n = itertools.count()
+    return Backend("sqlite", lambda: f"sqlite:///{tmp_path / f'store{next(n)}.db'}")
+
+
+class _PgBackend(Backend):
+    server: PgServer | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.server is not None:
+            self.server.drop_all()
+
+
+def _postgres_backend(tmp_path: Path) -> Backend:
+    """A fresh database per call (CREATE DATABASE … TEMPLATE, as Procrastinate does) on the
+    server named by $DESKFLEET_TEST_PG; an unreachable server fails the test."""
+    server = PgServer()
+    b = _PgBackend("postgresql", server.new_database)
+    b.server = server
+    return b
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": _sqlite_backend, "postgresql": _postgres_backend}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ import uvicorn
 from deskfleet.api import create_app
 from deskfleet.client import Client
 from deskfleet.config import ServerSettings
+from deskfleet.logs import JsonFormatter, TextFormatter
 from deskfleet.orchestrator import Orchestrator
 from deskfleet.store import SQLStore, Store, open_store
 
@@ -277,3 +279,30 @@ def _postgres_backend(tmp_path: Path) -> Backend:
 
 
 BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": _sqlite_backend, "postgresql": _postgres_backend}
+
+
+# -- logs, as the product formats them (invariant 6: secrets never in them) ---------------------------
+
+class Capture(logging.Handler):
+    """Every log record, formatted every way the product formats logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[str, str]] = []
+        self._text, self._json = TextFormatter(), JsonFormatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for name in ("run", "attempt", "machine"):
+            if not hasattr(record, name):
+                setattr(record, name, None)
+        try:
+            # What a log file would hold: both product formats, and the record's own fields
+            # (extras included) — not the raw ``args`` objects, which a formatter renders.
+            rendered = [self._text.format(record), self._json.format(record),
+                        repr({k: v for k, v in record.__dict__.items() if k not in ("args", "msg")})]
+        except Exception as exc:  # a record we cannot format is still looked at raw
+            rendered = [repr(record.__dict__), repr(exc)]
+        self.lines.extend((record.name, line) for line in rendered)
+
+    def leaks(self, secret: str) -> list[tuple[str, str]]:
+        return [(name, line[:300]) for name, line in self.lines if secret in line]

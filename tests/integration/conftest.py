@@ -3,13 +3,14 @@ backend — SQLite and PostgreSQL; a missing PostgreSQL server is a failure, not
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from deskfleet.store import SQLStore
-from support import BACKENDS, Backend
+from support import BACKENDS, Backend, Capture
 
 
 @pytest.fixture(params=list(BACKENDS))
@@ -28,3 +29,17 @@ def backend_store(backend: Backend) -> SQLStore:
 def s(backend_store: SQLStore) -> SQLStore:
     """Short name for the store under test: a migrated, empty database."""
     return backend_store
+
+
+@pytest.fixture
+def captured() -> Iterator[Capture]:
+    handler = Capture()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)

@@ -71,7 +71,7 @@ class AccountOps:
             }
             if existing is None:
                 conn.execute(insert(accounts).values(name=account.name, created_at=now, **values))
-                self._event(conn, "account.created", now, data=_about(account, sorted(values)))
+                self._event(conn, "account.created", now, data=_about(account, [k for k in values if k != "updated_at"]))
             else:
                 conn.execute(update(accounts).where(accounts.c.name == account.name).values(**values))
                 self._event(conn, "account.updated", now, data=_about(account, ["password", *_changed(existing, account)]))

@@ -353,3 +353,24 @@ async def test_a_quarantined_machine_verifies_with_an_account_from_the_vault(liv
         assert desktop.app.session_user == "robot1"
         kinds = [(e["kind"], e["reason"]) for e in await c.every_event() if e["kind"] == "account.granted"]
         assert ("account.granted", "verify") in kinds
+
+
+async def test_an_account_a_machine_holds_is_removed_only_with_force(live_server, fleet_factory):
+    fleet = await fleet_factory(live_server, count=1, accounts=False)
+    mid = fleet.agents[0].machine_id
+    async with AsyncClient(live_server.url) as c, httpx.AsyncClient(base_url=live_server.url) as http:
+        await put(c, "solo", "robot1")
+        assert (await c.submit("ehr.lookup_patient", {"mrn": "D-1"}, wait=30))["state"] == "succeeded"
+        await eventually(lambda: live_server.view().account_leases("solo"))
+        refused = await http.delete("/v1/accounts/solo")
+        assert refused.status_code == 409, refused.text
+        assert mid in refused.json()["message"] and "force=true" in refused.json()["message"]
+        assert (await c.account("solo"))["leases"][0]["machine"] == mid
+        forced = await http.delete("/v1/accounts/solo", params={"force": "true"})
+        assert forced.status_code == 200
+        assert forced.json()["removed"] == "solo" and [x["machine"] for x in forced.json()["leases_released"]] == [mid]
+        assert await c.accounts() == []
+        # The machine is still logged in as robot1; with no account of the pack left, a run
+        # that logs in is refused at submit.
+        resp = await http.post("/v1/runs", json={"automation": "ehr.lookup_patient", "input": {"mrn": "D-2"}})
+        assert resp.status_code == 422

@@ -156,7 +156,8 @@ resources = st.dictionaries(
 beats = st.fixed_dictionaries(
     {"type": st.just("heartbeat"), "seq": st.one_of(st.integers(0, 10**9), anything)},
     optional={"resources": st.one_of(resources, anything), "session_key": anything,
-              "session_expires_at": anything, "attempt_id": anything, "other": anything},
+              "session_expires_at": anything, "attempt_id": anything, "other": anything,
+              "sessions": st.one_of(anything, st.lists(st.one_of(st.text(max_size=4), anything), max_size=3))},
 )
 
 

@@ -355,12 +355,16 @@ class AccountOps:
                               "held_for": round(now - lease.since, 3)})
         return bool(gone)
 
-    def _sync_sessions(self, conn: Connection, machine_id: str, notes: Sequence[str], now: float) -> list[str]:
+    def _sync_sessions(self, conn: Connection, machine_id: str, notes: Sequence[str], now: float,
+                       stored: Sequence[str] | None = None) -> list[str]:
         """Bring a machine's leases in line with its session notes (account names or
-        usernames); returns the notes as account names, as stored on the machine."""
+        usernames); returns the notes as account names, as stored on the machine
+        (``stored``: what the machine row holds, if the caller read it)."""
         names = self._resolve(conn, notes)
         current = {r["account"]: rows.account_lease(r) for r in conn.execute(
             select(account_leases).where(account_leases.c.machine_id == machine_id)).mappings()}
+        if not names and not current and stored is not None and not stored:
+            return names  # nothing logged in, nothing leased: nothing to write (most connects)
         known = set(self._catalog_names(conn, names))
         for name in names:
             if name in known and name not in current:

@@ -591,7 +591,7 @@ class SQLStore(AccountOps, KeyOps, Store):
             elif reported is not None:
                 result.stale_attempt_id = reported
             # Whatever the machine was logged in as before, its hello says what it is now.
-            self._sync_sessions(conn, machine_id, heartbeat.notes(), now)
+            self._sync_sessions(conn, machine_id, heartbeat.notes(), now, before.sessions)
             result.machine = self._machine(conn, machine_id)
             return result
 

@@ -109,7 +109,6 @@ class Connection:
         self.lock = asyncio.Lock()  # one frame at a time
         self.order = asyncio.Lock()  # a result's reply before the next assignment (see serve)
         self.verify_sent_at = 0.0
-        self.verify_granted = False  # the last verify order carried accounts
         self.last_seen = time.time()  # the last message from the agent
         self.sessions: list[str] = []  # the session notes of its last beat (leases follow changes)
 
@@ -351,7 +350,6 @@ class Hub:
             grants = await self.orch.vault.verify_grants(conn.machine_id)
         except StoreUnavailable:
             return  # asked again at the next verify interval
-        conn.verify_granted = conn.verify_granted or bool(grants)
         await conn.send(Verify(reason=reason, accounts=grants))
 
     async def _handle(self, conn: Connection, msg: Any) -> None:
@@ -406,9 +404,9 @@ class Hub:
                     return
                 await conn.send(Reply(re=msg.id, ok=True, code=code, valid_for=valid_for))
             elif isinstance(msg, Verified):
-                if conn.verify_granted:
-                    conn.verify_granted = False
-                    await orch.db(store.verify_ended, mid, now)
+                # The accounts reserved for it may settle now (held if the notes say so) — also
+                # after a reconnect, when this connection did not send the order.
+                await orch.db(store.verify_ended, mid, now)
                 if msg.ok:
                     await orch.db(store.release_quarantine, mid, {"state": msg.state, "screenshot": msg.screenshot_id}, now)
                     log.info("machine re-proved its state (%s)", msg.state, extra=self._ctx(mid))

@@ -309,6 +309,22 @@ def test_a_verification_is_given_an_account_of_each_pack_it_logs_in_to(s):
     assert holders(s, "bob") == {}
 
 
+def test_a_lease_held_long_is_kept_while_a_verification_logs_in_again(s):
+    s.put_account(account("alice"), T0)
+    machine(s, "m1", sessions=["alice"])
+    later = T0 + 5000  # held for far longer than a verification may take
+    [granted] = s.reserve_for_verify("m1", later)
+    assert granted.name == "alice" and holders(s, "alice") == {"m1": LeaseState.RESERVED}
+    beat(s, "m1", later + 1, [])  # a playbook restarted the app: the note lapses meanwhile
+    s.sweep_account_leases(later + 3, TIMEOUT, MARGIN)
+    assert holders(s, "alice") == {"m1": LeaseState.RESERVED}, "no other machine may take it yet"
+    beat(s, "m1", later + 4, ["alice"])
+    s.verify_ended("m1", later + 5)
+    beat(s, "m1", later + 6.5, ["alice"], changed=False)
+    s.sweep_account_leases(later + 6.5, TIMEOUT, MARGIN)
+    assert holders(s, "alice") == {"m1": LeaseState.HELD}
+
+
 def test_concurrent_claims_never_exceed_max_sessions(backend, backend_store):
     """Replicas (one store each: their own engines and connections) claim runs for their own
     machines at the same moment; every run wants one of two accounts of 2 sessions each."""

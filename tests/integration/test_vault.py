@@ -287,13 +287,33 @@ def peeking(agent_box: list[Agent]) -> Registry:
     return Registry([peek])
 
 
+def clumsy_model() -> Any:
+    """SimEHR's model whose login fails once quoting what it typed, as a careless playbook
+    or library might: the step's event must not carry the password."""
+    import dataclasses
+
+    from deskfleet.errors import DesktopError
+
+    model = ehr_model()
+    real_login = model.playbooks["login"]
+    failed: list[bool] = []
+
+    async def login(ctx: Any) -> None:
+        if not failed:
+            failed.append(True)
+            raise DesktopError(f"typed {ctx.account.password!r} into the wrong field")
+        await real_login(ctx)
+
+    return dataclasses.replace(model, playbooks={**model.playbooks, "login": login})
+
+
 @asynccontextmanager
 async def own_agent(server: LiveServer, tmp_path: Path) -> AsyncIterator[Agent]:
     backend = SimBackend(tmp_path / "own-ehr.db", seed=SEED)
     box: list[Agent] = []
     agent = Agent(AgentConfig(servers=[server.url], machine="own-01", enrolment_token=server.token,
                               key_file=tmp_path / "own-01.key", screenshots="none"),
-                  SimDesktop("own-01", backend, seed=5), peeking(box), model=ehr_model())
+                  SimDesktop("own-01", backend, seed=5), peeking(box), model=clumsy_model())
     box.append(agent)
     task = asyncio.create_task(agent.run())
     try:
@@ -316,6 +336,8 @@ async def test_the_agent_drops_the_grant_and_no_secret_leaks_anywhere(server_fac
         await put(c, "mfa", "clinic-a")
         run = await c.submit("test.peek", {}, wait=30)
         assert run["state"] == "succeeded", run
+        steps = [e for e in await c.events(run["id"]) if e["kind"] == "playbook.step"]
+        assert any(REDACTED in (e["data"].get("error") or "") for e in steps), steps
         [cur] = held
         assert cur.account is None, "the attempt is over: its grant is gone"
         assert cur.assign.account is None and agent._current is None

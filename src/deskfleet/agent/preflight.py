@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..appmodel import Account, AppModel, PlaybookContext
+from ..crypto import REDACTED
 from ..desktop import Desktop, Frame
 from ..errors import DesktopError, Stopped
 from ..vision import Classification
@@ -99,6 +100,8 @@ async def preflight(
             raise
         except Exception as exc:  # a playbook that fails is one failed step, not a crash
             error = f"{type(exc).__name__}: {exc}"
+            if account is not None and len(account.password) >= 3:
+                error = error.replace(account.password, REDACTED)  # it may quote what it typed
             log.info("playbook %s failed: %s", playbook_name, error)
         after, after_seen, _ = await _look(desktop, model)
         await record("playbook.step", {

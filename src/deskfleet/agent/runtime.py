@@ -521,6 +521,8 @@ class Agent:
                     return shot  # the step's own event carries it as before_screenshot
                 if shot:
                     data = {**data, "screenshot": shot}
+                # A playbook's error may quote what it typed: never the granted password.
+                data = _scrub_values(data, cur.account)
                 await self._send_quiet(AgentEvent(attempt_id=a.attempt_id, kind=kind, data=data))
                 return shot
 
@@ -644,7 +646,7 @@ class Agent:
         try:
             async def record(kind: str, data: dict[str, Any], frame: Frame | None) -> str | None:
                 if kind != "preflight.ok":
-                    await self._send_quiet(AgentEvent(kind=f"verify.{kind}", data=data))
+                    await self._send_quiet(AgentEvent(kind=f"verify.{kind}", data=_scrub_values(data, account)))
                     return None
                 return await self._evidence(None, "verify", frame)
 
@@ -690,6 +692,12 @@ def _scrub_secret(text: str, secret: Account | str | None) -> str:
     if value and len(value) >= 3:
         return text.replace(value, REDACTED)
     return text
+
+
+def _scrub_values(data: dict[str, Any], account: Account | None) -> dict[str, Any]:
+    if account is None:
+        return data
+    return {k: _scrub_secret(v, account) if isinstance(v, str) else v for k, v in data.items()}
 
 
 def _pick(grants: list[AccountGrant], packs: set[str]) -> AccountGrant | None:

@@ -139,7 +139,7 @@ class FleetManager:
         if lost:
             orch.after_finished(lost)
         await orch.db(store.expire_silent_machines, now, s.heartbeat_timeout)
-        if now - self._leases_swept_at >= min(1.0, s.heartbeat_interval):
+        if now - self._leases_swept_at >= 1.0:
             # Account leases of silent machines, and of logins that did not happen.
             self._leases_swept_at = now
             for lease in await orch.db(store.sweep_account_leases, now, s.heartbeat_timeout, s.heartbeat_interval):

@@ -177,7 +177,9 @@ class AccountOps:
                 for slot in order:
                     acct = self._claim_slot(conn, slot.name, machine_id)
                     if acct is not None:
-                        self._reserve(conn, acct, machine_id, None, None, now, purpose="verify")
+                        # Until the verification reports, or VERIFY_MAX at the latest.
+                        self._reserve(conn, acct, machine_id, None, None, now, purpose="verify",
+                                      settle_at=now + VERIFY_MAX)
                         granted.append(acct)
                         break
             return granted
@@ -187,7 +189,8 @@ class AccountOps:
         with self._tx() as conn:
             conn.execute(update(account_leases).where(
                 account_leases.c.machine_id == machine_id, account_leases.c.state == "reserved",
-                account_leases.c.attempt_id.is_(None), account_leases.c.settle_at.is_(None),
+                account_leases.c.attempt_id.is_(None),
+                or_(account_leases.c.settle_at.is_(None), account_leases.c.settle_at > now),
             ).values(settle_at=now))
 
     # -- the fleet manager's sweep --------------------------------------------------------------
@@ -206,29 +209,40 @@ class AccountOps:
             .where(or_(account_leases.c.state == "reserved", machines.c.last_heartbeat_at.is_(None),
                        machines.c.last_heartbeat_at < silent_before))
         )
-        released: list[AccountLease] = []
-        with self._tx() as conn:
-            for r in list(conn.execute(q).mappings()):
+        # Decided on a read (no write lock taken when there is nothing to do, as on most
+        # ticks); applied to each lease only as it was read (see _same_lease).
+        todo: list[tuple[AccountLease, float | None, str]] = []  # (lease, its settle_at, what)
+        with self._tx(write=False) as conn:
+            for r in conn.execute(q).mappings():
                 lease = rows.account_lease(r)
                 beat = r["last_heartbeat_at"]
                 if beat is None or beat < silent_before:
-                    if self._release(conn, lease, "machine_silent", now, settle_at=r["settle_at"]):
-                        released.append(lease)
+                    todo.append((lease, r["settle_at"], "machine_silent"))
                     continue
                 if lease.attempt_id is not None:
                     settle = r["ended_at"] if r["attempt_state"] not in (None, "active") else None
                     if r["attempt_state"] is None:
                         settle = lease.since  # the attempt row is gone (cannot happen; be safe)
-                else:
-                    settle = r["settle_at"]
-                    if settle is None and now - lease.since > VERIFY_MAX:
-                        settle = lease.since + VERIFY_MAX
+                else:  # a verification's: until it reported (or its deadline)
+                    settle = r["settle_at"] if r["settle_at"] is not None else lease.since + VERIFY_MAX
                 if settle is None or beat < settle + margin:
                     continue  # still logging in, or no heartbeat since it ended
-                if lease.account in (r["sessions"] or ()):
-                    conn.execute(update(account_leases).where(*_same_lease(lease, r["settle_at"]))
+                todo.append((lease, r["settle_at"], "held" if lease.account in (r["sessions"] or ()) else "not_logged_in"))
+        released: list[AccountLease] = []
+        if not todo:
+            return released
+        with self._tx() as conn:
+            for lease, settle_at, what in todo:
+                if what != "machine_silent":
+                    # The notes as they are now, the machine locked first (the order heartbeats
+                    # take): a heartbeat's change between the read and here is not lost.
+                    q = select(machines.c.sessions).where(machines.c.id == lease.machine_id)
+                    notes = conn.execute(q.with_for_update() if self._pg else q).scalar()
+                    what = "held" if lease.account in (notes or ()) else "not_logged_in"
+                if what == "held":
+                    conn.execute(update(account_leases).where(*_same_lease(lease, settle_at))
                                  .values(state="held", attempt_id=None, settle_at=None))
-                elif self._release(conn, lease, "not_logged_in", now, settle_at=r["settle_at"]):
+                elif self._release(conn, lease, what, now, settle_at=settle_at):
                     released.append(lease)
         return released
 
@@ -315,15 +329,16 @@ class AccountOps:
         return None
 
     def _reserve(self, conn: Connection, acct: VaultAccount, machine_id: str, attempt_id: int | None,
-                 run_id: str | None, now: float, *, purpose: str = "attempt") -> None:
+                 run_id: str | None, now: float, *, purpose: str = "attempt", settle_at: float | None = None) -> None:
         """Reserve ``acct`` for ``machine_id`` (its slot checked by :meth:`_claim_slot`) and
-        record the grant."""
+        record the grant. An attempt's reservation settles when the attempt ends; a
+        verification's at ``settle_at`` (moved earlier when it reports)."""
         changed = conn.execute(update(account_leases).where(
             account_leases.c.account == acct.name, account_leases.c.machine_id == machine_id,
-        ).values(state="reserved", attempt_id=attempt_id, settle_at=None)).rowcount
+        ).values(state="reserved", attempt_id=attempt_id, settle_at=settle_at)).rowcount
         if not changed:
             conn.execute(insert(account_leases).values(account=acct.name, machine_id=machine_id, state="reserved",
-                                                       since=now, attempt_id=attempt_id))
+                                                       since=now, attempt_id=attempt_id, settle_at=settle_at))
             self._event(conn, "account.leased", now, machine_id=machine_id, attempt_id=attempt_id, run_id=run_id,
                         reason=f"granted for {'an attempt' if purpose == 'attempt' else 'a verification'}",
                         data={"account": acct.name, "state": "reserved"})

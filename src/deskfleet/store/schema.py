@@ -306,7 +306,7 @@ account_leases = Table(
     Column("state", String(16), nullable=False),
     Column("since", Float, nullable=False),
     Column("attempt_id", Id),
-    Column("settle_at", Float),  # a verification's reservation: when it ended
+    Column("settle_at", Float),  # a verification's reservation settles then (its end, or a deadline)
     CheckConstraint(_in("state", ("reserved", "held")), name="state"),
     Index("ix_account_leases_machine", "machine_id"),
 )

@@ -72,10 +72,11 @@ def test_a_pack_run_takes_the_account_its_machine_holds_else_the_free_one_with_f
              Slot("c", "ehr", 1, {"m2"}, rank=0), Slot("x", "other", 5, set())]
     book = AccountBook(slots, {"r1": Need(pack="ehr"), "r2": Need(pack="ehr")})
     got = place([run_("r1"), run_("r2")], [machine("m1", idle_since=T0 - 5), machine("m2")], book)
-    # m2 already holds c (no login): r1 goes there first although m1 was idle longer.
-    assert got[0] == ("r1", "m2", "c")
-    # m1 holds none: b (0 sessions) before a (1 session), though a was added first.
-    assert got[1] == ("r2", "m1", "b")
+    # The machines in the selector's order (m1 idle longest). m1 holds none: b (0 sessions)
+    # before a (1 session), though a was added first.
+    assert got[0] == ("r1", "m1", "b")
+    # m2 already holds c: it keeps it (no second login).
+    assert got[1] == ("r2", "m2", "c")
 
 
 def test_equal_sessions_take_the_account_added_first():

@@ -12,8 +12,8 @@ Rules, in order:
 2. *Accounts* (``scheduler.accounts``): a run that needs a vault account — its
    ``session_key`` names one, or its automation logs in to its pack — goes only to a
    machine that can be given one now without exceeding any account's ``max_sessions``:
-   one that already holds it, or any machine while the account has a free slot. Among
-   those, machines already logged in as a fitting account come first (no login).
+   one that already holds it, or any machine while the account has a free slot. A
+   machine that holds an account of the pack is given that one (no second login).
 3. *Affinity*: a run with a ``session_key`` or ``prefer_machine`` takes the machine that
    matches (logged in as that account, or holding its lease). If that machine exists but
    is busy, the run waits for it — up to the pool's ``affinity_wait`` counted from when
@@ -172,7 +172,7 @@ class Policy:
             if need is not None:
                 assert accounts is not None
                 # Only machines that can be given an account now without exceeding any
-                # account's max_sessions; those already holding one need no login: first.
+                # account's max_sessions.
                 candidates = [m for m in candidates if accounts.account_for(need, m.id) is not None]
                 if not candidates:
                     continue
@@ -182,16 +182,15 @@ class Policy:
                 worth_waiting = any(_prefers(run, m, accounts) and eligible(run, m) for m in online)
                 if worth_waiting and now - run.queued_at < wait:
                     continue
+            # The selector's choice, as for any run (a retry after a crash still goes to the
+            # machine idle the longest, not back to the one holding its account).
+            chosen = self.selector.choose(run, candidates)
             account: str | None = None
             if need is not None:
                 assert accounts is not None
-                holding = [m for m in candidates if accounts.holds(need, m.id)]
-                chosen = self.selector.choose(run, holding or candidates)
                 account = accounts.account_for(need, chosen.id)
                 assert account is not None
                 accounts.take(account, chosen.id)
-            else:
-                chosen = self.selector.choose(run, candidates)
             pairs.append(Placement(run, chosen, account))
             taken.add(chosen.id)
         return pairs

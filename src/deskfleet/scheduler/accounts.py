@@ -75,13 +75,6 @@ class AccountBook:
             return None
         return min(free, key=lambda s: (len(s.holders), s.rank, s.name)).name
 
-    def holds(self, need: Need, machine_id: str) -> bool:
-        """Whether the machine already holds what ``need`` asks for (no login needed)."""
-        if need.account is not None:
-            slot = self.slots.get(need.account)
-            return slot is not None and machine_id in slot.holders
-        return any(machine_id in s.holders for s in self._by_app.get(need.pack, ()))
-
     def holders(self, account: str) -> set[str]:
         slot = self.slots.get(account)
         return set(slot.holders) if slot is not None else set()

@@ -84,9 +84,11 @@ class Server:
         for _ in range(300):
             try:
                 await client.health()
-                return
             except Exception:
                 await asyncio.sleep(0.05)
+                continue
+            await add_accounts(client)
+            return
         raise RuntimeError("server did not start")
 
     @property
@@ -105,6 +107,15 @@ class Server:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+async def add_accounts(client: AsyncClient) -> None:
+    """SimEHR's accounts in the vault, as the agents' fleets expect them (sim.noop and sim.work
+    need no login; the other automations get their accounts from here). Every machine may
+    share one: SimEHR does not end an older session."""
+    from deskfleet.sim import SimBackend
+
+    await client.put_accounts(SimBackend.credentials(1), app="simehr", max_sessions=10_000)
 
 
 class Cluster:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from deskfleet.store import Store, open_store
-from support import LiveServer, fast_settings, start_server, wait_ready
+from support import LiveServer, fast_settings, register_sim_accounts, start_server, wait_ready
 
 
 @pytest.fixture
@@ -44,13 +44,18 @@ async def fleet_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
     fleets: list[tuple[SimFleet, asyncio.Task[None]]] = []
 
-    async def make(server: LiveServer, count: int = 3, *, ready: bool = True, **overrides: Any) -> SimFleet:
+    async def make(server: LiveServer, count: int = 3, *, ready: bool = True, accounts: bool = True,
+                   **overrides: Any) -> SimFleet:
         values: dict[str, Any] = {
             "servers": [server.url], "count": count, "enrolment_token": server.token,
             "state_dir": tmp_path / f"agents{len(fleets)}", "backend": tmp_path / "ehr.db",
             "action_delay": 0.0, "screenshots": "none",
         }
         values.update(overrides)
+        if accounts:
+            # Agents get their accounts from the vault: SimEHR's demo accounts, each allowed on
+            # every machine at once (SimEHR does not end an older session).
+            await register_sim_accounts(server, seed=values.get("seed", 1), max_sessions=count)
         fleet = SimFleet(SimFleetConfig(**values))
         task = asyncio.create_task(fleet.run())
         fleets.append((fleet, task))

@@ -7,10 +7,12 @@ no test ever imports a conftest (several share that module name).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,9 @@ import uvicorn
 from deskfleet.api import create_app
 from deskfleet.client import Client
 from deskfleet.config import ServerSettings
+from deskfleet.logs import JsonFormatter, TextFormatter
 from deskfleet.orchestrator import Orchestrator
-from deskfleet.store import Store, open_store
+from deskfleet.store import SQLStore, Store, open_store
 
 
 def free_port() -> int:
@@ -54,6 +57,26 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: 
     raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
+
+
+async def register_accounts(server: Any, credentials: Mapping[str, Any], *, app: str | None,
+                            max_sessions: int = 1) -> None:
+    """Put an app's demo accounts in the server's vault, each allowed at least
+    ``max_sessions`` sessions (a second fleet on the same server keeps the larger limit)."""
+    from deskfleet.client import AsyncClient
+
+    async with AsyncClient(server.url, api_key=server.settings.api_key) as c:
+        existing = {a["name"]: a["max_sessions"] for a in await c.accounts()}
+        for name, cred in credentials.items():
+            await c.put_account(name, app=app, username=cred.username, password=cred.password,
+                                totp_seed=cred.totp_seed, max_sessions=max(max_sessions, existing.get(name, 0)))
+
+
+async def register_sim_accounts(server: Any, *, seed: int = 1, max_sessions: int = 1) -> None:
+    """SimEHR's demo accounts for ``seed`` (pack ``simehr``)."""
+    from deskfleet.sim import SimBackend
+
+    await register_accounts(server, SimBackend.credentials(seed), app="simehr", max_sessions=max_sessions)
 
 
 def fast_settings(data_dir: Path, **overrides: Any) -> ServerSettings:
@@ -200,3 +223,86 @@ class PgServer:
             for name in self.created:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         self.created.clear()
+
+
+# -- store backends (the store suite runs on each) -------------------------------------------------
+
+@dataclass
+class Backend:
+    """A database server for the suite: hands out fresh, empty databases."""
+
+    name: str
+    new_url: Callable[[], str]
+    url: str = ""
+    opened: list[SQLStore] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.url = self.new_url()
+
+    def open(self, url: str | None = None, *, migrate: bool = False) -> SQLStore:
+        """Another store (its own engine and connections) on the test's database."""
+        store = open_store(url or self.url, migrate=migrate, sqlite_synchronous="NORMAL")
+        assert isinstance(store, SQLStore)
+        self.opened.append(store)
+        return store
+
+    def fresh(self) -> SQLStore:
+        """A migrated store on a new database (for property tests: one per example)."""
+        return self.open(self.new_url(), migrate=True)
+
+    def close(self) -> None:
+        for s in self.opened:
+            s.close()
+
+
+def _sqlite_backend(tmp_path: Path) -> Backend:
+    n = itertools.count()
+    return Backend("sqlite", lambda: f"sqlite:///{tmp_path / f'store{next(n)}.db'}")
+
+
+class _PgBackend(Backend):
+    server: PgServer | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.server is not None:
+            self.server.drop_all()
+
+
+def _postgres_backend(tmp_path: Path) -> Backend:
+    """A fresh database per call (CREATE DATABASE … TEMPLATE, as Procrastinate does) on the
+    server named by $DESKFLEET_TEST_PG; an unreachable server fails the test."""
+    server = PgServer()
+    b = _PgBackend("postgresql", server.new_database)
+    b.server = server
+    return b
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": _sqlite_backend, "postgresql": _postgres_backend}
+
+
+# -- logs, as the product formats them (invariant 6: secrets never in them) ---------------------------
+
+class Capture(logging.Handler):
+    """Every log record, formatted every way the product formats logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[str, str]] = []
+        self._text, self._json = TextFormatter(), JsonFormatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for name in ("run", "attempt", "machine"):
+            if not hasattr(record, name):
+                setattr(record, name, None)
+        try:
+            # What a log file would hold: both product formats, and the record's own fields
+            # (extras included) — not the raw ``args`` objects, which a formatter renders.
+            rendered = [self._text.format(record), self._json.format(record),
+                        repr({k: v for k, v in record.__dict__.items() if k not in ("args", "msg")})]
+        except Exception as exc:  # a record we cannot format is still looked at raw
+            rendered = [repr(record.__dict__), repr(exc)]
+        self.lines.extend((record.name, line) for line in rendered)
+
+    def leaks(self, secret: str) -> list[tuple[str, str]]:
+        return [(name, line[:300]) for name, line in self.lines if secret in line]

@@ -16,7 +16,8 @@ move on, wait for a state, fill a field — so that none of them times anything 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,15 +32,74 @@ from .vision import UNKNOWN, Classification, Classifier
 SCREEN_WAIT = 8.0
 #: seconds between two looks while waiting for a screen
 POLL = 0.05
+#: seconds: a TOTP code about to roll over is not worth typing — wait for the next one
+TOTP_MARGIN = 3.0
+
+#: where an account's TOTP codes come from: () → (code, seconds it stays valid)
+CodeSource = Callable[[], Awaitable[tuple[str, float]]]
 
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """An account's secrets. ``repr`` never shows them."""
+    """An application's own record of an account (what a simulated app checks a login
+    against). Agents get :class:`Account` instead. ``repr`` never shows the secrets."""
 
     username: str
     password: str = field(repr=False)
     totp_seed: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """The account a playbook logs in as. ``repr`` never shows the password.
+
+    An agent builds it from the grant that came with its assignment (or verification) and
+    drops it when that ends; :meth:`totp` then asks the orchestrator for a code — the seed
+    never leaves it. :meth:`local` makes one held by this process, for embedders and tests.
+    """
+
+    name: str  # the vault's name for it (what runs use as session_key)
+    username: str
+    password: str = field(repr=False)
+    app: str | None = None
+    has_totp: bool = False
+    codes: CodeSource | None = field(default=None, repr=False, compare=False)
+
+    async def totp(self) -> str:
+        """A current TOTP code, with at least :data:`TOTP_MARGIN` seconds left to type it."""
+        if not self.has_totp or self.codes is None:
+            raise LookupError(f"account {self.name!r} has no TOTP seed; MFA needs a person")
+        code, valid_for = await self.codes()
+        if valid_for < TOTP_MARGIN:
+            await asyncio.sleep(valid_for + 0.05)  # the next code, rather than one about to expire
+            code, valid_for = await self.codes()
+        return code
+
+    @classmethod
+    def local(cls, name: str, username: str, password: str, *, totp_seed: str | None = None,
+              app: str | None = None) -> Account:
+        """An account held by this process, its TOTP codes computed here (pyotp)."""
+        codes: CodeSource | None = None
+        if totp_seed is not None:
+            import pyotp
+
+            otp = pyotp.TOTP(totp_seed)
+
+            async def local_codes() -> tuple[str, float]:
+                now = time.time()
+                return otp.at(now), otp.interval - now % otp.interval
+
+            codes = local_codes
+        return cls(name, username, password, app=app, has_totp=totp_seed is not None, codes=codes)
+
+    @classmethod
+    def from_credential(cls, name: str, cred: Credential, *, app: str | None = None) -> Account:
+        return cls.local(name, cred.username, cred.password, totp_seed=cred.totp_seed, app=app)
+
+
+def local_accounts(credentials: dict[str, Credential], *, app: str | None = None) -> dict[str, Account]:
+    """Accounts held by this process, from an application's own records (tests, embedders)."""
+    return {name: Account.from_credential(name, cred, app=app) for name, cred in credentials.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,21 +159,29 @@ class AppModel:
 
 @dataclass(slots=True)
 class PlaybookContext:
-    """What a playbook gets: the desktop, the model, the account, waiting helpers, and
-    :meth:`fill` (type into a field and confirm the text arrived)."""
+    """What a playbook gets: the desktop, the model, the account it logs in as
+    (:attr:`account`), waiting helpers, and :meth:`fill` (type into a field and confirm the
+    text arrived)."""
 
     desktop: Desktop
     model: AppModel
-    credentials: Mapping[str, Credential]
+    granted: Account | None  # the account this pre-flight logs in as, if the run was given one
     session_key: str | None  # the account the run wants the app logged in as
     state: Classification  # what the screen showed when this playbook was chosen
 
-    def credential(self) -> Credential:
-        """The credential for the wanted account, or the model's default account."""
-        key = self.session_key or self.model.default_account
-        if key is None or key not in self.credentials:
-            raise LookupError(f"no stored credential for account {key!r}")
-        return self.credentials[key]
+    @property
+    def account(self) -> Account:
+        """The account to log in as; LookupError (saying why) if this pre-flight has none."""
+        if self.granted is None:
+            raise LookupError(
+                "no account to log in with: the run was given none (its automation does not declare "
+                "needs_account and its session_key names no account in the vault)"
+            )
+        return self.granted
+
+    def credential(self) -> Account:
+        """Deprecated alias of :attr:`account`, kept for one release."""
+        return self.account
 
     async def look(self) -> Classification:
         """Capture the screen now and classify it."""

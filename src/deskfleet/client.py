@@ -9,7 +9,7 @@ message; a server that cannot be reached becomes
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,17 @@ def _every_event(after: int = 0) -> Pager:
         after = batch[-1]["id"]
 
 
+def _put_accounts(credentials: Mapping[str, Any], app: str | None, max_sessions: int) -> Pager:
+    """Put every account of ``credentials`` (name → an object with ``username``, ``password``
+    and ``totp_seed``, e.g. an app's demo accounts) in the vault; their answers."""
+    out: list[dict[str, Any]] = []
+    for name, cred in credentials.items():
+        body = {"app": app, "username": cred.username, "password": cred.password,
+                "totp_seed": getattr(cred, "totp_seed", None), "max_sessions": max_sessions}
+        out.append((yield _Call("PUT", f"/v1/accounts/{name}", body)))
+    return out
+
+
 class _Calls:
     """The API's calls, independent of transport. On its own, each call returns the
     :class:`_Call` it would make; a transport overrides ``_do`` to make it."""
@@ -144,6 +155,28 @@ class _Calls:
     def automations(self) -> Any:
         return self._do(_Call("GET", "/v1/automations"))
 
+    # -- the vault (secrets go in, never come out) ---------------------------------------------
+    def put_account(self, name: str, *, username: str, password: str, app: str | None = None,
+                    totp_seed: str | None = None, labels: dict[str, str] | None = None,
+                    max_sessions: int = 1) -> Any:
+        """Create or replace an account."""
+        return self._do(_Call("PUT", f"/v1/accounts/{name}", {
+            "app": app, "username": username, "password": password, "totp_seed": totp_seed,
+            "labels": labels or {}, "max_sessions": max_sessions}))
+
+    def patch_account(self, name: str, **changes: Any) -> Any:
+        """Change some fields (``totp_seed=None`` removes the seed)."""
+        return self._do(_Call("PATCH", f"/v1/accounts/{name}", changes))
+
+    def accounts(self, app: str | None = None) -> Any:
+        return self._do(_Call("GET", "/v1/accounts", params={"app": app} if app else {}))
+
+    def account(self, name: str) -> Any:
+        return self._do(_Call("GET", f"/v1/accounts/{name}"))
+
+    def remove_account(self, name: str, *, force: bool = False) -> Any:
+        return self._do(_Call("DELETE", f"/v1/accounts/{name}", params={"force": "true"} if force else {}))
+
     def summary(self) -> Any:
         return self._do(_Call("GET", "/v1/summary"))
 
@@ -175,6 +208,10 @@ class Client(_Calls):
 
     def every_event(self, after: int = 0) -> list[dict[str, Any]]:
         return self._drive(_every_event(after))
+
+    def put_accounts(self, credentials: Mapping[str, Any], *, app: str | None = None,
+                     max_sessions: int = 1) -> list[dict[str, Any]]:
+        return self._drive(_put_accounts(credentials, app, max_sessions))
 
     def _drive(self, pager: Pager) -> list[dict[str, Any]]:
         try:
@@ -224,6 +261,10 @@ class AsyncClient:
 
     async def every_event(self, after: int = 0) -> list[dict[str, Any]]:
         return await self._drive(_every_event(after))
+
+    async def put_accounts(self, credentials: Mapping[str, Any], *, app: str | None = None,
+                           max_sessions: int = 1) -> list[dict[str, Any]]:
+        return await self._drive(_put_accounts(credentials, app, max_sessions))
 
     async def _drive(self, pager: Pager) -> list[dict[str, Any]]:
         try:

@@ -115,6 +115,8 @@ class AutomationSpec:
     has_reconcile: bool = False
     required_state: str = "ready"
     secret_fields: list[str] = field(default_factory=list)
+    pack: str | None = None  # the pack (application) the automation belongs to
+    needs_account: bool = False  # its pre-flight logs in: each attempt gets an account of ``pack``
 
     @property
     def key(self) -> str:
@@ -139,6 +141,8 @@ class Machine:
     resources: JSON = field(default_factory=dict)
     session_key: str | None = None
     session_expires_at: float | None = None
+    #: every account the machine's apps are logged in as (its session notes), by account name
+    sessions: list[str] = field(default_factory=list)
     quarantine_reason: str | None = None
     runs_completed: int = 0
     active_attempt_id: int | None = None
@@ -287,6 +291,7 @@ class Attempt:
     stop_reason: StopReason | None = None
     ending: Ending | None = None
     reason: str | None = None
+    account: str | None = None  # the vault account this attempt was granted, if any
 
     @property
     def token(self) -> int:
@@ -326,6 +331,39 @@ class Assignment:
     run: Run
     attempt: Attempt
     spec: AutomationSpec | None
+    account: VaultAccount | None = None  # the account granted with it (secrets still encrypted)
+
+
+@dataclass(slots=True)
+class VaultAccount:
+    """An account in the orchestrator's vault. ``password`` and ``totp_seed`` are held as
+    the store holds them: encrypted (``enc:v1:…``); only the vault decrypts them."""
+
+    name: str  # what runs name as their session_key
+    username: str
+    password: str = field(repr=False)
+    app: str | None = None  # the pack (application) the account logs in to
+    totp_seed: str | None = field(default=None, repr=False)
+    labels: dict[str, str] = field(default_factory=dict)
+    max_sessions: int = 1
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class LeaseState(enum.StrEnum):
+    RESERVED = "reserved"  # handed to a machine for a login in progress; not yet seen in its session note
+    HELD = "held"  # the machine's session note says it is logged in as the account
+
+
+@dataclass(slots=True)
+class AccountLease:
+    """The right of one machine to be logged in as an account (at most ``max_sessions``)."""
+
+    account: str
+    machine_id: str
+    state: LeaseState
+    since: float
+    attempt_id: int | None = None  # the attempt it was reserved for (None: a verification)
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .config import ServerSettings
-from .crypto import SecretBox, redact
+from .crypto import SecretBox, legacy_mac_key, redact
 from .errors import ConfigError, InvalidInput, NotFound, StoreRetry, StoreUnavailable, Unservable
 from .fleet.bus import LocalBus, PgBus
 from .models import (
@@ -41,6 +41,7 @@ from .models import (
 from .protocol import Assign, Stop
 from .scheduler import Policy, serviceable
 from .store import Finished, Store, is_postgres, open_leadership, open_store
+from .vault import Vault
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,6 +158,7 @@ class Orchestrator:
         self.store = store or open_store(settings.db_url, sqlite_synchronous=settings.sqlite_synchronous)
         self.db = StoreRunner(self.store, threads=4 if is_postgres(settings.db_url) else 1)
         self.secrets = SecretBox.from_file(settings.secret_key_file or settings.data_dir / "secret.key")
+        self.vault = Vault(self)
         self.enrolment_token = settings.resolve_enrolment_token()
         self.policy = policy or Policy()
         self.metrics = Metrics()
@@ -192,13 +194,39 @@ class Orchestrator:
                 f"another deskfleet server is using {self.settings.db_url}; the embedded SQLite "
                 "store serves one orchestrator (use PostgreSQL for several)"
             )
-        if not self.store.claim_key(self.secrets.key_fingerprint()):
+        if not self.store.claim_key(self.secrets.fingerprints):
+            missing = [f[:8] for f in self.store.keys_in_use() if f not in self.secrets.fingerprints]
             raise ConfigError(
-                "this server's secret key is not the one that encrypted the secrets already in the "
-                "database; every replica needs the same key (--secret-key-file), and a replaced key "
-                "file cannot decrypt what the old one encrypted"
+                "this server's secret keys do not include every key that encrypted the secrets already "
+                f"in the database (missing: {', '.join(missing)}); every replica needs the same keyring "
+                "(--secret-key-file), and a key may leave it only after 'deskfleet keys rotate' "
+                "re-encrypted everything (docs/credentials.md)"
             )
+        # Request fingerprints (idempotency) use a key of their own, kept in the database, so
+        # that rotating the encryption key leaves them valid.
+        box = self.secrets
+        token = self.store.fingerprint_key(lambda: box.encrypt_bytes(legacy_mac_key(box.keys[0])))
+        box.set_mac_key(box.decrypt_bytes(token))
         self._prepared = True
+
+    async def refresh_keys(self) -> None:
+        """Re-read the key file if it changed (a rotation in progress): the newest key
+        encrypts from now on — once the database counts it among the keys in use. A file
+        that lost a key still in use is refused, and the keys read before stay."""
+        try:
+            fresh = self.secrets.changed_file()
+        except ConfigError as exc:
+            log.error("the secret key file changed but cannot be used (%s); still using the keys read before", exc)
+            return
+        if fresh is None:
+            return
+        if not await self.db(self.store.claim_key, fresh.fingerprints):
+            log.error("the secret key file no longer holds every key that encrypted stored secrets; still "
+                      "using the keys read before (a key may leave only after 'deskfleet keys rotate')")
+            return
+        self.secrets.adopt(fresh)
+        log.warning("secret keys re-read: %d keys, encrypting with %s…", len(fresh.fingerprints),
+                    fresh.key_fingerprint()[:8])
 
     async def start(self) -> None:
         await self.db(self.prepare)
@@ -207,7 +235,8 @@ class Orchestrator:
             if leases:
                 log.info("recovered %d active leases; agents have %.0fs to reconnect",
                          leases, self.settings.heartbeat_timeout)
-        await self.db(self.store.replica_alive, self.replica_id, self.replica_name, time.time())
+        await self.db(self.store.replica_alive, self.replica_id, self.replica_name, time.time(),
+                      self.secrets.key_fingerprint())
         await self.bus.start(self._on_hint)
         self._tasks = [
             asyncio.create_task(self._schedule_loop(), name="deskfleet-scheduler"),
@@ -313,6 +342,7 @@ class Orchestrator:
             session_key=a.run.session_key,
             attempt_timeout=a.run.attempt_timeout,
             progress_timeout=a.run.progress_timeout,
+            account=self.vault.grant(a.account) if a.account is not None else None,
         )
         log.info("assigned attempt %d (%s)", a.attempt.id, a.run.automation,
                  extra={"run": a.run.id, "attempt": a.attempt.id, "machine": a.attempt.machine_id})
@@ -363,6 +393,7 @@ class Orchestrator:
         """Agents advertised automations, or machines or pools changed: drop the caches."""
         self._specs.clear()
         self._catalog = None
+        self.vault.forget()
 
     async def _pools_and_shapes(self) -> tuple[dict[str, Pool], list[MachineShape]]:
         now = time.monotonic()
@@ -386,6 +417,7 @@ class Orchestrator:
             what = spec.automation if spec.version is None else f"{spec.automation}@{spec.version}"
             raise NotFound(f"unknown automation {what!r}; known: {', '.join(names)}", field="automation")
         _validate_input(auto, spec.input)
+        await self.vault.check_run(spec, auto, pool)
         if not pool.allow_wait_for_capacity:
             # A pinned run needs that machine; any other, some shape of machine that fits.
             pinned = await self.db(self.store.get_machine, spec.machine) if spec.machine else None

@@ -13,17 +13,23 @@ so that they never delay a heartbeat.
                                            ◀─  welcome {heartbeat settings, resume?}
       heartbeat {resources, attempt?}      ─▶
                                            ◀─  heartbeat_ack
-                                           ◀─  assign {attempt id = fencing token, run, input}
+                                           ◀─  assign {attempt id = fencing token, run, input, account?}
       preparing / event / progress         ─▶  (fenced: rejected if the lease is gone)
+      totp {account} (request)             ─▶  (MFA prompt: only for an account this machine holds)
+                                           ◀─  reply {code, valid_for}
       start (request)                      ─▶
                                            ◀─  reply {ok | stop}     the automation may now run
       result {ending, output}              ─▶
                                            ◀─  reply {ok | stale}
                                            ◀─  stop {attempt, reason}  (cancel, timeouts, lease lost)
-                                           ◀─  verify                  (quarantined: re-prove state)
+                                           ◀─  verify {accounts}       (quarantined: re-prove state)
       verified {state, screenshot}         ─▶
 
 Messages that need an answer carry ``id``; the answer is a ``reply`` with ``re`` = id.
+
+Secrets (invariant 6): an account's password travels only inside the ``assign`` or
+``verify`` that needs it (:class:`AccountGrant`); a TOTP seed never leaves the
+orchestrator — the agent asks for a code when an MFA prompt needs one.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class AutomationAd(_Msg):
     has_reconcile: bool = False
     required_state: str = "ready"
     secret_fields: list[str] = Field(default_factory=list)
+    pack: str | None = None  # the pack (application) the automation belongs to
+    needs_account: bool = False  # pre-flight logs in: give each attempt an account of ``pack``
 
 
 class Resources(_Msg):
@@ -70,9 +78,11 @@ class Hello(_Msg):
     automations: list[AutomationAd]
     labels: dict[str, str] | None = None
     resources: Resources = Field(default_factory=Resources)
-    session_key: str | None = None
+    session_key: str | None = None  # the first of ``sessions`` (older agents send only this)
     session_expires_at: float | None = None
     attempt_id: int | None = None  # the attempt this agent is still working on, if any
+    #: every account the machine's apps are logged in as (one per app): its account leases
+    sessions: list[str] | None = None
 
 
 class HeartbeatMsg(_Msg):
@@ -82,6 +92,7 @@ class HeartbeatMsg(_Msg):
     session_key: str | None = None
     session_expires_at: float | None = None
     attempt_id: int | None = None
+    sessions: list[str] | None = None
 
 
 class Preparing(_Msg):
@@ -123,6 +134,16 @@ class Result(_Msg):
     detail: str = ""
 
 
+class TotpRequest(_Msg):
+    """An MFA prompt needs a code: the orchestrator computes it from the account's seed (which
+    never leaves it), for an account this machine holds a lease on. Answered by ``reply``
+    with ``code`` and ``valid_for``."""
+
+    type: Literal["totp"] = "totp"
+    id: int
+    account: str
+
+
 class Verified(_Msg):
     """The agent re-proved its machine's state after a quarantine."""
 
@@ -134,7 +155,7 @@ class Verified(_Msg):
 
 
 AgentMessage = Annotated[
-    Hello | HeartbeatMsg | Preparing | AgentEvent | Progress | Start | Result | Verified,
+    Hello | HeartbeatMsg | Preparing | AgentEvent | Progress | Start | Result | TotpRequest | Verified,
     Field(discriminator="type"),
 ]
 agent_message: TypeAdapter[AgentMessage] = TypeAdapter(AgentMessage)
@@ -156,6 +177,17 @@ class HeartbeatAck(_Msg):
     seq: int
 
 
+class AccountGrant(_Msg):
+    """An account's secrets for one login: inside an assignment or a verify order, never
+    elsewhere. The agent drops it when the attempt (or verification) ends."""
+
+    name: str  # the vault's account name (= what runs use as session_key)
+    app: str | None = None  # the pack (application) the account belongs to
+    username: str
+    password: str = Field(repr=False)  # secret: never logged, never in events
+    totp: bool = False  # the account has a TOTP seed; codes come from the orchestrator (TotpRequest)
+
+
 class Assign(_Msg):
     type: Literal["assign"] = "assign"
     attempt_id: int  # also the lease's fencing token
@@ -169,6 +201,7 @@ class Assign(_Msg):
     session_key: str | None = None
     attempt_timeout: float
     progress_timeout: float
+    account: AccountGrant | None = None  # the account pre-flight logs in as, if the run needs one
 
 
 class Stop(_Msg):
@@ -180,6 +213,7 @@ class Stop(_Msg):
 class Verify(_Msg):
     type: Literal["verify"] = "verify"
     reason: str = ""
+    accounts: list[AccountGrant] = Field(default_factory=list)  # to log in with, one per pack at most
 
 
 class Reply(_Msg):
@@ -188,6 +222,8 @@ class Reply(_Msg):
     ok: bool
     error: str | None = None
     stop: str | None = None  # for a start request: the attempt must stop instead, and why
+    code: str | None = None  # for a totp request: the current code
+    valid_for: float | None = None  # seconds the code stays valid
 
 
 class Error(_Msg):

@@ -219,8 +219,8 @@ class Automation(Generic[In, Out]):
     required_state: str = "ready"
     description: str = ""
     reconcile_func: Callable[..., Any] | None = None
-    pack: str | None = None  # the pack that offers it (set when the pack is loaded)
-    needs_account: bool = False  # its pack logs in: each attempt needs an account of the pack
+    pack: str | None = None  # the pack (application) it works in
+    needs_account: bool = False  # its pre-flight logs in: each attempt is given an account of ``pack``
 
     def reconcile(self, func: Callable[..., Any]) -> Callable[..., Any]:
         """Decorator: the check that says whether this automation's effect already happened."""
@@ -240,6 +240,8 @@ class Automation(Generic[In, Out]):
             has_reconcile=self.reconcile_func is not None,
             required_state=self.required_state,
             secret_fields=secret_fields(self.input_model),
+            pack=self.pack,
+            needs_account=self.needs_account,
         )
 
     def parse_input(self, data: dict[str, Any]) -> In:
@@ -291,8 +293,13 @@ def automation(
     idempotent: bool = False,
     required_state: str = "ready",
     description: str = "",
+    pack: str | None = None,
+    needs_account: bool = False,
 ) -> Callable[[Callable[..., Any]], Automation[Any, Any]]:
-    """Declare an automation. Input and output models are read from the type hints."""
+    """Declare an automation. Input and output models are read from the type hints.
+
+    ``needs_account``: its pre-flight logs in to the application of ``pack``, so each
+    attempt is given an account of that pack from the orchestrator's vault."""
 
     def wrap(func: Callable[..., Any]) -> Automation[Any, Any]:
         hints = _resolved_hints(func)
@@ -317,6 +324,8 @@ def automation(
             idempotent=idempotent,
             required_state=required_state,
             description=description or (inspect.getdoc(func) or "").split("\n")[0],
+            pack=pack,
+            needs_account=needs_account,
         )
 
     return wrap
@@ -387,6 +396,16 @@ class Registry:
 
     def specs(self) -> list[AutomationSpec]:
         return [a.spec for a in self._by_key.values()]
+
+    def for_pack(self, pack: str, *, logs_in: bool = True) -> Registry:
+        """The same automations as part of ``pack``; with ``logs_in``, every one that needs a
+        screen state (``required_state`` other than ``any``) logs in first, so each attempt
+        is given an account of the pack from the vault."""
+        from dataclasses import replace
+
+        return Registry(replace(a, pack=a.pack or pack,
+                                needs_account=a.needs_account or (logs_in and a.required_state != "any"))
+                        for a in self)
 
     def __len__(self) -> int:
         return len(self._by_key)

@@ -368,6 +368,7 @@ class Cluster:
         self.db_url: str | None = None  # the replicas' database, once created
         self.replicas: dict[str, int] = {}  # replica name → port
         self.proxies: list[TcpProxy] = []
+        self._accounts_added = False
 
     # -- processes ------------------------------------------------------------------------------
     def _proc(self, name: str, args: list[str]) -> Proc:
@@ -426,6 +427,7 @@ class Cluster:
         live in ``<root>/agent-<name>``, so a restart under the same name is the same machine.
         ``urls``: the orchestrators it may connect to (default: this cluster's one server)."""
         servers = [arg for url in (urls or [self.url]) for arg in ("--orchestrator", url)]
+        self.add_accounts()
         return self._proc(name, [
             "agent", *servers, "--pack", "simehr", "--desktop", "sim", "--machine", name, "--count", str(count),
             "--sim-faults", faults, "--sim-backend", str(self.backend),
@@ -433,6 +435,20 @@ class Cluster:
             "--enrolment-token-file", str(self.data_dir / "enrolment-token"),
             "--action-delay", str(action_delay), *extra,
         ])
+
+    def add_accounts(self) -> None:
+        """SimEHR's accounts in the vault (once), through the CLI as an operator would: agents
+        get them from there. Many sessions each: SimEHR does not end an older session."""
+        if self._accounts_added:
+            return
+        first = "server" if not self.replicas else next(iter(self.replicas))
+        self.wait_healthy(first)
+        done = subprocess.run(
+            [sys.executable, "-m", "deskfleet", "--server", self.client_for(first).server,
+             "accounts", "add-demo", "simehr", "--max-sessions", "1000"],
+            capture_output=True, text=True, timeout=60, cwd=self.root)
+        assert done.returncode == 0, done.stderr
+        self._accounts_added = True
 
     def proxy(self, urls: list[str]) -> tuple[TcpProxy, list[str]]:
         """A partitionable proxy in front of these orchestrator URLs; the URLs to give an agent."""

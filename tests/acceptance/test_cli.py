@@ -224,6 +224,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "--sqlite-synchronous", "NORMAL",
         ], work, env))
         _until(lambda: httpx.get(f"{s.url}/healthz", timeout=2).status_code == 200, 30, "the server", s)
+        # The agents log in with accounts from the vault, put there as an operator would.
+        added = subprocess.run([sys.executable, "-m", "deskfleet", "--server", s.url, "accounts", "add-demo",
+                                "simehr", "--max-sessions", "2"], capture_output=True, text=True, env=env,
+                               cwd=work, timeout=60)
+        assert added.returncode == 0, added.stderr
         s.procs.append(_start("agent", [
             "agent", "--orchestrator", s.url, "--pack", "simehr", "--desktop", "sim", "--count", "2", "--machine", "cli",
             "--enrolment-token-file", str(work / "data" / "enrolment-token"),

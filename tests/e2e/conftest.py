@@ -20,7 +20,7 @@ from deskfleet import AgentHost, AgentHostConfig, load_pack
 from deskfleet.demoapp import credentials
 from deskfleet.demoapp.__main__ import parse
 from deskfleet.errors import ConfigError
-from support import LiveServer, wait_ready
+from support import LiveServer, register_accounts, wait_ready
 
 
 @pytest.fixture(autouse=True)
@@ -79,10 +79,12 @@ async def real_fleet(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             "state_dir": tmp_path / f"agents{len(fleets)}", "data_dir": tmp_path / "data",
             "log_dir": tmp_path / "logs", "screenshots": "evidence",
             "app_args": {"demoehr": options}, "machine_args": machine_options or {},
-            "idle_timeouts": {"demoehr": idle} if idle else {}, "credentials": credentials(seed),
+            "idle_timeouts": {"demoehr": idle} if idle else {},
             "upkeep": False,  # sessions expire here as the tests expect; tests of upkeep turn it on
         }
         values.update(overrides)
+        # Agents get DemoEHR's accounts from the vault; a robot logs in on one machine at a time.
+        await register_accounts(server, credentials(seed), app="demoehr", max_sessions=1)
         host = AgentHost(AgentHostConfig(**values))
         await host.start()
         task = asyncio.create_task(host.run())

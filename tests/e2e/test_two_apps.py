@@ -18,7 +18,8 @@ import pytest
 import deskfleet.demoapp
 from deskfleet import load_pack
 from deskfleet.client import AsyncClient
-from deskfleet.demoapp import Records
+from deskfleet.demoapp import Records, credentials
+from support import register_accounts
 
 pytestmark = pytest.mark.e2e
 
@@ -51,6 +52,7 @@ def clinic_pack(root: Path) -> Path:
 
 async def test_one_agent_drives_two_apps_on_one_display(e2e_server, real_fleet, tmp_path):
     clinic = load_pack(clinic_pack(tmp_path / "clinic"))
+    await register_accounts(e2e_server, credentials(0), app="clinic", max_sessions=1)
     fleet = await real_fleet(e2e_server, packs=[load_pack("demoehr"), clinic],
                              app_args={"demoehr": ["--seed=0"], "clinic": ["--seed=0"]})
     [machine] = fleet.host.machines

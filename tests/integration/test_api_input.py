@@ -130,7 +130,7 @@ async def agent_in_pool(server: LiveServer, tmp_path: Path, pool: str, machine: 
         AgentConfig(servers=[server.url], machine=machine, pool=pool, enrolment_token=server.token,
                     key_file=tmp_path / f"{machine}.key", screenshots="none"),
         App(SimDesktop(machine, backend, seed=11), Registry([lookup_v2]), ehr_model()),
-        credentials=SimBackend.credentials(1),
+        # lookup_v2 needs no screen state, so no account
     )
     task = asyncio.create_task(agent.run())
     try:

@@ -188,7 +188,8 @@ async def test_a_non_idempotent_automation_without_reconcile_fails_loudly_when_l
 async def test_preflight_failure_requeues_without_spending_retries(live_server, fleet_factory):
     await fleet_factory(live_server, count=1)
     async with AsyncClient(live_server.url) as c:
-        # No credential exists for this account: pre-flight cannot log in.
+        # The vault's password for this account is wrong: pre-flight cannot log in.
+        await c.put_account("nobody", app="simehr", username="nobody", password="not-the-password")
         run = await c.submit("ehr.lookup_patient", {"mrn": "PF-1"}, session_key="nobody", deadline=3)
         done = await c.run(run["id"], wait=20)
         assert done["state"] == "timed_out"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sqlite3
 import threading
 import time
@@ -28,7 +27,6 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from deskfleet.agent.runtime import Agent, AgentConfig, App
 from deskfleet.crypto import REDACTED
 from deskfleet.errors import BusinessError
-from deskfleet.logs import JsonFormatter, TextFormatter
 from deskfleet.sdk import Context, Registry, automation
 from deskfleet.sim import SimBackend, SimDesktop, ehr_model
 from deskfleet.sim.layout import layout_for
@@ -118,7 +116,7 @@ async def vault_machine(server: LiveServer, tmp_path: Path) -> AsyncIterator[Age
         AgentConfig(servers=[server.url], machine="vault-01", enrolment_token=server.token,
                     key_file=tmp_path / "vault-01.key", screenshots="none"),
         App(SimDesktop("vault-01", backend, seed=3), Registry([sign_in, sign_in_strict]), ehr_model()),
-        credentials={},  # nothing stored: the run must bring the password
+        # no accounts of its own, none in the vault: the run must bring the password
     )
     task = asyncio.create_task(agent.run())
     try:
@@ -131,45 +129,6 @@ async def vault_machine(server: LiveServer, tmp_path: Path) -> AsyncIterator[Age
         except (TimeoutError, asyncio.CancelledError):
             task.cancel()
         backend.close()
-
-
-class Capture(logging.Handler):
-    """Every log record, formatted every way the product formats logs."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[tuple[str, str]] = []
-        self._text, self._json = TextFormatter(), JsonFormatter()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        for name in ("run", "attempt", "machine"):
-            if not hasattr(record, name):
-                setattr(record, name, None)
-        try:
-            # What a log file would hold: both product formats, and the record's own fields
-            # (extras included) — not the raw ``args`` objects, which a formatter renders.
-            rendered = [self._text.format(record), self._json.format(record),
-                        repr({k: v for k, v in record.__dict__.items() if k not in ("args", "msg")})]
-        except Exception as exc:  # a record we cannot format is still looked at raw
-            rendered = [repr(record.__dict__), repr(exc)]
-        self.lines.extend((record.name, line) for line in rendered)
-
-    def leaks(self, secret: str) -> list[tuple[str, str]]:
-        return [(name, line[:300]) for name, line in self.lines if secret in line]
-
-
-@pytest.fixture
-def captured() -> Iterator[Capture]:
-    handler = Capture()
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
 
 
 @pytest.fixture

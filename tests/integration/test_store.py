@@ -16,9 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -52,9 +50,8 @@ from deskfleet.models import (
     StopReason,
 )
 from deskfleet.scheduler import Policy
-from deskfleet.store import ConnectResult, Heartbeat, SQLStore, open_store
+from deskfleet.store import ConnectResult, Heartbeat, SQLStore
 from deskfleet.store.schema import attempts, events, metadata, runs
-from support import PgServer
 
 T0 = 1_700_000_000.0
 LEASE = 30.0
@@ -68,79 +65,8 @@ SPECS = (UNSAFE, IDEMPOTENT, RECONCILING)
 FINAL = [s.value for s in RunState if s.final]
 
 
-# -- backends ------------------------------------------------------------------------------------
-
-@dataclass
-class Backend:
-    """A database server for the suite: hands out fresh, empty databases."""
-
-    name: str
-    new_url: Callable[[], str]
-    url: str = ""
-    opened: list[SQLStore] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.url = self.new_url()
-
-    def open(self, url: str | None = None, *, migrate: bool = False) -> SQLStore:
-        """Another store (its own engine and connections) on the test's database."""
-        store = open_store(url or self.url, migrate=migrate, sqlite_synchronous="NORMAL")
-        assert isinstance(store, SQLStore)
-        self.opened.append(store)
-        return store
-
-    def fresh(self) -> SQLStore:
-        """A migrated store on a new database (for property tests: one per example)."""
-        return self.open(self.new_url(), migrate=True)
-
-    def close(self) -> None:
-        for s in self.opened:
-            s.close()
-
-
-def _sqlite_backend(tmp_path: Path) -> Backend:
-    n = itertools.count()
-    return Backend("sqlite", lambda: f"sqlite:///{tmp_path / f'store{next(n)}.db'}")
-
-
-class _PgBackend(Backend):
-    server: PgServer | None = None
-
-    def close(self) -> None:
-        super().close()
-        if self.server is not None:
-            self.server.drop_all()
-
-
-def _postgres_backend(tmp_path: Path) -> Backend:
-    """A fresh database per call (CREATE DATABASE … TEMPLATE, as Procrastinate does) on the
-    server named by $DESKFLEET_TEST_PG; an unreachable server fails the test."""
-    server = PgServer()
-    b = _PgBackend("postgresql", server.new_database)
-    b.server = server
-    return b
-
-
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": _sqlite_backend, "postgresql": _postgres_backend}
-
-
-@pytest.fixture(params=list(BACKENDS))
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    b = BACKENDS[request.param](tmp_path)
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def backend_store(backend: Backend) -> SQLStore:
-    return backend.open(migrate=True)
-
-
-@pytest.fixture
-def s(backend_store: SQLStore) -> SQLStore:
-    """Short name for the store under test: a migrated, empty database."""
-    return backend_store
-
+# -- backends: the ``backend``, ``backend_store`` and ``s`` fixtures (tests/integration/conftest.py)
+# open a fresh database per test on every backend of support.BACKENDS.
 
 # -- helpers -------------------------------------------------------------------------------------
 

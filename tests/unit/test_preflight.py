@@ -22,7 +22,7 @@ from deskfleet import (
     load_pack,
 )
 from deskfleet.agent.preflight import preflight
-from deskfleet.appmodel import Credential
+from deskfleet.appmodel import Account
 
 BLACK = np.zeros((240, 320, 3), np.uint8)
 
@@ -79,7 +79,7 @@ async def run(desktop: Scripted, model: Any, wanted: str = "ready", session_key:
         events.append((kind, data))
 
     result = await preflight(desktop, model, wanted, session_key=session_key,
-                             credentials={"robot": Credential("robot", "pw")}, record=record, max_steps=4)
+                             account=Account.local("robot", "robot", "pw"), record=record, max_steps=4)
     return Outcome(result, events)
 
 
@@ -165,7 +165,7 @@ async def test_playbook_waits_for_the_screen_to_move_on_and_restarts_a_hung_app(
     login = model.playbooks["login"]
     # The screen never changes at all after the click: the app is hung → restarted.
     desktop = Scripted(lambda: SCREENS["login"])
-    ctx = PlaybookContext(desktop, model, {"robot": Credential("robot", "pw")}, None,
+    ctx = PlaybookContext(desktop, model, Account.local("robot", "robot", "pw"), None,
                           model.classify(SCREENS["login"]))
     import deskfleet.appmodel as appmodel
 
@@ -184,7 +184,7 @@ async def test_moved_on_refuses_input_the_app_did_not_take(pack: Any) -> None:
     frames[1][0, 0] = (1, 2, 3)  # something repainted, but still the login screen
     shown = iter([frames[0]] + [frames[1]] * 1000)
     desktop = Scripted(lambda: next(shown))
-    ctx = PlaybookContext(desktop, model, {}, None, model.classify(SCREENS["login"]))
+    ctx = PlaybookContext(desktop, model, None, None, model.classify(SCREENS["login"]))
     before = await desktop.screenshot()
     with pytest.raises(DesktopError, match="stayed at 'login'"):
         await ctx.moved_on(before, timeout=0.2)
@@ -223,7 +223,7 @@ async def test_moved_on_does_not_take_a_redrawn_screen_for_a_hung_app(pack: Any)
     redraw[0, 0] = (9, 9, 9)
     shown = iter([redraw, redraw] + [SCREENS["login"]] * 1000)  # a flash, then the same login again
     desktop = Scripted(lambda: next(shown))
-    ctx = PlaybookContext(desktop, model, {}, None, model.classify(SCREENS["login"]))
+    ctx = PlaybookContext(desktop, model, None, None, model.classify(SCREENS["login"]))
     with pytest.raises(DesktopError, match="stayed at 'login'"):
         await ctx.moved_on(SCREENS["login"], timeout=0.2)
     assert desktop.clicks == []  # never restarted

@@ -7,11 +7,12 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
-from deskfleet.appmodel import AppModel, PlaybookContext
+from deskfleet.appmodel import Account, AppModel, PlaybookContext, local_accounts
 from deskfleet.sim import FaultPlan, SimBackend, SimDesktop, ehr_model
 
 MODEL = ehr_model()
 CREDS = SimBackend.credentials(0)
+ACCOUNTS = local_accounts(CREDS, app="simehr")  # as an embedder gives them: codes computed here
 
 
 class TickingClock:
@@ -45,7 +46,7 @@ async def preflight(desktop: SimDesktop, model: AppModel, want: str, steps: int 
                 return seen
         else:
             playbook = model.recovery_for(c.state)
-        await model.playbooks[playbook](PlaybookContext(desktop, model, CREDS, want, c))
+        await model.playbooks[playbook](PlaybookContext(desktop, model, ACCOUNTS[want], want, c))
     raise AssertionError(f"never reached home as {want}: {seen}")
 
 
@@ -182,20 +183,25 @@ async def test_playbooks_restart_an_app_that_does_not_react() -> None:
     desktop.inject("freeze")
     before = await desktop.screenshot()
     c = MODEL.classify(before)
-    await MODEL.playbooks["login"](PlaybookContext(desktop, MODEL, CREDS, "robot1", c))
+    await MODEL.playbooks["login"](PlaybookContext(desktop, MODEL, ACCOUNTS["robot1"], "robot1", c))
     assert not desktop.app.frozen  # restarted: the next round can log in
     assert desktop.view().screen == "login"
 
 
 async def test_mfa_playbook_without_a_totp_seed_asks_for_a_person() -> None:
-    from deskfleet.appmodel import Credential
-
     desktop = SimDesktop("m1", SimBackend(), seed=3)
     await sign_in(desktop, "clinic-a")
     c = MODEL.classify(await desktop.screenshot())
-    creds = {"clinic-a": Credential("clinic-a", CREDS["clinic-a"].password)}
-    with pytest.raises(LookupError):
-        await MODEL.playbooks["mfa"](PlaybookContext(desktop, MODEL, creds, "clinic-a", c))
+    no_seed = Account.local("clinic-a", "clinic-a", CREDS["clinic-a"].password)
+    with pytest.raises(LookupError, match="no TOTP seed"):
+        await MODEL.playbooks["mfa"](PlaybookContext(desktop, MODEL, no_seed, "clinic-a", c))
+
+
+async def test_login_playbook_without_an_account_says_why() -> None:
+    desktop = SimDesktop("m1", SimBackend(), seed=3)
+    c = MODEL.classify(await desktop.screenshot())
+    with pytest.raises(LookupError, match="no account to log in with"):
+        await MODEL.playbooks["login"](PlaybookContext(desktop, MODEL, None, None, c))
 
 
 def test_model_is_built_once_per_size_and_fits_other_sizes() -> None:

@@ -658,7 +658,7 @@ async def test_preflight_on_a_locked_console_fails_without_touching_the_app(cons
             events.append(kind)
 
         activated = m.window.activated
-        result = await preflight(desktop, m.pack.model, "ready", session_key=None, credentials={}, record=record)
+        result = await preflight(desktop, m.pack.model, "ready", session_key=None, record=record)
         assert not result.ok and result.state == "unhealthy"
         assert result.detail.startswith("this machine cannot be driven: the screen is locked")
         assert result.steps == [] and events == []  # no playbook, no evidence

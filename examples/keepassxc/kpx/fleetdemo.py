@@ -94,6 +94,8 @@ class KeePassXCDemo:
     noun: str = "real desktops (Xvfb + KeePassXC, one shared database)"
     desktops: tuple[str, ...] = ("xvfb",)
     cancel_running: tuple[str, ...] = ("keepassxc.find_entry",)
+    #: every desktop unlocks the same database with the same password
+    max_sessions: int = 16
     taken: list[FaultTaken] = field(default_factory=list)
     _wave1: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -136,8 +138,7 @@ class KeePassXCDemo:
     def agent_args(self) -> list[str]:
         return [f"--app-option=--lock-after={self.lock_after:g}", "--app-idle-timeout", f"{self.lock_after:g}",
                 # The quiet spell is there to let every database lock itself: no upkeep here.
-                "--no-upkeep",
-                "--sim-seed", str(self.config.seed)]  # the seed of the demo account the agents hold
+                "--no-upkeep"]
 
     def accounts(self) -> dict[str, Credential]:
         return demo_accounts(self.config.seed)

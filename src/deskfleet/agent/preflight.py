@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..appmodel import AppModel, Credential, PlaybookContext, ProbeResult
+from ..appmodel import Account, AppModel, PlaybookContext, ProbeResult
+from ..crypto import REDACTED
 from ..desktop import Desktop, Frame, note_session
 from ..errors import BusinessError, DesktopError, Stopped
 from ..vision import WRONG_SCREEN, Classification
@@ -65,7 +66,7 @@ async def preflight(
     wanted: str,
     *,
     session_key: str | None,
-    credentials: Mapping[str, Credential],
+    account: Account | None = None,
     record: StepRecorder,
     stop: asyncio.Event | None = None,
     max_steps: int = 8,
@@ -95,13 +96,16 @@ async def preflight(
                 if not ok:
                     playbook_name = model.on_unresponsive
                     why = reason or "the application does not respond to input (probe failed)"
-            if playbook_name is None and session_key is not None and model.session_reader is not None:
-                account = await model.session_reader(desktop, frame)
-                if account is not None:
-                    note_session(desktop, account)
-                if account != session_key:
+            wanted_user = account.username if account is not None else session_key
+            if playbook_name is None and wanted_user is not None and model.session_reader is not None:
+                # Logged in as the account this attempt was given (and holds the lease of),
+                # not merely as anyone.
+                seen_user = await model.session_reader(desktop, frame)
+                if seen_user is not None:
+                    note_session(desktop, seen_user)
+                if seen_user != wanted_user:
                     playbook_name = model.logout or "restart_app"
-                    why = f"logged in as {account!r}, the run needs {session_key!r}"
+                    why = f"logged in as {seen_user!r}, the run needs {wanted_user!r}"
             if playbook_name is None:
                 evidence = await record("preflight.ok", {"state": seen.state, "steps": len(steps)}, frame)
                 return PreflightResult(True, seen.state, steps=steps, frame=frame,
@@ -120,7 +124,7 @@ async def preflight(
                                    steps, frame, elapsed=time.monotonic() - t0)
         steps.append(playbook_name)
         before_id = await record("playbook.before", {"playbook": playbook_name, "state": seen.state, "why": why}, frame)
-        ctx = PlaybookContext(desktop, model, credentials, session_key, seen)
+        ctx = PlaybookContext(desktop, model, account, session_key, seen)
         error = ""
         final = ""  # a failure no further step can fix
         try:
@@ -130,10 +134,10 @@ async def preflight(
         except (BusinessError, LookupError) as exc:
             # A refused password, an account without a TOTP seed: trying again would only
             # repeat it (and may lock the account). A person must fix it.
-            error = f"{type(exc).__name__}: {exc}"
+            error = _scrubbed(f"{type(exc).__name__}: {exc}", account)
             final = f"{playbook_name} failed: {error}"
         except Exception as exc:  # a playbook that fails is one failed step, not a crash
-            error = f"{type(exc).__name__}: {exc}"
+            error = _scrubbed(f"{type(exc).__name__}: {exc}", account)  # it may quote what it typed
             log.info("playbook %s failed: %s", playbook_name, error)
         looked = await _settled(desktop, model, wanted, stop)
         after, after_seen, _ = looked
@@ -143,9 +147,10 @@ async def preflight(
         if after_seen.state in model.signed_out:
             note_session(desktop, None)
         elif not error and model.is_ready(after_seen.state) and playbook_name in model.meta.get("signs_in", ()):
-            account = session_key or model.default_account
-            if account is not None:
-                note_session(desktop, account)
+            # The note names the user the app shows (the agent maps it to the vault's account).
+            user = account.username if account is not None else session_key or model.default_account
+            if user is not None:
+                note_session(desktop, user)
         await record("playbook.step", {
             "playbook": playbook_name, "from_state": seen.state, "to_state": after_seen.state,
             "why": why, "error": error or None, "before_screenshot": before_id,
@@ -159,6 +164,12 @@ async def preflight(
         f"tried {', '.join(steps) or 'nothing'})",
         steps, elapsed=time.monotonic() - t0,
     )
+
+
+def _scrubbed(text: str, account: Account | None) -> str:
+    if account is not None and len(account.password) >= 3:
+        return text.replace(account.password, REDACTED)
+    return text
 
 
 def _probe_answer(answer: ProbeResult | bool) -> tuple[bool, str]:

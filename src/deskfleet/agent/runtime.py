@@ -5,6 +5,13 @@ moving on to the next orchestrator URL when one dies), heartbeats with resource 
 and runs each assignment: pre-flight, reconcile when asked, the automation under a
 watchdog, then a result it re-sends until the orchestrator acknowledges it.
 
+Accounts: the agent holds no credentials of its own. An assignment (or a verify order)
+that needs a login carries the account's password (``AccountGrant``); the agent builds the
+:class:`~deskfleet.appmodel.Account` pre-flight logs in with, asks the orchestrator for a
+TOTP code when an MFA prompt needs one, and drops the grant when the attempt (or the
+verification) ends. Embedders and tests may still give an agent accounts of its own
+(``accounts=``), used when an assignment brings none.
+
 Self-fencing: if no heartbeat has been acknowledged for the heartbeat timeout, the agent
 stops its attempt on its own. Its last acknowledged beat is never later than the last beat
 the orchestrator received, so the agent stops *before* the orchestrator expires the lease
@@ -34,11 +41,12 @@ from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 
 from .. import __version__
-from ..appmodel import AppModel, Credential, PlaybookContext
+from ..appmodel import Account, AppModel, Credential, PlaybookContext
 from ..crypto import REDACTED
 from ..desktop import Desktop, Frame
 from ..errors import BusinessError, ConfigError, Stopped
 from ..protocol import (
+    AccountGrant,
     AgentEvent,
     Assign,
     AutomationAd,
@@ -53,6 +61,7 @@ from ..protocol import (
     Result,
     Start,
     Stop,
+    TotpRequest,
     Verified,
     Verify,
     Welcome,
@@ -117,7 +126,8 @@ class _Disconnected(Exception):
 
 @dataclass(slots=True)
 class _Current:
-    assign: Assign
+    assign: Assign  # without its account grant: that is ``account``, dropped when the attempt ends
+    account: Account | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: str | None = None
     task: asyncio.Task[None] | None = None
@@ -133,10 +143,14 @@ class Agent:
         config: AgentConfig,
         apps: App | Sequence[App],
         *,
+        accounts: Mapping[str, Account] | None = None,
         credentials: Mapping[str, Credential] | None = None,
         boot_id: str | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
+        """``accounts``: accounts of the agent's own, for assignments that bring none
+        (embedders, tests); agents of a fleet get theirs from the orchestrator's vault.
+        ``credentials`` is the older form of the same (account name → Credential)."""
         self.config = config
         # Agents packed many to a process (simulated fleets) share one HTTP client: each
         # client builds its own TLS context, which costs tens of milliseconds.
@@ -147,7 +161,12 @@ class Agent:
             raise ConfigError("an agent needs at least one application to drive")
         self.registry = Registry([a for app in self.apps for a in app.registry])
         self._app_of = {id(a): app for app in self.apps for a in app.registry}
-        self.credentials = dict(credentials or {})
+        self.accounts: dict[str, Account] = dict(accounts or {})
+        for name, cred in (credentials or {}).items():
+            self.accounts.setdefault(name, Account.from_credential(name, cred))
+        # Which account each username is (learned from grants; not a secret): session notes
+        # name usernames, leases go by account name.
+        self._account_names: dict[str, str] = {a.username: a.name for a in self.accounts.values()}
         self.boot_id = boot_id or uuid.uuid4().hex
         self.machine_id = config.machine
         self._key = config.agent_key
@@ -318,16 +337,24 @@ class Agent:
 
     async def _hello(self) -> Hello:
         res, info = await self._resources()
+        sessions = self._sessions()
         return Hello(
             boot_id=self.boot_id,
             agent_version=__version__,
             automations=[AutomationAd(**_spec_dict(s)) for s in self.registry.specs()],
             labels=self.config.labels or None,
             resources=res,
-            session_key=info.session_key if info else None,
+            session_key=sessions[0] if sessions else None,
             session_expires_at=info.session_expires_at if info else None,
             attempt_id=self._current.assign.attempt_id if self._current else None,
+            sessions=sessions,
         )
+
+    def _sessions(self) -> list[str]:
+        """The accounts the machine's apps are logged in as (their session notes, as of the
+        last reading), by the vault's names where the agent knows them (it was granted them)."""
+        notes = [i.session_key for i in self._infos if i is not None and i.session_key]
+        return [self._account_names.get(n, n) for n in notes]
 
     async def _resources(self) -> tuple[Resources, Any]:
         try:
@@ -373,11 +400,13 @@ class Agent:
             cur = self._current
             seq = next(self._seq)
             self._beats_sent[seq] = time.monotonic()
+            sessions = self._sessions()
             await self._send(HeartbeatMsg(
                 seq=seq, resources=res,
-                session_key=info.session_key if info else None,
+                session_key=sessions[0] if sessions else None,
                 session_expires_at=info.session_expires_at if info else None,
                 attempt_id=cur.assign.attempt_id if cur else None,
+                sessions=sessions,
             ))
             await asyncio.sleep(self._hb_interval)
 
@@ -431,7 +460,7 @@ class Agent:
                 self._stop_current(cur, msg.reason)
         elif isinstance(msg, Verify):
             if self._current is None and not self._verifying:
-                asyncio.get_running_loop().create_task(self._verify())
+                asyncio.get_running_loop().create_task(self._verify(msg.accounts))
         elif msg.type == "error":
             log.warning("orchestrator says: %s", msg.message, extra=self._ctx())
 
@@ -444,9 +473,34 @@ class Agent:
             log.error("assigned attempt %d while busy with %d; refusing", assign.attempt_id,
                       cur.assign.attempt_id, extra=self._ctx(assign.attempt_id, assign.run_id))
             return
-        cur = _Current(assign)
+        automation = self.registry.get(assign.automation, assign.version)
+        app = self._app_of.get(id(automation)) if automation is not None else None
+        # The grant lives only in ``cur.account``, for the attempt's duration.
+        cur = _Current(assign.model_copy(update={"account": None}),
+                       account=self._account(assign.account, assign.session_key, app))
         self._current = cur
         cur.task = asyncio.get_running_loop().create_task(self._execute(cur))
+
+    def _account(self, grant: AccountGrant | None, session_key: str | None, app: App | None) -> Account | None:
+        """The account a login uses: the grant that came with the order, else one of the
+        agent's own accounts (the run's session_key, or the app model's default)."""
+        if grant is None:
+            default = app.model.default_account if app is not None and app.model is not None else None
+            key = session_key or default
+            return self.accounts.get(key) if key is not None else None
+        self._account_names[grant.username] = grant.name
+        return Account(grant.name, grant.username, grant.password, app=grant.app, has_totp=grant.totp,
+                       codes=self._codes_for(grant.name) if grant.totp else None)
+
+    def _codes_for(self, account: str) -> Any:
+        async def codes() -> tuple[str, float]:
+            """A code computed by the orchestrator: the seed never leaves it."""
+            reply = await self._request(lambda i: TotpRequest(id=i, account=account))
+            if not reply.ok or reply.code is None:
+                raise LookupError(f"no TOTP code for account {account!r}: {reply.error or 'refused'}")
+            return reply.code, float(reply.valid_for or 0.0)
+
+        return codes
 
     def _stop_current(self, cur: _Current, reason: str) -> None:
         if cur.stop.is_set():
@@ -477,8 +531,12 @@ class Agent:
             await self._evidence(cur, "failure", None)
         finally:
             fence.cancel()
+            # The attempt is over: drop the account's secrets (the result may take a while to
+            # be acknowledged; it needs none of them).
+            granted, cur.account = cur.account, None
         ending, output, detail = result
-        detail = _scrub(detail, self.registry, a)
+        detail = _scrub(detail, self.registry, a, granted.password if granted is not None else None)
+        del granted
         if cur.forgotten:
             return  # rebooted: nobody here remembers this attempt to report it
         log.info("attempt finished locally: %s %s", ending, detail[:200], extra=ctx_log)
@@ -501,13 +559,15 @@ class Agent:
                 return shot  # the step's own event carries it as before_screenshot
             if shot:
                 data = {**data, "screenshot": shot}
+            # A playbook's error may quote what it typed: never the granted password.
+            data = _scrub_values(data, cur.account)
             await self._send_quiet(AgentEvent(attempt_id=a.attempt_id, kind=kind, data=data))
             return shot
 
         async def ensure(state: str) -> PreflightResult:
             assert app.model is not None  # Context refuses before calling without a model
             return await preflight(app.desktop, app.model, state, session_key=a.session_key,
-                                   credentials=self.credentials, record=record, stop=cur.stop,
+                                   account=cur.account, record=record, stop=cur.stop,
                                    max_steps=self.config.preflight_steps)
 
         async def ensure_mid_run(state: str) -> PreflightResult:
@@ -517,7 +577,7 @@ class Agent:
 
             assert app.model is not None
             return await preflight(app.desktop, app.model, state, session_key=a.session_key,
-                                   credentials=self.credentials, record=marked, stop=cur.stop,
+                                   account=cur.account, record=marked, stop=cur.stop,
                                    max_steps=self.config.preflight_steps)
 
         ctx = Context(
@@ -641,15 +701,21 @@ class Agent:
             log.info("could not upload %s screenshot: %s", name, _short(exc), extra=self._ctx())
             return None
 
-    async def _verify(self) -> None:
-        """Re-prove the machine's state after a quarantine: every app with a model, ready."""
+    async def _verify(self, grants: list[AccountGrant] | None = None) -> None:
+        """Re-prove the machine's state after a quarantine: every app with a model, ready —
+        logging in with the account the order brought for that app, if it needs one. The
+        grants are dropped when the verification ends."""
         apps = [app for app in self.apps if app.model is not None]
         if not apps:
             return
         self._verifying = True
+        accounts = {app.name: self._account(_pick(grants or [], app.name, len(apps)), None, app) for app in apps}
+        secrets = [acc for acc in accounts.values() if acc is not None]
         try:
             async def record(kind: str, data: dict[str, Any], frame: Frame | None) -> str | None:
                 if kind != "preflight.ok":
+                    for acc in secrets:
+                        data = _scrub_values(data, acc)
                     await self._send_quiet(AgentEvent(kind=f"verify.{kind}", data=data))
                     return None
                 return await self._evidence(None, "verify", frame)
@@ -660,17 +726,19 @@ class Agent:
                     assert app.model is not None
                     await _activate(app)
                     pre = await preflight(app.desktop, app.model, "ready", session_key=None,
-                                          credentials=self.credentials, record=record,
+                                          account=accounts[app.name], record=record,
                                           max_steps=self.config.preflight_steps)
                     if not pre.ok:
                         break
             assert pre is not None
-            await self._send_quiet(Verified(ok=pre.ok, state=pre.state, detail=pre.detail,
+            await self._send_quiet(Verified(ok=pre.ok, state=pre.state, detail=_scrub_all(pre.detail, secrets),
                                             screenshot_id=pre.evidence_id))
         except Exception as exc:
-            await self._send_quiet(Verified(ok=False, state="unknown", detail=_short(exc)))
+            await self._send_quiet(Verified(ok=False, state="unknown", detail=_scrub_all(_short(exc), secrets)))
         finally:
             self._verifying = False
+            accounts.clear()  # the grants are dropped with the verification
+            secrets.clear()
 
     # -- session upkeep ----------------------------------------------------------------------------
     async def _upkeep(self) -> None:
@@ -710,7 +778,8 @@ class Agent:
             if not app.model.is_ready(seen.state):
                 error = f"the screen shows {seen.state!r}, not a ready state: left for the next pre-flight"
             else:
-                ctx = PlaybookContext(app.desktop, app.model, self.credentials, account, seen)
+                # A keep-alive logs nobody in: it needs no account's secrets.
+                ctx = PlaybookContext(app.desktop, app.model, None, account, seen)
                 try:
                     await asyncio.wait_for(app.model.playbooks[app.keepalive](ctx), UPKEEP_TIMEOUT)
                 except Exception as exc:  # upkeep is a courtesy: the next pre-flight recovers
@@ -731,16 +800,47 @@ def _unavailable(reply: Reply) -> bool:
     return not reply.ok and (reply.error or "").startswith("unavailable")
 
 
-def _scrub(text: str, registry: Registry, a: Assign) -> str:
-    """Keep secret input values out of error text (a library may quote its input)."""
+def _scrub(text: str, registry: Registry, a: Assign, password: str | None = None) -> str:
+    """Keep secret input values and the granted password out of error text (a library, or
+    a playbook, may quote what it typed)."""
+    if not text:
+        return text
+    text = _scrub_secret(text, password)
     automation = registry.get(a.automation, a.version)
-    if automation is None or not text:
+    if automation is None:
         return text
     for name in automation.spec.secret_fields:
         value = a.input.get(name)
         if isinstance(value, str) and len(value) >= 3:
             text = text.replace(value, REDACTED)
     return text
+
+
+def _scrub_secret(text: str, secret: Account | str | None) -> str:
+    value = secret.password if isinstance(secret, Account) else secret
+    if value and len(value) >= 3:
+        return text.replace(value, REDACTED)
+    return text
+
+
+def _scrub_all(text: str, accounts: list[Account]) -> str:
+    for account in accounts:
+        text = _scrub_secret(text, account)
+    return text
+
+
+def _scrub_values(data: dict[str, Any], account: Account | None) -> dict[str, Any]:
+    if account is None:
+        return data
+    return {k: _scrub_secret(v, account) if isinstance(v, str) else v for k, v in data.items()}
+
+
+def _pick(grants: list[AccountGrant], app: str | None, apps: int) -> AccountGrant | None:
+    """The grant for ``app`` (its pack's); with one app on the machine, the only one."""
+    for g in grants:
+        if g.app == app:
+            return g
+    return grants[0] if grants and apps == 1 else None
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:

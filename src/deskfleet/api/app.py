@@ -28,6 +28,7 @@ from ..fleet.hub import AgentSocket, Disconnected
 from ..models import MachineAdmin, Pool, RunState
 from ..orchestrator import Orchestrator
 from ..protocol import EnrolRequest, EnrolResponse
+from .accounts import add_routes as add_account_routes
 from .schemas import (
     ArtifactOut,
     AttemptOut,
@@ -149,7 +150,7 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
         parts = []
         for e in errs[:5]:
             loc = ".".join(str(p) for p in e["loc"] if p != "body")
-            msg = e["msg"]
+            msg = e["msg"].removeprefix("Value error, ")  # our validators' own messages
             if e.get("type") == "extra_forbidden":
                 msg = "unknown field (check the spelling; see /docs for the schema)"
             parts.append(f"{loc or 'body'}: {msg}")
@@ -303,6 +304,8 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
     @app.get("/v1/automations", response_model=list[AutomationOut], dependencies=[Client])
     async def automations() -> list[AutomationOut]:
         return [AutomationOut.of(s) for s in await orch.db(orch.store.list_automations)]
+
+    add_account_routes(app, orch, Client)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

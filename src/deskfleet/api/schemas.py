@@ -29,7 +29,7 @@ class RunRequest(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict, description="every one must match the machine's")
     machine: str | None = Field(default=None, max_length=128, description="run only on this machine")
     prefer_machine: str | None = Field(default=None, max_length=128, description="prefer this machine, fall back after the pool's affinity wait")
-    session_key: str | None = Field(default=None, max_length=200, description="prefer the machine logged in as this account")
+    session_key: str | None = Field(default=None, max_length=200, description="the vault account to run as: a machine logged in as it (or one that may log in, within its max_sessions)")
     priority: int = Field(default=0, strict=True, ge=-limits.MAX_PRIORITY, le=limits.MAX_PRIORITY, description="higher runs first")
     tenant: str = Field(default="default", min_length=1, max_length=128, pattern=NAME)
     queue_timeout: float = Field(default=3600.0, ge=limits.MIN_TIMEOUT, le=limits.MAX_QUEUE_TIMEOUT, description="seconds the run may wait for a machine")
@@ -169,6 +169,7 @@ class AttemptOut(BaseModel):
     ended_at: datetime | None
     progress_step: str | None
     stop_reason: str | None
+    account: str | None = Field(default=None, description="the vault account granted to the attempt")
 
     @classmethod
     def of(cls, a: Attempt) -> AttemptOut:
@@ -177,7 +178,7 @@ class AttemptOut(BaseModel):
             mode=a.mode.value, ending=a.ending.value if a.ending else None, reason=a.reason,
             assigned_at=ts(a.assigned_at), started_at=ts(a.started_at),  # type: ignore[arg-type]
             ended_at=ts(a.ended_at), progress_step=a.progress_step,
-            stop_reason=a.stop_reason.value if a.stop_reason else None,
+            stop_reason=a.stop_reason.value if a.stop_reason else None, account=a.account,
         )
 
 
@@ -234,6 +235,7 @@ class MachineOut(BaseModel):
     idle_since: datetime | None
     resources: dict[str, Any]
     session_key: str | None
+    sessions: list[str] = Field(default_factory=list, description="accounts its apps are logged in as")
     quarantine_reason: str | None
     runs_completed: int
     current_run: str | None
@@ -246,7 +248,7 @@ class MachineOut(BaseModel):
             id=m.id, pool=m.pool, labels=m.labels, automations=m.automations, status=m.status,
             health=m.health.value, admin=m.admin.value, connected=m.connected, boot_id=m.boot_id,
             agent_version=m.agent_version, last_heartbeat_at=ts(m.last_heartbeat_at),
-            idle_since=ts(m.idle_since), resources=m.resources, session_key=m.session_key,
+            idle_since=ts(m.idle_since), resources=m.resources, session_key=m.session_key, sessions=m.sessions,
             quarantine_reason=m.quarantine_reason, runs_completed=m.runs_completed,
             current_run=m.active_run_id, current_attempt=m.active_attempt_id,
             last_screenshot=f"/v1/artifacts/{m.last_screenshot_id}" if m.last_screenshot_id else None,
@@ -282,12 +284,15 @@ class AutomationOut(BaseModel):
     required_state: str
     input_schema: dict[str, Any]
     output_schema: dict[str, Any]
+    pack: str | None = None
+    needs_account: bool = Field(default=False, description="each attempt is given an account of its pack")
 
     @classmethod
     def of(cls, s: AutomationSpec) -> AutomationOut:
         return cls(name=s.name, version=s.version, description=s.description, idempotent=s.idempotent,
                    has_reconcile=s.has_reconcile, required_state=s.required_state,
-                   input_schema=s.input_schema, output_schema=s.output_schema)
+                   input_schema=s.input_schema, output_schema=s.output_schema, pack=s.pack,
+                   needs_account=s.needs_account)
 
 
 class CordonIn(BaseModel):

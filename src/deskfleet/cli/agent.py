@@ -5,17 +5,12 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from ..client import DEFAULT_SERVER
 from ..errors import DeskfleetError
 from ._common import _labels, _tune_gc, main, opt
-
-if TYPE_CHECKING:
-    from ..appmodel import Credential
-    from ..packs.loader import Pack
 
 
 @main.command()
@@ -53,7 +48,7 @@ if TYPE_CHECKING:
      "reboot'; on Windows 'shutdown /r /f /t 0'); without it the agent never reboots the machine")
 @opt("--sim-faults", default="none", type=click.Choice(["none", "demo", "chaos"]),
      help="sim: the fault preset of the simulated app")
-@opt("--sim-seed", default=1, type=int, help="sim: seed of the simulated machines (and of the demo accounts)")
+@opt("--sim-seed", default=1, type=int, help="sim: seed of the simulated machines")
 @opt("--sim-backend", default=None, type=click.Path(dir_okay=False, path_type=Path),
      help="sim: the file the simulated apps share (default: in the pack's data directory)")
 @opt("--action-delay", default=0.05, type=float, help="sim: seconds each simulated input takes")
@@ -101,7 +96,6 @@ def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestr
         screenshots=screenshots, log_dir=log_dir or state_dir / "logs",
         reboot_command=command_words(reboot_command) if reboot_command else None, upkeep=upkeep,
         sim=SimSettings(sim_seed, sim_faults, sim_backend, action_delay),
-        credentials=_demo_accounts(loaded, sim_seed),
     )
     if desktop_kind == "sim":
         _tune_gc()
@@ -116,13 +110,3 @@ def command_words(line: str) -> list[str]:
     if sys.platform != "win32":
         return shlex.split(line)
     return [w[1:-1] if len(w) >= 2 and w[0] == w[-1] == '"' else w for w in shlex.split(line, posix=False)]
-
-
-def _demo_accounts(packs: list[Pack], seed: int) -> dict[str, Credential]:
-    """Until accounts come from the orchestrator's vault: the packs' demo accounts for ``seed``."""
-    out: dict[str, Credential] = {}
-    for pack in packs:
-        make = pack.hook("accounts")
-        if make is not None:
-            out.update(make(seed))
-    return out

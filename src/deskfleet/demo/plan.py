@@ -64,12 +64,16 @@ class PackDemo(Protocol):
     desktops: tuple[str, ...]
     #: the automations of which a run is cancelled while running (empty: any)
     cancel_running: tuple[str, ...]
+    #: machines that may be logged in as one of its accounts at once (the app's rule: many
+    #: enterprise apps end the older session when the same user logs in elsewhere)
+    max_sessions: int
 
     def agent_args(self) -> list[str]:
         """More options for ``deskfleet agent`` (the app's switches for the fault preset…)."""
 
     def accounts(self) -> dict[str, Credential]:
-        """The accounts the app logs in with on the demo's machines."""
+        """The accounts the app logs in with on the demo's machines: the demo puts them in the
+        orchestrator's vault before the agents start."""
 
     def queued_cancels(self, work: list[Work]) -> set[int]:
         """Which runs of the first wave are cancelled while still queued."""
@@ -100,9 +104,10 @@ class DemoExtras(Protocol):
 DemoHook = Callable[[DemoConfig, Path, Path], PackDemo]
 
 
-def demo_for(config: DemoConfig, out: Path) -> tuple[str, PackDemo]:
+def demo_for(config: DemoConfig, out: Path) -> tuple[str, str, PackDemo]:
     """The pack to demo (``config.pack``, or the one installed pack whose demo runs on
-    ``config.desktop``) and its demo: (the pack reference for ``deskfleet agent``, its demo)."""
+    ``config.desktop``) and its demo: (the pack reference for ``deskfleet agent``, the pack's
+    name, its demo)."""
     from ..packs.loader import installed_packs, load_pack
 
     if config.pack:
@@ -112,16 +117,16 @@ def demo_for(config: DemoConfig, out: Path) -> tuple[str, PackDemo]:
         if config.desktop not in demo.desktops:
             raise ConfigError(f"pack {pack.name}'s demo runs on {' or '.join(demo.desktops)} desktops, "
                               f"not {config.desktop}: choose --desktop {demo.desktops[0]}")
-        return ref, demo
+        return ref, pack.name, demo
     found = []
     for name in sorted(installed_packs()):
         pack = load_pack(name)
         if pack.manifest.hooks.demo:
             demo = _demo(pack, config, out)
             if config.desktop in demo.desktops:
-                found.append((name, demo))
+                found.append((name, pack.name, demo))
     if len(found) != 1:
-        which = ", ".join(n for n, _ in found) or "none"
+        which = ", ".join(n for n, _, _ in found) or "none"
         raise ConfigError(f"choose the pack to demo with --pack (installed packs with a demo on "
                           f"{config.desktop} desktops: {which})")
     return found[0]

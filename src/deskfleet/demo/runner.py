@@ -72,7 +72,7 @@ class Demo:
         self.out = config.out.resolve()
         self.console = Console()
         self.state = DemoState()
-        self.pack_ref, self.desktops = demo_for(config, self.out)
+        self.pack_ref, self.pack_name, self.desktops = demo_for(config, self.out)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.agent_args: dict[str, list[str]] = {}
         self.machines_of: dict[str, list[str]] = {}  # agent process → its machines
@@ -104,6 +104,9 @@ class Demo:
             self._start_server()
             async with AsyncClient(self.url) as client:
                 await self._wait_health(client)
+                # The app's accounts go in the vault first: the agents log in from there.
+                await client.put_accounts(self.desktops.accounts(), app=self.pack_name,
+                                          max_sessions=self.desktops.max_sessions)
                 self._start_agents()
                 await self._wait_machines(client)
                 await self._workload(client)

@@ -251,6 +251,9 @@ async def update_patient(ctx: Context, data: PatientChange) -> PatientUpdated:
     return PatientUpdated(record_id=record_id, mrn=data.mrn)
 
 
+PACK = "demoehr"  # the vault's accounts for DemoEHR have this app
+
+
 def demoapp_registry() -> Registry:
     """The DemoEHR automations, as an agent on a real desktop offers them."""
-    return Registry([create_patient, search_patient, update_patient])
+    return Registry([create_patient, search_patient, update_patient]).for_pack(PACK)

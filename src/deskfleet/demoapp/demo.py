@@ -67,6 +67,7 @@ class DemoEHRDemo:
     desktops: tuple[str, ...] = ("xvfb",)
     #: not a create: wave 2 updates the patients wave 1 created
     cancel_running: tuple[str, ...] = ("demoehr.search_patient", "demoehr.update_patient")
+    max_sessions: int = 1  # a robot logs in on one machine at a time
 
     def queued_cancels(self, work: list[Work]) -> set[int]:
         """The last search of the first wave (still queued right after it was submitted)."""
@@ -87,8 +88,7 @@ class DemoEHRDemo:
         return [*(f"--app-option={o}" for o in options),
                 # The quiet spell is there to let every session expire: no upkeep here
                 # (bench/upkeep.py measures what upkeep saves).
-                *(["--app-idle-timeout", f"{timeout:g}", "--no-upkeep"] if timeout else []),
-                "--sim-seed", str(self.config.seed)]  # the seed of the demo accounts the agents hold
+                *(["--app-idle-timeout", f"{timeout:g}", "--no-upkeep"] if timeout else [])]
 
     def accounts(self) -> dict[str, Credential]:
         return credentials(self.config.seed)

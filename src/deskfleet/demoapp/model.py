@@ -27,7 +27,6 @@ import asyncio
 import functools
 import importlib.resources
 import re
-import time
 
 import numpy as np
 
@@ -50,7 +49,6 @@ from . import layout as L
 
 READY = "home"
 DIALOG_STATES = ("error_dialog", "session_expired", "validation", "saved", "updated")
-TOTP_MARGIN = 3.0  # seconds: a code about to roll over is not worth typing
 PROBE_BOUND = 1.5  # seconds a live app takes at most to repaint a hovered button
 PARK = (1014, 730)  # an empty spot of every screen, where the pointer rests
 
@@ -97,24 +95,16 @@ def load_library() -> TemplateLibrary:
 
 @playbook(signs_in=True)
 async def login(ctx: PlaybookContext) -> None:
-    cred = ctx.credential()
-    await ctx.fill(L.USERNAME, cred.username, label="username")  # typed, then read back
-    await ctx.fill(L.PASSWORD, cred.password, label="password", secret=True)  # dots: checked by pixels
+    account = ctx.account
+    await ctx.fill(L.USERNAME, account.username, label="username")  # typed, then read back
+    await ctx.fill(L.PASSWORD, account.password, label="password", secret=True)  # dots: checked by pixels
     await ctx.desktop.click(*L.SIGN_IN.center)
 
 
 @playbook(signs_in=True)
 async def mfa(ctx: PlaybookContext) -> None:
-    import pyotp
-
-    cred = ctx.credential()
-    if not cred.totp_seed:
-        raise LookupError(f"account {cred.username!r} has no TOTP seed; MFA needs a person")
-    totp = pyotp.TOTP(cred.totp_seed)
-    remaining = totp.interval - time.time() % totp.interval
-    if remaining < TOTP_MARGIN:
-        await asyncio.sleep(remaining + 0.05)  # the next code, rather than one about to expire
-    await ctx.fill(L.CODE, totp.now(), label="verification code")
+    code = await ctx.account.totp()  # from the orchestrator: the seed never leaves it
+    await ctx.fill(L.CODE, code, label="verification code")
     await ctx.desktop.click(*L.VERIFY.center)
 
 

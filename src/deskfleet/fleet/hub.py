@@ -21,7 +21,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
-from ..errors import StaleLease, Stopped, StoreUnavailable
+from ..errors import InvalidRequest, StaleLease, Stopped, StoreUnavailable
 from ..models import AutomationSpec, Ending, MachineHealth
 from ..protocol import (
     AgentEvent,
@@ -35,6 +35,7 @@ from ..protocol import (
     Result,
     Start,
     Stop,
+    TotpRequest,
     Verified,
     Verify,
     Welcome,
@@ -109,6 +110,7 @@ class Connection:
         self.order = asyncio.Lock()  # a result's reply before the next assignment (see serve)
         self.verify_sent_at = 0.0
         self.last_seen = time.time()  # the last message from the agent
+        self.sessions: list[str] = []  # the session notes of its last beat (leases follow changes)
 
     async def send(self, msg: BaseModel) -> bool:
         return await self.send_raw(orjson.dumps(msg.model_dump(mode="json")))
@@ -136,10 +138,17 @@ class Beat:
     session_key: str | None
     session_expires_at: float | None
     attempt_id: int | None
+    sessions: list[str] | None = None
 
     @classmethod
     def of(cls, msg: HeartbeatMsg) -> Beat:
-        return cls(msg.seq, msg.resources.model_dump(), msg.session_key, msg.session_expires_at, msg.attempt_id)
+        return cls(msg.seq, msg.resources.model_dump(), msg.session_key, msg.session_expires_at, msg.attempt_id,
+                   msg.sessions)
+
+    def notes(self) -> list[str]:
+        if self.sessions is not None:
+            return self.sessions
+        return [self.session_key] if self.session_key else []
 
 
 def quick_heartbeat(data: Any) -> Beat | None:
@@ -156,6 +165,9 @@ def quick_heartbeat(data: Any) -> Beat | None:
         return None
     if not (expires is None or type(expires) in (int, float)):
         return None
+    sessions = data.get("sessions")
+    if sessions is not None and (type(sessions) is not list or any(type(x) is not str for x in sessions)):
+        return None
     values = dict(_RESOURCE_DEFAULTS)
     for name, value in res.items():
         if name in _RESOURCE_FLOATS:
@@ -169,7 +181,7 @@ def quick_heartbeat(data: Any) -> Beat | None:
             if type(value) is not bool:
                 return None
             values[name] = value
-    return Beat(seq, values, key, None if expires is None else float(expires), attempt)
+    return Beat(seq, values, key, None if expires is None else float(expires), attempt, sessions)
 
 
 class Hub:
@@ -205,9 +217,12 @@ class Hub:
     def requeue_heartbeats(self, beats: list[Heartbeat], seqs: dict[str, int]) -> None:
         """Beats a failed write did not record: keep them unless a newer one arrived."""
         for b in beats:
-            if b.machine_id not in self.beats:
+            newer = self.beats.get(b.machine_id)
+            if newer is None:
                 self.beats[b.machine_id] = b
                 self.beat_seqs[b.machine_id] = seqs[b.machine_id]
+            elif b.sessions_changed:
+                newer.sessions_changed = True  # compared with the unwritten beat: write it all the same
 
     async def acknowledge(self, seqs: dict[str, int]) -> None:
         """The beats were written: their leases are renewed; tell the agents."""
@@ -254,7 +269,7 @@ class Hub:
         specs = [AutomationSpec(**ad.model_dump()) for ad in hello.automations]
         beat = Heartbeat(
             machine_id, now, hello.resources.model_dump(), hello.session_key,
-            hello.session_expires_at, hello.attempt_id,
+            hello.session_expires_at, hello.attempt_id, hello.sessions,
         )
         try:
             result = await orch.db(
@@ -271,6 +286,7 @@ class Hub:
             orch.hint("catalog")
         previous = self.connections.get(machine_id)
         conn = Connection(machine_id, ws)
+        conn.sessions = beat.notes()  # connect_machine brought the leases in line with them
         self.connections[machine_id] = conn
         orch.metrics.connected.set(len(self.connections))
         if previous is not None:
@@ -329,14 +345,27 @@ class Hub:
 
     async def request_verify(self, conn: Connection, reason: str) -> None:
         conn.verify_sent_at = time.time()
-        await conn.send(Verify(reason=reason))
+        try:
+            # The accounts it may have to log in with to reach "ready" (reserved for it).
+            grants = await self.orch.vault.verify_grants(conn.machine_id)
+        except StoreUnavailable:
+            return  # asked again at the next verify interval
+        await conn.send(Verify(reason=reason, accounts=grants))
 
     async def _handle(self, conn: Connection, msg: Any) -> None:
         orch, mid, now = self.orch, conn.machine_id, time.time()
         store = orch.store
         conn.last_seen = now
         if isinstance(msg, Beat):
-            self.beats[mid] = Heartbeat(mid, now, msg.resources, msg.session_key, msg.session_expires_at, msg.attempt_id)
+            notes = msg.notes()
+            changed = notes != conn.sessions
+            if changed:
+                conn.sessions = notes
+                log.info("sessions now: %s", ", ".join(notes) or "none", extra=self._ctx(mid))
+            pending = self.beats.get(mid)
+            self.beats[mid] = Heartbeat(mid, now, msg.resources, msg.session_key, msg.session_expires_at,
+                                        msg.attempt_id, msg.sessions,
+                                        changed or (pending is not None and pending.sessions_changed))
             self.beat_seqs[mid] = msg.seq  # acknowledged once written (see the module's docstring)
             return
         try:
@@ -366,7 +395,18 @@ class Hub:
                 log.info("attempt ended: %s → run %s", msg.ending, finished.run.state.value,
                          extra=self._ctx(mid, msg.attempt_id, finished.run.id))
                 orch.after_finished([finished])
+            elif isinstance(msg, TotpRequest):
+                try:
+                    code, valid_for = await orch.vault.totp(mid, msg.account)
+                except InvalidRequest as exc:
+                    log.warning("TOTP code refused: %s", exc.message, extra=self._ctx(mid))
+                    await conn.send(Reply(re=msg.id, ok=False, error=exc.message))
+                    return
+                await conn.send(Reply(re=msg.id, ok=True, code=code, valid_for=valid_for))
             elif isinstance(msg, Verified):
+                # The accounts reserved for it may settle now (held if the notes say so) — also
+                # after a reconnect, when this connection did not send the order.
+                await orch.db(store.verify_ended, mid, now)
                 if msg.ok:
                     await orch.db(store.release_quarantine, mid, {"state": msg.state, "screenshot": msg.screenshot_id}, now)
                     log.info("machine re-proved its state (%s)", msg.state, extra=self._ctx(mid))
@@ -377,7 +417,7 @@ class Hub:
         except StoreUnavailable:
             # The database is away: a request is answered "retry", a report is dropped
             # (progress resumes, the watchdog forgives the outage); the connection stays up.
-            if isinstance(msg, (Start, Result)):
+            if isinstance(msg, (Start, Result, TotpRequest)):
                 await conn.send(Reply(re=msg.id, ok=False, error="unavailable: the database is away; retry"))
         except StaleLease as exc:
             orch.metrics.stale.inc()

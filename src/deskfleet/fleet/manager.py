@@ -43,6 +43,8 @@ class FleetManager:
         self._verified_at = 0.0
         self._resent_at = 0.0
         self._silence_checked_at = 0.0
+        self._keys_checked_at = 0.0
+        self._leases_swept_at = 0.0
         self._outage_since: float | None = None
         self.leader_since: float | None = None
 
@@ -111,7 +113,11 @@ class FleetManager:
         if now - self._silence_checked_at >= 1.0:
             self._silence_checked_at = now
             await orch.hub.close_silent(now, s.heartbeat_timeout)
-        if not await orch.db(store.replica_alive, orch.replica_id, orch.replica_name, now):
+        if now - self._keys_checked_at >= 1.0:
+            self._keys_checked_at = now
+            await orch.refresh_keys()
+        if not await orch.db(store.replica_alive, orch.replica_id, orch.replica_name, now,
+                             orch.secrets.key_fingerprint()):
             # The leader took this replica for dead (it was silent too long) and marked its
             # agents disconnected: let them reconnect, so that the database knows them again.
             log.warning("this replica was presumed dead and reaped; its agents will reconnect")
@@ -133,6 +139,11 @@ class FleetManager:
         if lost:
             orch.after_finished(lost)
         await orch.db(store.expire_silent_machines, now, s.heartbeat_timeout)
+        if now - self._leases_swept_at >= 1.0:
+            # Account leases of silent machines, and of logins that did not happen.
+            self._leases_swept_at = now
+            for lease in await orch.db(store.sweep_account_leases, now, s.heartbeat_timeout, s.heartbeat_interval):
+                log.info("account lease released: %s", lease.account, extra={"machine": lease.machine_id})
         swept = await orch.db(store.sweep, now, s.stop_grace)
         for order in swept.stop_orders:
             await orch.send_stop(order)

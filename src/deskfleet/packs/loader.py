@@ -311,7 +311,8 @@ def _registry(module: ModuleType, manifest: Manifest, model: AppModel, where: st
                 st.name for st in model.classifier.states}:
             problems.append(f"automation {a.name}: required_state {a.required_state!r} is not a state of the model")
         a.pack = manifest.pack.name
-        a.needs_account = manifest.accounts.login
+        # It logs in if its pack does and it needs a screen state (no pre-flight, no login).
+        a.needs_account = manifest.accounts.login and a.required_state != "any"
     if problems:
         raise PackError("\n".join(f"{where}: {p}" for p in problems))
     try:

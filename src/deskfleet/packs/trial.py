@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..appmodel import AppModel, Credential, ProbeResult
+from ..appmodel import Account, AppModel, Credential, ProbeResult
 from ..desktop import Desktop, Frame
 from ..desktop.driver import RealDesktop
 from ..errors import BusinessError, ConfigError, DeskfleetError, Stopped
@@ -281,9 +281,11 @@ async def _run(pack: Pack, auto: Automation[Any, Any], data: dict[str, Any], des
     from ..agent.preflight import PreflightResult, preflight
 
     model = _with_probe_reported(pack.model, recorder)
+    name = account or model.default_account
+    login = Account.from_credential(name, credentials[name], app=pack.name) if name in credentials else None
 
     async def ensure(state: str, mid_run: bool = False) -> PreflightResult:
-        return await preflight(desktop, model, state, session_key=account, credentials=credentials,
+        return await preflight(desktop, model, state, session_key=account, account=login,
                                record=recorder.preflight_recorder(mid_run), stop=recorder.stop)
 
     async def progress(step: str, percent: float | None, message: str | None) -> None:

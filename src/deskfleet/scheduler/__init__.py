@@ -9,11 +9,19 @@ Rules, in order:
 
 1. *Eligibility*: same pool, the machine has every required label, its agent offers the
    automation (and version, if pinned), and the run's hard pin (``machine``) if any.
-2. *Affinity*: a run with a ``session_key`` or ``prefer_machine`` takes the machine that
-   matches. If that machine exists but is busy, the run waits for it — up to the pool's
-   ``affinity_wait`` counted from when the run was queued — and then takes any eligible
-   machine. A waiting run does not block runs behind it.
-3. *Choice among equals* is the selector's: by default the machine idle the longest, so
+2. *Accounts* (``scheduler.accounts``): a run that needs a vault account — its
+   ``session_key`` names one, or its automation logs in to its pack — goes only to a
+   machine that can be given one now without exceeding any account's ``max_sessions``:
+   one that already holds it, or any machine while the account has a free slot. A
+   machine that holds an account of the pack is given that one (no second login).
+3. *Affinity*: a run with a ``session_key`` or ``prefer_machine`` takes the machine that
+   matches (logged in as that account, or holding its lease). If that machine exists but
+   is busy, the run waits for it — up to the pool's ``affinity_wait`` counted from when
+   the run was queued — and then takes any eligible machine. An account at its
+   ``max_sessions`` leaves no machine but its holders eligible: the run waits for one of
+   them however long it takes, and never makes a machine log in a second time.
+   A waiting run does not block runs behind it.
+4. *Choice among equals* is the selector's: by default the machine idle the longest, so
    wear spreads and a freshly recovered machine is not hammered.
 """
 
@@ -21,9 +29,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..models import Machine, MachineShape, Pool, Run
+from .accounts import AccountBook, Need, Slot
+
+__all__ = [
+    "AccountBook",
+    "LongestIdle",
+    "MachineSelector",
+    "MostRecentlyUsed",
+    "Need",
+    "Placement",
+    "Policy",
+    "Slot",
+    "eligible",
+    "prefers",
+    "serviceable",
+    "wants_affinity",
+]
 
 
 class MachineSelector(Protocol):
@@ -76,8 +100,21 @@ def prefers(run: Run, machine: Machine) -> bool:
     return run.session_key is not None and machine.session_key == run.session_key
 
 
+def _prefers(run: Run, machine: Machine, accounts: AccountBook | None) -> bool:
+    """``prefers``, and for a run naming an account: the machine holds that account's lease."""
+    if prefers(run, machine):
+        return True
+    return accounts is not None and run.session_key is not None and accounts.holds_account(run.session_key, machine.id)
+
+
 def wants_affinity(run: Run) -> bool:
     return run.prefer_machine is not None or run.session_key is not None
+
+
+class Placement(NamedTuple):
+    run: Run
+    machine: Machine
+    account: str | None  # the vault account the attempt is given, if the run needs one
 
 
 @dataclass
@@ -92,15 +129,32 @@ class Policy:
         online: Sequence[Machine],
         pools: dict[str, Pool],
         now: float,
+        accounts: AccountBook | None = None,
     ) -> list[tuple[Run, Machine]]:
-        """Pairs (run, machine); each machine at most once, runs in the order given.
+        """Pairs (run, machine) of :meth:`place`, without the accounts."""
+        return [(p.run, p.machine) for p in self.place(runs, free, online=online, pools=pools, now=now,
+                                                       accounts=accounts)]
+
+    def place(
+        self,
+        runs: Sequence[Run],
+        free: Sequence[Machine],
+        *,
+        online: Sequence[Machine],
+        pools: dict[str, Pool],
+        now: float,
+        accounts: AccountBook | None = None,
+    ) -> list[Placement]:
+        """Placements (run, machine, account); each machine at most once, runs in the order
+        given, no account beyond its ``max_sessions``.
 
         ``free`` are machines that can take work now; ``online`` connected machines (busy
         ones too) — at least those some run prefers — used to tell whether a preferred
-        machine is worth waiting for.
+        machine is worth waiting for. ``accounts``: the vault as this pass sees it (None when
+        no run needs an account).
         """
         taken: set[str] = set()
-        pairs: list[tuple[Run, Machine]] = []
+        pairs: list[Placement] = []
         # Runs alike (same pool, pin, automation, labels) have the same eligible machines:
         # worked out once per pass, not once per run.
         eligible_for: dict[tuple[object, ...], list[Machine]] = {}
@@ -114,14 +168,30 @@ class Policy:
             candidates = [m for m in alike if m.id not in taken]
             if not candidates:
                 continue
-            if wants_affinity(run) and not any(prefers(run, m) for m in candidates):
+            need = accounts.need(run.id) if accounts is not None else None
+            if need is not None:
+                assert accounts is not None
+                # Only machines that can be given an account now without exceeding any
+                # account's max_sessions.
+                candidates = [m for m in candidates if accounts.account_for(need, m.id) is not None]
+                if not candidates:
+                    continue
+            if wants_affinity(run) and not any(_prefers(run, m, accounts) for m in candidates):
                 pool = pools.get(run.pool)
                 wait = pool.affinity_wait if pool is not None else 0.0
-                worth_waiting = any(prefers(run, m) and eligible(run, m) for m in online)
+                worth_waiting = any(_prefers(run, m, accounts) and eligible(run, m) for m in online)
                 if worth_waiting and now - run.queued_at < wait:
                     continue
+            # The selector's choice, as for any run (a retry after a crash still goes to the
+            # machine idle the longest, not back to the one holding its account).
             chosen = self.selector.choose(run, candidates)
-            pairs.append((run, chosen))
+            account: str | None = None
+            if need is not None:
+                assert accounts is not None
+                account = accounts.account_for(need, chosen.id)
+                assert account is not None
+                accounts.take(account, chosen.id)
+            pairs.append(Placement(run, chosen, account))
             taken.add(chosen.id)
         return pairs
 

@@ -253,6 +253,9 @@ async def work_was_done(ctx: Context, data: WorkInput) -> WorkDone | None:
     return WorkDone(key=data.key, machine=ctx.machine_id)
 
 
+PACK = "simehr"  # the vault's accounts for SimEHR have this app
+
+
 def demo_registry() -> Registry:
     """The SimEHR automations (and ``sim.noop``, ``sim.work``), as an agent would offer them."""
-    return Registry([create_patient, lookup_patient, export_summary, noop, work])
+    return Registry([create_patient, lookup_patient, export_summary, noop, work]).for_pack(PACK)

@@ -26,6 +26,10 @@ class SimEHRDemo:
     desktops: tuple[str, ...] = ("sim",)
     cancel_running: tuple[str, ...] = ()
 
+    @property
+    def max_sessions(self) -> int:
+        return self.config.machines  # SimEHR does not end an older session: every machine may share one
+
     def queued_cancels(self, work: list[Work]) -> set[int]:
         rng = random.Random(self.config.seed + 1)
         return set(rng.sample(range(len(work) // 2, len(work)), min(2, len(work) // 2))) if len(work) >= 8 else set()

@@ -68,7 +68,8 @@ class SimFleetConfig:
     backend: Path = Path("deskfleet-agent/sim-ehr.db")
     action_delay: float = 0.05
     screenshots: str = "evidence"
-    #: accounts kept in the agents' process (default: SimEHR's demo accounts for the seed)
+    #: accounts kept in the agents' process, for tests without an orchestrator's vault
+    #: (agents of a fleet get theirs from the vault: register SimEHR's accounts there)
     credentials: Mapping[str, Credential] | None = None
     fault_plan: FaultPlan | None = None  # instead of the ``faults`` preset
     upkeep: bool = True  # idle machines keep their sessions alive (see AgentHostConfig)
@@ -85,7 +86,7 @@ class SimFleet:
             first=config.first, pool=config.pool, labels=config.labels, enrolment_token=config.enrolment_token,
             state_dir=config.state_dir, screenshots=config.screenshots,
             sim=SimSettings(config.seed, config.faults, config.backend, config.action_delay),
-            credentials=config.credentials if config.credentials is not None else SimBackend.credentials(config.seed),
+            credentials=config.credentials,
             upkeep=config.upkeep,
         ))
         self.host.start_simulated()

@@ -21,11 +21,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-import time
 from collections.abc import Awaitable, Callable
 
 import numpy as np
-import pyotp
 
 from deskfleet import (
     AppModel,
@@ -45,7 +43,6 @@ from .render import Renderer
 
 READY = "home"
 REBOOT_WAIT = 600.0  # seconds the "wait_reboot" playbook watches a rebooting machine
-TOTP_MARGIN = 3.0  # seconds: a code about to roll over is not worth typing
 THRESHOLD = 0.92  # a template's pass mark: a desktop's 1-px drift and colour quirks stay above it
 
 # state → (its screen, the widgets whose insides become templates)
@@ -146,23 +143,17 @@ async def _fill(desktop: Desktop, screen: str, field: str, text: str) -> None:
 @playbook(signs_in=True, wait=False)
 @_unfreezing
 async def login(ctx: PlaybookContext) -> None:
-    cred = ctx.credential()
-    await _fill(ctx.desktop, "login", "username", cred.username)
-    await _fill(ctx.desktop, "login", "password", cred.password)
+    account = ctx.account
+    await _fill(ctx.desktop, "login", "username", account.username)
+    await _fill(ctx.desktop, "login", "password", account.password)
     await ctx.desktop.click(*_at(ctx.desktop, "login", "sign_in"))
 
 
 @playbook(signs_in=True, wait=False)
 @_unfreezing
 async def mfa(ctx: PlaybookContext) -> None:
-    cred = ctx.credential()
-    if not cred.totp_seed:
-        raise LookupError(f"account {cred.username!r} has no TOTP seed; MFA needs a person")
-    totp = pyotp.TOTP(cred.totp_seed)
-    remaining = totp.interval - time.time() % totp.interval
-    if remaining < TOTP_MARGIN:
-        await asyncio.sleep(remaining + 0.05)
-    await _fill(ctx.desktop, "mfa", "code", totp.now())
+    code = await ctx.account.totp()  # from the orchestrator: the seed never leaves it
+    await _fill(ctx.desktop, "mfa", "code", code)
     await ctx.desktop.click(*_at(ctx.desktop, "mfa", "verify"))
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import Conflict, NotFound, StaleLease, Stopped
 from ..models import (
+    AccountLease,
     Artifact,
     Assignment,
     Attempt,
@@ -37,6 +38,7 @@ from ..models import (
     RunSpec,
     RunState,
     StopOrder,
+    VaultAccount,
 )
 
 if TYPE_CHECKING:
@@ -51,6 +53,15 @@ class Heartbeat:
     session_key: str | None = None
     session_expires_at: float | None = None
     attempt_id: int | None = None  # the attempt the agent believes it holds
+    #: every account the machine's apps are logged in as (None: an agent that sends only session_key)
+    sessions: list[str] | None = None
+    #: the notes differ from the machine's previous beat: its account leases must follow
+    sessions_changed: bool = False
+
+    def notes(self) -> list[str]:
+        if self.sessions is not None:
+            return self.sessions
+        return [self.session_key] if self.session_key else []
 
 
 @dataclass(slots=True)
@@ -116,15 +127,10 @@ class Store(ABC):
         of active leases."""
 
     @abstractmethod
-    def claim_key(self, fingerprint: str) -> bool:
-        """Record which secret key encrypts this database's secrets (the first caller's), and
-        say whether ``fingerprint`` is that key's."""
-
-    @abstractmethod
-    def replica_alive(self, replica: str, name: str, now: float) -> bool:
-        """An orchestrator replica's own heartbeat. False if the replica was not registered
-        (first beat — or it was silent so long that the leader reaped it and marked its
-        agents' connections gone)."""
+    def replica_alive(self, replica: str, name: str, now: float, key: str | None = None) -> bool:
+        """An orchestrator replica's own heartbeat (with the fingerprint of the key it
+        encrypts with). False if the replica was not registered (first beat — or it was
+        silent so long that the leader reaped it and marked its agents' connections gone)."""
 
     @abstractmethod
     def reap_replicas(self, now: float, timeout: float) -> list[str]:
@@ -133,6 +139,84 @@ class Store(ABC):
     @abstractmethod
     def leave(self, replica: str, now: float) -> None:
         """A replica shutting down cleanly: its agents will reconnect elsewhere."""
+
+    # -- secret keys (see store.keys) -------------------------------------------------------
+    @abstractmethod
+    def claim_key(self, ring: Sequence[str] | str) -> bool:
+        """``ring``: the fingerprints of a server's keys, the one it encrypts with first.
+        Whether it holds every key that encrypted the secrets stored (the first caller's key
+        on a new database); if so, its first key counts as in use from now on."""
+
+    @abstractmethod
+    def keys_in_use(self) -> list[str]:
+        """Fingerprints of the keys that may have encrypted a stored secret."""
+
+    @abstractmethod
+    def settle_keys(self, expected: Sequence[str], newest: str) -> bool:
+        """After every secret was re-encrypted with ``newest``: only it is in use — unless
+        the keys in use are no longer ``expected`` (then False, nothing changed)."""
+
+    @abstractmethod
+    def fingerprint_key(self, make: Callable[[], str]) -> str:
+        """The encrypted key of request fingerprints; ``make()`` makes it the first time."""
+
+    @abstractmethod
+    def replica_keys(self) -> list[tuple[str, str, str | None, float]]:
+        """(replica id, name, fingerprint of the key it encrypts with, last seen)."""
+
+    @abstractmethod
+    def rewrap_runs(self, after: str | None, limit: int, rewrap: Callable[[str], str | None]) -> tuple[str | None, int]:
+        """Re-encrypt the secret inputs of up to ``limit`` runs after run id ``after``, in
+        one transaction: (where to go on from, None when done; runs rewritten)."""
+
+    @abstractmethod
+    def rewrap_accounts(self, rewrap: Callable[[str], str | None]) -> int:
+        """Re-encrypt every account's secrets; how many accounts changed."""
+
+    @abstractmethod
+    def rewrap_meta(self, rewrap: Callable[[str], str | None]) -> int:
+        """Re-encrypt the fingerprint key; 1 if it changed."""
+
+    # -- the credential vault and account leases (see store.accounts) ---------------------------
+    @abstractmethod
+    def put_account(self, account: VaultAccount, now: float) -> tuple[VaultAccount, bool]:
+        """Create or replace an account (its secrets already encrypted); whether created."""
+
+    @abstractmethod
+    def update_account(self, name: str, values: dict[str, Any], now: float) -> VaultAccount:
+        """Change some fields of an account (NotFound if there is none)."""
+
+    @abstractmethod
+    def get_account(self, name: str) -> VaultAccount | None: ...
+
+    @abstractmethod
+    def list_accounts(self) -> list[VaultAccount]: ...
+
+    @abstractmethod
+    def account_leases(self, account: str | None = None, machine_id: str | None = None) -> list[AccountLease]: ...
+
+    @abstractmethod
+    def remove_account(self, name: str, now: float, *, force: bool = False) -> list[AccountLease]:
+        """Remove an account: Conflict while a machine holds a lease on it, unless ``force``
+        (its leases are released, and returned). NotFound if there is none."""
+
+    @abstractmethod
+    def issue_totp(self, account: str, machine_id: str, now: float) -> str:
+        """The account's encrypted TOTP seed, only for a machine holding a lease on it
+        (Conflict otherwise; NotFound for no such account); the issue is an event."""
+
+    @abstractmethod
+    def reserve_for_verify(self, machine_id: str, now: float) -> list[VaultAccount]:
+        """Accounts (reserved) for a quarantined machine's verification to log in with."""
+
+    @abstractmethod
+    def verify_ended(self, machine_id: str, now: float) -> None:
+        """The machine's verification ended: its reservations may settle."""
+
+    @abstractmethod
+    def sweep_account_leases(self, now: float, heartbeat_timeout: float, margin: float) -> list[AccountLease]:
+        """Release the leases of silent machines and of logins that did not happen; turn
+        reservations the session notes confirm into held leases. The leases released."""
 
     # -- pools and the automation catalogue ----------------------------------------------
     @abstractmethod

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..models import (
+    AccountLease,
     Artifact,
     Attempt,
     AttemptMode,
@@ -14,6 +15,7 @@ from ..models import (
     AutomationSpec,
     Ending,
     Event,
+    LeaseState,
     Machine,
     MachineAdmin,
     MachineHealth,
@@ -21,6 +23,7 @@ from ..models import (
     Run,
     RunState,
     StopReason,
+    VaultAccount,
 )
 
 Row = Mapping[Any, Any]  # SQLAlchemy RowMapping, or a dict from the driver path
@@ -47,6 +50,8 @@ def automation(r: Row) -> AutomationSpec:
         has_reconcile=bool(r["has_reconcile"]),
         required_state=r["required_state"],
         secret_fields=list(r["secret_fields"]),
+        pack=r.get("pack"),
+        needs_account=bool(r.get("needs_account")),
     )
 
 
@@ -68,6 +73,7 @@ def machine(r: Row) -> Machine:
         resources=dict(r["resources"]),
         session_key=r["session_key"],
         session_expires_at=r["session_expires_at"],
+        sessions=list(r.get("sessions") or ()),
         quarantine_reason=r["quarantine_reason"],
         runs_completed=r["runs_completed"],
         active_attempt_id=r.get("active_attempt_id"),
@@ -136,6 +142,7 @@ def attempt(r: Row) -> Attempt:
         stop_reason=StopReason(r["stop_reason"]) if r["stop_reason"] else None,
         ending=Ending(r["ending"]) if r["ending"] else None,
         reason=r["reason"],
+        account=r.get("account"),
     )
 
 
@@ -164,4 +171,28 @@ def artifact(r: Row) -> Artifact:
         content_type=r["content_type"],
         size=r["size"],
         created_at=r["created_at"],
+    )
+
+
+def vault_account(r: Row) -> VaultAccount:
+    return VaultAccount(
+        name=r["name"],
+        app=r["app"],
+        username=r["username"],
+        password=r["password"],
+        totp_seed=r["totp_seed"],
+        labels=dict(r["labels"] or {}),
+        max_sessions=r["max_sessions"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+    )
+
+
+def account_lease(r: Row) -> AccountLease:
+    return AccountLease(
+        account=r["account"],
+        machine_id=r["machine_id"],
+        state=LeaseState(r["state"]),
+        since=r["since"],
+        attempt_id=r["attempt_id"],
     )

@@ -75,6 +75,8 @@ automations = Table(
     Column("required_state", String(128), nullable=False),
     Column("secret_fields", JSON, nullable=False),
     Column("updated_at", Float, nullable=False),
+    Column("pack", String(128)),
+    Column("needs_account", Boolean, nullable=False, server_default=text("false")),
 )
 
 machines = Table(
@@ -100,6 +102,7 @@ machines = Table(
     Column("quarantine_reason", Text),
     Column("runs_completed", Integer, nullable=False, server_default=text("0")),
     Column("last_screenshot_id", String(64)),
+    Column("sessions", JSON),  # account names from the session notes (see account_leases)
     CheckConstraint(_in("health", ("online", "offline", "quarantined")), name="health"),
     CheckConstraint(_in("admin", ("active", "cordoned", "draining")), name="admin"),
     Index("ix_machines_pool", "pool"),
@@ -178,6 +181,7 @@ attempts = Table(
     Column("stop_reason", String(32)),
     Column("ending", String(32)),
     Column("reason", Text),
+    Column("account", String(200)),  # the vault account granted with the attempt
     CheckConstraint(_in("state", ATTEMPT_STATES), name="state"),
     CheckConstraint(_in("phase", ("assigned", "preparing", "running")), name="phase"),
     # Invariant 1: at most one active attempt per machine, and per run.
@@ -261,6 +265,7 @@ replicas = Table(
     Column("name", String(200), nullable=False),
     Column("started_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
+    Column("key", String(64)),  # the fingerprint of the secret key it encrypts with
 )
 
 # Facts about the installation itself, e.g. which secret key encrypted the stored secrets.
@@ -269,4 +274,39 @@ meta = Table(
     metadata,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
+)
+
+# The credential vault. Passwords and TOTP seeds are stored encrypted with the server's key
+# (``enc:v1:…``); usernames are not secrets and stay readable (leases are matched by them).
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("app", String(128)),
+    Column("username", String(200), nullable=False),
+    Column("password", Text, nullable=False),
+    Column("totp_seed", Text),
+    Column("labels", JSON, nullable=False),
+    Column("max_sessions", Integer, nullable=False, server_default=text("1")),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    CheckConstraint("max_sessions >= 1", name="max_sessions"),
+    Index("ix_accounts_app", "app"),
+)
+
+# Account leases: which machine may be logged in as which account. The claim that reserves
+# one locks its account row first and counts these, so an account never has more than
+# ``max_sessions`` (the store enforces it under concurrent replicas). No foreign keys: a
+# heartbeat that records a session must never fail because the account was just removed.
+account_leases = Table(
+    "account_leases",
+    metadata,
+    Column("account", String(200), primary_key=True),
+    Column("machine_id", String(128), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("since", Float, nullable=False),
+    Column("attempt_id", Id),
+    Column("settle_at", Float),  # a verification's reservation settles then (its end, or a deadline)
+    CheckConstraint(_in("state", ("reserved", "held")), name="state"),
+    Index("ix_account_leases_machine", "machine_id"),
 )

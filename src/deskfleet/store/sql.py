@@ -56,19 +56,21 @@ from ..models import (
     RunState,
     StopOrder,
     StopReason,
+    VaultAccount,
 )
-from ..scheduler import Policy, eligible
+from ..scheduler import AccountBook, Policy, eligible
 from ..statemachine import can_transition, decide, overdue_reason, quarantines, queued_expiry
 from . import rows
+from .accounts import AccountOps
 from .base import ConnectResult, Finished, Heartbeat, Store, SweepResult
 from .driver import Driver, Raw, columns, select_by_id
+from .keys import KeyOps
 from .schema import (
     artifacts,
     attempts,
     automations,
     events,
     machines,
-    meta,
     pools,
     replicas,
     runs,
@@ -182,7 +184,7 @@ _LOCK_MACHINES = (
 )
 
 
-class SQLStore(Store):
+class SQLStore(AccountOps, KeyOps, Store):
     def __init__(self, engine: Engine, *, migrate: Callable[[Engine], None]) -> None:
         self.engine = engine
         self._migrate = migrate
@@ -195,6 +197,7 @@ class SQLStore(Store):
         # agents already run side by side, and a shared transaction would hold locks longer.
         self.batches_writes = not self._pg
         self._joined = threading.local()  # the transaction of the batch being applied, if any
+        self._accounts_cache: tuple[float, dict[str, Any]] | None = None  # see AccountOps._catalog
 
     # -- plumbing -------------------------------------------------------------------------
     def batch(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
@@ -399,20 +402,12 @@ class SQLStore(Store):
                 ))
             return int(res.rowcount)
 
-    def claim_key(self, fingerprint: str) -> bool:
+    def replica_alive(self, replica: str, name: str, now: float, key: str | None = None) -> bool:
         with self._tx() as conn:
-            row = conn.execute(select(meta.c.value).where(meta.c.key == "secret_key")).first()
-            if row is None:
-                conn.execute(meta.insert().values(key="secret_key", value=fingerprint))
-                return True
-            return bool(row[0] == fingerprint)
-
-    def replica_alive(self, replica: str, name: str, now: float) -> bool:
-        with self._tx() as conn:
-            res = conn.execute(update(replicas).where(replicas.c.id == replica).values(last_seen=now))
+            res = conn.execute(update(replicas).where(replicas.c.id == replica).values(last_seen=now, key=key))
             if res.rowcount:
                 return True
-            conn.execute(replicas.insert().values(id=replica, name=name, started_at=now, last_seen=now))
+            conn.execute(replicas.insert().values(id=replica, name=name, started_at=now, last_seen=now, key=key))
             self._event(conn, "replica.started", now, data={"replica": replica, "name": name})
             return False
 
@@ -583,7 +578,8 @@ class SQLStore(Store):
                     conn.execute(update(attempts).where(attempts.c.id == active.id)
                                  .values(lease_expires_at=now + lease_timeout))
                     run = self._get_run(conn, active.run_id)
-                    result.resend = Assignment(run, active, self._spec(conn, run.automation, run.version))
+                    result.resend = Assignment(run, active, self._spec(conn, run.automation, run.version),
+                                               self._grant_again(conn, active, now))
                 else:
                     finished = self._end_attempt(
                         conn, active, Ending.LOST, now=now,
@@ -594,6 +590,8 @@ class SQLStore(Store):
                         result.stale_attempt_id = reported
             elif reported is not None:
                 result.stale_attempt_id = reported
+            # Whatever the machine was logged in as before, its hello says what it is now.
+            self._sync_sessions(conn, machine_id, heartbeat.notes(), now, before.sessions)
             result.machine = self._machine(conn, machine_id)
             return result
 
@@ -636,6 +634,10 @@ class SQLStore(Store):
                 [(b.at, orjson.dumps(b.resources).decode(), b.session_key, b.session_expires_at, b.machine_id)
                  for b in beats],
             )
+            # Account leases follow the session notes, written only when a note changed.
+            for b in beats:
+                if b.sessions_changed:
+                    self._sync_sessions(conn, b.machine_id, b.notes(), b.at)
             return {b.machine_id: (b.attempt_id, b.machine_id) in held for b in claimed}
 
     def set_admin(self, machine_id: str, admin: MachineAdmin, now: float, reason: str = "") -> Machine:
@@ -893,7 +895,10 @@ class SQLStore(Store):
             specs: dict[tuple[str, str | None], AutomationSpec | None] = {}
             used: set[str] = set()  # machines claimed by this pass
             while True:
-                online = self._preferred(conn, queued)
+                # What the runs need from the vault (nothing read if none needs an account);
+                # read again on a second look: its claims are leases in this transaction.
+                book = self._book(conn, queued)
+                online = self._preferred(conn, queued, book)
                 # A preferred machine that is free belongs in the pass even if its page did not
                 # bring it (the selector puts it first).
                 seen = {m.id for m in free}
@@ -904,13 +909,14 @@ class SQLStore(Store):
                     claims.unclaimed = len(queued)
                     return claims
                 placed: set[str] = set()
-                for run, machine in policy.match(queued, free, online=online, pools=pool_map, now=now):
+                for run, machine, account in policy.place(queued, free, online=online, pools=pool_map, now=now,
+                                                          accounts=book):
                     key = (run.automation, run.version)
                     if key not in specs:
                         specs[key] = self._spec(conn, run.automation, run.version)
-                    claimed = self._claim(conn, run, machine, now, lease_timeout)
+                    claimed = self._claim(conn, run, machine, now, lease_timeout, account)
                     if claimed is not None:
-                        claims.append(Assignment(claimed[0], claimed[1], specs[key]))
+                        claims.append(Assignment(claimed[0], claimed[1], specs[key], claimed[2]))
                         placed.add(run.id)
                         used.add(machine.id)
                 queued = [r for r in queued if r.id not in placed]
@@ -962,21 +968,39 @@ class SQLStore(Store):
         fresh = [rows.machine(r) for r in conn.execute(_MACHINES.where(machines.c.id.in_(locked))).mappings()]
         return [m for m in fresh if m.schedulable], True
 
-    def _preferred(self, conn: Connection, queued: list[Run]) -> list[Machine]:
+    def _book(self, conn: Connection, queued: list[Run]) -> AccountBook | None:
+        """The vault as this pass sees it, if some queued run needs an account (else None,
+        and nothing read)."""
+        needs, slots = self._needs(conn, queued, lambda name, version: self._spec(conn, name, version))
+        return AccountBook(slots, needs) if needs else None
+
+    def _preferred(self, conn: Connection, queued: list[Run], book: AccountBook | None = None) -> list[Machine]:
         """The connected machines some queued run prefers (busy ones too): the policy waits
         a while for such a machine rather than give the run to another."""
         keys = sorted({r.session_key for r in queued if r.session_key is not None})
-        ids = sorted({r.prefer_machine for r in queued if r.prefer_machine is not None})
+        ids = {r.prefer_machine for r in queued if r.prefer_machine is not None}
+        if book is not None:
+            for key in keys:
+                ids |= book.holders(key)  # logged in as that account (or logging in)
         if not keys and not ids:
             return []
-        return [rows.machine(r) for r in conn.execute(_PREFERRED, {"keys": keys, "ids": ids}).mappings()]
+        return [rows.machine(r) for r in conn.execute(_PREFERRED, {"keys": keys, "ids": sorted(ids)}).mappings()]
 
     def _claim(
-        self, conn: Connection, run: Run, machine: Machine, now: float, lease_timeout: float
-    ) -> tuple[Run, Attempt] | None:
+        self, conn: Connection, run: Run, machine: Machine, now: float, lease_timeout: float,
+        account: str | None = None,
+    ) -> tuple[Run, Attempt, VaultAccount | None] | None:
+        acct: VaultAccount | None = None
+        if account is not None:
+            # The account row locked and its leases counted, in the claim's transaction: two
+            # replicas claiming at once cannot both take its last slot.
+            acct = self._claim_slot(conn, account, machine.id)
+            if acct is None:
+                return None
         mode = AttemptMode.RECONCILE if run.needs_reconcile else AttemptMode.RUN
         values = {"run_id": run.id, "machine_id": machine.id, "number": run.dispatches + 1, "state": "active",
-                  "phase": "assigned", "mode": mode.value, "assigned_at": now, "lease_expires_at": now + lease_timeout}
+                  "phase": "assigned", "mode": mode.value, "assigned_at": now, "lease_expires_at": now + lease_timeout,
+                  "account": account}
         try:
             # A refused INSERT fails alone in SQLite; PostgreSQL aborts the whole transaction
             # unless the statement has a savepoint of its own.
@@ -998,9 +1022,11 @@ class SQLStore(Store):
         attempt = Attempt(
             id=attempt_id, run_id=run.id, machine_id=machine.id, number=run.dispatches + 1,
             state=AttemptState.ACTIVE, phase=AttemptPhase.ASSIGNED, mode=mode, assigned_at=now,
-            lease_expires_at=now + lease_timeout,
+            lease_expires_at=now + lease_timeout, account=account,
         )
-        return claimed, attempt
+        if acct is not None:
+            self._reserve(conn, acct, machine.id, attempt_id, run.id, now)
+        return claimed, attempt, acct
 
     # -- attempt writes from agents -----------------------------------------------------------
     def attempt_preparing(self, attempt_id: int, machine_id: str, now: float) -> Attempt:

@@ -164,7 +164,7 @@ def test_bad_account_commands_fail_with_one_line_and_write_nothing(stack, args, 
 
 def test_keys_rotate_while_the_server_and_an_agent_run(stack):
     stack.ok("accounts", "add-demo", "simehr", "--max-sessions", "2")
-    stack.start("agent", "agent", "--orchestrator", stack.url, "--sim", "1", "--machine", "rot",
+    stack.start("agent", "agent", "--orchestrator", stack.url, "--pack", "simehr", "--desktop", "sim", "--count", "1", "--machine", "rot",
                 "--enrolment-token-file", str(stack.work / "data" / "enrolment-token"),
                 "--state-dir", str(stack.work / "agent"), "--sim-backend", str(stack.work / "ehr.db"),
                 "--action-delay", "0.01", "--screenshots", "none")

@@ -4,6 +4,7 @@ and DemoEHR, serves runs, and on SIGTERM stops the app before the display)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -81,6 +82,10 @@ async def test_agent_process_on_xvfb_serves_runs_and_tears_down_in_order(e2e_ser
         _, alive = psutil.wait_procs(parts, timeout=10)
         assert not alive, f"left running: {alive}"
     finally:
-        if agent.poll() is None:
+        if agent.poll() is None:  # the test failed: take what the agent started with it
+            children = psutil.Process(agent.pid).children(recursive=True)
             agent.kill()
             agent.wait(10)
+            for child in children:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()

@@ -57,15 +57,15 @@ async def test_agent_process_on_xvfb_serves_runs_and_tears_down_in_order(e2e_ser
     token = tmp_path / "token"
     token.write_text(e2e_server.token)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DESKFLEET_")}
-    # DemoEHR's accounts for the agent's seed (its --sim-seed, 1 by default), as an operator adds them.
+    # DemoEHR's accounts for its seed (0 unless --seed is given to it), as an operator adds them.
     added = subprocess.run([sys.executable, "-m", "deskfleet", "--server", e2e_server.url, "accounts", "add-demo",
-                            "demoehr"], env=env, capture_output=True, text=True, timeout=60)
+                            "demoehr", "--seed", "0"], env=env, capture_output=True, text=True, timeout=60)
     assert added.returncode == 0, added.stderr
     with open(tmp_path / "agent.log", "wb") as log:
         agent = subprocess.Popen(
             [sys.executable, "-m", "deskfleet", "agent", "--orchestrator", e2e_server.url, "--pack", "demoehr",
              "--desktop", "xvfb", "--machine", "cli", "--enrolment-token-file", str(token), "--state-dir", str(tmp_path / "agent"),
-             "--data-dir", str(tmp_path / "data"), "--app-option=--session-timeout=600", "--sim-seed", "0"],
+             "--data-dir", str(tmp_path / "data"), "--app-option=--session-timeout=600"],
             env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         store = e2e_server.view()

@@ -24,7 +24,7 @@ import pytest
 
 from deskfleet import AgentHost, AgentHostConfig, Credential, load_pack
 from deskfleet.client import AsyncClient
-from support import LiveServer, wait_ready
+from support import LiveServer, register_accounts, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -120,10 +120,12 @@ async def kx_fleet(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             "state_dir": tmp_path / f"agents{len(started)}", "data_dir": data, "log_dir": tmp_path / "logs",
             "app_args": {"keepassxc": [f"--lock-after={lock_after:g}"]} if lock_after else {},
             "idle_timeouts": {"keepassxc": lock_after} if lock_after else {},
-            "credentials": {ACCOUNT: Credential("robot", PASSWORD)},
             "upkeep": False,  # the database locks itself as the tests expect; upkeep is tested on its own
         }
         values.update(overrides)
+        # The master password goes in the orchestrator's vault; agents get it per attempt.
+        await register_accounts(server, {ACCOUNT: Credential("robot", PASSWORD)}, app="keepassxc",
+                                max_sessions=16)
         host = AgentHost(AgentHostConfig(**values))
         await host.start()
         task = asyncio.create_task(host.run())

@@ -52,7 +52,9 @@ def clinic_pack(root: Path) -> Path:
 
 async def test_one_agent_drives_two_apps_on_one_display(e2e_server, real_fleet, tmp_path):
     clinic = load_pack(clinic_pack(tmp_path / "clinic"))
-    await register_accounts(e2e_server, credentials(0), app="clinic", max_sessions=1)
+    # Its own accounts (account names are unique in the vault; the usernames are DemoEHR's).
+    await register_accounts(e2e_server, {f"clinic-{n}": c for n, c in credentials(0).items()}, app="clinic",
+                            max_sessions=1)
     fleet = await real_fleet(e2e_server, packs=[load_pack("demoehr"), clinic],
                              app_args={"demoehr": ["--seed=0"], "clinic": ["--seed=0"]})
     [machine] = fleet.host.machines

@@ -370,15 +370,28 @@ class Demo:
             for what in await strike(done, total, self._machines):
                 self._moment(what)
         agents = sorted(n for n in self.procs if n.startswith("agents-"))
+        if ch.cancel_target is not None:
+            # A run cancelled while it was finishing ends as it ended (its effect happened):
+            # then cancel another one, a few times at most.
+            target = await client.run(ch.cancel_target)
+            if target["state"] in FINAL:
+                if target["state"] != "cancelled" and ch.cancel_tries < 3:
+                    ch.cancelled_running = False
+                ch.cancel_target = None
         if not ch.cancelled_running and done >= total * 0.15:
             running = await client.runs(state=["running"], limit=20)
             wanted = self.desktops.cancel_running
             which = [r for r in running["runs"] if not wanted or r["automation"] in wanted]
             if which:
                 rid = which[0]["id"]
-                await client.cancel(rid)
+                try:
+                    await client.cancel(rid)
+                except ApiError:
+                    return  # it ended meanwhile: try another on the next tick
                 self._moment(f"cancelled {rid} while running: its agent is told to stop")
                 ch.cancelled_running = True
+                ch.cancel_target = rid
+                ch.cancel_tries += 1
         if self.cfg.kill_agent and ch.killed_at is None and done >= total * 0.3 and len(agents) > 1:
             name = agents[-1]
             took = self._kill_agent_process(name)
@@ -434,6 +447,8 @@ class Demo:
 @dataclass
 class _Chaos:
     cancelled_running: bool = False
+    cancel_target: str | None = None  # the running run cancelled, until it is final
+    cancel_tries: int = 0
     killed_at: float | None = None
     restarted: bool = False
 

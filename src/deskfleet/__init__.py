@@ -36,6 +36,7 @@ _LAZY = {
     "ProbeResult": "appmodel",
     "playbook": "packs.playbooks",
     "probe": "packs.playbooks",
+    "hover_responds": "packs.playbooks",
     "session_reader": "packs.playbooks",
     "Pack": "packs.loader",
     "PackError": "packs.loader",
@@ -48,6 +49,7 @@ _LAZY = {
     "Frame": "desktop",
     "Region": "desktop",
     "note_session": "desktop",
+    "same_text": "desktop.fill",
     # recognition
     "Classification": "vision",
     "UNKNOWN": "vision",
@@ -95,12 +97,14 @@ __all__ = [
     "Stopped",
     "__version__",
     "automation",
+    "hover_responds",
     "installed_packs",
     "load_pack",
     "load_packs",
     "note_session",
     "playbook",
     "probe",
+    "same_text",
     "session_reader",
 ]
 

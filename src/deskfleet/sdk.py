@@ -147,6 +147,44 @@ class Context:
                 raise StateTimeout("|".join(states), seen, timeout)
             await asyncio.sleep(interval)
 
+    async def expect(self, *wanted: str, trouble: Iterable[str] = (), timeout: float = 10.0) -> str:
+        """Wait for one of ``wanted`` and return which; raise :class:`DesktopError` at once if
+        the screen shows one of ``trouble`` instead (an error dialog, the login screen), and
+        :class:`StateTimeout` if neither comes within ``timeout`` seconds."""
+        others = [s for s in trouble if s not in wanted]
+        seen = await self.wait_for(*wanted, *others, timeout=timeout)
+        if seen not in wanted:
+            raise DesktopError(self._unexpected(seen, wanted))
+        return seen
+
+    async def act(self, action: Callable[[], Awaitable[Any]], *wanted: str, trouble: Iterable[str] = (),
+                  recover_on: Iterable[str] = (), timeout: float = 10.0) -> str:
+        """Do ``action`` (a click, a key, typing) and wait for one of ``wanted``, as
+        :meth:`expect` does. If the screen shows one of ``recover_on`` instead — typically the
+        screens of a session that ended mid-run (the login screen, a lock screen) — bring the
+        app back with :meth:`recover` (the model's playbooks, with this run's account), say so
+        on the timeline, and do ``action`` once more. A second miss raises DesktopError.
+
+        ``action`` must make sense again from the state this automation starts in: recover()
+        returns there, not to the screen the action was taken on."""
+        trouble = tuple(trouble)
+        recover_on = tuple(recover_on)
+        for again in (False, True):
+            await action()
+            others = [s for s in (*trouble, *recover_on) if s not in wanted]
+            seen = await self.wait_for(*wanted, *others, timeout=timeout)
+            if seen in wanted:
+                return seen
+            if seen in recover_on and not again:
+                await self.progress(f"recover from {seen!r}", message=f"the application showed {seen!r} mid-run")
+                await self.recover()
+                continue
+            raise DesktopError(self._unexpected(seen, wanted))
+        raise AssertionError("unreachable")
+
+    def _unexpected(self, seen: str, wanted: tuple[str, ...]) -> str:
+        app = self.model.name if self.model is not None else "the application"
+        return f"{app} shows {seen!r} where {' or '.join(repr(w) for w in wanted)} was expected"
 
     async def fill(self, field: Region, text: str, *, label: str, read: Region | None = None,
                    secret: bool = False, clear: bool = True) -> None:

@@ -222,7 +222,7 @@ async def test_the_database_locking_itself_mid_run_is_unlocked_by_the_automation
     assert playbooks(events, mid_run=False) == ["unlock"]
     assert playbooks(events, mid_run=True) == ["unlock"]
     steps = [e["reason"] for e in events if e["kind"] == "attempt.progress"]
-    assert "wait for the write lock" in steps and "the database locked itself: unlock it again" in steps, steps
+    assert "wait for the write lock" in steps and "recover from 'locked'" in steps, steps
     assert fleet.titles().count("Turing Bombe") == 1
 
 

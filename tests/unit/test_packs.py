@@ -220,8 +220,8 @@ def test_the_public_surface_is_pinned_and_every_name_imports() -> None:
         "AppModel", "Automation", "AutomationError", "BusinessError", "Classification", "ConfigError", "Context",
         "Credential", "Desktop", "DesktopError", "DesktopInfo", "DeskfleetError", "Frame", "Pack", "PackError",
         "PlaybookContext", "ProbeResult", "Region", "Registry", "SimSettings", "StateTimeout", "Stopped", "__version__",
-        "automation", "installed_packs", "load_pack", "load_packs", "note_session", "playbook", "probe",
-        "session_reader",
+        "automation", "hover_responds", "installed_packs", "load_pack", "load_packs", "note_session", "playbook",
+        "probe", "same_text", "session_reader",
     ])
     for name in deskfleet.__all__:
         assert getattr(deskfleet, name) is not None, name

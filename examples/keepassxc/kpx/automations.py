@@ -91,42 +91,23 @@ async def _click(ctx: Context, where: Region) -> None:
 
 async def _expect(ctx: Context, *wanted: str, timeout: float = STEP_TIMEOUT) -> str:
     """Wait for one of ``wanted``; fail at once if KeePassXC shows trouble instead."""
-    trouble = [s for s in TROUBLE if s not in wanted]
-    seen = await ctx.wait_for(*wanted, *trouble, timeout=timeout)
-    if seen not in wanted:
-        raise DesktopError(f"KeePassXC shows {seen!r} where {' or '.join(wanted)!r} was expected")
-    return seen
+    return await ctx.expect(*wanted, trouble=TROUBLE, timeout=timeout)
 
 
 async def _act(ctx: Context, act: Callable[[], Awaitable[None]], *wanted: str) -> str:
     """Do ``act`` and wait for one of ``wanted``. If the database locked itself meanwhile, unlock
-    it again mid-run (``ctx.recover()``: the pack's playbooks, with this run's account) and do
-    it once more."""
-    seen = "?"
-    for again in (False, True):
-        await act()
-        trouble = [s for s in TROUBLE if s not in wanted]
-        seen = await ctx.wait_for(*wanted, *trouble, timeout=STEP_TIMEOUT)
-        if seen in wanted:
-            return seen
-        if seen in SESSION_LOST and not again:
-            await ctx.progress("the database locked itself: unlock it again")
-            await ctx.recover()
-            continue
-        break
-    raise DesktopError(f"KeePassXC shows {seen!r} where {' or '.join(wanted)!r} was expected")
+    it again mid-run (the pack's playbooks, with this run's account) and do it once more."""
+    return await ctx.act(act, *wanted, trouble=TROUBLE, recover_on=SESSION_LOST, timeout=STEP_TIMEOUT)
 
 
 async def _at_list(ctx: Context) -> None:
     """The entry list — unlocking again first if the database locked itself (a long wait for
     the write lock is time without input: KeePassXC's idle lock may strike meanwhile)."""
-    seen = await ctx.wait_for("entries", *TROUBLE, timeout=STEP_TIMEOUT)
-    if seen in SESSION_LOST:
-        await ctx.progress("the database locked itself: unlock it again")
-        await ctx.recover()
-        seen = await ctx.wait_for("entries", *TROUBLE, timeout=STEP_TIMEOUT)
-    if seen != "entries":
-        raise DesktopError(f"KeePassXC shows {seen!r} where the entry list was expected")
+    await _act(ctx, _nothing, "entries")
+
+
+async def _nothing() -> None:
+    pass
 
 
 async def _reloaded(ctx: Context, db: SharedDatabase) -> None:

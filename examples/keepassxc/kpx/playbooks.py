@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
-
 from deskfleet import UNKNOWN as UNKNOWN_STATE
 from deskfleet import (
     Desktop,
@@ -25,6 +23,7 @@ from deskfleet import (
     PlaybookContext,
     ProbeResult,
     Region,
+    hover_responds,
     playbook,
     probe,
 )
@@ -158,18 +157,4 @@ async def keepalive(ctx: PlaybookContext) -> None:
 async def responsive(desktop: Desktop) -> ProbeResult:
     """Hover the New-entry toolbar button: a live KeePassXC raises its frame at once, a hung one
     (SIGSTOPped, busy) never repaints. Pixels alone cannot tell: a hung app shows a perfect list."""
-    button = L.NEW_BUTTON
-    await desktop.move(*L.PARK)
-    plain = await desktop.screenshot(button)
-    await desktop.move(*button.center)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + PROBE_BOUND
-    try:
-        while loop.time() < deadline:
-            if not np.array_equal(await desktop.screenshot(button), plain):
-                return ProbeResult(True)
-            await asyncio.sleep(0.02)
-        return ProbeResult(False, f"the New-entry button did not highlight within {PROBE_BOUND:g}s of a hover: "
-                                  "KeePassXC does not repaint (hung)")
-    finally:
-        await desktop.move(*L.PARK)
+    return await hover_responds(desktop, L.NEW_BUTTON, park=L.PARK, within=PROBE_BOUND, what="the New-entry button")

@@ -23,8 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel, Field
 
-from deskfleet import BusinessError, Context, DesktopError, Region, Registry, automation
-from deskfleet.desktop.fill import same_text
+from deskfleet import BusinessError, Context, DesktopError, Region, Registry, automation, same_text
 
 from . import layout as L
 
@@ -82,30 +81,14 @@ SESSION_LOST = ("session_expired", "login", "mfa")
 
 
 async def _act(ctx: Context, act: Callable[[], Awaitable[None]], *wanted: str) -> str:
-    """Do ``act`` and wait for one of ``wanted``. If the session ended meanwhile — the app is
-    back at its login — log in again mid-run (``ctx.recover()``: the app model's playbooks,
-    with this run's account) and do it once more."""
-    for again in (False, True):
-        await act()
-        trouble = [s for s in TROUBLE if s not in wanted]
-        seen = await ctx.wait_for(*wanted, *trouble, timeout=STEP_TIMEOUT)
-        if seen in wanted:
-            return seen
-        if seen in SESSION_LOST and not again:
-            await ctx.progress("the session ended: signing in again")
-            await ctx.recover()
-            continue
-        break
-    raise DesktopError(f"DemoEHR shows {seen!r} where {' or '.join(wanted)!r} was expected")
+    """Do ``act`` and wait for one of ``wanted``; if the session ended meanwhile (the app is back
+    at its login), log in again mid-run with this run's account and do it once more."""
+    return await ctx.act(act, *wanted, trouble=TROUBLE, recover_on=SESSION_LOST, timeout=STEP_TIMEOUT)
 
 
 async def _expect(ctx: Context, *wanted: str) -> str:
     """Wait for one of ``wanted``; fail at once if the app shows trouble instead."""
-    trouble = [s for s in TROUBLE if s not in wanted]
-    seen = await ctx.wait_for(*wanted, *trouble, timeout=STEP_TIMEOUT)
-    if seen not in wanted:
-        raise DesktopError(f"DemoEHR shows {seen!r} where {' or '.join(wanted)!r} was expected")
-    return seen
+    return await ctx.expect(*wanted, trouble=TROUBLE, timeout=STEP_TIMEOUT)
 
 
 async def _read_until(ctx: Context, region: Region, accept: Callable[[str], bool], what: str) -> str:

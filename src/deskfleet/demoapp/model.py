@@ -23,12 +23,9 @@ what pixels cannot: a hung app showing a perfect "home".
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import importlib.resources
 import re
-
-import numpy as np
 
 from deskfleet import (
     AppModel,
@@ -38,6 +35,7 @@ from deskfleet import (
     PlaybookContext,
     ProbeResult,
     Region,
+    hover_responds,
     load_pack,
     playbook,
     probe,
@@ -134,27 +132,8 @@ async def keepalive(ctx: PlaybookContext) -> None:
 @probe
 async def responsive(desktop: Desktop) -> ProbeResult:
     """Hover a button: a live app repaints its highlight within the bound, a hung one never."""
-    button = inner(L.SEARCH_NAV, 0.1)
-    await desktop.move(*PARK)
-    plain = await desktop.screenshot(button)
-    for _ in range(5):  # let a highlight from an earlier hover fade first
-        await asyncio.sleep(0.03)
-        again = await desktop.screenshot(button)
-        if np.array_equal(again, plain):
-            break
-        plain = again
-    await desktop.move(*L.SEARCH_NAV.center)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + PROBE_BOUND
-    try:
-        while loop.time() < deadline:
-            if not np.array_equal(await desktop.screenshot(button), plain):
-                return ProbeResult(True)
-            await asyncio.sleep(0.02)
-        return ProbeResult(False, f"the Search button did not highlight within {PROBE_BOUND:g}s of a hover: "
-                                  "the application does not repaint (hung)")
-    finally:
-        await desktop.move(*PARK)
+    return await hover_responds(desktop, inner(L.SEARCH_NAV, 0.1), park=PARK, within=PROBE_BOUND,
+                                what="the Search button")
 
 
 _SIGNED_IN = re.compile(r"Signed in as (\S+)", re.IGNORECASE)

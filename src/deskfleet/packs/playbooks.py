@@ -33,7 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
-from ..appmodel import Playbook, PlaybookContext
+import numpy as np
+
+from ..appmodel import Playbook, PlaybookContext, ProbeResult
+from ..desktop import Desktop, Region
 from ..errors import DesktopError
 from ..vision import UNKNOWN
 
@@ -96,6 +99,39 @@ def probe(func: F) -> F:
         raise TypeError(f"probe {func.__name__}: write it as 'async def {func.__name__}(desktop)'")
     setattr(func, PROBE_ATTR, True)
     return func
+
+
+async def hover_responds(desktop: Desktop, target: Region, *, park: tuple[int, int], within: float = 1.5,
+                         what: str = "the hovered control") -> ProbeResult:
+    """The usual body of a probe: hover ``target`` (a button that highlights under the pointer)
+    and watch its pixels. A live app repaints it within ``within`` seconds; a hung one (stopped,
+    busy, deadlocked) shows a perfect frame and never repaints. The pointer waits at ``park`` —
+    a point that highlights nothing — before and after.
+
+        @probe
+        async def responsive(desktop: Desktop) -> ProbeResult:
+            return await hover_responds(desktop, NEW_BUTTON, park=(5, 5), what="the New button")
+    """
+    await desktop.move(*park)
+    plain = await desktop.screenshot(target)
+    for _ in range(5):  # a highlight left by an earlier hover fades first
+        await asyncio.sleep(0.03)
+        again = await desktop.screenshot(target)
+        if np.array_equal(again, plain):
+            break
+        plain = again
+    await desktop.move(*target.center)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    try:
+        while loop.time() < deadline:
+            if not np.array_equal(await desktop.screenshot(target), plain):
+                return ProbeResult(True)
+            await asyncio.sleep(0.02)
+        return ProbeResult(False, f"{what} did not highlight within {within:g}s of a hover: "
+                                  "the application does not repaint (hung)")
+    finally:
+        await desktop.move(*park)
 
 
 def session_reader(func: F) -> F:

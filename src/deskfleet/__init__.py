@@ -128,6 +128,7 @@ if TYPE_CHECKING:
     from .agent.runtime import Agent, AgentConfig, App
     from .appmodel import AppModel, Credential, PlaybookContext, ProbeResult
     from .desktop import Desktop, DesktopInfo, Frame, Region, note_session
+    from .desktop.fill import same_text
     from .packs.loader import Pack, PackError, installed_packs, load_pack, load_packs
-    from .packs.playbooks import playbook, probe, session_reader
+    from .packs.playbooks import hover_responds, playbook, probe, session_reader
     from .vision import UNKNOWN, WRONG_SCREEN, Classification

@@ -151,7 +151,8 @@ def test_try_on_this_sessions_display_takes_over_a_running_app_and_leaves_it_run
         done = deskfleet("pack", "try", str(pack), "add_item", "--input", ITEM, "--desktop", "local",
                          "--state-dir", str(tmp_path / "t"), env={"DISPLAY": str(display.display)})
         assert done.returncode == 0, done.stdout + done.stderr
-        assert f"app pid {app.pid} (taken over: it was running)" in done.stdout
+        assert f"app pid {app.pid} (taken over: it was running as {sys.executable} {pack / 'app.py'} --data" \
+            in done.stdout, done.stdout
         assert app.poll() is None  # the author's app is still up
     finally:
         app.terminate()
@@ -179,7 +180,7 @@ def test_open_keeps_the_app_up_until_interrupted_then_stops_it_and_the_display(p
         found = re.match(r"acme: the app is up on DISPLAY=(:\d+) \(800x600, pid (\d+)\); the model sees 'login'", first)
         assert found, first
         display, app_pid = found[1], int(found[2])
-        head = [proc.stdout.readline() for _ in range(9)]
+        head = [proc.stdout.readline() for _ in range(11)]
         assert f"  deskfleet model capture --display {display} --dir {pack}/model --state STATE" in head[1]
         assert head[-1].strip() == "Ctrl-C stops the app and the display"
         assert psutil.pid_exists(app_pid)

@@ -23,7 +23,7 @@ from .playbooks import (
     unlock,
 )
 
-#: the account the demo's and the tests' agents hold until the orchestrator's vault hands one out
+#: the vault account of the demo and the tests (the manifest's [accounts] default)
 ACCOUNT = "keepassxc"
 
 

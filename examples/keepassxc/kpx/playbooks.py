@@ -7,9 +7,8 @@ X input focus is the root window: typed characters would vanish (and a Return al
 unlock screen, opens "Unlock failed"). So every playbook clicks before it types, and the
 unlock playbook counts the dots the password field shows before it presses Enter.
 
-Passwords come from ``ctx.credential()`` only: today the agent's own accounts
-(``AgentHostConfig(credentials=…)``, or the pack's ``[hooks] accounts`` for the demo), once
-the orchestrator's vault is merged the run's leased account — the same call.
+The master password comes from ``ctx.account`` only: the account the orchestrator's vault
+grants the attempt (or an embedder's ``AgentHostConfig(credentials=…)``).
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ async def unlock(ctx: PlaybookContext) -> None:
         # seconds later, moving it back up: close it first, so that the field stays put.
         await _click(ctx.desktop, L.BANNER_CLOSE)
         await ctx.wait_for("locked")
-    password = ctx.credential().password
+    password = ctx.account.password
     field = L.PASSWORD
     await click_into(ctx.desktop, field)  # focus: after a dialog it is nowhere
     await ctx.desktop.press("ctrl", "a")

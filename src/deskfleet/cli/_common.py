@@ -61,6 +61,14 @@ def _print(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _print_table(table: Any) -> None:
+    """A rich table on a terminal; piped or redirected, at full width — never an id cut short
+    to fit 80 columns (a cut id cannot be copied into the next command)."""
+    from rich.console import Console
+
+    Console(width=None if sys.stdout.isatty() else 10_000).print(table)
+
+
 @click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="deskfleet")
 @opt("--server", default=DEFAULT_SERVER, help="orchestrator URL (client commands)")

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from ..client import ApiError
-from ._common import _client, _fail, _Group, _labels, _print, main, opt
+from ._common import _client, _fail, _Group, _labels, _print, _print_table, main, opt
 
 
 def _refuse_argv(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -134,7 +134,6 @@ def accounts_set(ctx: click.Context, name: str, app: str | None, username: str |
 @click.pass_context
 def accounts_list(ctx: click.Context, app: str | None) -> None:
     """The vault's accounts and which machines hold them (never a secret)."""
-    from rich.console import Console
     from rich.table import Table
 
     with _client(ctx) as c:
@@ -144,7 +143,7 @@ def accounts_list(ctx: click.Context, app: str | None) -> None:
         leased = ", ".join(f"{x['machine']}{'' if x['state'] == 'held' else ' (reserved)'}" for x in a["leases"])
         table.add_row(a["name"], a["app"] or "", a["username"], f"{a['sessions_in_use']}/{a['max_sessions']}",
                       leased, "yes" if a["has_totp"] else "", ", ".join(f"{k}={v}" for k, v in a["labels"].items()))
-    Console().print(table)
+    _print_table(table)
 
 
 @accounts.command("show")

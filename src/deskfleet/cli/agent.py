@@ -17,7 +17,7 @@ from ._common import _labels, _tune_gc, main, opt
 @opt("--pack", "packs", multiple=True, envvar="DESKFLEET_AGENT_PACK",
      help="a pack: its directory, or an installed pack's name; repeat for several apps on each machine")
 @opt("--desktop", "desktop_kind", default="xvfb", type=click.Choice(["local", "xvfb", "sim"]), envvar="DESKFLEET_AGENT_DESKTOP",
-     help="local: drive this session ($DISPLAY, or the Windows console); xvfb: start Xvfb displays, the "
+     help="local: drive this session ($DISPLAY, or the Windows console); xvfb: start Xvfb displays (the first free numbers; each machine reports its own), the "
           "packs' apps on each; sim: simulated desktops of a pack that offers them")
 @opt("--count", "count", default=None, type=click.IntRange(1, 10000),
      help="machines in this process (xvfb, sim); default 1")

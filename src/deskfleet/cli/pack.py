@@ -22,7 +22,7 @@ from ._common import _fail, _Group, main, opt
 if TYPE_CHECKING:
     from ..desktop.driver import RealDesktop
     from ..packs.loader import Pack
-    from ..packs.trial import TrialStep
+    from ..packs.trial import TrialResult, TrialStep
 
 T = TypeVar("T")
 
@@ -189,10 +189,12 @@ def _open_help(pack: Pack, display: str | None, width: int, height: int) -> list
         f"  deskfleet model capture --display {d} --dir {m} --state STATE --anchor NAME=LEFT,TOP,WIDTH,HEIGHT …",
         f"  deskfleet model add-screen --dir {m} STATE --display {d}",
         f"  deskfleet model classify {m} screen-1.png",
-        "look at it, click in it:",
-        f"  x11vnc -display {d} -localhost -nopw -forever     (then a VNC viewer on localhost:5900)",
-        f"  xwd -display {d} -root -out screen.xwd",
-        f"  DISPLAY={d} xdotool mousemove {width // 2} {height // 2} click 1",
+        "look at it, drive it by hand:",
+        f"  deskfleet desktop screenshot screen.png --display {d} --model {m}",
+        f"  deskfleet desktop windows --display {d}          (its windows, dialogs, and whether it answers)",
+        f"  deskfleet desktop click {width // 2} {height // 2} --display {d}",
+        f"  deskfleet desktop type 'text' --display {d};  deskfleet desktop key ctrl a --display {d}",
+        f"  x11vnc -display {d} -localhost -nopw -forever     (to watch it live: a VNC viewer on localhost:5900)",
     ]
 
 
@@ -208,7 +210,8 @@ def _open_help(pack: Pack, display: str | None, width: int, height: int) -> list
 def pack_open(ref: str, screen: str | None, app_options: tuple[str, ...], screenshot: Path | None,
               state_dir: Path) -> None:
     """Start the pack PACK's app on a new Xvfb display and keep it until Ctrl-C: how you
-    record a model of your own app. Prints the display (DISPLAY=:N) and the commands that
+    record a model of your own app. The display is the first free number (Xvfb picks it;
+    nothing else running is disturbed). Prints it (DISPLAY=:N) and the commands that
     capture its screens; Enter saves a screenshot (screen-N.png). --screenshot FILE writes
     one screenshot and exits.
 
@@ -327,7 +330,7 @@ def _print_step(step: TrialStep) -> None:
 @click.argument("automation_name", metavar="AUTOMATION")
 @opt("--input", "input_text", default="{}", envvar="DESKFLEET_PACK_TRY_INPUT", help="the automation's input: JSON, or @FILE (@- reads stdin)")
 @opt("--desktop", "desktop_kind", default="xvfb", type=click.Choice(["xvfb", "local"]),
-     envvar="DESKFLEET_PACK_TRY_DESKTOP", help="xvfb: the app on a new Xvfb display; local: this session ($DISPLAY), taking over the app if it runs")
+     envvar="DESKFLEET_PACK_TRY_DESKTOP", help="xvfb: the app on a new Xvfb display (the first free display number, printed as DISPLAY=:N); local: this session ($DISPLAY), taking over the app if it runs")
 @opt("--account", default=None, help="the account to log in as: a name for --username's account, or one of "
      "the pack's demo accounts (default: the pack's default account)")
 @opt("--username", default=None, help="log in as this user (the password from --password-stdin or --password-file)")
@@ -380,13 +383,20 @@ def pack_try(ref: str, automation_name: str, input_text: str, desktop_kind: str,
             raise click.UsageError("the password read is empty")
     name, credentials = local_accounts(loaded, account=account, username=username, password=password)
 
-    async def hold(desktop: RealDesktop) -> None:
+    async def hold(desktop: RealDesktop, result: TrialResult) -> None:
+        if not result.ok:  # said now, not only after Ctrl-C: it is what the person looks at the app for
+            click.echo(f"{automation.name} failed: {result.error}")
         display = desktop.host.display
-        click.echo(f"the app stays up on DISPLAY={display} (--keep-open); Ctrl-C stops it")
+        ours = desktop_kind == "xvfb"
+        click.echo(f"the app stays up on DISPLAY={display} (--keep-open); Ctrl-C stops it"
+                   + ("" if ours else " (this session's display stays)"))
         w, h = loaded.screen
         click.echo("\n".join(_open_help(loaded, display, w, h)))
         await _until_signalled()
-        click.echo("stopping the app and the display")
+        if not ours and desktop.attached:
+            click.echo("leaving the app running, as it was found")
+        else:
+            click.echo("stopping the app" + (" and the display" if ours else ""))
 
     result = _interruptible(lambda: try_automation(
         loaded, automation.name, data, desktop=desktop_kind, account=name, credentials=credentials,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._common import _client, _Group, _labels, _print, main, opt
+from ._common import _client, _Group, _labels, _print, _print_table, main, opt
 
 
 # -- client commands ----------------------------------------------------------------------------------------
@@ -62,7 +62,6 @@ def runs() -> None:
 @opt("--limit", default=50, type=click.IntRange(1, 1000))
 @click.pass_context
 def runs_list(ctx: click.Context, states: tuple[str, ...], limit: int) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     with _client(ctx) as c:
@@ -72,7 +71,7 @@ def runs_list(ctx: click.Context, states: tuple[str, ...], limit: int) -> None:
         err = (r.get("error") or {}).get("message", "")
         table.add_row(r["id"], r["automation"], r["state"], r.get("current_machine") or "",
                       str(r["dispatches"]), r["created_at"][:19], err[:60])
-    Console().print(table)
+    _print_table(table)
 
 
 @runs.command("show")
@@ -106,7 +105,6 @@ def machines() -> None:
 @opt("--pool", default=None)
 @click.pass_context
 def machines_list(ctx: click.Context, pool: str | None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     with _client(ctx) as c:
@@ -116,7 +114,7 @@ def machines_list(ctx: click.Context, pool: str | None) -> None:
         table.add_row(m["id"], m["pool"], m["status"], m.get("current_run") or "", str(m["runs_completed"]),
                       f"{m['resources'].get('memory_mb', 0):.0f}", m.get("session_key") or "",
                       (m.get("quarantine_reason") or "")[:50])
-    Console().print(table)
+    _print_table(table)
 
 
 def _machine_action(action: str, help_text: str) -> None:

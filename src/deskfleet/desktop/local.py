@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from ..errors import ConfigError, DesktopError
+from . import xwindows
 from .xvfb import find_window, focus_app, kernel_boot_id, raise_app, show_window
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,13 @@ class X11Session:
     def find_window(self, title: str) -> int | None:
         with self._x_lock:
             return find_window(self._x, title)
+
+    def windows(self) -> list[xwindows.Window]:
+        """The display's viewable top-level windows, bottom to top (:func:`.xwindows.windows`)."""
+        with self._x_lock:
+            if self._x is None:
+                raise DesktopError(f"the display {self.display} is not running")
+            return xwindows.windows(self._x)
 
     def raise_app(self, pid: int) -> int:
         with self._x_lock:

@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DesktopError
-from . import Frame
+from . import Frame, xwindows
 from .driver import AppCommand, RealDesktop
+from .xwindows import _owner, _title, _transient_for
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,13 @@ class XvfbDisplay:
                 raise DesktopError("the Xvfb display is not running")
             return focus_app(self._x, pid)
 
+    def windows(self) -> list[xwindows.Window]:
+        """The display's viewable top-level windows, bottom to top (:func:`.xwindows.windows`)."""
+        with self._x_lock:
+            if self._x is None:
+                raise DesktopError(f"the display {self.display} is not running")
+            return xwindows.windows(self._x)
+
     def raise_app(self, pid: int) -> int:
         """Bring ``pid``'s windows to the front (see :func:`raise_app`)."""
         with self._x_lock:
@@ -311,7 +319,7 @@ def focus_app(x: Any, pid: int) -> str | None:
                 raise DesktopError(f"the application (pid {pid}) shows no window to type into; the keyboard "
                                    f"focus is {was}, so keys sent now would not reach it")
             ids = {w.id for w in windows}
-            dialogs = [w for w in windows if _transient_for(x, w) in ids]
+            dialogs = [w for w in windows if _transient_for(w) in ids]
             target = (dialogs or windows)[-1]
             catch = Xlib.error.CatchError(Xlib.error.BadMatch, Xlib.error.BadWindow)
             target.set_input_focus(Xlib.X.RevertToPointerRoot, Xlib.X.CurrentTime, onerror=catch)
@@ -384,46 +392,12 @@ def _app_windows(x: Any, pid: int) -> list[Any]:
     return out
 
 
-def _transient_for(x: Any, window: Any) -> int | None:
-    """The window ``window`` is a dialog of (WM_TRANSIENT_FOR), if any."""
-    import Xlib.Xatom
-
-    prop = window.get_full_property(Xlib.Xatom.WM_TRANSIENT_FOR, Xlib.Xatom.WINDOW)
-    if prop is None or not len(prop.value):
-        return None
-    return int(prop.value[0])
-
-
 def find_window(x: Any, title: str) -> int | None:
     """The pid of the first viewable top-level window whose title matches the regex ``title``."""
     pattern = re.compile(title)
     for _, name, owner in top_level_windows(x):
         if owner is not None and pattern.search(name):
             return owner
-    return None
-
-
-def _title(x: Any, window: Any) -> str:
-    """A window's title: _NET_WM_NAME (UTF-8) if set, else WM_NAME; a wrapper's child's otherwise."""
-    net_name, utf8 = x.intern_atom("_NET_WM_NAME"), x.intern_atom("UTF8_STRING")
-    prop = window.get_full_property(net_name, utf8)
-    if prop is not None and prop.value:
-        value = prop.value
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    name = window.get_wm_name()
-    if isinstance(name, bytes):
-        return name.decode("latin-1")
-    return name or ""
-
-
-def _owner(x: Any, window: Any) -> int | None:
-    """The pid of the client that created ``window``, from the server (X-Resource)."""
-    from Xlib.ext import res
-
-    reply = x.res_query_client_ids([{"client": window.id, "mask": res.LocalClientPIDMask}])
-    for client in reply.ids:
-        if client.value:
-            return int(client.value[0])
     return None
 
 

@@ -5,7 +5,7 @@ every pack has without writing them.
 
     @playbook(signs_in=True)
     async def login(ctx: PlaybookContext) -> None:
-        account = ctx.credential()
+        account = ctx.account
         await ctx.desktop.click(400, 300)
         await ctx.desktop.type_text(account.username)
         ...

@@ -24,11 +24,14 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from ..appmodel import Account, AppModel, Credential, ProbeResult
 from ..desktop import Desktop, Frame
@@ -229,7 +232,7 @@ async def try_automation(
     state_dir: Path = Path("deskfleet-try"),
     timeout: float = 120.0,
     on_step: Callable[[TrialStep], None] | None = None,
-    hold: Callable[[RealDesktop], Awaitable[None]] | None = None,
+    hold: Callable[[RealDesktop, TrialResult], Awaitable[None]] | None = None,
 ) -> TrialResult:
     """Run ``automation`` of ``pack`` once on a desktop of its own and return what happened.
 
@@ -258,7 +261,7 @@ async def try_automation(
         result.display = machine.host.display
         w, h = loaded.screen
         recorder.step("desktop", f"DISPLAY={result.display}  {w}x{h}, app pid {machine.app_pid}"
-                      + (" (taken over: it was running)" if machine.attached else "")
+                      + (f" (taken over: it was running as {_command_line(machine.app_pid)})" if machine.attached else "")
                       + f", up in {time.monotonic() - started:.1f}s")
         try:
             await asyncio.wait_for(_run(loaded, auto, payload, machine, account, creds, reconcile, recorder,
@@ -271,8 +274,17 @@ async def try_automation(
                 frame = await machine.screenshot()
                 recorder.step("error", result.error, frame, label="failure")
         if hold is not None:
-            await hold(machine)
+            await hold(machine, result)
     return result
+
+
+def _command_line(pid: int | None) -> str:
+    """What a taken-over app was started with: it may not be the pack's command (another
+    configuration, another database), and the person trying the pack should see that."""
+    try:
+        return shlex.join(psutil.Process(pid).cmdline()) if pid is not None else "?"
+    except psutil.Error:
+        return "?"
 
 
 async def _run(pack: Pack, auto: Automation[Any, Any], data: dict[str, Any], desktop: RealDesktop,

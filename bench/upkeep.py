@@ -64,11 +64,12 @@ async def one_mode(workdir: Path, *, upkeep: bool, machines: int, bursts: int, p
     try:
         async with AsyncClient(server.url, timeout=120) as client:
             await server.ready(client)
+            await client.put_accounts(credentials(SEED), app="demoehr")  # the vault hands them out
             host = AgentHost(AgentHostConfig(
                 servers=[server.url], packs=[load_pack("demoehr")], desktop="xvfb", machine="up", count=machines,
                 enrolment_token=server.token, state_dir=workdir / "agents", data_dir=workdir / "data",
                 app_args={"demoehr": [f"--seed={SEED}", "--mfa", f"--session-timeout={idle_timeout:g}"]},
-                idle_timeouts={"demoehr": idle_timeout}, screenshots="none", credentials=credentials(SEED),
+                idle_timeouts={"demoehr": idle_timeout}, screenshots="none",
                 upkeep=upkeep, log_dir=workdir / "logs",
             ))
             await host.start()

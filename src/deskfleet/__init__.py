@@ -48,11 +48,14 @@ _LAZY = {
     "DesktopInfo": "desktop",
     "Frame": "desktop",
     "Region": "desktop",
+    "Window": "desktop",
+    "WindowFacts": "desktop",
     "note_session": "desktop",
     "same_text": "desktop.fill",
     # recognition
     "Classification": "vision",
     "UNKNOWN": "vision",
+    "COVERED": "vision",
     "NO_SCREEN": "agent.preflight",
     "WRONG_SCREEN": "vision",
     # embedding the agent
@@ -65,6 +68,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "COVERED",
     "NO_SCREEN",
     "UNKNOWN",
     "WRONG_SCREEN",
@@ -95,6 +99,8 @@ __all__ = [
     "SimSettings",
     "StateTimeout",
     "Stopped",
+    "Window",
+    "WindowFacts",
     "__version__",
     "automation",
     "hover_responds",
@@ -127,8 +133,8 @@ if TYPE_CHECKING:
     from .agent.preflight import NO_SCREEN
     from .agent.runtime import Agent, AgentConfig, App
     from .appmodel import AppModel, Credential, PlaybookContext, ProbeResult
-    from .desktop import Desktop, DesktopInfo, Frame, Region, note_session
+    from .desktop import Desktop, DesktopInfo, Frame, Region, Window, WindowFacts, note_session
     from .desktop.fill import same_text
     from .packs.loader import Pack, PackError, installed_packs, load_pack, load_packs
     from .packs.playbooks import hover_responds, playbook, probe, session_reader
-    from .vision import UNKNOWN, WRONG_SCREEN, Classification
+    from .vision import COVERED, UNKNOWN, WRONG_SCREEN, Classification

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .desktop import Desktop, Frame, Region
+from .desktop import Desktop, Frame, Region, SeesWindows, WindowFacts
 from .desktop.fill import fill as fill_field
 from .errors import DesktopError
 from .vision import UNKNOWN, Classification, Classifier
@@ -145,8 +145,16 @@ class AppModel:
     settle_frames: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def classify(self, frame: Frame) -> Classification:
-        return self.classifier.classify(frame)
+    def classify(self, frame: Frame, windows: WindowFacts | None = None) -> Classification:
+        return self.classifier.classify(frame, windows)
+
+    async def look(self, desktop: Desktop) -> tuple[Frame, Classification]:
+        """Capture ``desktop``'s screen and classify it — with what the window system says
+        about the app when the desktop can ask (a real one): a window over the app that the
+        recognised state does not account for makes it ``covered``."""
+        windows = await desktop.app_windows() if isinstance(desktop, SeesWindows) else None
+        frame = await desktop.screenshot()
+        return frame, self.classify(frame, windows)
 
     def recovery_for(self, state: str) -> str:
         if state == UNKNOWN:
@@ -185,7 +193,7 @@ class PlaybookContext:
 
     async def look(self) -> Classification:
         """Capture the screen now and classify it."""
-        return self.model.classify(await self.desktop.screenshot())
+        return (await self.model.look(self.desktop))[1]
 
     async def wait_for(self, *states: str, timeout: float = SCREEN_WAIT) -> str:
         """Wait until the screen shows one of ``states``; return which. StateTimeout otherwise."""
@@ -217,9 +225,9 @@ class PlaybookContext:
         state = start
         changed = False  # anything drawn since `before`, even if it looks the same again now
         while True:
-            frame = await self.desktop.screenshot()
+            frame, seen = await self.model.look(self.desktop)
             changed = changed or not np.array_equal(frame, before)
-            state = self.model.classify(frame).state
+            state = seen.state
             if state not in (start, UNKNOWN):
                 return state
             if loop.time() >= deadline:

@@ -129,7 +129,7 @@ class Context:
         """The screen state the app model recognises now (``unknown`` if none)."""
         if self.model is None:
             raise RuntimeError("this agent has no app model; state recognition is unavailable")
-        return self.model.classify(await self.desktop.screenshot()).state
+        return (await self.model.look(self.desktop))[1].state
 
     async def wait_for(self, *states: str, timeout: float = 10.0, interval: float = 0.05) -> str:
         """Wait until the screen shows one of ``states``; return which. Never sleeps blindly."""
@@ -140,7 +140,7 @@ class Context:
         seen = "unknown"
         while True:
             self.check()
-            seen = self.model.classify(await self.desktop.screenshot()).state
+            seen = (await self.model.look(self.desktop))[1].state
             if seen in states:
                 return seen
             if loop.time() >= deadline:

@@ -80,8 +80,11 @@ class KeePassFleet:
         return holder.get("machine") if holder else None
 
     async def screen(self, name: str) -> str:
-        desktop = self.desktop(name)
-        return str(self.model.classify(await desktop.screenshot()).state)
+        return (await self.look(name)).state
+
+    async def look(self, name: str) -> Any:
+        """What pre-flight would see: the pixels, and the window system's facts beside them."""
+        return (await self.model.look(self.desktop(name)))[1]
 
     async def shows(self, name: str, state: str, timeout: float = 20.0) -> None:
         loop = asyncio.get_running_loop()
@@ -283,8 +286,10 @@ async def test_keepassxc_killed_before_the_save_is_added_again_once(kx_server, k
 
 
 async def test_an_unknown_modal_dialog_is_never_taken_for_the_list_and_is_closed(kx_server, kx_fleet):
-    """Help → About over the entry list: a dialog the model does not know. Pre-flight must not
-    take the screen for ready; the Escape playbook closes it and the run goes on."""
+    """Help → About over the entry list: a dialog the model does not know. The window system
+    says a dialog of the app lies over the list: the screen is ``covered`` (never ready), the
+    event names the dialog and keeps the screenshot, and the built-in ``uncover`` closes it as
+    its close button would; the run goes on."""
     layout = importlib.import_module(f"{load_pack(PACK).module.__name__}.layout")
     fleet = await kx_fleet(kx_server)
     machine = fleet.names[0]
@@ -297,19 +302,26 @@ async def test_an_unknown_modal_dialog_is_never_taken_for_the_list_and_is_closed
         await desktop.click(*layout.HELP_ABOUT.center)
         await desktop.move(*layout.PARK)
         await asyncio.sleep(1.0)
-        assert await fleet.screen(machine) == "unknown", "the About box over the list is not the list"
+        seen = await fleet.look(machine)
+        assert seen.state == "covered", "the About box over the list is not the list"
+        assert seen.detail.startswith("covered by 'About KeePassXC', a dialog "), seen.detail
         run = await c.submit("keepassxc.find_entry", {"title": "Allen Fortran"}, wait=90)
         assert run["state"] == "succeeded", run
         events = await c.events(run["id"])
     steps = [(e["data"]["playbook"], e["data"]["from_state"], e["data"]["to_state"])
              for e in events if e["kind"] == "playbook.step"]
-    assert steps == [("escape_then_wait", "unknown", "entries")], steps
+    assert steps == [("uncover", "covered", "entries")], steps
+    [step] = [e["data"] for e in events if e["kind"] == "playbook.step"]
+    assert "covered by 'About KeePassXC', a dialog" in step["why"], step
+    assert step["before_screenshot"], step  # the covered screen, kept with the event
     assert run["dispatches"] == 1 and run["output"]["exact"] == 1
 
 
-async def test_a_hung_keepassxc_showing_the_list_is_caught_by_the_probe(kx_server, kx_fleet):
-    """A stopped KeePassXC (SIGSTOP) keeps showing a perfect list: only the probe can tell. It
-    hovers a toolbar button, sees no highlight, says so, and the app is restarted."""
+async def test_a_hung_keepassxc_showing_the_list_is_caught_by_the_window_systems_ping(kx_server, kx_fleet):
+    """A stopped KeePassXC (SIGSTOP) keeps showing a perfect list: pixels cannot tell. Qt
+    answers the window manager's ping (_NET_WM_PING) from its event loop, a stopped one does
+    not: pre-flight says so, and the app is restarted — before the pack's probe (a hover) is
+    even needed."""
     fleet = await kx_fleet(kx_server)
     machine = fleet.names[0]
     async with AsyncClient(kx_server.url) as c:
@@ -326,7 +338,7 @@ async def test_a_hung_keepassxc_showing_the_list_is_caught_by_the_probe(kx_serve
         events = await c.events(run["id"])
     steps = [e["data"] for e in events if e["kind"] == "playbook.step"]
     assert [(s["playbook"], s["from_state"]) for s in steps] == [("restart_app", "entries"), ("unlock", "locked")]
-    assert "did not highlight" in steps[0]["why"], steps[0]
+    assert "did not answer the window system's ping (_NET_WM_PING)" in steps[0]["why"], steps[0]
     assert fleet.desktop(machine).app_pid != pid
     assert run["output"]["exact"] == 1
 

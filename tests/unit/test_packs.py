@@ -216,7 +216,7 @@ def test_pack_check_as_a_command(tmp_path: Path) -> None:
 
 def test_the_public_surface_is_pinned_and_every_name_imports() -> None:
     assert sorted(deskfleet.__all__) == sorted([
-        "UNKNOWN", "NO_SCREEN", "WRONG_SCREEN", "Agent", "AgentConfig", "AgentHost", "AgentHostConfig", "App",
+        "COVERED", "UNKNOWN", "NO_SCREEN", "WRONG_SCREEN", "Window", "WindowFacts", "Agent", "AgentConfig", "AgentHost", "AgentHostConfig", "App",
         "AppModel", "Automation", "AutomationError", "BusinessError", "Classification", "ConfigError", "Context",
         "Credential", "Desktop", "DesktopError", "DesktopInfo", "DeskfleetError", "Frame", "Pack", "PackError",
         "PlaybookContext", "ProbeResult", "Region", "Registry", "SimSettings", "StateTimeout", "Stopped", "__version__",

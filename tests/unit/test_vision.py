@@ -195,7 +195,7 @@ def test_the_public_surface_is_pinned() -> None:
     import deskfleet.vision as vision
 
     assert sorted(vision.__all__) == sorted([
-        "EXPENSIVE", "UNKNOWN", "WRONG_SCREEN", "Check", "CheckScore", "Classification", "Classifier",
+        "COVERED", "EXPENSIVE", "UNKNOWN", "WRONG_SCREEN", "Check", "CheckScore", "Classification", "Classifier",
         "Explanation", "ScreenState", "StateVerdict", "TemplateCheck", "TemplateLibrary", "load_model"])
     for name in vision.__all__:
         assert getattr(vision, name) is not None

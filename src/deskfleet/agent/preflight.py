@@ -1,9 +1,15 @@
 """Pre-flight: prove by a fresh screenshot that the machine is in the state an automation
 needs — or bring it there with the app model's playbooks (invariant 5).
 
-    screenshot → classify → settled? → wanted and responsive and right account? → done
+    screenshot (+ the window system's facts) → classify → settled? → wanted and responsive
+    and right account? → done
                                      ↘ otherwise: run the playbook for what the screen shows, repeat
                                        (bounded; every step recorded with before and after screenshots)
+
+On a real desktop the window system has its say beside the pixels: a window over the app
+that the recognised state does not account for makes it ``covered`` (never ready), and a
+ready screen counts only if the app answers the window system's ping (X11 ``_NET_WM_PING``,
+for toolkits that speak it: Qt, GTK) before the pack's probe runs.
 
 A state must *settle* before pre-flight acts on it: a screen that a recovery would act on
 must hold for the model's settle time (and frames) — a black frame between two windows, a
@@ -32,7 +38,7 @@ from typing import Any
 
 from ..appmodel import Account, AppModel, PlaybookContext, ProbeResult
 from ..crypto import REDACTED
-from ..desktop import Desktop, Frame, note_session
+from ..desktop import Desktop, Frame, SeesWindows, note_session
 from ..errors import BusinessError, DesktopError, Stopped
 from ..vision import WRONG_SCREEN, Classification
 
@@ -44,6 +50,8 @@ NO_SCREEN = "no_screen"
 SETTLE_POLL = 0.05
 #: a screen that keeps changing for this long (beyond the settle time) is acted on as it is
 SETTLE_GIVE_UP = 3.0
+#: seconds a live app takes at most to answer the window system's ping (a few ms, busy or not)
+PING_TIMEOUT = 1.0
 
 #: Called for every step: (kind, data, screenshot or None) → the screenshot's artifact id or None.
 StepRecorder = Callable[[str, dict[str, Any], Frame | None], Awaitable[str | None]]
@@ -91,7 +99,11 @@ async def preflight(
         playbook_name: str | None = None
         why = ""
         if frame is not None and model.is_ready(seen.state, wanted):
-            if model.probe is not None:
+            if isinstance(desktop, SeesWindows) and await desktop.app_answers(PING_TIMEOUT) is False:
+                playbook_name = model.on_unresponsive
+                why = (f"the application did not answer the window system's ping (_NET_WM_PING) within "
+                       f"{PING_TIMEOUT:g}s: its event loop is stuck (hung)")
+            elif model.probe is not None:
                 ok, reason = _probe_answer(await model.probe(desktop))
                 if not ok:
                     playbook_name = model.on_unresponsive
@@ -115,7 +127,7 @@ async def preflight(
             return PreflightResult(False, seen.state, detail, steps, frame, elapsed=time.monotonic() - t0)
         else:
             playbook_name = model.recovery_for(seen.state)
-            why = capture_error or f"screen shows {seen.state!r}"
+            why = capture_error or f"screen shows {seen.state!r}" + (f": {seen.detail}" if seen.detail else "")
         if len(steps) >= max_steps:
             break
         playbook = model.playbooks.get(playbook_name)
@@ -223,7 +235,7 @@ async def _settled(desktop: Desktop, model: AppModel, wanted: str,
 async def _look(desktop: Desktop, model: AppModel) -> tuple[Frame | None, Classification, str]:
     """Capture and classify; a capture that fails is the state NO_SCREEN, with its error."""
     try:
-        frame = await desktop.screenshot()
+        frame, seen = await model.look(desktop)
     except DesktopError as exc:
         return None, Classification(NO_SCREEN), f"the screen cannot be captured: {exc}"
-    return frame, model.classify(frame), ""
+    return frame, seen, ""

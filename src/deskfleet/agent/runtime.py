@@ -772,8 +772,7 @@ class Agent:
                 return  # an assignment arrived meanwhile: its pre-flight deals with the session
             t0 = time.monotonic()
             await _activate(app)
-            frame = await app.desktop.screenshot()
-            seen = app.model.classify(frame)
+            _, seen = await app.model.look(app.desktop)
             error = ""
             if not app.model.is_ready(seen.state):
                 error = f"the screen shows {seen.state!r}, not a ready state: left for the next pre-flight"

@@ -47,6 +47,107 @@ class Region(NamedTuple):
         return self.left + self.width // 2, self.top + self.height // 2
 
 
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One viewable top-level window, as the window system describes it."""
+
+    id: int
+    title: str
+    rect: Region  # on the screen, without a window manager's frame
+    pid: int | None  # of the process that owns it
+    dialog_of: int | None = None  # the window it is a dialog of (X11: WM_TRANSIENT_FOR; Windows: owner)
+    popup: bool = False  # a menu, a tooltip, a drop-down list (X11: override-redirect)
+    protocols: frozenset[str] = frozenset()  # X11 WM_PROTOCOLS it speaks (WM_DELETE_WINDOW, _NET_WM_PING)
+
+    def overlaps(self, other: Region) -> bool:
+        r = self.rect
+        return (r.left < other.left + other.width and other.left < r.left + r.width
+                and r.top < other.top + other.height and other.top < r.top + r.height)
+
+    def contains(self, other: Region) -> bool:
+        r = self.rect
+        return (r.left <= other.left and other.left + other.width <= r.left + r.width
+                and r.top <= other.top and other.top + other.height <= r.top + r.height)
+
+    def describe(self) -> str:
+        r = self.rect
+        kind = "a menu or popup" if self.popup else "a dialog" if self.dialog_of is not None else "a window"
+        title = repr(self.title) if self.title else "(untitled)"
+        return f"{title}, {kind} {r.width}x{r.height} at {r.left},{r.top}"
+
+
+@dataclass(frozen=True, slots=True)
+class WindowFacts:
+    """What the window system says about the application beside its pixels: its main window
+    and every window stacked above it that overlaps it (its own dialogs and menus, another
+    program's windows), bottom to top."""
+
+    main: Window | None
+    above: tuple[Window, ...] = ()
+
+    @classmethod
+    def of(cls, windows: list[Window], pid: int, *, title: str | None = None) -> WindowFacts:
+        """The facts about process ``pid``'s app among a display's ``windows`` (bottom to top).
+
+        Its main window is the largest of its windows that is neither a dialog nor a popup
+        (whose title matches the regex ``title``, when given); failing that, the largest of
+        its windows that is not a popup (an app showing only its login dialog)."""
+        import re
+
+        own = [w for w in windows if w.pid == pid and not w.popup]
+        mains = [w for w in own if w.dialog_of is None]
+        if title is not None:
+            pattern = re.compile(title)
+            mains = [w for w in mains if pattern.search(w.title)] or mains
+        pool = mains or own
+        if not pool:
+            return cls(None)
+        main = max(pool, key=lambda w: w.rect.width * w.rect.height)
+        after = windows[next(i for i, w in enumerate(windows) if w.id == main.id) + 1:]
+        return cls(main, tuple(w for w in after if w.overlaps(main.rect)))
+
+    def to_dict(self) -> dict[str, object]:
+        def one(w: Window) -> dict[str, object]:
+            return {"id": w.id, "title": w.title, "rect": list(w.rect), "pid": w.pid, "dialog_of": w.dialog_of,
+                    "popup": w.popup}
+
+        return {"main": one(self.main) if self.main else None, "above": [one(w) for w in self.above]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> WindowFacts:
+        def one(d: object) -> Window:
+            if not isinstance(d, dict):
+                raise ValueError(f"a window must be an object, not {d!r}")
+            left, top, width, height = (int(v) for v in d["rect"])
+            return Window(int(d.get("id", 0)), str(d.get("title", "")), Region(left, top, width, height),
+                          d.get("pid"), d.get("dialog_of"), bool(d.get("popup", False)))
+
+        above = data.get("above") or []
+        if not isinstance(above, list):
+            raise ValueError("'above' must be a list of windows")
+        main = data.get("main")
+        return cls(one(main) if main is not None else None, tuple(one(w) for w in above))
+
+
+@runtime_checkable
+class SeesWindows(Protocol):
+    """A desktop that can ask the window system about its application (a real one)."""
+
+    async def app_windows(self) -> WindowFacts | None:
+        """The app's main window and what covers it; None when the app shows no window."""
+
+    async def app_answers(self, timeout: float = 0.5) -> bool | None:
+        """Whether the app's event loop answers the window system (X11 ``_NET_WM_PING``)
+        within ``timeout`` seconds; None when it cannot be asked (the toolkit does not speak
+        the protocol, no window)."""
+
+    async def close_window(self, window: Window) -> bool:
+        """Ask ``window`` to close as its close button would; False if it takes no such request."""
+
+    async def bring_to_front(self) -> None:
+        """Raise the app's windows over every other program's."""
+
+
 @dataclass(slots=True)
 class DesktopInfo:
     """What the agent reports in its heartbeats about the machine and its application."""

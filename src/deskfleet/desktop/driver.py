@@ -51,7 +51,7 @@ import numpy as np
 import psutil
 
 from ..errors import DesktopError, Stopped
-from . import DesktopInfo, Frame, Region
+from . import DesktopInfo, Frame, Region, Window, WindowFacts
 from .session import SessionNote
 from .xkeys import XKeyboard, char_keysym, key_keysym
 
@@ -501,6 +501,45 @@ class RealDesktop:
             session_key=account, session_expires_at=expires,
             extra={"app_restarts": float(self.restarts)},
         )
+
+    async def app_windows(self) -> WindowFacts | None:
+        """The app's main window and every window over it (:class:`WindowFacts`); None when
+        the host cannot list windows or the app is not running."""
+        listing: Callable[[], list[Window]] | None = getattr(self.host, "windows", None)
+        pid = self.app_pid
+        if listing is None or pid is None:
+            return None
+        try:
+            found = await asyncio.to_thread(listing)
+        except DesktopError:
+            return None  # the display is down: the screenshot says so
+        return WindowFacts.of(found, pid, title=self.app.window)
+
+    async def app_answers(self, timeout: float = 0.5) -> bool | None:
+        """Whether the app's main window answers ``_NET_WM_PING`` within ``timeout`` seconds
+        (its event loop runs); None when it cannot be asked."""
+        ping: Callable[[int, float], float | None] | None = getattr(self.host, "ping", None)
+        facts = await self.app_windows()
+        if ping is None or facts is None or facts.main is None or "_NET_WM_PING" not in facts.main.protocols:
+            return None
+        return await asyncio.to_thread(ping, facts.main.id, timeout) is not None
+
+    async def close_window(self, window: Window) -> bool:
+        """Ask ``window`` to close as its title bar's close button would (``WM_DELETE_WINDOW``);
+        False when it does not take that request (then Escape is the usual way)."""
+        close: Callable[[int], bool] | None = getattr(self.host, "close_window", None)
+        if close is None or "WM_DELETE_WINDOW" not in window.protocols:
+            return False
+        await self.station.send(lambda d: None)  # through the agent's gate, like any input
+        return await asyncio.to_thread(close, window.id)
+
+    async def bring_to_front(self) -> None:
+        """Raise the app's windows over every other program's (another program's window covers it)."""
+        pid = self.app_pid
+        bring: Callable[[int], int] | None = getattr(self.host, "raise_app", None)
+        if pid is not None and bring is not None:
+            await self.station.send(lambda d: None)
+            await asyncio.to_thread(bring, pid)
 
     async def activate(self) -> None:
         """Bring this application to the front of its machine's screen, when it shares the

@@ -11,7 +11,6 @@ and says so, and the machine stays quarantined until a person looks.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import subprocess
@@ -23,8 +22,7 @@ from typing import Any
 import psutil
 
 from ..errors import ConfigError, DesktopError
-from . import xwindows
-from .xvfb import find_window, focus_app, kernel_boot_id, raise_app, show_window
+from .xvfb import XWindowHost, kernel_boot_id
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +30,7 @@ log = logging.getLogger(__name__)
 REBOOT_WAIT = 600.0
 
 
-class X11Session:
+class X11Session(XWindowHost):
     """A running X display that is not ours: ``display`` is e.g. ``":0"``."""
 
     def __init__(self, display: str | None, *, reboot_command: Sequence[str] | None = None) -> None:
@@ -67,31 +65,6 @@ class X11Session:
     def booted_at(self) -> float:
         return float(psutil.boot_time())
 
-    def show_window(self, pid: int) -> bool:
-        with self._x_lock:
-            return show_window(self._x, pid)
-
-    def find_window(self, title: str) -> int | None:
-        with self._x_lock:
-            return find_window(self._x, title)
-
-    def windows(self) -> list[xwindows.Window]:
-        """The display's viewable top-level windows, bottom to top (:func:`.xwindows.windows`)."""
-        with self._x_lock:
-            if self._x is None:
-                raise DesktopError(f"the display {self.display} is not running")
-            return xwindows.windows(self._x)
-
-    def raise_app(self, pid: int) -> int:
-        with self._x_lock:
-            return raise_app(self._x, pid)
-
-    def focus_app(self, pid: int) -> str | None:
-        """Give the keyboard focus to ``pid``'s window unless one of its windows has it
-        (see :func:`deskfleet.desktop.xvfb.focus_app`)."""
-        with self._x_lock:
-            return focus_app(self._x, pid)
-
     def problems(self) -> list[str]:
         return []  # a screen of the wrong size is checked by the desktop; X has no lock screen of its own
 
@@ -109,5 +82,5 @@ class X11Session:
 
     def close(self) -> None:
         """Let go of the display (it is not ours to stop)."""
-        with self._x_lock, contextlib.suppress(Exception):
-            self._x.close()
+        with self._x_lock:
+            self._close_windows()

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DesktopError
-from . import Frame, xwindows
+from . import Frame, Window, xwindows
 from .driver import AppCommand, RealDesktop
 from .xwindows import _owner, _title, _transient_for
 
@@ -57,7 +57,85 @@ def kernel_boot_id() -> str:
         return f"boot-{psutil.boot_time():.0f}"
 
 
-class XvfbDisplay:
+class XWindowHost:
+    """The window side of an X host (:class:`XvfbDisplay`, ``local.X11Session``): one Xlib
+    connection (``_x``) under a lock for questions and focus, and one more, made on first
+    use, for pings (it receives the answers on the root window)."""
+
+    _x: Any
+    _x_lock: threading.Lock
+    _pinger: Any = None
+
+    @property
+    def display(self) -> str | None:
+        raise NotImplementedError
+
+    def _conn(self) -> Any:
+        if self._x is None:
+            raise DesktopError(f"the display {self.display} is not running")
+        return self._x
+
+    def show_window(self, pid: int) -> bool:
+        with self._x_lock:
+            return show_window(self._x, pid)
+
+    def find_window(self, title: str) -> int | None:
+        with self._x_lock:
+            return find_window(self._x, title)
+
+    def focus_app(self, pid: int) -> str | None:
+        """Give the keyboard focus to ``pid``'s window unless one of its windows has it
+        (see :func:`focus_app`)."""
+        with self._x_lock:
+            return focus_app(self._conn(), pid)
+
+    def raise_app(self, pid: int) -> int:
+        """Bring ``pid``'s windows to the front (see :func:`raise_app`)."""
+        with self._x_lock:
+            return raise_app(self._conn(), pid)
+
+    def windows(self) -> list[Window]:
+        """The display's viewable top-level windows, bottom to top (:func:`.xwindows.windows`)."""
+        with self._x_lock:
+            return xwindows.windows(self._conn())
+
+    def ping(self, window: int, timeout: float = 0.5) -> float | None:
+        """Seconds ``window``'s client took to answer ``_NET_WM_PING``; None: no answer in time."""
+        import Xlib.display
+        import Xlib.error
+
+        with self._x_lock:
+            if self._pinger is None:
+                try:
+                    self._pinger = Xlib.display.Display(self.display)
+                except Exception as exc:
+                    raise DesktopError(f"cannot connect to the display {self.display}: {exc}") from exc
+            try:
+                return xwindows.ping(self._pinger, window, timeout=timeout)
+            except Xlib.error.XError:
+                return None  # the window went away
+
+    def close_window(self, window: int) -> bool:
+        """Send ``window`` the close request of its title bar's button (``WM_DELETE_WINDOW``)."""
+        import Xlib.error
+
+        with self._x_lock:
+            try:
+                xwindows.ask_to_close(self._conn(), window)
+                return True
+            except Xlib.error.XError:
+                return False  # it went away
+
+    def _close_windows(self) -> None:
+        """Close both connections (before the server goes, or when letting go of it)."""
+        for conn in (self._x, self._pinger):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        self._x = self._pinger = None
+
+
+class XvfbDisplay(XWindowHost):
     """One Xvfb server. ``start()`` it; ``display`` is then ``":N"``."""
 
     def __init__(self, width: int = 1024, height: int = 768, *, number: int | None = None,
@@ -162,10 +240,7 @@ class XvfbDisplay:
 
     def _stop_server(self) -> None:
         with self._x_lock:
-            if self._x is not None:
-                with contextlib.suppress(Exception):
-                    self._x.close()
-                self._x = None
+            self._close_windows()
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -196,38 +271,8 @@ class XvfbDisplay:
     def attachable(self) -> bool:
         return False  # a display started here: no app runs on it before we start one
 
-    def show_window(self, pid: int) -> bool:
-        with self._x_lock:
-            return show_window(self._x, pid)
-
-    def find_window(self, title: str) -> int | None:
-        with self._x_lock:
-            return find_window(self._x, title)
-
     def problems(self) -> list[str]:
         return []  # a display of our own, of the size we asked for, with no lock screen
-
-    def focus_app(self, pid: int) -> str | None:
-        """Give the keyboard focus to ``pid``'s window unless one of its windows has it
-        (see :func:`focus_app`)."""
-        with self._x_lock:
-            if self._x is None:
-                raise DesktopError("the Xvfb display is not running")
-            return focus_app(self._x, pid)
-
-    def windows(self) -> list[xwindows.Window]:
-        """The display's viewable top-level windows, bottom to top (:func:`.xwindows.windows`)."""
-        with self._x_lock:
-            if self._x is None:
-                raise DesktopError(f"the display {self.display} is not running")
-            return xwindows.windows(self._x)
-
-    def raise_app(self, pid: int) -> int:
-        """Bring ``pid``'s windows to the front (see :func:`raise_app`)."""
-        with self._x_lock:
-            if self._x is None:
-                raise DesktopError("the Xvfb display is not running")
-            return raise_app(self._x, pid)
 
 
 # -- X11 windows, for any X display (ours or a session's) -----------------------------------------

@@ -14,34 +14,9 @@ hosts of :mod:`.xvfb` and :mod:`.local`) hold one connection each, under a lock.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from . import Region
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """One viewable top-level window."""
-
-    id: int
-    title: str
-    rect: Region  # on the screen (root coordinates), without a window manager's frame
-    pid: int | None  # of the client that created it, from the server (X-Resource)
-    dialog_of: int | None = None  # the window it is a dialog of (WM_TRANSIENT_FOR)
-    popup: bool = False  # override-redirect: a menu, a tooltip, a drop-down list
-    protocols: frozenset[str] = frozenset()  # WM_PROTOCOLS it speaks (WM_DELETE_WINDOW, _NET_WM_PING)
-
-    def overlaps(self, other: Region) -> bool:
-        r = self.rect
-        return (r.left < other.left + other.width and other.left < r.left + r.width
-                and r.top < other.top + other.height and other.top < r.top + r.height)
-
-    def describe(self) -> str:
-        r = self.rect
-        kind = "a menu or popup" if self.popup else "a dialog" if self.dialog_of is not None else "a window"
-        title = repr(self.title) if self.title else "(untitled)"
-        return f"{title}, {kind} {r.width}x{r.height} at {r.left},{r.top}"
+from . import Region, Window
 
 
 def windows(x: Any) -> list[Window]:
@@ -120,6 +95,18 @@ def ping(x: Any, window: int, *, timeout: float = 0.5) -> float | None:
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.002)
+
+
+def ask_to_close(x: Any, window: int) -> None:
+    """Send ``window`` a ``WM_DELETE_WINDOW`` client message: what a window manager sends when
+    its close button is clicked (a dialog takes it as Cancel)."""
+    from Xlib import protocol
+
+    wm_protocols, delete = x.intern_atom("WM_PROTOCOLS"), x.intern_atom("WM_DELETE_WINDOW")
+    target = x.create_resource_object("window", window)
+    target.send_event(protocol.event.ClientMessage(window=target, client_type=wm_protocols,
+                                                   data=(32, [delete, 0, 0, 0, 0])), event_mask=0)
+    x.sync()
 
 
 def _transient_for(window: Any) -> int | None:

@@ -17,7 +17,7 @@ from .loader import MANIFEST, Pack, PackError, load_pack
 from .manifest import parse_manifest
 
 #: states pre-flight itself produces (not recorded in any model)
-SYNTHETIC = frozenset({"unknown", "no_screen", "wrong_screen"})
+SYNTHETIC = frozenset({"unknown", "no_screen", "wrong_screen", "covered"})
 
 
 @dataclass(slots=True)

@@ -275,7 +275,7 @@ def _model(manifest: Manifest, library: TemplateLibrary, own: dict[str, Playbook
                 for r in s.ready if r not in names]
     wanted = {f"[states] recover.{state}": pb for state, pb in s.recover.items()}
     wanted |= {"[states] unknown": s.unknown, "[states] unresponsive": s.unresponsive,
-               "[states] no_screen": s.no_screen}
+               "[states] no_screen": s.no_screen, "[states] covered": s.covered}
     if s.logout:
         wanted["[states] logout"] = s.logout
     if s.wrong_screen:
@@ -290,6 +290,7 @@ def _model(manifest: Manifest, library: TemplateLibrary, own: dict[str, Playbook
         raise PackError("\n".join(f"{where}/{MANIFEST}: {p}" for p in problems))
     recoveries = dict(s.recover)
     recoveries.setdefault("no_screen", s.no_screen)
+    recoveries.setdefault("covered", s.covered)
     if s.wrong_screen:
         recoveries.setdefault("wrong_screen", s.wrong_screen)
     return AppModel(

@@ -23,6 +23,7 @@
     unknown = "wait"                 # a screen no state matches (default: the built-in "wait")
     unresponsive = "restart_app"     # a ready screen on an app that does not respond
     no_screen = "restart_desktop"    # the screen cannot be captured at all
+    covered = "uncover"              # a window the model does not account for lies over the app
     logout = "logout"                # ends the session, to log in as another account
     settle = 0.3                     # seconds a state must hold before pre-flight acts on it
 
@@ -106,6 +107,7 @@ class StatesSection(_Section):
     unknown: str = "wait"
     unresponsive: str = "restart_app"
     no_screen: str = "restart_desktop"
+    covered: str = "uncover"
     wrong_screen: str = ""
     logout: str = ""
     settle: Annotated[float, Field(ge=0, le=30)] = 0.3

@@ -36,7 +36,7 @@ from typing import Any, TypeVar, overload
 import numpy as np
 
 from ..appmodel import Playbook, PlaybookContext, ProbeResult
-from ..desktop import Desktop, Region
+from ..desktop import Desktop, Region, SeesWindows
 from ..errors import DesktopError
 from ..vision import UNKNOWN
 
@@ -178,4 +178,36 @@ async def wait(ctx: PlaybookContext) -> None:
     await restart_app(ctx)
 
 
-BUILTIN: dict[str, Playbook] = {"restart_app": restart_app, "restart_desktop": restart_desktop, "wait": wait}
+#: seconds a covering window gets to close after it was asked to
+UNCOVER_WAIT = 3.0
+
+
+@playbook(wait=False)
+async def uncover(ctx: PlaybookContext) -> None:
+    """A window the model does not account for lies over the app (``covered``): another
+    program's window is sent behind the app (the app is raised); a window of the app's own —
+    a dialog nobody modelled — is asked to close as its close button would, or gets Escape.
+    One that stays is a DesktopError naming it (pre-flight then tries again, then restarts)."""
+    desktop = ctx.desktop
+    if not isinstance(desktop, SeesWindows):
+        raise DesktopError("this desktop cannot see windows: nothing to uncover")
+    facts = await desktop.app_windows()
+    if facts is None or facts.main is None or not facts.above:
+        return  # gone by itself
+    top = facts.above[-1]
+    if top.pid != facts.main.pid:
+        await desktop.bring_to_front()
+    elif not await desktop.close_window(top):
+        await ctx.desktop.press("escape")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + UNCOVER_WAIT
+    while loop.time() < deadline:
+        await asyncio.sleep(0.1)
+        now = await desktop.app_windows()
+        if now is None or all(w.id != top.id for w in now.above):
+            return
+    raise DesktopError(f"{top.describe()} is still over the application after it was asked to go")
+
+
+BUILTIN: dict[str, Playbook] = {"restart_app": restart_app, "restart_desktop": restart_desktop, "wait": wait,
+                                "uncover": uncover}

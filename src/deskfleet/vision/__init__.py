@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .classifier import (
+    COVERED,
     EXPENSIVE,
     UNKNOWN,
     WRONG_SCREEN,
@@ -59,6 +60,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "COVERED",
     "EXPENSIVE",
     "UNKNOWN",
     "WRONG_SCREEN",

@@ -23,11 +23,14 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from ..desktop import Frame, Region
+from ..desktop import Frame, Region, Window, WindowFacts
 
 UNKNOWN = "unknown"
 #: the frame is not the size the model was recorded at; ``Classification.detail`` says both
 WRONG_SCREEN = "wrong_screen"
+#: a window the recognised state does not account for lies over it (a dialog nobody
+#: modelled, another program's window); ``Classification.detail`` names it
+COVERED = "covered"
 #: checks at or above this cost (OCR) are read only when they can change the outcome
 EXPENSIVE = 10
 
@@ -167,6 +170,7 @@ class _Trace:
     reads: dict[str, list[tuple[Check, float]]] = field(default_factory=dict)  # in the order read
     overlays: list[str] = field(default_factory=list)  # overlay states confirmed
     bases: list[str] | None = None  # base states confirmed (None: not looked at, a dialog won)
+    pixels: str = ""  # the state the pixels alone showed, when windows over it made it COVERED
 
 
 # -- the classifier -------------------------------------------------------------------------
@@ -185,18 +189,35 @@ class Classifier:
         self.states = states
         self.screen = screen
 
-    def classify(self, frame: Frame) -> Classification:
-        return self._run(frame, None)
+    def classify(self, frame: Frame, windows: WindowFacts | None = None) -> Classification:
+        """The state ``frame`` shows. With ``windows`` (what the window system says about the
+        app), a state is taken only if nothing is stacked over the window that draws it: a
+        dialog nobody modelled over the ready list is :data:`COVERED`, never ready."""
+        return self._run(frame, None, windows)
 
-    def explain(self, frame: Frame) -> Explanation:
+    def explain(self, frame: Frame, windows: WindowFacts | None = None) -> Explanation:
         """Classify ``frame`` as :meth:`classify` does, keeping every score and reason."""
         trace = _Trace()
-        seen = self._run(frame, trace)
+        seen = self._run(frame, trace, windows)
         h, w = frame.shape[:2]
         verdicts = [self._verdict(state, seen, trace) for state in self.states]
         return Explanation(seen, (w, h), verdicts)
 
-    def _run(self, frame: Frame, trace: _Trace | None) -> Classification:
+    def _run(self, frame: Frame, trace: _Trace | None, windows: WindowFacts | None = None) -> Classification:
+        seen = self._pixels(frame, trace)
+        if windows is None or windows.main is None or seen.state == WRONG_SCREEN:
+            return seen
+        state = next((s for s in self.states if s.name == seen.state), None)
+        over = covering(state, windows)
+        if not over:
+            return seen
+        if trace is not None:
+            trace.pixels = seen.state
+        said = "; ".join(w.describe() for w in reversed(over))
+        pixels = f"the pixels alone say {seen.state!r}" if seen.state != UNKNOWN else "no state matched"
+        return Classification(COVERED, seen.scores, seen.elapsed_ms, f"covered by {said} ({pixels})")
+
+    def _pixels(self, frame: Frame, trace: _Trace | None) -> Classification:
         t0 = time.perf_counter()
         if self.screen is not None:
             h, w = frame.shape[:2]
@@ -259,6 +280,8 @@ class Classifier:
     def _reason(state: ScreenState, seen: Classification, trace: _Trace, checks: list[CheckScore]) -> str:
         if seen.state == WRONG_SCREEN:
             return f"not checked: {seen.detail}"
+        if seen.state == COVERED and state.name == trace.pixels:
+            return f"its checks pass, but it is {seen.detail}"
         if not state.checks:
             return "it has no checks"
         by_id = {id(c): score for c, score in zip(state.checks, checks, strict=True)}
@@ -280,6 +303,28 @@ class Classifier:
         if trace.bases is not None and len(trace.bases) > 1 and state.name in trace.bases:
             return f"{_count(len(trace.bases))} base states matched: {', '.join(trace.bases)}"
         return "lost" + (note + "the outcome was already decided" if note else "")
+
+
+def covering(state: ScreenState | None, windows: WindowFacts) -> list[Window]:
+    """The windows stacked over the one that draws ``state`` (None: no state matched) and
+    overlapping it, bottom to top.
+
+    The window that draws a state is the topmost one — the app's main window or a window
+    above it — holding the centre of every check of the state: a dialog the model knows is
+    drawn by its own window, the list under it by the main window. Anything stacked over that
+    window and overlapping it is something the state does not account for. Menus and
+    tooltips of the app itself (override-redirect windows) are left out: a tooltip under the
+    parked pointer is no reason to stop."""
+    main = windows.main
+    if main is None:
+        return []
+    stack = [main, *(w for w in windows.above if not (w.popup and w.pid == main.pid))]
+    centres = [getattr(c, "region", None) for c in (state.checks if state is not None else ())]
+    points = [Region(r.left + r.width // 2, r.top + r.height // 2, 1, 1) for r in centres if isinstance(r, Region)]
+    home = 0
+    if points:
+        home = next((i for i in range(len(stack) - 1, -1, -1) if all(stack[i].contains(p) for p in points)), 0)
+    return [w for w in stack[home + 1:] if w.overlaps(stack[home].rect)]
 
 
 def _cost(check: Check) -> int:

@@ -47,6 +47,7 @@ from PIL import Image, UnidentifiedImageError
 from ..desktop import Frame, Region
 from ..errors import ConfigError
 from .classifier import (
+    COVERED,
     UNKNOWN,
     WRONG_SCREEN,
     Check,
@@ -64,7 +65,7 @@ DEFAULT_THRESHOLD = {"match": 0.9, "pixels": 0.95, "text": 0.5}
 DEFAULT_MARGIN = 4
 MAX_MARGIN = 64
 #: state names the classifier itself returns: no model state may take them
-RESERVED = frozenset({UNKNOWN, WRONG_SCREEN})
+RESERVED = frozenset({UNKNOWN, WRONG_SCREEN, COVERED})
 #: names that become file names (states, templates): letters, digits, '_' and '-'
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 

@@ -1,0 +1,243 @@
+"""Window-system facts beside the pixels: which window is the app's main one, what lies over
+it, and how the classifier uses that — a dialog nobody modelled over a ready screen is
+``covered`` (never ready), a dialog the model knows in its own window is recognised, the
+app's own tooltips and menus are no reason to stop. Pre-flight: ``covered`` is uncovered by
+the built-in playbook, and a ready screen counts only if the app answers the window system's
+ping — the probe is asked only when the ping cannot be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_packs import SCREENS, write_pack
+from test_preflight import Scripted, run
+
+from deskfleet import COVERED, UNKNOWN, ProbeResult, Region, Window, WindowFacts, load_pack
+from deskfleet.vision import Classifier, ScreenState, TemplateCheck
+
+APP, OTHER = 100, 200
+MAIN = Window(1, "Acme", Region(0, 0, 800, 600), APP, protocols=frozenset({"_NET_WM_PING", "WM_DELETE_WINDOW"}))
+
+
+def win(id: int, rect: tuple[int, int, int, int], pid: int = APP, *, dialog_of: int | None = None,
+        popup: bool = False, title: str | None = None) -> Window:
+    return Window(id, f"w{id}" if title is None else title, Region(*rect), pid, dialog_of, popup,
+                  frozenset({"WM_DELETE_WINDOW"}))
+
+
+# -- which window is the app's, and what covers it ------------------------------------------------
+
+
+def test_the_main_window_is_the_apps_largest_that_is_no_dialog() -> None:
+    tip = win(5, (10, 10, 50, 20), popup=True)
+    dialog = win(3, (100, 100, 900, 700), dialog_of=1)  # larger, but a dialog
+    other = win(4, (700, 500, 300, 200), OTHER)
+    far = win(6, (900, 650, 50, 50), OTHER)  # above, but not over the main window
+    below = win(7, (0, 0, 1024, 768), OTHER)  # another program's, under the app
+    facts = WindowFacts.of([below, MAIN, tip, dialog, other, far], APP)
+    assert facts.main == MAIN
+    assert facts.above == (tip, dialog, other)
+
+
+def test_a_title_picks_the_main_window_and_a_dialog_only_app_has_one() -> None:
+    toolbox = win(2, (0, 0, 1000, 700), title="Toolbox")
+    assert WindowFacts.of([MAIN, toolbox], APP, title="^Acme$").main == MAIN
+    login = win(3, (300, 200, 400, 300), dialog_of=99, title="Sign in")
+    assert WindowFacts.of([login], APP).main == login
+    assert WindowFacts.of([win(8, (0, 0, 10, 10), popup=True)], APP).main is None
+    assert WindowFacts.of([], APP) == WindowFacts(None)
+
+
+def test_facts_round_trip_through_json() -> None:
+    facts = WindowFacts.of([MAIN, win(3, (100, 100, 300, 200), dialog_of=1, title="About")], APP)
+    again = WindowFacts.from_dict(facts.to_dict())
+    assert (again.main.rect, again.main.pid) == (MAIN.rect, APP)
+    assert [(w.title, w.rect, w.dialog_of) for w in again.above] == [("About", Region(100, 100, 300, 200), 1)]
+
+
+# -- the classifier ---------------------------------------------------------------------------
+
+
+LIST_MARK = Region(10, 10, 40, 40)  # the ready list's checks: a corner the rows never reach
+DIALOG_MARK = Region(330, 260, 40, 40)  # a known dialog's check, inside its own window
+DIALOG = (300, 230, 200, 140)
+
+
+def frame(*, dialog: bool = False) -> np.ndarray:
+    f = np.full((600, 800, 3), 230, np.uint8)
+    f[10:50, 10:50] = 30
+    if dialog:
+        f[260:300, 330:370] = 90
+    return f
+
+
+def classifier() -> Classifier:
+    ready = ScreenState("list", [TemplateCheck.from_frame(frame(), LIST_MARK, 0.95, "corner")], ready=True)
+    known = ScreenState("confirm", [TemplateCheck.from_frame(frame(dialog=True), DIALOG_MARK, 0.95, "icon")],
+                        overlay=True)
+    return Classifier([ready, known], screen=(800, 600))
+
+
+def test_a_dialog_nobody_modelled_over_the_ready_list_is_covered_never_ready() -> None:
+    c = classifier()
+    shown = frame()  # the unknown dialog sits over the rows: every check of "list" still passes
+    assert c.classify(shown).state == "list"  # pixels alone: the false ready of the old way
+    about = win(9, (250, 200, 300, 200), dialog_of=1, title="About Acme")
+    seen = c.classify(shown, WindowFacts(MAIN, (about,)))
+    assert seen.state == COVERED
+    assert seen.detail == "covered by 'About Acme', a dialog 300x200 at 250,200 (the pixels alone say 'list')"
+    verdict = c.explain(shown, WindowFacts(MAIN, (about,))).verdict("list")
+    assert verdict is not None and verdict.reason.startswith("its checks pass, but it is covered by 'About Acme'")
+
+
+def test_nothing_over_the_app_changes_nothing() -> None:
+    assert classifier().classify(frame(), WindowFacts(MAIN)).state == "list"
+    assert classifier().classify(frame(), WindowFacts(None)).state == "list"
+
+
+def test_a_dialog_the_model_knows_is_recognised_in_its_own_window() -> None:
+    c = classifier()
+    confirm = win(9, DIALOG, dialog_of=1, title="Confirm")
+    assert c.classify(frame(dialog=True), WindowFacts(MAIN, (confirm,))).state == "confirm"
+    # … but not under another window (over the dialog, beside its check: the pixels still match)
+    on_top = win(10, (420, 300, 100, 60), OTHER, title="Update available")
+    seen = c.classify(frame(dialog=True), WindowFacts(MAIN, (confirm, on_top)))
+    assert seen.state == COVERED and "'Update available'" in seen.detail and "'Confirm'" not in seen.detail
+
+
+def test_the_apps_own_tooltip_is_no_cover_another_programs_popup_is() -> None:
+    c = classifier()
+    tip = win(11, (60, 60, 120, 24), popup=True)
+    assert c.classify(frame(), WindowFacts(MAIN, (tip,))).state == "list"
+    toast = win(12, (560, 480, 230, 100), OTHER, popup=True, title="")
+    seen = c.classify(frame(), WindowFacts(MAIN, (toast,)))
+    assert seen.state == COVERED and seen.detail.startswith("covered by (untitled), a menu or popup 230x100")
+
+
+def test_an_unknown_screen_under_a_window_is_covered_and_a_wrong_size_stays_wrong() -> None:
+    c = classifier()
+    blank = np.full((600, 800, 3), 230, np.uint8)
+    seen = c.classify(blank, WindowFacts(MAIN, (win(9, DIALOG, dialog_of=1),)))
+    assert seen.state == COVERED and seen.detail.endswith("(no state matched)")
+    assert c.classify(np.zeros((768, 1024, 3), np.uint8), WindowFacts(MAIN, (win(9, DIALOG),))).state == "wrong_screen"
+
+
+# -- pre-flight ---------------------------------------------------------------------------
+
+
+class Windowed(Scripted):
+    """A scripted desktop that can also answer for the window system."""
+
+    def __init__(self, show: Any, above: list[Window], answers: bool | None = True) -> None:
+        super().__init__(show)
+        self.above = above
+        self.answers = answers
+        self.closed: list[str] = []
+        self.raised = 0
+        self.pings = 0
+        self.keys: list[tuple[str, ...]] = []
+
+    async def app_windows(self) -> WindowFacts:
+        return WindowFacts(Window(1, "tiny", Region(0, 0, 320, 240), APP, protocols=frozenset({"_NET_WM_PING"})),
+                           tuple(self.above))
+
+    async def app_answers(self, timeout: float = 0.5) -> bool | None:
+        self.pings += 1
+        return self.answers
+
+    async def close_window(self, window: Window) -> bool:
+        self.closed.append(window.title)
+        self.above = [w for w in self.above if w.id != window.id]
+        return True
+
+    async def bring_to_front(self) -> None:
+        self.raised += 1
+        self.above = [w for w in self.above if w.pid == APP]
+
+    async def press(self, *keys: str) -> None:
+        self.keys.append(keys)
+
+
+@pytest.fixture
+def pack(tmp_path: Path) -> Any:
+    return load_pack(write_pack(tmp_path / "tiny"))
+
+
+async def test_preflight_closes_a_dialog_nobody_modelled_and_goes_on(pack: Any) -> None:
+    # beside the checked area (a window over it would change the pixels the state is checked by)
+    desktop = Windowed(lambda: SCREENS["home"], [win(9, (150, 120, 150, 100), dialog_of=1, title="Tip of the day")])
+    out = await run(desktop, pack.model)
+    assert out.ok and out.steps == ["uncover"], out.detail
+    assert desktop.closed == ["Tip of the day"]
+    [step] = [data for kind, data in out.events if kind == "playbook.step"]
+    assert step["from_state"] == COVERED and step["to_state"] == "home"
+    assert "covered by 'Tip of the day', a dialog 150x100 at 150,120 (the pixels alone say 'home')" in step["why"]
+
+
+async def test_preflight_sends_another_programs_window_behind_the_app(pack: Any) -> None:
+    desktop = Windowed(lambda: SCREENS["home"], [win(9, (150, 120, 100, 100), OTHER, title="Notes")])
+    out = await run(desktop, pack.model)
+    assert out.ok and out.steps == ["uncover"]
+    assert desktop.raised == 1 and desktop.closed == []
+
+
+async def test_a_window_that_will_not_go_fails_the_step_and_names_it(pack: Any, monkeypatch: Any) -> None:
+    import deskfleet.packs.playbooks as playbooks
+
+    monkeypatch.setattr(playbooks, "UNCOVER_WAIT", 0.2)
+    desktop = Windowed(lambda: SCREENS["home"], [win(9, (150, 120, 150, 100), dialog_of=1, title="Sticky")])
+
+    async def refuse(window: Window) -> bool:
+        desktop.closed.append(window.title)
+        return True  # asked, but it stays
+
+    desktop.close_window = refuse  # type: ignore[method-assign]
+    out = await run(desktop, pack.model)
+    assert not out.ok
+    errors = [data["error"] for kind, data in out.events if kind == "playbook.step"]
+    assert errors[0] == "DesktopError: 'Sticky', a dialog 150x100 at 150,120 is still over the application after it " \
+                        "was asked to go"
+
+
+async def test_a_ready_screen_of_an_app_that_does_not_answer_the_ping_is_hung(pack: Any) -> None:
+    probed: list[bool] = []
+
+    async def probe(desktop: Any) -> ProbeResult:
+        probed.append(True)
+        return ProbeResult(True)
+
+    pack.model.probe = probe
+    desktop = Windowed(lambda: SCREENS["home"], [], answers=False)
+    out = await run(desktop, pack.model)
+    [step] = [data for kind, data in out.events if kind == "playbook.step"][:1]
+    assert step["playbook"] == "restart_app" and step["from_state"] == "home"
+    assert step["why"] == ("the application did not answer the window system's ping (_NET_WM_PING) within 1s: "
+                           "its event loop is stuck (hung)")
+    assert probed == [] or len(probed) < desktop.pings, "the ping decides before the probe is asked"
+
+
+@pytest.mark.parametrize("answers", [True, None])
+async def test_the_probe_runs_when_the_ping_answers_or_cannot_be_asked(pack: Any, answers: bool | None) -> None:
+    probed: list[bool] = []
+
+    async def probe(desktop: Any) -> ProbeResult:
+        probed.append(True)
+        return ProbeResult(True)
+
+    pack.model.probe = probe
+    desktop = Windowed(lambda: SCREENS["home"], [], answers=answers)
+    out = await run(desktop, pack.model)
+    assert out.ok and out.steps == [] and probed == [True] and desktop.pings == 1
+
+
+def test_every_pack_answers_covered_with_the_built_in_uncover_unless_it_says_otherwise(pack: Any,
+                                                                                      tmp_path: Path) -> None:
+    assert pack.model.recovery_for(COVERED) == "uncover" and "uncover" in pack.model.playbooks
+    from test_packs import MANIFEST
+
+    own = MANIFEST.replace("[states.recover]", "[states.recover]\ncovered = \"dismiss\"")
+    assert load_pack(write_pack(tmp_path / "own", own)).model.recovery_for(COVERED) == "dismiss"
+    assert classifier().classify(np.full((600, 800, 3), 230, np.uint8)).state == UNKNOWN

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "config"
 #: seconds of no input after which KeePassXC locks the database (the pack's [session] idle_timeout)
 LOCK_AFTER = 300
-WINDOW = "1024x768+0+0"
+WINDOW = "1024x768"  # the size the model was recorded at (model.json's "window"), placed at --at
 #: environment variables that would change how Qt draws the window (and so break the model)
 QT_LOOKS = ("QT_SCALE_FACTOR", "QT_SCREEN_SCALE_FACTORS", "QT_FONT_DPI", "QT_STYLE_OVERRIDE",
             "QT_QPA_PLATFORMTHEME", "QT_AUTO_SCREEN_SCALE_FACTOR", "QT_ENABLE_HIGHDPI_SCALING")
@@ -77,7 +77,7 @@ def start(args: argparse.Namespace) -> int:
     env = prepare(home, args.lock_after)
     (home / "keepassxc.pid").write_text(f"{os.getpid()}\n")  # exec keeps the pid
     argv = [binary, "--config", str(home / "keepassxc.ini"), "--localconfig", str(home / "local.ini"),
-            "-geometry", WINDOW, str(database)]
+            "-geometry", f"{WINDOW}+{args.at[0]}+{args.at[1]}", str(database)]
     os.execve(binary, argv, env)
     return 1  # not reached
 
@@ -97,6 +97,13 @@ def stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _point(text: str) -> tuple[int, int]:
+    x, sep, y = text.partition(",")
+    if not (sep and x.strip().isdigit() and y.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y (e.g. 300,200)")
+    return int(x), int(y)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     stopping = bool(argv) and argv[0] == "stop"
@@ -106,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if not stopping:
         parser.add_argument("--lock-after", type=float, default=LOCK_AFTER,
                             help=f"seconds of no input before the database locks itself (default {LOCK_AFTER})")
+        parser.add_argument("--at", type=_point, default=(0, 0), metavar="X,Y",
+                            help="where the window's top-left corner goes on the screen (default 0,0)")
     args = parser.parse_args(argv[1:] if stopping else argv)
     return stop(args) if stopping else start(args)
 

@@ -170,6 +170,30 @@ async def test_unlock_with_the_accounts_password_then_add_and_find_an_entry(kx_s
     assert "Cobol-1959!" not in str(everything), "the entry's password never shows in events"
 
 
+async def test_a_window_elsewhere_on_a_larger_screen_changes_nothing(kx_server, kx_fleet):
+    """The model was recorded with KeePassXC's window at 0,0 of a 1024x768 screen. Here the
+    screen is 1920x1080 and the window at 300,200: the model is anchored to the window (its
+    "window" in model.json), so recognition, the unlock playbook's typing and the
+    automations' clicks all land where the window is now."""
+    fleet = await kx_fleet(kx_server, screen=(1920, 1080), app_args={"keepassxc": ["--at", "300,200"]})
+    machine = fleet.names[0]
+    desktop = fleet.desktop(machine)
+    [main] = [w for w in await asyncio.to_thread(desktop.host.windows) if w.pid == desktop.app_pid]
+    assert (main.rect.left, main.rect.top, main.rect.width, main.rect.height) == (300, 200, 1024, 768)
+    async with AsyncClient(kx_server.url) as c:
+        run = await c.submit("keepassxc.add_entry", entry("Lamport Clocks"), wait=90)
+        assert run["state"] == "succeeded", run
+        found = await c.submit("keepassxc.find_entry", {"title": "Lamport Clocks"}, wait=90)
+        assert found["state"] == "succeeded", found
+        events = await c.events(run["id"])
+    assert [(e["data"]["playbook"], e["data"]["from_state"], e["data"]["to_state"])
+            for e in events if e["kind"] == "playbook.step"] == [("unlock", "locked", "entries")]
+    assert found["output"]["exact"] == 1
+    assert fleet.titles() == ["Lamport Clocks"]
+    frame = await desktop.screenshot()
+    assert frame.shape == (768, 1024, 3), "the desktop shows the app as recorded, whatever the screen"
+
+
 async def test_the_idle_lock_between_runs_is_undone_by_the_preflight(kx_server, kx_fleet):
     fleet = await kx_fleet(kx_server, lock_after=3)
     machine = fleet.names[0]

@@ -241,3 +241,58 @@ def test_every_pack_answers_covered_with_the_built_in_uncover_unless_it_says_oth
     own = MANIFEST.replace("[states.recover]", "[states.recover]\ncovered = \"dismiss\"")
     assert load_pack(write_pack(tmp_path / "own", own)).model.recovery_for(COVERED) == "dismiss"
     assert classifier().classify(np.full((600, 800, 3), 230, np.uint8)).state == UNKNOWN
+
+
+# -- anchored to the window -----------------------------------------------------------------------
+
+
+def test_as_recorded_places_the_windows_content_where_it_was_recorded() -> None:
+    from deskfleet.desktop import as_recorded
+
+    screen = np.zeros((1080, 1920, 3), np.uint8)
+    screen[200:968, 300:1324] = 77  # the window, 1024x768 at 300,200
+    screen[210, 310] = 255  # a pixel 10,10 into the window
+    placed = as_recorded(screen, (300, 200), (1024, 768))
+    assert placed.shape == (768, 1024, 3) and placed[10, 10, 0] == 255 and (placed[11:, 11:] == 77).all()
+    same = np.full((768, 1024, 3), 5, np.uint8)
+    assert as_recorded(same, (0, 0), (1024, 768)) is same  # nothing to move: no copy
+    # a window half off the screen: what the screen cannot show is black
+    part = as_recorded(np.full((768, 1024, 3), 9, np.uint8), (-100, 0), (1024, 768))
+    assert (part[:, :100] == 0).all() and (part[:, 100:] == 9).all()
+
+
+def test_a_models_window_round_trips_and_is_checked(tmp_path: Path) -> None:
+    import json
+
+    from deskfleet.errors import ConfigError
+    from deskfleet.vision import TemplateLibrary
+    from deskfleet.vision.authoring import capture
+    from deskfleet.vision.templates import Anchor
+    from drawn_screens import LOGO, H, W, draw
+
+    d = tmp_path / "model"
+    capture(d, draw("login"), "login", [Anchor("logo", LOGO)], window=Region(0, 0, W, H - 40))
+    assert json.loads((d / "model.json").read_text())["window"] == [0, 0, W, H - 40]
+    assert TemplateLibrary.load(d).window == Region(0, 0, W, H - 40)
+    data = json.loads((d / "model.json").read_text())
+    data["window"] = [0, 0, W + 1, H]
+    (d / "model.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"'window' \(the app's main window when recorded\): region .* lies outside"):
+        TemplateLibrary.load(d)
+
+
+def test_capture_from_a_moved_window_records_as_if_it_had_not_moved(tmp_path: Path) -> None:
+    from deskfleet.vision import TemplateLibrary
+    from deskfleet.vision.authoring import capture
+    from deskfleet.vision.templates import Anchor
+    from drawn_screens import CARD, LOGO, PANEL, H, W, draw
+
+    d = tmp_path / "model"
+    capture(d, draw("login"), "login", [Anchor("logo", LOGO), Anchor("panel", PANEL)], window=Region(0, 0, W, H))
+    moved = np.zeros_like(draw("home"))
+    moved[30:, 50:] = draw("home")[: H - 30, : W - 50]  # the window now at 50,30
+    capture(d, moved, "home", [Anchor("logo", LOGO), Anchor("card", CARD)], ready=True,
+            window=Region(50, 30, W, H))
+    library = TemplateLibrary.load(d)
+    assert library.window == Region(0, 0, W, H)
+    assert library.classifier().classify(draw("home")).state == "home"

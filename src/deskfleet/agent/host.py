@@ -296,7 +296,7 @@ async def open_machine(config: AgentHostConfig, name: str) -> tuple[Station, lis
             desktops.append(RealDesktop(name, host, command, started=_recognised(pack), station=station,
                                         session_idle_timeout=config.idle_timeouts.get(
                                             pack.name, pack.manifest.session.idle_timeout),
-                                        expected_screen=pack.screen,
+                                        expected_screen=pack.screen, model_window=pack.library.window,
                                         pointer_counts=pack.manifest.session.pointer_counts))
         await station.open()
         for d in desktops:

@@ -10,6 +10,7 @@ lost; ``test`` measures a model on labelled screenshots and fails on any false r
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -82,6 +83,35 @@ def _frame(screenshot: Path | None, display: str | None) -> Frame:
     return capture_screen(display)
 
 
+def _main_window(display: str | None, title: str | None) -> Region | None:
+    """Where the app's main window is on ``display``: the largest window that is neither a
+    dialog nor a popup (whose title matches ``title``, if given). None: no window listed."""
+    chosen = display or os.environ.get("DISPLAY")
+    if not chosen:
+        return None  # no X display (Windows: the session's screen)
+    import Xlib.display
+
+    from ..desktop import WindowFacts, xwindows
+
+    try:
+        x = Xlib.display.Display(chosen)
+    except Exception as exc:
+        raise DeskfleetError(f"cannot connect to the X display {chosen}: {exc}") from None
+    try:
+        found = [w for w in xwindows.windows(x) if not w.popup]
+    finally:
+        x.close()
+    if title is not None:
+        pattern = re.compile(title)
+        found = [w for w in found if pattern.search(w.title)]
+        if not found:
+            raise DeskfleetError(f"no window whose title matches {title!r} is up on {chosen}")
+    pids = {w.pid for w in found if w.pid is not None and w.dialog_of is None}
+    facts = [WindowFacts.of(found, pid) for pid in pids]
+    mains = [f.main for f in facts if f.main is not None]
+    return max(mains, key=lambda w: w.rect.width * w.rect.height).rect if mains else None
+
+
 # -- authoring ----------------------------------------------------------------------------------------
 
 _DIR = opt("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -136,15 +166,25 @@ def _report_change(change: Change, what: str) -> None:
 @_FORCE
 @opt("--replace-screens", is_flag=True, default=False,
      help="drop the screenshots saved for this state before (they show an older look of it)")
+@opt("--window", "window_title", default=None,
+     help="regex on the title of the app's main window (default: the largest window on the display)")
+@opt("--screen-anchored", is_flag=True, default=False,
+     help="tie a new model to the screen, not to the app's window")
 def model_capture(directory: Path, state: str, anchors: tuple[str, ...], fixed: tuple[str, ...],
                   texts: tuple[str, ...], overlay: bool, ready: bool, margin: int, anchor_threshold: float,
                   fixed_threshold: float, text_threshold: float, display: str | None, screenshot: Path | None,
-                  name: str | None, force: bool, replace_screens: bool) -> None:
+                  name: str | None, force: bool, replace_screens: bool, window_title: str | None,
+                  screen_anchored: bool) -> None:
     """Record STATE's templates from what the screen shows now.
 
     The new state must recognise this screen, and every screenshot saved with the model
     must still be recognised as its label; otherwise nothing is written. The screenshot is
-    saved with the model (screens/STATE/N.png) for the checks of later changes."""
+    saved with the model (screens/STATE/N.png) for the checks of later changes.
+
+    Captured from a live display, a new model is anchored to the app's main window: it
+    records where the window is (model.json's "window"), and agents then find the app
+    wherever its window is, on a screen of any size. Coordinates are measured on the screen
+    as it is at the first capture."""
     from ..vision import authoring
     from ..vision.templates import Anchor, TextSpec
 
@@ -157,10 +197,11 @@ def model_capture(directory: Path, state: str, anchors: tuple[str, ...], fixed: 
     if not parts and not words:
         raise click.UsageError("give at least one --anchor, --fixed or --text")
     frame = _frame(screenshot, display)
+    window = None if screenshot is not None or screen_anchored else _main_window(display, window_title)
     if words:
         _warm_ocr_engine()
     change = authoring.capture(directory, frame, state, parts, words, overlay=overlay, ready=ready, name=name,
-                               force=force, replace_screens=replace_screens)
+                               force=force, replace_screens=replace_screens, window=window)
     click.echo(f"recorded {state!r} in {directory / 'model.json'}: {len(parts)} template(s), "
                f"{len(words)} text check(s)")
     _report_change(change, "")

@@ -129,6 +129,22 @@ class WindowFacts:
         return cls(one(main) if main is not None else None, tuple(one(w) for w in above))
 
 
+def as_recorded(frame: Frame, offset: tuple[int, int], screen: tuple[int, int]) -> Frame:
+    """``frame`` as a model anchored to the app's window sees it: what the screen shows at
+    (x + dx, y + dy) placed at (x, y) — the window's content where it was recorded — on a
+    ``screen``-sized frame, black where the screen has nothing to show (as an empty X screen)."""
+    dx, dy = offset
+    height, width = frame.shape[:2]
+    if (dx, dy) == (0, 0) and (width, height) == tuple(screen):
+        return frame
+    out = np.zeros((screen[1], screen[0], 3), np.uint8)
+    left, top = max(0, -dx), max(0, -dy)
+    right, bottom = min(screen[0], width - dx), min(screen[1], height - dy)
+    if right > left and bottom > top:
+        out[top:bottom, left:right] = frame[top + dy : bottom + dy, left + dx : right + dx]
+    return out
+
+
 @runtime_checkable
 class SeesWindows(Protocol):
     """A desktop that can ask the window system about its application (a real one)."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -51,7 +52,7 @@ import numpy as np
 import psutil
 
 from ..errors import DesktopError, Stopped
-from . import DesktopInfo, Frame, Region, Window, WindowFacts
+from . import DesktopInfo, Frame, Region, Window, WindowFacts, as_recorded
 from .session import SessionNote
 from .xkeys import XKeyboard, char_keysym, key_keysym
 
@@ -63,6 +64,8 @@ GATE_FRESHNESS = 0.5
 TYPE_BATCH = 16
 #: seconds between polls while waiting for the app's window or first recognisable screen
 POLL = 0.05
+#: seconds one listing of the display's windows serves (the facts and the screenshot of one look)
+LISTING_REUSE = 0.05
 
 
 class Host(Protocol):
@@ -397,6 +400,7 @@ class RealDesktop:
         station: Station | None = None,
         expected_screen: tuple[int, int] | None = None,
         pointer_counts: bool = False,
+        model_window: Region | None = None,
     ) -> None:
         self.name = name
         self.app = app
@@ -404,6 +408,14 @@ class RealDesktop:
         self.expected_screen = expected_screen
         #: the app's idle clock restarts on pointer motion too (see ``[session] pointer_counts``)
         self.pointer_counts = pointer_counts
+        #: where the app's main window was when its model was recorded (``model.json``'s
+        #: ``window``). Given it, this desktop shows its users — playbooks, automations, the
+        #: classifier — the app as recorded: screenshots with the window's content placed where
+        #: it was then, on a screen of the model's size, and every coordinate they give moved
+        #: to where the window is now. A moved window or another screen size changes nothing.
+        self.model_window = model_window
+        self._offset = (0, 0)  # where the window is now, less where it was recorded
+        self._listed: tuple[float, list[Window]] | None = None  # the last window listing, briefly reused
         self._owns_station = station is None
         self.station = station if station is not None else Station(name, host, ocr=ocr)
         self.station.apps.append(self)
@@ -473,10 +485,49 @@ class RealDesktop:
     # -- observation -------------------------------------------------------------------------
 
     async def screenshot(self, region: Region | None = None) -> Frame:
-        return await self.station.screenshot(region)
+        if self.model_window is None:
+            return await self.station.screenshot(region)
+        if region is not None:
+            return await self.station.screenshot(self._on_screen(region))
+        await self._windows()  # re-anchor: where is the window now?
+        frame = await self.station.screenshot()
+        return self._as_recorded(frame)
 
     async def read_text(self, region: Region) -> str:
-        return await self.station.read_text(region)
+        return await self.station.read_text(self._on_screen(region))
+
+    # -- anchoring to the app's window --------------------------------------------------------
+
+    def _on_screen(self, region: Region) -> Region:
+        dx, dy = self._offset
+        return region if (dx, dy) == (0, 0) else Region(region.left + dx, region.top + dy, region.width, region.height)
+
+    def _as_recorded(self, frame: Frame) -> Frame:
+        """``frame`` as the model saw the screen (see :func:`~deskfleet.desktop.as_recorded`)."""
+        height, width = frame.shape[:2]
+        return as_recorded(frame, self._offset, self.expected_screen or (width, height))
+
+    async def _windows(self) -> list[Window] | None:
+        """The display's windows (one listing serves a look: the facts and the screenshot),
+        and the anchor moved to where the app's main window is now."""
+        listing: Callable[[], list[Window]] | None = getattr(self.host, "windows", None)
+        pid = self.app_pid
+        if listing is None or pid is None:
+            return None
+        now = time.monotonic()
+        if self._listed is not None and now - self._listed[0] < LISTING_REUSE:
+            found = self._listed[1]
+        else:
+            try:
+                found = await asyncio.to_thread(listing)
+            except DesktopError:
+                return None  # the display is down: the screenshot says so
+            self._listed = (now, found)
+        if self.model_window is not None:
+            main = WindowFacts.of(found, pid, title=self.app.window).main
+            if main is not None:
+                self._offset = (main.rect.left - self.model_window.left, main.rect.top - self.model_window.top)
+        return found
 
     async def info(self) -> DesktopInfo:
         dev = self.station.dev()
@@ -505,14 +556,14 @@ class RealDesktop:
     async def app_windows(self) -> WindowFacts | None:
         """The app's main window and every window over it (:class:`WindowFacts`); None when
         the host cannot list windows or the app is not running."""
-        listing: Callable[[], list[Window]] | None = getattr(self.host, "windows", None)
+        found = await self._windows()
         pid = self.app_pid
-        if listing is None or pid is None:
+        if found is None or pid is None:
             return None
-        try:
-            found = await asyncio.to_thread(listing)
-        except DesktopError:
-            return None  # the display is down: the screenshot says so
+        dx, dy = self._offset
+        if (dx, dy) != (0, 0):  # in the coordinates the model and its users see
+            found = [dataclasses.replace(w, rect=Region(w.rect.left - dx, w.rect.top - dy, w.rect.width,
+                                                        w.rect.height)) for w in found]
         return WindowFacts.of(found, pid, title=self.app.window)
 
     async def app_answers(self, timeout: float = 0.5) -> bool | None:
@@ -558,7 +609,11 @@ class RealDesktop:
         disconnected RDP session, a service session, a screensaver."""
         found = []
         dev = self.station.dev()
-        if self.expected_screen is not None and (dev.width, dev.height) != tuple(self.expected_screen):
+        window = self.model_window
+        if window is not None and (dev.width < window.width or dev.height < window.height):
+            found.append(f"the screen is {dev.width}x{dev.height}, smaller than the application's window as its "
+                         f"model was recorded ({window.width}x{window.height}): give the display at least that size")
+        elif window is None and self.expected_screen is not None and (dev.width, dev.height) != tuple(self.expected_screen):
             want = self.expected_screen
             found.append(f"the screen is {dev.width}x{dev.height}, the application expects {want[0]}x{want[1]}: "
                          f"set the display to {want[0]}x{want[1]} (on a VM, its virtual display adapter's resolution)")
@@ -575,11 +630,13 @@ class RealDesktop:
     # -- input -------------------------------------------------------------------------------
 
     async def move(self, x: int, y: int) -> None:
+        x, y = x + self._offset[0], y + self._offset[1]
         await self._input(lambda d: setattr(d.mouse, "position", (x, y)), touches=self.pointer_counts)
 
     async def click(self, x: int, y: int, *, button: str = "left", count: int = 1) -> None:
         if button not in _BUTTONS:
             raise ValueError(f"button must be one of {', '.join(_BUTTONS)}")
+        x, y = x + self._offset[0], y + self._offset[1]
 
         def send(d: _Devices) -> None:
             d.mouse.position = (x, y)
@@ -588,6 +645,9 @@ class RealDesktop:
         await self._input(send)
 
     async def drag(self, x1: int, y1: int, x2: int, y2: int) -> None:
+        dx, dy = self._offset
+        x1, y1, x2, y2 = x1 + dx, y1 + dy, x2 + dx, y2 + dy
+
         def send(d: _Devices) -> None:
             d.mouse.position = (x1, y1)
             d.mouse.press(d.Button.left)

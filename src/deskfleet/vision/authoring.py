@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..desktop import Frame
+from ..desktop import Frame, Region, as_recorded
 from ..errors import ConfigError
 from .classifier import UNKNOWN, WRONG_SCREEN, Classifier, Explanation, wrong_screen_message
 from .screens import SCREENS, Labelled, Outcome, check_labels, evaluate, save_screen, saved_screens
@@ -95,7 +95,7 @@ def _compare(change: Change, before: Classifier | None, after: Classifier,
 
 def capture(directory: Path, frame: Frame, state: str, anchors: list[Anchor], texts: list[TextSpec] | None = None,
             *, overlay: bool = False, ready: bool = False, name: str | None = None, force: bool = False,
-            replace_screens: bool = False) -> Change:
+            replace_screens: bool = False, window: Region | None = None) -> Change:
     """Record ``state`` from ``frame`` into the model in ``directory`` (created if need be),
     check it, write it and save ``frame`` with the model as a screenshot of ``state``.
 
@@ -104,6 +104,12 @@ def capture(directory: Path, frame: Frame, state: str, anchors: list[Anchor], te
     directory = Path(directory)
     h, w = frame.shape[:2]
     library = TemplateLibrary.open(directory, name or directory.resolve().name, (w, h))
+    if window is not None:
+        if library.window is None and not library.states:
+            library.window = window  # a new model: anchored to the app's window from the start
+        elif library.window is not None:
+            # The window has moved since the model was made: record as if it had not.
+            frame = as_recorded(frame, (window.left - library.window.left, window.top - library.window.top), (w, h))
     before = library.classifier() if library.states else None
     library.record(frame, state, anchors, texts, overlay=overlay, ready=ready)
     after = library.classifier()

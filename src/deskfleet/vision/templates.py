@@ -69,7 +69,7 @@ RESERVED = frozenset({UNKNOWN, WRONG_SCREEN, COVERED})
 #: names that become file names (states, templates): letters, digits, '_' and '-'
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
-_TOP = ("format", "name", "screen", "states")
+_TOP = ("format", "name", "screen", "window", "states")
 _STATE = ("name", "overlay", "ready", "checks")
 _FIELDS = {
     "match": ("kind", "name", "template", "at", "threshold", "margin"),
@@ -119,9 +119,13 @@ class TextSpec:
 class TemplateLibrary:
     """The states of one model directory, as recorded and as loaded."""
 
-    def __init__(self, name: str, screen: tuple[int, int]) -> None:
+    def __init__(self, name: str, screen: tuple[int, int], window: Region | None = None) -> None:
         self.name = name
         self.screen = screen
+        #: where the application's main window was when the model was recorded: every check is
+        #: placed relative to it, so a moved window, or another screen size, changes nothing
+        #: (None: the model is tied to the screen, as recorded)
+        self.window = window
         self.states: list[dict[str, Any]] = []
         self.images: dict[str, Frame] = {}  # template file name → RGB pixels
         self._dirty: set[str] = set()  # templates recorded since loading: to be written
@@ -234,8 +238,9 @@ class TemplateLibrary:
             checks = ",\n".join(f"    {json.dumps(c)}" for c in state["checks"])
             states.append(f"  {json.dumps(head)[:-1]}, \"checks\": [\n{checks}\n  ]}}")
         body = ",\n".join(states)
-        return (f'{{"format": {FORMAT}, "name": {json.dumps(self.name)}, "screen": {json.dumps(list(self.screen))},\n'
-                f' "states": [\n{body}\n ]}}\n')
+        window = f', "window": {json.dumps(list(self.window))}' if self.window is not None else ""
+        return (f'{{"format": {FORMAT}, "name": {json.dumps(self.name)}, "screen": {json.dumps(list(self.screen))}'
+                f'{window},\n "states": [\n{body}\n ]}}\n')
 
     # -- loading --------------------------------------------------------------------------
 
@@ -398,7 +403,13 @@ def _parse(data: Any, root: Traversable, where: str) -> TemplateLibrary:
         fail(f"'screen' must be [width, height] in pixels, not {screen!r}")
     if not isinstance(states, list) or not states:
         fail("'states' must be a non-empty list of states")
+    window = data.get("window")
     lib = TemplateLibrary(name, (screen[0], screen[1]))
+    if window is not None:
+        try:
+            lib.window = _box(window, "'window' (the app's main window when recorded)", lib.screen)
+        except ConfigError as exc:
+            fail(str(exc))
 
     def image_of(file: str) -> Frame:
         if file not in lib.images:

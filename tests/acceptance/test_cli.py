@@ -288,6 +288,15 @@ def test_runs_list_and_show_with_events(stack):
     assert len(r.err_lines) == 1, r.err
 
 
+def test_machines_wait_returns_once_enough_are_up_and_says_what_they_do_if_not(stack):
+    assert stack.ok("machines", "wait", "--count", "2").out.strip() == "2 machines up: cli-01, cli-02"
+    r = stack.run("machines", "wait", "--count", "3", "--timeout", "1")
+    assert_clean_failure(r, "2 of 3 machines up after 1s (cli-01 ready, cli-02 ready)")
+    assert len(r.err_lines) == 1, r.err
+    r = stack.run("machines", "wait", "--pool", "nowhere", "--timeout", "0.5")
+    assert_clean_failure(r, "0 of 1 machines up after 0.5s (none has enrolled)")
+
+
 def test_machines_list_cordon_and_uncordon(stack):
     table = stack.ok("machines", "list").out
     for machine in ("cli-01", "cli-02"):

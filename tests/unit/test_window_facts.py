@@ -202,32 +202,32 @@ async def test_a_window_that_will_not_go_fails_the_step_and_names_it(pack: Any, 
                         "was asked to go"
 
 
-async def test_a_ready_screen_of_an_app_that_does_not_answer_the_ping_is_hung(pack: Any) -> None:
-    probed: list[bool] = []
+@pytest.fixture
+def probed(pack: Any) -> list[bool]:
+    """The tiny pack's model with a probe that counts its calls (and passes)."""
+    calls: list[bool] = []
 
     async def probe(desktop: Any) -> ProbeResult:
-        probed.append(True)
+        calls.append(True)
         return ProbeResult(True)
 
     pack.model.probe = probe
+    return calls
+
+
+async def test_a_ready_screen_of_an_app_that_does_not_answer_the_ping_is_hung(pack: Any, probed: list[bool]) -> None:
     desktop = Windowed(lambda: SCREENS["home"], [], answers=False)
     out = await run(desktop, pack.model)
-    [step] = [data for kind, data in out.events if kind == "playbook.step"][:1]
+    step = next(data for kind, data in out.events if kind == "playbook.step")
     assert step["playbook"] == "restart_app" and step["from_state"] == "home"
     assert step["why"] == ("the application did not answer the window system's ping (_NET_WM_PING) within 1s: "
                            "its event loop is stuck (hung)")
-    assert probed == [] or len(probed) < desktop.pings, "the ping decides before the probe is asked"
+    assert len(probed) < desktop.pings, "the ping decides before the probe is asked"
 
 
 @pytest.mark.parametrize("answers", [True, None])
-async def test_the_probe_runs_when_the_ping_answers_or_cannot_be_asked(pack: Any, answers: bool | None) -> None:
-    probed: list[bool] = []
-
-    async def probe(desktop: Any) -> ProbeResult:
-        probed.append(True)
-        return ProbeResult(True)
-
-    pack.model.probe = probe
+async def test_the_probe_runs_when_the_ping_answers_or_cannot_be_asked(pack: Any, probed: list[bool],
+                                                                       answers: bool | None) -> None:
     desktop = Windowed(lambda: SCREENS["home"], [], answers=answers)
     out = await run(desktop, pack.model)
     assert out.ok and out.steps == [] and probed == [True] and desktop.pings == 1

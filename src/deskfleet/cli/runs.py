@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import DeskfleetError
 from ._common import _client, _Group, _labels, _print, _print_table, main, opt
 
 
@@ -115,6 +116,31 @@ def machines_list(ctx: click.Context, pool: str | None) -> None:
                       f"{m['resources'].get('memory_mb', 0):.0f}", m.get("session_key") or "",
                       (m.get("quarantine_reason") or "")[:50])
     _print_table(table)
+
+
+@machines.command("wait")
+@opt("--count", default=1, type=click.IntRange(1, 100_000), help="how many machines")
+@opt("--pool", default=None, help="only machines of this pool")
+@opt("--timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), help="seconds to wait at most")
+@click.pass_context
+def machines_wait(ctx: click.Context, count: int, pool: str | None, timeout: float) -> None:
+    """Wait until COUNT machines are up and can take work (ready or busy): after starting
+    agents, before the first submit (a run for a pool no machine has joined yet is refused).
+    Exits 1, saying what the machines are doing, if they are not up in time."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with _client(ctx) as c:
+        while True:
+            found = c.machines(pool)
+            up = [m for m in found if m["status"] in ("ready", "busy")]
+            if len(up) >= count:
+                click.echo(f"{len(up)} machine{'s' if len(up) != 1 else ''} up: {', '.join(m['id'] for m in up)}")
+                return
+            if time.monotonic() >= deadline:
+                seen = ", ".join(f"{m['id']} {m['status']}" for m in found) or "none has enrolled"
+                raise DeskfleetError(f"{len(up)} of {count} machines up after {timeout:g}s ({seen})")
+            time.sleep(0.5)
 
 
 def _machine_action(action: str, help_text: str) -> None:

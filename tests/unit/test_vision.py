@@ -195,8 +195,8 @@ def test_the_public_surface_is_pinned() -> None:
     import deskfleet.vision as vision
 
     assert sorted(vision.__all__) == sorted([
-        "COVERED", "EXPENSIVE", "UNKNOWN", "WRONG_SCREEN", "Check", "CheckScore", "Classification", "Classifier",
-        "Explanation", "ScreenState", "StateVerdict", "TemplateCheck", "TemplateLibrary", "load_model"])
+        "Anchor", "COVERED", "EXPENSIVE", "UNKNOWN", "WRONG_SCREEN", "Check", "CheckScore", "Classification", "Classifier",
+        "Explanation", "ScreenState", "StateVerdict", "TemplateCheck", "TemplateLibrary", "TextSpec", "load_model"])
     for name in vision.__all__:
         assert getattr(vision, name) is not None
     assert vision.WRONG_SCREEN == "wrong_screen"

@@ -26,8 +26,8 @@ import pyotp
 
 from deskfleet import DesktopError, Frame, Region
 from deskfleet.desktop import AppCommand, RealDesktop, xvfb_desktop
+from deskfleet.vision import TemplateLibrary
 from deskfleet.vision.screens import save_screen
-from deskfleet.vision.templates import TemplateLibrary
 
 from . import layout as L
 from .model import DIALOG_STATES, PARK, anchors

@@ -41,7 +41,7 @@ from deskfleet import (
     probe,
     session_reader,
 )
-from deskfleet.vision.templates import Anchor, TemplateLibrary
+from deskfleet.vision import Anchor, TemplateLibrary
 
 from . import layout as L
 

@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from deskfleet.vision import Anchor, TemplateLibrary
 from deskfleet.vision.screens import save_screen
-from deskfleet.vision.templates import Anchor, TemplateLibrary
 
 from .model import _DIALOG_BASE, READY, THRESHOLD, _regions, _sample_views
 from .render import Renderer

@@ -46,13 +46,13 @@ from .classifier import (
 )
 
 if TYPE_CHECKING:
-    from .templates import TemplateLibrary, load_model
+    from .templates import Anchor, TemplateLibrary, TextSpec, load_model
 
 
 def __getattr__(name: str) -> Any:
     # Loading a model directory needs OpenCV and Pillow; classifying simulated frames
     # (every simulated agent imports this package) does not.
-    if name in ("TemplateLibrary", "load_model"):
+    if name in ("Anchor", "TemplateLibrary", "TextSpec", "load_model"):
         from . import templates
 
         return getattr(templates, name)
@@ -64,6 +64,7 @@ __all__ = [
     "EXPENSIVE",
     "UNKNOWN",
     "WRONG_SCREEN",
+    "Anchor",
     "Check",
     "CheckScore",
     "Classification",
@@ -73,5 +74,6 @@ __all__ = [
     "StateVerdict",
     "TemplateCheck",
     "TemplateLibrary",
+    "TextSpec",
     "load_model",
 ]

@@ -8,8 +8,10 @@
   classify it, N times: *fixed* (templates compared in place, as the simulated desktops'
   model does), *match* (the shipped model: templates searched within regions with OpenCV),
   *match + 1 OCR* (the same, plus one OCR region: "Signed in as ..."), and, for scale,
-  OCR of the whole frame. Also the real ``preflight()`` on a ready machine (capture,
-  classify, and the responsiveness probe that hovers a button).
+  OCR of the whole frame; and *match + window facts*, what a look costs on a real X
+  display now (the window listing that tells ``covered``, capture, classify). Also the real
+  ``preflight()`` on a ready machine (capture, classify, and the responsiveness probe that
+  hovers a button).
 - footprint: a real ``deskfleet server`` and a real ``deskfleet agent --pack demoehr
   --desktop xvfb`` as processes (the pack's 1024x768 screen); time from starting the agent to its machine being schedulable (Xvfb up,
   DemoEHR up and recognised, agent enrolled and connected), then resident memory of
@@ -123,6 +125,21 @@ async def bench_preflight(n: int, work: Path) -> dict[str, Any]:
                 classify.append((t2 - t1) * 1000)
                 total.append((t2 - t0) * 1000)
             out[name] = {"classify_ms": _stats(classify), "capture_classify_ms": _stats(total)}
+        # What pre-flight does per look on a real X display: ask the window system about the
+        # app's windows (covered?), capture, classify with the facts.
+        look = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            _, seen = await model.look(desktop)
+            look.append((time.perf_counter() - t0) * 1000)
+            assert seen.state == "home", seen
+        out["match + window facts"] = {"capture_classify_ms": _stats(look)}
+        listing = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await asyncio.to_thread(desktop.host.windows)
+            listing.append((time.perf_counter() - t0) * 1000)
+        out["window_listing_ms"] = _stats(listing)
         frame = await desktop.screenshot()
         t0 = time.perf_counter()
         shared_engine().read(frame)
@@ -217,6 +234,10 @@ def main() -> None:
             s = pre[name][part]
             label = f"{name}: {'classify' if part == 'classify_ms' else 'capture + classify'}"
             table.add_row(label, f"{s['p50']:.1f}", f"{s['p90']:.1f}", f"{s['max']:.1f}")
+    for label, s in (("window listing (X11: the app's windows and what covers them)", pre["window_listing_ms"]),
+                     ("match + window facts: look (listing, capture, classify)",
+                      pre["match + window facts"]["capture_classify_ms"])):
+        table.add_row(label, f"{s['p50']:.1f}", f"{s['p90']:.1f}", f"{s['max']:.1f}")
     s = pre["preflight_ready_with_probe_ms"]
     table.add_row("preflight() at home, with the probe", f"{s['p50']:.1f}", f"{s['p90']:.1f}", f"{s['max']:.1f}")
     table.add_row("OCR of the whole frame (reference)", f"{pre['whole_frame_ocr_ms']:.0f}", "", "")

@@ -89,7 +89,8 @@ def test_keepassxc_demo_recovers_every_fault_and_adds_every_entry_once(tmp_path:
     # The add whose KeePassXC was killed after its save was finished by the reconcile check.
     assert report["reconcile"]["effect_found"] >= 1, report["reconcile"]
     playbooks = report["playbooks"]
-    assert playbooks.get("unknown → escape_then_wait", 0) >= 1 and playbooks.get("locked → unlock", 0) >= 3, playbooks
+    # The About box opened over a locked desktop: a dialog window its model does not account for.
+    assert playbooks.get("covered → uncover", 0) >= 1 and playbooks.get("locked → unlock", 0) >= 3, playbooks
 
     # The same, from the files behind the report.
     store = open_store(f"sqlite:///{out / 'data' / 'deskfleet.db'}", migrate=False)

@@ -15,7 +15,8 @@ SIGKILL and X server kill:
   saved twice;
 - **a modal dialog the model does not know** (scripted, once): Help → About on an idle
   machine during the quiet spell, once its database has locked itself. The next pre-flight
-  finds the screen ``unknown``, never ready, and the Escape playbook closes it.
+  finds the screen ``covered`` (the window system: a dialog over the app), never ready, and
+  the built-in ``uncover`` closes it.
 
 The double-effect check counts entries by title with ``keepassxc-cli``.
 """
@@ -231,7 +232,7 @@ class KeePassXCDemo:
             machine, display = locked[0], self._display(locked[0])
             if display:
                 await asyncio.to_thread(_click, display, [L.MENU_HELP.center, L.HELP_ABOUT.center])
-                if await self._shows(machine, "unknown"):
+                if await self._shows(machine, "unknown"):  # the pixels alone: not the list
                     self._dialog_done = True
                     self.taken.append(FaultTaken("unknown_dialog", "between runs", machine, time.time(), "scripted"))
                     out.append(f"opened Help → About on {machine}: a dialog its model does not know")

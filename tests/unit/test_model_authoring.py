@@ -321,7 +321,7 @@ def test_labels_csv(tmp_path: Path) -> None:
     items = read_labels(csv)
     assert [(i.label, i.name, i.line) for i in items] == [("home", "shots/a.png", 4), ("unknown", "shots/b.png", 5)]
     assert items[0].frame().shape == (H, W, 3)
-    for text, expected in [("shots/a.png\n", r"line 1: expected 'image,state'"),
+    for text, expected in [("shots/a.png\n", r"line 1: expected 'image,state\[,group\]'"),
                            ("shots/x.png,home\n", r"line 1: no image shots/x.png \(paths are relative"),
                            ("image,state\n", r"lists no images")]:
         csv.write_text(text)

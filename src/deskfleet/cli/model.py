@@ -342,6 +342,13 @@ def _tables(report: Report) -> tuple[list[str], list[list[str]], list[str], list
     for label, (ok, n) in report.per_state().items():
         shown = f"{label} (ready)" if label in report.ready else label
         per.append([shown, str(n), str(ok), _percent(ok / n)])
+    groups = report.per_group()
+    if groups:
+        per.append(["", "", "", ""])
+        per.append(["rendering", "screens", "correct", "accuracy"])
+        for group, (ok, n, false_ready) in groups.items():
+            per.append([group + (f" ({false_ready} FALSE READY)" if false_ready else ""), str(n), str(ok),
+                        _percent(ok / n)])
     columns = report.columns()
     confusion = report.confusion()
     matrix = [["labelled \\ recognised", *columns]]
@@ -422,7 +429,7 @@ def model_test(model_dir: Path, labels: Path | None, min_accuracy: float | None,
     check_labels(items, library.state_names, source)
     classifier = library.classifier()
     _warm_ocr(classifier)
-    report = evaluate(classifier, [(item, item.frame()) for item in items])
+    report = evaluate(classifier, [(item, item.frame()) for item in items], window=library.window)
     if as_json:
         click.echo(json.dumps({"model": str(model_dir), "labels": source, **report.to_dict()}, indent=2))
     else:
@@ -431,7 +438,7 @@ def model_test(model_dir: Path, labels: Path | None, min_accuracy: float | None,
     if report.false_ready:
         first = report.false_ready[0]
         failures.append(f"{len(report.false_ready)} false ready (screens taken for a ready state they are not), "
-                        f"e.g. {first.item.name} labelled {first.item.label!r} recognised as {first.seen.state!r}")
+                        f"e.g. {first.item.name} labelled {first.item.label!r} recognised as {first.state!r}")
     if min_accuracy is not None and report.accuracy < min_accuracy:
         failures.append(f"accuracy {_percent(report.accuracy)} is below --min-accuracy {_percent(min_accuracy)}")
     if failures:

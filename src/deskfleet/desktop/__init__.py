@@ -106,6 +106,19 @@ class WindowFacts:
         after = windows[next(i for i, w in enumerate(windows) if w.id == main.id) + 1:]
         return cls(main, tuple(w for w in after if w.overlaps(main.rect)))
 
+    def moved(self, dx: int, dy: int) -> WindowFacts:
+        """The same windows, every rectangle moved by (``-dx``, ``-dy``): in the coordinates of
+        a model whose window was recorded ``dx``, ``dy`` from where it is now."""
+        if (dx, dy) == (0, 0):
+            return self
+
+        def one(w: Window) -> Window:
+            r = w.rect
+            return Window(w.id, w.title, Region(r.left - dx, r.top - dy, r.width, r.height), w.pid, w.dialog_of,
+                          w.popup, w.protocols)
+
+        return WindowFacts(one(self.main) if self.main else None, tuple(one(w) for w in self.above))
+
     def to_dict(self) -> dict[str, object]:
         def one(w: Window) -> dict[str, object]:
             return {"id": w.id, "title": w.title, "rect": list(w.rect), "pid": w.pid, "dialog_of": w.dialog_of,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -560,11 +559,8 @@ class RealDesktop:
         pid = self.app_pid
         if found is None or pid is None:
             return None
-        dx, dy = self._offset
-        if (dx, dy) != (0, 0):  # in the coordinates the model and its users see
-            found = [dataclasses.replace(w, rect=Region(w.rect.left - dx, w.rect.top - dy, w.rect.width,
-                                                        w.rect.height)) for w in found]
-        return WindowFacts.of(found, pid, title=self.app.window)
+        # in the coordinates the model and its users see
+        return WindowFacts.of(found, pid, title=self.app.window).moved(*self._offset)
 
     async def app_answers(self, timeout: float = 0.5) -> bool | None:
         """Whether the app's main window answers ``_NET_WM_PING`` within ``timeout`` seconds

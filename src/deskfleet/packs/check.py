@@ -112,7 +112,8 @@ def _check_saved_screens(pack: Pack, report: CheckReport) -> None:
     model_dir = pack.root / pack.manifest.pack.model
     try:
         items = saved_screens(model_dir)
-        result = evaluate(pack.model.classifier, ((item, item.frame()) for item in items))
+        result = evaluate(pack.model.classifier, ((item, item.frame()) for item in items),
+                          window=pack.library.window)
     except ConfigError as exc:
         report.problems.append(f"{pack.where}: model screens: {exc}")
         return

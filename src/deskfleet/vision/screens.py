@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -27,27 +28,50 @@ from typing import Any
 
 from PIL import Image
 
-from ..desktop import Frame
+from ..desktop import Frame, Region, WindowFacts, as_recorded
 from ..errors import ConfigError
-from .classifier import UNKNOWN, WRONG_SCREEN, Classifier, Explanation
+from .classifier import COVERED, UNKNOWN, WRONG_SCREEN, Classifier, Explanation
 from .templates import NAME, ModelSource, decode_image, model_root, write_atomically
 
 SCREENS = "screens"
+#: a ready screen of an application that does not answer the window system's ping: what
+#: pre-flight makes of it (its ``unresponsive`` playbook), never ready
+UNRESPONSIVE = "unresponsive"
 #: labels a screen may carry besides the model's states
-EXTRA_LABELS = (UNKNOWN, WRONG_SCREEN)
+EXTRA_LABELS = (UNKNOWN, WRONG_SCREEN, COVERED, UNRESPONSIVE)
 
 
 @dataclass(frozen=True, slots=True)
 class Labelled:
-    """A screenshot and the state it shows. ``name`` is how reports call it."""
+    """A screenshot and the state it shows. ``name`` is how reports call it.
+
+    A screenshot may come with what the window system said when it was taken, in a file
+    beside it (``N.json`` next to ``N.png``): ``{"windows": {"main": …, "above": […]},
+    "responsive": false}`` — the app's main window and what lay over it, and whether the app
+    answered the ping. ``group`` sorts a labelled set's report (e.g. by rendering)."""
 
     label: str
     source: Traversable
     name: str
     line: int | None = None  # in the CSV it was listed in
+    group: str = ""
 
     def frame(self) -> Frame:
         return read_image(self.source, self.name)
+
+    def facts(self) -> tuple[WindowFacts | None, bool | None]:
+        """The window system's facts saved beside the screenshot, if any."""
+        side = self.source.parent / (self.source.name[: -len(".png")] + ".json") \
+            if isinstance(self.source, Path) else None
+        if side is None or not side.is_file():
+            return None, None
+        try:
+            data = json.loads(side.read_text(encoding="utf-8"))
+            windows = WindowFacts.from_dict(data["windows"]) if data.get("windows") else None
+            responsive = data.get("responsive")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{side}: not the window facts of {self.name}: {exc}") from None
+        return windows, None if responsive is None else bool(responsive)
 
 
 def read_image(source: Traversable | str | os.PathLike[str], name: str | None = None) -> Frame:
@@ -99,8 +123,9 @@ def save_screen(model: Path, state: str, frame: Frame) -> str:
 
 
 def read_labels(path: Path) -> list[Labelled]:
-    """Rows ``image,state`` of a CSV file (a header line is allowed; ``#`` starts a comment).
-    Image paths are relative to the CSV's directory."""
+    """Rows ``image,state[,group]`` of a CSV file (a header line is allowed; ``#`` starts a
+    comment). Image paths are relative to the CSV's directory; ``group`` (a rendering, a
+    source) gets a line of its own in the report."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as exc:
@@ -115,13 +140,13 @@ def read_labels(path: Path) -> list[Labelled]:
             continue
         if number == 1 and [c.lower() for c in cells[:2]] == ["image", "state"]:
             continue
-        if len(cells) != 2 or not all(cells):
-            raise ConfigError(f"{path}, line {number}: expected 'image,state', got {','.join(row)!r}")
-        image, label = cells
+        if len(cells) not in (2, 3) or not all(cells[:2]):
+            raise ConfigError(f"{path}, line {number}: expected 'image,state[,group]', got {','.join(row)!r}")
+        image, label = cells[:2]
         file = base / image
         if not file.is_file():
             raise ConfigError(f"{path}, line {number}: no image {image} (paths are relative to the CSV's directory)")
-        out.append(Labelled(label, file, image, number))
+        out.append(Labelled(label, file, image, number, cells[2] if len(cells) == 3 else ""))
     if not out:
         raise ConfigError(f"{path} lists no images (rows of image,state)")
     return out
@@ -145,16 +170,26 @@ class Outcome:
     item: Labelled
     seen: Explanation
     false_ready: bool
+    #: what pre-flight would decide: the classification, or UNRESPONSIVE for a ready screen
+    #: of an app that did not answer the ping
+    state: str = ""
+
+    def __post_init__(self) -> None:
+        self.state = self.state or self.seen.state
 
     @property
     def correct(self) -> bool:
-        return self.seen.state == self.item.label
+        return self.state == self.item.label
 
     def why(self) -> str:
         """Why a wrong outcome happened, from the labelled state's point of view."""
-        label, state = self.item.label, self.seen.state
+        label, state = self.item.label, self.state
         if self.correct:
             return ""
+        if state == UNRESPONSIVE:
+            return "the app did not answer the ping"
+        if label == UNRESPONSIVE:
+            return f"a hung app showing {state!r}: its ping was not asked"
         if state == WRONG_SCREEN:
             return self.seen.classification.detail
         verdict = self.seen.verdict(label)
@@ -165,7 +200,7 @@ class Outcome:
         return self.seen.classification.detail
 
     def describe(self) -> str:
-        return f"{self.item.name} is {self.seen.state!r}, not {self.item.label!r} ({self.why()})"
+        return f"{self.item.name} is {self.state!r}, not {self.item.label!r} ({self.why()})"
 
 
 @dataclass(slots=True)
@@ -202,14 +237,23 @@ class Report:
         return [s for s in (*self.states, *EXTRA_LABELS) if s in present]
 
     def columns(self) -> list[str]:
-        """Columns: every state of the model, unknown, and wrong_screen if it happened."""
-        seen = {o.seen.state for o in self.outcomes}
-        return [*self.states, UNKNOWN, *([WRONG_SCREEN] if WRONG_SCREEN in seen else [])]
+        """Columns: every state of the model, unknown, and the other verdicts if they happened."""
+        seen = {o.state for o in self.outcomes}
+        return [*self.states, UNKNOWN, *(s for s in (WRONG_SCREEN, COVERED, UNRESPONSIVE) if s in seen)]
 
     def confusion(self) -> dict[str, Counter[str]]:
         out: dict[str, Counter[str]] = {label: Counter() for label in self.labels()}
         for o in self.outcomes:
-            out[o.item.label][o.seen.state] += 1
+            out[o.item.label][o.state] += 1
+        return out
+
+    def per_group(self) -> dict[str, tuple[int, int, int]]:
+        """group → (correct, screens, false ready), for labelled sets whose rows name a group."""
+        out: dict[str, tuple[int, int, int]] = {}
+        for o in self.outcomes:
+            if o.item.group:
+                c, n, f = out.get(o.item.group, (0, 0, 0))
+                out[o.item.group] = (c + o.correct, n + 1, f + o.false_ready)
         return out
 
     def per_state(self) -> dict[str, tuple[int, int]]:
@@ -230,17 +274,34 @@ class Report:
             "false_ready": len(self.false_ready),
             "per_state": {k: {"correct": c, "screens": n, "accuracy": c / n} for k, (c, n) in self.per_state().items()},
             "confusion": {k: dict(v) for k, v in self.confusion().items()},
+            "per_group": {k: {"correct": c, "screens": n, "accuracy": c / n, "false_ready": f}
+                          for k, (c, n, f) in self.per_group().items()},
             "classify_ms": {"median": times[len(times) // 2], "max": times[-1]} if times else None,
-            "wrong": [{"image": o.item.name, "label": o.item.label, "state": o.seen.state, "why": o.why(),
+            "wrong": [{"image": o.item.name, "label": o.item.label, "state": o.state, "why": o.why(),
                        "false_ready": o.false_ready} for o in self.wrong],
         }
 
 
-def evaluate(classifier: Classifier, items: Iterable[tuple[Labelled, Frame]]) -> Report:
-    """Classify every labelled frame and count the outcomes."""
+def evaluate(classifier: Classifier, items: Iterable[tuple[Labelled, Frame]], *,
+             window: Region | None = None) -> Report:
+    """Classify every labelled frame as pre-flight would and count the outcomes.
+
+    A screenshot saved with window facts is classified with them: anchored to the app's
+    window when the model is (``window``: where the model recorded it), ``covered`` when a
+    window lies over what the state accounts for, and ``unresponsive`` when it shows a ready
+    state but the app did not answer the ping."""
     ready = frozenset(s.name for s in classifier.states if s.ready)
     report = Report([s.name for s in classifier.states], ready)
     for item, frame in items:
-        seen = classifier.explain(frame)
-        report.outcomes.append(Outcome(item, seen, seen.state in ready and seen.state != item.label))
+        windows, responsive = item.facts()
+        if windows is not None and window is not None:
+            # As a real desktop shows it: the window's content where the model recorded it, on
+            # a screen of the model's size (with no window of the app: the screen as it is).
+            main = windows.main
+            offset = (main.rect.left - window.left, main.rect.top - window.top) if main is not None else (0, 0)
+            frame = as_recorded(frame, offset, classifier.screen or (frame.shape[1], frame.shape[0]))
+            windows = windows.moved(*offset)
+        seen = classifier.explain(frame, windows)
+        state = UNRESPONSIVE if seen.state in ready and responsive is False else seen.state
+        report.outcomes.append(Outcome(item, seen, state in ready and state != item.label, state))
     return report

@@ -45,20 +45,25 @@ def home_of(data: Path, machine: str) -> Path:
     return data / "home" / machine
 
 
-def prepare(home: Path, lock_after: float) -> dict[str, str]:
-    """A private home with a fresh configuration; the environment KeePassXC runs in."""
+def prepare(home: Path, lock_after: float, *, theme: str = "light", scale: float = 1.0) -> dict[str, str]:
+    """A private home with a fresh configuration; the environment KeePassXC runs in. ``theme``
+    and ``scale`` give the machine another look than the model was recorded with (a dark
+    theme; Qt's scale factor, as a high-DPI display or an RDP client's scaling gives it)."""
     dirs = {name: home / sub for name, sub in (("config", ".config"), ("cache", ".cache"),
                                                ("share", ".local/share"), ("runtime", "run"), ("tmp", "tmp"))}
     for path in dirs.values():
         path.mkdir(parents=True, exist_ok=True)
     dirs["runtime"].chmod(0o700)
     text = (CONFIG / "keepassxc.ini").read_text().replace("{lock_after}", str(round(lock_after)))
+    text = text.replace("ApplicationTheme=light", f"ApplicationTheme={theme}")
     (home / "keepassxc.ini").write_text(text)
     shutil.copyfile(CONFIG / "local.ini", home / "local.ini")
     env = {k: v for k, v in os.environ.items() if k not in QT_LOOKS}
     env.update(HOME=str(home), XDG_CONFIG_HOME=str(dirs["config"]), XDG_CACHE_HOME=str(dirs["cache"]),
                XDG_DATA_HOME=str(dirs["share"]), XDG_RUNTIME_DIR=str(dirs["runtime"]), TMPDIR=str(dirs["tmp"]),
                QT_QPA_PLATFORM="xcb", LANGUAGE="en")
+    if scale != 1.0:
+        env["QT_SCALE_FACTOR"] = f"{scale:g}"
     return env
 
 
@@ -74,7 +79,7 @@ def start(args: argparse.Namespace) -> int:
         print("launch.py: keepassxc is not installed (Debian/Ubuntu: apt-get install keepassxc)", file=sys.stderr)
         return 2
     home = home_of(data, args.machine)
-    env = prepare(home, args.lock_after)
+    env = prepare(home, args.lock_after, theme=args.theme, scale=args.scale)
     (home / "keepassxc.pid").write_text(f"{os.getpid()}\n")  # exec keeps the pid
     argv = [binary, "--config", str(home / "keepassxc.ini"), "--localconfig", str(home / "local.ini"),
             "-geometry", f"{WINDOW}+{args.at[0]}+{args.at[1]}", str(database)]
@@ -115,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"seconds of no input before the database locks itself (default {LOCK_AFTER})")
         parser.add_argument("--at", type=_point, default=(0, 0), metavar="X,Y",
                             help="where the window's top-left corner goes on the screen (default 0,0)")
+        parser.add_argument("--theme", choices=("light", "dark", "classic"), default="light",
+                            help="KeePassXC's theme (the model was recorded in light)")
+        parser.add_argument("--scale", type=float, default=1.0,
+                            help="Qt's scale factor, e.g. 1.25 (the model was recorded at 1)")
     args = parser.parse_args(argv[1:] if stopping else argv)
     return stop(args) if stopping else start(args)
 

@@ -170,16 +170,21 @@ async def test_unlock_with_the_accounts_password_then_add_and_find_an_entry(kx_s
     assert "Cobol-1959!" not in str(everything), "the entry's password never shows in events"
 
 
-async def test_a_window_elsewhere_on_a_larger_screen_changes_nothing(kx_server, kx_fleet):
+@pytest.mark.parametrize(("look", "window"), [
+    (["--at", "300,200"], (300, 200, 1024, 768)),
+    (["--at", "100,50", "--scale", "1.25"], (125, 63, 1280, 960)),  # Qt scales the position too
+], ids=["moved", "moved-and-scaled-125"])
+async def test_a_window_elsewhere_on_a_larger_screen_changes_nothing(kx_server, kx_fleet, look, window):
     """The model was recorded with KeePassXC's window at 0,0 of a 1024x768 screen. Here the
-    screen is 1920x1080 and the window at 300,200: the model is anchored to the window (its
-    "window" in model.json), so recognition, the unlock playbook's typing and the
-    automations' clicks all land where the window is now."""
-    fleet = await kx_fleet(kx_server, screen=(1920, 1080), app_args={"keepassxc": ["--at", "300,200"]})
+    screen is 1920x1080 and the window elsewhere — and, with Qt's scale factor at 1.25 (a
+    high-DPI display), 1280x960: the model is anchored to the window (its "window" in
+    model.json), so recognition, the unlock playbook's typing and the automations' clicks
+    and reads all land where the window is now, at its scale."""
+    fleet = await kx_fleet(kx_server, screen=(1920, 1080), app_args={"keepassxc": look})
     machine = fleet.names[0]
     desktop = fleet.desktop(machine)
     [main] = [w for w in await asyncio.to_thread(desktop.host.windows) if w.pid == desktop.app_pid]
-    assert (main.rect.left, main.rect.top, main.rect.width, main.rect.height) == (300, 200, 1024, 768)
+    assert (main.rect.left, main.rect.top, main.rect.width, main.rect.height) == window
     async with AsyncClient(kx_server.url) as c:
         run = await c.submit("keepassxc.add_entry", entry("Lamport Clocks"), wait=90)
         assert run["state"] == "succeeded", run

@@ -296,3 +296,32 @@ def test_capture_from_a_moved_window_records_as_if_it_had_not_moved(tmp_path: Pa
     library = TemplateLibrary.load(d)
     assert library.window == Region(0, 0, W, H)
     assert library.classifier().classify(draw("home")).state == "home"
+
+
+def test_a_placement_moves_and_scales_between_the_model_and_the_screen() -> None:
+    from deskfleet.desktop import Placement
+
+    recorded = Region(0, 0, 1024, 768)
+    moved = Placement.of(Region(300, 200, 1024, 768), recorded)
+    assert (moved.dx, moved.dy, moved.scale) == (300, 200, 1.0) and moved.point(10, 20) == (310, 220)
+    scaled = Placement.of(Region(125, 63, 1280, 960), recorded)
+    assert scaled.scale == pytest.approx(1.25) and scaled.point(100, 100) == (250, 188)
+    assert scaled.to_screen(Region(100, 100, 40, 20)) == Region(250, 188, 50, 25)
+    assert scaled.to_model(Region(250, 188, 50, 25)) == Region(100, 100, 40, 20)
+    # a window merely resized (not both sides by one factor) is not scaled: anchored at its corner
+    resized = Placement.of(Region(0, 0, 1200, 768), recorded)
+    assert resized.scale == 1.0 and resized.identity
+    assert Placement.of(recorded, recorded).identity
+
+
+def test_a_scaled_window_is_shown_to_the_model_at_its_recorded_size() -> None:
+    from deskfleet.desktop import Placement
+
+    model = np.zeros((768, 1024, 3), np.uint8)
+    model[100:140, 200:280] = 250  # a bright block in the recorded window
+    screen = np.zeros((1080, 1920, 3), np.uint8)
+    screen[63 + 125 : 63 + 175, 125 + 250 : 125 + 350] = 250  # the same, at 1.25 where the window is now
+    shown = Placement.of(Region(125, 63, 1280, 960), Region(0, 0, 1024, 768)).frame(screen, (1024, 768))
+    assert shown.shape == (768, 1024, 3)
+    assert (shown[102:138, 202:278] == 250).all() and shown[90, 190].max() == 0
+    assert np.abs(shown.astype(int) - model).mean() < 1.0

@@ -106,16 +106,13 @@ class WindowFacts:
         after = windows[next(i for i, w in enumerate(windows) if w.id == main.id) + 1:]
         return cls(main, tuple(w for w in after if w.overlaps(main.rect)))
 
-    def moved(self, dx: int, dy: int) -> WindowFacts:
-        """The same windows, every rectangle moved by (``-dx``, ``-dy``): in the coordinates of
-        a model whose window was recorded ``dx``, ``dy`` from where it is now."""
-        if (dx, dy) == (0, 0):
+    def moved(self, placement: Placement) -> WindowFacts:
+        """The same windows in the coordinates of a model placed on the screen by ``placement``."""
+        if placement.identity:
             return self
 
         def one(w: Window) -> Window:
-            r = w.rect
-            return Window(w.id, w.title, Region(r.left - dx, r.top - dy, r.width, r.height), w.pid, w.dialog_of,
-                          w.popup, w.protocols)
+            return Window(w.id, w.title, placement.to_model(w.rect), w.pid, w.dialog_of, w.popup, w.protocols)
 
         return WindowFacts(one(self.main) if self.main else None, tuple(one(w) for w in self.above))
 
@@ -140,6 +137,58 @@ class WindowFacts:
             raise ValueError("'above' must be a list of windows")
         main = data.get("main")
         return cls(one(main) if main is not None else None, tuple(one(w) for w in above))
+
+
+#: window sizes whose width and height ratios to the recorded size differ by less than this
+#: are the same window scaled (a display's DPI, an RDP client's scaling, Qt's scale factor)
+SCALE_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a model anchored to the app's window sits on the screen now: a model point
+    (x, y) is the screen point (x * scale + dx, y * scale + dy). ``of`` finds it from where
+    the window is now and where it was recorded: moved, and — when both sides grew or shrank
+    by the same factor — scaled (a window merely resized keeps scale 1)."""
+
+    dx: int = 0
+    dy: int = 0
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, now: Region, recorded: Region) -> Placement:
+        sx, sy = now.width / recorded.width, now.height / recorded.height
+        scale = (sx + sy) / 2 if abs(sx - sy) < SCALE_TOLERANCE and abs(sx - 1) >= SCALE_TOLERANCE / 2 else 1.0
+        return cls(round(now.left - recorded.left * scale), round(now.top - recorded.top * scale), scale)
+
+    @property
+    def identity(self) -> bool:
+        return (self.dx, self.dy, self.scale) == (0, 0, 1.0)
+
+    def point(self, x: int, y: int) -> tuple[int, int]:
+        """A model point on the screen."""
+        return round(x * self.scale) + self.dx, round(y * self.scale) + self.dy
+
+    def to_screen(self, region: Region) -> Region:
+        left, top = self.point(region.left, region.top)
+        return Region(left, top, max(1, round(region.width * self.scale)), max(1, round(region.height * self.scale)))
+
+    def to_model(self, region: Region) -> Region:
+        s = self.scale
+        return Region(round((region.left - self.dx) / s), round((region.top - self.dy) / s),
+                      max(1, round(region.width / s)), max(1, round(region.height / s)))
+
+    def frame(self, frame: Frame, screen: tuple[int, int]) -> Frame:
+        """The screen's ``frame`` as the model sees it: of the model's ``screen`` size, the
+        window's content where it was recorded, at the size it was recorded."""
+        if self.scale == 1.0:
+            return as_recorded(frame, (self.dx, self.dy), screen)
+        import cv2
+
+        height, width = frame.shape[:2]
+        size = (max(1, round(width / self.scale)), max(1, round(height / self.scale)))
+        small = np.asarray(cv2.resize(frame, size, interpolation=cv2.INTER_AREA), np.uint8)
+        return as_recorded(small, (round(self.dx / self.scale), round(self.dy / self.scale)), screen)
 
 
 def as_recorded(frame: Frame, offset: tuple[int, int], screen: tuple[int, int]) -> Frame:

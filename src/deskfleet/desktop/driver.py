@@ -51,7 +51,7 @@ import numpy as np
 import psutil
 
 from ..errors import DesktopError, Stopped
-from . import DesktopInfo, Frame, Region, Window, WindowFacts, as_recorded
+from . import DesktopInfo, Frame, Placement, Region, Window, WindowFacts
 from .session import SessionNote
 from .xkeys import XKeyboard, char_keysym, key_keysym
 
@@ -413,7 +413,7 @@ class RealDesktop:
         #: it was then, on a screen of the model's size, and every coordinate they give moved
         #: to where the window is now. A moved window or another screen size changes nothing.
         self.model_window = model_window
-        self._offset = (0, 0)  # where the window is now, less where it was recorded
+        self._placement = Placement()  # where the model's window is on the screen now
         self._listed: tuple[float, list[Window]] | None = None  # the last window listing, briefly reused
         self._owns_station = station is None
         self.station = station if station is not None else Station(name, host, ocr=ocr)
@@ -487,7 +487,11 @@ class RealDesktop:
         if self.model_window is None:
             return await self.station.screenshot(region)
         if region is not None:
-            return await self.station.screenshot(self._on_screen(region))
+            shot = await self.station.screenshot(self._on_screen(region))
+            if shot.shape[:2] != (region.height, region.width):  # a scaled window: at the model's size
+                shot = np.asarray(cv2.resize(shot, (region.width, region.height), interpolation=cv2.INTER_AREA),
+                                  np.uint8)
+            return shot
         await self._windows()  # re-anchor: where is the window now?
         frame = await self.station.screenshot()
         return self._as_recorded(frame)
@@ -498,13 +502,12 @@ class RealDesktop:
     # -- anchoring to the app's window --------------------------------------------------------
 
     def _on_screen(self, region: Region) -> Region:
-        dx, dy = self._offset
-        return region if (dx, dy) == (0, 0) else Region(region.left + dx, region.top + dy, region.width, region.height)
+        return self._placement.to_screen(region)
 
     def _as_recorded(self, frame: Frame) -> Frame:
-        """``frame`` as the model saw the screen (see :func:`~deskfleet.desktop.as_recorded`)."""
+        """``frame`` as the model saw the screen (see :class:`~deskfleet.desktop.Placement`)."""
         height, width = frame.shape[:2]
-        return as_recorded(frame, self._offset, self.expected_screen or (width, height))
+        return self._placement.frame(frame, self.expected_screen or (width, height))
 
     async def _windows(self) -> list[Window] | None:
         """The display's windows (one listing serves a look: the facts and the screenshot),
@@ -525,7 +528,7 @@ class RealDesktop:
         if self.model_window is not None:
             main = WindowFacts.of(found, pid, title=self.app.window).main
             if main is not None:
-                self._offset = (main.rect.left - self.model_window.left, main.rect.top - self.model_window.top)
+                self._placement = Placement.of(main.rect, self.model_window)
         return found
 
     async def info(self) -> DesktopInfo:
@@ -560,7 +563,7 @@ class RealDesktop:
         if found is None or pid is None:
             return None
         # in the coordinates the model and its users see
-        return WindowFacts.of(found, pid, title=self.app.window).moved(*self._offset)
+        return WindowFacts.of(found, pid, title=self.app.window).moved(self._placement)
 
     async def app_answers(self, timeout: float = 0.5) -> bool | None:
         """Whether the app's main window answers ``_NET_WM_PING`` within ``timeout`` seconds
@@ -626,13 +629,13 @@ class RealDesktop:
     # -- input -------------------------------------------------------------------------------
 
     async def move(self, x: int, y: int) -> None:
-        x, y = x + self._offset[0], y + self._offset[1]
+        x, y = self._placement.point(x, y)
         await self._input(lambda d: setattr(d.mouse, "position", (x, y)), touches=self.pointer_counts)
 
     async def click(self, x: int, y: int, *, button: str = "left", count: int = 1) -> None:
         if button not in _BUTTONS:
             raise ValueError(f"button must be one of {', '.join(_BUTTONS)}")
-        x, y = x + self._offset[0], y + self._offset[1]
+        x, y = self._placement.point(x, y)
 
         def send(d: _Devices) -> None:
             d.mouse.position = (x, y)
@@ -641,8 +644,7 @@ class RealDesktop:
         await self._input(send)
 
     async def drag(self, x1: int, y1: int, x2: int, y2: int) -> None:
-        dx, dy = self._offset
-        x1, y1, x2, y2 = x1 + dx, y1 + dy, x2 + dx, y2 + dy
+        (x1, y1), (x2, y2) = self._placement.point(x1, y1), self._placement.point(x2, y2)
 
         def send(d: _Devices) -> None:
             d.mouse.position = (x1, y1)

@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..desktop import Frame, Region, as_recorded
+from ..desktop import Frame, Placement, Region
 from ..errors import ConfigError
 from .classifier import UNKNOWN, WRONG_SCREEN, Classifier, Explanation, wrong_screen_message
 from .screens import SCREENS, Labelled, Outcome, check_labels, evaluate, save_screen, saved_screens
-from .templates import Anchor, TemplateLibrary, TextSpec
+from .templates import DESCRIPTION, Anchor, TemplateLibrary, TextSpec
 
 #: refusals list this many problems, then how many more there are
 SHOWN = 3
@@ -103,13 +103,16 @@ def capture(directory: Path, frame: Frame, state: str, anchors: list[Anchor], te
     older look of it)."""
     directory = Path(directory)
     h, w = frame.shape[:2]
-    library = TemplateLibrary.open(directory, name or directory.resolve().name, (w, h))
-    if window is not None:
-        if library.window is None and not library.states:
-            library.window = window  # a new model: anchored to the app's window from the start
-        elif library.window is not None:
-            # The window has moved since the model was made: record as if it had not.
-            frame = as_recorded(frame, (window.left - library.window.left, window.top - library.window.top), (w, h))
+    if (directory / DESCRIPTION).exists():
+        library = TemplateLibrary.load(directory)
+        if library.window is not None and window is not None:
+            # The window may have moved (or been scaled) since the model was made: record what
+            # it shows as if it had not, on a screen of the model's size.
+            frame = Placement.of(window, library.window).frame(frame, library.screen)
+        elif (w, h) != library.screen:
+            raise ConfigError(f"{directory}: {wrong_screen_message((w, h), library.screen)}")
+    else:
+        library = TemplateLibrary(name or directory.resolve().name, (w, h), window)  # anchored from the start
     before = library.classifier() if library.states else None
     library.record(frame, state, anchors, texts, overlay=overlay, ready=ready)
     after = library.classifier()

@@ -38,6 +38,14 @@ def gray(image: Frame) -> Gray:
     return cast(Gray, cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY))
 
 
+def soften(image: Gray) -> Gray:
+    """A light blur (3x3 Gaussian), applied to templates and searched areas alike: what one
+    machine's renderer and another's differ by — font hinting at another scale, a window
+    resampled to the size it was recorded at, JPEG — lives in the finest detail, which the
+    blur takes out of the comparison; the shapes that tell screens apart stay."""
+    return np.asarray(cv2.GaussianBlur(image, (3, 3), 0), np.uint8)
+
+
 def expand(region: Region, margin: int, width: int, height: int) -> Region:
     """``region`` grown by ``margin`` on every side, clipped to a ``width``x``height`` screen."""
     left, top = max(0, region.left - margin), max(0, region.top - margin)
@@ -61,6 +69,7 @@ class MatchCheck:
     max_shade: float = 40.0
     name: str = ""
     cost: int = field(default=1, init=False)  # cheap: the classifier runs these first
+    _soft: Gray = field(init=False, repr=False)  # the template as it is compared: lightly blurred
 
     def __post_init__(self) -> None:
         th, tw = self.template.shape[:2]
@@ -73,6 +82,9 @@ class MatchCheck:
                 f"template {self.name or tuple(self.region)} is too plain to locate (grey std "
                 f"{self.template.std():.1f} < {MIN_TEXTURE}); choose a part with edges or an icon"
             )
+        # Blurred, then without its outermost pixels: the blur of a template's edge sees only
+        # the template, the blur of the screen there sees the neighbours too.
+        self._soft = soften(self.template)[1:-1, 1:-1] if min(th, tw) > 4 else self.template
 
     @classmethod
     def from_frame(
@@ -88,15 +100,18 @@ class MatchCheck:
         th, tw = self.template.shape
         if crop.shape[0] < th or crop.shape[1] < tw:
             return 0.0, (self.region.left, self.region.top)  # the frame is smaller than the model's screen
-        area = gray(crop)
-        result = cv2.matchTemplate(area, self.template, cv2.TM_CCOEFF_NORMED)
+        soft = self._soft
+        inset = (th - soft.shape[0]) // 2  # 1: the soft template starts 1 px into the template
+        area = soften(gray(crop)) if inset else gray(crop)
+        result = cv2.matchTemplate(area, soft, cv2.TM_CCOEFF_NORMED)
         _, best, _, (x, y) = cv2.minMaxLoc(result)
+        at = (self.region.left + x - inset, self.region.top + y - inset)
         if not np.isfinite(best):
-            return 0.0, (self.region.left + x, self.region.top + y)
-        patch = area[y : y + th, x : x + tw]
-        shade = abs(float(patch.mean()) - float(self.template.mean()))
+            return 0.0, at
+        patch = area[y : y + soft.shape[0], x : x + soft.shape[1]]
+        shade = abs(float(patch.mean()) - float(soft.mean()))
         score = float(best) if shade <= self.max_shade else 0.0
-        return score, (self.region.left + x, self.region.top + y)
+        return score, at
 
     def score(self, frame: Frame) -> float:
         return self.locate(frame)[0]

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..desktop import Frame, Region, WindowFacts, as_recorded
+from ..desktop import Frame, Placement, Region, WindowFacts
 from ..errors import ConfigError
 from .classifier import COVERED, UNKNOWN, WRONG_SCREEN, Classifier, Explanation
 from .templates import NAME, ModelSource, decode_image, model_root, write_atomically
@@ -287,7 +287,8 @@ def evaluate(classifier: Classifier, items: Iterable[tuple[Labelled, Frame]], *,
     """Classify every labelled frame as pre-flight would and count the outcomes.
 
     A screenshot saved with window facts is classified with them: anchored to the app's
-    window when the model is (``window``: where the model recorded it), ``covered`` when a
+    window — moved, and scaled back when the window is the recorded one scaled — when the
+    model is (``window``: where the model recorded it), ``covered`` when a
     window lies over what the state accounts for, and ``unresponsive`` when it shows a ready
     state but the app did not answer the ping."""
     ready = frozenset(s.name for s in classifier.states if s.ready)
@@ -297,10 +298,9 @@ def evaluate(classifier: Classifier, items: Iterable[tuple[Labelled, Frame]], *,
         if windows is not None and window is not None:
             # As a real desktop shows it: the window's content where the model recorded it, on
             # a screen of the model's size (with no window of the app: the screen as it is).
-            main = windows.main
-            offset = (main.rect.left - window.left, main.rect.top - window.top) if main is not None else (0, 0)
-            frame = as_recorded(frame, offset, classifier.screen or (frame.shape[1], frame.shape[0]))
-            windows = windows.moved(*offset)
+            placed = Placement.of(windows.main.rect, window) if windows.main is not None else Placement()
+            frame = placed.frame(frame, classifier.screen or (frame.shape[1], frame.shape[0]))
+            windows = windows.moved(placed)
         seen = classifier.explain(frame, windows)
         state = UNRESPONSIVE if seen.state in ready and responsive is False else seen.state
         report.outcomes.append(Outcome(item, seen, state in ready and state != item.label, state))

@@ -185,10 +185,17 @@ class Placement:
             return as_recorded(frame, (self.dx, self.dy), screen)
         import cv2
 
+        # Resample only the part of the screen that the model's screen covers.
         height, width = frame.shape[:2]
-        size = (max(1, round(width / self.scale)), max(1, round(height / self.scale)))
-        small = np.asarray(cv2.resize(frame, size, interpolation=cv2.INTER_AREA), np.uint8)
-        return as_recorded(small, (round(self.dx / self.scale), round(self.dy / self.scale)), screen)
+        seen = self.to_screen(Region(0, 0, screen[0], screen[1]))
+        left, top = max(0, seen.left), max(0, seen.top)
+        right, bottom = min(width, seen.left + seen.width), min(height, seen.top + seen.height)
+        if right <= left or bottom <= top:
+            return np.zeros((screen[1], screen[0], 3), np.uint8)
+        size = (max(1, round((right - left) / self.scale)), max(1, round((bottom - top) / self.scale)))
+        small = np.asarray(cv2.resize(frame[top:bottom, left:right], size, interpolation=cv2.INTER_AREA), np.uint8)
+        at = (round((left - self.dx) / self.scale), round((top - self.dy) / self.scale))  # its place in the model
+        return as_recorded(small, (-at[0], -at[1]), screen)
 
 
 def as_recorded(frame: Frame, offset: tuple[int, int], screen: tuple[int, int]) -> Frame:

@@ -197,8 +197,9 @@ class Tour:
         await self.see("unknown")
         await self.act(("press", ("esc",)))
 
-    async def run(self, record: Recorder) -> None:
-        self.record = record
+    async def unlock_screens(self) -> None:
+        """The unlock screen: as it starts, after a wrong password, after an empty one, under
+        the About box; then unlocked, the empty list."""
         await self.see("locked")
         # A wrong password: the red banner pushes the panel down.
         await self.unlock("not-the-password")
@@ -215,6 +216,10 @@ class Tour:
         await self.locked()
         await self.unlock(PASSWORD)
         await self.see("entries")  # empty: the preview shows the group
+
+    async def run(self, record: Recorder) -> None:
+        self.record = record
+        await self.unlock_screens()
         # In an empty database, a search cleared leaves nothing selected, and KeePassXC hides
         # the preview panel: without its "General" tab the model cannot tell that no dialog is
         # over the list, so this look is not ready (the Escape playbook clicks the root group).

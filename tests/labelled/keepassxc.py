@@ -132,6 +132,11 @@ def build(out: Path, *, seed: int = 0, model: Path = MODEL) -> Path:
                                                                           (rect[0] + 300, rect[1] + 200, *rect[2:]),
                                                                           OTHER)]))
             write("frozen", "unresponsive", frame, _facts((0, 0), responsive=False))
+    return write_labels(out, rows)
+
+
+def write_labels(out: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """``out/labels.csv``: image, state, rendering — what ``deskfleet model test`` reads."""
     labels = out / "labels.csv"
     with labels.open("w", newline="") as f:
         writer = csv.writer(f)

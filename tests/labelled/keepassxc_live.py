@@ -20,7 +20,6 @@ Needs KeePassXC and Xvfb (``./dev test`` installs them). About 20 s a look.
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import sys
 import tempfile
@@ -33,6 +32,7 @@ PACK = ROOT / "examples" / "keepassxc"
 sys.path.insert(0, str(PACK))
 
 import capture  # noqa: E402 - the pack's tour
+from keepassxc import write_labels  # noqa: E402 - the synthetic part, beside this file
 from kpx import kxcli  # noqa: E402
 from kpx import layout as L  # noqa: E402
 
@@ -85,20 +85,7 @@ class LiveTour(capture.Tour):
         await self.see("locked_error" if capture.banner(frame) else "locked")
 
     async def run(self, record: object = None) -> None:
-        await self.see("locked")
-        await self.unlock("not-the-password")
-        await self.see("locked_error")
-        await self.act(("click", L.BANNER_CLOSE))
-        await self.see("locked")
-        await self.act(("click", L.PASSWORD), ("press", ("ctrl", "a")), ("press", ("backspace",)),
-                       ("press", ("enter",)))
-        await self.see("unlock_failed")
-        await self.act(("click", L.UNLOCK_FAILED_CANCEL))
-        await self.locked()
-        await self.about()
-        await self.locked()
-        await self.unlock(capture.PASSWORD)
-        await self.see("entries")
+        await self.unlock_screens()
         await self.act(("click", L.NEW_BUTTON))
         await self.see("entry_form")
         await self.fill(L.TITLE, "Alpha Mail")
@@ -134,12 +121,7 @@ async def build_async(out: Path, looks: list[str]) -> Path:
                 await tour.run()
             finally:
                 await tour.close()
-    labels = out / "labels.csv"
-    with labels.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "state", "rendering"])
-        writer.writerows(rows)
-    return labels
+    return write_labels(out, rows)
 
 
 def build(out: Path, looks: list[str] | None = None) -> Path:

@@ -12,6 +12,12 @@
   display now (the window listing that tells ``covered``, capture, classify). Also the real
   ``preflight()`` on a ready machine (capture, classify, and the responsiveness probe that
   hovers a button).
+- renderings: the third-party app, KeePassXC, on issue 10's labelled set (``tests/labelled``:
+  its saved screens shifted, noisy, as JPEG, its window moved and on other screens, a dialog
+  nobody modelled, another program's window, a frozen app; and the live app at Qt scale 1.15
+  and 1.25 and in its dark theme): per rendering, what the model gets right and the false
+  ready count, with the window facts (as pre-flight reads them) and by pixels alone, and
+  the time to place and classify each frame.
 - footprint: a real ``deskfleet server`` and a real ``deskfleet agent --pack demoehr
   --desktop xvfb`` as processes (the pack's 1024x768 screen); time from starting the agent to its machine being schedulable (Xvfb up,
   DemoEHR up and recognised, agent enrolled and connected), then resident memory of
@@ -208,6 +214,70 @@ def bench_footprint(work: Path) -> dict[str, Any]:
                     p.kill()
 
 
+def bench_renderings(work: Path) -> dict[str, Any]:
+    """The third-party app (KeePassXC) on issue 10's labelled set, per rendering: right, false
+    ready, and the time to place and classify a 1080p-or-smaller frame — with the window
+    facts (as pre-flight reads them) and by pixels alone."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "labelled"))
+    import keepassxc as synthetic
+    import keepassxc_live as live
+
+    from deskfleet.desktop import Placement
+    from deskfleet.vision import TemplateLibrary
+    from deskfleet.vision.screens import UNRESPONSIVE, read_labels
+
+    console.print("building the labelled set (the live part walks KeePassXC three times, ~1.5 min)…")
+    items = read_labels(synthetic.build(work / "synthetic")) + read_labels(live.build(work / "live"))
+    library = TemplateLibrary.load(synthetic.MODEL)
+    classifier = library.classifier()
+    ready = {st.name for st in classifier.states if st.ready}
+    out: dict[str, Any] = {}
+    for item in items:
+        frame = item.frame()
+        windows, responsive = item.facts()
+        row = out.setdefault(item.group, {"screens": 0, "right": 0, "false_ready": 0, "pixels_right": 0,
+                                          "pixels_false_ready": 0, "ms": []})
+        row["screens"] += 1
+        t0 = time.perf_counter()
+        placed = Placement.of(windows.main.rect, library.window) if windows and windows.main else Placement()
+        seen = classifier.classify(placed.frame(frame, library.screen), windows.moved(placed) if windows else None)
+        row["ms"].append((time.perf_counter() - t0) * 1000)
+        state = UNRESPONSIVE if seen.state in ready and responsive is False else seen.state
+        row["right"] += state == item.label
+        row["false_ready"] += state in ready and state != item.label
+        alone = classifier.classify(frame).state  # pixels only: no facts, no placement
+        row["pixels_right"] += alone == item.label
+        row["pixels_false_ready"] += alone in ready and alone != item.label
+    for row in out.values():
+        row["ms"] = _stats(row["ms"])
+    return out
+
+
+def plot_renderings(rows: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    facts = [100 * r["right"] / r["screens"] for r in rows.values()]
+    pixels = [100 * r["pixels_right"] / r["screens"] for r in rows.values()]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    at = np.arange(len(names))
+    ax.bar(at - 0.2, pixels, 0.4, label="pixels alone", color="#c9a227")
+    ax.bar(at + 0.2, facts, 0.4, label="with the window facts (pre-flight)", color="#2a6f97")
+    for i, r in enumerate(rows.values()):
+        if r["pixels_false_ready"]:
+            ax.text(i - 0.2, pixels[i] + 2, f"{r['pixels_false_ready']} FR", ha="center", fontsize=7, color="#a00")
+    ax.set_xticks(at, names, rotation=30, ha="right")
+    ax.set_ylabel("screens recognised as labelled (%)")
+    ax.set_ylim(0, 110)
+    ax.set_title("KeePassXC's model on renderings it was not recorded in (FR: false ready)", pad=28)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _healthy(url: str) -> bool:
     try:
         with Client(url) as c:
@@ -220,12 +290,15 @@ def _healthy(url: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-renderings", action="store_true", help="skip the KeePassXC labelled set")
     args = parser.parse_args()
     n = 50 if args.quick else 300
+    stamp = time.strftime('%Y%m%d-%H%M%S')
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pre = asyncio.run(bench_preflight(n, work))
         foot = bench_footprint(work)
+        renderings = {} if args.no_renderings else bench_renderings(work)
     table = Table("1920x1080, DemoEHR at home", "p50 ms", "p90 ms", "max ms", title="pre-flight: capture + classify")
     c = pre["capture_ms"]
     table.add_row("capture (mss, whole screen)", f"{c['p50']:.1f}", f"{c['p90']:.1f}", f"{c['max']:.1f}")
@@ -249,9 +322,19 @@ def main() -> None:
     foot_table.add_row("total", f"{foot['total_rss_mb']:.0f}")
     console.print(foot_table)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"desktop-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if renderings:
+        kx = Table("rendering", "screens", "right", "false ready", "pixels alone: right", "false ready",
+                   "place + classify p50 ms", title="KeePassXC on renderings its model was not recorded in")
+        for name, r in renderings.items():
+            kx.add_row(name, str(r["screens"]), f"{100 * r['right'] / r['screens']:.0f}%", str(r["false_ready"]),
+                       f"{100 * r['pixels_right'] / r['screens']:.0f}%", str(r["pixels_false_ready"]),
+                       f"{r['ms']['p50']:.1f}")
+        console.print(kx)
+        plot_renderings(renderings, RESULTS / f"desktop-renderings-{stamp}.png")
+    path = RESULTS / f"desktop-{stamp}.json"
     path.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                                "samples": n, "preflight": pre, "footprint": foot}, indent=1))
+                                "samples": n, "preflight": pre, "footprint": foot, "renderings": renderings},
+                               indent=1))
     console.print(f"results: {path}")
 
 

@@ -227,10 +227,16 @@ class Classifier:
         scores: dict[str, float] = {}
         candidates: list[ScreenState] = []
         for state in self.states:
-            # Every cheap check is scored (scores explain a classification), expensive
-            # ones only below; a state none of whose checks was read scores NaN.
+            # Cheap checks are scored up to a state's first failure (explain() scores them
+            # all), expensive ones only below; a state none of whose checks was read scores NaN.
             if trace is None:
-                cheap = [(c.score(frame), c.threshold) for c in state.checks if _cost(c) < EXPENSIVE]
+                # The hot path stops at a state's first failing check: it cannot be a candidate.
+                cheap = []
+                for c in state.checks:
+                    if _cost(c) < EXPENSIVE:
+                        cheap.append((c.score(frame), c.threshold))
+                        if cheap[-1][0] < c.threshold:
+                            break
             else:
                 read = trace.reads[state.name] = [(c, c.score(frame)) for c in state.checks if _cost(c) < EXPENSIVE]
                 cheap = [(s, c.threshold) for c, s in read]

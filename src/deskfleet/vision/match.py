@@ -46,6 +46,13 @@ def soften(image: Gray) -> Gray:
     return np.asarray(cv2.GaussianBlur(image, (3, 3), 0), np.uint8)
 
 
+def edges(image: Gray) -> np.ndarray:
+    """Gradient magnitude (3x3 Sobel): where the image changes and how much, whichever way."""
+    f = image.astype(np.float32)
+    return np.asarray(cv2.magnitude(cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3),
+                                    cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3)))
+
+
 def expand(region: Region, margin: int, width: int, height: int) -> Region:
     """``region`` grown by ``margin`` on every side, clipped to a ``width``x``height`` screen."""
     left, top = max(0, region.left - margin), max(0, region.top - margin)
@@ -59,6 +66,11 @@ class MatchCheck:
     """``template`` found somewhere within ``region`` with correlation ≥ ``threshold``.
 
     ``max_shade`` bounds the mean grey-level difference (0-255) at the best position.
+    ``any_theme``: where the pixels do not match, the shapes may — the template's edges
+    (gradient magnitude, whichever way the contrast runs) correlated with the screen's: the
+    same icon and text in a dark theme. A model opts in (model.json ``"any_theme": true``):
+    an app that tells two states apart by colour alone (a red icon and a grey one of the
+    same shape) must not.
     """
 
     kind: ClassVar[str] = "match"
@@ -68,8 +80,11 @@ class MatchCheck:
     threshold: float = 0.9
     max_shade: float = 40.0
     name: str = ""
+    #: also pass on the same shapes in other colours (another theme): see ``_structure``
+    any_theme: bool = False
     cost: int = field(default=1, init=False)  # cheap: the classifier runs these first
     _soft: Gray = field(init=False, repr=False)  # the template as it is compared: lightly blurred
+    _edges: np.ndarray | None = field(init=False, repr=False)  # its structure: gradient magnitude
 
     def __post_init__(self) -> None:
         th, tw = self.template.shape[:2]
@@ -85,6 +100,8 @@ class MatchCheck:
         # Blurred, then without its outermost pixels: the blur of a template's edge sees only
         # the template, the blur of the screen there sees the neighbours too.
         self._soft = soften(self.template)[1:-1, 1:-1] if min(th, tw) > 4 else self.template
+        # Its edges, without the outermost 2 px (the blur's and the gradient's own borders).
+        self._edges = edges(soften(self.template))[2:-2, 2:-2] if min(th, tw) > 8 else None
 
     @classmethod
     def from_frame(
@@ -111,7 +128,28 @@ class MatchCheck:
         patch = area[y : y + soft.shape[0], x : x + soft.shape[1]]
         shade = abs(float(patch.mean()) - float(soft.mean()))
         score = float(best) if shade <= self.max_shade else 0.0
+        if score < self.threshold and self.any_theme and self._edges is not None and inset:
+            # Another theme: the same shapes in other colours (dark on light turned light on
+            # dark). Their edges are where they were: compare the gradient magnitudes.
+            shape = self._structure(area)
+            if shape[0] > score:
+                return shape[0], (self.region.left + shape[1][0] - 2, self.region.top + shape[1][1] - 2)
         return score, at
+
+    def _structure(self, area: Gray) -> tuple[float, tuple[int, int]]:
+        """(correlation of edge magnitudes at the best place, that place in the area)."""
+        assert self._edges is not None
+        mine = self._edges
+        there = edges(area)
+        if there.shape[0] < mine.shape[0] or there.shape[1] < mine.shape[1]:
+            return 0.0, (0, 0)
+        result = cv2.matchTemplate(there, mine, cv2.TM_CCOEFF_NORMED)
+        _, best, _, (x, y) = cv2.minMaxLoc(result)
+        patch = there[y : y + mine.shape[0], x : x + mine.shape[1]]
+        # A near-flat patch has no shape to agree with: OpenCV scores such windows ±1.
+        if not np.isfinite(best) or float(patch.std()) < 0.25 * float(mine.std()):
+            return 0.0, (x, y)
+        return float(best), (x, y)
 
     def score(self, frame: Frame) -> float:
         return self.locate(frame)[0]

@@ -69,7 +69,7 @@ RESERVED = frozenset({UNKNOWN, WRONG_SCREEN, COVERED})
 #: names that become file names (states, templates): letters, digits, '_' and '-'
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
-_TOP = ("format", "name", "screen", "window", "states")
+_TOP = ("format", "name", "screen", "window", "any_theme", "states")
 _STATE = ("name", "overlay", "ready", "checks")
 _FIELDS = {
     "match": ("kind", "name", "template", "at", "threshold", "margin"),
@@ -126,6 +126,8 @@ class TemplateLibrary:
         #: placed relative to it, so a moved window, or another screen size, changes nothing
         #: (None: the model is tied to the screen, as recorded)
         self.window = window
+        #: its templates also pass on the same shapes in other colours (another theme)
+        self.any_theme = False
         self.states: list[dict[str, Any]] = []
         self.images: dict[str, Frame] = {}  # template file name → RGB pixels
         self._dirty: set[str] = set()  # templates recorded since loading: to be written
@@ -239,6 +241,7 @@ class TemplateLibrary:
             states.append(f"  {json.dumps(head)[:-1]}, \"checks\": [\n{checks}\n  ]}}")
         body = ",\n".join(states)
         window = f', "window": {json.dumps(list(self.window))}' if self.window is not None else ""
+        window += ', "any_theme": true' if self.any_theme else ""
         return (f'{{"format": {FORMAT}, "name": {json.dumps(self.name)}, "screen": {json.dumps(list(self.screen))}'
                 f'{window},\n "states": [\n{body}\n ]}}\n')
 
@@ -299,7 +302,8 @@ class TemplateLibrary:
         if kind == "pixels":
             return TemplateCheck(at, gray(image).astype(np.float32), threshold, name)
         sw, sh = self.screen
-        return MatchCheck(expand(at, int(c["margin"]), sw, sh), gray(image).copy(), threshold, name=name)
+        return MatchCheck(expand(at, int(c["margin"]), sw, sh), gray(image).copy(), threshold, name=name,
+                          any_theme=self.any_theme)
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -403,8 +407,11 @@ def _parse(data: Any, root: Traversable, where: str) -> TemplateLibrary:
         fail(f"'screen' must be [width, height] in pixels, not {screen!r}")
     if not isinstance(states, list) or not states:
         fail("'states' must be a non-empty list of states")
-    window = data.get("window")
+    window, any_theme = data.get("window"), data.get("any_theme", False)
+    if not isinstance(any_theme, bool):
+        fail(f"'any_theme' must be true or false, not {any_theme!r}")
     lib = TemplateLibrary(name, (screen[0], screen[1]))
+    lib.any_theme = any_theme
     if window is not None:
         try:
             lib.window = _box(window, "'window' (the app's main window when recorded)", lib.screen)

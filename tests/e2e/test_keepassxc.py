@@ -367,7 +367,7 @@ async def test_a_hung_keepassxc_showing_the_list_is_caught_by_the_window_systems
         events = await c.events(run["id"])
     steps = [e["data"] for e in events if e["kind"] == "playbook.step"]
     assert [(s["playbook"], s["from_state"]) for s in steps] == [("restart_app", "entries"), ("unlock", "locked")]
-    assert "did not answer the window system's ping (_NET_WM_PING)" in steps[0]["why"], steps[0]
+    assert "did not answer the window system's ping within" in steps[0]["why"], steps[0]
     assert fleet.desktop(machine).app_pid != pid
     assert run["output"]["exact"] == 1
 

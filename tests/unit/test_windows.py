@@ -1,12 +1,14 @@
 """The Windows path of ``deskfleet agent --desktop local``, on fakes of the Win32 surface.
 
 Nothing here runs on Windows. The fakes stand in for what ``deskfleet.desktop.windows``
-calls: the Win32 functions (kernel32, user32, wtsapi32), each with the prototype its
+calls: the Win32 functions (kernel32, user32, wtsapi32, dwmapi), each with the prototype its
 documentation gives — the module must declare the same one, and every argument it passes
 must convert to it — and the ``uiautomation`` package (a root control whose children are
 the top-level windows, ``SetActive``, ``Control(...).Exists``), which, like the real one,
 ignores search keywords it does not know and must be used inside
-``UIAutomationInitializerInThread`` off the main thread. What the fakes cannot prove —
+``UIAutomationInitializerInThread`` off the main thread. The fake session's top-level
+windows are listed by EnumWindows' callback in z-order, topmost first, as Windows lists them.
+What the fakes cannot prove —
 that Windows answers as its documentation says — is listed in docs/real-desktops.md.
 """
 
@@ -19,6 +21,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ from deskfleet import load_pack
 from deskfleet.agent.host import AgentHost, AgentHostConfig, _machine_host
 from deskfleet.agent.preflight import preflight
 from deskfleet.cli.agent import command_words
-from deskfleet.desktop import driver, windows
+from deskfleet.desktop import WindowFacts, driver, windows
 from deskfleet.desktop.driver import Host, RealDesktop
 from deskfleet.desktop.windows import ConsoleHost, console_problems, find_control
 from deskfleet.errors import ConfigError, DesktopError
@@ -45,6 +48,16 @@ from deskfleet.errors import ConfigError, DesktopError
 DWORD, BOOL, LONG, UINT, INT, HANDLE = ctypes.c_uint32, ctypes.c_int32, ctypes.c_int32, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p
 PVOID = ctypes.c_void_p
 P = ctypes.POINTER
+HWND, LPWSTR = ctypes.c_void_p, ctypes.c_wchar_p
+WPARAM, DWORD_PTR = ctypes.c_size_t, ctypes.c_size_t  # UINT_PTR, ULONG_PTR
+LPARAM, LRESULT = ctypes.c_ssize_t, ctypes.c_ssize_t  # LONG_PTR
+HRESULT = LONG
+WNDENUMPROC = getattr(ctypes, "WINFUNCTYPE", ctypes.CFUNCTYPE)(BOOL, HWND, LPARAM)  # stdcall on Windows
+
+
+class RECT(ctypes.Structure):  # windef.h
+    _fields_ = [("left", LONG), ("top", LONG), ("right", LONG), ("bottom", LONG)]
+
 
 #: name → (dll, argtypes, restype), from each function's page on learn.microsoft.com
 PROTOTYPES: dict[str, tuple[str, list[Any], Any]] = {
@@ -63,7 +76,51 @@ PROTOTYPES: dict[str, tuple[str, list[Any], Any]] = {
     "CloseDesktop": ("user32", [HANDLE], BOOL),
     # BOOL SystemParametersInfoW(UINT uiAction, UINT uiParam, PVOID pvParam, UINT fWinIni)
     "SystemParametersInfoW": ("user32", [UINT, UINT, PVOID, UINT], BOOL),
+    # BOOL EnumWindows(WNDENUMPROC lpEnumFunc, LPARAM lParam)
+    "EnumWindows": ("user32", [WNDENUMPROC, LPARAM], BOOL),
+    "IsWindow": ("user32", [HWND], BOOL),
+    "IsWindowVisible": ("user32", [HWND], BOOL),
+    "IsIconic": ("user32", [HWND], BOOL),
+    "GetWindowRect": ("user32", [HWND, P(RECT)], BOOL),
+    # HRESULT DwmGetWindowAttribute(HWND hwnd, DWORD dwAttribute, PVOID pvAttribute, DWORD cbAttribute)
+    "DwmGetWindowAttribute": ("dwmapi", [HWND, DWORD, PVOID, DWORD], HRESULT),
+    "GetWindowThreadProcessId": ("user32", [HWND, P(DWORD)], DWORD),
+    "GetWindowTextW": ("user32", [HWND, LPWSTR, INT], INT),
+    "GetClassNameW": ("user32", [HWND, LPWSTR, INT], INT),
+    "GetWindow": ("user32", [HWND, UINT], HWND),
+    "GetWindowLongW": ("user32", [HWND, INT], LONG),
+    "IsHungAppWindow": ("user32", [HWND], BOOL),
+    # LRESULT SendMessageTimeoutW(HWND, UINT Msg, WPARAM, LPARAM, UINT fuFlags, UINT uTimeout, PDWORD_PTR lpdwResult)
+    "SendMessageTimeoutW": ("user32", [HWND, UINT, WPARAM, LPARAM, UINT, UINT, P(DWORD_PTR)], LRESULT),
+    "PostMessageW": ("user32", [HWND, UINT, WPARAM, LPARAM], BOOL),
+    # BOOL SetWindowPos(HWND hWnd, HWND hWndInsertAfter, int X, int Y, int cx, int cy, UINT uFlags)
+    "SetWindowPos": ("user32", [HWND, HWND, INT, INT, INT, INT, UINT], BOOL),
 }
+
+# winuser.h, dwmapi.h, winerror.h
+WS_OVERLAPPEDWINDOW, WS_POPUP, WS_CAPTION, WS_SYSMENU, WS_BORDER = 0x00CF0000, 0x80000000, 0x00C00000, 0x00080000, 0x00800000
+WS_EX_TOPMOST, WS_EX_TOOLWINDOW, WS_EX_APPWINDOW = 0x00000008, 0x00000080, 0x00040000
+DIALOG = WS_POPUP | WS_CAPTION | WS_SYSMENU  # what DialogBox and MessageBox make
+WM_NULL, WM_CLOSE = 0x0000, 0x0010
+SMTO_BLOCK, SMTO_ABORTIFHUNG = 0x0001, 0x0002
+SWP_NOSIZE, SWP_NOMOVE, SWP_NOACTIVATE, SWP_ASYNCWINDOWPOS = 0x0001, 0x0002, 0x0010, 0x4000
+S_OK, E_HANDLE, DWM_E_COMPOSITIONDISABLED = 0, -0x7FF8FFFA, -0x7FF0DFFF  # HRESULTs as the LONG they are
+INVISIBLE_BORDER = 7  # GetWindowRect's resize borders on Windows 10 and 11, left, right and below
+
+
+def same_type(declared: Any, documented: Any) -> bool:
+    """The same C type: identical, or a pointer to a structure of the same layout (the module
+    writes its own RECT)."""
+    if declared is documented:
+        return True
+    if isinstance(declared, type) and isinstance(documented, type):
+        if issubclass(declared, ctypes._Pointer) and issubclass(documented, ctypes._Pointer):
+            return same_type(declared._type_, documented._type_)
+        if issubclass(declared, ctypes.Structure) and issubclass(documented, ctypes.Structure):
+            mine, theirs = declared._fields_, documented._fields_
+            return (ctypes.sizeof(declared) == ctypes.sizeof(documented) and len(mine) == len(theirs)
+                    and all(same_type(a[1], b[1]) for a, b in zip(mine, theirs, strict=True)))
+    return False
 
 
 class WTSINFOEX_LEVEL1_W(ctypes.Structure):  # wtsapi32.h, written out here independently of the module
@@ -90,6 +147,27 @@ def out(pointer: Any) -> Any:
 
 
 @dataclass
+class Win:
+    """A top-level window of the fake session."""
+
+    hwnd: int
+    pid: int
+    title: str = ""
+    rect: tuple[int, int, int, int] = (100, 100, 900, 700)  # left, top, right, bottom, as drawn
+    style: int = WS_OVERLAPPEDWINDOW
+    ex_style: int = 0
+    class_name: str = "AcmeMainWindow"
+    owner: int | None = None
+    visible: bool = True
+    iconic: bool = False
+    cloaked: bool = False  # DWM does not draw it (a suspended UWP app, another virtual desktop)
+    framed: bool = True  # DWM answers its extended frame bounds
+    hung: bool = False  # IsHungAppWindow: no message taken for 5 s
+    answers: bool = True  # its thread takes messages
+    delay: float = 0.0  # seconds its thread takes to get to a message
+
+
+@dataclass
 class Console:
     """A fake Windows session: what the fake Win32 functions report."""
 
@@ -104,6 +182,11 @@ class Console:
     allocated: dict[int, Any] = field(default_factory=dict)  # WTS buffers not yet freed
     opened: set[int] = field(default_factory=set)  # desktop handles not yet closed
     queried: list[int] = field(default_factory=list)  # sessions asked about
+    windows: list[Win] = field(default_factory=list)  # top-level windows, in z-order from the top
+    vanishing: set[int] = field(default_factory=set)  # windows that close once they were listed
+    sent: list[tuple[int, int, int, int]] = field(default_factory=list)  # SendMessageTimeout: hwnd, msg, flags, ms
+    posted: list[tuple[int, int]] = field(default_factory=list)  # PostMessage: hwnd, msg
+    positioned: list[tuple[int, int]] = field(default_factory=list)  # SetWindowPos: hwnd, flags
 
     def load(self, name: str, use_last_error: bool = False) -> FakeDLL:
         return FakeDLL(name.lower(), self)
@@ -166,6 +249,116 @@ class Console:
         out(value).value = int(self.screensaver)
         return 1
 
+    # -- windows
+    def window(self, hwnd: int | None) -> Win | None:
+        return next((w for w in self.windows if w.hwnd == hwnd), None)
+
+    def EnumWindows(self, callback: Any, param: int) -> int:
+        listed = list(self.windows)
+        for w in listed:
+            if not callback(w.hwnd, param):
+                break
+        self.windows = [w for w in self.windows if w.hwnd not in self.vanishing]  # closed meanwhile
+        return 1
+
+    def IsWindow(self, hwnd: int) -> int:
+        return int(self.window(hwnd) is not None)
+
+    def IsWindowVisible(self, hwnd: int) -> int:
+        w = self.window(hwnd)
+        return int(w is not None and w.visible)
+
+    def IsIconic(self, hwnd: int) -> int:
+        w = self.window(hwnd)
+        return int(w is not None and w.iconic)
+
+    def GetWindowRect(self, hwnd: int, rect: Any) -> int:
+        w = self.window(hwnd)
+        if w is None:
+            return 0
+        r, (left, top, right, bottom) = out(rect), w.rect
+        r.left, r.top, r.right, r.bottom = left - INVISIBLE_BORDER, top, right + INVISIBLE_BORDER, bottom + INVISIBLE_BORDER
+        return 1
+
+    def DwmGetWindowAttribute(self, hwnd: int, attribute: int, value: Any, size: int) -> int:
+        w = self.window(hwnd)
+        if w is None:
+            return E_HANDLE
+        if attribute == 14:  # DWMWA_CLOAKED
+            assert size == 4
+            out(value).value = 2 if w.cloaked else 0  # DWM_CLOAKED_SHELL
+            return S_OK
+        assert attribute == 9 and size == ctypes.sizeof(RECT)  # DWMWA_EXTENDED_FRAME_BOUNDS
+        if not w.framed:
+            return DWM_E_COMPOSITIONDISABLED
+        r = out(value)
+        r.left, r.top, r.right, r.bottom = w.rect
+        return S_OK
+
+    def GetWindowThreadProcessId(self, hwnd: int, pid: Any) -> int:
+        w = self.window(hwnd)
+        if w is None:
+            return 0
+        out(pid).value = w.pid
+        return w.pid + 1  # its thread
+
+    def GetWindowTextW(self, hwnd: int, text: Any, size: int) -> int:
+        w = self.window(hwnd)
+        text.value = w.title[: size - 1] if w else ""
+        return len(text.value)
+
+    def GetClassNameW(self, hwnd: int, text: Any, size: int) -> int:
+        w = self.window(hwnd)
+        text.value = w.class_name[: size - 1] if w else ""
+        return len(text.value)
+
+    def GetWindow(self, hwnd: int, command: int) -> int | None:
+        assert command == 4  # GW_OWNER
+        w = self.window(hwnd)
+        return w.owner if w else None
+
+    def GetWindowLongW(self, hwnd: int, index: int) -> int:
+        w = self.window(hwnd)
+        value = 0 if w is None else {-16: w.style, -20: w.ex_style}[index]  # GWL_STYLE, GWL_EXSTYLE
+        return ctypes.c_int32(value).value  # a LONG: WS_POPUP is its sign bit
+
+    def IsHungAppWindow(self, hwnd: int) -> int:
+        w = self.window(hwnd)
+        return int(w is not None and w.hung)
+
+    def SendMessageTimeoutW(self, hwnd: int, message: int, wparam: int, lparam: int, flags: int, timeout: int,
+                            result: Any) -> int:
+        self.sent.append((hwnd, message, flags, timeout))
+        w = self.window(hwnd)
+        if w is None or (w.hung and flags & SMTO_ABORTIFHUNG):
+            return 0
+        if not w.answers or w.delay * 1000 > timeout:
+            time.sleep(timeout / 1000)
+            return 0  # timed out
+        time.sleep(w.delay)
+        out(result).value = 0
+        return 1
+
+    def PostMessageW(self, hwnd: int | None, message: int, wparam: int, lparam: int) -> int:
+        if not hwnd or hwnd == 0xFFFF:  # to the caller's thread; HWND_BROADCAST: to every top-level window
+            self.posted.append((hwnd or 0, message))
+            return 1
+        if self.window(hwnd) is None:
+            return 0
+        self.posted.append((hwnd, message))
+        return 1
+
+    def SetWindowPos(self, hwnd: int, after: int | None, x: int, y: int, cx: int, cy: int, flags: int) -> int:
+        w = self.window(hwnd)
+        if w is None:
+            return 0
+        assert not after  # HWND_TOP
+        self.positioned.append((hwnd, flags))
+        self.windows.remove(w)  # to the top of its band: topmost windows stay above the others
+        band = 0 if w.ex_style & WS_EX_TOPMOST else sum(1 for v in self.windows if v.ex_style & WS_EX_TOPMOST)
+        self.windows.insert(band, w)
+        return 1
+
 
 class FakeDLL:
     def __init__(self, name: str, console: Console) -> None:
@@ -191,10 +384,13 @@ class FakeFunction:
 
     def __call__(self, *args: Any) -> Any:
         argtypes, restype = self.documented
-        assert self.argtypes == argtypes, f"{self.name}: argtypes {self.argtypes}, documented {argtypes}"
+        declared = self.argtypes
+        assert declared is not None and len(declared) == len(argtypes) and all(
+            same_type(d, a) for d, a in zip(declared, argtypes, strict=True)), \
+            f"{self.name}: argtypes {declared}, documented {argtypes}"
         assert self.restype is restype, f"{self.name}: restype {self.restype}, documented {restype}"
         assert len(args) == len(argtypes), f"{self.name}: {len(args)} arguments"
-        for kind, arg in zip(argtypes, args, strict=True):
+        for kind, arg in zip(declared, args, strict=True):
             kind.from_param(arg)  # raises as ctypes would on the wrong kind of argument
         if self.name in self.console.failing:
             return 0
@@ -462,6 +658,174 @@ def test_the_boot_id_holds_while_the_clock_moves(win: Fakes, monkeypatch: pytest
     assert ConsoleHost().boot_id() != first  # a later boot (another process, another time) is another id
 
 
+# -- window facts through Win32 ---------------------------------------------------------------------
+
+APP, OTHER, SHELL = 4242, 5150, 3030  # the app's pid, another program's, explorer's
+MAIN, DIALOG_, MENU, NOTEPAD, TASKBAR = 0x0003_04A2, 0x0002_0B14, 0x0001_0C36, 0x0004_0D58, 0x0001_0010
+
+
+def main_window(**kwargs: Any) -> Win:
+    return Win(MAIN, APP, "Acme ERP — Orders", **kwargs)
+
+
+def ids(found: list[Any]) -> list[int]:
+    return [w.id for w in found]
+
+
+def test_windows_are_listed_bottom_to_top_with_owner_pid_title_and_frame(win: Fakes) -> None:
+    console = win.console
+    console.windows = [  # z-order, from the top
+        Win(MENU, APP, "", (150, 130, 350, 330), WS_POPUP | WS_BORDER, WS_EX_TOOLWINDOW | WS_EX_TOPMOST, "#32768",
+            owner=MAIN),
+        Win(DIALOG_, APP, "Save changes?", (300, 250, 700, 450), DIALOG, 0, "#32770", owner=MAIN),
+        Win(NOTEPAD, OTHER, "notes.txt - Notepad", (600, 50, 1200, 600), class_name="Notepad"),
+        main_window(),
+    ]
+    found = in_thread(ConsoleHost().windows)  # the driver lists from a worker thread
+    assert ids(found) == [MAIN, NOTEPAD, DIALOG_, MENU]
+    main, notepad, dialog, menu = found
+    assert (main.title, main.pid, main.dialog_of, main.popup) == ("Acme ERP — Orders", APP, None, False)
+    assert main.rect == (100, 100, 800, 600)  # as drawn: not GetWindowRect's invisible borders
+    assert (notepad.pid, notepad.title, notepad.dialog_of) == (OTHER, "notes.txt - Notepad", None)
+    assert (dialog.dialog_of, dialog.popup, dialog.rect) == (MAIN, False, (300, 250, 400, 200))
+    assert (menu.dialog_of, menu.popup) == (MAIN, True)
+    assert main.protocols == dialog.protocols == {"WM_DELETE_WINDOW", "_NET_WM_PING"}  # what the driver asks
+    assert menu.protocols == {"_NET_WM_PING"}  # a menu is closed by Escape, not by WM_CLOSE
+    assert "a dialog 400x200 at 300,250" in dialog.describe() and "a menu" in menu.describe()
+
+
+def test_hidden_minimised_cloaked_empty_and_vanished_windows_are_not_listed(win: Fakes) -> None:
+    console = win.console
+    console.windows = [
+        Win(0x10, APP, "hidden helper", visible=False),
+        Win(0x20, APP, "Acme ERP — Reports", iconic=True),
+        Win(0x30, SHELL, "Microsoft Text Input Application", (0, 0, 1920, 1080), cloaked=True),
+        Win(0x40, OTHER, "empty", (500, 500, 500, 700)),
+        Win(0x50, OTHER, "closing", (0, 0, 300, 300)),
+        Win(0x60, OTHER, "no DWM frame", (10, 20, 110, 220), framed=False),
+        main_window(),
+    ]
+    console.vanishing = {0x50}  # closed between EnumWindows and the questions about it
+    found = ConsoleHost().windows()
+    assert ids(found) == [MAIN, 0x60]
+    assert found[1].rect == (10 - INVISIBLE_BORDER, 20, 100 + 2 * INVISIBLE_BORDER, 200 + INVISIBLE_BORDER)  # GetWindowRect
+
+
+def test_a_refused_listing_is_an_error_the_driver_takes_as_no_listing(win: Fakes) -> None:
+    win.console.failing = {"EnumWindows"}
+    with pytest.raises(DesktopError, match="EnumWindows"):
+        ConsoleHost().windows()
+
+
+@pytest.mark.parametrize(("class_name", "style", "ex_style", "popup"), [
+    ("#32768", WS_POPUP | WS_BORDER, WS_EX_TOOLWINDOW | WS_EX_TOPMOST, True),  # a menu
+    ("tooltips_class32", WS_POPUP, WS_EX_TOOLWINDOW | WS_EX_TOPMOST, True),
+    ("ComboLBox", WS_POPUP | WS_BORDER, WS_EX_TOOLWINDOW | WS_EX_TOPMOST, True),  # a combo box's list
+    ("#32768", WS_POPUP, 0, True),  # the menu class, whatever its styles
+    ("Qt5QWindowPopupDropShadowSaveBits", WS_POPUP, WS_EX_TOOLWINDOW, True),  # a Qt menu
+    ("#32770", DIALOG, 0, False),  # a dialog box
+    ("#32770", DIALOG, WS_EX_TOPMOST, False),  # an always-on-top message box is still a dialog
+    ("Chrome_WidgetWin_1", WS_POPUP, 0, False),  # a custom-drawn dialog, no title bar of its own
+    ("KioskMain", WS_POPUP, WS_EX_TOPMOST | WS_EX_APPWINDOW, False),  # has a taskbar button: an app
+    ("AcmeMainWindow", WS_OVERLAPPEDWINDOW, WS_EX_TOOLWINDOW, False),  # a tool palette with a title bar
+], ids=["menu", "tooltip", "combo-list", "menu-class", "qt-menu", "dialog", "topmost-dialog", "captionless-dialog",
+        "kiosk", "palette"])
+def test_menus_tooltips_and_drop_downs_are_popups_dialogs_are_not(
+        win: Fakes, class_name: str, style: int, ex_style: int, popup: bool) -> None:
+    win.console.windows = [Win(DIALOG_, APP, "", (200, 200, 400, 400), style, ex_style, class_name, owner=MAIN),
+                           main_window()]
+    found = ConsoleHost().windows()
+    assert ids(found) == [MAIN, DIALOG_] and found[1].popup is popup
+    assert found[1].dialog_of == MAIN
+
+
+def test_a_hidden_owner_makes_no_dialog(win: Fakes) -> None:
+    """Delphi and VB6 apps own their main window by a hidden application window."""
+    parking = Win(0x0005_0002, APP, "Acme", (0, 0, 0, 0), WS_POPUP, 0, "TApplication", visible=False)
+    win.console.windows = [Win(DIALOG_, APP, "Error", (300, 300, 600, 450), DIALOG, 0, "#32770", owner=MAIN),
+                           main_window(owner=parking.hwnd), parking]
+    found = ConsoleHost().windows()
+    assert [(w.id, w.dialog_of) for w in found] == [(MAIN, None), (DIALOG_, MAIN)]
+    facts = WindowFacts.of(found, APP)
+    assert facts.main is not None and facts.main.id == MAIN and ids(list(facts.above)) == [DIALOG_]
+
+
+def test_window_facts_find_the_main_window_and_a_foreign_window_over_it(win: Fakes) -> None:
+    win.console.windows = [
+        Win(TASKBAR, SHELL, "", (0, 1040, 1920, 1080), WS_POPUP, WS_EX_TOOLWINDOW | WS_EX_TOPMOST, "Shell_TrayWnd"),
+        Win(NOTEPAD, OTHER, "notes.txt - Notepad", (600, 50, 1200, 600), class_name="Notepad"),  # the foreground
+        Win(0x0006_0001, OTHER, "Calculator", (1500, 40, 1800, 400)),  # over the app's place, not over the app
+        Win(DIALOG_, APP, "Save changes?", (700, 400, 1100, 600), DIALOG, 0, "#32770", owner=MAIN),
+        main_window(rect=(0, 0, 1400, 1040)),  # maximised to the work area
+        Win(0x0007_0001, SHELL, "Program Manager", (0, 0, 1920, 1080), class_name="Progman"),
+    ]
+    found = ConsoleHost().windows()
+    facts = WindowFacts.of(found, APP, title="^Acme ERP")
+    assert facts.main is not None and facts.main.id == MAIN
+    # bottom to top; the taskbar borders the window as drawn (GetWindowRect's would overlap it)
+    assert ids(list(facts.above)) == [DIALOG_, NOTEPAD]
+    assert [w.pid for w in facts.above] == [APP, OTHER]
+
+
+def test_ping_times_a_window_that_answers(win: Fakes) -> None:
+    win.console.windows = [main_window(delay=0.02)]
+    took = in_thread(lambda: ConsoleHost().ping(MAIN, 0.5))
+    assert took is not None and 0.02 <= took < 0.5
+    assert win.console.sent == [(MAIN, WM_NULL, SMTO_BLOCK | SMTO_ABORTIFHUNG, 500)]
+
+
+def test_ping_of_a_hung_window_is_none_without_waiting(win: Fakes) -> None:
+    win.console.windows = [main_window(hung=True, answers=False)]
+    started = time.monotonic()
+    assert ConsoleHost().ping(MAIN, 2.0) is None
+    assert time.monotonic() - started < 0.5 and win.console.sent == []  # IsHungAppWindow said so at once
+
+
+def test_ping_of_a_busy_or_gone_window_is_none_after_its_timeout(win: Fakes) -> None:
+    win.console.windows = [main_window(answers=False)]  # busy: not yet hung by Windows' 5-second rule
+    host = ConsoleHost()
+    started = time.monotonic()
+    assert host.ping(MAIN, 0.1) is None
+    assert time.monotonic() - started >= 0.1 and win.console.sent[-1][3] == 100
+    assert host.ping(0x0BAD, 0.1) is None  # no such window
+
+
+def test_close_window_posts_wm_close_to_a_live_window_only(win: Fakes) -> None:
+    win.console.windows = [Win(DIALOG_, APP, "Save changes?", (300, 250, 700, 450), DIALOG, 0, "#32770", owner=MAIN),
+                           main_window()]
+    host = ConsoleHost()
+    assert host.close_window(DIALOG_) is True
+    assert win.console.posted == [(DIALOG_, WM_CLOSE)]
+    win.console.windows.pop(0)  # it went
+    assert host.close_window(DIALOG_) is False
+    assert host.close_window(0) is host.close_window(0xFFFF) is False  # PostMessage would take both: no window
+    win.console.failing = {"PostMessageW"}  # UIPI: an elevated window takes no message from us
+    assert host.close_window(MAIN) is False
+    assert win.console.posted == [(DIALOG_, WM_CLOSE)]
+
+
+def test_raise_app_brings_its_windows_over_the_others_keeping_their_order(win: Fakes) -> None:
+    tooltip = Win(0x0008_0001, APP, "", (120, 120, 220, 140), WS_POPUP, WS_EX_TOOLWINDOW | WS_EX_TOPMOST,
+                  "tooltips_class32")
+    taskbar = Win(TASKBAR, SHELL, "", (0, 1040, 1920, 1080), WS_POPUP, WS_EX_TOOLWINDOW | WS_EX_TOPMOST, "Shell_TrayWnd")
+    win.console.windows = [
+        taskbar, tooltip,
+        Win(NOTEPAD, OTHER, "notes.txt - Notepad", (0, 0, 1200, 900), class_name="Notepad"),
+        Win(DIALOG_, APP, "Save changes?", (300, 250, 700, 450), DIALOG, 0, "#32770", owner=MAIN),
+        main_window(),
+        Win(0x0009_0001, APP, "Acme ERP — minimised", iconic=True),
+    ]
+    host = ConsoleHost()
+    assert ids(list(WindowFacts.of(host.windows(), APP).above)) == [DIALOG_, NOTEPAD, tooltip.hwnd]
+    assert in_thread(lambda: host.raise_app(APP)) == 2
+    assert [h for h, _ in win.console.positioned] == [MAIN, DIALOG_]  # bottom to top
+    assert all(f == SWP_NOMOVE | SWP_NOSIZE | SWP_NOACTIVATE | SWP_ASYNCWINDOWPOS for _, f in win.console.positioned)
+    assert ids(host.windows()) == [NOTEPAD, MAIN, DIALOG_, tooltip.hwnd, TASKBAR]
+    facts = WindowFacts.of(host.windows(), APP)
+    assert ids(list(facts.above)) == [DIALOG_, tooltip.hwnd]  # Notepad is no longer over the app
+    assert host.raise_app(OTHER + 1) == 0
+
+
 # -- reboot --------------------------------------------------------------------------------------
 
 
@@ -675,3 +1039,35 @@ async def test_the_host_is_called_from_worker_threads_inside_ui_automation(conso
     host = await asyncio.to_thread(ConsoleHost)
     assert await asyncio.to_thread(host.find_window, "^Tiny") == m.app.pid
     assert await asyncio.to_thread(host.show_window, m.app.pid)
+
+
+async def test_on_windows_the_desktop_sees_what_covers_the_app_and_whether_it_answers(
+        console_machine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver finds the Win32 window facts as it finds X11's: by the host's methods."""
+    m = console_machine
+    monkeypatch.setattr(driver, "LISTING_REUSE", 0.0)
+    console = m.win.console
+    console.windows = [Win(NOTEPAD, OTHER, "notes.txt - Notepad", (100, 100, 400, 300), class_name="Notepad"),
+                       Win(MAIN, m.app.pid, "Tiny — Orders", (0, 0, 320, 240))]
+    await m.host.start()
+    try:
+        desktop = m.host.desktops[0]
+        facts = await desktop.app_windows()
+        assert facts is not None and facts.main is not None and facts.main.id == MAIN
+        assert [(w.id, w.pid) for w in facts.above] == [(NOTEPAD, OTHER)]
+        assert await desktop.app_answers() is True
+        console.windows[1].hung = True
+        assert await desktop.app_answers() is False
+        console.windows[1].hung = False
+        await desktop.bring_to_front()
+        assert console.positioned == [(MAIN, SWP_NOMOVE | SWP_NOSIZE | SWP_NOACTIVATE | SWP_ASYNCWINDOWPOS)]
+        facts = await desktop.app_windows()
+        assert facts is not None and facts.above == ()
+        console.windows.insert(0, Win(DIALOG_, m.app.pid, "Error", (50, 50, 250, 150), DIALOG, 0, "#32770",
+                                      owner=MAIN))
+        facts = await desktop.app_windows()
+        assert facts is not None and [w.id for w in facts.above] == [DIALOG_]
+        assert await desktop.close_window(facts.above[0]) is True
+        assert console.posted == [(DIALOG_, WM_CLOSE)]
+    finally:
+        await m.host.close()

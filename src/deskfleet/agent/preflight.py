@@ -9,7 +9,8 @@ needs — or bring it there with the app model's playbooks (invariant 5).
 On a real desktop the window system has its say beside the pixels: a window over the app
 that the recognised state does not account for makes it ``covered`` (never ready), and a
 ready screen counts only if the app answers the window system's ping (X11 ``_NET_WM_PING``,
-for toolkits that speak it: Qt, GTK) before the pack's probe runs.
+for toolkits that speak it: Qt, GTK; on Windows ``IsHungAppWindow`` and a ``WM_NULL`` sent
+with ``SendMessageTimeout``) before the pack's probe runs.
 
 A state must *settle* before pre-flight acts on it: a screen that a recovery would act on
 must hold for the model's settle time (and frames) — a black frame between two windows, a
@@ -101,7 +102,7 @@ async def preflight(
         if frame is not None and model.is_ready(seen.state, wanted):
             if isinstance(desktop, SeesWindows) and await desktop.app_answers(PING_TIMEOUT) is False:
                 playbook_name = model.on_unresponsive
-                why = (f"the application did not answer the window system's ping (_NET_WM_PING) within "
+                why = (f"the application did not answer the window system's ping within "
                        f"{PING_TIMEOUT:g}s: its event loop is stuck (hung)")
             elif model.probe is not None:
                 ok, reason = _probe_answer(await model.probe(desktop))

@@ -57,7 +57,7 @@ class Window:
     pid: int | None  # of the process that owns it
     dialog_of: int | None = None  # the window it is a dialog of (X11: WM_TRANSIENT_FOR; Windows: owner)
     popup: bool = False  # a menu, a tooltip, a drop-down list (X11: override-redirect)
-    protocols: frozenset[str] = frozenset()  # X11 WM_PROTOCOLS it speaks (WM_DELETE_WINDOW, _NET_WM_PING)
+    protocols: frozenset[str] = frozenset()  # WM_DELETE_WINDOW, _NET_WM_PING: X11 WM_PROTOCOLS; on Windows, the capability they name
 
     def overlaps(self, other: Region) -> bool:
         r = self.rect

@@ -8,8 +8,10 @@ module imports anywhere:
 - :class:`ConsoleHost` — the :class:`~deskfleet.desktop.driver.Host` of the interactive
   session an agent runs in (``deskfleet agent --desktop local`` on Windows): boot id and
   time from the OS, the app's top-level windows through UI Automation (found by title to
-  take over a running app, brought to the foreground by process id), a reboot through
-  the operator's ``--reboot-command``;
+  take over a running app, brought to the foreground by process id), the window facts
+  beside the pixels through Win32 (the session's windows in z-order with their owners and
+  popups, a ping — ``IsHungAppWindow``, ``SendMessageTimeout`` — closing a window, raising
+  the app), a reboot through the operator's ``--reboot-command``;
 - :func:`console_problems` — why this session cannot be driven unattended, one line each
   that says what to do: a service session (no desktop at all), a disconnected remote
   session (nothing drawn, input fails), a locked screen or another desktop taking the
@@ -44,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from ..errors import ConfigError, DesktopError
-from . import Region
+from . import Region, Window
 
 if TYPE_CHECKING:
     from .driver import Host
@@ -79,6 +81,29 @@ DESKTOP_READOBJECTS = 0x0001
 DESKTOP_SWITCHDESKTOP = 0x0100
 UOI_NAME = 2
 SPI_GETSCREENSAVERRUNNING = 0x0072
+
+# window facts (winuser.h, dwmapi.h)
+HWND = ctypes.c_void_p
+WPARAM, LPARAM = ctypes.c_size_t, ctypes.c_ssize_t  # pointer-sized, as LRESULT and DWORD_PTR
+GW_OWNER = 4
+GWL_STYLE, GWL_EXSTYLE = -16, -20
+WS_POPUP, WS_CAPTION = 0x80000000, 0x00C00000  # WS_CAPTION: WS_BORDER | WS_DLGFRAME
+WS_EX_TOPMOST, WS_EX_TOOLWINDOW, WS_EX_APPWINDOW, WS_EX_NOACTIVATE = 0x00000008, 0x00000080, 0x00040000, 0x08000000
+DWMWA_EXTENDED_FRAME_BOUNDS, DWMWA_CLOAKED = 9, 14
+WM_NULL, WM_CLOSE = 0x0000, 0x0010
+SMTO_BLOCK, SMTO_ABORTIFHUNG = 0x0001, 0x0002
+HWND_TOP = 0
+SWP_NOSIZE, SWP_NOMOVE, SWP_NOACTIVATE, SWP_ASYNCWINDOWPOS = 0x0001, 0x0002, 0x0010, 0x4000
+#: window classes that are popups whatever their styles: menus, tooltips, combo boxes'
+#: drop-down lists, menus' drop shadows
+POPUP_CLASSES = frozenset({"#32768", "tooltips_class32", "combolbox", "sysshadow"})
+#: what every top-level window takes, named as the driver asks for it (X11's WM_PROTOCOLS
+#: names): WM_CLOSE, the close request of its title bar's button, and a ping, since
+#: SendMessageTimeout reaches any window whose thread runs its message loop
+WINDOW_PROTOCOLS = frozenset({"WM_DELETE_WINDOW", "_NET_WM_PING"})
+#: a popup takes no close request: it has no close button, and destroying a menu inside
+#: TrackPopupMenu's loop is not what Escape (the way to close one) does
+POPUP_PROTOCOLS = frozenset({"_NET_WM_PING"})
 
 # -- what to tell the operator, one line per problem -------------------------------------------
 
@@ -247,6 +272,122 @@ def _declare(dll: Any, name: str, argtypes: list[Any], restype: Any) -> Any:
     return function
 
 
+class _RECT(ctypes.Structure):
+    _fields_ = [("left", LONG), ("top", LONG), ("right", LONG), ("bottom", LONG)]
+
+
+# EnumWindows' callback: BOOL CALLBACK EnumWindowsProc(HWND, LPARAM), stdcall on Windows
+_WNDENUMPROC = getattr(ctypes, "WINFUNCTYPE", ctypes.CFUNCTYPE)(BOOL, HWND, LPARAM)
+
+
+class _Win32Windows:
+    """The Win32 functions the window facts call (user32, dwmapi), declared as :class:`_Win32`
+    declares its own. None of them waits on another process's window thread, so listing never
+    blocks on a hung application; the one that would (SetWindowPos) is asked asynchronously,
+    and the ping has its timeout."""
+
+    def __init__(self) -> None:
+        load = ctypes.WinDLL  # type: ignore[attr-defined]
+        user32 = load("user32", use_last_error=True)
+        dwmapi = load("dwmapi", use_last_error=True)
+        self.EnumWindows = _declare(user32, "EnumWindows", [_WNDENUMPROC, LPARAM], BOOL)
+        self.IsWindow = _declare(user32, "IsWindow", [HWND], BOOL)
+        self.IsWindowVisible = _declare(user32, "IsWindowVisible", [HWND], BOOL)
+        self.IsIconic = _declare(user32, "IsIconic", [HWND], BOOL)
+        self.GetWindowRect = _declare(user32, "GetWindowRect", [HWND, ctypes.POINTER(_RECT)], BOOL)
+        self.DwmGetWindowAttribute = _declare(dwmapi, "DwmGetWindowAttribute",
+                                              [HWND, DWORD, ctypes.c_void_p, DWORD], LONG)  # HRESULT
+        self.GetWindowThreadProcessId = _declare(user32, "GetWindowThreadProcessId",
+                                                 [HWND, ctypes.POINTER(DWORD)], DWORD)
+        self.GetWindowTextW = _declare(user32, "GetWindowTextW", [HWND, ctypes.c_wchar_p, ctypes.c_int],
+                                       ctypes.c_int)
+        self.GetClassNameW = _declare(user32, "GetClassNameW", [HWND, ctypes.c_wchar_p, ctypes.c_int], ctypes.c_int)
+        self.GetWindow = _declare(user32, "GetWindow", [HWND, UINT], HWND)
+        self.GetWindowLongW = _declare(user32, "GetWindowLongW", [HWND, ctypes.c_int], LONG)
+        self.IsHungAppWindow = _declare(user32, "IsHungAppWindow", [HWND], BOOL)
+        self.SendMessageTimeoutW = _declare(
+            user32, "SendMessageTimeoutW",
+            [HWND, UINT, WPARAM, LPARAM, UINT, UINT, ctypes.POINTER(ctypes.c_size_t)], LPARAM)  # LRESULT
+        self.PostMessageW = _declare(user32, "PostMessageW", [HWND, UINT, WPARAM, LPARAM], BOOL)
+        self.SetWindowPos = _declare(user32, "SetWindowPos",
+                                     [HWND, HWND, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, UINT], BOOL)
+
+    def top_to_bottom(self) -> list[int]:
+        """Every top-level window of this desktop, in z-order from the top."""
+        found: list[int] = []
+
+        def collect(hwnd: int | None, _: int) -> bool:
+            if hwnd:
+                found.append(hwnd)
+            return True
+
+        if not self.EnumWindows(_WNDENUMPROC(collect), 0):
+            raise DesktopError(f"Windows did not list the desktop's windows (EnumWindows: error {_last_error()})")
+        return found
+
+    def describe(self, hwnd: int) -> Window | None:
+        """``hwnd`` as a :class:`Window`; None when nobody sees it (hidden, minimised, cloaked,
+        empty) or it went away meanwhile."""
+        if not self.IsWindowVisible(hwnd) or self.IsIconic(hwnd) or self._cloaked(hwnd):
+            return None
+        rect = self._rect(hwnd)
+        pid = DWORD()
+        if rect is None or rect.width <= 0 or rect.height <= 0 or not self.GetWindowThreadProcessId(
+                hwnd, ctypes.byref(pid)):
+            return None
+        style = self.GetWindowLongW(hwnd, GWL_STYLE) & 0xFFFFFFFF
+        ex_style = self.GetWindowLongW(hwnd, GWL_EXSTYLE) & 0xFFFFFFFF
+        popup = _is_popup(style, ex_style, self._text(self.GetClassNameW, hwnd))
+        # A hidden owner is no window the user sees: Delphi, VB6 and WinForms apps park their
+        # main window under one. Their main window is then no dialog of anything.
+        owner = self.GetWindow(hwnd, GW_OWNER)
+        return Window(int(hwnd), self._text(self.GetWindowTextW, hwnd), rect, pid.value or None,
+                      dialog_of=int(owner) if owner and self.IsWindowVisible(owner) else None, popup=popup,
+                      protocols=POPUP_PROTOCOLS if popup else WINDOW_PROTOCOLS)
+
+    def _cloaked(self, hwnd: int) -> bool:
+        """Visible to USER but not drawn by DWM: a UWP app suspended or another virtual desktop's
+        window (the input panel lies, cloaked, over the whole screen)."""
+        cloaked = DWORD()
+        return (self.DwmGetWindowAttribute(hwnd, DWMWA_CLOAKED, ctypes.byref(cloaked), ctypes.sizeof(cloaked)) == 0
+                and cloaked.value != 0)
+
+    def _rect(self, hwnd: int) -> Region | None:
+        # DWM's extended frame bounds are what is drawn, in physical pixels like mss's frames.
+        # GetWindowRect adds the invisible resize borders of Windows 10 and 11 (≈ 7 px left,
+        # right and below: a maximised window would overlap the taskbar, side-by-side windows
+        # each other) and is scaled down for a process not DPI aware. It stays the fallback
+        # for a window DWM does not frame.
+        r = _RECT()
+        if self.DwmGetWindowAttribute(hwnd, DWMWA_EXTENDED_FRAME_BOUNDS, ctypes.byref(r), ctypes.sizeof(r)) != 0 \
+                and not self.GetWindowRect(hwnd, ctypes.byref(r)):
+            return None
+        return Region(r.left, r.top, r.right - r.left, r.bottom - r.top)
+
+    @staticmethod
+    def _text(function: Any, hwnd: int) -> str:
+        # Another process's window title is read without a message to it (GetWindowText's
+        # documentation): a hung app cannot hold the listing up.
+        buffer = ctypes.create_unicode_buffer(512)
+        return str(buffer.value) if function(hwnd, buffer, len(buffer)) > 0 else ""
+
+
+def _is_popup(style: int, ex_style: int, class_name: str) -> bool:
+    """A menu, a tooltip or a drop-down list, as opposed to a dialog or a main window.
+
+    Windows has no override-redirect flag; the rule: one of the system's popup classes
+    (:data:`POPUP_CLASSES`), or a WS_POPUP window without a title bar (WS_CAPTION) that is
+    a tool window, topmost or never activated — what toolkits give their menus and tooltips
+    (Qt, WPF, Chromium) — unless it asks for a taskbar button (WS_EX_APPWINDOW). A dialog
+    (WS_POPUP | WS_CAPTION, owned) is no popup, nor is a captionless window that is none of
+    those (a custom-drawn dialog, a full-screen app's main window)."""
+    if class_name.lower() in POPUP_CLASSES:
+        return True
+    if not style & WS_POPUP or style & WS_CAPTION == WS_CAPTION or ex_style & WS_EX_APPWINDOW:
+        return False
+    return bool(ex_style & (WS_EX_TOOLWINDOW | WS_EX_TOPMOST | WS_EX_NOACTIVATE))
+
+
 def console_problems() -> list[str]:
     """What keeps this session from being driven unattended, one line each that says what to
     do (an empty list: nothing). A question Windows will not answer counts against nothing."""
@@ -298,6 +439,7 @@ class ConsoleHost:
         _require_windows()
         self._auto = _uiautomation()  # a missing extra fails at start, with the fix
         self.reboot_command = list(reboot_command or [])
+        self._user = _Win32Windows()
         # Cached: psutil derives Windows' boot time from the clock minus the uptime, so it
         # moves with clock adjustments and by a second between processes (psutil #1007).
         self._booted_at = float(psutil.boot_time())
@@ -369,6 +511,70 @@ class ConsoleHost:
             except Exception:  # COMError: it went away between the listing and the question
                 continue
         return found
+
+    # -- window facts: what Windows says beside the pixels (see RealDesktop.app_windows) ------------
+
+    def windows(self) -> list[Window]:
+        """The session's top-level windows a user sees, bottom to top: visible, not minimised,
+        not cloaked, not empty. ``rect`` is the frame as drawn, title bar included (X11's is
+        the client window); ``dialog_of`` the visible owner; ``popup`` see :func:`_is_popup`.
+
+        EnumWindows gives the z-order, topmost windows first, so nothing else is needed to
+        put a window over the app: the foreground window — another program's, say, that took
+        the foreground — is normally the top non-topmost window, so it comes after the app's
+        in this list, as any window stacked over it does."""
+        user = self._user
+        found = (user.describe(hwnd) for hwnd in reversed(user.top_to_bottom()))
+        return [window for window in found if window is not None]
+
+    def ping(self, window: int, timeout: float = 0.5) -> float | None:
+        """Seconds ``window``'s thread took to take a message (WM_NULL: it does nothing);
+        None: it did not within ``timeout``, it is hung, or it is gone."""
+        user = self._user
+        if user.IsHungAppWindow(window):
+            return None  # no message handled for 5 s (Windows' rule): no need to wait again
+        result = ctypes.c_size_t()
+        started = time.monotonic()
+        # SMTO_ABORTIFHUNG: give up at once on a window that turned hung meanwhile
+        if not user.SendMessageTimeoutW(window, WM_NULL, 0, 0, SMTO_BLOCK | SMTO_ABORTIFHUNG,
+                                        max(1, round(timeout * 1000)), ctypes.byref(result)):
+            return None
+        return time.monotonic() - started
+
+    def close_window(self, window: int) -> bool:
+        """Post ``window`` WM_CLOSE, what its title bar's close button sends (a dialog takes
+        it as Cancel); False when the window is gone or may not be posted to (UIPI: an
+        elevated window refuses messages from an agent that is not)."""
+        user = self._user
+        if not user.IsWindow(window):  # PostMessage would take 0 (this thread) and 0xFFFF (every window)
+            return False
+        if not user.PostMessageW(window, WM_CLOSE, 0, 0):
+            log.debug("PostMessage(WM_CLOSE) to window 0x%x failed (error %d)", window, _last_error())
+            return False
+        return True
+
+    def raise_app(self, pid: int) -> int:
+        """Bring ``pid``'s windows (popups left out) above every other program's, keeping their
+        own order (a dialog stays above its main window); returns how many were raised.
+
+        Only the stacking changes, not the foreground: SetForegroundWindow is refused to a
+        process that is not in the foreground and did not get the last input (among its
+        documented conditions), so the keyboard stays with the foreground window until a
+        click on the app moves it (show_window tries, and says when Windows refuses).
+        Asynchronous (SWP_ASYNCWINDOWPOS): SetWindowPos otherwise waits for the window's
+        thread, and a hung app's never answers; a thread handles its posted requests in
+        order, so bottom to top leaves each window above the one before."""
+        user = self._user
+        raised = 0
+        for window in self.windows():
+            if window.pid != pid or window.popup:
+                continue
+            if user.SetWindowPos(window.id, HWND_TOP, 0, 0, 0, 0,
+                                 SWP_NOMOVE | SWP_NOSIZE | SWP_NOACTIVATE | SWP_ASYNCWINDOWPOS):
+                raised += 1
+            else:
+                log.debug("SetWindowPos on window 0x%x failed (error %d)", window.id, _last_error())
+        return raised
 
     def problems(self) -> list[str]:
         """Console problems are machine health: pre-flight refuses work while there are any."""

@@ -131,6 +131,24 @@ def test_capture_refusals_write_nothing(shots: Path, model: Path) -> None:
     assert "deskfleet: warning: written although it breaks screens/home/1.png" in forced.err
 
 
+def test_capture_variant_records_another_look_of_a_state(shots: Path, model: Path) -> None:
+    Image.fromarray(255 - draw("home")).save(shots / "home_dark.png")
+    r = deskfleet("model", "classify", "m", "home_dark.png", cwd=shots)
+    assert "home_dark.png: unknown" in r.out, r.out
+    r = deskfleet("model", "capture", "--dir", "m", "--state", "home", "--variant", "dark",
+                  "--screenshot", "home_dark.png", cwd=shots)
+    assert r.code == 0, r.err
+    assert r.out.splitlines()[0] == "recorded the 'dark' look of 'home' in m/model.json: 3 variant(s): logo, card, corner"
+    assert r.out.splitlines()[1].startswith("this screenshot is recognised as 'home' (")
+    assert r.out.splitlines()[-1] == "checked 3 saved screenshot(s): all recognised as labelled"
+    assert "home_dark.png: home" in deskfleet("model", "classify", "m", "home_dark.png", cwd=shots).out
+    again = deskfleet("model", "capture", "--dir", "m", "--state", "home", "--variant", "dark",
+                      "--screenshot", "home_dark.png", cwd=shots)
+    assert again.out.splitlines()[0].endswith("0 variant(s) (its templates all pass as they are)"), again.out
+    refused(deskfleet("model", "capture", "--dir", "m", "--state", "home", "--variant", "dark", "--anchor", LOGO,
+                      "--screenshot", "home_dark.png", cwd=shots), "no --anchor, --fixed", code=2)
+
+
 def test_add_screen_and_remove(shots: Path, model: Path) -> None:
     r = deskfleet("model", "add-screen", "--dir", "m", "home", "--screenshot", "home.png", cwd=shots)
     assert r.code == 0, r.err

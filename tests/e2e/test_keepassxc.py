@@ -24,6 +24,7 @@ import pytest
 
 from deskfleet import AgentHost, AgentHostConfig, Credential, load_pack
 from deskfleet.client import AsyncClient
+from deskfleet.desktop import Placement
 from support import LiveServer, register_accounts, wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -197,6 +198,24 @@ async def test_a_window_elsewhere_on_a_larger_screen_changes_nothing(kx_server, 
     assert fleet.titles() == ["Lamport Clocks"]
     frame = await desktop.screenshot()
     assert frame.shape == (768, 1024, 3), "the desktop shows the app as recorded, whatever the screen"
+
+
+async def test_where_the_window_system_cannot_say_the_primary_anchor_finds_the_window(kx_server, kx_fleet):
+    """A host that lists no windows (a desktop reached only through its pixels): the model's
+    primary anchor (model.json "anchor": its menu bar) is searched for at the scales the model
+    declares, and the window found where Qt put it, scaled by 1.25."""
+    fleet = await kx_fleet(kx_server, screen=(1920, 1080), app_args={"keepassxc": ["--at", "100,50", "--scale", "1.25"]})
+    desktop = fleet.desktop(fleet.names[0])
+    assert desktop.locate_window is not None
+    desktop.station.host.windows = None  # this host cannot be asked any more
+    desktop._placement = Placement()  # nor does the desktop remember where the window was
+    assert await desktop.app_windows() is None
+    async with AsyncClient(kx_server.url) as c:
+        run = await c.submit("keepassxc.add_entry", entry("Liskov Substitution"), wait=90)
+        assert run["state"] == "succeeded", run
+    assert fleet.titles() == ["Liskov Substitution"]
+    where = desktop.placement
+    assert where.scale == 1.25 and abs(where.dx - 125) <= 2 and abs(where.dy - 63) <= 2, where
 
 
 async def test_the_idle_lock_between_runs_is_undone_by_the_preflight(kx_server, kx_fleet):

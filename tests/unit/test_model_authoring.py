@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 from deskfleet.desktop import Region
 from deskfleet.errors import ConfigError
 from deskfleet.vision import UNKNOWN, WRONG_SCREEN, Classifier, TemplateLibrary, load_model
-from deskfleet.vision.authoring import add_screen, capture, remove
+from deskfleet.vision.authoring import add_screen, capture, capture_variant, remove
 from deskfleet.vision.screens import Labelled, evaluate, read_labels, saved_screens
 from deskfleet.vision.templates import Anchor, TextSpec
 from drawn_screens import BODY, CARD, LOGO, OK, PANEL, H, W, draw, icon
@@ -327,3 +328,74 @@ def test_labels_csv(tmp_path: Path) -> None:
         csv.write_text(text)
         with pytest.raises(ConfigError, match=expected):
             read_labels(csv)
+
+
+# -- another look of a state (a dark theme) ------------------------------------------------------------
+
+
+def dark(frame: np.ndarray) -> np.ndarray:
+    """The same screen in a dark theme: every grey inverted."""
+    return 255 - frame
+
+
+def test_a_variant_teaches_a_state_another_look_and_only_where_it_is_needed(model: Path) -> None:
+    night = dark(draw("home"))
+    night[LOGO.top : LOGO.top + 32, LOGO.left : LOGO.left + 32] = draw("home")[10:42, 10:42]  # the logo as it was
+    assert load_model(model).classify(night).state == UNKNOWN
+    change = capture_variant(model, night, "home", "dark")
+    assert change.written and change.variants == ["card"]  # the logo passes as it is
+    assert change.seen is not None and change.seen.state == "home"
+    assert change.screen == "screens/home/2.png" and change.checked == 3 and not change.broken
+    home = next(s for s in json.loads((model / "model.json").read_text())["states"] if s["name"] == "home")
+    assert [c.get("variants") for c in home["checks"]] == [None, {"dark": "home.card.dark.png"}]
+    assert (model / "home.card.dark.png").is_file()
+    classifier = load_model(model)
+    for frame, state in ((night, "home"), (draw("home"), "home"), (draw("login"), "login"),
+                         (dark(draw("login")), UNKNOWN)):
+        assert classifier.classify(frame).state == state
+    # the whole screen dark: the logo needs its look too, the card has it already
+    assert capture_variant(model, dark(draw("home")), "home", "dark").variants == ["logo"]
+    assert sorted(p.name for p in model.glob("home.*.png")) == [
+        "home.card.dark.png", "home.card.png", "home.logo.dark.png", "home.logo.png"]
+    assert load_model(model).classify(dark(draw("home"))).state == "home"
+    remove(model, "home", force=True)  # the state removed: its variants go too
+    assert not list(model.glob("home.*"))
+
+
+def test_a_variant_that_breaks_the_model_or_cannot_be_located_is_refused(model: Path) -> None:
+    before = tree(model)
+    # "login" taught from home with another icon where login has its panel: home matches too
+    both = draw("home")
+    icon(both, PANEL, 2)
+    with pytest.raises(ConfigError, match=r"^the 'dark' look of 'login' not recorded: this screenshot is "
+                                          r"recognised as 'unknown', not 'login' \(login: two base states "
+                                          r"matched: login, home\); nothing was written"):
+        capture_variant(model, both, "login", "dark")
+    with pytest.raises(ConfigError, match=r"'dark' look of check 'ok' of 'dialog': template "
+                                          r"dialog.ok.dark.png is too plain to locate"):
+        capture_variant(model, draw("home"), "dialog", "dark")
+    with pytest.raises(ConfigError, match=r"no state 'nope' to record a 'dark' look of \(its states: login, home"):
+        capture_variant(model, draw("home"), "nope", "dark")
+    with pytest.raises(ConfigError, match=r"look name 'dark theme' is not usable"):
+        capture_variant(model, dark(draw("home")), "home", "dark theme")
+    assert tree(model) == before
+
+
+@pytest.mark.parametrize(("variants", "expected"), [
+    ("dark", r"'variants' must map a look's name to its template"),
+    ({"dark": "missing.png"}, r"check 'card': template missing.png is missing$"),
+    ({"dark": "home.logo.png", "dark theme": "home.logo.png"}, r"look name 'dark theme' is not usable"),
+    ({"dark": "../x.png"}, r"the 'dark' variant must name a PNG file in the model directory"),
+])
+def test_variants_in_model_json_are_validated(model: Path, variants: object, expected: str) -> None:
+    message = _broken(model, _json_edit(lambda d: d["states"][1]["checks"][1].update(variants=variants)))
+    assert re.search(expected, message), message
+
+
+def test_a_variant_of_another_size_is_refused(model: Path) -> None:
+    def edit(m: Path) -> None:
+        Image.new("RGB", (8, 8), "white").save(m / "home.card.dark.png")
+        _json_edit(lambda d: d["states"][1]["checks"][1].update(variants={"dark": "home.card.dark.png"}))(m)
+
+    assert re.search(r"template home.card.dark.png is 8x8, its region \[300, 200, 32, 32\] is 32x32$",
+                     _broken(model, edit))

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from ..appmodel import Credential
-from ..desktop import Desktop, Frame
+from ..desktop import Desktop, Frame, Placement
 from ..errors import ConfigError
 from ..packs.loader import Pack
 from ..vision import UNKNOWN
@@ -297,6 +297,7 @@ async def open_machine(config: AgentHostConfig, name: str) -> tuple[Station, lis
                                         session_idle_timeout=config.idle_timeouts.get(
                                             pack.name, pack.manifest.session.idle_timeout),
                                         expected_screen=pack.screen, model_window=pack.library.window,
+                                        locate_window=_locator(pack),
                                         pointer_counts=pack.manifest.session.pointer_counts))
         await station.open()
         for d in desktops:
@@ -305,6 +306,13 @@ async def open_machine(config: AgentHostConfig, name: str) -> tuple[Station, lis
         await station.close()
         raise
     return station, desktops
+
+
+def _locator(pack: Pack) -> Callable[[Frame, Placement | None], Placement | None] | None:
+    """The pack's model's primary anchor, finding the app's window by its pixels where the
+    window system cannot; None when the model names none."""
+    locator = pack.library.locator()
+    return locator.place if locator is not None else None
 
 
 def _machine_host(config: AgentHostConfig, name: str) -> Any:

@@ -170,11 +170,14 @@ def _report_change(change: Change, what: str) -> None:
      help="regex on the title of the app's main window (default: the largest window on the display)")
 @opt("--screen-anchored", is_flag=True, default=False,
      help="tie a new model to the screen, not to the app's window")
+@opt("--variant", "look", default=None, metavar="LOOK",
+     help="the screen shows STATE in another look of the app (e.g. 'dark', its dark theme): cut the state's "
+          "templates again from it, as LOOK's variants, where they do not already pass (no --anchor)")
 def model_capture(directory: Path, state: str, anchors: tuple[str, ...], fixed: tuple[str, ...],
                   texts: tuple[str, ...], overlay: bool, ready: bool, margin: int, anchor_threshold: float,
                   fixed_threshold: float, text_threshold: float, display: str | None, screenshot: Path | None,
                   name: str | None, force: bool, replace_screens: bool, window_title: str | None,
-                  screen_anchored: bool) -> None:
+                  screen_anchored: bool, look: str | None) -> None:
     """Record STATE's templates from what the screen shows now.
 
     The new state must recognise this screen, and every screenshot saved with the model
@@ -184,7 +187,11 @@ def model_capture(directory: Path, state: str, anchors: tuple[str, ...], fixed: 
     Captured from a live display, a new model is anchored to the app's main window: it
     records where the window is (model.json's "window"), and agents then find the app
     wherever its window is, on a screen of any size. Coordinates are measured on the screen
-    as it is at the first capture."""
+    as it is at the first capture.
+
+    With --variant LOOK, STATE is already in the model and the screen shows it in another
+    look (another theme): each of its templates that this screen does not pass gets a
+    variant cut from it, which the state then also accepts."""
     from ..vision import authoring
     from ..vision.templates import Anchor, TextSpec
 
@@ -194,6 +201,18 @@ def model_capture(directory: Path, state: str, anchors: tuple[str, ...], fixed: 
               for n, r, t, _, _ in _areas(fixed, "--fixed")]
     words = [TextSpec(n, r, p, text_threshold if t is None else t)
              for n, r, t, _, p in _areas(texts, "--text", text=True)]
+    if look is not None:
+        if parts or words or overlay or ready or replace_screens:
+            raise click.UsageError("--variant records another look of a state as it is: no --anchor, --fixed, "
+                                   "--text, --overlay, --ready or --replace-screens with it")
+        frame = _frame(screenshot, display)
+        window = None if screenshot is not None or screen_anchored else _main_window(display, window_title)
+        change = authoring.capture_variant(directory, frame, state, look, force=force, window=window)
+        given = f": {', '.join(change.variants)}" if change.variants else " (its templates all pass as they are)"
+        click.echo(f"recorded the {look!r} look of {state!r} in {directory / 'model.json'}: "
+                   f"{len(change.variants)} variant(s){given}")
+        _report_change(change, "")
+        return
     if not parts and not words:
         raise click.UsageError("give at least one --anchor, --fixed or --text")
     frame = _frame(screenshot, display)

@@ -400,6 +400,7 @@ class RealDesktop:
         expected_screen: tuple[int, int] | None = None,
         pointer_counts: bool = False,
         model_window: Region | None = None,
+        locate_window: Callable[[Frame, Placement | None], Placement | None] | None = None,
     ) -> None:
         self.name = name
         self.app = app
@@ -413,7 +414,12 @@ class RealDesktop:
         #: it was then, on a screen of the model's size, and every coordinate they give moved
         #: to where the window is now. A moved window or another screen size changes nothing.
         self.model_window = model_window
+        #: where the window system cannot say where the window is (the host lists no windows,
+        #: or not the app's), this finds it by its pixels: the model's primary anchor
+        #: (:meth:`deskfleet.vision.TemplateLibrary.locator`)
+        self.locate_window = locate_window
         self._placement = Placement()  # where the model's window is on the screen now
+        self._placed = False  # by the window system, at the last look
         self._listed: tuple[float, list[Window]] | None = None  # the last window listing, briefly reused
         self._owns_station = station is None
         self.station = station if station is not None else Station(name, host, ocr=ocr)
@@ -494,12 +500,22 @@ class RealDesktop:
             return shot
         await self._windows()  # re-anchor: where is the window now?
         frame = await self.station.screenshot()
+        if not self._placed and self.locate_window is not None:
+            found = await asyncio.to_thread(self.locate_window, frame, self._placement)
+            if found is not None:  # else the anchor is hidden (another screen shows): as it was
+                self._placement = found
         return self._as_recorded(frame)
 
     async def read_text(self, region: Region) -> str:
         return await self.station.read_text(self._on_screen(region))
 
     # -- anchoring to the app's window --------------------------------------------------------
+
+    @property
+    def placement(self) -> Placement:
+        """Where the model's window is on the screen now, as the last full screenshot found it
+        (by the window system, or else by the model's primary anchor)."""
+        return self._placement
 
     def _on_screen(self, region: Region) -> Region:
         return self._placement.to_screen(region)
@@ -514,6 +530,7 @@ class RealDesktop:
         and the anchor moved to where the app's main window is now."""
         listing: Callable[[], list[Window]] | None = getattr(self.host, "windows", None)
         pid = self.app_pid
+        self._placed = False
         if listing is None or pid is None:
             return None
         now = time.monotonic()
@@ -529,6 +546,7 @@ class RealDesktop:
             main = WindowFacts.of(found, pid, title=self.app.window).main
             if main is not None:
                 self._placement = Placement.of(main.rect, self.model_window)
+                self._placed = True
         return found
 
     async def info(self) -> DesktopInfo:

@@ -23,7 +23,8 @@ OCR checks costs one or two OCR reads per frame, not one per state.
 Modules: :mod:`.classifier` (the decision, and its explanation), :mod:`.templates` (a model
 directory on disk: ``model.json``, template PNGs; :func:`load_model`), :mod:`.screens`
 (labelled screenshots — the ones saved with a model, or a CSV — and accuracy reports),
-:mod:`.authoring` (capture, add-screen and remove, each checked against the saved screens).
+:mod:`.authoring` (capture, add-screen and remove, each checked against the saved screens),
+:mod:`.locate` (the primary anchor: the app's window found by its pixels).
 """
 
 from __future__ import annotations

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..desktop import Frame, Placement, Region
 from ..errors import ConfigError
-from .classifier import UNKNOWN, WRONG_SCREEN, Classifier, Explanation, wrong_screen_message
+from .classifier import UNKNOWN, WRONG_SCREEN, Check, Classifier, Explanation, wrong_screen_message
+from .match import MatchCheck
 from .screens import SCREENS, Labelled, Outcome, check_labels, evaluate, save_screen, saved_screens
 from .templates import DESCRIPTION, Anchor, TemplateLibrary, TextSpec
 
@@ -46,6 +47,8 @@ class Change:
     screen: str | None = None  # the screenshot saved with the model
     removed_screens: int = 0
     written: bool = False
+    #: the checks given a variant of another look (``capture_variant``)
+    variants: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         """Why the change fails its check ([] when it passes)."""
@@ -105,12 +108,7 @@ def capture(directory: Path, frame: Frame, state: str, anchors: list[Anchor], te
     h, w = frame.shape[:2]
     if (directory / DESCRIPTION).exists():
         library = TemplateLibrary.load(directory)
-        if library.window is not None and window is not None:
-            # The window may have moved (or been scaled) since the model was made: record what
-            # it shows as if it had not, on a screen of the model's size.
-            frame = Placement.of(window, library.window).frame(frame, library.screen)
-        elif (w, h) != library.screen:
-            raise ConfigError(f"{directory}: {wrong_screen_message((w, h), library.screen)}")
+        frame = _as_model_sees(directory, library, frame, window)
     else:
         library = TemplateLibrary(name or directory.resolve().name, (w, h), window)  # anchored from the start
     before = library.classifier() if library.states else None
@@ -131,6 +129,48 @@ def capture(directory: Path, frame: Frame, state: str, anchors: list[Anchor], te
     change.screen = save_screen(directory, state, frame)
     change.written = True
     return change
+
+
+def capture_variant(directory: Path, frame: Frame, state: str, look: str, *, force: bool = False,
+                    window: Region | None = None) -> Change:
+    """Record how ``look`` (another theme of the app, say ``dark``) draws ``state``, from
+    ``frame``, which shows it: each of the state's templates that does not pass by its
+    pixels on ``frame`` gets a variant cut at its place. Checked and saved as ``capture``."""
+    directory = Path(directory)
+    library = TemplateLibrary.load(directory)
+    frame = _as_model_sees(directory, library, frame, window)
+    before = library.classifier()
+
+    def fails_by_pixels(check: Check) -> bool:
+        if isinstance(check, MatchCheck) and check.any_theme:
+            check = replace(check, any_theme=False)  # the shapes may pass; the pixels are the look's own
+        return check.score(frame) < check.threshold
+
+    change = Change(state)
+    change.variants = library.record_variant(frame, state, look, only=fails_by_pixels)
+    after = library.classifier()
+    _compare(change, before, after, _frames(directory, library.state_names))
+    change.seen = after.explain(frame)
+    problems = change.problems()
+    if problems and not force:
+        raise _refuse(f"the {look!r} look of {state!r} not recorded", problems, "--force records it anyway")
+    library.save(directory)
+    change.screen = save_screen(directory, state, frame)
+    change.written = True
+    return change
+
+
+def _as_model_sees(directory: Path, library: TemplateLibrary, frame: Frame, window: Region | None) -> Frame:
+    """``frame`` as ``library`` sees the screen: where the app's window is now (``window``)
+    moved (and scaled) to where it was recorded; else ``frame`` itself, of the model's size."""
+    if library.window is not None and window is not None:
+        # The window may have moved (or been scaled) since the model was made: record what
+        # it shows as if it had not, on a screen of the model's size.
+        return Placement.of(window, library.window).frame(frame, library.screen)
+    h, w = frame.shape[:2]
+    if (w, h) != library.screen:
+        raise ConfigError(f"{directory}: {wrong_screen_message((w, h), library.screen)}")
+    return frame
 
 
 def add_screen(directory: Path, frame: Frame, state: str, *, force: bool = False) -> Change:

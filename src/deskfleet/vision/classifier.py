@@ -64,6 +64,8 @@ class TemplateCheck:
     template: np.ndarray  # grayscale float32, the region's size
     threshold: float = 0.92
     name: str = ""
+    #: the same area as other looks draw it (another theme), compared when the template fails
+    variants: tuple[np.ndarray, ...] = ()
     cost: int = field(default=1, init=False)
 
     @classmethod
@@ -76,7 +78,12 @@ class TemplateCheck:
         crop = _gray(self.region.crop(frame))
         if crop.shape != self.template.shape:
             return 0.0
-        return float(1.0 - np.mean(np.abs(crop - self.template)) / 255.0)
+        best = 0.0
+        for template in (self.template, *self.variants):
+            best = max(best, float(1.0 - np.mean(np.abs(crop - template)) / 255.0))
+            if best >= self.threshold:
+                break
+        return best
 
 
 @dataclass(slots=True)

@@ -71,6 +71,10 @@ class MatchCheck:
     same icon and text in a dark theme. A model opts in (model.json ``"any_theme": true``):
     an app that tells two states apart by colour alone (a red icon and a grey one of the
     same shape) must not.
+
+    ``variants``: the same part as another look draws it (another theme's icon, recorded by
+    ``deskfleet model capture --variant``), each of the template's size. Tried, by pixels,
+    only when the template itself does not pass: a look the model knows costs nothing more.
     """
 
     kind: ClassVar[str] = "match"
@@ -82,14 +86,20 @@ class MatchCheck:
     name: str = ""
     #: also pass on the same shapes in other colours (another theme): see ``_structure``
     any_theme: bool = False
+    variants: tuple[Gray, ...] = ()
     cost: int = field(default=1, init=False)  # cheap: the classifier runs these first
     _soft: Gray = field(init=False, repr=False)  # the template as it is compared: lightly blurred
+    _softs: tuple[Gray, ...] = field(init=False, repr=False)  # the variants, likewise
     _edges: np.ndarray | None = field(init=False, repr=False)  # its structure: gradient magnitude
 
     def __post_init__(self) -> None:
         th, tw = self.template.shape[:2]
         if self.template.ndim != 2 or self.template.dtype != np.uint8:
             raise ValueError("a match template is a 2-D uint8 grayscale image")
+        for variant in self.variants:
+            if variant.shape != self.template.shape or variant.dtype != np.uint8:
+                raise ValueError(f"a variant of {self.name or 'a template'} must be a uint8 grayscale image "
+                                 f"of the template's size ({tw}x{th})")
         if th > self.region.height or tw > self.region.width:
             raise ValueError(f"template {tw}x{th} is larger than its search region {tuple(self.region)}")
         if float(self.template.std()) < MIN_TEXTURE:
@@ -99,9 +109,14 @@ class MatchCheck:
             )
         # Blurred, then without its outermost pixels: the blur of a template's edge sees only
         # the template, the blur of the screen there sees the neighbours too.
-        self._soft = soften(self.template)[1:-1, 1:-1] if min(th, tw) > 4 else self.template
+        self._soft = self._softened(self.template)
+        self._softs = tuple(self._softened(v) for v in self.variants)
         # Its edges, without the outermost 2 px (the blur's and the gradient's own borders).
         self._edges = edges(soften(self.template))[2:-2, 2:-2] if min(th, tw) > 8 else None
+
+    @staticmethod
+    def _softened(template: Gray) -> Gray:
+        return soften(template)[1:-1, 1:-1] if min(template.shape) > 4 else template
 
     @classmethod
     def from_frame(
@@ -117,24 +132,33 @@ class MatchCheck:
         th, tw = self.template.shape
         if crop.shape[0] < th or crop.shape[1] < tw:
             return 0.0, (self.region.left, self.region.top)  # the frame is smaller than the model's screen
-        soft = self._soft
-        inset = (th - soft.shape[0]) // 2  # 1: the soft template starts 1 px into the template
+        inset = (th - self._soft.shape[0]) // 2  # 1: the soft template starts 1 px into the template
         area = soften(gray(crop)) if inset else gray(crop)
-        result = cv2.matchTemplate(area, soft, cv2.TM_CCOEFF_NORMED)
-        _, best, _, (x, y) = cv2.minMaxLoc(result)
-        at = (self.region.left + x - inset, self.region.top + y - inset)
-        if not np.isfinite(best):
-            return 0.0, at
-        patch = area[y : y + soft.shape[0], x : x + soft.shape[1]]
-        shade = abs(float(patch.mean()) - float(soft.mean()))
-        score = float(best) if shade <= self.max_shade else 0.0
+        score, (x, y) = self._pixels(area, self._soft)
+        for soft in self._softs:  # a look the model also knows (another theme)
+            if score >= self.threshold:
+                break
+            other, where = self._pixels(area, soft)
+            if other > score:
+                score, (x, y) = other, where
         if score < self.threshold and self.any_theme and self._edges is not None and inset:
             # Another theme: the same shapes in other colours (dark on light turned light on
             # dark). Their edges are where they were: compare the gradient magnitudes.
             shape = self._structure(area)
             if shape[0] > score:
                 return shape[0], (self.region.left + shape[1][0] - 2, self.region.top + shape[1][1] - 2)
-        return score, at
+        return score, (self.region.left + x - inset, self.region.top + y - inset)
+
+    def _pixels(self, area: Gray, soft: Gray) -> tuple[float, tuple[int, int]]:
+        """(correlation of ``soft`` at its best place in ``area``, that place); 0 where the
+        shade there is off by more than ``max_shade``."""
+        result = cv2.matchTemplate(area, soft, cv2.TM_CCOEFF_NORMED)
+        _, best, _, (x, y) = cv2.minMaxLoc(result)
+        if not np.isfinite(best):
+            return 0.0, (x, y)
+        patch = area[y : y + soft.shape[0], x : x + soft.shape[1]]
+        shade = abs(float(patch.mean()) - float(soft.mean()))
+        return (float(best) if shade <= self.max_shade else 0.0), (x, y)
 
     def _structure(self, area: Gray) -> tuple[float, tuple[int, int]]:
         """(correlation of edge magnitudes at the best place, that place in the area)."""

@@ -17,6 +17,10 @@ each check looks for.
         {"kind": "text", "name": "title", "region": [60, 10, 300, 36],
          "pattern": "^Home$", "threshold": 0.5}]}]}
 
+A ``match`` or ``pixels`` check may carry ``"variants": {"dark": "home.logo.dark.png"}``: the
+same part as another look of the app draws it (another theme), recorded by ``deskfleet model
+capture --variant LOOK`` and tried when the template itself does not pass.
+
 Kinds: ``match`` searches for the template within ``margin`` px of where it was cut
 (:class:`~deskfleet.vision.match.MatchCheck`), ``pixels`` compares it at exactly that
 place (:class:`~deskfleet.vision.TemplateCheck`, for plain areas that cannot be located),
@@ -39,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -58,6 +62,9 @@ from .classifier import (
 )
 from .match import MIN_TEXTURE, MatchCheck, expand, gray
 
+if TYPE_CHECKING:
+    from .locate import WindowLocator
+
 FORMAT = 1
 DESCRIPTION = "model.json"
 KINDS = ("match", "pixels", "text")
@@ -69,11 +76,11 @@ RESERVED = frozenset({UNKNOWN, WRONG_SCREEN, COVERED})
 #: names that become file names (states, templates): letters, digits, '_' and '-'
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
-_TOP = ("format", "name", "screen", "window", "any_theme", "states")
+_TOP = ("format", "name", "screen", "window", "any_theme", "anchor", "scales", "states")
 _STATE = ("name", "overlay", "ready", "checks")
 _FIELDS = {
-    "match": ("kind", "name", "template", "at", "threshold", "margin"),
-    "pixels": ("kind", "name", "template", "at", "threshold"),
+    "match": ("kind", "name", "template", "at", "threshold", "margin", "variants"),
+    "pixels": ("kind", "name", "template", "at", "threshold", "variants"),
     "text": ("kind", "name", "region", "pattern", "threshold"),
 }
 
@@ -128,6 +135,14 @@ class TemplateLibrary:
         self.window = window
         #: its templates also pass on the same shapes in other colours (another theme)
         self.any_theme = False
+        #: the name of a match check whose template finds the window by its pixels where the
+        #: window system cannot say where it is (see :mod:`.locate`); None: no such fallback
+        self.anchor: str | None = None
+        #: the scales the app's window may be drawn at (a display's DPI, an RDP client's
+        #: scaling), as factors of the recorded size: where the window system cannot say where
+        #: the window is, the primary anchor is searched for at each (the window system's answer
+        #: gives the scale by itself: the window's size)
+        self.scales: tuple[float, ...] = (1.0,)
         self.states: list[dict[str, Any]] = []
         self.images: dict[str, Frame] = {}  # template file name → RGB pixels
         self._dirty: set[str] = set()  # templates recorded since loading: to be written
@@ -204,11 +219,41 @@ class TemplateLibrary:
         self._forget(found)
         self.states.remove(found)
 
+    def record_variant(self, frame: Frame, state: str, look: str, *, only: Callable[[Check], bool] | None = None,
+                       ) -> list[str]:
+        """Cut, from ``frame`` (``state`` in another look of the app: another theme), each of
+        the state's templates again at its place, as that ``look``'s variant of it (replacing
+        an earlier one). ``only(check)`` chooses the checks that need one (default: all).
+        Returns the names of the checks given a variant."""
+        h, w = frame.shape[:2]
+        if (w, h) != self.screen:
+            raise ConfigError(f"the screenshot is {w}x{h}; the model was recorded at {self.screen[0]}x{self.screen[1]}")
+        _check_name(look, "look")
+        found = next((s for s in self.states if s["name"] == state), None)
+        if found is None:
+            raise ConfigError(f"the model has no state {state!r} to record a {look!r} look of "
+                              f"(its states: {', '.join(self.state_names)})")
+        done = []
+        for spec in found["checks"]:
+            if "template" not in spec or (only is not None and not only(self._check(state, spec))):
+                continue
+            file = f"{state}.{spec['name'] or spec['template'][:-4]}.{look}.png"
+            image = Region(*spec["at"]).crop(frame).copy()
+            variants = {**spec.get("variants", {}), look: file}
+            images = {**self.images, file: image}
+            _check_spec({**spec, "variants": variants}, f"{look!r} look of check {spec['name']!r} of {state!r}: ",
+                        self.screen, images.__getitem__)
+            spec["variants"] = variants
+            self.images[file] = image
+            self._dirty.add(file)
+            done.append(spec["name"])
+        return done
+
     def _forget(self, state: dict[str, Any]) -> None:
         for check in state["checks"]:
-            if "template" in check:
-                self.images.pop(check["template"], None)
-                self._dirty.discard(check["template"])
+            for file in _template_files(check):
+                self.images.pop(file, None)
+                self._dirty.discard(file)
 
     def save(self, directory: Path) -> Path:
         """Write the model into ``directory``: changed templates, then ``model.json``, then
@@ -216,7 +261,7 @@ class TemplateLibrary:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         here = directory.resolve()
-        used = {c["template"] for s in self.states for c in s["checks"] if "template" in c}
+        used = {f for s in self.states for c in s["checks"] for f in _template_files(c)}
         for file in sorted(used):
             target = directory / file
             if file in self._dirty or self._origin != here or not target.exists():
@@ -242,6 +287,8 @@ class TemplateLibrary:
         body = ",\n".join(states)
         window = f', "window": {json.dumps(list(self.window))}' if self.window is not None else ""
         window += ', "any_theme": true' if self.any_theme else ""
+        window += f', "anchor": {json.dumps(self.anchor)}' if self.anchor is not None else ""
+        window += f', "scales": {json.dumps(list(self.scales))}' if self.scales != (1.0,) else ""
         return (f'{{"format": {FORMAT}, "name": {json.dumps(self.name)}, "screen": {json.dumps(list(self.screen))}'
                 f'{window},\n "states": [\n{body}\n ]}}\n')
 
@@ -291,19 +338,42 @@ class TemplateLibrary:
     def classifier(self) -> Classifier:
         return Classifier(self.screen_states(), screen=self.screen)
 
+    def locator(self) -> WindowLocator | None:
+        """What finds the app's window by its primary anchor (``"anchor"``), for a desktop
+        whose window system cannot say; None when the model names none or is not anchored
+        to a window."""
+        if self.anchor is None or self.window is None:
+            return None
+        from .locate import WindowLocator
+
+        spec = self._anchor_spec(self.anchor)
+        return WindowLocator(gray(self.images[spec["template"]]).copy(), Region(*spec["at"]), self.scales,
+                             float(spec["threshold"]), name=self.anchor)
+
+    def _anchor_spec(self, name: str) -> dict[str, Any]:
+        """The first match check named ``name``; ConfigError if there is none."""
+        for state in self.states:
+            for check in state["checks"]:
+                if check["kind"] == "match" and check["name"] == name:
+                    return dict(check)
+        raise ConfigError(f"'anchor' names {name!r}, which is no match check of any state: name an anchor the "
+                          "app's working screens all show (its menu bar, its logo)")
+
     def _check(self, state: str, c: dict[str, Any]) -> Check:
         kind, name, threshold = c["kind"], c.get("name", ""), float(c["threshold"])
+        sw, sh = self.screen
         if kind == "text":
             from .ocr import TextCheck  # tesserocr loads only for models that read text
 
             return TextCheck(Region(*c["region"]), c["pattern"], threshold, name=name)
         at = Region(*c["at"])
         image = self.images[c["template"]]
+        looks = [self.images[f] for f in c.get("variants", {}).values()]
         if kind == "pixels":
-            return TemplateCheck(at, gray(image).astype(np.float32), threshold, name)
-        sw, sh = self.screen
+            return TemplateCheck(at, gray(image).astype(np.float32), threshold, name,
+                                 variants=tuple(gray(v).astype(np.float32) for v in looks))
         return MatchCheck(expand(at, int(c["margin"]), sw, sh), gray(image).copy(), threshold, name=name,
-                          any_theme=self.any_theme)
+                          any_theme=self.any_theme, variants=tuple(gray(v).copy() for v in looks))
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -318,6 +388,11 @@ def _check_name(name: object, what: str) -> None:
         _fail(f"{what} name {name!r} is not usable: letters, digits, '_' and '-' only (it names files)")
     if name in RESERVED:
         _fail(f"{what} name {name!r} is reserved: the classifier itself answers {name!r}")
+
+
+def _template_files(check: dict[str, Any]) -> list[str]:
+    """The PNG files a check's description names: its template and its variants."""
+    return [check["template"], *check.get("variants", {}).values()] if "template" in check else []
 
 
 def _is_int(value: object) -> bool:
@@ -366,26 +441,39 @@ def _check_spec(c: dict[str, Any], ctx: str, screen: tuple[int, int],
         out["pattern"] = pattern
         out["threshold"] = threshold
         return out
-    file = c.get("template")
-    if not isinstance(file, str) or not file.endswith(".png") or file != Path(file).name or file.startswith("."):
-        _fail(f"{ctx}'template' must name a PNG file in the model directory, not {file!r}")
     at = _box(c.get("at"), ctx[:-2], screen)
-    try:
-        image = image_of(file)
-    except LookupError as exc:
-        _fail(f"{ctx}{exc.args[0]}")
-    ih, iw = image.shape[:2]
-    if (iw, ih) != (at.width, at.height):
-        _fail(f"{ctx}template {file} is {iw}x{ih}, its region {list(at)} is {at.width}x{at.height}")
-    out.update({"template": file, "at": list(at), "threshold": threshold})
+
+    def template(file: object, what: str) -> str:
+        if not isinstance(file, str) or not file.endswith(".png") or file != Path(file).name or file.startswith("."):
+            _fail(f"{ctx}{what} must name a PNG file in the model directory, not {file!r}")
+        try:
+            image = image_of(file)
+        except LookupError as exc:
+            _fail(f"{ctx}{exc.args[0]}")
+        ih, iw = image.shape[:2]
+        if (iw, ih) != (at.width, at.height):
+            _fail(f"{ctx}template {file} is {iw}x{ih}, its region {list(at)} is {at.width}x{at.height}")
+        if kind == "match" and float(gray(image).std()) < MIN_TEXTURE:
+            _fail(f"{ctx}template {file} is too plain to locate (an area of one colour); "
+                  "record an icon or an edge, or make it a 'pixels' check (--fixed)")
+        return file
+
+    out.update({"template": template(c.get("template"), "'template'"), "at": list(at), "threshold": threshold})
     if kind == "match":
         margin = c.get("margin", DEFAULT_MARGIN)
         if not _is_int(margin) or not 0 <= margin <= MAX_MARGIN:
             _fail(f"{ctx}margin {margin!r} must be a whole number of pixels, 0..{MAX_MARGIN}")
-        if float(gray(image).std()) < MIN_TEXTURE:
-            _fail(f"{ctx}template {file} is too plain to locate (an area of one colour); "
-                  "record an icon or an edge, or make it a 'pixels' check (--fixed)")
         out["margin"] = margin
+    variants = c.get("variants")
+    if variants is not None:
+        if not isinstance(variants, dict) or not variants:
+            _fail(f"{ctx}'variants' must map a look's name to its template, e.g. {{\"dark\": \"x.dark.png\"}}, "
+                  f"not {variants!r}")
+        for look, file in variants.items():
+            if not NAME.fullmatch(look):
+                _fail(f"{ctx}look name {look!r} is not usable: letters, digits, '_' and '-' only")
+            template(file, f"the {look!r} variant")
+        out["variants"] = dict(variants)
     return out
 
 
@@ -412,6 +500,15 @@ def _parse(data: Any, root: Traversable, where: str) -> TemplateLibrary:
         fail(f"'any_theme' must be true or false, not {any_theme!r}")
     lib = TemplateLibrary(name, (screen[0], screen[1]))
     lib.any_theme = any_theme
+    anchor, scales = data.get("anchor"), data.get("scales", [1.0])
+    if anchor is not None and not isinstance(anchor, str):
+        fail(f"'anchor' must name a match check, not {anchor!r}")
+    if anchor is not None and window is None:
+        fail("'anchor' finds the app's window by its pixels: the model needs a 'window' (where it was recorded)")
+    if (not isinstance(scales, list) or not scales
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0.25 <= v <= 4 for v in scales)):
+        fail(f"'scales' must be a list of factors between 0.25 and 4 (e.g. [1.0, 1.25, 1.5]), not {scales!r}")
+    lib.anchor, lib.scales = anchor, tuple(float(v) for v in scales)
     if window is not None:
         try:
             lib.window = _box(window, "'window' (the app's main window when recorded)", lib.screen)
@@ -465,6 +562,11 @@ def _parse(data: Any, root: Traversable, where: str) -> TemplateLibrary:
             specs.append(spec)
         lib.states.append({"name": sname, "overlay": bool(state.get("overlay", False)),
                            "ready": bool(state.get("ready", False)), "checks": specs})
+    if lib.anchor is not None:
+        try:
+            lib._anchor_spec(lib.anchor)
+        except ConfigError as exc:
+            fail(str(exc))
     return lib
 
 

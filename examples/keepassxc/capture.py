@@ -17,8 +17,15 @@ saved so far — so an anchor that would take the About box over the list for th
 refused on the spot. Screens the model must not know (the About box over each screen, an
 open menu, the password generator) are saved as ``unknown``.
 
-The model is written to a temporary directory and moves into place (``model/`` by default)
-only when the whole tour went through. ``--shots DIR`` only saves the tour's screenshots
+``--variant dark`` walks the same tour with KeePassXC in its dark theme and records, for
+each state, the dark look of the templates that do not already pass (``deskfleet model
+capture --variant dark``): the model then knows both themes by their pixels, and the dark
+screenshots are saved with it.
+
+The commands run once the tour is over, in the order of the screens: recording takes
+longer as the saved screenshots grow, and the tour must not wait for it — KeePassXC's idle
+lock, part of the tour, would strike in the meantime. The model is written to a temporary
+directory and moves into place (``model/`` by default) only when every command went through. ``--shots DIR`` only saves the tour's screenshots
 (named by their labels) and records nothing. Run it again whenever KeePassXC's look changes
 (a new version, another theme) and review the PNGs it writes.
 """
@@ -83,12 +90,14 @@ class Recorder:
 
     The tour settles the screen, takes the screenshot and labels it; the commands record from
     that PNG (``--screenshot``), so a screen that changes by itself a moment later (the red
-    banner hides itself after a few seconds) is recorded as it was labelled."""
+    banner hides itself after a few seconds) is recorded as it was labelled. They run in
+    :meth:`finish`, after the tour."""
 
-    def __init__(self, model: Path | None, shots: Path) -> None:
-        self.model, self.shots = model, shots
+    def __init__(self, model: Path | None, shots: Path, look: str | None = None) -> None:
+        self.model, self.shots, self.look = model, shots, look
         self.recorded: set[str] = set()
         self.count = 0
+        self.commands: list[tuple[str, list[str]]] = []  # (what, argv), in the order of the screens
 
     def __call__(self, label: str, frame: Frame) -> None:
         from PIL import Image
@@ -100,7 +109,10 @@ class Recorder:
             print(f"saved {png.name}")
             return
         base = [sys.executable, "-m", "deskfleet", "model"]
-        if label == "unknown" or label in self.recorded:
+        if self.look is not None and label != "unknown":  # each look of a state may need more variants
+            args = [*base, "capture", "--dir", str(self.model), "--screenshot", str(png), "--state", label,
+                    "--variant", self.look]
+        elif label == "unknown" or label in self.recorded:
             args = [*base, "add-screen", "--dir", str(self.model), "--screenshot", str(png), label]
         else:
             args = [*base, "capture", "--dir", str(self.model), "--screenshot", str(png), "--state", label,
@@ -111,16 +123,23 @@ class Recorder:
                 args.append("--ready")
             if label in anchors.OVERLAYS:
                 args.append("--overlay")
-        done = subprocess.run(args, capture_output=True, text=True, check=False)
-        print(f"[{self.count:02d}] {label}: {(done.stdout + done.stderr).strip()}")
-        if done.returncode != 0:
-            raise SystemExit(f"capture.py: stopped at screen {self.count} ({label}); the model was not changed")
+        self.commands.append((f"[{self.count:02d}] {label}", args))
         self.recorded.add(label)
+
+    def finish(self) -> None:
+        """Run the commands, in order; stop at the first that refuses (the model is not moved
+        into place then)."""
+        for what, args in self.commands:
+            done = subprocess.run(args, capture_output=True, text=True, check=False)
+            print(f"{what}: {(done.stdout + done.stderr).strip()}")
+            if done.returncode != 0:
+                raise SystemExit(f"capture.py: stopped at screen {what}; the model was not changed")
 
 
 class Tour:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, look: Sequence[str] = ()) -> None:
         self.workdir = workdir
+        self.look_args = list(look)  # launch.py's options of a look (e.g. --theme dark)
         self.database = workdir / "keepassxc.kdbx"
         self.desktop: RealDesktop | None = None
         self.record: Recorder | None = None
@@ -128,7 +147,7 @@ class Tour:
     def command(self, lock_after: float) -> AppCommand:
         launch = [sys.executable, str(HERE / "launch.py")]
         where = ["--data", str(self.workdir), "--machine", "capture"]
-        return AppCommand([*launch, *where, "--lock-after", f"{lock_after:g}"],
+        return AppCommand([*launch, *where, "--lock-after", f"{lock_after:g}", *self.look_args],
                           stop_command=[*launch, "stop", *where], stop_grace=3.0, start_timeout=30.0,
                           log=self.workdir / "keepassxc.log")
 
@@ -311,17 +330,21 @@ class Tour:
             await self.desktop.close()
 
 
-async def main_async(model: Path, shots: Path | None) -> None:
+async def main_async(model: Path, shots: Path | None, variant: str | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kpx-capture-") as tmp:
-        tour = Tour(Path(tmp))
+        tour = Tour(Path(tmp), ["--theme", variant] if variant else [])
         staging = Path(tmp) / "model"
+        if variant is not None and shots is None:
+            shutil.copytree(model, staging)  # another look of the states it has
         pngs = shots or Path(tmp) / "shots"
         pngs.mkdir(parents=True, exist_ok=True)
+        recorder = Recorder(None if shots else staging, pngs, variant)
         try:
             await tour.start()
-            await tour.run(Recorder(None if shots else staging, pngs))
+            await tour.run(recorder)
         finally:
             await tour.close()
+        recorder.finish()
         if shots is None:
             if model.exists():
                 shutil.rmtree(model)
@@ -333,10 +356,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="capture.py", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--model", type=Path, default=HERE / "model", help="the model directory to (re)write")
     parser.add_argument("--shots", type=Path, default=None, help="only save the tour's screenshots here")
+    parser.add_argument("--variant", choices=["dark"], default=None,
+                        help="add this theme's look of each state to the existing model")
     args = parser.parse_args(argv)
     if args.shots is not None:
         args.shots.mkdir(parents=True, exist_ok=True)
-    asyncio.run(main_async(args.model.resolve(), args.shots))
+    asyncio.run(main_async(args.model.resolve(), args.shots, args.variant))
 
 
 if __name__ == "__main__":

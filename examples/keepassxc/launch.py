@@ -45,10 +45,12 @@ def home_of(data: Path, machine: str) -> Path:
     return data / "home" / machine
 
 
-def prepare(home: Path, lock_after: float, *, theme: str = "light", scale: float = 1.0) -> dict[str, str]:
-    """A private home with a fresh configuration; the environment KeePassXC runs in. ``theme``
-    and ``scale`` give the machine another look than the model was recorded with (a dark
-    theme; Qt's scale factor, as a high-DPI display or an RDP client's scaling gives it)."""
+def prepare(home: Path, lock_after: float, *, theme: str = "light", scale: float = 1.0,
+            font_dpi: int | None = None) -> dict[str, str]:
+    """A private home with a fresh configuration; the environment KeePassXC runs in. ``theme``,
+    ``scale`` and ``font_dpi`` give the machine another look than the model was recorded with
+    (a dark theme; Qt's scale factor, as a high-DPI display or an RDP client's scaling gives
+    it; larger fonts in a window of the same size, which lays the window out anew)."""
     dirs = {name: home / sub for name, sub in (("config", ".config"), ("cache", ".cache"),
                                                ("share", ".local/share"), ("runtime", "run"), ("tmp", "tmp"))}
     for path in dirs.values():
@@ -64,6 +66,8 @@ def prepare(home: Path, lock_after: float, *, theme: str = "light", scale: float
                QT_QPA_PLATFORM="xcb", LANGUAGE="en")
     if scale != 1.0:
         env["QT_SCALE_FACTOR"] = f"{scale:g}"
+    if font_dpi is not None:
+        env["QT_FONT_DPI"] = str(font_dpi)
     return env
 
 
@@ -79,7 +83,7 @@ def start(args: argparse.Namespace) -> int:
         print("launch.py: keepassxc is not installed (Debian/Ubuntu: apt-get install keepassxc)", file=sys.stderr)
         return 2
     home = home_of(data, args.machine)
-    env = prepare(home, args.lock_after, theme=args.theme, scale=args.scale)
+    env = prepare(home, args.lock_after, theme=args.theme, scale=args.scale, font_dpi=args.font_dpi)
     (home / "keepassxc.pid").write_text(f"{os.getpid()}\n")  # exec keeps the pid
     argv = [binary, "--config", str(home / "keepassxc.ini"), "--localconfig", str(home / "local.ini"),
             "-geometry", f"{WINDOW}+{args.at[0]}+{args.at[1]}", str(database)]
@@ -124,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                             help="KeePassXC's theme (the model was recorded in light)")
         parser.add_argument("--scale", type=float, default=1.0,
                             help="Qt's scale factor, e.g. 1.25 (the model was recorded at 1)")
+        parser.add_argument("--font-dpi", type=int, default=None,
+                            help="the DPI Qt draws fonts at, e.g. 110 for fonts 1.15 times as large in a window "
+                                 "of the same size (the model was recorded at 96)")
     args = parser.parse_args(argv[1:] if stopping else argv)
     return stop(args) if stopping else start(args)
 

@@ -3,7 +3,13 @@ theme, and Qt's scale factor at 1.15 and 1.25 (a high-DPI display, an RDP client
 scaling) — each on a 1920x1080 screen with the window away from the corner. The part of
 issue 10's labelled set that cannot be made from saved screenshots.
 
-    python tests/labelled/keepassxc_live.py OUT_DIR [LOOK…]   # looks: dark scale1.15 scale1.25
+    python tests/labelled/keepassxc_live.py OUT_DIR [LOOK…]   # default: dark scale1.15 scale1.25
+
+Two more looks, ``fonts1.15`` and ``fonts1.25``, draw only the fonts larger (Qt's font DPI
+at 110 and 120) in a window of the same size, which KeePassXC lays out anew: a residual risk
+that bench/desktop.py measures, not a look the model is held to. The tour clicks where the
+model recorded things, so in a re-laid-out window it may stop early; what it saw until then
+is kept.
 
 It walks KeePassXC through its screens with the pack's own tour (``examples/keepassxc/
 capture.py``: a wrong password, an empty one, the list empty and full, a search, the
@@ -36,11 +42,17 @@ from keepassxc import write_labels  # noqa: E402 - the synthetic part, beside th
 from kpx import kxcli  # noqa: E402
 from kpx import layout as L  # noqa: E402
 
+from deskfleet import DesktopError  # noqa: E402
 from deskfleet.desktop import WindowFacts, xvfb_desktop  # noqa: E402
 from deskfleet.vision import TemplateLibrary  # noqa: E402
 
 LOOKS = {"dark": ["--theme", "dark", "--at", "40,30"], "scale1.15": ["--scale", "1.15", "--at", "60,40"],
-         "scale1.25": ["--scale", "1.25", "--at", "80,50"]}
+         "scale1.25": ["--scale", "1.25", "--at", "80,50"],
+         "fonts1.15": ["--font-dpi", "110", "--at", "50,60"], "fonts1.25": ["--font-dpi", "120", "--at", "70,20"]}
+#: the looks the model is held to (tests/e2e/test_labelled_live.py)
+HELD_TO = ["dark", "scale1.15", "scale1.25"]
+#: the looks that lay the window out anew: their tour may stop early
+RELAID = {"fonts1.15", "fonts1.25"}
 SCREEN = (1920, 1080)
 
 
@@ -119,6 +131,11 @@ async def build_async(out: Path, looks: list[str]) -> Path:
             try:
                 await tour.start()
                 await tour.run()
+            except DesktopError as exc:
+                if look not in RELAID:
+                    raise
+                print(f"{look}: the tour stopped after {sum(r[2] == look for r in rows)} screens ({exc}): its "
+                      "clicks, where the model recorded things, miss in a window laid out anew", file=sys.stderr)
             finally:
                 await tour.close()
     return write_labels(out, rows)
@@ -126,7 +143,7 @@ async def build_async(out: Path, looks: list[str]) -> Path:
 
 def build(out: Path, looks: list[str] | None = None) -> Path:
     """Write the live renderings under ``out``; returns its ``labels.csv``."""
-    return asyncio.run(build_async(out, looks or list(LOOKS)))
+    return asyncio.run(build_async(out, looks or HELD_TO))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "labelled"))
 import keepassxc as labelled
 
 from deskfleet.vision import TemplateLibrary
-from deskfleet.vision.screens import Labelled, evaluate, read_labels
+from deskfleet.vision.screens import Labelled, evaluate, read_labels, saved_screens
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +39,21 @@ def test_model_test_on_the_labelled_set_has_no_false_ready_and_every_rendering_r
     assert set(groups) == {"recorded", "shift1", "shift2", "noise", "jpeg", "moved", "1280x1024", "1600x900",
                            "dialog", "overlay", "frozen"}
     assert {g: v["accuracy"] for g, v in groups.items() if v["accuracy"] < 0.99} == {}
-    assert groups["dialog"]["screens"] == groups["frozen"]["screens"] == 11  # every ready screen saved
-    assert report["screens"] == 48 * 8 + 3 * 11
+    saved = saved_screens(labelled.MODEL)
+    ready = [s for s in saved if s.label == "entries"]
+    assert len(ready) == 22 and len({s.name for s in saved}) == len(saved) == 96  # both themes, light and dark
+    assert groups["dialog"]["screens"] == groups["frozen"]["screens"] == len(ready)  # every ready screen saved
+    assert report["screens"] == len(saved) * 8 + 3 * len(ready)
 
 
 def test_pixels_alone_miss_what_the_window_facts_catch(labels: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Labelled, "facts", lambda self: (None, None))
     library = TemplateLibrary.load(labelled.MODEL)
-    items = read_labels(labels)
+    items = [i for i in read_labels(labels) if i.group in ("moved", "1280x1024", "frozen", "dialog")]
     report = evaluate(library.classifier(), [(i, i.frame()) for i in items], window=library.window)
     groups = report.per_group()
     assert groups["moved"][0] == groups["1280x1024"][0] == 0  # another screen size: wrong_screen
-    assert groups["frozen"][2] == 11  # a hung app's list is a perfect list
+    assert groups["frozen"][2] == 22  # a hung app's list is a perfect list
     assert groups["dialog"][2] >= 1  # a dialog off the guarded centre passes for the list
 
 

@@ -103,3 +103,16 @@ def test_a_wrong_anchor_or_scale_says_what_to_fix(anchored: Path, change: dict[s
     (anchored / "model.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=expected):
         TemplateLibrary.load(anchored)
+
+
+def test_another_look_of_the_anchor_is_found_by_its_variant() -> None:
+    home = draw("home")
+    dark = 255 - home
+    plain = locator()
+    assert plain.place(on_screen(dark, (300, 200))) is None
+    both = WindowLocator(plain.template, LOGO, variants=(gray(LOGO.crop(dark)).copy(),), name="logo")
+    assert both.place(on_screen(dark, (300, 200))) == Placement(300, 200)
+    assert both.place(on_screen(dark, (302, 201)), Placement(300, 200)) == Placement(302, 201)
+    assert both.place(on_screen(home, (10, 20))) == Placement(10, 20)
+    with pytest.raises(ValueError, match="of the anchor's size"):
+        WindowLocator(plain.template, LOGO, variants=(np.zeros((4, 4), np.uint8),))

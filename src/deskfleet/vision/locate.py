@@ -38,21 +38,25 @@ class WindowLocator:
     scales: tuple[float, ...] = (1.0,)
     threshold: float = 0.9
     name: str = ""
-    _scaled: dict[float, Gray] = field(default_factory=dict, init=False, repr=False)
+    #: the anchor as other looks of the app draw it (its check's variants: another theme)
+    variants: tuple[Gray, ...] = ()
+    _scaled: dict[float, list[Gray]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.template.ndim != 2 or self.template.shape != (self.at.height, self.at.width):
             raise ValueError(f"the primary anchor must be a grayscale image of its region's size ({self.at.width}x"
                              f"{self.at.height})")
+        if any(v.shape != self.template.shape for v in self.variants):
+            raise ValueError("a variant of the primary anchor must be of the anchor's size")
         if float(self.template.std()) < MIN_TEXTURE:
             raise ValueError(f"the primary anchor {self.name!r} is too plain to locate")
         if not self.scales or any(not 0.25 <= s <= 4 for s in self.scales):
             raise ValueError(f"scales must be factors between 0.25 and 4, not {self.scales!r}")
         for s in self.scales:
             size = (max(1, round(self.at.width * s)), max(1, round(self.at.height * s)))
-            shaped = self.template if s == 1.0 else cv2.resize(
-                self.template, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
-            self._scaled[s] = soften(np.asarray(shaped, np.uint8))
+            self._scaled[s] = [soften(np.asarray(image if s == 1.0 else cv2.resize(
+                image, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC), np.uint8))
+                for image in (self.template, *self.variants)]
 
     def place(self, frame: Frame, last: Placement | None = None) -> Placement | None:
         """The placement of the model on ``frame``: where the anchor is found (first near where
@@ -64,9 +68,12 @@ class WindowLocator:
         screen = soften(gray(frame))
         best: tuple[float, float, int, int] | None = None  # score, scale, x, y
         for s in self.scales:
-            found = self._search(screen, s)
-            if found is not None and (best is None or found[0] > best[0]):
-                best = (found[0], s, found[1], found[2])
+            for template in self._scaled[s]:
+                found = self._search(screen, template)
+                if found is not None and (best is None or found[0] > best[0]):
+                    best = (found[0], s, found[1], found[2])
+            if best is not None and best[0] >= self.threshold:
+                break  # the scales are tried in the model's order: the first it names, first
         if best is None or best[0] < self.threshold:
             return None
         _, s, x, y = best
@@ -74,24 +81,23 @@ class WindowLocator:
 
     def _near(self, frame: Frame, last: Placement) -> Placement | None:
         want = last.to_screen(self.at)
-        template = self._scaled[last.scale]
-        th, tw = template.shape
+        th, tw = self._scaled[last.scale][0].shape
         left, top = max(0, want.left - NEAR), max(0, want.top - NEAR)
         if want.left + tw + NEAR <= 0 or want.top + th + NEAR <= 0:
             return None
         area = soften(gray(frame[top : want.top + th + NEAR, left : want.left + tw + NEAR]))
         if area.shape[0] < th or area.shape[1] < tw:
             return None
-        score, (x, y) = _best(area, template)
-        if score < self.threshold:
-            return None
-        s = last.scale
-        return Placement(left + x - round(self.at.left * s), top + y - round(self.at.top * s), s)
+        for template in self._scaled[last.scale]:
+            score, (x, y) = _best(area, template)
+            if score >= self.threshold:
+                s = last.scale
+                return Placement(left + x - round(self.at.left * s), top + y - round(self.at.top * s), s)
+        return None
 
-    def _search(self, screen: Gray, s: float) -> tuple[float, int, int] | None:
-        """(score, x, y) of the template at scale ``s`` over the whole screen: a coarse pass at
-        half resolution, then the full one within 4 px of the coarse answer."""
-        template = self._scaled[s]
+    def _search(self, screen: Gray, template: Gray) -> tuple[float, int, int] | None:
+        """(score, x, y) of ``template`` over the whole screen: a coarse pass at half
+        resolution, then the full one within 4 px of the coarse answer."""
         th, tw = template.shape
         if screen.shape[0] < th or screen.shape[1] < tw:
             return None

@@ -348,7 +348,8 @@ class TemplateLibrary:
 
         spec = self._anchor_spec(self.anchor)
         return WindowLocator(gray(self.images[spec["template"]]).copy(), Region(*spec["at"]), self.scales,
-                             float(spec["threshold"]), name=self.anchor)
+                             float(spec["threshold"]), name=self.anchor,
+                             variants=tuple(gray(self.images[f]).copy() for f in spec.get("variants", {}).values()))
 
     def _anchor_spec(self, name: str) -> dict[str, Any]:
         """The first match check named ``name``; ConfigError if there is none."""

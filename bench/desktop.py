@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/desktop.py               # results under bench/results/
     .venv/bin/python bench/desktop.py --quick       # fewer samples
+    .venv/bin/python bench/desktop.py --variants    # only: what a theme's variants cost
 
 - preflight: DemoEHR logged in and at "home" on a 1920x1080 Xvfb display (its window
   1024x768 at the top-left). For each recognition method, capture the whole screen and
@@ -266,6 +267,37 @@ def bench_renderings(work: Path) -> dict[str, Any]:
     return out
 
 
+def bench_variants(work: Path, rounds: int = 5) -> dict[str, Any]:
+    """What the dark theme's variants cost where they are not needed: KeePassXC's model with
+    and without them, classifying the saved screens as recorded (half light, half dark),
+    alternately, ``rounds`` times over; and how many each gets right."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "labelled"))
+    import keepassxc as synthetic
+
+    from deskfleet.vision import TemplateLibrary
+    from deskfleet.vision.screens import read_labels
+
+    items = [i for i in read_labels(synthetic.build(work / "variants")) if i.group == "recorded"]
+    frames = [(i, i.frame()) for i in items]
+    library = TemplateLibrary.load(synthetic.MODEL)
+    models = {"with variants": library.classifier()}
+    for state in library.states:
+        for check in state["checks"]:
+            check.pop("variants", None)
+    models["without"] = library.classifier()
+    out: dict[str, Any] = {name: {"ms": [], "right": 0, "screens": len(frames)} for name in models}
+    for r in range(rounds):
+        for name, classifier in models.items():
+            for item, frame in frames:
+                t0 = time.perf_counter()
+                state = classifier.classify(frame).state
+                out[name]["ms"].append((time.perf_counter() - t0) * 1000)
+                out[name]["right"] += r == 0 and state == item.label
+    for row in out.values():
+        row["ms"] = _stats(row["ms"])
+    return out
+
+
 def plot_renderings(rows: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -285,7 +317,8 @@ def plot_renderings(rows: dict[str, Any], path: Path) -> None:
         for dx, key, height in ((-0.27, "pixels_false_ready", pixels[i]), (0.0, "anchor_false_ready", anchor[i]),
                                 (0.27, "false_ready", facts[i])):
             if r[key]:
-                ax.text(i + dx, height + 2, f"{r[key]} FR", ha="center", fontsize=7, color="#a00")
+                ax.text(i + dx, height + 2, f"{r[key]} FR", ha="center", va="bottom", rotation=90, fontsize=7,
+                        color="#a00")
     ax.set_xticks(at, names, rotation=30, ha="right")
     ax.set_ylabel("screens recognised as labelled (%)")
     ax.set_ylim(0, 110)
@@ -308,7 +341,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-renderings", action="store_true", help="skip the KeePassXC labelled set")
+    parser.add_argument("--variants", action="store_true",
+                        help="only what the dark theme's variants cost KeePassXC's model where they are not needed")
     args = parser.parse_args()
+    if args.variants:
+        with tempfile.TemporaryDirectory() as tmp:
+            cost = bench_variants(Path(tmp))
+        table = Table("KeePassXC's model", "classify p50 ms", "p90 ms", "right",
+                      title="the 96 saved screens as recorded (48 light, 48 dark), 5 rounds, alternately")
+        for name, row in cost.items():
+            table.add_row(name, f"{row['ms']['p50']:.2f}", f"{row['ms']['p90']:.2f}", f"{row['right']}/{row['screens']}")
+        console.print(table)
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"desktop-variants-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps(cost, indent=1))
+        console.print(f"results: {path}")
+        return
     n = 50 if args.quick else 300
     stamp = time.strftime('%Y%m%d-%H%M%S')
     with tempfile.TemporaryDirectory() as tmp:

@@ -73,6 +73,33 @@ def _every_run(**filters: Any) -> Pager:
             return out
 
 
+#: the most runs one ``POST /v1/runs:batch`` takes
+BATCH_MAX = 1000
+
+
+def _run_body(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A run request's body: ``automation`` and ``input`` and any options (None left out)."""
+    return {k: v for k, v in run.items() if v is not None}
+
+
+def _submit_batches(runs: Iterable[Mapping[str, Any]], size: int) -> Pager:
+    """Submit ``runs`` ``size`` at a time; one answer per run, in order, each with its place
+    in ``runs`` as ``index``."""
+    if not 1 <= size <= BATCH_MAX:
+        raise ValueError(f"a batch holds 1 to {BATCH_MAX} runs, not {size}")
+    out: list[dict[str, Any]] = []
+    chunk: list[dict[str, Any]] = []
+    for run in [*runs, None]:  # None: the end, to send what is left
+        if run is not None:
+            chunk.append(_run_body(run))
+        if chunk and (run is None or len(chunk) == size):
+            answer = yield _Call("POST", "/v1/runs:batch", {"runs": chunk})
+            sent = len(out)
+            out += [{**r, "index": r["index"] + sent} for r in answer["results"]]
+            chunk = []
+    return out
+
+
 def _every_event(after: int = 0) -> Pager:
     """All events after an id, oldest first."""
     out: list[dict[str, Any]] = []
@@ -104,6 +131,14 @@ class _Calls:
 
     def submit(self, automation: str, input: dict[str, Any] | None = None, *, wait: float = 0, **options: Any) -> Any:
         return self._do(_run_call(automation, input, wait, **options))
+
+    def submit_batch(self, runs: Iterable[Mapping[str, Any]]) -> Any:
+        """Submit up to 1,000 runs in one request (``POST /v1/runs:batch``). Each run is a
+        mapping with ``automation``, ``input`` and any of ``submit``'s options; the answer
+        holds one result per run, in order: ``created``, ``existing`` (its idempotency key
+        was used before with the same request), ``conflict`` or ``invalid``, with the run or
+        the error."""
+        return self._do(_Call("POST", "/v1/runs:batch", {"runs": [_run_body(r) for r in runs]}))
 
     def run(self, run_id: str, *, wait: float = 0) -> Any:
         return self._do(_Call("GET", f"/v1/runs/{run_id}", params={"wait": wait} if wait else {},
@@ -209,6 +244,11 @@ class Client(_Calls):
     def every_event(self, after: int = 0) -> list[dict[str, Any]]:
         return self._drive(_every_event(after))
 
+    def submit_many(self, runs: Iterable[Mapping[str, Any]], *, batch: int = BATCH_MAX) -> list[dict[str, Any]]:
+        """Submit any number of runs, ``batch`` per request: one result per run, in order
+        (see :meth:`submit_batch`), each with its place in ``runs`` as ``index``."""
+        return self._drive(_submit_batches(runs, batch))
+
     def put_accounts(self, credentials: Mapping[str, Any], *, app: str | None = None,
                      max_sessions: int = 1) -> list[dict[str, Any]]:
         return self._drive(_put_accounts(credentials, app, max_sessions))
@@ -261,6 +301,9 @@ class AsyncClient:
 
     async def every_event(self, after: int = 0) -> list[dict[str, Any]]:
         return await self._drive(_every_event(after))
+
+    async def submit_many(self, runs: Iterable[Mapping[str, Any]], *, batch: int = BATCH_MAX) -> list[dict[str, Any]]:
+        return await self._drive(_submit_batches(runs, batch))
 
     async def put_accounts(self, credentials: Mapping[str, Any], *, app: str | None = None,
                            max_sessions: int = 1) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ class ServerSettings:
     verify_interval: float = 5.0  # how often a quarantined, connected machine is asked to re-prove
     sqlite_synchronous: str = "FULL"
     max_body_bytes: int = 1 << 20  # a run request (input included)
+    max_batch_bytes: int = 16 << 20  # a batch of run requests (POST /v1/runs:batch)
     max_artifact_bytes: int = 16 << 20
     webhook_secret: str | None = None
     secret_key_file: Path | None = None  # default: <data_dir>/secret.key (created on first start)

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -25,7 +25,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .config import ServerSettings
 from .crypto import SecretBox, legacy_mac_key, redact
-from .errors import ConfigError, InvalidInput, NotFound, StoreRetry, StoreUnavailable, Unservable
+from .errors import (
+    ConfigError,
+    InvalidInput,
+    InvalidRequest,
+    NotFound,
+    StoreRetry,
+    StoreUnavailable,
+    Unservable,
+)
 from .fleet.bus import LocalBus, PgBus
 from .models import (
     Assignment,
@@ -405,6 +413,51 @@ class Orchestrator:
     async def submit(self, spec: RunSpec, body: dict[str, Any]) -> tuple[Run, bool]:
         """Validate a run request against what exists, then store it; nothing is written
         for a request that fails any check."""
+        stored, fingerprint = await self._admit(spec, body)
+        run, created = await self.db.write(self.store.submit, stored, request_hash=fingerprint, now=time.time())
+        if created:
+            self._submitted(run, 1)
+        return run, created
+
+    async def submit_batch(self, requests: Sequence[tuple[RunSpec, dict[str, Any]] | InvalidRequest],
+                           ) -> list[tuple[Run, bool] | InvalidRequest]:
+        """Several run requests, each checked as :meth:`submit` checks one, the admitted ones
+        stored in one transaction; one answer per request, in order — the run and whether it
+        was created, or the error that refused that request alone. A request given as an
+        error (it did not parse) is answered with it."""
+        answers: list[tuple[Run, bool] | InvalidRequest | None] = []
+        admitted: list[tuple[int, tuple[RunSpec, str]]] = []
+        for i, request in enumerate(requests):
+            if isinstance(request, InvalidRequest):
+                answers.append(request)
+                continue
+            try:
+                stored, fingerprint = await self._admit(*request)
+            except InvalidRequest as exc:
+                answers.append(exc)
+                continue
+            answers.append(None)
+            admitted.append((i, (stored, fingerprint)))
+        if admitted:
+            stored_runs = await self.db.write(self.store.submit_many, [item for _, item in admitted], now=time.time())
+            for (i, _), answer in zip(admitted, stored_runs, strict=True):
+                answers[i] = answer
+            created = [a[0] for a in stored_runs if not isinstance(a, InvalidRequest) and a[1]]
+            if created:
+                self._submitted(created[0], len(created))
+        return [a for a in answers if a is not None]
+
+    def _submitted(self, run: Run, count: int) -> None:
+        self.metrics.submitted.inc(count)
+        if count == 1:
+            log.info("run submitted: %s", run.automation, extra={"run": run.id})
+        else:
+            log.info("%d runs submitted in one batch", count)
+        self.wake(others=True)
+
+    async def _admit(self, spec: RunSpec, body: dict[str, Any]) -> tuple[RunSpec, str]:
+        """The run as it is to be stored (secret input fields encrypted) and the request's
+        fingerprint, once it passes every check against what exists; else the error."""
         pools, shapes = await self._pools_and_shapes()
         pool = pools.get(spec.pool)
         if pool is None:
@@ -426,13 +479,7 @@ class Orchestrator:
                 in_pool = sum(s.count for s in shapes if s.pool == spec.pool)
                 raise Unservable(_unservable_message(spec, in_pool))
         stored = replace(spec, input=self.secrets.encrypt_fields(spec.input, auto.secret_fields))
-        fingerprint = self.secrets.fingerprint(body)
-        run, created = await self.db.write(self.store.submit, stored, request_hash=fingerprint, now=time.time())
-        if created:
-            self.metrics.submitted.inc()
-            log.info("run submitted: %s", spec.automation, extra={"run": run.id})
-            self.wake(others=True)
-        return run, created
+        return stored, self.secrets.fingerprint(body)
 
     async def cancel(self, run_id: str) -> Run:
         run, order = await self.db(self.store.request_cancel, run_id, time.time())

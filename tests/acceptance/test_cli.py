@@ -262,6 +262,34 @@ def test_submit_and_wait_prints_the_succeeded_run(stack):
     assert again["id"] == created["id"]
 
 
+def test_submit_from_a_file_answers_every_line(stack):
+    lines = [json.dumps({"automation": "ehr.lookup_patient", "input": {"mrn": f"CLI-F{i}"},
+                         "idempotency_key": f"cli-file-{i}"}) for i in range(3)]
+    lines += ["{not json", "", json.dumps({"automation": "ehr.lookup_patient", "input": {"mrn": "CLI-FX"},
+                                           "idempotency_key": "cli-file-0"}),
+              json.dumps({"automation": "ehr.lookup_patient", "priority": "high"}), "[1, 2]"]
+    (stack.work / "runs.jsonl").write_text("\n".join(lines) + "\n")
+    r = stack.run("submit", "--from", "runs.jsonl")
+    assert r.code == 1 and "Traceback" not in r.err, r.err
+    assert r.out.strip() == "runs.jsonl: 7 run(s): 3 created, 0 existing, 1 conflict, 3 invalid"
+    assert r.err_lines[0] == "runs.jsonl:4: invalid: not JSON: Expecting property name enclosed in double quotes at column 2"
+    assert r.err_lines[1].startswith("runs.jsonl:6: conflict: idempotency key 'cli-file-0' was already used")
+    assert r.err_lines[2].startswith("runs.jsonl:7: invalid: priority:")
+    assert r.err_lines[3] == "runs.jsonl:8: invalid: a run request is a JSON object"
+    (stack.work / "again.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    again = stack.ok("submit", "--from", "again.jsonl")
+    assert again.out.strip() == "again.jsonl: 3 run(s): 0 created, 3 existing, 0 conflict, 0 invalid"
+    shown = stack.json("runs", "show", json.loads(stack.ok("submit", "ehr.lookup_patient", "--input", '{"mrn": "CLI-F0"}',
+                                                           "--idempotency-key", "cli-file-0").out)["id"])
+    assert shown["input"] == {"mrn": "CLI-F0"}
+    r = stack.run("submit", "ehr.lookup_patient", "--from", "again.jsonl")
+    assert_clean_failure(r, "--from takes every run's fields from its line")
+    r = stack.run("submit", "--from", "again.jsonl", "--priority", "3")
+    assert_clean_failure(r, "no run options with it")
+    r = stack.run("submit")
+    assert_clean_failure(r, "give the AUTOMATION to run, or --from FILE")
+
+
 def test_runs_list_and_show_with_events(stack):
     run = stack.json("submit", "ehr.lookup_patient", "--input", '{"mrn": "CLI-3"}', "--wait", "20")
     assert run["state"] == "succeeded"

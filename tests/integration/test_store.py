@@ -376,6 +376,30 @@ def test_submit_idempotency(s):
     assert s.count_runs() == {"queued": 4}
 
 
+def test_submit_many_answers_each_run_and_writes_the_rest(s):
+    s.put_pool(Pool("default"), T0)
+    first, _ = s.submit(RunSpec("ehr.create", {"a": 1}, idempotency_key="k1"), request_hash="h1", now=T0)
+    answers = s.submit_many([
+        (RunSpec("ehr.create", {"a": 2}, idempotency_key="k2"), "h2"),
+        (RunSpec("ehr.create", {"a": 1}, idempotency_key="k1"), "h1"),  # as before: that run
+        (RunSpec("ehr.create", {"a": 9}, idempotency_key="k1"), "h9"),  # the key, another request
+        (RunSpec("ehr.create", pool="nowhere"), "h3"),
+        (RunSpec("ehr.create", {"a": 2}, idempotency_key="k2"), "h2"),  # twice in one batch
+        (RunSpec("ehr.create"), "h4"),
+    ], now=T0 + 1)
+    created, existing, conflict, unknown, twice, plain = answers
+    assert isinstance(created, tuple) and created[1] and created[0].input == {"a": 2}
+    assert existing == (first, False)
+    assert isinstance(conflict, Conflict) and first.id in conflict.message
+    assert isinstance(unknown, NotFound) and unknown.field == "pool"
+    assert twice == (created[0], False)
+    assert isinstance(plain, tuple) and plain[1]
+    assert s.count_runs() == {"queued": 3}
+    submitted = [e for e in s.events() if e.reason == "submitted"]
+    assert len(submitted) == 3  # one event per run written, none for the refused
+    assert s.submit_many([], now=T0) == []
+
+
 def test_submit_to_an_unknown_pool_is_our_error(s):
     """STYLE 7: driver errors are converted at the boundary; the store is one."""
     with pytest.raises(DeskfleetError):

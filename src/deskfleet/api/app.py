@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -18,14 +18,23 @@ from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..crypto import hash_key, same
-from ..errors import InvalidRequest, NotFound, StaleLease, StoreUnavailable, Unauthorized
+from ..errors import (
+    Conflict,
+    InvalidInput,
+    InvalidRequest,
+    NotFound,
+    StaleLease,
+    StoreUnavailable,
+    Unauthorized,
+)
 from ..fleet.hub import AgentSocket, Disconnected
-from ..models import MachineAdmin, Pool, RunState
+from ..models import MachineAdmin, Pool, RunSpec, RunState
 from ..orchestrator import Orchestrator
 from ..protocol import EnrolRequest, EnrolResponse
 from .accounts import add_routes as add_account_routes
@@ -33,6 +42,9 @@ from .schemas import (
     ArtifactOut,
     AttemptOut,
     AutomationOut,
+    BatchOut,
+    BatchRequest,
+    BatchResult,
     CordonIn,
     ErrorOut,
     EventOut,
@@ -48,6 +60,20 @@ from .schemas import (
 
 MAX_WAIT = 120.0
 log = logging.getLogger(__name__)
+
+
+def validation_message(errs: Sequence[Any]) -> tuple[str, str | None]:
+    """pydantic's errors as one message (the first five, each "where: what") and the field
+    of the first."""
+    parts = []
+    for e in errs[:5]:
+        loc = ".".join(str(p) for p in e["loc"] if p != "body")
+        msg = e["msg"].removeprefix("Value error, ")  # our validators' own messages
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field (check the spelling; see /docs for the schema)"
+        parts.append(f"{loc or 'body'}: {msg}")
+    field = ".".join(str(p) for p in errs[0]["loc"] if p != "body") if errs else None
+    return "; ".join(parts), field or None
 
 
 def _error(status: int, error: str, message: str, field: str | None = None) -> JSONResponse:
@@ -117,7 +143,8 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
     settings = orch.settings
     app.add_middleware(
         BodyLimit,
-        limits=lambda path: settings.max_artifact_bytes if path.startswith("/agent/") else settings.max_body_bytes,
+        limits=lambda path: (settings.max_artifact_bytes if path.startswith("/agent/") else
+                             settings.max_batch_bytes if path == "/v1/runs:batch" else settings.max_body_bytes),
     )
     app.state.orch = orch
 
@@ -147,15 +174,8 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
             if e.get("type") == "json_invalid":
                 ctx = e.get("ctx", {}).get("error", "")
                 return _error(400, "malformed_json", f"the request body is not valid JSON: {ctx}".rstrip(": "))
-        parts = []
-        for e in errs[:5]:
-            loc = ".".join(str(p) for p in e["loc"] if p != "body")
-            msg = e["msg"].removeprefix("Value error, ")  # our validators' own messages
-            if e.get("type") == "extra_forbidden":
-                msg = "unknown field (check the spelling; see /docs for the schema)"
-            parts.append(f"{loc or 'body'}: {msg}")
-        field = ".".join(str(p) for p in errs[0]["loc"] if p != "body") if errs else None
-        return _error(422, "invalid_request", "; ".join(parts), field or None)
+        message, field = validation_message(errs)
+        return _error(422, "invalid_request", message, field)
 
     @app.exception_handler(StoreUnavailable)
     async def _unavailable(_r: Request, exc: StoreUnavailable) -> JSONResponse:
@@ -198,6 +218,33 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
         if wait > 0:
             run = await orch.wait(run.id, wait)
         return await out(run)
+
+    @app.post("/v1/runs:batch", response_model=BatchOut, dependencies=[Client],
+              responses={413: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+    async def submit_batch(req: BatchRequest) -> BatchOut:
+        """Submit up to 1,000 runs at once, each with its own idempotency key and its own answer
+        (``results``, in order): created, existing, conflict or invalid. One refused run does
+        not refuse the others; the admitted ones are stored in one transaction."""
+        requests: list[tuple[RunSpec, dict[str, Any]] | InvalidRequest] = []
+        for body in req.runs:
+            try:
+                parsed = RunRequest.model_validate(body)
+            except ValidationError as exc:
+                message, field = validation_message(exc.errors())
+                requests.append(InvalidInput(message, field=field))
+                continue
+            requests.append((parsed.to_spec(), parsed.model_dump(mode="json")))
+        results = []
+        for i, answer in enumerate(await orch.submit_batch(requests)):
+            if isinstance(answer, InvalidRequest):
+                error = ErrorOut(error=answer.error, message=answer.message, field=answer.field)
+                results.append(BatchResult(index=i, status="conflict" if isinstance(answer, Conflict) else "invalid",
+                                           error=error))
+            else:
+                run, created = answer
+                results.append(BatchResult(index=i, status="created" if created else "existing", run=await out(run)))
+        counts = {k: sum(r.status == k for r in results) for k in ("created", "existing", "conflict", "invalid")}
+        return BatchOut(results=results, **counts)
 
     @app.get("/v1/runs", response_model=RunList, dependencies=[Client])
     async def list_runs(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
@@ -82,6 +82,20 @@ class ErrorOut(BaseModel):
     field: str | None = None
 
 
+#: the most runs one batch submit takes
+BATCH_MAX = 1000
+
+
+class BatchRequest(BaseModel):
+    """Several run requests in one: each is checked and answered on its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runs: list[dict[str, Any]] = Field(
+        min_length=1, max_length=BATCH_MAX, description=f"1 to {BATCH_MAX} run requests, each as POST /v1/runs takes it",
+        json_schema_extra={"items": {"$ref": "#/components/schemas/RunRequest"}})
+
+
 class RunOut(BaseModel):
     id: str
     automation: str
@@ -113,6 +127,23 @@ class RunOut(BaseModel):
     finished_at: datetime | None
     current_machine: str | None
     current_attempt: int | None
+
+
+class BatchResult(BaseModel):
+    index: int = Field(description="the run request's place in the batch, from 0")
+    status: Literal["created", "existing", "conflict", "invalid"] = Field(
+        description="created; existing: its idempotency key made this run before, for the same request; conflict: "
+                    "its idempotency key was used for another request; invalid: refused, error says why")
+    run: RunOut | None = None
+    error: ErrorOut | None = None
+
+
+class BatchOut(BaseModel):
+    results: list[BatchResult]
+    created: int
+    existing: int
+    conflict: int
+    invalid: int
 
 
 def run_out(run: Run, redacted_input: dict[str, Any]) -> RunOut:

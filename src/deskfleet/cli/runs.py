@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import Any, TextIO
 
 import click
 
@@ -13,7 +15,10 @@ from ._common import _client, _Group, _labels, _print, _print_table, main, opt
 
 # -- client commands ----------------------------------------------------------------------------------------
 @main.command()
-@click.argument("automation")
+@click.argument("automation", required=False)
+@opt("--from", "from_", default=None, type=click.File("r"), metavar="FILE", envvar="DESKFLEET_SUBMIT_FROM",
+     help="submit the runs of a JSON Lines file ('-': stdin), one run request per line, 1,000 per request; "
+          "no AUTOMATION or run options then")
 @opt("--input", "input_", default="{}", envvar="DESKFLEET_SUBMIT_INPUT", help="JSON object, or @file.json")
 @opt("--pool", default="default")
 @opt("--version", "version_", default=None, envvar="DESKFLEET_SUBMIT_VERSION", help="automation version (default: newest)")
@@ -30,11 +35,30 @@ from ._common import _client, _Group, _labels, _print, _print_table, main, opt
 @opt("--webhook-url", default=None)
 @opt("--wait", default=0.0, type=float, help="seconds to wait for the result")
 @click.pass_context
-def submit(ctx: click.Context, automation: str, input_: str, pool: str, version_: str | None,
-           labels: tuple[str, ...], machine: str | None, prefer_machine: str | None, session_key: str | None,
-           priority: int, deadline: float | None, queue_timeout: float | None, attempt_timeout: float | None,
-           max_attempts: int | None, idempotency_key: str | None, webhook_url: str | None, wait: float) -> None:
-    """Submit a run of AUTOMATION and print it."""
+def submit(ctx: click.Context, automation: str | None, from_: TextIO | None, input_: str, pool: str,
+           version_: str | None, labels: tuple[str, ...], machine: str | None, prefer_machine: str | None,
+           session_key: str | None, priority: int, deadline: float | None, queue_timeout: float | None,
+           attempt_timeout: float | None, max_attempts: int | None, idempotency_key: str | None,
+           webhook_url: str | None, wait: float) -> None:
+    """Submit a run of AUTOMATION and print it; or, with --from, every run of a file.
+
+    Each line of a --from file is one run request, as POST /v1/runs takes it:
+    {"automation": "ehr.lookup_patient", "input": {...}, "pool": "ehr", "priority": 5,
+    "idempotency_key": "order-1234", ...}. Each run is answered on its own — created,
+    existing (its idempotency key was used before, for the same request), conflict or
+    invalid — so a file can be sent again after a failure: with idempotency keys, what went
+    through is not submitted twice. Exits 1 if any run was refused."""
+    if from_ is not None:
+        given = [p.name for p in ctx.command.params
+                 if p.name not in ("from_", "automation") and ctx.get_parameter_source(p.name or "") not in
+                 (click.core.ParameterSource.DEFAULT, None)]
+        if automation is not None or given:
+            raise click.UsageError("--from takes every run's fields from its line: give no AUTOMATION and no run "
+                                   "options with it")
+        _submit_file(ctx, from_)
+        return
+    if automation is None:
+        raise click.UsageError("give the AUTOMATION to run, or --from FILE")
     try:
         text = Path(input_[1:]).read_text() if input_.startswith("@") else input_
         data = json.loads(text)
@@ -51,6 +75,49 @@ def submit(ctx: click.Context, automation: str, input_: str, pool: str, version_
                         priority=priority, deadline=deadline, queue_timeout=queue_timeout,
                         attempt_timeout=attempt_timeout, max_attempts=max_attempts,
                         idempotency_key=idempotency_key, webhook_url=webhook_url))
+
+
+def _submit_file(ctx: click.Context, lines: TextIO) -> None:
+    """Submit a JSON Lines file's runs in batches; summarise, and name every refused line."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..client import BATCH_MAX
+
+    where = getattr(lines, "name", "-")
+    bodies: list[tuple[int, dict[str, Any]]] = []
+    refused: list[tuple[int, str, str]] = []  # line, status, message
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            body = json.loads(line)
+        except json.JSONDecodeError as exc:
+            refused.append((number, "invalid", f"not JSON: {exc.msg} at column {exc.colno}"))
+            continue
+        if not isinstance(body, dict):
+            refused.append((number, "invalid", "a run request is a JSON object"))
+            continue
+        bodies.append((number, body))
+    unsent = len(refused)  # lines that are no run request: never sent
+    counts = {"created": 0, "existing": 0, "conflict": 0, "invalid": unsent}
+    with _client(ctx) as c, Progress(TextColumn("submitting"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), transient=True,
+                                     disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task("runs", total=len(bodies))
+        for start in range(0, len(bodies), BATCH_MAX):
+            chunk = bodies[start : start + BATCH_MAX]
+            answer = c.submit_batch([body for _, body in chunk])
+            for result in answer["results"]:
+                number = chunk[result["index"]][0]
+                counts[result["status"]] = counts.get(result["status"], 0) + 1
+                if result["status"] in ("conflict", "invalid"):
+                    refused.append((number, result["status"], (result.get("error") or {}).get("message", "")))
+            progress.advance(task, len(chunk))
+    click.echo(f"{where}: {len(bodies) + unsent} run(s): " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    for number, status, message in sorted(refused):
+        click.echo(f"{where}:{number}: {status}: {message}", err=True)
+    if refused:
+        ctx.exit(1)
 
 
 @main.group(cls=_Group)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import Conflict, NotFound, StaleLease, Stopped
+from ..errors import Conflict, InvalidRequest, NotFound, StaleLease, Stopped
 from ..models import (
     AccountLease,
     Artifact,
@@ -306,6 +306,19 @@ class Store(ABC):
     def submit(self, spec: RunSpec, *, request_hash: str, now: float) -> tuple[Run, bool]:
         """Store a new queued run; with an idempotency key already used with the same
         request hash, return the existing run and False. A different hash → Conflict."""
+
+    def submit_many(self, items: Sequence[tuple[RunSpec, str]], *, now: float) -> list[tuple[Run, bool] | InvalidRequest]:
+        """Store several runs (each with its request hash) in one transaction, each answered
+        on its own as :meth:`submit` would answer it — the run and whether it was created — or
+        with the error that refused it alone (a Conflict, an unknown pool): one refused run
+        does not refuse the others. This default submits them one at a time."""
+        out: list[tuple[Run, bool] | InvalidRequest] = []
+        for spec, request_hash in items:
+            try:
+                out.append(self.submit(spec, request_hash=request_hash, now=now))
+            except InvalidRequest as exc:
+                out.append(exc)
+        return out
 
     @abstractmethod
     def get_run(self, run_id: str) -> Run | None: ...

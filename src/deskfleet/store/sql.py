@@ -35,7 +35,15 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from sqlalchemy.sql import Select
 
 from .. import ids
-from ..errors import Conflict, NotFound, StaleLease, Stopped, StoreRetry, StoreUnavailable
+from ..errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    StaleLease,
+    Stopped,
+    StoreRetry,
+    StoreUnavailable,
+)
 from ..models import (
     Artifact,
     Assignment,
@@ -154,7 +162,7 @@ SPEC_TTL = 2.0
 #: the writes that may share a transaction (``SQLStore.batch``): each raises its expected
 #: errors (StaleLease, Stopped) before it writes anything
 BATCHABLE = frozenset({"attempt_preparing", "attempt_start", "attempt_progress", "attempt_event", "finish_attempt",
-                       "submit"})
+                       "submit", "submit_many"})
 #: the errors a batched write answers with on its own (all raised before it writes)
 ANSWERS = (StaleLease, Stopped, Conflict, NotFound)
 # A scheduling pass's reads, as SQL text (see store.driver): queued runs in priority →
@@ -719,40 +727,63 @@ class SQLStore(AccountOps, KeyOps, Store):
                 raise
             return self._submit(spec, request_hash, now)
 
+    def submit_many(self, items: Sequence[tuple[RunSpec, str]], *, now: float) -> list[tuple[Run, bool] | InvalidRequest]:
+        try:
+            return self._submit_many(items, now)
+        except (IntegrityError, StoreRetry):
+            # A concurrent submit took one of the batch's idempotency keys between our look
+            # and our insert: the whole transaction went; again, that key is now found.
+            return self._submit_many(items, now)
+
+    def _submit_many(self, items: Sequence[tuple[RunSpec, str]], now: float) -> list[tuple[Run, bool] | InvalidRequest]:
+        out: list[tuple[Run, bool] | InvalidRequest] = []
+        with self._tx() as conn:
+            for spec, request_hash in items:
+                try:  # a refusal comes before anything of its run is written
+                    out.append(self._submit_in(conn, spec, request_hash, now))
+                except (NotFound, Conflict) as exc:
+                    out.append(exc)
+        return out
+
     def _submit(self, spec: RunSpec, request_hash: str, now: float) -> tuple[Run, bool]:
         with self._tx() as conn:
-            if self._drv.execute(conn, _RAW_POOL_EXISTS, (spec.pool,)).fetchone() is None:
-                raise NotFound(f"unknown pool {spec.pool!r}", field="pool")
-            if spec.idempotency_key is not None:
-                row = self._drv.one(conn, _RAW_BY_KEY, (spec.tenant, spec.idempotency_key), runs)
-                if row is not None:
-                    existing = rows.run(row)
-                    if existing.request_hash != request_hash:
-                        raise Conflict(
-                            f"idempotency key {spec.idempotency_key!r} was already used for a "
-                            f"different request (run {existing.id}); send the same body again to "
-                            "get that run, or use a new key for a new run",
-                            field="idempotency_key",
-                        )
-                    return existing, False
-            run_id = ids.new_id("run")
-            self._drv.insert(conn, runs, {
-                "id": run_id, "automation": spec.automation, "version": spec.version, "input": spec.input,
-                "pool": spec.pool, "labels": spec.labels, "machine": spec.machine,
-                "prefer_machine": spec.prefer_machine, "session_key": spec.session_key,
-                "priority": spec.priority, "tenant": spec.tenant, "queue_timeout": spec.queue_timeout,
-                "attempt_timeout": spec.attempt_timeout, "progress_timeout": spec.progress_timeout,
-                "deadline_at": None if spec.deadline is None else now + spec.deadline,
-                "max_attempts": spec.max_attempts, "backoff_initial": spec.backoff_initial,
-                "backoff_max": spec.backoff_max, "idempotency_key": spec.idempotency_key,
-                "request_hash": request_hash, "webhook_url": spec.webhook_url, "state": "queued",
-                "created_at": now, "updated_at": now, "queued_at": now,
-                # the schema's defaults, said here: the driver path sends what it is given
-                "attempts_started": 0, "dispatches": 0, "needs_reconcile": False,
-            })
-            self._event(conn, "run.state", now, run_id=run_id, to_state="queued", reason="submitted",
-                        data={"automation": spec.automation, "pool": spec.pool, "priority": spec.priority})
-            return self._get_run(conn, run_id), True
+            return self._submit_in(conn, spec, request_hash, now)
+
+    def _submit_in(self, conn: Connection, spec: RunSpec, request_hash: str, now: float) -> tuple[Run, bool]:
+        """Submit within the transaction ``conn``; a refusal (NotFound, Conflict) is raised
+        before anything is written."""
+        if self._drv.execute(conn, _RAW_POOL_EXISTS, (spec.pool,)).fetchone() is None:
+            raise NotFound(f"unknown pool {spec.pool!r}", field="pool")
+        if spec.idempotency_key is not None:
+            row = self._drv.one(conn, _RAW_BY_KEY, (spec.tenant, spec.idempotency_key), runs)
+            if row is not None:
+                existing = rows.run(row)
+                if existing.request_hash != request_hash:
+                    raise Conflict(
+                        f"idempotency key {spec.idempotency_key!r} was already used for a "
+                        f"different request (run {existing.id}); send the same body again to "
+                        "get that run, or use a new key for a new run",
+                        field="idempotency_key",
+                    )
+                return existing, False
+        run_id = ids.new_id("run")
+        self._drv.insert(conn, runs, {
+            "id": run_id, "automation": spec.automation, "version": spec.version, "input": spec.input,
+            "pool": spec.pool, "labels": spec.labels, "machine": spec.machine,
+            "prefer_machine": spec.prefer_machine, "session_key": spec.session_key,
+            "priority": spec.priority, "tenant": spec.tenant, "queue_timeout": spec.queue_timeout,
+            "attempt_timeout": spec.attempt_timeout, "progress_timeout": spec.progress_timeout,
+            "deadline_at": None if spec.deadline is None else now + spec.deadline,
+            "max_attempts": spec.max_attempts, "backoff_initial": spec.backoff_initial,
+            "backoff_max": spec.backoff_max, "idempotency_key": spec.idempotency_key,
+            "request_hash": request_hash, "webhook_url": spec.webhook_url, "state": "queued",
+            "created_at": now, "updated_at": now, "queued_at": now,
+            # the schema's defaults, said here: the driver path sends what it is given
+            "attempts_started": 0, "dispatches": 0, "needs_reconcile": False,
+        })
+        self._event(conn, "run.state", now, run_id=run_id, to_state="queued", reason="submitted",
+                    data={"automation": spec.automation, "pool": spec.pool, "priority": spec.priority})
+        return self._get_run(conn, run_id), True
 
     def get_run(self, run_id: str) -> Run | None:
         with self._tx(write=False) as conn:

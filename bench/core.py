@@ -15,8 +15,11 @@ unless stated), reached over real HTTP and WebSockets.
   ``?wait=`` — submit → durable → scheduled → leased → started → result → response: what
   a run costs beyond its automation's own time.
 - throughput: N machines in 2 agent processes; all machines cordoned, a backlog of runs
-  submitted, machines uncordoned; completions/s measured from the event log between the
-  first assignment and the last final state, and the orchestrator's CPU per run.
+  submitted — half one run per request (32 at a time), half in batches of 1,000 (``POST
+  /v1/runs:batch``), each half's runs/s measured —, machines uncordoned; completions/s
+  measured from the event log between the first assignment and the last final state, and
+  the orchestrator's CPU per run. Issue 11's submit goals are printed as ratios: batched
+  ≥ 10 x single submits, single submits ≥ the drain rate.
 
 Medians and tails are reported; this machine is shared and noisy, so compare ratios
 across runs of this script rather than absolute figures across machines.
@@ -262,9 +265,17 @@ async def saturation(machines: int, runs: int, sync: str, workdir: Path, *, db: 
                 async with sem:
                     await clients[i % len(clients)].submit("sim.noop", {"value": str(i)}, queue_timeout=3600)
 
+            # Half the backlog one run per request, half in batches of 1,000 (POST /v1/runs:batch).
+            singly = runs // 2
             t_sub = time.perf_counter()
-            await asyncio.gather(*(submit(i) for i in range(runs)))
-            submit_rate = runs / (time.perf_counter() - t_sub)
+            await asyncio.gather(*(submit(i) for i in range(singly)))
+            submit_rate = singly / (time.perf_counter() - t_sub)
+            t_sub = time.perf_counter()
+            batched = await clients[0].submit_many(
+                [{"automation": "sim.noop", "input": {"value": str(i)}, "queue_timeout": 3600}
+                 for i in range(singly, runs)])
+            batch_rate = (runs - singly) / (time.perf_counter() - t_sub)
+            assert all(r["status"] == "created" for r in batched), [r for r in batched if r["status"] != "created"][:3]
             cpu0 = cluster.cpu()
             t0 = time.perf_counter()
             await asyncio.gather(*(act(m, "uncordon") for m in ids))
@@ -303,6 +314,7 @@ async def saturation(machines: int, runs: int, sync: str, workdir: Path, *, db: 
     steady = (0.8 * len(finals)) / (hi - lo) if hi > lo else float("nan")
     return {
         "machines": machines, "runs": runs, "failed": failed, "submit_per_s": submit_rate,
+        "batch_submit_per_s": batch_rate,
         "runs_per_s": len(finals) / span, "steady_runs_per_s": steady, "drain_wall_s": wall,
         "server_cpu_s": cpu, "server_cpu_ms_per_run": 1000 * cpu / runs,
     }
@@ -364,12 +376,26 @@ def show(result: dict[str, Any]) -> None:
         console.print(t)
     if result.get("saturation"):
         t = Table(title="saturation: a backlog of no-op runs drained by the fleet")
-        for col in ("machines", "runs", "runs/s", "steady runs/s", "server CPU ms/run", "submits/s", "failed"):
+        for col in ("machines", "runs", "runs/s", "steady runs/s", "server CPU ms/run", "submits/s",
+                    "batched runs/s", "failed"):
             t.add_column(col, justify="right")
         for s in result["saturation"]:
             t.add_row(str(s["machines"]), str(s["runs"]), f"{s['runs_per_s']:.0f}", f"{s['steady_runs_per_s']:.0f}",
-                      f"{s['server_cpu_ms_per_run']:.2f}", f"{s['submit_per_s']:.0f}", str(s["failed"]))
+                      f"{s['server_cpu_ms_per_run']:.2f}", f"{s['submit_per_s']:.0f}",
+                      f"{s.get('batch_submit_per_s', float('nan')):.0f}", str(s["failed"]))
         console.print(t)
+        # Issue 11's submit goals, as ratios within this run.
+        g = Table(title="submit goals (ratios in this run)")
+        for col in ("machines", "batched / single submits", "goal ≥ 10", "single submits / drain rate", "goal ≥ 1"):
+            g.add_column(col, justify="right")
+        for s in result["saturation"]:
+            if "batch_submit_per_s" not in s:
+                continue
+            batch = s["batch_submit_per_s"] / s["submit_per_s"]
+            pace = s["submit_per_s"] / s["runs_per_s"]
+            g.add_row(str(s["machines"]), f"{batch:.1f}x", "met" if batch >= 10 else "NOT met", f"{pace:.2f}x",
+                      "met" if pace >= 1 else "NOT met")
+        console.print(g)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import numpy as np
 import psutil
 
 from ..errors import DesktopError, Stopped
-from . import DesktopInfo, Frame, Placement, Region, Window, WindowFacts
+from .base import DesktopInfo, Frame, Placement, Region, Window, WindowFacts
 from .session import SessionNote
 from .xkeys import XKeyboard, char_keysym, key_keysym
 

@@ -20,7 +20,7 @@ import unicodedata
 import numpy as np
 
 from ..errors import DesktopError
-from . import Desktop, Frame, Region
+from .base import Desktop, Frame, Region
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from ..errors import ConfigError, DesktopError
-from . import Region, Window
+from .base import Region, Window
 
 if TYPE_CHECKING:
     from .driver import Host

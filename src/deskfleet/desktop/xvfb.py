@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DesktopError
-from . import Frame, Window, xwindows
+from . import xwindows
+from .base import Frame, Window
 from .driver import AppCommand, RealDesktop
 from .xwindows import _owner, _title, _transient_for
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import Region, Window
+from .base import Region, Window
 
 
 def windows(x: Any) -> list[Window]:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..desktop import Frame, Placement, Region
+from ..desktop.base import Frame, Placement, Region
 from ..errors import ConfigError
 from .classifier import UNKNOWN, WRONG_SCREEN, Check, Classifier, Explanation, wrong_screen_message
 from .match import MatchCheck

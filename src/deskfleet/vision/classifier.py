@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from ..desktop import Frame, Region, Window, WindowFacts
+from ..desktop.base import Frame, Region, Window, WindowFacts
 
 UNKNOWN = "unknown"
 #: the frame is not the size the model was recorded at; ``Classification.detail`` says both

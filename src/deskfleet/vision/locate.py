@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from ..desktop import Frame, Placement, Region
+from ..desktop.base import Frame, Placement, Region
 from .match import MIN_TEXTURE, Gray, gray, soften
 
 #: how far from where it was last the anchor is first looked for, in screen pixels

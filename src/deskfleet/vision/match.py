@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from ..desktop import Frame, Region
+from ..desktop.base import Frame, Region
 
 Gray = npt.NDArray[np.uint8]
 

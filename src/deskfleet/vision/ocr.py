@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
-from ..desktop import Frame, Region
+from ..desktop.base import Frame, Region
 from ..errors import ConfigError
 from .match import gray
 

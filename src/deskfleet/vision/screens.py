@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..desktop import Frame, Placement, Region, WindowFacts
+from ..desktop.base import Frame, Placement, Region, WindowFacts
 from ..errors import ConfigError
 from .classifier import COVERED, UNKNOWN, WRONG_SCREEN, Classifier, Explanation
 from .templates import NAME, ModelSource, decode_image, model_root, write_atomically

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..desktop import Frame, Region
+from ..desktop.base import Frame, Region
 from ..errors import ConfigError
 from .classifier import (
     COVERED,

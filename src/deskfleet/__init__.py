@@ -24,8 +24,7 @@ from .errors import (
     Stopped,
 )
 from .sdk import Automation, Context, Registry, automation
-
-__version__ = "0.1.0"
+from .version import __version__
 
 #: public name → the module that defines it (imported when the name is first used)
 _LAZY = {

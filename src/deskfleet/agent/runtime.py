@@ -40,7 +40,6 @@ import websockets
 from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 
-from .. import __version__
 from ..appmodel import Account, AppModel, Credential, PlaybookContext
 from ..crypto import REDACTED
 from ..desktop import Desktop, Frame
@@ -68,6 +67,7 @@ from ..protocol import (
     server_message,
 )
 from ..sdk import Context, Registry, encode_png
+from ..version import __version__
 from .preflight import PreflightResult, preflight
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__
 from ..crypto import hash_key, same
 from ..errors import (
     Conflict,
@@ -37,6 +36,7 @@ from ..fleet.hub import AgentSocket, Disconnected
 from ..models import MachineAdmin, Pool, RunSpec, RunState
 from ..orchestrator import Orchestrator
 from ..protocol import EnrolRequest, EnrolResponse
+from ..version import __version__
 from .accounts import add_routes as add_account_routes
 from .schemas import (
     ArtifactOut,

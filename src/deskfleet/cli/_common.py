@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 
 import click
 
-from .. import __version__
 from ..client import DEFAULT_SERVER, ApiError, Client
 from ..errors import DeskfleetError
+from ..version import __version__
 
 F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT = {"auto_envvar_prefix": "DESKFLEET", "show_default": True, "help_option_names": ["-h", "--help"]}

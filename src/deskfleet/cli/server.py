@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from .. import __version__
 from ..errors import DeskfleetError
+from ..version import __version__
 from ._common import F, _Group, _tune_gc, main, opt
 
 

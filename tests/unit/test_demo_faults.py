@@ -7,7 +7,7 @@ from typing import Any
 
 from deskfleet.audit import Interval
 from deskfleet.demo.faults import stories, summary
-from deskfleet.demo.runner import Moment
+from deskfleet.demo.state import Moment
 
 T0 = 1_800_000_000.0
 

@@ -11,42 +11,10 @@ report (``report.md``, ``report.json``, ``timeline.png``, screenshots).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from .config import DEFAULTS, DemoConfig
 
-from ..errors import ConfigError
-
-#: desktop kind → (machines, runs) by default
-DEFAULTS = {"xvfb": (4, 120), "sim": (6, 120)}
-#: real desktops on one machine at most: each is an X server, a Tk app and an agent's share
-MAX_REAL = 16
-
-
-@dataclass(slots=True)
-class DemoConfig:
-    desktop: str = "xvfb"  # xvfb: real desktops (Xvfb + the pack's app); sim: simulated desktops
-    pack: str = ""  # the pack to demo (a directory or an installed name); "": the one with a demo for `desktop`
-    machines: int = 0  # 0: the desktop kind's default
-    runs: int = 0  # 0: the desktop kind's default
-    faults: str = "demo"
-    seed: int = 7
-    out: Path = Path("demo-output")
-    port: int = 0
-    kill_agent: bool = True
-    agent_processes: int = 2
-    action_delay: float = 0.04
-    timeout: float = 900.0  # give up waiting for the workload after this many seconds
-    live: bool | None = None  # live terminal view; default: when stdout is a terminal
-
-    def __post_init__(self) -> None:
-        if self.desktop not in DEFAULTS:
-            raise ValueError(f"desktop must be one of {', '.join(DEFAULTS)}")
-        machines, runs = DEFAULTS[self.desktop]
-        self.machines = self.machines or machines
-        self.runs = self.runs or runs
-        if self.desktop == "xvfb" and self.machines > MAX_REAL:
-            raise ConfigError(f"{self.machines} real desktops are too many for one machine (at most {MAX_REAL}, "
-                              "each an X server, an app and its agent); for scale use --desktop sim")
+# What a pack's demo hook is written against (docs/your-app.md, "A demo of your pack").
+from .plan import NAMES, BadRequest, DemoExtras, FaultTaken, PackDemo, Wave, Work
 
 
 def run_demo(config: DemoConfig) -> bool:
@@ -58,7 +26,5 @@ def run_demo(config: DemoConfig) -> bool:
     return asyncio.run(Demo(config).run())
 
 
-# What a pack's demo hook is written against (docs/your-app.md, "A demo of your pack").
-from .plan import NAMES, BadRequest, DemoExtras, FaultTaken, PackDemo, Wave, Work  # noqa: E402 - needs DemoConfig first
-
-__all__ = ["DEFAULTS", "NAMES", "BadRequest", "DemoConfig", "DemoExtras", "FaultTaken", "PackDemo", "Wave", "Work", "run_demo"]
+__all__ = ["DEFAULTS", "NAMES", "BadRequest", "DemoConfig", "DemoExtras", "FaultTaken", "PackDemo", "Wave",
+           "Work", "run_demo"]

@@ -31,6 +31,20 @@ KINDS = {
     "app_killed": "app SIGKILLed by the demo mid-run",
     "unknown_dialog": "a modal dialog the model does not know",
 }
+#: what the orchestrator decided for a run (a ``run.state`` event's reason) → how the report says it
+RECOVERY_LABELS = {
+    "retry_after_reconcile": "attempt died after starting → retried after the reconcile check",
+    "retry_idempotent": "attempt died after starting → retried (idempotent automation)",
+    "requeued_not_started": "attempt died before the automation started → requeued, no retry spent",
+    "reconciled": "reconcile found the earlier attempt's effect → run succeeded without repeating it",
+    "not_retried_unsafe": "attempt died mid-run, automation neither idempotent nor reconcilable → failed loudly",
+    "retries_exhausted": "retries exhausted → failed with the last reason",
+    "retry_reconcile_failed": "the reconcile check itself failed → tried again after a backoff",
+    "reconcile_failed": "the reconcile check kept failing → failed loudly (effect unknown)",
+    "business_error": "business error → failed, not retried",
+    "cancelled": "cancelled on request",
+    "deadline": "deadline passed → timed out",
+}
 #: seconds around an attempt within which a fault counts as hitting it (clocks of two processes)
 SLACK = 0.3
 #: seconds after a fault within which the playbooks on its machine count as its recovery
@@ -62,7 +76,7 @@ class FaultStory:
 def stories(faults: list[Any], moments: list[Any], runs: list[dict[str, Any]],
             events: list[dict[str, Any]], intervals: list[Interval]) -> list[FaultStory]:
     """``faults``: the app's log of the faults it produced (``PackDemo.fault_log()``); ``moments``: what the demo did
-    (``runner.Moment``: its ``kind`` and the ``machines`` it struck)."""
+    (``state.Moment``: its ``kind`` and the ``machines`` it struck)."""
     by_machine: dict[str, list[Interval]] = defaultdict(list)
     for iv in intervals:
         by_machine[iv.machine].append(iv)
@@ -177,8 +191,6 @@ def summary(found: list[FaultStory]) -> dict[str, dict[str, int]]:
 
 def describe(s: FaultStory) -> str:
     """How the fault was recovered, in a line."""
-    from .report import RECOVERY_LABELS
-
     if s.kind in ("agent_killed", "display_killed"):
         how = ("its agent went silent: lease expired, quarantined; the agent came back"
                if s.kind == "agent_killed" else

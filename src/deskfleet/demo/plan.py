@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from ..appmodel import Credential
 from ..errors import ConfigError
-from . import DemoConfig
+from .config import DemoConfig
 
 NAMES = ("Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra", "Barbara Liskov",
          "Donald Knuth", "Frances Allen", "John Backus", "Leslie Lamport", "Radia Perlman")

@@ -21,10 +21,10 @@ from rich.table import Table
 
 from ..audit import AuditReport, audit
 from ..client import AsyncClient
-from . import DemoConfig
-from .faults import KINDS, FaultStory, describe, stories, summary
+from .config import DemoConfig
+from .faults import KINDS, RECOVERY_LABELS, FaultStory, describe, stories, summary
 from .plan import PackDemo
-from .runner import DemoState
+from .state import DemoState
 
 #: screenshots kept in the report: playbook steps (before and after), failed attempts
 PLAYBOOK_SHOTS = 10
@@ -35,19 +35,6 @@ MARKS = (("SIGKILLed agent", "agent process killed"), ("restarted agents", "agen
          ("a quiet spell", "quiet spell"), ("killed the X server", "X server killed"),
          ("wave ", "next wave"))
 
-RECOVERY_LABELS = {
-    "retry_after_reconcile": "attempt died after starting → retried after the reconcile check",
-    "retry_idempotent": "attempt died after starting → retried (idempotent automation)",
-    "requeued_not_started": "attempt died before the automation started → requeued, no retry spent",
-    "reconciled": "reconcile found the earlier attempt's effect → run succeeded without repeating it",
-    "not_retried_unsafe": "attempt died mid-run, automation neither idempotent nor reconcilable → failed loudly",
-    "retries_exhausted": "retries exhausted → failed with the last reason",
-    "retry_reconcile_failed": "the reconcile check itself failed → tried again after a backoff",
-    "reconcile_failed": "the reconcile check kept failing → failed loudly (effect unknown)",
-    "business_error": "business error → failed, not retried",
-    "cancelled": "cancelled on request",
-    "deadline": "deadline passed → timed out",
-}
 
 
 @dataclass

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -29,8 +29,9 @@ from rich.table import Table
 
 from ..client import ApiError, AsyncClient
 from ..errors import DeskfleetError
-from . import DemoConfig
+from .config import DemoConfig
 from .plan import Work, data_dir, demo_for
+from .state import DemoState, Moment, Submitted
 
 MARKER = ".deskfleet-demo"
 FINAL = ("succeeded", "failed", "cancelled", "timed_out")
@@ -38,32 +39,6 @@ NOTABLE = ("machine.quarantined", "machine.verified", "lease.stale_write_rejecte
            "reconcile.done", "playbook.step", "verify.playbook.step", "attempt.ended")
 #: seconds a SIGKILLed agent process stays down before it is started again
 KILLED_FOR = 5.0
-
-
-@dataclass
-class Submitted:
-    run_id: str
-    automation: str
-    mrn: str
-    cancel: bool = False
-
-
-@dataclass
-class Moment:
-    at: float
-    what: str
-    kind: str = ""  # agent_killed, display_killed: faults the demo causes from outside
-    machines: list[str] = field(default_factory=list)  # the machines it struck
-
-
-@dataclass
-class DemoState:
-    accepted: list[Submitted] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (what was asked, the API's answer)
-    moments: list[Moment] = field(default_factory=list)
-    feed: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
-    finished_in: float | None = None
 
 
 class Demo:

@@ -123,6 +123,12 @@ class AutomationSpec:
         return f"{self.name}@{self.version}"
 
 
+def version_key(version: str) -> tuple[Any, ...]:
+    """How versions of an automation order (the newest is the greatest): dotted parts compared
+    one by one, numbers as numbers ("1.10" after "1.9"), and after any number a part that is not one."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.split("."))
+
+
 @dataclass(slots=True)
 class Machine:
     id: str

@@ -47,7 +47,7 @@ from .appmodel import AppModel
 from .desktop import Desktop, Frame, Region
 from .desktop.fill import fill as fill_field
 from .errors import BusinessError, DesktopError, StateTimeout, Stopped
-from .models import AutomationSpec
+from .models import AutomationSpec, version_key
 
 In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out", bound=BaseModel)
@@ -430,7 +430,7 @@ class Registry:
         if version is not None:
             return self._by_key.get(f"{name}@{version}")
         candidates = [a for a in self._by_key.values() if a.name == name]
-        return max(candidates, key=lambda a: _version_key(a.version), default=None)
+        return max(candidates, key=lambda a: version_key(a.version), default=None)
 
     def specs(self) -> list[AutomationSpec]:
         return [a.spec for a in self._by_key.values()]
@@ -459,7 +459,3 @@ class Registry:
             module = importlib.import_module(modname)
             found.extend(v for v in vars(module).values() if isinstance(v, Automation))
         return cls(found)
-
-
-def _version_key(version: str) -> tuple[Any, ...]:
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.split("."))

@@ -65,6 +65,7 @@ from ..models import (
     StopOrder,
     StopReason,
     VaultAccount,
+    version_key,
 )
 from ..scheduler import AccountBook, Policy, eligible
 from ..statemachine import can_transition, decide, overdue_reason, quarantines, queued_expiry
@@ -348,9 +349,7 @@ class SQLStore(AccountOps, KeyOps, Store):
         found = [rows.automation(r) for r in conn.execute(q).mappings()]
         if not found:
             return None
-        from ..sdk import _version_key
-
-        return max(found, key=lambda s: _version_key(s.version))
+        return max(found, key=lambda s: version_key(s.version))
 
     def _set_run_state(
         self, conn: Connection, run: Run, to: RunState, now: float, *, reason: str,

@@ -23,6 +23,12 @@ Rules, in order:
    A waiting run does not block runs behind it.
 4. *Choice among equals* is the selector's: by default the machine idle the longest, so
    wear spreads and a freshly recovered machine is not hammered.
+
+When there are more runs than free machines, and the policy has a
+:class:`~deskfleet.scheduler.durations.DurationBook` (the orchestrator's does: it learns
+from every attempt that succeeds), runs of one priority go longest first, except those that
+must not wait (a deadline, half their queue timeout waited): a backlog then ends with short
+runs on every machine instead of a few long ones on some (``scheduler.durations``).
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ from typing import NamedTuple, Protocol
 
 from ..models import Machine, MachineShape, Pool, Run
 from .accounts import AccountBook, Need, Slot
+from .durations import DurationBook, longest_first
 
 __all__ = [
     "AccountBook",
+    "DurationBook",
     "LongestIdle",
     "MachineSelector",
     "MostRecentlyUsed",
@@ -120,6 +128,8 @@ class Placement(NamedTuple):
 @dataclass
 class Policy:
     selector: MachineSelector = field(default_factory=LongestIdle)
+    #: how long each automation's runs take; with it, a backlog goes longest first (None: as queued)
+    durations: DurationBook | None = None
 
     def match(
         self,
@@ -153,6 +163,8 @@ class Policy:
         machine is worth waiting for. ``accounts``: the vault as this pass sees it (None when
         no run needs an account).
         """
+        if self.durations is not None and len(runs) > len(free):
+            runs = longest_first(runs, self.durations, now)
         taken: set[str] = set()
         pairs: list[Placement] = []
         # Runs alike (same pool, pin, automation, labels) have the same eligible machines:

@@ -51,7 +51,7 @@ async def state(desktop: SimDesktop) -> str:
 
 def test_registry_offers_the_three_with_their_policies() -> None:
     registry = demo_registry()
-    assert len(registry) == 5  # the three SimEHR automations, sim.noop and sim.work for benchmarks
+    assert len(registry) == 7  # the three SimEHR automations; sim.noop and sim.work(_short, _long) for benchmarks
     specs = {s.name: s for s in registry.specs()}
     assert (specs["ehr.create_patient"].idempotent, specs["ehr.create_patient"].has_reconcile) == (
         False, True)
@@ -59,7 +59,9 @@ def test_registry_offers_the_three_with_their_policies() -> None:
     assert (specs["ehr.export_summary"].idempotent, specs["ehr.export_summary"].has_reconcile) == (
         False, False)
     assert (specs["sim.noop"].idempotent, specs["sim.noop"].required_state) == (True, "any")
-    assert (specs["sim.work"].idempotent, specs["sim.work"].has_reconcile) == (False, True)
+    for name in ("sim.work", "sim.work_short", "sim.work_long"):
+        assert (specs[name].idempotent, specs[name].has_reconcile, specs[name].required_state) == (False, True, "any")
+    assert specs["sim.work_long"].description.startswith("Typically long work: A unit of work of a given duration")
 
 
 async def test_work_leaves_its_effect_halfway_and_reconcile_finds_it() -> None:

@@ -21,7 +21,7 @@ import re
 
 from pydantic import BaseModel, Field
 
-from deskfleet import BusinessError, Context, Desktop, DesktopError, Registry, automation
+from deskfleet import Automation, BusinessError, Context, Desktop, DesktopError, Registry, automation
 
 from .layout import Layout, layout_for
 
@@ -228,8 +228,7 @@ class WorkDone(BaseModel):
     machine: str
 
 
-@automation(name="sim.work", version="1", required_state="any")
-async def work(ctx: Context, data: WorkInput) -> WorkDone:
+async def _work(ctx: Context, data: WorkInput) -> WorkDone:
     """A unit of work of a given duration whose side effect lands halfway through it (in the
     simulated backend, countable by key) — for benchmarks of utilisation, failover and
     double effects: a machine killed in the second half has done the work but not said so."""
@@ -244,8 +243,7 @@ async def work(ctx: Context, data: WorkInput) -> WorkDone:
     return WorkDone(key=data.key, machine=ctx.machine_id)
 
 
-@work.reconcile
-async def work_was_done(ctx: Context, data: WorkInput) -> WorkDone | None:
+async def _work_was_done(ctx: Context, data: WorkInput) -> WorkDone | None:
     """Did a lost attempt already do it? The backend knows."""
     backend = getattr(ctx.desktop, "backend", None)
     if backend is None or backend.work_count(data.key) == 0:
@@ -253,9 +251,28 @@ async def work_was_done(ctx: Context, data: WorkInput) -> WorkDone | None:
     return WorkDone(key=data.key, machine=ctx.machine_id)
 
 
+def _work_automation(name: str, what: str) -> Automation[WorkInput, WorkDone]:
+    """``sim.work``'s body under another name: benchmarks mix automations whose runs take
+    typically different times (a lookup, a form, a month-end report), as users' do."""
+
+    async def body(ctx: Context, data: WorkInput) -> WorkDone:
+        return await _work(ctx, data)
+
+    body.__doc__ = f"{what}: {_work.__doc__}"
+    made = automation(name=name, version="1", required_state="any")(body)
+    made.reconcile(_work_was_done)
+    return made
+
+
+work = _work_automation("sim.work", "A unit of work")
+#: a mix for utilisation benchmarks: the same work, each kind typically short, long
+work_short = _work_automation("sim.work_short", "Typically short work")
+work_long = _work_automation("sim.work_long", "Typically long work")
+
+
 PACK = "simehr"  # the vault's accounts for SimEHR have this app
 
 
 def demo_registry() -> Registry:
     """The SimEHR automations (and ``sim.noop``, ``sim.work``), as an agent would offer them."""
-    return Registry([create_patient, lookup_patient, export_summary, noop, work]).for_pack(PACK)
+    return Registry([create_patient, lookup_patient, export_summary, noop, work, work_short, work_long]).for_pack(PACK)

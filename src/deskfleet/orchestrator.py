@@ -4,6 +4,10 @@ One :class:`Orchestrator` per server process. Client requests (through ``api``) 
 messages (through ``fleet.hub``) arrive on the event loop; every durable change goes
 through the store on its worker thread; every change that may free a machine or queue a
 run wakes the scheduler, so dispatch waits for no polling interval.
+
+It is the composition root: it builds the store runner, the vault, the hub and the fleet
+manager and hands each what it needs. They never import it; what they call back on it is
+a small protocol each defines (``fleet.hub.RunListener``, ``fleet.manager.Core``).
 """
 
 from __future__ import annotations
@@ -15,13 +19,12 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 import jsonschema
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .config import ServerSettings
 from .crypto import SecretBox, legacy_mac_key, redact
@@ -30,11 +33,13 @@ from .errors import (
     InvalidInput,
     InvalidRequest,
     NotFound,
-    StoreRetry,
     StoreUnavailable,
     Unservable,
 )
 from .fleet.bus import LocalBus, PgBus
+from .fleet.hub import Hub
+from .fleet.manager import FleetManager
+from .metrics import Metrics
 from .models import (
     Assignment,
     AutomationSpec,
@@ -49,124 +54,22 @@ from .models import (
 from .protocol import Assign, Stop
 from .scheduler import Policy, serviceable
 from .store import Finished, Store, is_postgres, open_leadership, open_store
+from .store.runner import StoreRunner
 from .vault import Vault
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 CATALOG_TTL = 2.0  # seconds; enrolments and pool changes invalidate it at once
-RETRIES = 4  # store operations rolled back by a deadlock or conflict are run again this often
-BATCH_MAX = 256  # agent writes applied in one transaction at most
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.submitted = Counter("deskfleet_runs_submitted", "Runs accepted", registry=r)
-        self.finished = Counter("deskfleet_runs_finished", "Runs that reached a final state", ["state"], registry=r)
-        self.retried = Counter("deskfleet_runs_retried", "Attempts that ended with the run requeued", ["reason"], registry=r)
-        self.assigned = Counter("deskfleet_attempts_assigned", "Attempts handed to agents", registry=r)
-        self.stale = Counter("deskfleet_stale_writes_rejected", "Agent writes refused for a lost lease", registry=r)
-        self.schedule_seconds = Histogram(
-            "deskfleet_schedule_seconds", "One scheduling pass (match and claim)", registry=r,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-        )
-        self.connected = Gauge("deskfleet_agents_connected", "Agents with an open connection", registry=r)
-
-
-class StoreRunner:
-    """Runs store operations on worker threads, so the event loop never blocks on I/O.
-
-    One thread for SQLite: it admits one writer at a time anyway, and a single writer never
-    meets "database is locked" from itself. A few for PostgreSQL, whose row locks let
-    different agents' writes proceed side by side (one agent's messages are still handled
-    in order: the hub awaits each before reading the next).
-    """
-
-    def __init__(self, store: Store, threads: int = 1) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.store = store
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="deskfleet-store")
-        self._batching = bool(getattr(store, "batches_writes", False))
-        self._queued: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        for attempt in range(RETRIES):
-            try:
-                return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
-            except StoreRetry:
-                # The database broke a deadlock or a conflict by rolling this one back:
-                # every operation is one transaction, so running it again is safe.
-                if attempt == RETRIES - 1:
-                    raise
-                await asyncio.sleep(0.01 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    async def write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """A write that may share a transaction (``store.attempt_*``, ``store.finish_attempt``,
-        ``store.submit``: see ``Store.batch``). Where the store gains from it (one writer:
-        SQLite), writes that arrive while a transaction is being applied wait and go together
-        in the next one — a group commit: one commit and one fsync for many agents' reports
-        and clients' submits. Each still answers on its own, only once it is committed."""
-        if not self._batching:
-            return await self(fn, *args, **kwargs)
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queued.append((fn, args, kwargs, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        return await fut
-
-    async def _flush(self) -> None:
-        while self._queued:
-            items, self._queued = self._queued[:BATCH_MAX], self._queued[BATCH_MAX:]
-            try:
-                results = await self(self.store.batch, [(fn, args, kwargs) for fn, args, kwargs, _ in items])
-            except StoreUnavailable as exc:
-                for *_, fut in items:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            except Exception:
-                # Something unexpected rolled the batch back: each on its own, so that only
-                # the write at fault fails.
-                log.warning("a batch of %d writes failed; applying them one by one", len(items), exc_info=True)
-                for fn, args, kwargs, fut in items:
-                    try:
-                        result = await self(fn, *args, **kwargs)
-                    except Exception as exc:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    else:
-                        if not fut.done():
-                            fut.set_result(result)
-                continue
-            for (*_, fut), result in zip(items, results, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(result, Exception):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
 
 class Orchestrator:
     def __init__(self, settings: ServerSettings, *, store: Store | None = None, policy: Policy | None = None) -> None:
-        from .fleet.hub import Hub
-        from .fleet.manager import FleetManager
-
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or open_store(settings.db_url, sqlite_synchronous=settings.sqlite_synchronous)
         self.db = StoreRunner(self.store, threads=4 if is_postgres(settings.db_url) else 1)
         self.secrets = SecretBox.from_file(settings.secret_key_file or settings.data_dir / "secret.key")
-        self.vault = Vault(self)
+        self.vault = Vault(self.store, self.db, self.secrets, on_change=self._accounts_changed)
         self.enrolment_token = settings.resolve_enrolment_token()
         self.policy = policy or Policy()
         self.metrics = Metrics()
@@ -179,8 +82,11 @@ class Orchestrator:
         self._hints: set[asyncio.Task[Any]] = set()
         self._prepared = False
         self._woke_others_at = 0.0
-        self.hub = Hub(self)
-        self.fleet = FleetManager(self)
+        self.hub = Hub(self.store, self.db, settings, replica_id=self.replica_id, metrics=self.metrics,
+                       vault=self.vault, runs=self)
+        self.fleet = FleetManager(self.store, self.db, settings, self.hub, self, leadership=self.leadership,
+                                  secrets=self.secrets, replica_id=self.replica_id, replica_name=self.replica_name,
+                                  multi=self.multi)
         self._wake = asyncio.Event()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -403,6 +309,16 @@ class Orchestrator:
         self._catalog = None
         self.vault.forget()
 
+    def catalog_changed(self) -> None:
+        """What submit checks runs against changed (automations offered, machines, pools,
+        accounts): drop the caches, here and on the other replicas."""
+        self.forget_specs()
+        self.hint("catalog")
+
+    def _accounts_changed(self) -> None:
+        self.catalog_changed()
+        self.wake(others=True)  # runs that waited for an account may fit now
+
     async def _pools_and_shapes(self) -> tuple[dict[str, Pool], list[MachineShape]]:
         now = time.monotonic()
         if self._catalog is None or now - self._catalog[0] > CATALOG_TTL:
@@ -527,16 +443,14 @@ class Orchestrator:
 
     async def put_pool(self, pool: Pool) -> Pool:
         result = await self.db(self.store.put_pool, pool, time.time())
-        self.forget_specs()
-        self.hint("catalog")
+        self.catalog_changed()
         self.wake(others=True)
         return result
 
     async def enrol(self, machine_id: str, *, pool: str, labels: dict[str, str], key_hash: str) -> Machine:
         machine = await self.db(self.store.enrol_machine, machine_id, pool=pool, labels=labels,
                                 key_hash=key_hash, now=time.time())
-        self.forget_specs()
-        self.hint("catalog")
+        self.catalog_changed()
         return machine
 
 

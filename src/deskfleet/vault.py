@@ -30,8 +30,8 @@ from .models import AccountLease, AutomationSpec, Pool, RunSpec, VaultAccount
 from .protocol import AccountGrant
 
 if TYPE_CHECKING:
-    from .orchestrator import Orchestrator
     from .store import Store
+    from .store.runner import StoreRunner
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +78,23 @@ class AccountView:
 
 
 class Vault:
-    def __init__(self, orch: Orchestrator) -> None:
-        self.orch = orch
-        self._catalog: tuple[float, dict[str, str | None]] | None = None  # name → app
+    """The vault over ``store`` (reached through ``db``), with the server's keyring ``box``;
+    ``on_change`` is called after every change to the accounts (submit checks must see it
+    at once, on every replica, and runs that waited for an account may fit now)."""
 
-    @property
-    def box(self) -> SecretBox:
-        return self.orch.secrets
+    def __init__(self, store: Store, db: StoreRunner, box: SecretBox, *, on_change: Callable[[], None]) -> None:
+        self.store = store
+        self.db = db
+        self.box = box
+        self._on_change = on_change
+        self._catalog: tuple[float, dict[str, str | None]] | None = None  # name → app
 
     def forget(self) -> None:
         self._catalog = None
 
     def _changed(self) -> None:
         self.forget()
-        self.orch.forget_specs()
-        self.orch.hint("catalog")  # other replicas: submit checks see the change at once
-        self.orch.wake(others=True)  # runs that waited for an account may fit now
+        self._on_change()
 
     # -- operators ------------------------------------------------------------------------------
     async def put(self, name: str, *, app: str | None, username: str, password: str, totp_seed: str | None,
@@ -104,10 +105,10 @@ class Vault:
             totp_seed=self.box.encrypt(_seed(totp_seed)) if totp_seed is not None else None,
             labels=labels, max_sessions=max_sessions,
         )
-        stored, created = await self.orch.db(self.orch.store.put_account, acct, time.time())
+        stored, created = await self.db(self.store.put_account, acct, time.time())
         log.info("account %s %s (app %s)", name, "created" if created else "replaced", app)
         self._changed()
-        return AccountView(stored, await self.orch.db(self.orch.store.account_leases, name)), created
+        return AccountView(stored, await self.db(self.store.account_leases, name)), created
 
     async def patch(self, name: str, changes: dict[str, Any]) -> AccountView:
         values = dict(changes)
@@ -115,27 +116,27 @@ class Vault:
             values["password"] = self.box.encrypt(values["password"])
         if "totp_seed" in values and values["totp_seed"] is not None:
             values["totp_seed"] = self.box.encrypt(_seed(values["totp_seed"]))
-        stored = await self.orch.db(self.orch.store.update_account, name, values, time.time())
+        stored = await self.db(self.store.update_account, name, values, time.time())
         log.info("account %s updated (%s)", name, ", ".join(sorted(changes)) or "nothing")
         self._changed()
-        return AccountView(stored, await self.orch.db(self.orch.store.account_leases, name))
+        return AccountView(stored, await self.db(self.store.account_leases, name))
 
     async def get(self, name: str) -> AccountView:
-        acct = await self.orch.db(self.orch.store.get_account, name)
+        acct = await self.db(self.store.get_account, name)
         if acct is None:
             raise NotFound(f"no account {name!r} in the vault; see GET /v1/accounts (deskfleet accounts list)",
                            field="name")
-        return AccountView(acct, await self.orch.db(self.orch.store.account_leases, name))
+        return AccountView(acct, await self.db(self.store.account_leases, name))
 
     async def all(self) -> list[AccountView]:
-        accounts = await self.orch.db(self.orch.store.list_accounts)
+        accounts = await self.db(self.store.list_accounts)
         leases: dict[str, list[AccountLease]] = {}
-        for lease in await self.orch.db(self.orch.store.account_leases):
+        for lease in await self.db(self.store.account_leases):
             leases.setdefault(lease.account, []).append(lease)
         return [AccountView(a, leases.get(a.name, [])) for a in accounts]
 
     async def remove(self, name: str, *, force: bool) -> list[AccountLease]:
-        released = await self.orch.db(self.orch.store.remove_account, name, time.time(), force=force)
+        released = await self.db(self.store.remove_account, name, time.time(), force=force)
         log.info("account %s removed%s", name, f" (forced: {len(released)} leases released)" if released else "")
         self._changed()
         return released
@@ -144,7 +145,7 @@ class Vault:
     async def _apps(self) -> dict[str, str | None]:
         now = time.monotonic()
         if self._catalog is None or now - self._catalog[0] > CATALOG_TTL:
-            found = {a.name: a.app for a in await self.orch.db(self.orch.store.list_accounts)}
+            found = {a.name: a.app for a in await self.db(self.store.list_accounts)}
             self._catalog = (now, found)
         return self._catalog[1]
 
@@ -184,13 +185,13 @@ class Vault:
                             password=self.box.decrypt(acct.password), totp=acct.totp_seed is not None)
 
     async def verify_grants(self, machine_id: str) -> list[AccountGrant]:
-        accounts = await self.orch.db(self.orch.store.reserve_for_verify, machine_id, time.time())
+        accounts = await self.db(self.store.reserve_for_verify, machine_id, time.time())
         return [self.grant(a) for a in accounts]
 
     async def totp(self, machine_id: str, account: str) -> tuple[str, float]:
         """A current code for ``account``, only for a machine holding a lease on it (Conflict
         or NotFound otherwise); (code, seconds it stays valid)."""
-        token = await self.orch.db(self.orch.store.issue_totp, account, machine_id, time.time())
+        token = await self.db(self.store.issue_totp, account, machine_id, time.time())
         totp = pyotp.TOTP(self.box.decrypt(token))
         now = time.time()
         log.info("TOTP code issued for account %s", account, extra={"machine": machine_id})

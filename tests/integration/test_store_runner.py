@@ -11,9 +11,9 @@ import pytest
 
 from deskfleet.errors import StaleLease
 from deskfleet.models import AutomationSpec, Ending, RunSpec, RunState
-from deskfleet.orchestrator import StoreRunner
 from deskfleet.scheduler import Policy
 from deskfleet.store import Heartbeat, SQLStore, open_store
+from deskfleet.store.runner import StoreRunner
 
 T0 = 1_700_000_000.0
 SPEC = AutomationSpec("ehr.lookup", "1", idempotent=True)

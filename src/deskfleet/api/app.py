@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import orjson
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -33,7 +34,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..fleet.hub import AgentSocket, Disconnected
-from ..models import MachineAdmin, Pool, RunSpec, RunState
+from ..models import MachineAdmin, Pool, Run, RunSpec, RunState
 from ..orchestrator import Orchestrator
 from ..protocol import EnrolRequest, EnrolResponse
 from ..version import __version__
@@ -147,6 +148,12 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
                              settings.max_batch_bytes if path == "/v1/runs:batch" else settings.max_body_bytes),
     )
     app.state.orch = orch
+
+    async def webhook_body(run: Run) -> bytes:
+        # A webhook posts the run as GET /v1/runs/{id} shows it.
+        return orjson.dumps(run_out(run, await orch.redacted_input(run)).model_dump(mode="json"))
+
+    orch.fleet.webhook_body = webhook_body
 
     # -- errors -------------------------------------------------------------------------------
     @app.exception_handler(InvalidRequest)

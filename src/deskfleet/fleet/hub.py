@@ -6,6 +6,10 @@ the latest per machine and the fleet manager writes them in one transaction a ti
 only then acknowledges them. An agent hears "your lease is renewed" only once it is — so
 a replica that cannot reach the database (while another replica, which can, expires the
 lease) never keeps an agent working on a lease it no longer has: the agent fences itself.
+
+The hub does not own runs: what it learns that matters to them (a result recorded, a run
+ended, a machine free, an agent's offer changed) it tells a :class:`RunListener` — the
+orchestrator, which built it.
 """
 
 from __future__ import annotations
@@ -14,15 +18,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
 from ..errors import InvalidRequest, StaleLease, Stopped, StoreUnavailable
-from ..models import AutomationSpec, Ending, MachineHealth
+from ..models import Assignment, AutomationSpec, Ending, MachineHealth, Run, StopOrder
 from ..protocol import (
     AgentEvent,
     Error,
@@ -41,10 +46,14 @@ from ..protocol import (
     Welcome,
     agent_message,
 )
-from ..store import Heartbeat
+from ..store import Finished, Heartbeat
 
 if TYPE_CHECKING:
-    from ..orchestrator import Orchestrator
+    from ..config import ServerSettings
+    from ..metrics import Metrics
+    from ..store import Store
+    from ..store.runner import StoreRunner
+    from ..vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +193,36 @@ def quick_heartbeat(data: Any) -> Beat | None:
     return Beat(seq, values, key, None if expires is None else float(expires), attempt, sessions)
 
 
+class RunListener(Protocol):
+    """What the hub tells the part that owns runs and dispatch (the orchestrator)."""
+
+    async def send_assignment(self, a: Assignment) -> None:
+        """Send an attempt's assignment to its machine (again, after a reconnect)."""
+
+    async def send_stop(self, order: StopOrder) -> None: ...
+
+    def run_changed(self, run: Run) -> None: ...
+
+    def after_finished(self, items: Iterable[Finished]) -> None:
+        """Attempts ended and were recorded (their machines are free)."""
+
+    def wake(self, *, others: bool = False) -> None:
+        """Schedule now: a machine may be free or back."""
+
+    def catalog_changed(self) -> None:
+        """What an agent's machine offers changed (automations, labels)."""
+
+
 class Hub:
-    def __init__(self, orch: Orchestrator) -> None:
-        self.orch = orch
+    def __init__(self, store: Store, db: StoreRunner, settings: ServerSettings, *, replica_id: str,
+                 metrics: Metrics, vault: Vault, runs: RunListener) -> None:
+        self.store = store
+        self.db = db
+        self.settings = settings
+        self.replica_id = replica_id
+        self.metrics = metrics
+        self.vault = vault
+        self.runs = runs
         self.connections: dict[str, Connection] = {}
         self.beats: dict[str, Heartbeat] = {}
         self.beat_seqs: dict[str, int] = {}  # the sequence number of each machine's latest beat
@@ -252,7 +288,7 @@ class Hub:
 
     async def serve(self, ws: AgentSocket, machine_id: str) -> None:
         """Run one agent's (accepted, authenticated) connection until it closes."""
-        orch = self.orch
+        runs = self.runs
         try:
             raw = await asyncio.wait_for(ws.receive(), HELLO_TIMEOUT)
             hello = agent_message.validate_python(orjson.loads(raw))
@@ -272,44 +308,43 @@ class Hub:
             hello.session_expires_at, hello.attempt_id, hello.sessions,
         )
         try:
-            result = await orch.db(
-                orch.store.connect_machine, machine_id, boot_id=hello.boot_id,
+            result = await self.db(
+                self.store.connect_machine, machine_id, boot_id=hello.boot_id,
                 agent_version=hello.agent_version, automations=specs, labels=hello.labels,
-                heartbeat=beat, lease_timeout=orch.settings.lease_timeout, now=now,
-                replica=orch.replica_id,
+                heartbeat=beat, lease_timeout=self.settings.lease_timeout, now=now,
+                replica=self.replica_id,
             )
         except StoreUnavailable:
             await ws.close(1013)  # try again later: the agent reconnects with backoff
             return
         if result.offers_changed:
-            orch.forget_specs()  # and tell the other replicas: what the fleet offers changed
-            orch.hint("catalog")
+            runs.catalog_changed()
         previous = self.connections.get(machine_id)
         conn = Connection(machine_id, ws)
         conn.sessions = beat.notes()  # connect_machine brought the leases in line with them
         self.connections[machine_id] = conn
-        orch.metrics.connected.set(len(self.connections))
+        self.metrics.connected.set(len(self.connections))
         if previous is not None:
             # The newest connection for a machine wins; the old one is a ghost.
             await previous.ws.close(1008)
         log.info("agent connected (boot %s)", hello.boot_id[:8], extra=self._ctx(machine_id, hello.attempt_id))
         await conn.send(Welcome(
             machine_id=machine_id,
-            heartbeat_interval=orch.settings.heartbeat_interval,
-            heartbeat_timeout=orch.settings.heartbeat_timeout,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
             resume_attempt_id=result.resume.id if result.resume else None,
         ))
         if result.resend is not None:
-            await orch.send_assignment(result.resend)
+            await runs.send_assignment(result.resend)
         if result.stale_attempt_id is not None:
             await conn.send(Stop(attempt_id=result.stale_attempt_id, reason="lease_lost"))
         if result.ended_run is not None:
-            orch.run_changed(result.ended_run)
-        for order in await orch.db(orch.store.pending_stops, machine_id):
-            await orch.send_stop(order)
+            runs.run_changed(result.ended_run)
+        for order in await self.db(self.store.pending_stops, machine_id):
+            await runs.send_stop(order)
         if result.machine.health is MachineHealth.QUARANTINED:
             await self.request_verify(conn, result.machine.quarantine_reason or "")
-        orch.wake()
+        runs.wake()
 
         try:
             while True:
@@ -334,11 +369,11 @@ class Hub:
         finally:
             if self.connections.get(machine_id) is conn:
                 del self.connections[machine_id]
-                orch.metrics.connected.set(len(self.connections))
+                self.metrics.connected.set(len(self.connections))
                 self.beats.pop(machine_id, None)
                 self.beat_seqs.pop(machine_id, None)
                 try:
-                    await orch.db(orch.store.disconnect_machine, machine_id, time.time(), orch.replica_id)
+                    await self.db(self.store.disconnect_machine, machine_id, time.time(), self.replica_id)
                 except Exception:
                     log.exception("could not record the disconnect", extra=self._ctx(machine_id))
                 log.info("agent disconnected", extra=self._ctx(machine_id))
@@ -347,14 +382,13 @@ class Hub:
         conn.verify_sent_at = time.time()
         try:
             # The accounts it may have to log in with to reach "ready" (reserved for it).
-            grants = await self.orch.vault.verify_grants(conn.machine_id)
+            grants = await self.vault.verify_grants(conn.machine_id)
         except StoreUnavailable:
             return  # asked again at the next verify interval
         await conn.send(Verify(reason=reason, accounts=grants))
 
     async def _handle(self, conn: Connection, msg: Any) -> None:
-        orch, mid, now = self.orch, conn.machine_id, time.time()
-        store = orch.store
+        db, store, mid, now = self.db, self.store, conn.machine_id, time.time()
         conn.last_seen = now
         if isinstance(msg, Beat):
             notes = msg.notes()
@@ -370,34 +404,34 @@ class Hub:
             return
         try:
             if isinstance(msg, Preparing):
-                await orch.db.write(store.attempt_preparing, msg.attempt_id, mid, now)
+                await db.write(store.attempt_preparing, msg.attempt_id, mid, now)
             elif isinstance(msg, Progress):
                 data = {k: v for k, v in (("percent", msg.percent), ("message", msg.message)) if v is not None}
-                await orch.db.write(store.attempt_progress, msg.attempt_id, mid, msg.step, data, now)
+                await db.write(store.attempt_progress, msg.attempt_id, mid, msg.step, data, now)
             elif isinstance(msg, AgentEvent):
                 if msg.attempt_id is None:
-                    await orch.db(store.record_event, msg.kind, now, machine_id=mid, data=msg.data)
+                    await db(store.record_event, msg.kind, now, machine_id=mid, data=msg.data)
                 else:
-                    await orch.db.write(store.attempt_event, msg.attempt_id, mid, msg.kind, msg.data, now)
+                    await db.write(store.attempt_event, msg.attempt_id, mid, msg.kind, msg.data, now)
             elif isinstance(msg, Start):
                 try:
-                    await orch.db.write(store.attempt_start, msg.attempt_id, mid, now)
+                    await db.write(store.attempt_start, msg.attempt_id, mid, now)
                 except Stopped as exc:
                     await conn.send(Reply(re=msg.id, ok=False, stop=exc.reason))
                     return
                 await conn.send(Reply(re=msg.id, ok=True))
             elif isinstance(msg, Result):
-                finished = await orch.db.write(
+                finished = await db.write(
                     store.finish_attempt, msg.attempt_id, mid, Ending(msg.ending),
                     output=msg.output, detail=msg.detail[:2000], now=now,
                 )
                 await conn.send(Reply(re=msg.id, ok=True))
                 log.info("attempt ended: %s → run %s", msg.ending, finished.run.state.value,
                          extra=self._ctx(mid, msg.attempt_id, finished.run.id))
-                orch.after_finished([finished])
+                self.runs.after_finished([finished])
             elif isinstance(msg, TotpRequest):
                 try:
-                    code, valid_for = await orch.vault.totp(mid, msg.account)
+                    code, valid_for = await self.vault.totp(mid, msg.account)
                 except InvalidRequest as exc:
                     log.warning("TOTP code refused: %s", exc.message, extra=self._ctx(mid))
                     await conn.send(Reply(re=msg.id, ok=False, error=exc.message))
@@ -406,21 +440,21 @@ class Hub:
             elif isinstance(msg, Verified):
                 # The accounts reserved for it may settle now (held if the notes say so) — also
                 # after a reconnect, when this connection did not send the order.
-                await orch.db(store.verify_ended, mid, now)
+                await db(store.verify_ended, mid, now)
                 if msg.ok:
-                    await orch.db(store.release_quarantine, mid, {"state": msg.state, "screenshot": msg.screenshot_id}, now)
+                    await db(store.release_quarantine, mid, {"state": msg.state, "screenshot": msg.screenshot_id}, now)
                     log.info("machine re-proved its state (%s)", msg.state, extra=self._ctx(mid))
-                    orch.wake()
+                    self.runs.wake()
                 else:
-                    await orch.db(store.record_event, "machine.verify_failed", now, machine_id=mid,
-                                  reason=msg.detail[:500], data={"state": msg.state})
+                    await db(store.record_event, "machine.verify_failed", now, machine_id=mid,
+                             reason=msg.detail[:500], data={"state": msg.state})
         except StoreUnavailable:
             # The database is away: a request is answered "retry", a report is dropped
             # (progress resumes, the watchdog forgives the outage); the connection stays up.
             if isinstance(msg, (Start, Result, TotpRequest)):
                 await conn.send(Reply(re=msg.id, ok=False, error="unavailable: the database is away; retry"))
         except StaleLease as exc:
-            orch.metrics.stale.inc()
+            self.metrics.stale.inc()
             if isinstance(msg, (Start, Result)):
                 await conn.send(Reply(re=msg.id, ok=False, error=f"stale_lease: {exc.reason}"))
             attempt_id = getattr(msg, "attempt_id", None)

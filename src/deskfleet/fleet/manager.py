@@ -11,6 +11,11 @@ machines to re-prove themselves, and delivers webhooks.
 When the database goes away, ticks fail and heartbeats wait in memory (agents keep being
 acknowledged, so they keep working); when it comes back, the leader forgives the outage:
 leases and the progress watchdog do not count the time the database could not record.
+
+What the sweeps find that matters to runs (attempts lost or timed out, stop orders, runs
+expired) goes to the orchestrator through the small :class:`Core` protocol; a webhook's
+body is the run as the API shows it, rendered by the function the API hands over
+(:attr:`FleetManager.webhook_body`).
 """
 
 from __future__ import annotations
@@ -20,26 +25,54 @@ import hashlib
 import hmac
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
-import orjson
 
 from ..errors import StoreUnavailable
-from ..models import MachineHealth
+from ..models import MachineHealth, Run
 from ..protocol import Stop
+from .hub import Hub, RunListener
 
 if TYPE_CHECKING:
-    from ..orchestrator import Orchestrator
+    from ..config import ServerSettings
+    from ..crypto import SecretBox
+    from ..store import Leadership, Store
+    from ..store.runner import StoreRunner
 
 log = logging.getLogger(__name__)
 
 RESEND_INTERVAL = 2.0  # seconds between re-sends of unconfirmed stop orders
 
 
+class Core(RunListener, Protocol):
+    """What the fleet manager calls on the orchestrator: what the hub tells it (lost and swept
+    attempts, stop orders and expired runs are reported alike), plus hints to the other
+    replicas (``fleet.bus``) and re-reading the keyring."""
+
+    def hint(self, kind: str, payload: str = "") -> None: ...
+
+    async def refresh_keys(self) -> None: ...
+
+
 class FleetManager:
-    def __init__(self, orch: Orchestrator) -> None:
-        self.orch = orch
+    def __init__(self, store: Store, db: StoreRunner, settings: ServerSettings, hub: Hub, core: Core, *,
+                 leadership: Leadership, secrets: SecretBox, replica_id: str, replica_name: str,
+                 multi: bool) -> None:
+        self.store = store
+        self.db = db
+        self.settings = settings
+        self.hub = hub
+        self.core = core
+        self.leadership = leadership
+        self.secrets = secrets
+        self.replica_id = replica_id
+        self.replica_name = replica_name
+        self.multi = multi
+        #: a webhook's body for a run: the run as the API shows it. The API sets it (see
+        #: ``api.app.create_app``); until then, due webhooks wait.
+        self.webhook_body: Callable[[Run], Awaitable[bytes]] | None = None
         self._verified_at = 0.0
         self._resent_at = 0.0
         self._silence_checked_at = 0.0
@@ -55,7 +88,7 @@ class FleetManager:
         ]
 
     async def _tick_loop(self) -> None:
-        interval = self.orch.settings.sweep_interval
+        interval = self.settings.sweep_interval
         while True:
             await asyncio.sleep(interval)
             try:
@@ -73,112 +106,112 @@ class FleetManager:
                 log.exception("fleet tick failed; retrying next tick")
 
     async def _outage_over(self) -> None:
-        orch = self.orch
         since, self._outage_since = self._outage_since, None
         assert since is not None
         log.warning("database back after %.1fs", time.time() - since)
         if await self._lead():
-            await orch.db(orch.store.recover, time.time(), orch.settings.lease_timeout, disconnect=False)
+            await self.db(self.store.recover, time.time(), self.settings.lease_timeout, disconnect=False)
 
     async def _lead(self) -> bool:
         """Whether this replica leads now (taking leadership if it is free)."""
-        orch = self.orch
-        held = await asyncio.to_thread(orch.leadership.try_acquire)
+        held = await asyncio.to_thread(self.leadership.try_acquire)
         if held and self.leader_since is None:
             self.leader_since = time.time()
-            (log.warning if orch.multi else log.info)("this replica (%s) is now the leader", orch.replica_name)
-            await orch.db(orch.store.record_event, "replica.leader", time.time(),
-                          data={"replica": orch.replica_id, "name": orch.replica_name})
+            (log.warning if self.multi else log.info)("this replica (%s) is now the leader", self.replica_name)
+            await self.db(self.store.record_event, "replica.leader", time.time(),
+                           data={"replica": self.replica_id, "name": self.replica_name})
         elif not held and self.leader_since is not None:
             self.leader_since = None
             log.warning("this replica lost the leadership")
         return held
 
     async def tick(self) -> None:
-        orch, store, s = self.orch, self.orch.store, self.orch.settings
-        beats, seqs = orch.hub.drain_heartbeats()
+        store, s = self.store, self.settings
+        beats, seqs = self.hub.drain_heartbeats()
         if beats:
             try:
-                held = await orch.db(store.heartbeat, beats, s.lease_timeout)
+                held = await self.db(store.heartbeat, beats, s.lease_timeout)
             except Exception:
-                orch.hub.requeue_heartbeats(beats, seqs)  # written (and acknowledged) by the next tick that can
+                self.hub.requeue_heartbeats(beats, seqs)  # written (and acknowledged) by the next tick that can
                 raise
-            await orch.hub.acknowledge(seqs)
+            await self.hub.acknowledge(seqs)
             for machine_id, ok in held.items():
                 if not ok:
                     beat = next(b for b in beats if b.machine_id == machine_id)
                     assert beat.attempt_id is not None
-                    await orch.hub.send(machine_id, Stop(attempt_id=beat.attempt_id, reason="lease_lost"))
+                    await self.hub.send(machine_id, Stop(attempt_id=beat.attempt_id, reason="lease_lost"))
         now = time.time()
         if now - self._silence_checked_at >= 1.0:
             self._silence_checked_at = now
-            await orch.hub.close_silent(now, s.heartbeat_timeout)
+            await self.hub.close_silent(now, s.heartbeat_timeout)
         if now - self._keys_checked_at >= 1.0:
             self._keys_checked_at = now
-            await orch.refresh_keys()
-        if not await orch.db(store.replica_alive, orch.replica_id, orch.replica_name, now,
-                             orch.secrets.key_fingerprint()):
+            await self.core.refresh_keys()
+        if not await self.db(store.replica_alive, self.replica_id, self.replica_name, now,
+                               self.secrets.key_fingerprint()):
             # The leader took this replica for dead (it was silent too long) and marked its
             # agents disconnected: let them reconnect, so that the database knows them again.
             log.warning("this replica was presumed dead and reaped; its agents will reconnect")
-            await orch.hub.close_all()
+            await self.hub.close_all()
         if now - self._resent_at >= RESEND_INTERVAL:
             # Stop orders whose hint may have been lost on the way to this replica.
             self._resent_at = now
-            for order in await orch.db(store.pending_stops, replica=orch.replica_id):
-                await orch.hub.send(order.machine_id, Stop(attempt_id=order.attempt_id, reason=order.reason.value))
+            for order in await self.db(store.pending_stops, replica=self.replica_id):
+                await self.hub.send(order.machine_id, Stop(attempt_id=order.attempt_id, reason=order.reason.value))
         if not await self._lead():
             return
-        await orch.db(store.reap_replicas, now, max(s.heartbeat_timeout, 10 * s.sweep_interval))
-        lost = await orch.db(store.expire_leases, now)
+        await self.db(store.reap_replicas, now, max(s.heartbeat_timeout, 10 * s.sweep_interval))
+        lost = await self.db(store.expire_leases, now)
         for f in lost:
             log.warning("lease expired: attempt lost → run %s", f.run.state.value,
                         extra={"run": f.run.id, "attempt": f.attempt.id, "machine": f.attempt.machine_id})
-            if not await orch.hub.send(f.attempt.machine_id, Stop(attempt_id=f.attempt.id, reason="lease_lost")):
-                orch.hint("stop", f"{f.attempt.machine_id}:{f.attempt.id}:lease_lost")
+            if not await self.hub.send(f.attempt.machine_id, Stop(attempt_id=f.attempt.id, reason="lease_lost")):
+                self.core.hint("stop", f"{f.attempt.machine_id}:{f.attempt.id}:lease_lost")
         if lost:
-            orch.after_finished(lost)
-        await orch.db(store.expire_silent_machines, now, s.heartbeat_timeout)
+            self.core.after_finished(lost)
+        await self.db(store.expire_silent_machines, now, s.heartbeat_timeout)
         if now - self._leases_swept_at >= 1.0:
             # Account leases of silent machines, and of logins that did not happen.
             self._leases_swept_at = now
-            for lease in await orch.db(store.sweep_account_leases, now, s.heartbeat_timeout, s.heartbeat_interval):
+            for lease in await self.db(store.sweep_account_leases, now, s.heartbeat_timeout, s.heartbeat_interval):
                 log.info("account lease released: %s", lease.account, extra={"machine": lease.machine_id})
-        swept = await orch.db(store.sweep, now, s.stop_grace)
+        swept = await self.db(store.sweep, now, s.stop_grace)
         for order in swept.stop_orders:
-            await orch.send_stop(order)
+            await self.core.send_stop(order)
         for run in swept.expired_runs:
-            orch.run_changed(run)
+            self.core.run_changed(run)
         if swept.finished:
-            orch.after_finished(swept.finished)
+            self.core.after_finished(swept.finished)
         await self._verify_quarantined(now)
 
     async def _verify_quarantined(self, now: float) -> None:
         """Ask connected, quarantined machines to re-prove their state, now and then."""
-        if now - self._verified_at < self.orch.settings.verify_interval:
+        if now - self._verified_at < self.settings.verify_interval:
             return
         self._verified_at = now
-        hub = self.orch.hub
-        for m in await self.orch.db(self.orch.store.list_machines, health=MachineHealth.QUARANTINED):
+        hub = self.hub
+        for m in await self.db(self.store.list_machines, health=MachineHealth.QUARANTINED):
             if not m.connected or m.active_attempt_id is not None:
                 continue
             conn = hub.connections.get(m.id)
             if conn is None:
-                self.orch.hint("verify", f"{m.id}:{m.quarantine_reason or ''}")  # another replica's agent
-            elif now - conn.verify_sent_at >= self.orch.settings.verify_interval:
+                self.core.hint("verify", f"{m.id}:{m.quarantine_reason or ''}")  # another replica's agent
+            elif now - conn.verify_sent_at >= self.settings.verify_interval:
                 await hub.request_verify(conn, m.quarantine_reason or "")
 
     async def _webhook_loop(self) -> None:
-        orch = self.orch
         async with httpx.AsyncClient(timeout=5.0, follow_redirects=False) as client:
             while True:
                 await asyncio.sleep(1.0)
                 if self.leader_since is None:
                     continue  # one replica delivers, or receivers would hear twice
+                render = self.webhook_body
+                if render is None:
+                    continue  # no API yet to say how a run looks
                 try:
-                    due = await orch.db(orch.store.due_webhooks, time.time())
+                    due = await self.db(self.store.due_webhooks, time.time())
                     for webhook_id, run_id, url in due:
-                        await self._deliver(client, webhook_id, run_id, url)
+                        await self._deliver(client, render, webhook_id, run_id, url)
                 except asyncio.CancelledError:
                     raise
                 except StoreUnavailable:
@@ -186,17 +219,15 @@ class FleetManager:
                 except Exception:
                     log.exception("webhook delivery pass failed")
 
-    async def _deliver(self, client: httpx.AsyncClient, webhook_id: int, run_id: str, url: str) -> None:
-        from ..api.schemas import run_out
-
-        orch = self.orch
-        run = await orch.db(orch.store.get_run, run_id)
+    async def _deliver(self, client: httpx.AsyncClient, render: Callable[[Run], Awaitable[bytes]], webhook_id: int,
+                       run_id: str, url: str) -> None:
+        run = await self.db(self.store.get_run, run_id)
         if run is None:
             return
-        body = orjson.dumps(run_out(run, await orch.redacted_input(run)).model_dump(mode="json"))
+        body = await render(run)
         headers = {"content-type": "application/json", "x-deskfleet-run": run_id}
-        if orch.settings.webhook_secret:
-            sig = hmac.new(orch.settings.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
+        if self.settings.webhook_secret:
+            sig = hmac.new(self.settings.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
             headers["x-deskfleet-signature"] = f"sha256={sig}"
         error: str | None = None
         try:
@@ -205,7 +236,7 @@ class FleetManager:
                 error = f"HTTP {resp.status_code}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"[:300]
-        await orch.db(orch.store.webhook_done, webhook_id, ok=error is None, error=error, now=time.time())
+        await self.db(self.store.webhook_done, webhook_id, ok=error is None, error=error, now=time.time())
         if error:
             # The query string may carry the receiver's token: never log it.
             log.warning("webhook to %s failed: %s", url.split("?")[0], error, extra={"run": run_id})

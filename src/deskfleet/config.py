@@ -49,11 +49,17 @@ class ServerSettings:
     sqlite_synchronous: str = "FULL"
     max_body_bytes: int = 1 << 20  # a run request (input included)
     max_batch_bytes: int = 16 << 20  # a batch of run requests (POST /v1/runs:batch)
+    #: how a backlog (more runs than free machines) is started within one priority:
+    #: "longest-first", by the durations learnt per automation, runs that must not wait
+    #: excepted (scheduler.durations); "queued": strictly first come, first served
+    backlog_order: str = "longest-first"
     max_artifact_bytes: int = 16 << 20
     webhook_secret: str | None = None
     secret_key_file: Path | None = None  # default: <data_dir>/secret.key (created on first start)
 
     def __post_init__(self) -> None:
+        if self.backlog_order not in ("longest-first", "queued"):
+            raise ConfigError(f"backlog order {self.backlog_order!r}: choose longest-first or queued")
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= 0:
             raise ConfigError("heartbeat interval and timeout must be positive")
         if self.heartbeat_timeout < 2 * self.heartbeat_interval:

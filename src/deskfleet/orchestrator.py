@@ -43,6 +43,7 @@ from .metrics import Metrics
 from .models import (
     Assignment,
     AutomationSpec,
+    Ending,
     Machine,
     MachineAdmin,
     MachineShape,
@@ -52,7 +53,7 @@ from .models import (
     StopOrder,
 )
 from .protocol import Assign, Stop
-from .scheduler import Policy, serviceable
+from .scheduler import DurationBook, Policy, serviceable
 from .store import Finished, Store, is_postgres, open_leadership, open_store
 from .store.runner import StoreRunner
 from .vault import Vault
@@ -72,6 +73,8 @@ class Orchestrator:
         self.vault = Vault(self.store, self.db, self.secrets, on_change=self._accounts_changed)
         self.enrolment_token = settings.resolve_enrolment_token()
         self.policy = policy or Policy()
+        if self.policy.durations is None and settings.backlog_order == "longest-first":
+            self.policy.durations = DurationBook()  # learnt from every attempt that succeeds
         self.metrics = Metrics()
         # Each process is a replica with an identity of its own; with SQLite there is one.
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -273,7 +276,12 @@ class Orchestrator:
     # -- outcomes ------------------------------------------------------------------------------
     def after_finished(self, items: Iterable[Finished]) -> None:
         retried = False
+        book = self.policy.durations
         for f in items:
+            a = f.attempt
+            if book is not None and a.ending is Ending.SUCCEEDED and a.ended_at is not None:
+                # how long the machine was held: from its assignment (pre-flight included)
+                book.observe(f.run.automation, a.ended_at - a.assigned_at)
             if f.retried:
                 retried = True
                 self.metrics.retried.labels(f.attempt.ending.value if f.attempt.ending else "?").inc()

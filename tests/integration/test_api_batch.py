@@ -85,7 +85,7 @@ async def test_submit_many_sends_any_number_in_batches_and_keeps_their_order(liv
         assert [r["index"] for r in results] == list(range(1200))
         assert {r["status"] for r in results} == {"created"}
         assert [r["run"]["input"]["mrn"] for r in results] == [f"MANY-{i}" for i in range(1200)]
-        again = await c.submit_many(runs[:10] + [lookup("MANY-NEW")], batch=1000)
+        again = await c.submit_many([*runs[:10], lookup("MANY-NEW")], batch=1000)
         assert [r["status"] for r in again] == ["existing"] * 10 + ["created"]
         with pytest.raises(ValueError, match="a batch holds 1 to 1000 runs"):
             await c.submit_many(runs, batch=1001)

@@ -29,10 +29,13 @@ from ._common import F, _Group, _tune_gc, main, opt
 @opt("--webhook-secret", default=None, help="HMAC key for the X-Deskfleet-Signature webhook header")
 @opt("--secret-key-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
      help="key that encrypts secrets at rest (default: <data-dir>/secret.key); replicas share one")
+@opt("--backlog-order", default="longest-first", type=click.Choice(["longest-first", "queued"]),
+     help="a backlog within one priority: longest runs first, by the durations learnt per automation "
+          "(runs with a deadline or half their queue timeout waited keep their place), or strictly as queued")
 @click.pass_context
 def server(ctx: click.Context, host: str, port: int, data_dir: Path, db: str | None, enrolment_token: str | None,
            heartbeat_interval: float, heartbeat_timeout: float, stop_grace: float, sqlite_synchronous: str,
-           webhook_secret: str | None, secret_key_file: Path | None) -> None:
+           webhook_secret: str | None, secret_key_file: Path | None, backlog_order: str) -> None:
     """Run the orchestrator (API, scheduler, fleet manager)."""
     import uvicorn
 
@@ -44,7 +47,7 @@ def server(ctx: click.Context, host: str, port: int, data_dir: Path, db: str | N
         data_dir=data_dir, db=db, host=host, port=port, api_key=ctx.find_root().params["api_key"],
         enrolment_token=enrolment_token, heartbeat_interval=heartbeat_interval,
         heartbeat_timeout=heartbeat_timeout, stop_grace=stop_grace, sqlite_synchronous=sqlite_synchronous,
-        webhook_secret=webhook_secret, secret_key_file=secret_key_file,
+        webhook_secret=webhook_secret, secret_key_file=secret_key_file, backlog_order=backlog_order,
     )
     settings.check_exposure()
     orch = Orchestrator(settings)

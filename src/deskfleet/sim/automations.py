@@ -21,7 +21,15 @@ import re
 
 from pydantic import BaseModel, Field
 
-from deskfleet import Automation, BusinessError, Context, Desktop, DesktopError, Registry, automation
+from deskfleet import (
+    Automation,
+    BusinessError,
+    Context,
+    Desktop,
+    DesktopError,
+    Registry,
+    automation,
+)
 
 from .layout import Layout, layout_for
 

@@ -3,7 +3,15 @@ playbooks, the probe, the session reader). See ``pack.toml`` beside it."""
 
 from __future__ import annotations
 
-from .automations import create_patient, export_summary, lookup_patient, noop, work
+from .automations import (
+    create_patient,
+    export_summary,
+    lookup_patient,
+    noop,
+    work,
+    work_long,
+    work_short,
+)
 from .model import (
     dismiss,
     go_home,
@@ -33,4 +41,6 @@ __all__ = [
     "signed_in_as",
     "wait_reboot",
     "work",
+    "work_long",
+    "work_short",
 ]

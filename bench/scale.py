@@ -78,10 +78,15 @@ machine is back (connected, re-verified out of quarantine). At the end the long 
 cancelled (quick teardown), and ``SimBackend.work_counts()`` shows whether any run's effect
 happened twice. Goal: failover within 2 x the heartbeat timeout (20 s), at p99.
 
-**utilisation** — ``--machines 100`` machines in 2 agent processes; a backlog of ``sim.work``
-runs with seeded log-normal durations (median 1.2 s, clipped to 0.2-5 s, mean ≈ 1.5 s), as
-many as make ``--work-per-machine 60`` seconds of work per machine; cordon → submit → uncordon
-as in fleet. From the event log: each attempt is busy from its assignment (``run.state``
+**utilisation** — ``--machines 100`` machines in 2 agent processes; a backlog of runs of three
+automations that typically take different times, as users' do (``MIX``: half
+``sim.work_short`` around 0.4 s, a third ``sim.work`` around 1.2 s, the rest ``sim.work_long``
+around 3.5 s; seeded log-normal, clipped to 0.1-8 s, mean ≈ 1.2 s), in random order, as many
+as make ``--work-per-machine 60`` seconds of work per machine. A few runs of each automation
+go first (the orchestrator learns their durations, as one that has been running a while
+knows them); then cordon → submit the backlog in batches → uncordon as in fleet.
+``--server-order`` is the server's ``--backlog-order``: ``longest-first`` (its default: by the
+durations it learnt) or ``queued`` (first come, first served). From the event log: each attempt is busy from its assignment (``run.state``
 reason ``scheduled``) to its ``attempt.ended``, clipped to [first assignment, last
 completion] (= the makespan); utilisation = busy machine-time / (machines x makespan). The
 ideal makespan's lower bound = max(total requested work / machines, longest run); reported:
@@ -92,8 +97,9 @@ the busy time into the requested work and the overhead inside each attempt (assi
 start, and the end of the work → the attempt ended); and utilisation while runs were still
 queued (first assignment → the moment every run had been assigned once: idle time there is
 the orchestrator's, while the tail after it is the backlog running out unevenly). ``--order longest-first``
-submits the same backlog longest runs first (the LPT rule), which shrinks that tail.
-Goal: utilisation ≥ 98 %.
+submits the same backlog longest runs first (the LPT rule, by a client that knows each run's
+length), which shrinks that tail. Goal (issue 11): utilisation ≥ 98 % over a backlog submitted
+first come first served, the server ordering it.
 
 This machine is shared (2 cores, another engineer's work running at times): load averages at
 the start and end are recorded, and figures compare best between runs of this script.
@@ -1086,17 +1092,27 @@ def failover_plot(r: dict[str, Any], path: Path) -> None:
 # == utilisation ====================================================================================
 
 
-def work_plan(seed: int, machines: int, per_machine_s: float, *, median: float = 1.2, sigma: float = 0.7,
-              lo: float = 0.2, hi: float = 5.0) -> list[tuple[str, float]]:
-    """(key, seconds) of a backlog: log-normal durations (median ``median`` s, clipped to
-    [``lo``, ``hi``]; mean ≈ 1.5 s with the defaults), as many as make ``per_machine_s``
-    seconds of work per machine; seeded, so every run of the scenario gets the same plan."""
+#: the utilisation backlog's mix, as users' is: automations whose runs typically take different
+#: times (a lookup, a form, a report) — (automation, share of the runs, median s, log-normal sigma)
+MIX = (("sim.work_short", 0.5, 0.4, 0.35), ("sim.work", 0.35, 1.2, 0.35), ("sim.work_long", 0.15, 3.5, 0.35))
+
+
+def work_plan(seed: int, machines: int, per_machine_s: float, *, lo: float = 0.1,
+              hi: float = 8.0) -> list[tuple[str, str, float]]:
+    """(key, automation, seconds) of a backlog drawn from :data:`MIX` (each automation's
+    durations log-normal around its median, clipped to [``lo``, ``hi``]; mean ≈ 1.2 s), in
+    random order, as many as make ``per_machine_s`` seconds of work per machine; seeded, so
+    every run of the scenario gets the same plan."""
     rng = random.Random(seed)
-    plan: list[tuple[str, float]] = []
+    plan: list[tuple[str, str, float]] = []
     total = 0.0
+    names, shares = [m[0] for m in MIX], [m[1] for m in MIX]
+    shape = {m[0]: (m[2], m[3]) for m in MIX}
     while total < machines * per_machine_s:
+        name = rng.choices(names, shares)[0]
+        median, sigma = shape[name]
         s = round(min(hi, max(lo, rng.lognormvariate(math.log(median), sigma))), 3)
-        plan.append((f"u{len(plan):05d}", s))
+        plan.append((f"u{len(plan):05d}", name, s))
         total += s
     return plan
 
@@ -1194,10 +1210,11 @@ async def utilisation(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     n = args.machines
     plan = work_plan(args.seed, n, args.work_per_machine)
     if args.order == "longest-first":
-        # the classic LPT rule: short runs last, so that machines run out of work together
-        plan.sort(key=lambda ks: -ks[1])
+        # the classic LPT rule, by the client that knows each run's length: short runs last,
+        # so that machines run out of work together
+        plan.sort(key=lambda ks: -ks[2])
     fresh(workdir)
-    server = core.Server(workdir, "FULL")
+    server = core.Server(workdir, "FULL", ["--backlog-order", args.server_order])
     reaper.servers.append(server)
     parts = split(n, (n + args.agent_processes - 1) // args.agent_processes)
     part = {f"agents-{i}": p for i, p in enumerate(parts)}
@@ -1205,6 +1222,7 @@ async def utilisation(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     reaper.machines.append(agents)
     client = AsyncClient(server.url, timeout=120)
     result: dict[str, Any] = {"scenario": "utilisation", "agent_processes": len(parts), "order": args.order,
+                              "server_order": args.server_order,
                               "work_per_machine_s": args.work_per_machine, "seed": args.seed}
     seconds_of: dict[str, float] = {}
     try:
@@ -1215,18 +1233,18 @@ async def utilisation(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         await core.wait_machines(client, n, timeout=300)
         result["ready_s"] = time.monotonic() - t0
         ids = [m["id"] for m in await client.machines()]
-        console.print(f"  {n} machines ready after {result['ready_s']:.1f} s; cordon, submit {len(plan)} sim.work runs "
-                      f"({sum(s for _, s in plan):.0f} s of work), uncordon …", highlight=False)
+        console.print(f"  {n} machines ready after {result['ready_s']:.1f} s; cordon, submit {len(plan)} sim.work* runs "
+                      f"({sum(s for *_, s in plan):.0f} s of work), uncordon …", highlight=False)
+        # The orchestrator learns each automation's duration from the runs that end: a few of
+        # each kind first, as a fleet that has been running a while knows them.
+        for i, (name, _share, median, _sigma) in enumerate(MIX * 2):
+            await client.submit(name, {"key": f"warm{i}", "seconds": median}, wait=60)
         await act_all(client, ids, "cordon")
-        sem = asyncio.Semaphore(32)
-
-        async def submit(key: str, seconds: float) -> None:
-            async with sem:
-                run = await client.submit("sim.work", {"key": key, "seconds": seconds}, queue_timeout=3600)
-                seconds_of[run["id"]] = seconds
-
-        # in plan order, a few at a time: the queue's order is about the plan's (FIFO by submit)
-        await asyncio.gather(*(submit(k, s) for k, s in plan))
+        # In plan order, in batches of 1,000: the queue's order is the plan's (FIFO by submit).
+        answers = await client.submit_many([{"automation": name, "input": {"key": key, "seconds": seconds},
+                                             "queue_timeout": 3600} for key, name, seconds in plan])
+        for (_, _, seconds), answer in zip(plan, answers, strict=True):
+            seconds_of[answer["run"]["id"]] = seconds
         agent_ps = processes(agents.procs.values())
         s_cpu0, a_cpu0, t_drain = server.cpu(), cpu_s(agent_ps), time.perf_counter()
         await act_all(client, ids, "uncordon")
@@ -1244,14 +1262,15 @@ async def utilisation(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     result.update(utilisation_figures(events, seconds_of, ids))
     counts = SimBackend(workdir / "sim-backend.db").work_counts()
     result["effects_twice"] = sum(1 for c in counts.values() if c > 1)
-    result["effects_missing"] = sum(1 for k, _ in plan if counts.get(k, 0) == 0)
+    result["effects_missing"] = sum(1 for k, *_ in plan if counts.get(k, 0) == 0)
     result["logs"] = log_problems(workdir.rglob("*.log"))
     return result
 
 
 def utilisation_show(r: dict[str, Any]) -> None:
     t = Table(title=f"utilisation: {r['machines']} machines ({r['agent_processes']} agent processes), "
-                    f"a backlog of {r['runs']:,} sim.work runs in {r['order']} order, {r['work_s']:,.0f} s of work "
+                    f"a backlog of {r['runs']:,} sim.work* runs submitted in {r['order']} order, server "
+                    f"{r.get('server_order', 'queued')}, {r['work_s']:,.0f} s of work "
                     f"(mean {r['mean_seconds']:.2f} s, longest {r['longest_s']:.2f} s)")
     t.add_column("measure")
     t.add_column("value", justify="right")
@@ -1400,7 +1419,9 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--work-per-machine", type=float, default=None,
                    help="seconds of requested work per machine in the backlog (default 60; quick 10)")
     u.add_argument("--order", choices=["fifo", "longest-first"], default=None,
-                   help="the backlog's order: as drawn (default), or longest runs first")
+                   help="the order the client submits the backlog in: as drawn (default), or longest runs first")
+    u.add_argument("--server-order", choices=["longest-first", "queued"], default="longest-first",
+                   help="deskfleet server --backlog-order: by the durations it learnt (default), or as queued")
     sub.add_parser("all", parents=[common], help="fleet, failover and utilisation, each with its defaults")
     return ap
 

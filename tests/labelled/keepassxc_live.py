@@ -79,6 +79,11 @@ class LiveTour(capture.Tour):
         await self.d.move(*L.PARK)
         await capture.settle(self.d)
         raw = await self.d.station.screenshot()
+        if label in ("locked", "locked_error"):
+            # Labelled by the frame that is saved: the red banner hides itself after a few
+            # seconds, maybe between an earlier look and this one (a loaded machine).
+            seen = self.d.placement.frame(raw, (L.WIDTH, L.HEIGHT))
+            label = "locked_error" if capture.banner(seen) else "locked"
         pid = self.d.app_pid
         found = await asyncio.to_thread(self.d.host.windows)
         facts = WindowFacts.of(found, pid) if pid is not None else WindowFacts(None)
@@ -92,9 +97,7 @@ class LiveTour(capture.Tour):
         self.rows.append((f"{self.look}/{label}/{n}.png", label, self.look))
 
     async def locked(self) -> None:
-        await self.d.move(*L.PARK)
-        frame = await capture.settle(self.d)
-        await self.see("locked_error" if capture.banner(frame) else "locked")
+        await self.see("locked")  # or locked_error: see() tells by the banner
 
     async def run(self, record: object = None) -> None:
         await self.unlock_screens()

@@ -172,6 +172,8 @@ _RAW_QUEUED = (
     f"SELECT {columns(runs)} FROM runs WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?)"
     " ORDER BY priority DESC, deadline_at IS NULL, deadline_at, created_at LIMIT ?"
 )
+#: a queued run beyond the first N (whether the backlog is longer than a pass reads)
+_RAW_QUEUED_BEYOND = "SELECT 1 FROM runs WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?) LIMIT 1 OFFSET ?"
 _RAW_FREE = (
     f"SELECT {columns(machines, 'm.')}, NULL AS active_attempt_id, NULL AS active_run_id FROM machines m"
     " WHERE m.connected AND m.health = 'online' AND m.admin = 'active'"
@@ -917,6 +919,12 @@ class SQLStore(AccountOps, KeyOps, Store):
                 return claims
             # SKIP LOCKED: runs another replica is claiming right now are not ours to take.
             page = min(limit, max(RUN_PAGE_MIN, RUNS_PER_FREE * len(free)))
+            # A policy that orders a backlog by duration (longest first) matters most where
+            # the backlog runs out: once all of it fits in one pass, it sees all of it (before,
+            # the head: reading hundreds of runs at every pass costs more than it gains).
+            if policy.durations is not None and self._drv.execute(conn, _RAW_QUEUED_BEYOND,
+                                                                  (now, limit)).fetchone() is None:
+                page = limit
             queued = self._queued(conn, now, page)
             if not queued:
                 return claims

@@ -3,7 +3,7 @@
 It starts a real orchestrator process on SQLite and agent processes driving desktops —
 real ones by default (an Xvfb display with the pack's app on it per machine, ``--desktop
 xvfb``) or simulated ones for scale (``--desktop sim``) — for a pack that brings a demo
-(its workload, faults and effect checks: :mod:`.desktops`),
+(its workload, faults and effect checks: the pack's demo hook, found by :func:`.plan.demo_for`),
 submits a mixed workload over HTTP, shows the fleet live in the terminal, SIGKILLs one
 agent process midway (and brings it back), and finally audits the event log and writes a
 report (``report.md``, ``report.json``, ``timeline.png``, screenshots).

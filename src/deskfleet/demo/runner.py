@@ -1,7 +1,7 @@
 """The demo's moving parts: processes, workload in waves, live view, the agent kill.
 
-What differs between real and simulated desktops (agent command line, workload, faults,
-the double-effect check) is in :mod:`.desktops`; this module drives either.
+What differs between packs and desktops (agent command line, workload, faults, the
+double-effect check) is the pack's demo hook (:func:`.plan.demo_for`); this module drives any.
 """
 
 from __future__ import annotations

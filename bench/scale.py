@@ -1357,8 +1357,9 @@ def utilisation_plot(r: dict[str, Any], path: Path) -> None:
     ax3.set_ylabel("fraction of gaps")
     ax3.set_title(f"orchestration gap (p50 {_f(r['gap_ms']['p50'])} ms, p99 {_f(r['gap_ms']['p99'])} ms)")
     ax3.grid(True, alpha=0.3)
-    fig.suptitle(f"bench/scale.py utilisation: {r['machines']} machines, {r['runs']:,} sim.work runs "
-                 f"(log-normal 0.2-5 s, mean {r['mean_seconds']:.2f} s) in {r['order']} order, default settings")
+    fig.suptitle(f"bench/scale.py utilisation: {r['machines']} machines, {r['runs']:,} runs of 3 automations "
+                 f"(mean {r['mean_seconds']:.2f} s) submitted in {r['order']} order; server backlog order "
+                 f"{r.get('server_order', 'queued')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

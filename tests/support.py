@@ -23,6 +23,7 @@ from deskfleet.api import create_app
 from deskfleet.client import Client
 from deskfleet.config import ServerSettings
 from deskfleet.logs import JsonFormatter, TextFormatter
+from deskfleet.models import Run, RunState
 from deskfleet.orchestrator import Orchestrator
 from deskfleet.store import SQLStore, Store, open_store
 
@@ -306,3 +307,22 @@ class Capture(logging.Handler):
 
     def leaks(self, secret: str) -> list[tuple[str, str]]:
         return [(name, line[:300]) for name, line in self.lines if secret in line]
+
+
+# -- runs for the scheduler's pure tests ----------------------------------------------------------
+RUN_T0 = 1_700_000_000.0
+
+
+def queued_run(rid: str, **kw: Any) -> Run:
+    """A queued run of ``ehr.create`` in the default pool, as the store hands the scheduler;
+    ``kw`` overrides any field."""
+    values: dict[str, Any] = {
+        "id": rid, "automation": "ehr.create", "version": None, "input": {}, "pool": "default", "labels": {},
+        "machine": None, "prefer_machine": None, "session_key": None, "priority": 0, "tenant": "default",
+        "queue_timeout": 3600.0, "attempt_timeout": 900.0, "progress_timeout": 120.0, "deadline_at": None,
+        "max_attempts": 3, "backoff_initial": 1.0, "backoff_max": 60.0, "idempotency_key": None,
+        "request_hash": None, "webhook_url": None, "state": RunState.QUEUED, "created_at": RUN_T0,
+        "updated_at": RUN_T0, "queued_at": RUN_T0,
+    }
+    values.update(kw)
+    return Run(**values)

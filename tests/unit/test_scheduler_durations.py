@@ -11,9 +11,10 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deskfleet.models import Machine, MachineHealth, Pool, Run, RunState
+from deskfleet.models import Machine, MachineHealth, Pool, Run
 from deskfleet.scheduler import DurationBook, Policy
 from deskfleet.scheduler.durations import longest_first, urgent
+from support import queued_run
 
 T0 = 1_700_000_000.0
 AUTOMATIONS = ("sim.short", "sim.medium", "sim.long", "sim.new")
@@ -21,16 +22,7 @@ SECONDS = {"sim.short": 0.5, "sim.medium": 2.0, "sim.long": 8.0}
 
 
 def run_(rid: str, **kw: Any) -> Run:
-    values: dict[str, Any] = {
-        "id": rid, "automation": "sim.short", "version": None, "input": {}, "pool": "default", "labels": {},
-        "machine": None, "prefer_machine": None, "session_key": None, "priority": 0, "tenant": "default",
-        "queue_timeout": 3600.0, "attempt_timeout": 900.0, "progress_timeout": 120.0, "deadline_at": None,
-        "max_attempts": 3, "backoff_initial": 1.0, "backoff_max": 60.0, "idempotency_key": None,
-        "request_hash": None, "webhook_url": None, "state": RunState.QUEUED, "created_at": T0,
-        "updated_at": T0, "queued_at": T0,
-    }
-    values.update(kw)
-    return Run(**values)
+    return queued_run(rid, **{"automation": "sim.short", **kw})
 
 
 def machine(mid: str) -> Machine:

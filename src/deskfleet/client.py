@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from .config import MAX_BATCH
 from .errors import DeskfleetError, ServerUnreachable
 
 DEFAULT_SERVER = "http://127.0.0.1:8470"
@@ -74,7 +75,7 @@ def _every_run(**filters: Any) -> Pager:
 
 
 #: the most runs one ``POST /v1/runs:batch`` takes
-BATCH_MAX = 1000
+BATCH_MAX = MAX_BATCH
 
 
 def _run_body(run: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,8 @@ MAX_DEADLINE = 30 * 24 * 3600.0
 MIN_TIMEOUT = 0.1
 MAX_ATTEMPTS = 20
 MAX_PRIORITY = 1000
+#: the most runs one batch submit (POST /v1/runs:batch) takes
+MAX_BATCH = 1000
 
 
 def is_loopback(host: str) -> bool:

@@ -82,17 +82,14 @@ class ErrorOut(BaseModel):
     field: str | None = None
 
 
-#: the most runs one batch submit takes
-BATCH_MAX = 1000
-
-
 class BatchRequest(BaseModel):
     """Several run requests in one: each is checked and answered on its own."""
 
     model_config = ConfigDict(extra="forbid")
 
     runs: list[dict[str, Any]] = Field(
-        min_length=1, max_length=BATCH_MAX, description=f"1 to {BATCH_MAX} run requests, each as POST /v1/runs takes it",
+        min_length=1, max_length=limits.MAX_BATCH,
+        description=f"1 to {limits.MAX_BATCH} run requests, each as POST /v1/runs takes it",
         json_schema_extra={"items": {"$ref": "#/components/schemas/RunRequest"}})
 
 

@@ -88,9 +88,10 @@ def longest_first(runs: Sequence[Run], book: DurationBook, now: float) -> list[R
     shortens the makespan; see the module's docstring."""
     out: list[Run] = []
     for _, same in itertools.groupby(runs, key=lambda r: r.priority):
-        group = list(same)
-        first = [r for r in group if urgent(r, now)]
-        rest = [r for r in group if not urgent(r, now)]
+        first: list[Run] = []
+        rest: list[Run] = []
+        for r in same:
+            (first if urgent(r, now) else rest).append(r)
         estimates: dict[str, float] = {}
         for r in rest:
             if r.automation not in estimates:

@@ -1,6 +1,10 @@
 """The store runner: the server's way to the store, on worker threads, so that the event loop
 never blocks on I/O. Operations that a deadlock or a conflict rolled back run again; agents'
 writes and clients' submits may share a transaction (group commit, :meth:`StoreRunner.write`).
+
+Both ways in are typed with the operation's own parameters (``ParamSpec``):
+``db(store.get_run, 42)`` is a type error, as ``store.get_run(42)`` would be
+(tests/unit/test_store_runner_types.py holds mypy to it).
 """
 
 from __future__ import annotations
@@ -8,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from ..errors import StoreRetry, StoreUnavailable
 from .base import Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 RETRIES = 4  # store operations rolled back by a deadlock or conflict are run again this often
 BATCH_MAX = 256  # agent writes applied in one transaction at most
@@ -38,7 +43,7 @@ class StoreRunner:
         self._queued: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    async def __call__(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
         for attempt in range(RETRIES):
             try:
@@ -51,7 +56,7 @@ class StoreRunner:
                 await asyncio.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    async def write(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """A write that may share a transaction (``store.attempt_*``, ``store.finish_attempt``,
         ``store.submit``: see ``Store.batch``). Where the store gains from it (one writer:
         SQLite), writes that arrive while a transaction is being applied wait and go together

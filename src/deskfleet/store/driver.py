@@ -4,48 +4,74 @@ A run's lifecycle takes some twenty small statements (read the attempt and its r
 the run, record an event, update the machine…). Through SQLAlchemy Core each costs tens of
 microseconds before the database sees it — building the statement, generating its cache
 key, wrapping the cursor — which at a thousand runs a second is most of a core. These few
-statements are written once here as SQL text with ``?`` placeholders, turned into the
-driver's parameter style once per text, and executed on the connection of the store's
-current transaction (so they commit, roll back and lock with everything else in it).
-Driver errors are raised as SQLAlchemy's exceptions, which the store already maps to its
-own (``StoreRetry``, ``StoreUnavailable``); results come back as plain dicts with JSON
-columns decoded, ready for ``store.rows``.
+statements are SQL text with named parameters (``store.statements``, and the equality
+updates and inserts made here), turned into the driver's parameter style by SQLAlchemy's
+own compiler once per text, and executed on the connection of the store's current
+transaction (so they commit, roll back and lock with everything else in it). Driver errors
+are raised as SQLAlchemy's exceptions, which the store already maps to its own
+(``StoreRetry``, ``StoreUnavailable``); results come back as plain dicts with JSON columns
+decoded, ready for ``store.rows``.
 
 Everything else — migrations, reads for the API, rare writes — stays in SQLAlchemy Core.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, Connection, Table
+from sqlalchemy import JSON, Connection, Dialect, Table, TextClause, text
 from sqlalchemy.exc import DBAPIError
+
+#: a statement as its driver takes it: the SQL, and how to turn named values into parameters
+Compiled = tuple[str, Callable[[Mapping[str, Any]], Any]]
 
 
 class Driver:
-    def __init__(self, dialect: str) -> None:
-        self.pg = dialect == "postgresql"
-        self._texts: dict[str, str] = {}
-        self._updates: dict[tuple[str, tuple[str, ...], tuple[str, ...]], str] = {}
-        self._inserts: dict[tuple[str, tuple[str, ...]], str] = {}
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.returning = dialect.name == "postgresql"  # the new row's id from RETURNING, not lastrowid
+        self._compiled: dict[str, Compiled] = {}
+        self._updates: dict[tuple[str, tuple[str, ...], tuple[str, ...]], TextClause] = {}
+        self._inserts: dict[tuple[str, tuple[str, ...], bool], TextClause] = {}
 
     # -- statements ------------------------------------------------------------------------
-    def text(self, sql: str) -> str:
-        """``sql`` (with ``?`` placeholders) in the driver's parameter style."""
-        out = self._texts.get(sql)
+    def compiled(self, stmt: TextClause) -> Compiled:
+        """``stmt`` in the driver's parameter style (``?`` in order for sqlite3, ``%(name)s``
+        for psycopg), as SQLAlchemy's compiler writes it for this dialect."""
+        out = self._compiled.get(stmt.text)
         if out is None:
-            out = self._texts[sql] = sql.replace("?", "%s") if self.pg else sql
+            c = stmt.compile(dialect=self.dialect)
+            order = c.positiontup
+            if order:
+                names = tuple(order)
+                out = (c.string, lambda values: tuple(values[n] for n in names))
+            else:
+                out = (c.string, dict)
+            self._compiled[stmt.text] = out
         return out
 
-    def execute(self, conn: Connection, sql: str, params: Sequence[Any] = ()) -> Any:
-        """Run ``sql`` in ``conn``'s transaction; the driver's cursor."""
+    def execute(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any] | None = None) -> Any:
+        """Run ``stmt`` with its named ``values`` in ``conn``'s transaction; the driver's cursor."""
+        sql, params = self.compiled(stmt)
+        return self._run(conn, sql, params(values or {}), many=False)
+
+    def execute_many(self, conn: Connection, stmt: TextClause, values: Sequence[Mapping[str, Any]]) -> None:
+        """``stmt`` once per set of values, in one call of the driver's ``executemany``."""
+        sql, params = self.compiled(stmt)
+        self._run(conn, sql, [params(v) for v in values], many=True)
+
+    @staticmethod
+    def _run(conn: Connection, sql: str, params: Any, *, many: bool) -> Any:
         raw = conn.connection.dbapi_connection
         assert raw is not None
         cur = raw.cursor()
         try:
-            cur.execute(self.text(sql), params)
+            if many:
+                cur.executemany(sql, params)
+            else:
+                cur.execute(sql, params)
         except Exception as exc:
             dbapi = conn.dialect.loaded_dbapi
             if isinstance(exc, dbapi.Error):
@@ -55,14 +81,14 @@ class Driver:
             raise
         return cur
 
-    def rows(self, conn: Connection, sql: str, params: Sequence[Any], table: Table) -> list[dict[str, Any]]:
+    def rows(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any], table: Table) -> list[dict[str, Any]]:
         """Rows of ``SELECT <every column of table> …`` as dicts, JSON decoded."""
-        cur = self.execute(conn, sql, params)
+        cur = self.execute(conn, stmt, values)
         names = [d[0] for d in cur.description]
         json_cols = _json_columns(table)
         out = []
-        for values in cur.fetchall():
-            row = dict(zip(names, values, strict=True))
+        for found in cur.fetchall():
+            row = dict(zip(names, found, strict=True))
             for name in json_cols:
                 value = row.get(name)
                 if isinstance(value, (str, bytes)):
@@ -70,38 +96,36 @@ class Driver:
             out.append(row)
         return out
 
-    def one(self, conn: Connection, sql: str, params: Sequence[Any], table: Table) -> dict[str, Any] | None:
-        found = self.rows(conn, sql, params, table)
+    def one(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any], table: Table) -> dict[str, Any] | None:
+        found = self.rows(conn, stmt, values, table)
         return found[0] if found else None
 
     def update(self, conn: Connection, table: Table, values: Mapping[str, Any], where: Mapping[str, Any]) -> int:
         """``UPDATE table SET values WHERE where`` (equalities); rows changed. A value that is
         a :class:`Raw` is SQL of its own (``runs_completed + 1``)."""
         key = (table.name, tuple(values), tuple(where))
-        sql = self._updates.get(key)
-        if sql is None:
-            sets = ", ".join(f"{k} = {v.sql}" if isinstance(v, Raw) else f"{k} = ?" for k, v in values.items())
-            cond = " AND ".join(f"{k} = ?" for k in where)
-            sql = self._updates[key] = f"UPDATE {table.name} SET {sets} WHERE {cond}"
-        params = [self.param(table, k, v) for k, v in values.items() if not isinstance(v, Raw)]
-        params += list(where.values())
-        return int(self.execute(conn, sql, params).rowcount)
+        stmt = self._updates.get(key)
+        if stmt is None:
+            sets = ", ".join(f"{k} = {v.sql}" if isinstance(v, Raw) else f"{k} = :{k}" for k, v in values.items())
+            cond = " AND ".join(f"{k} = :where_{k}" for k in where)
+            stmt = self._updates[key] = text(f"UPDATE {table.name} SET {sets} WHERE {cond}")
+        named = {k: self.param(table, k, v) for k, v in values.items() if not isinstance(v, Raw)}
+        named.update({f"where_{k}": v for k, v in where.items()})
+        return int(self.execute(conn, stmt, named).rowcount)
 
     def insert(self, conn: Connection, table: Table, values: Mapping[str, Any], *, returning_id: bool = False) -> int | None:
         """``INSERT INTO table``; the new row's id if asked."""
-        key = (table.name, tuple(values))
-        sql = self._inserts.get(key)
-        if sql is None:
-            cols = ", ".join(values)
-            marks = ", ".join("?" for _ in values)
-            sql = f"INSERT INTO {table.name} ({cols}) VALUES ({marks})"
-            if returning_id and self.pg:
+        key = (table.name, tuple(values), returning_id)
+        stmt = self._inserts.get(key)
+        if stmt is None:
+            sql = f"INSERT INTO {table.name} ({', '.join(values)}) VALUES ({', '.join(f':{k}' for k in values)})"
+            if returning_id and self.returning:
                 sql += " RETURNING id"
-            self._inserts[key] = sql
-        cur = self.execute(conn, sql, [self.param(table, k, v) for k, v in values.items()])
+            stmt = self._inserts[key] = text(sql)
+        cur = self.execute(conn, stmt, {k: self.param(table, k, v) for k, v in values.items()})
         if not returning_id:
             return None
-        return int(cur.fetchone()[0] if self.pg else cur.lastrowid)
+        return int(cur.fetchone()[0] if self.returning else cur.lastrowid)
 
     @staticmethod
     def param(table: Table, column: str, value: Any) -> Any:
@@ -129,13 +153,4 @@ def _json_columns(table: Table) -> frozenset[str]:
     return cols
 
 
-def columns(table: Table, prefix: str = "") -> str:
-    """Every column of ``table``, for a SELECT list."""
-    return ", ".join(f"{prefix}{c.name}" for c in table.columns)
-
-
-def select_by_id(table: Table, *, lock: bool = False) -> str:
-    return f"SELECT {columns(table)} FROM {table.name} WHERE id = ?" + (" FOR UPDATE" if lock else "")
-
-
-__all__ = ["Driver", "Raw", "columns", "select_by_id"]
+__all__ = ["Driver", "Raw"]

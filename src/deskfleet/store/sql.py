@@ -1,9 +1,10 @@
 """The SQL implementation of the store (SQLAlchemy Core), shared by SQLite and PostgreSQL.
 
 Each operation is one transaction. Decisions about runs come from ``statemachine``; this
-module only applies them atomically and records the events. Dialect differences (how a
-write transaction begins, how migrations run) are in the engine factories
-(``store.sqlite``), not here.
+module only applies them atomically and records the events. Dialect differences are not
+made here: how a write transaction begins and how migrations run are in the engine factories
+(``store.sqlite``, ``store.postgres``); the hot path's statements, with their row locks, are
+written for each dialect in ``store.statements``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ from ..statemachine import can_transition, decide, overdue_reason, quarantines, 
 from . import rows
 from .accounts import AccountOps
 from .base import ConnectResult, Finished, Heartbeat, Store, SweepResult
-from .driver import Driver, Raw, columns, select_by_id
+from .driver import Driver, Raw
 from .keys import KeyOps
 from .schema import (
     artifacts,
@@ -85,6 +86,7 @@ from .schema import (
     runs,
     webhooks,
 )
+from .statements import for_dialect
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,13 +101,6 @@ _SELECT_ATTEMPT = select(attempts).where(attempts.c.id == bindparam("id"))
 _LOCK_RUN = select(runs).where(runs.c.id == bindparam("id")).with_for_update()
 _LOCK_ATTEMPT = select(attempts).where(attempts.c.id == bindparam("id")).with_for_update()
 _INSERT_EVENT = events.insert()
-# The same, as SQL text for the driver (see store.driver).
-_RAW_RUN = select_by_id(runs)
-_RAW_LOCK_RUN = select_by_id(runs, lock=True)
-_RAW_ATTEMPT = select_by_id(attempts)
-_RAW_LOCK_ATTEMPT = select_by_id(attempts, lock=True)
-_RAW_POOL_EXISTS = "SELECT 1 FROM pools WHERE name = ?"
-_RAW_BY_KEY = f"SELECT {columns(runs)} FROM runs WHERE tenant = ? AND idempotency_key = ?"
 
 
 class Claims(list[Assignment]):
@@ -152,12 +147,6 @@ _PREFERRED = _MACHINES.where(
     or_(machines.c.session_key.in_(bindparam("keys", expanding=True)),
         machines.c.id.in_(bindparam("ids", expanding=True))),
 )
-#: heartbeats, in each driver's own parameter style (see ``heartbeat``)
-_RENEW_SQLITE = "UPDATE attempts SET lease_expires_at = ? WHERE id = ? AND machine_id = ? AND state = 'active'"
-_RENEW_PG = _RENEW_SQLITE.replace("?", "%s")
-_BEAT_SQLITE = ("UPDATE machines SET last_heartbeat_at = ?, resources = ?, session_key = ?, session_expires_at = ?"
-                " WHERE id = ?")
-_BEAT_PG = _BEAT_SQLITE.replace("resources = ?", "resources = CAST(? AS JSON)").replace("?", "%s")
 #: seconds an automation spec read from the database is trusted (see ``SQLStore._spec``)
 SPEC_TTL = 2.0
 #: the writes that may share a transaction (``SQLStore.batch``): each raises its expected
@@ -166,24 +155,6 @@ BATCHABLE = frozenset({"attempt_preparing", "attempt_start", "attempt_progress",
                        "submit", "submit_many"})
 #: the errors a batched write answers with on its own (all raised before it writes)
 ANSWERS = (StaleLease, Stopped, Conflict, NotFound)
-# A scheduling pass's reads, as SQL text (see store.driver): queued runs in priority →
-# deadline → age order; machines that could take work now (``Machine.schedulable``, in SQL).
-_RAW_QUEUED = (
-    f"SELECT {columns(runs)} FROM runs WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?)"
-    " ORDER BY priority DESC, deadline_at IS NULL, deadline_at, created_at LIMIT ?"
-)
-#: a queued run beyond the first N (whether the backlog is longer than a pass reads)
-_RAW_QUEUED_BEYOND = "SELECT 1 FROM runs WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?) LIMIT 1 OFFSET ?"
-_RAW_FREE = (
-    f"SELECT {columns(machines, 'm.')}, NULL AS active_attempt_id, NULL AS active_run_id FROM machines m"
-    " WHERE m.connected AND m.health = 'online' AND m.admin = 'active'"
-    " AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.machine_id = m.id AND a.state = 'active')"
-)
-_RAW_FREE_ORDER = {
-    "idle_first": " ORDER BY m.idle_since ASC NULLS FIRST, m.id",
-    "recent_first": " ORDER BY m.idle_since DESC NULLS LAST, m.id",
-    None: " ORDER BY m.id",
-}
 #: scheduling passes read free machines a page at a time, in the selector's order
 MACHINE_PAGE = 256
 #: and queued runs this many per free machine (at least RUN_PAGE_MIN), up to the pass's limit
@@ -202,7 +173,8 @@ class SQLStore(AccountOps, KeyOps, Store):
         self._written_specs: dict[str, bytes] = {}  # automation key → the spec as last written
         self._specs: dict[tuple[str, str | None], tuple[float, AutomationSpec | None]] = {}  # see _spec
         self._pg = engine.dialect.name == "postgresql"
-        self._drv = Driver(engine.dialect.name)
+        self._drv = Driver(engine.dialect)
+        self._sql = for_dialect(engine.dialect.name)  # the hot path's statements (store.statements)
         # One writer at a time (SQLite): agents' writes gain from sharing a transaction — one
         # commit, one fsync, for many. On PostgreSQL, batching measured 0.25x/0.35x SQLite's
         # drain rate (1/3 replicas) against 0.17x/0.16x, but the replica fault tests failed
@@ -269,7 +241,7 @@ class SQLStore(AccountOps, KeyOps, Store):
         run is read only if ``needs_run`` (always on PostgreSQL, where it is locked first)."""
         try:
             with self._tx() as conn:
-                row = self._drv.one(conn, _RAW_ATTEMPT, (attempt_id,), attempts)
+                row = self._drv.one(conn, self._sql.ATTEMPT, {"id": attempt_id}, attempts)
                 if row is not None and repeat is not None and (answer := repeat(conn, row)) is not None:
                     return answer
                 if row is None or row["machine_id"] != machine_id:
@@ -278,7 +250,7 @@ class SQLStore(AccountOps, KeyOps, Store):
                 if self._pg:
                     # Lock order: the run, then its attempt — read again once locked.
                     run = self._get_run(conn, row["run_id"], lock=True)
-                    row = self._drv.one(conn, _RAW_LOCK_ATTEMPT, (attempt_id,), attempts)
+                    row = self._drv.one(conn, self._sql.LOCK_ATTEMPT, {"id": attempt_id}, attempts)
                     assert row is not None
                 elif needs_run:
                     run = self._get_run(conn, row["run_id"])  # one writer: what was read still is
@@ -288,7 +260,7 @@ class SQLStore(AccountOps, KeyOps, Store):
                 return fn(conn, a, run)
         except StaleLease as exc:
             with self._tx() as conn:
-                row = self._drv.one(conn, _RAW_ATTEMPT, (attempt_id,), attempts)
+                row = self._drv.one(conn, self._sql.ATTEMPT, {"id": attempt_id}, attempts)
                 self._event(
                     conn, "lease.stale_write_rejected", now, attempt_id=attempt_id,
                     run_id=row["run_id"] if row is not None and row["machine_id"] == machine_id else None,
@@ -328,7 +300,7 @@ class SQLStore(AccountOps, KeyOps, Store):
         })
 
     def _get_run(self, conn: Connection, run_id: str, *, lock: bool = False) -> Run:
-        row = self._drv.one(conn, _RAW_LOCK_RUN if lock and self._pg else _RAW_RUN, (run_id,), runs)
+        row = self._drv.one(conn, self._sql.LOCK_RUN if lock else self._sql.RUN, {"id": run_id}, runs)
         if row is None:
             raise NotFound(f"no run {run_id!r}")
         return rows.run(row)
@@ -636,15 +608,15 @@ class SQLStore(AccountOps, KeyOps, Store):
                 renew = [b for b in claimed if (b.attempt_id, b.machine_id) in held]
                 if renew:
                     # Attempts before machines: the order every other writer takes them in.
-                    conn.exec_driver_sql(
-                        _RENEW_PG if self._pg else _RENEW_SQLITE,
-                        [(b.at + lease_timeout, b.attempt_id, b.machine_id) for b in renew],
-                    )
-            conn.exec_driver_sql(
-                _BEAT_PG if self._pg else _BEAT_SQLITE,
-                [(b.at, orjson.dumps(b.resources).decode(), b.session_key, b.session_expires_at, b.machine_id)
-                 for b in beats],
-            )
+                    self._drv.execute_many(conn, self._sql.RENEW_LEASE, [
+                        {"expires": b.at + lease_timeout, "id": b.attempt_id, "machine": b.machine_id}
+                        for b in renew
+                    ])
+            self._drv.execute_many(conn, self._sql.BEAT, [
+                {"at": b.at, "resources": orjson.dumps(b.resources).decode(), "session_key": b.session_key,
+                 "session_expires_at": b.session_expires_at, "id": b.machine_id}
+                for b in beats
+            ])
             # Account leases follow the session notes, written only when a note changed.
             for b in beats:
                 if b.sessions_changed:
@@ -755,10 +727,10 @@ class SQLStore(AccountOps, KeyOps, Store):
     def _submit_in(self, conn: Connection, spec: RunSpec, request_hash: str, now: float) -> tuple[Run, bool]:
         """Submit within the transaction ``conn``; a refusal (NotFound, Conflict) is raised
         before anything is written."""
-        if self._drv.execute(conn, _RAW_POOL_EXISTS, (spec.pool,)).fetchone() is None:
+        if self._drv.execute(conn, self._sql.POOL_EXISTS, {"name": spec.pool}).fetchone() is None:
             raise NotFound(f"unknown pool {spec.pool!r}", field="pool")
         if spec.idempotency_key is not None:
-            row = self._drv.one(conn, _RAW_BY_KEY, (spec.tenant, spec.idempotency_key), runs)
+            row = self._drv.one(conn, self._sql.RUN_BY_KEY, {"tenant": spec.tenant, "key": spec.idempotency_key}, runs)
             if row is not None:
                 existing = rows.run(row)
                 if existing.request_hash != request_hash:
@@ -924,8 +896,8 @@ class SQLStore(AccountOps, KeyOps, Store):
             # A policy that orders a backlog by duration (longest first) matters most where
             # the backlog runs out: once all of it fits in one pass, it sees all of it (before,
             # the head: reading hundreds of runs at every pass costs more than it gains).
-            if policy.durations is not None and self._drv.execute(conn, _RAW_QUEUED_BEYOND,
-                                                                  (now, limit)).fetchone() is None:
+            if policy.durations is not None and self._drv.execute(
+                    conn, self._sql.QUEUED_BEYOND, {"now": now, "offset": limit}).fetchone() is None:
                 page = limit
             queued = self._queued(conn, now, page)
             if not queued:
@@ -982,19 +954,16 @@ class SQLStore(AccountOps, KeyOps, Store):
         self, conn: Connection, replica: str | None, order: str | None, page: int | None,
     ) -> tuple[list[Machine], bool]:
         """Free machines (of ``replica``), in the selector's order; whether there are more."""
-        sql = _RAW_FREE + (" AND m.replica = ?" if replica is not None else "") + _RAW_FREE_ORDER[order]
-        params: list[Any] = [replica] if replica is not None else []
-        if page is not None:
-            sql += " LIMIT ?"
-            params.append(page + 1)
-        found = [rows.machine(r) for r in self._drv.rows(conn, sql, params, machines)]
+        stmt = self._sql.free_machines(replica=replica is not None, order=order, paged=page is not None)
+        values = {"replica": replica, "limit": None if page is None else page + 1}
+        found = [rows.machine(r) for r in self._drv.rows(conn, stmt, values, machines)]
         if page is not None and len(found) > page:
             return found[:page], True
         return found, False
 
     def _queued(self, conn: Connection, now: float, limit: int) -> list[Run]:
-        sql = _RAW_QUEUED + (" FOR UPDATE SKIP LOCKED" if self._pg else "")
-        return [rows.run(r) for r in self._drv.rows(conn, sql, (now, limit), runs)]
+        # On PostgreSQL FOR UPDATE SKIP LOCKED: runs another replica is claiming are not ours.
+        return [rows.run(r) for r in self._drv.rows(conn, self._sql.QUEUED, {"now": now, "limit": limit}, runs)]
 
     def _lock_free(self, conn: Connection, free: list[Machine]) -> tuple[list[Machine], bool]:
         """Lock the machines (skipping any another writer holds), then look again: the first

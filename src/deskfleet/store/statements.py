@@ -1,0 +1,118 @@
+"""The store's hot-path statements, written as SQL — once where SQLite and PostgreSQL agree,
+once for each where they differ.
+
+They differ in locking and in types, not in shape:
+
+- row locks: PostgreSQL serves several replicas at once, so a write reads what it will
+  change ``FOR UPDATE`` (run, then attempt, then machine: one order for every writer) and a
+  scheduling pass takes queued runs ``FOR UPDATE SKIP LOCKED`` (what another replica is
+  claiming is not ours to wait for). SQLite has no such clause and needs none: one writer at
+  a time, and what a write transaction read stays as read until it commits.
+- JSON: a text parameter for a JSON column is cast on PostgreSQL (``CAST(:x AS JSON)``) when
+  the statement is sent as SQL text; SQLite keeps JSON as text.
+
+Parameters are named (``:id``); ``store.driver`` turns each statement into its driver's own
+parameter style through SQLAlchemy, once, and runs it on the connection of the store's
+transaction. Select lists name every column of their table (``columns``), so rows map by
+name onto ``store.rows``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import ClassVar
+
+from sqlalchemy import Table, TextClause, text
+
+from .schema import attempts, machines, runs
+
+
+def columns(table: Table, prefix: str = "") -> str:
+    """Every column of ``table``, for a SELECT list."""
+    return ", ".join(f"{prefix}{c.name}" for c in table.columns)
+
+
+_RUNS, _ATTEMPTS, _MACHINES = columns(runs), columns(attempts), columns(machines, "m.")
+#: a queued run that may start now, in the order a scheduling pass takes them: priority,
+#: then deadline (runs with one first), then age
+_DUE = "state = 'queued' AND (not_before IS NULL OR not_before <= :now)"
+_PASS_ORDER = "ORDER BY priority DESC, deadline_at IS NULL, deadline_at, created_at"
+
+
+class Statements:
+    """What both dialects say alike; each subclass adds its own locking reads and casts."""
+
+    RUN = text(f"SELECT {_RUNS} FROM runs WHERE id = :id")
+    ATTEMPT = text(f"SELECT {_ATTEMPTS} FROM attempts WHERE id = :id")
+    POOL_EXISTS = text("SELECT 1 FROM pools WHERE name = :name")
+    RUN_BY_KEY = text(f"SELECT {_RUNS} FROM runs WHERE tenant = :tenant AND idempotency_key = :key")
+    #: whether a queued run exists beyond the first ``offset`` (is the backlog longer than a pass reads?)
+    QUEUED_BEYOND = text(f"SELECT 1 FROM runs WHERE {_DUE} LIMIT 1 OFFSET :offset")
+    #: a heartbeat renews its attempt's lease while the attempt is active on that machine
+    RENEW_LEASE = text(
+        "UPDATE attempts SET lease_expires_at = :expires"
+        " WHERE id = :id AND machine_id = :machine AND state = 'active'"
+    )
+
+    # -- the dialect's own ---------------------------------------------------------------
+    #: the run (attempt), locked until the transaction ends
+    LOCK_RUN: ClassVar[TextClause]
+    LOCK_ATTEMPT: ClassVar[TextClause]
+    #: a scheduling pass's queued runs (the first ``:limit``), claimed for this transaction
+    QUEUED: ClassVar[TextClause]
+    #: a machine's heartbeat; ``:resources`` is JSON text
+    BEAT: ClassVar[TextClause]
+
+    @staticmethod
+    @functools.cache
+    def free_machines(*, replica: bool, order: str | None, paged: bool) -> TextClause:
+        """Machines that could take work now (``Machine.schedulable``, in SQL) — of
+        ``:replica`` if ``replica`` — in a selector's ``order`` (``idle_first``,
+        ``recent_first``, or by id); the first ``:limit`` if ``paged``."""
+        sql = (
+            f"SELECT {_MACHINES}, NULL AS active_attempt_id, NULL AS active_run_id FROM machines m"
+            " WHERE m.connected AND m.health = 'online' AND m.admin = 'active'"
+            " AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.machine_id = m.id AND a.state = 'active')"
+        )
+        if replica:
+            sql += " AND m.replica = :replica"
+        sql += {
+            "idle_first": " ORDER BY m.idle_since ASC NULLS FIRST, m.id",
+            "recent_first": " ORDER BY m.idle_since DESC NULLS LAST, m.id",
+            None: " ORDER BY m.id",
+        }[order]
+        if paged:
+            sql += " LIMIT :limit"
+        return text(sql)
+
+
+class SQLiteStatements(Statements):
+    # One writer at a time: a read in a write transaction is as good as a lock.
+    LOCK_RUN = Statements.RUN
+    LOCK_ATTEMPT = Statements.ATTEMPT
+    QUEUED = text(f"SELECT {_RUNS} FROM runs WHERE {_DUE} {_PASS_ORDER} LIMIT :limit")
+    BEAT = text(
+        "UPDATE machines SET last_heartbeat_at = :at, resources = :resources,"
+        " session_key = :session_key, session_expires_at = :session_expires_at WHERE id = :id"
+    )
+
+
+class PostgreSQLStatements(Statements):
+    LOCK_RUN = text(f"SELECT {_RUNS} FROM runs WHERE id = :id FOR UPDATE")
+    LOCK_ATTEMPT = text(f"SELECT {_ATTEMPTS} FROM attempts WHERE id = :id FOR UPDATE")
+    QUEUED = text(f"SELECT {_RUNS} FROM runs WHERE {_DUE} {_PASS_ORDER} LIMIT :limit FOR UPDATE SKIP LOCKED")
+    BEAT = text(
+        "UPDATE machines SET last_heartbeat_at = :at, resources = CAST(:resources AS JSON),"
+        " session_key = :session_key, session_expires_at = :session_expires_at WHERE id = :id"
+    )
+
+
+def for_dialect(name: str) -> type[Statements]:
+    """The statements of a SQLAlchemy dialect (``engine.dialect.name``)."""
+    found = {"sqlite": SQLiteStatements, "postgresql": PostgreSQLStatements}.get(name)
+    if found is None:
+        raise ValueError(f"no statements for the {name!r} dialect")
+    return found
+
+
+__all__ = ["PostgreSQLStatements", "SQLiteStatements", "Statements", "columns", "for_dialect"]

@@ -50,8 +50,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
-import math
 import os
 import platform
 import signal
@@ -62,11 +62,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: core.py and the peers package
 
-from peers.workload import Plan, Side, drive, make_plan, measure
+from peers.report import failover_tables, plot, ratio_table, ratios, summary_lines, throughput_table
+from peers.workload import Plan, Side, Throughput, drive, make_plan, measure, measure_throughput
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = ("deskfleet", "celery", "procrastinate")
@@ -119,15 +119,47 @@ def make_side(system: str, workdir: Path, args: argparse.Namespace) -> Side:
     raise SystemExit(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
 
 
-async def run_one(system: str, plan: Plan, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+async def run_one(system: str, plan: Plan, workdir: Path, args: argparse.Namespace,
+                  throughput: Throughput | None, failover: bool) -> dict[str, Any]:
     side = make_side(system, workdir, args)
-    obs = await drive(side, plan, log=lambda msg: console.print(msg, highlight=False))
-    return measure(obs, plan)
+    obs = await drive(side, plan, log=lambda msg: console.print(msg, highlight=False), throughput=throughput,
+                      failover=failover)
+    # without the failover section no run of the plan was submitted: none is "lost"
+    out = measure(obs, plan if failover else dataclasses.replace(plan, jobs=(), kills=()))
+    if obs.throughput is not None:
+        out["throughput"] = measure_throughput(obs.throughput)
+    return out
+
+
+def show(result: dict[str, Any]) -> None:
+    if any("throughput" in r for r in result["systems"].values()):
+        console.print(throughput_table(result))
+        for name, r in result["systems"].items():
+            if "throughput" in r:
+                console.print(f"  {name}: one at a time by {r['throughput']['single_path']}; "
+                              f"the backlog by {r['throughput']['batch_path']}", highlight=False)
+    if result["plan"]["runs"]:
+        for table in failover_tables(result):
+            console.print(table)
+    console.print(ratio_table(result))
+    for line in summary_lines(result):
+        console.print(line, highlight=False)
+    for name, r in result["systems"].items():
+        v = ", ".join(f"{a} {b}" for a, b in r["versions"].items())
+        console.print(f"[bold]{name}[/]: {v}; machines ready after {r['ready_s']:.1f} s", highlight=False)
+    console.print(f"load average: before {result['loadavg_before']}, after {result['loadavg_after']} "
+                  f"({result['cpus']} cpus)", highlight=False)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a short smoke run: 6 machines, 40 runs, 2 kills")
+    ap.add_argument("--quick", action="store_true",
+                    help="a short run: 6 machines; 30 dispatch samples, a backlog of 600; 40 runs, 2 kills")
+    ap.add_argument("--sections", default="throughput,failover",
+                    help="throughput, failover or both (default), comma-separated")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="dispatch samples, empty runs one at a time (default 200; quick 30), after a warm-up")
+    ap.add_argument("--backlog", type=int, default=None, help="empty runs in the backlog (default 3000; quick 600)")
     ap.add_argument("--only", default=",".join(SYSTEMS), help="comma-separated systems (default: all three)")
     ap.add_argument("--machines", type=int, default=None, help="machines (default 16; quick 6)")
     ap.add_argument("--runs", type=int, default=None, help="runs (default 400; quick 40)")
@@ -152,6 +184,13 @@ def main() -> None:
     for s in systems:
         if s not in SYSTEMS:
             raise SystemExit(f"unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
+    sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    if not sections or sections - {"throughput", "failover"}:
+        raise SystemExit("--sections: throughput, failover or both")
+    throughput = Throughput(
+        samples=args.samples or (30 if args.quick else 200), warmup=10 if args.quick else 20,
+        backlog=args.backlog or (600 if args.quick else 3000),
+    ) if "throughput" in sections else None
     plan = make_plan(
         seed=args.seed,
         machines=args.machines or (6 if args.quick else 16),
@@ -162,15 +201,23 @@ def main() -> None:
     )
     # A SIGTERM to the benchmark unwinds like Ctrl-C, so every finally block stops its processes.
     signal.signal(signal.SIGTERM, _interrupt)
-    console.print(f"[bold]side by side[/]: {plan.machines} machines, {len(plan.jobs)} runs over "
-                  f"{plan.window:.0f} s, kills at {', '.join(f'{k.at:.0f} s' for k in plan.kills) or 'none'}; "
-                  f"systems: {', '.join(systems)}")
+    failover = "failover" in sections
+    console.print(f"[bold]side by side[/]: {plan.machines} machines; "
+                  + (f"throughput: {throughput.warmup} + {throughput.samples} empty runs one at a time, a backlog "
+                     f"of {throughput.backlog}; " if throughput else "")
+                  + (f"failover: {len(plan.jobs)} runs over {plan.window:.0f} s, kills at "
+                     f"{', '.join(f'{k.at:.0f} s' for k in plan.kills) or 'none'}; " if failover else "")
+                  + f"systems: {', '.join(systems)}")
     result: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "cpus": os.cpu_count(),
-        "python": platform.python_version(), "quick": args.quick,
-        "plan": {"seed": plan.seed, "machines": plan.machines, "runs": len(plan.jobs), "window_s": plan.window,
+        "python": platform.python_version(), "quick": args.quick, "loadavg_before": _loadavg(),
+        "command": " ".join([".venv/bin/python", "bench/peers.py", *sys.argv[1:]]),
+        "throughput_plan": {"samples": throughput.samples, "warmup": throughput.warmup, "backlog": throughput.backlog,
+                            "automation": "sim.noop"} if throughput else None,
+        "plan": {"seed": plan.seed, "machines": plan.machines, "runs": len(plan.jobs) if failover else 0,
+                 "window_s": plan.window,
                  "load": plan.load, "restart_delay_s": plan.restart_delay, "drain_s": plan.drain,
-                 "kills": [{"at": k.at, "phase": k.phase} for k in plan.kills],
+                 "kills": [{"at": k.at, "phase": k.phase} for k in plan.kills] if failover else [],
                  "seconds": {"min": min(j.seconds for j in plan.jobs), "max": max(j.seconds for j in plan.jobs),
                              "mean": sum(j.seconds for j in plan.jobs) / len(plan.jobs)}},
         "systems": {},
@@ -183,12 +230,15 @@ def main() -> None:
         for system in systems:
             console.print(f"[bold]{system}[/] …")
             t = time.time()
-            result["systems"][system] = asyncio.run(run_one(system, plan, Path(tmp) / system, args))
+            result["systems"][system] = asyncio.run(run_one(system, plan, Path(tmp) / system, args, throughput,
+                                                            failover))
             result["systems"][system]["wall_s"] = time.time() - t
-            if result["systems"][system]["succeeded"] == 0:
+            if failover and result["systems"][system]["succeeded"] == 0:
                 console.print(f"[bold red]{system} completed no run at all[/]: a broken set-up, not a result "
                               f"(rerun with --workdir DIR to keep its logs)")
     result["wall_s"] = time.time() - t_all
+    result["loadavg_after"] = _loadavg()
+    result["ratios"] = ratios(result["systems"])
     show(result)
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -203,100 +253,9 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _s(v: float | None, digits: int = 1) -> str:
-    return "never" if v is None else "—" if isinstance(v, float) and math.isnan(v) else f"{v:.{digits}f}"
-
-
-def show(result: dict[str, Any]) -> None:
-    plan = result["plan"]
-    t = Table(title=f"side by side: {plan['machines']} machines, {plan['runs']} runs, {len(plan['kills'])} kills "
-                    f"(seed {plan['seed']})")
-    for col in ("system", "queue wait p50 ms", "p99 ms", "lost", "executed twice", "failed loudly",
-                "recovery p50 s", "recovery max s", "all done after s"):
-        t.add_column(col, justify="left" if col == "system" else "right")
-    for name, r in result["systems"].items():
-        rec = r["recovery_s"]
-        worst = "never" if rec["never"] else _s(rec["max"])
-        p50 = _s(rec["p50"]) if rec["n"] else "—"
-        if rec["never"] and rec["p50"] is None:
-            p50 = "never"
-        done = _s(r["done_after_s"]) + ("" if r["all_final"] else " (not all)")
-        t.add_row(name, _s(r["queue_wait_ms"]["p50"]), _s(r["queue_wait_ms"]["p99"]), str(r["lost"]),
-                  str(r["executed_twice"]), str(r["failed"]), p50, worst, done)
-    console.print(t)
-    k = Table(title="the kills")
-    for col in ("system", "at s", "machine", "run", "into its run", "effect before kill", "recovered after s",
-                "how", "effects", "outcome"):
-        k.add_column(col)
-    for name, r in result["systems"].items():
-        for d in r["kills"]:
-            if not d.get("machine"):
-                k.add_row(name, f"{d['planned_at']:.1f}", "—", d.get("note", ""), "", "", "", "", "", "")
-                continue
-            k.add_row(name, f"{d['offset']:.1f}", d["machine"], d["key"], f"{d['elapsed']:.2f} of {d['seconds']:.2f} s",
-                      "yes" if d["effect_before_kill"] else "no", _s(d["recovered_after_s"]), d["recovered_by"],
-                      str(d["effects"]), d["outcome"])
-    console.print(k)
-    for name, r in result["systems"].items():
-        v = ", ".join(f"{a} {b}" for a, b in r["versions"].items())
-        console.print(f"[bold]{name}[/]: {v}; machines ready after {r['ready_s']:.1f} s", highlight=False)
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    systems = list(result["systems"])
-    colors = {"deskfleet": "#1f77b4", "celery": "#2ca02c", "procrastinate": "#d62728"}
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.6))
-    for s in systems:
-        waits = sorted(1000 * w for w in result["systems"][s]["queue_waits_s"])
-        if waits:
-            ys = [(i + 1) / len(waits) for i in range(len(waits))]
-            ax1.step([max(w, 0.1) for w in waits], ys, where="post", label=s, color=colors.get(s))
-    ax1.set_xscale("log")
-    ax1.set_xlabel("queue wait, ms (submit → work started)")
-    ax1.set_ylabel("fraction of runs")
-    ax1.set_title("queue wait")
-    ax1.grid(True, alpha=0.3)
-    ax1.legend()
-    horizon = max(r["done_after_s"] for r in result["systems"].values())
-    for i, s in enumerate(systems):
-        for d in result["systems"][s]["kills"]:
-            if not d.get("machine"):
-                continue
-            v = d["recovered_after_s"]
-            marker = "s" if d["effect_before_kill"] else "o"
-            if v is None:
-                ax2.scatter([i], [horizon], marker="x", color=colors.get(s), s=60)
-            else:
-                ax2.scatter([i], [v], marker=marker, color=colors.get(s), s=50, alpha=0.8)
-    ax2.set_xticks(range(len(systems)), systems)
-    ax2.set_ylabel("seconds")
-    ax2.set_title("SIGKILL → run taken up elsewhere\n(● before its effect, ■ after, x never)")
-    ax2.grid(True, axis="y", alpha=0.3)
-    ax2.set_xlim(-0.5, len(systems) - 0.5)
-    ax2.set_ylim(bottom=0)
-    measures = ("lost", "executed_twice", "failed")
-    width = 0.8 / max(1, len(systems))
-    for i, s in enumerate(systems):
-        vals = [result["systems"][s][m] for m in measures]
-        xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(measures))]
-        ax3.bar(xs, vals, width=width, label=s, color=colors.get(s))
-        for x, v in zip(xs, vals, strict=True):
-            ax3.text(x, v, str(v), ha="center", va="bottom", fontsize=9)
-    ax3.set_xticks(range(len(measures)), ["lost", "executed twice", "failed loudly"])
-    ax3.set_title("runs")
-    ax3.yaxis.get_major_locator().set_params(integer=True)
-    ax3.legend()
-    plan = result["plan"]
-    fig.suptitle(f"deskfleet, Celery, Procrastinate: {plan['machines']} machines, {plan['runs']} runs, "
-                 f"{len(plan['kills'])} machines SIGKILLed mid-run")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _loadavg() -> str:
+    """``uptime``'s three load averages: the machine is shared, so each result says how busy it was."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

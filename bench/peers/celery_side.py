@@ -40,6 +40,14 @@ visibility timeout is not stopped: both executions run and both results are writ
 routing a run to the machine already logged in as an account (only static queues per
 worker).
 
+**Throughput section** (empty runs: the task ``peers.noop`` runs deskfleet's ``sim.noop``
+through the same :class:`~peers.workload.PeerMachine`): one run at a time by ``send_task``
+then ``AsyncResult.get()`` (the Redis result backend's pub/sub); the backlog by ``send_task``
+in a loop on one producer (one connection for all) — about 3x as fast here as
+``group(...).apply_async()``, Celery's documented way to send many tasks at once, which
+also makes a group result (2,500 against 800 tasks/s, with no worker running). Started = the task body's first line (kept in memory, logged by a
+thread), finished = the result's ``date_done`` in the result backend (Celery's own stamp).
+
 This module is also the Celery app the worker processes load: ``celery -A peers.celery_side
 worker`` with its settings from the environment.
 """
@@ -50,6 +58,7 @@ import asyncio
 import os
 import sys
 import uuid
+from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -77,6 +86,7 @@ ENV_PREFIX = "PEERS_CELERY_PREFIX"
 ENV_VISIBILITY = "PEERS_CELERY_VISIBILITY_TIMEOUT"
 QUEUE = "work"
 TASK = "peers.work"
+NOOP = "peers.noop"
 
 
 def make_app(redis_url: str, prefix: str, visibility_timeout: float) -> Celery:
@@ -122,6 +132,12 @@ def work(key: str, seconds: float) -> dict[str, Any]:
     return loop.run_until_complete(machine.work(key, seconds))
 
 
+@app.task(name=NOOP)
+def noop(key: str) -> dict[str, Any]:
+    machine, loop = _here()
+    return loop.run_until_complete(machine.noop(key))
+
+
 @signals.worker_ready.connect
 def _ready(**_: Any) -> None:
     if os.environ.get(ENV_MACHINE):
@@ -144,6 +160,7 @@ class CelerySide(Side):
         self.app: Celery | None = None
         self.log: AttemptLog | None = None
         self._ids: dict[str, str] = {}  # key → task id
+        self._noop_ids: dict[str, str] = {}  # key → task id, the throughput section's
         self._final: dict[str, str] = {}
 
     async def setup(self) -> None:
@@ -178,6 +195,59 @@ class CelerySide(Side):
         assert self.app is not None
         result = self.app.send_task(TASK, args=[job.key, job.seconds], queue=QUEUE)
         self._ids[job.key] = result.id
+
+    single_path = "send_task, then AsyncResult.get() (result backend pub/sub)"
+    batch_path = "send_task in a loop on one producer (3x group().apply_async() here)"
+
+    async def run_noop(self, key: str) -> None:
+        assert self.app is not None
+        app = self.app
+
+        def one() -> None:
+            result = app.send_task(NOOP, args=[key], queue=QUEUE)
+            self._noop_ids[key] = result.id
+            result.get(timeout=30, interval=0.005)
+
+        await asyncio.to_thread(one)
+
+    async def submit_noops(self, keys: list[str]) -> None:
+        assert self.app is not None
+        app = self.app
+
+        def backlog() -> None:
+            with app.producer_or_acquire() as producer:
+                for key in keys:
+                    self._noop_ids[key] = app.send_task(NOOP, args=[key], queue=QUEUE, producer=producer).id
+
+        await asyncio.to_thread(backlog)
+
+    async def noops_done(self) -> int:
+        assert self.log is not None
+        return self.log.noops_done()
+
+    async def noop_starts(self) -> dict[str, float]:
+        assert self.log is not None
+        return self.log.noop_starts()
+
+    async def noop_finishes(self, keys: list[str]) -> dict[str, float]:
+        assert self.app is not None
+        backend = self.app.backend
+        ids = [(k, self._noop_ids[k]) for k in keys if k in self._noop_ids]
+
+        def stamps() -> dict[str, float]:
+            out = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                for (key, _), raw in zip(chunk, backend.mget([backend.get_key_for_task(t) for _, t in chunk]),
+                                         strict=True):
+                    if raw is None:
+                        continue
+                    meta = backend.decode_result(raw)
+                    if meta.get("status") == "SUCCESS" and meta.get("date_done"):
+                        out[key] = datetime.fromisoformat(meta["date_done"]).timestamp()
+            return out
+
+        return await asyncio.to_thread(stamps)
 
     async def busy(self) -> list[Busy]:
         assert self.log is not None

@@ -14,6 +14,14 @@ few times a second: ``run.state`` → ``running`` is the moment the work starts 
 ``reconcile.started`` a retry's check, ``attempt.ended`` the machine free again, and the
 run's final state its outcome. (Those polls are a little extra work for the server that the
 peers' harness sides do not impose on Redis or PostgreSQL: an event page every 0.2 s.)
+
+**Throughput section** (empty runs, ``sim.noop`` — the agent runs it as any automation: no
+pre-flight, since it needs no screen state, one progress step, the result): one run at a time
+by ``AsyncClient.submit`` (``POST /v1/runs``) then ``AsyncClient.run(id, wait=…)`` until it
+finished; the backlog by ``AsyncClient.submit_many`` — ``POST /v1/runs:batch``, 1,000 runs a
+request, one request after the other, each run with ``queue_timeout`` one hour so that none
+times out in the queue. Started = the run's ``running`` event, finished = its ``succeeded``
+event (the server's own stamps).
 """
 
 from __future__ import annotations
@@ -52,6 +60,9 @@ class DeskfleetSide(Side):
         self._starts: list[Start] = []
         self._final: dict[str, str] = {}  # run id → outcome
         self._early: list[dict[str, Any]] = []  # events of runs whose submit has not returned yet
+        self._noop_key_of: dict[str, str] = {}  # run id → key, the throughput section's runs
+        self._running_at: dict[str, float] = {}  # run id → its first running event, every run
+        self._final_at: dict[str, float] = {}  # run id → its final state's event, every run
         self.poll_errors = 0
         self.last_poll_error = ""
 
@@ -81,6 +92,44 @@ class DeskfleetSide(Side):
         early, self._early = self._early, []
         for e in early:  # seen before we knew which key the run is
             self._on_event(e)
+
+    single_path = "AsyncClient.submit (POST /v1/runs), then AsyncClient.run(id, wait=30)"
+    batch_path = "AsyncClient.submit_many: POST /v1/runs:batch, 1,000 runs a request"
+
+    async def run_noop(self, key: str) -> None:
+        assert self.client is not None
+        run = await self.client.submit("sim.noop", {"value": key})
+        self._noop_key_of[run["id"]] = key
+        done = await self.client.run(run["id"], wait=30)
+        if done["state"] != "succeeded":
+            raise RuntimeError(f"deskfleet: empty run {key} ended {done['state']}")
+
+    async def submit_noops(self, keys: list[str]) -> None:
+        assert self.client is not None
+        answers = await self.client.submit_many(
+            [{"automation": "sim.noop", "input": {"value": k}, "queue_timeout": 3600} for k in keys])
+        for a in answers:
+            if a["status"] != "created":
+                raise RuntimeError(f"deskfleet: batch submit answered {a}")
+            self._noop_key_of[a["run"]["id"]] = keys[a["index"]]
+
+    async def noops_done(self) -> int:
+        return sum(1 for run in self._noop_key_of if run in self._final_at)
+
+    async def noop_starts(self) -> dict[str, float]:
+        while await self._catch_up():
+            pass
+        return {key: self._running_at[run] for run, key in self._noop_key_of.items() if run in self._running_at}
+
+    async def noop_finishes(self, keys: list[str]) -> dict[str, float]:
+        while await self._catch_up():
+            pass
+        wanted = set(keys)
+        return {key: self._final_at[run] for run, key in self._noop_key_of.items()
+                if key in wanted and run in self._final_at}
+
+    def end_throughput(self) -> None:
+        self._early.clear()  # the empty runs' events that came before their submit returned
 
     async def busy(self) -> list[Busy]:
         return list(self._running.values())
@@ -139,6 +188,13 @@ class DeskfleetSide(Side):
         run = e.get("run")
         if run is None:
             return
+        if e["kind"] == "run.state":
+            if e.get("to_state") == "running":
+                self._running_at.setdefault(run, _epoch(e["at"]))
+            elif e.get("to_state") in _FINAL:
+                self._final_at.setdefault(run, _epoch(e["at"]))
+        if run in self._noop_key_of:
+            return  # the throughput section's: nothing the failover measures need
         key = self._key_of.get(run)
         if key is None:
             self._early.append(e)

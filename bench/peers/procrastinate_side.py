@@ -19,6 +19,13 @@ Each machine is one worker process (``python -m peers.procrastinate_side worker`
 desktop. Each benchmark run creates a database of its own and drops it afterwards; the
 connection pools are kept small (``max_size=3``) because the PostgreSQL server is shared.
 
+**Throughput section** (empty runs: the task ``peers.noop`` on queue ``work`` runs deskfleet's
+``sim.noop`` through the same :class:`~peers.workload.PeerMachine`): one run at a time by
+``defer_async``, then the job's status read every 5 ms until it is final; the backlog by
+``batch_defer_async`` — one ``INSERT`` of 1,000 jobs a call. Started = the task body's first
+line (kept in memory, logged by a thread), finished = the job's ``succeeded`` event in
+``procrastinate_events`` (Procrastinate's own stamp, the database's clock on this host).
+
 What Procrastinate cannot express here: a reconcile check tied to the retry of a stalled
 job (the periodic task could run one itself, but it would run it away from any machine —
 on a real desktop the check needs the application); fencing (a worker declared stalled but
@@ -40,6 +47,7 @@ from typing import Any
 
 import procrastinate
 import psycopg
+from procrastinate.types import JSONValue
 
 from peers.workload import (
     ENV_BACKEND,
@@ -64,6 +72,7 @@ ENV_RETRY_EVERY = "PEERS_PROCRASTINATE_RETRY_EVERY"
 QUEUE = "work"
 MAINTENANCE = "maintenance"
 TASK = "peers.work"
+NOOP = "peers.noop"
 
 _machine: PeerMachine | None = None
 
@@ -75,6 +84,11 @@ def make_app(dsn: str, retry_every: int) -> procrastinate.App:
     async def work(key: str, seconds: float) -> dict[str, Any]:
         assert _machine is not None, "only machine workers run sim.work"
         return await _machine.work(key, seconds)
+
+    @app.task(name=NOOP, queue=QUEUE)
+    async def noop(key: str) -> dict[str, Any]:
+        assert _machine is not None, "only machine workers run sim.noop"
+        return await _machine.noop(key)
 
     # The documented recipe, on a schedule of seconds instead of minutes (see the docstring).
     @app.periodic(cron=f"* * * * * */{retry_every}")
@@ -167,6 +181,43 @@ class ProcrastinateSide(Side):
         assert self.app is not None
         await self.app.configure_task(TASK, queue=QUEUE).defer_async(key=job.key, seconds=job.seconds)
         self._keys.add(job.key)
+
+    single_path = "defer_async, then the job's status read every 5 ms"
+    batch_path = "batch_defer_async: one INSERT of 1,000 jobs a call"
+
+    async def run_noop(self, key: str) -> None:
+        assert self.app is not None
+        job = await self.app.configure_task(NOOP, queue=QUEUE).defer_async(key=key)
+        while True:
+            rows = await self._query("SELECT status FROM procrastinate_jobs WHERE id = %s", job)
+            status = str(rows[0][0]) if rows else ""
+            if status == "succeeded":
+                return
+            if status in ("failed", "cancelled", "aborted"):
+                raise RuntimeError(f"procrastinate: empty run {key} ended {status}")
+            await asyncio.sleep(0.005)
+
+    async def submit_noops(self, keys: list[str]) -> None:
+        assert self.app is not None
+        task = self.app.configure_task(NOOP, queue=QUEUE)
+        for i in range(0, len(keys), 1000):
+            chunk: list[dict[str, JSONValue]] = [{"key": k} for k in keys[i:i + 1000]]
+            await task.batch_defer_async(*chunk)
+
+    async def noops_done(self) -> int:
+        assert self.log is not None
+        return self.log.noops_done()
+
+    async def noop_starts(self) -> dict[str, float]:
+        assert self.log is not None
+        return self.log.noop_starts()
+
+    async def noop_finishes(self, keys: list[str]) -> dict[str, float]:
+        rows = await self._query(
+            "SELECT j.args->>'key', min(e.at) FROM procrastinate_events e JOIN procrastinate_jobs j ON j.id = e.job_id "
+            "WHERE j.task_name = %s AND e.type = 'succeeded' GROUP BY 1", NOOP)
+        wanted = set(keys)
+        return {str(k): at.timestamp() for k, at in rows if k in wanted}
 
     async def busy(self) -> list[Busy]:
         assert self.log is not None

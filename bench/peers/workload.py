@@ -23,6 +23,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -30,6 +31,7 @@ import signal
 import sqlite3
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -184,6 +186,35 @@ class Side(abc.ABC):
     def settings(self) -> dict[str, Any]:
         return {}
 
+    # The throughput section: empty runs (``sim.noop``), before the failover plan plays.
+
+    #: how one run goes in and is waited for (dispatch latency), and how the backlog goes in
+    single_path: str = "?"
+    batch_path: str = "?"
+
+    @abc.abstractmethod
+    async def run_noop(self, key: str) -> None:
+        """Submit one empty run by the single path; return once the system reports it finished."""
+
+    @abc.abstractmethod
+    async def submit_noops(self, keys: list[str]) -> None:
+        """Submit a backlog of empty runs by the system's batch path (its fair best)."""
+
+    @abc.abstractmethod
+    async def noops_done(self) -> int:
+        """How many empty runs have finished so far (polled while the backlog drains)."""
+
+    @abc.abstractmethod
+    async def noop_starts(self) -> dict[str, float]:
+        """key → when the empty run started on a machine (epoch, this host's clock)."""
+
+    @abc.abstractmethod
+    async def noop_finishes(self, keys: list[str]) -> dict[str, float]:
+        """key → when the system itself recorded the empty run finished (its own stamp)."""
+
+    def end_throughput(self) -> None:  # noqa: B027 (a hook most sides need not fill)
+        """The throughput section is over: forget what only it needed."""
+
 
 # -- machine processes --------------------------------------------------------------------------
 
@@ -258,6 +289,7 @@ CREATE TABLE IF NOT EXISTS starts (
     at REAL NOT NULL, ended_at REAL, outcome TEXT
 );
 CREATE TABLE IF NOT EXISTS ready (machine TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS noops (key TEXT NOT NULL, machine TEXT NOT NULL, at REAL NOT NULL, ended_at REAL NOT NULL);
 """
 
 
@@ -298,6 +330,41 @@ class AttemptLog:
     def starts(self) -> list[Start]:
         rows = self._db.execute("SELECT key, machine, at FROM starts ORDER BY at").fetchall()
         return [Start(key=k, machine=m, at=at) for k, m, at in rows]
+
+    def noop_starts(self) -> dict[str, float]:
+        """key → when the empty run's body started (the first, if it ran more than once)."""
+        return {k: at for k, at in self._db.execute("SELECT key, min(at) FROM noops GROUP BY key")}
+
+    def noops_done(self) -> int:
+        return int(self._db.execute("SELECT count(DISTINCT key) FROM noops").fetchone()[0])
+
+
+class NoopLog:
+    """The empty runs' start and end times, kept in memory by the task body and written to the
+    :class:`AttemptLog` by a thread every 20 ms: a write per run inside the body would add
+    the log's cost to each peer's cost per run, which is what the throughput section measures
+    (the failover section's runs last seconds, so there :class:`AttemptLog` writes at once)."""
+
+    def __init__(self, path: str | Path, machine: str, every: float = 0.02) -> None:
+        self.path, self.machine, self.every = str(path), machine, every
+        self._rows: list[tuple[str, str, float, float]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._flush_forever, name="noop-log", daemon=True).start()
+
+    def add(self, key: str, started: float, ended: float) -> None:
+        with self._lock:
+            self._rows.append((key, self.machine, started, ended))
+
+    def _flush_forever(self) -> None:
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 30000")
+        while True:
+            time.sleep(self.every)
+            with self._lock:
+                rows, self._rows = self._rows, []
+            if rows:
+                with db:
+                    db.executemany("INSERT INTO noops (key, machine, at, ended_at) VALUES (?, ?, ?, ?)", rows)
 
 
 def effects(backend_path: Path) -> dict[str, list[tuple[float, str]]]:
@@ -340,16 +407,19 @@ class PeerMachine:
         self.backend = SimBackend(backend)
         self.desktop = SimDesktop(name, self.backend, seed=1)
         automation = demo_registry().get("sim.work", None)
-        assert automation is not None, "deskfleet's demo registry has no sim.work"
+        empty = demo_registry().get("sim.noop", None)
+        assert automation is not None and empty is not None, "deskfleet's demo registry has no sim.work or sim.noop"
         self.automation = automation
+        self.empty = empty
         self.log = AttemptLog(log)
+        self.noops = NoopLog(log, name)
         self.executions = 0
 
     @classmethod
     def from_env(cls) -> PeerMachine:
         return cls(os.environ[ENV_MACHINE], os.environ[ENV_BACKEND], os.environ[ENV_LOG])
 
-    async def work(self, key: str, seconds: float) -> dict[str, Any]:
+    def _context(self, key: str) -> Any:
         from deskfleet.sdk import Context
 
         self.executions += 1
@@ -360,9 +430,19 @@ class PeerMachine:
         async def upload(name: str, data: bytes, content_type: str) -> str:
             return ""
 
-        ctx = Context(run_id=key, attempt_id=self.executions, attempt_number=self.executions,
-                      machine_id=self.name, desktop=self.desktop, model=None,
-                      report_progress=progress, upload=upload, stop_event=asyncio.Event())
+        return Context(run_id=key, attempt_id=self.executions, attempt_number=self.executions,
+                       machine_id=self.name, desktop=self.desktop, model=None,
+                       report_progress=progress, upload=upload, stop_event=asyncio.Event())
+
+    async def noop(self, key: str) -> dict[str, Any]:
+        """An empty run: ``sim.noop`` (it reports one step and returns its input), timed."""
+        started = time.time()
+        out = await self.empty.execute(self._context(key), {"value": key})
+        self.noops.add(key, started, time.time())
+        return out
+
+    async def work(self, key: str, seconds: float) -> dict[str, Any]:
+        ctx = self._context(key)
         row = self.log.started(key, self.name)
         try:
             out = await self.automation.execute(ctx, {"key": key, "seconds": seconds})
@@ -391,6 +471,34 @@ class KillRecord:
     note: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    """The throughput section, the same for every system: ``warmup`` + ``samples`` empty runs
+    one at a time on an idle pool (each submitted once the previous one finished: dispatch
+    latency without queueing), then a backlog of ``backlog`` empty runs submitted at once by
+    the system's batch path (drain rate)."""
+
+    samples: int
+    warmup: int
+    backlog: int
+    timeout: float = 300.0  # the backlog's submit → all finished, at most
+
+
+@dataclass(slots=True)
+class ThroughputObservations:
+    single_path: str
+    batch_path: str
+    warmup: int
+    dispatch_submitted: dict[str, float]  # key → submit call made (epoch), in order
+    dispatch_started: dict[str, float]  # key → started on a machine
+    backlog_keys: list[str]
+    submit_started: float
+    submit_ended: float
+    backlog_started: dict[str, float]
+    backlog_finished: dict[str, float]  # the system's own "finished" stamp
+    drained: bool
+
+
 @dataclass(slots=True)
 class Observations:
     system: str
@@ -405,10 +513,51 @@ class Observations:
     ready_s: float  # machine processes started → all ready
     versions: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    throughput: ThroughputObservations | None = None
 
 
-async def drive(side: Side, plan: Plan, *, log: Callable[[str], None] = print) -> Observations:
-    """Play ``plan`` against ``side`` once; always stop every process it started."""
+async def play_throughput(side: Side, spec: Throughput, *, log: Callable[[str], None] = print) -> ThroughputObservations:
+    """The throughput section against ``side``, whose machines are ready and idle."""
+    submitted: dict[str, float] = {}
+    t = time.time()
+    for i in range(spec.warmup + spec.samples):
+        key = f"d{i:05d}"
+        submitted[key] = time.time()
+        await asyncio.wait_for(side.run_noop(key), 60)
+    log(f"  dispatch: {spec.warmup} + {spec.samples} empty runs one at a time, {time.time() - t:.1f} s; "
+        f"a backlog of {spec.backlog} …")
+    keys = [f"b{i:05d}" for i in range(spec.backlog)]
+    t0 = time.time()
+    await side.submit_noops(keys)
+    t1 = time.time()
+    total = len(submitted) + len(keys)
+    done = await side.noops_done()
+    while done < total and time.time() < t1 + spec.timeout:
+        await asyncio.sleep(0.05)
+        done = await side.noops_done()
+    # a worker may note its end a moment before the system stores its own stamp
+    finished = await side.noop_finishes(keys)
+    for _ in range(100):
+        if len(finished) >= done - len(submitted):
+            break
+        await asyncio.sleep(0.1)
+        finished = await side.noop_finishes(keys)
+    starts = await side.noop_starts()
+    log(f"  backlog: submitted in {t1 - t0:.1f} s, {len(finished)} finished after {time.time() - t0:.1f} s")
+    side.end_throughput()
+    return ThroughputObservations(
+        single_path=side.single_path, batch_path=side.batch_path, warmup=spec.warmup,
+        dispatch_submitted=submitted, dispatch_started={k: starts[k] for k in submitted if k in starts},
+        backlog_keys=keys, submit_started=t0, submit_ended=t1,
+        backlog_started={k: starts[k] for k in keys if k in starts}, backlog_finished=finished,
+        drained=done >= total,
+    )
+
+
+async def drive(side: Side, plan: Plan, *, log: Callable[[str], None] = print,
+                throughput: Throughput | None = None, failover: bool = True) -> Observations:
+    """Play the throughput section (if asked) then ``plan`` against ``side`` once; always stop
+    every process it started. Without ``failover`` the plan is not played (no runs, no kills)."""
     machines = Machines(side.workdir / "logs", side.machine_command)
     try:
         await side.setup()
@@ -420,9 +569,15 @@ async def drive(side: Side, plan: Plan, *, log: Callable[[str], None] = print) -
         ready_s = time.time() - t_start
         if machines.exited():
             raise RuntimeError(f"{side.name}: machine processes exited: {machines.exited()} (see {machines.logs})")
-        log(f"  {plan.machines} machines ready after {ready_s:.1f} s; playing {len(plan.jobs)} runs, "
-            f"{len(plan.kills)} kills …")
+        log(f"  {plan.machines} machines ready after {ready_s:.1f} s")
         await asyncio.sleep(1.0)  # let start-up work (imports, first heartbeats) settle
+        tput = None
+        if throughput is not None:
+            tput = await play_throughput(side, throughput, log=log)
+            await asyncio.sleep(1.0)
+        if not failover:
+            plan = dataclasses.replace(plan, jobs=(), kills=(), drain=0.0)
+        log(f"  playing {len(plan.jobs)} runs, {len(plan.kills)} kills …")
         t0 = time.time() + 0.1
         submitted: dict[str, float] = {}
         seconds = plan.seconds_of()
@@ -485,7 +640,7 @@ async def drive(side: Side, plan: Plan, *, log: Callable[[str], None] = print) -
         return Observations(
             system=side.name, t0=t0, submitted=submitted, outcomes=outcomes, starts=starts,
             effects=effects(side.backend_path), kills=kills, finished_at=finished_at, all_final=all_final,
-            ready_s=ready_s, versions=side.versions(), settings=side.settings(),
+            ready_s=ready_s, versions=side.versions(), settings=side.settings(), throughput=tput,
         )
     finally:
         machines.stop_all()
@@ -598,4 +753,37 @@ def measure(obs: Observations, plan: Plan) -> dict[str, Any]:
         "all_final": obs.all_final,
         "done_after_s": obs.finished_at - obs.t0,
         "last_start_s": (max(ok_ends) - obs.t0) if ok_ends else None,
+    }
+
+
+def measure_throughput(t: ThroughputObservations) -> dict[str, Any]:
+    """The throughput section's figures for one system: dispatch latency over the samples
+    after the warm-up, and the backlog's drain rate — runs finished ÷ (the system's last
+    "finished" stamp - the first submit call), so a slow submit path counts against it —
+    beside its rate between 10 % and 90 % of the finishes (free of ramp-up and tail) and the
+    submit rate alone."""
+    keys = list(t.dispatch_submitted)[t.warmup:]
+    dispatch = [max(0.0, t.dispatch_started[k] - t.dispatch_submitted[k]) for k in keys if k in t.dispatch_started]
+    finishes = sorted(t.backlog_finished[k] for k in t.backlog_keys if k in t.backlog_finished)
+    n = len(finishes)
+    span = finishes[-1] - t.submit_started if finishes else math.nan
+    lo, hi = n // 10, (9 * n) // 10  # the finishes between these places: (hi - lo) runs
+    steady = (hi - lo) / (finishes[hi] - finishes[lo]) if n >= 10 and finishes[hi] > finishes[lo] else math.nan
+    submit_s = t.submit_ended - t.submit_started
+    return {
+        "single_path": t.single_path, "batch_path": t.batch_path,
+        "dispatch_ms": {
+            "p50": 1000 * statistics.median(dispatch) if dispatch else math.nan,
+            "p90": 1000 * pct(dispatch, 90), "p99": 1000 * pct(dispatch, 99),
+            "max": 1000 * max(dispatch) if dispatch else math.nan, "n": len(dispatch),
+        },
+        "dispatch_s": dispatch,
+        "backlog": {
+            "runs": len(t.backlog_keys), "finished": n, "drained": t.drained,
+            "submit_s": submit_s, "submit_per_s": len(t.backlog_keys) / submit_s if submit_s > 0 else math.nan,
+            "drain_s": span, "runs_per_s": n / span if n and span > 0 else math.nan,
+            "steady_runs_per_s": steady,
+        },
+        # for the plot: seconds after the first submit call at which each run finished
+        "finished_after_s": [f - t.submit_started for f in finishes],
     }

@@ -147,6 +147,9 @@ def show(result: dict[str, Any]) -> None:
     for name, r in result["systems"].items():
         v = ", ".join(f"{a} {b}" for a, b in r["versions"].items())
         console.print(f"[bold]{name}[/]: {v}; machines ready after {r['ready_s']:.1f} s", highlight=False)
+        if r["settings"].get("harness reconnects to PostgreSQL (server restarted under the run)"):
+            console.print(f"[bold red]{name}: PostgreSQL was restarted during the run[/] (by someone else): "
+                          "its figures are not comparable", highlight=False)
     console.print(f"load average: before {result['loadavg_before']}, after {result['loadavg_after']} "
                   f"({result['cpus']} cpus)", highlight=False)
 

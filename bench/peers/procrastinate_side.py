@@ -137,6 +137,8 @@ class ProcrastinateSide(Side):
         self._maintenance_log: Any = None
         self._keys: set[str] = set()
         self._conn: psycopg.AsyncConnection[Any] | None = None  # the harness's own, for reading
+        self.harness_reconnects = 0  # PostgreSQL went away under the harness (restarted by someone else)
+        self.last_reconnect_cause = ""
 
     async def setup(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +257,21 @@ class ProcrastinateSide(Side):
 
     async def _query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         assert self._conn is not None
-        cur = await self._conn.execute(sql, params or None)
+        try:
+            cur = await self._conn.execute(sql, params or None)
+        except psycopg.OperationalError as exc:
+            # The PostgreSQL server is shared: someone else's test may restart it under us.
+            # Read on with a new connection, and say so in the result (settings).
+            self.harness_reconnects += 1
+            self.last_reconnect_cause = repr(exc)
+            await self._conn.close()
+            for _ in range(120):
+                try:
+                    self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                    break
+                except psycopg.OperationalError:
+                    await asyncio.sleep(0.5)
+            cur = await self._conn.execute(sql, params or None)
         return list(await cur.fetchall())
 
     def versions(self) -> dict[str, str]:
@@ -268,7 +284,9 @@ class ProcrastinateSide(Side):
         return {"concurrency": 1, "listen_notify": True, "update_heartbeat_interval_s": 10.0,
                 "stalled_worker_timeout_s": 30.0, "get_stalled_jobs.seconds_since_heartbeat_s": 30,
                 "retry_stalled_jobs every_s": self.retry_every,
-                "retry_stalled_jobs worker": "its own process on queue 'maintenance'"}
+                "retry_stalled_jobs worker": "its own process on queue 'maintenance'",
+                "harness reconnects to PostgreSQL (server restarted under the run)": self.harness_reconnects,
+                "last reconnect cause": self.last_reconnect_cause}
 
 
 if __name__ == "__main__":

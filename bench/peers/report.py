@@ -192,7 +192,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     systems = list(result["systems"])
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
@@ -240,6 +240,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 t3.text(v, y, f" {v:.2f}x", va="center", fontsize=8)
     t3.axvline(1.0, color="black", lw=1)
     t3.set_xscale("log")
+    t3.xaxis.set_major_locator(FixedLocator([0.1, 0.25, 0.5, 1, 2, 4, 10]))
     t3.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     t3.xaxis.set_minor_formatter(NullFormatter())
     t3.set_yticks(range(len(MEASURES)), names, fontsize=8)

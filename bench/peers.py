@@ -1,14 +1,34 @@
 """Side by side: deskfleet, Celery (Redis) and Procrastinate (PostgreSQL) — the same runs, the
-same simulated machines, the same kills, in one invocation.
+same simulated machines, the same kills, in one invocation; every figure also as a ratio to
+deskfleet's, which is what holds from one machine to another.
 
     .venv/bin/pip install -e '.[bench]'            # Celery with Redis, Procrastinate
-    .venv/bin/python bench/peers.py                 # 16 machines, 400 runs, 4 kills: ~3.5 minutes
-    .venv/bin/python bench/peers.py --quick         # 6 machines, 40 runs, 2 kills: ~1.5 minutes
-    .venv/bin/python bench/peers.py --only celery --quick --workdir /tmp/peers   # keep the logs
+    .venv/bin/python bench/peers.py                 # 16 machines; 200 + a backlog of 3,000; 400 runs, 4 kills: ~6.5 min
+    .venv/bin/python bench/peers.py --quick         # 6 machines; 30 + a backlog of 600; 40 runs, 2 kills: ~2.5-3 min
+    .venv/bin/python bench/peers.py --sections throughput --only deskfleet,celery --workdir /tmp/peers  # keep the logs
 
 Needs Redis at 127.0.0.1:6379 and PostgreSQL at 127.0.0.1:5432 (user postgres, trust
-auth; a database is created per run and dropped after). Results: a table, then
-``bench/results/peers-<stamp>.json`` and ``…-<stamp>.png``.
+auth; a database is created per run and dropped after). Results: tables (throughput,
+failover, ratios), then ``bench/results/peers-<stamp>.json`` and ``…-<stamp>.png``; the
+JSON records the command, the load average before and after, and the ratios. (Times above
+on the shared 2-core machine at a load average of 10-14; less on a quiet one.)
+
+Each system gets fresh machines, then two sections on them:
+
+**Throughput** (first, on the idle machines): empty runs — deskfleet's ``sim.noop``, which
+reports one step and returns its input; the peers run the same automation through the same
+SDK ``Context`` (``PeerMachine.noop``). First ``warmup`` + ``samples`` runs one at a time,
+each submitted once the previous one finished, so the pool is idle at every submit:
+**dispatch latency** = the submit call → the run started on a machine (deskfleet: its
+``running`` event; peers: the task body's first line). Then a **backlog** submitted at once
+by each system's fair best path — deskfleet ``AsyncClient.submit_many`` (``POST
+/v1/runs:batch``, 1,000 a request), Celery ``send_task`` on one producer (3x faster than
+``group().apply_async()`` here), Procrastinate ``batch_defer_async`` (one ``INSERT`` of 1,000)
+— and the **drain rate** = runs ÷ (the last run finished, by the system's own stamp - the
+first submit call): a slow submit path counts against its system, as it would for a user.
+The single paths and the stamps are in each side's docstring.
+
+**Failover** (then, on the same machines): the plan below.
 
 **The workload** (one seeded plan for all three systems): N runs of the automation
 ``sim.work`` (deskfleet's own, in ``deskfleet.sim.automations``): it sleeps half its time,
@@ -25,7 +45,7 @@ SIGKILLed — alternately one in the first half of its run (nothing done yet) an
 second half (the effect happened but was never reported) — and a replacement machine (a
 new process, a new name) starts one second later, so capacity comes back at once.
 
-**The measures**, per system:
+**The failover measures**, per system:
 
 - queue wait p50 / p99: submit (before the call) → the work started on a machine (deskfleet:
   its ``running`` event; peers: the first line of the task body; same host clock);

@@ -168,3 +168,45 @@ def test_the_quick_heartbeat_reads_what_the_model_reads_or_declines(data):
         return  # declined: the model decides (and explains) instead
     # Whatever the quick path accepts, the model accepts too, with the same values.
     assert quick == Beat.of(HeartbeatMsg.model_validate(data))
+
+
+async def test_heartbeats_are_taken_where_parsed_but_never_ahead_of_a_message_in_hand(live_server):
+    """On uvicorn, a beat is read in the protocol's callback when the connection's task is
+    idle (no task wake-up per beat); one that arrives while an earlier message of the same
+    agent is being handled waits its turn in the queue, as every message did before."""
+    key = await enrol(live_server, "inl-1")
+    ws = await connect(live_server, "inl-1", key, [AutomationAd(name="t.job", required_state="any", idempotent=True)])
+    hub = live_server.orch.hub
+    runner = live_server.orch.db
+    real_write = runner.write
+
+    async def slow_start(fn, *args, **kwargs):
+        if getattr(fn, "__name__", "") == "attempt_start":
+            await asyncio.sleep(0.5)  # the Start in hand while the beat behind it arrives
+        return await real_write(fn, *args, **kwargs)
+
+    async def next_frame(kind: str) -> dict:
+        while True:
+            msg = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+            if msg["type"] == kind:
+                return msg
+
+    try:
+        for seq in (1, 2, 3, 4):
+            await ws.send(orjson.dumps(HeartbeatMsg(seq=seq).model_dump(mode="json")))
+            assert await next_frame("heartbeat_ack") == {"type": "heartbeat_ack", "seq": seq}
+        assert hub.beats_inline >= 3  # the first may come while the hello is still in hand
+        async with AsyncClient(live_server.url) as c:
+            await c.submit("t.job", {})
+            assign = await next_frame("assign")
+        inline_before = hub.beats_inline
+        runner.write = slow_start
+        await ws.send(orjson.dumps(Start(id=1, attempt_id=assign["attempt_id"]).model_dump(mode="json")))
+        await ws.send(orjson.dumps(HeartbeatMsg(seq=5, attempt_id=assign["attempt_id"]).model_dump(mode="json")))
+        assert (await next_frame("reply"))["ok"] is True
+        assert await next_frame("heartbeat_ack") == {"type": "heartbeat_ack", "seq": 5}
+        assert hub.beats_inline == inline_before  # it went through the queue, after the Start
+        assert live_server.view().get_attempt(assign["attempt_id"]).phase.value == "running"
+    finally:
+        runner.write = real_write
+        await ws.close()

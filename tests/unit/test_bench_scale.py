@@ -16,8 +16,10 @@ from scale import (
     cpu_at,
     dist,
     drain_figures,
+    drain_rate,
     epoch,
     failover_figures,
+    fleet_goals,
     log_problems,
     machine_name,
     split,
@@ -176,3 +178,28 @@ def test_log_problems_counts_alike_lines_together(tmp_path: Path) -> None:
     assert p["by_level"] == {"WARNING": 2, "ERROR": 1} and p["tracebacks"] == 1
     assert p["top"][0] == {"count": 2, "message": "WARNING deskfleet.fleet.manager: lease expired: attempt lost → run queued"}
     assert p["top"][1]["message"] == "ERROR deskfleet.agent.runtime: assigned attempt # while busy with #; refusing"
+
+
+def _size(machines: int, cpu_pct: float, p99: float | None, after: float | None, steady: float) -> dict[str, Any]:
+    return {"machines": machines, "idle": {"server": {"cpu_pct": cpu_pct}}, "dispatch_ms": {"p99": p99},
+            "saturation": {"after_uncordon_runs_per_s": after, "steady_runs_per_s": steady}}
+
+
+def test_the_drain_rate_is_the_fleets_own_once_released_else_the_steady_one() -> None:
+    assert drain_rate({"after_uncordon_runs_per_s": 900.0, "steady_runs_per_s": 700.0}) == 900.0
+    assert drain_rate({"after_uncordon_runs_per_s": None, "steady_runs_per_s": 700.0}) == 700.0
+    assert drain_rate({"after_uncordon_runs_per_s": None, "steady_runs_per_s": math.nan}) is None
+
+
+def test_fleet_goals_judge_the_largest_fleet_against_the_smallest() -> None:
+    # listed in any order: the base is the smallest fleet, the goals are the largest's
+    met = fleet_goals([_size(10_000, 24.9, 25.0, 800.0, 500.0), _size(500, 3.0, 5.0, 1000.0, 900.0)])
+    assert [g["met"] for g in met] == [True, True, True]
+    assert all("10,000 machines" in g["goal"] for g in met) and "500 machines" in met[2]["goal"]
+    assert math.isclose(met[2]["value"], 0.8) and math.isclose(met[0]["value"], 0.249)
+    missed = fleet_goals([_size(500, 3.0, 5.0, None, 1000.0), _size(10_000, 25.0, 25.1, None, 799.0)])
+    assert [g["met"] for g in missed] == [False, False, False]
+    # no dispatch sample or no drain at all: not met, never an exception
+    empty = fleet_goals([_size(500, 3.0, None, None, math.nan), _size(10_000, 10.0, None, None, math.nan)])
+    assert [g["met"] for g in empty] == [True, False, False]
+    assert fleet_goals([]) == []

@@ -21,7 +21,8 @@ by ``AsyncClient.submit`` (``POST /v1/runs``) then ``AsyncClient.run(id, wait=â€
 finished; the backlog by ``AsyncClient.submit_many`` â€” ``POST /v1/runs:batch``, 1,000 runs a
 request, one request after the other, each run with ``queue_timeout`` one hour so that none
 times out in the queue. Started = the run's ``running`` event, finished = its ``succeeded``
-event (the server's own stamps).
+event (the server's own stamps). The server's CPU time over the backlog is noted too
+(``server_cpu_ms_per_run``): is the drain rate the server's limit or the agents'?
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ class DeskfleetSide(Side):
         wanted = set(keys)
         return {key: self._final_at[run] for run, key in self._noop_key_of.items()
                 if key in wanted and run in self._final_at}
+
+    def server_cpu(self) -> float | None:
+        return None if self.server is None else self.server.cpu()
 
     def end_throughput(self) -> None:
         self._early.clear()  # the empty runs' events that came before their submit returned

@@ -212,6 +212,10 @@ class Side(abc.ABC):
     async def noop_finishes(self, keys: list[str]) -> dict[str, float]:
         """key → when the system itself recorded the empty run finished (its own stamp)."""
 
+    def server_cpu(self) -> float | None:
+        """CPU seconds the system's server process has used so far, where it has one of its own."""
+        return None
+
     def end_throughput(self) -> None:  # noqa: B027 (a hook most sides need not fill)
         """The throughput section is over: forget what only it needed."""
 
@@ -497,6 +501,7 @@ class ThroughputObservations:
     backlog_started: dict[str, float]
     backlog_finished: dict[str, float]  # the system's own "finished" stamp
     drained: bool
+    server_cpu_s: float | None = None  # the server's CPU while the backlog was submitted and drained
 
 
 @dataclass(slots=True)
@@ -527,6 +532,7 @@ async def play_throughput(side: Side, spec: Throughput, *, log: Callable[[str], 
     log(f"  dispatch: {spec.warmup} + {spec.samples} empty runs one at a time, {time.time() - t:.1f} s; "
         f"a backlog of {spec.backlog} …")
     keys = [f"b{i:05d}" for i in range(spec.backlog)]
+    cpu0 = side.server_cpu()
     t0 = time.time()
     await side.submit_noops(keys)
     t1 = time.time()
@@ -535,6 +541,7 @@ async def play_throughput(side: Side, spec: Throughput, *, log: Callable[[str], 
     while done < total and time.time() < t1 + spec.timeout:
         await asyncio.sleep(0.05)
         done = await side.noops_done()
+    cpu1 = side.server_cpu()
     # a worker may note its end a moment before the system stores its own stamp
     finished = await side.noop_finishes(keys)
     for _ in range(100):
@@ -550,7 +557,7 @@ async def play_throughput(side: Side, spec: Throughput, *, log: Callable[[str], 
         dispatch_submitted=submitted, dispatch_started={k: starts[k] for k in submitted if k in starts},
         backlog_keys=keys, submit_started=t0, submit_ended=t1,
         backlog_started={k: starts[k] for k in keys if k in starts}, backlog_finished=finished,
-        drained=done >= total,
+        drained=done >= total, server_cpu_s=None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
     )
 
 
@@ -783,6 +790,8 @@ def measure_throughput(t: ThroughputObservations) -> dict[str, Any]:
             "submit_s": submit_s, "submit_per_s": len(t.backlog_keys) / submit_s if submit_s > 0 else math.nan,
             "drain_s": span, "runs_per_s": n / span if n and span > 0 else math.nan,
             "steady_runs_per_s": steady,
+            "server_cpu_ms_per_run": None if t.server_cpu_s is None or not t.backlog_keys
+            else 1000 * t.server_cpu_s / len(t.backlog_keys),
         },
         # for the plot: seconds after the first submit call at which each run finished
         "finished_after_s": [f - t.submit_started for f in finishes],

@@ -26,7 +26,10 @@ by each system's fair best path — deskfleet ``AsyncClient.submit_many`` (``POS
 ``group().apply_async()`` here), Procrastinate ``batch_defer_async`` (one ``INSERT`` of 1,000)
 — and the **drain rate** = runs ÷ (the last run finished, by the system's own stamp - the
 first submit call): a slow submit path counts against its system, as it would for a user.
-The single paths and the stamps are in each side's docstring.
+The single paths and the stamps are in each side's docstring. Beside the rate: the CPU
+the machine processes used over the backlog, per run, for every system, and deskfleet's
+server's (the peers' Redis and PostgreSQL are shared servers, not measured) — what a run
+costs, which on a busy 2-core machine says more than the rate alone.
 
 **Failover** (then, on the same machines): the plan below.
 

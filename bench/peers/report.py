@@ -123,7 +123,7 @@ def throughput_table(result: dict[str, Any]) -> Table:
     """The throughput section: how each system was fed, and its figures."""
     t = Table(title="throughput: empty runs (sim.noop), same machines")
     for col in ("system", "dispatch p50 ms", "p90 ms", "p99 ms", "samples", "backlog", "submitted in s",
-                "submit runs/s", "drain runs/s", "steady runs/s", "server CPU ms/run"):
+                "submit runs/s", "drain runs/s", "steady runs/s", "machines' CPU ms/run", "server CPU ms/run"):
         t.add_column(col, justify="left" if col == "system" else "right")
     for name, r in result["systems"].items():
         tp = r.get("throughput")
@@ -134,7 +134,7 @@ def throughput_table(result: dict[str, Any]) -> Table:
         t.add_row(name, _num(value(d, ("p50",))), _num(value(d, ("p90",))), _num(value(d, ("p99",))), str(d["n"]),
                   str(b["runs"]), _num(value(b, ("submit_s",))), _num(value(b, ("submit_per_s",))),
                   _num(value(b, ("runs_per_s",))) + drained, _num(value(b, ("steady_runs_per_s",))),
-                  _num(value(b, ("server_cpu_ms_per_run",))))
+                  _num(value(b, ("machines_cpu_ms_per_run",))), _num(value(b, ("server_cpu_ms_per_run",))))
     return t
 
 

@@ -257,6 +257,21 @@ class Machines:
         """Machines whose process ended without being killed (a crash in the harness's set-up)."""
         return [n for n, p in self.procs.items() if n not in self.dead and p.poll() is not None]
 
+    def cpu(self) -> float:
+        """CPU seconds used so far by the machine processes alive now (user + system)."""
+        import psutil
+
+        total = 0.0
+        for name, proc in self.procs.items():
+            if name in self.dead or proc.poll() is not None:
+                continue
+            try:
+                t = psutil.Process(proc.pid).cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system
+        return total
+
     def stop_all(self) -> None:
         stop(list(self.procs.values()))
         for f in self._files:
@@ -502,6 +517,7 @@ class ThroughputObservations:
     backlog_finished: dict[str, float]  # the system's own "finished" stamp
     drained: bool
     server_cpu_s: float | None = None  # the server's CPU while the backlog was submitted and drained
+    machines_cpu_s: float | None = None  # the machine processes' CPU over the same time
 
 
 @dataclass(slots=True)
@@ -521,7 +537,8 @@ class Observations:
     throughput: ThroughputObservations | None = None
 
 
-async def play_throughput(side: Side, spec: Throughput, *, log: Callable[[str], None] = print) -> ThroughputObservations:
+async def play_throughput(side: Side, spec: Throughput, *, log: Callable[[str], None] = print,
+                          machines_cpu: Callable[[], float] | None = None) -> ThroughputObservations:
     """The throughput section against ``side``, whose machines are ready and idle."""
     submitted: dict[str, float] = {}
     t = time.time()
@@ -532,7 +549,7 @@ async def play_throughput(side: Side, spec: Throughput, *, log: Callable[[str], 
     log(f"  dispatch: {spec.warmup} + {spec.samples} empty runs one at a time, {time.time() - t:.1f} s; "
         f"a backlog of {spec.backlog} …")
     keys = [f"b{i:05d}" for i in range(spec.backlog)]
-    cpu0 = side.server_cpu()
+    cpu0, mcpu0 = side.server_cpu(), machines_cpu() if machines_cpu else None
     t0 = time.time()
     await side.submit_noops(keys)
     t1 = time.time()
@@ -541,7 +558,7 @@ async def play_throughput(side: Side, spec: Throughput, *, log: Callable[[str], 
     while done < total and time.time() < t1 + spec.timeout:
         await asyncio.sleep(0.05)
         done = await side.noops_done()
-    cpu1 = side.server_cpu()
+    cpu1, mcpu1 = side.server_cpu(), machines_cpu() if machines_cpu else None
     # a worker may note its end a moment before the system stores its own stamp
     finished = await side.noop_finishes(keys)
     for _ in range(100):
@@ -558,6 +575,7 @@ async def play_throughput(side: Side, spec: Throughput, *, log: Callable[[str], 
         backlog_keys=keys, submit_started=t0, submit_ended=t1,
         backlog_started={k: starts[k] for k in keys if k in starts}, backlog_finished=finished,
         drained=done >= total, server_cpu_s=None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+        machines_cpu_s=None if mcpu0 is None or mcpu1 is None else mcpu1 - mcpu0,
     )
 
 
@@ -580,7 +598,7 @@ async def drive(side: Side, plan: Plan, *, log: Callable[[str], None] = print,
         await asyncio.sleep(1.0)  # let start-up work (imports, first heartbeats) settle
         tput = None
         if throughput is not None:
-            tput = await play_throughput(side, throughput, log=log)
+            tput = await play_throughput(side, throughput, log=log, machines_cpu=machines.cpu)
             await asyncio.sleep(1.0)
         if not failover:
             plan = dataclasses.replace(plan, jobs=(), kills=(), drain=0.0)
@@ -792,6 +810,8 @@ def measure_throughput(t: ThroughputObservations) -> dict[str, Any]:
             "steady_runs_per_s": steady,
             "server_cpu_ms_per_run": None if t.server_cpu_s is None or not t.backlog_keys
             else 1000 * t.server_cpu_s / len(t.backlog_keys),
+            "machines_cpu_ms_per_run": None if t.machines_cpu_s is None or not t.backlog_keys
+            else 1000 * t.machines_cpu_s / len(t.backlog_keys),
         },
         # for the plot: seconds after the first submit call at which each run finished
         "finished_after_s": [f - t.submit_started for f in finishes],

@@ -105,6 +105,7 @@ def test_throughput_measures_from_observations() -> None:
         single_path="one", batch_path="many", warmup=2, dispatch_submitted=submitted, dispatch_started=started,
         backlog_keys=keys, submit_started=t0 + 100, submit_ended=t0 + 100.5,
         backlog_started={}, backlog_finished=finished, drained=False, server_cpu_s=1.5,
+        machines_cpu_s=3.0,
     )
     m = measure_throughput(obs)
     d = m["dispatch_ms"]
@@ -116,6 +117,7 @@ def test_throughput_measures_from_observations() -> None:
     assert round(b["drain_s"], 3) == 9.9 and round(b["runs_per_s"], 3) == 10.0  # 99 runs in 9.9 s
     assert round(b["steady_runs_per_s"], 1) == 10.0
     assert round(b["server_cpu_ms_per_run"], 3) == 15.0  # 1.5 s over 100 runs
+    assert round(b["machines_cpu_ms_per_run"], 3) == 30.0
     assert len(m["finished_after_s"]) == 99
 
 

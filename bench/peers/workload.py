@@ -6,7 +6,10 @@ exactly that plan on freshly started machines. :func:`drive` plays it against a
 :class:`Side` (one system's adapter): it starts one OS process per machine, submits the
 runs at their offsets, SIGKILLs a busy machine at each kill offset and starts a
 replacement a moment later, then waits for the system to finish everything (or for the
-drain period to run out) and hands the raw observations to :func:`measure`.
+drain period to run out) and hands the raw observations to :func:`measure`. Before the
+plan, if asked, :func:`play_throughput` feeds the same machines empty runs (``sim.noop``):
+one at a time for dispatch latency, then a backlog for the drain rate
+(:func:`measure_throughput`).
 
 Peer worker processes (Celery, Procrastinate) run :class:`PeerMachine`: one simulated
 desktop per process and the real ``sim.work`` automation, called through a
@@ -381,9 +384,10 @@ class NoopLog:
             time.sleep(self.every)
             with self._lock:
                 rows, self._rows = self._rows, []
-            if rows:
-                with db:
-                    db.executemany("INSERT INTO noops (key, machine, at, ended_at) VALUES (?, ?, ?, ?)", rows)
+            if rows:  # one transaction for them all (the connection is in autocommit mode)
+                db.execute("BEGIN")
+                db.executemany("INSERT INTO noops (key, machine, at, ended_at) VALUES (?, ?, ?, ?)", rows)
+                db.execute("COMMIT")
 
 
 def effects(backend_path: Path) -> dict[str, list[tuple[float, str]]]:

@@ -29,7 +29,8 @@ first submit call): a slow submit path counts against its system, as it would fo
 The single paths and the stamps are in each side's docstring. Beside the rate: the CPU
 the machine processes used over the backlog, per run, for every system, and deskfleet's
 server's (the peers' Redis and PostgreSQL are shared servers, not measured) — what a run
-costs, which on a busy 2-core machine says more than the rate alone.
+costs, which on a busy 2-core machine says more than the rate alone; and for deskfleet,
+from its events, where a backlog run's time went on its machine (``backlog_phases_ms``).
 
 **Failover** (then, on the same machines): the plan below.
 
@@ -161,6 +162,10 @@ def show(result: dict[str, Any]) -> None:
             if "throughput" in r:
                 console.print(f"  {name}: one at a time by {r['throughput']['single_path']}; "
                               f"the backlog by {r['throughput']['batch_path']}", highlight=False)
+                phases = r["throughput"].get("backlog_phases_ms")
+                if phases:
+                    console.print(f"  {name}, a backlog run on its machine, ms p50/p90: " + "; ".join(
+                        f"{k} {v['p50']:.1f}/{v['p90']:.1f}" for k, v in phases.items()), highlight=False)
     if result["plan"]["runs"]:
         for table in failover_tables(result):
             console.print(table)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import statistics
 import sys
 from datetime import datetime
 from importlib.metadata import version
@@ -38,7 +40,7 @@ from typing import Any
 import core  # bench/core.py: the Server helper
 
 from deskfleet.client import AsyncClient
-from peers.workload import FAILED, PENDING, SUCCEEDED, Busy, Job, Side, Start
+from peers.workload import FAILED, PENDING, SUCCEEDED, Busy, Job, Side, Start, pct
 
 _FINAL = {"succeeded": SUCCEEDED, "failed": FAILED, "timed_out": FAILED, "cancelled": FAILED}
 
@@ -64,6 +66,7 @@ class DeskfleetSide(Side):
         self._noop_key_of: dict[str, str] = {}  # run id → key, the throughput section's runs
         self._running_at: dict[str, float] = {}  # run id → its first running event, every run
         self._final_at: dict[str, float] = {}  # run id → its final state's event, every run
+        self._assigned: dict[str, tuple[float, str]] = {}  # run id → its first assignment: when, which machine
         self.poll_errors = 0
         self.last_poll_error = ""
 
@@ -129,6 +132,29 @@ class DeskfleetSide(Side):
         return {key: self._final_at[run] for run, key in self._noop_key_of.items()
                 if key in wanted and run in self._final_at}
 
+    def throughput_notes(self, keys: list[str]) -> dict[str, Any]:
+        """Where a backlog run's time went on its machine, from the server's events (ms, p50 and
+        p90): assigned → running (the assignment to the agent and its start handshake),
+        running → succeeded (the empty run, its progress step and its result), and succeeded →
+        the machine's next assignment (the scheduler's turn)."""
+        wanted = set(keys)
+        runs = [r for r, k in self._noop_key_of.items() if k in wanted and r in self._assigned
+                and r in self._running_at and r in self._final_at]
+        phases: dict[str, list[float]] = {"assigned → running": [], "running → succeeded": [],
+                                          "succeeded → next assigned, same machine": []}
+        by_machine: dict[str, list[tuple[float, float]]] = {}
+        for r in runs:
+            at, machine = self._assigned[r]
+            phases["assigned → running"].append(self._running_at[r] - at)
+            phases["running → succeeded"].append(self._final_at[r] - self._running_at[r])
+            by_machine.setdefault(machine, []).append((at, self._final_at[r]))
+        for spans in by_machine.values():
+            spans.sort()
+            phases["succeeded → next assigned, same machine"] += [b[0] - a[1] for a, b in itertools.pairwise(spans)]
+        return {"backlog_phases_ms": {
+            name: {"p50": 1000 * statistics.median(v), "p90": 1000 * pct(v, 90), "n": len(v)}
+            for name, v in phases.items() if v}}
+
     def server_cpu(self) -> float | None:
         return None if self.server is None else self.server.cpu()
 
@@ -193,7 +219,9 @@ class DeskfleetSide(Side):
         if run is None:
             return
         if e["kind"] == "run.state":
-            if e.get("to_state") == "running":
+            if e.get("to_state") == "assigned":
+                self._assigned.setdefault(run, (_epoch(e["at"]), e.get("machine") or ""))
+            elif e.get("to_state") == "running":
                 self._running_at.setdefault(run, _epoch(e["at"]))
             elif e.get("to_state") in _FINAL:
                 self._final_at.setdefault(run, _epoch(e["at"]))

@@ -219,6 +219,10 @@ class Side(abc.ABC):
         """CPU seconds the system's server process has used so far, where it has one of its own."""
         return None
 
+    def throughput_notes(self, keys: list[str]) -> dict[str, Any]:
+        """Anything more a side can tell about the backlog ``keys`` (kept in the JSON as is)."""
+        return {}
+
     def end_throughput(self) -> None:  # noqa: B027 (a hook most sides need not fill)
         """The throughput section is over: forget what only it needed."""
 
@@ -522,6 +526,7 @@ class ThroughputObservations:
     drained: bool
     server_cpu_s: float | None = None  # the server's CPU while the backlog was submitted and drained
     machines_cpu_s: float | None = None  # the machine processes' CPU over the same time
+    notes: dict[str, Any] = field(default_factory=dict)  # Side.throughput_notes
 
 
 @dataclass(slots=True)
@@ -571,6 +576,7 @@ async def play_throughput(side: Side, spec: Throughput, *, log: Callable[[str], 
         await asyncio.sleep(0.1)
         finished = await side.noop_finishes(keys)
     starts = await side.noop_starts()
+    notes = side.throughput_notes(keys)
     log(f"  backlog: submitted in {t1 - t0:.1f} s, {len(finished)} finished after {time.time() - t0:.1f} s")
     side.end_throughput()
     return ThroughputObservations(
@@ -579,7 +585,7 @@ async def play_throughput(side: Side, spec: Throughput, *, log: Callable[[str], 
         backlog_keys=keys, submit_started=t0, submit_ended=t1,
         backlog_started={k: starts[k] for k in keys if k in starts}, backlog_finished=finished,
         drained=done >= total, server_cpu_s=None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
-        machines_cpu_s=None if mcpu0 is None or mcpu1 is None else mcpu1 - mcpu0,
+        machines_cpu_s=None if mcpu0 is None or mcpu1 is None else mcpu1 - mcpu0, notes=notes,
     )
 
 
@@ -819,4 +825,5 @@ def measure_throughput(t: ThroughputObservations) -> dict[str, Any]:
         },
         # for the plot: seconds after the first submit call at which each run finished
         "finished_after_s": [f - t.submit_started for f in finishes],
+        **t.notes,
     }

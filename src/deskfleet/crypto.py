@@ -17,7 +17,7 @@ Request fingerprints for idempotency use HMAC with a key of their own (the *fing
 key*), so a stored fingerprint cannot be used to guess a low-entropy secret offline — and
 so that rotating the encryption key does not change them: an idempotency key sent again
 after a rotation still finds its run. The fingerprint key is kept in the database,
-encrypted like any secret (see ``Orchestrator.prepare``).
+encrypted like any secret (see ``services.keys.Keyring.prepare``).
 """
 
 from __future__ import annotations

@@ -66,10 +66,14 @@ LAYERS: dict[str, tuple[list[str], list[str]]] = {
     # pure rules: run transitions, matching runs to machines, the audit of the event log
     "rules": (["statemachine", "scheduler", "scheduler.*", "audit"], ["base"]),
     "store": (["store", "store.*"], ["rules"]),
-    # services the orchestrator wires together: agent hub, fleet loops, bus, vault, metrics
-    "services": (["fleet", "fleet.*", "vault", "metrics"], ["store"]),
-    # the composition root (and, for now, the runs and dispatch service)
+    # the server's parts: agent hub, fleet loops, bus between replicas, vault, metrics
+    "parts": (["fleet", "fleet.*", "vault", "metrics"], ["store"]),
+    # services, one job each: runs, dispatch, finals, machines and pools, catalogue, keys,
+    # hints between replicas (one another only through protocols: see the test below)
+    "services": (["services", "services.*"], ["parts"]),
+    # the composition root: builds the parts and the services and wires them
     "orchestrator": (["orchestrator"], ["services"]),
+    # routers per area, each handed the services it calls
     "api": (["api", "api.*"], ["orchestrator"]),
     # -- clients and the top -------------------------------------------------------------
     "client": (["client"], ["base"]),
@@ -142,8 +146,8 @@ def _imports_in(tree: ast.AST, module: str, is_package: bool, package: str,
             for child in node.orelse:
                 visit(child, typing_only)
         else:
-            for child in ast.iter_child_nodes(node):
-                visit(child, typing_only)
+            for inner in ast.iter_child_nodes(node):
+                visit(inner, typing_only)
 
     visit(tree, False)
     return found
@@ -303,6 +307,19 @@ def test_imports_follow_the_layers() -> None:
 
 def test_no_module_imports_its_own_package() -> None:
     found = own_package_imports(import_graph(SRC, "deskfleet"), "deskfleet")
+    assert not found, "\n".join(found)
+
+
+def test_services_know_one_another_through_protocols() -> None:
+    """A service calls another through a small protocol it declares, never by importing the
+    other's module; only the hints between replicas (``services.replicas``, which imports no
+    service) are shared by all. So the root builds them bottom up, and none is a hub."""
+    graph = import_graph(SRC, "deskfleet")
+    shared = "deskfleet.services.replicas"
+    found = [f"{imp} imports another service: declare a protocol for what it calls"
+             for module, imports in graph.items() if module.startswith("deskfleet.services.")
+             for imp in imports
+             if imp.target.startswith("deskfleet.services.") and (imp.target != shared or module == shared)]
     assert not found, "\n".join(found)
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.params import Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..errors import InvalidInput
 from ..models import AccountLease
-from ..orchestrator import Orchestrator
-from ..vault import AccountView, check_name, normalize_seed
+from ..vault import AccountView, Vault, check_name, normalize_seed
 from .schemas import NAME, ErrorOut, ts
 
 MAX_SESSIONS = 10_000
@@ -146,43 +146,44 @@ class AccountRemoved(BaseModel):
     leases_released: list[LeaseOut]
 
 
-def add_routes(app: FastAPI, orch: Orchestrator, client: Depends) -> None:
+def router(vault: Vault, client: Depends) -> APIRouter:
+    api = APIRouter()
     errors: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut}, 409: {"model": ErrorOut},
                                                422: {"model": ErrorOut}}
 
-    @app.put("/v1/accounts/{name}", response_model=AccountOut, status_code=201, dependencies=[client],
+    @api.put("/v1/accounts/{name}", response_model=AccountOut, status_code=201, dependencies=[client],
              responses={200: {"model": AccountOut, "description": "the account replaced"}, **errors},
              summary="Create or replace an account")
     async def put_account(name: str, body: AccountIn, response: Response) -> AccountOut:
         check_name(name)
-        view, created = await orch.vault.put(
+        view, created = await vault.put(
             name, app=body.app, username=body.username, password=body.password, totp_seed=body.totp_seed,
             labels=body.labels, max_sessions=body.max_sessions)
         if not created:
             response.status_code = 200
         return AccountOut.of(view)
 
-    @app.patch("/v1/accounts/{name}", response_model=AccountOut, dependencies=[client], responses=errors,
+    @api.patch("/v1/accounts/{name}", response_model=AccountOut, dependencies=[client], responses=errors,
                summary="Change some fields of an account")
     async def patch_account(name: str, body: AccountPatch) -> AccountOut:
-        from ..errors import InvalidInput
-
         try:
             changes = body.changes()
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
-        return AccountOut.of(await orch.vault.patch(name, changes))
+        return AccountOut.of(await vault.patch(name, changes))
 
-    @app.get("/v1/accounts", response_model=list[AccountOut], dependencies=[client], summary="The vault's accounts")
+    @api.get("/v1/accounts", response_model=list[AccountOut], dependencies=[client], summary="The vault's accounts")
     async def list_accounts(app_: Annotated[str | None, Query(alias="app")] = None) -> list[AccountOut]:
-        return [AccountOut.of(v) for v in await orch.vault.all() if app_ is None or v.account.app == app_]
+        return [AccountOut.of(v) for v in await vault.all() if app_ is None or v.account.app == app_]
 
-    @app.get("/v1/accounts/{name}", response_model=AccountOut, dependencies=[client], responses=errors)
+    @api.get("/v1/accounts/{name}", response_model=AccountOut, dependencies=[client], responses=errors)
     async def get_account(name: str) -> AccountOut:
-        return AccountOut.of(await orch.vault.get(name))
+        return AccountOut.of(await vault.get(name))
 
-    @app.delete("/v1/accounts/{name}", response_model=AccountRemoved, dependencies=[client], responses=errors,
+    @api.delete("/v1/accounts/{name}", response_model=AccountRemoved, dependencies=[client], responses=errors,
                 summary="Remove an account (409 while a machine holds a lease on it, unless force)")
     async def remove_account(name: str, force: bool = False) -> AccountRemoved:
-        released = await orch.vault.remove(name, force=force)
+        released = await vault.remove(name, force=force)
         return AccountRemoved(removed=name, leases_released=[LeaseOut.of(x) for x in released])
+
+    return api

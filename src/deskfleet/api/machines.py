@@ -1,0 +1,70 @@
+"""Machines, pools and automations in the HTTP API: ``/v1/machines`` (list, get, events;
+cordon, drain, uncordon), ``/v1/pools``, ``/v1/automations``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.params import Depends
+
+from ..errors import InvalidRequest, NotFound
+from ..models import MachineAdmin, Pool
+from ..services.catalog import Catalogue
+from ..services.machines import Machines
+from .schemas import AutomationOut, CordonIn, EventOut, MachineOut, PoolIn, PoolOut
+
+
+def router(machines: Machines, catalogue: Catalogue, client: Depends) -> APIRouter:
+    api = APIRouter()
+
+    @api.get("/v1/machines", response_model=list[MachineOut], dependencies=[client])
+    async def list_machines(pool: str | None = None) -> list[MachineOut]:
+        return [MachineOut.of(m) for m in await machines.machines(pool)]
+
+    @api.get("/v1/machines/{machine_id}", response_model=MachineOut, dependencies=[client])
+    async def get_machine(machine_id: str) -> MachineOut:
+        m = await machines.machine(machine_id)
+        if m is None:
+            raise NotFound(f"no machine {machine_id!r}")
+        return MachineOut.of(m)
+
+    @api.get("/v1/machines/{machine_id}/events", response_model=list[EventOut], dependencies=[client])
+    async def machine_events(machine_id: str, after: int = 0,
+                             limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[EventOut]:
+        return [EventOut.of(e) for e in await machines.events(machine_id, after_id=after, limit=limit)]
+
+    def _admin_route(action: str, admin: MachineAdmin) -> None:
+        async def handler(machine_id: str, body: CordonIn | None = None) -> MachineOut:
+            return MachineOut.of(await machines.set_admin(machine_id, admin, body.reason if body else ""))
+
+        handler.__name__ = f"{action}_machine"
+        api.post(f"/v1/machines/{{machine_id}}/{action}", response_model=MachineOut, dependencies=[client],
+                 summary=f"{action.capitalize()} a machine")(handler)
+
+    _admin_route("cordon", MachineAdmin.CORDONED)
+    _admin_route("drain", MachineAdmin.DRAINING)
+    _admin_route("uncordon", MachineAdmin.ACTIVE)
+
+    @api.get("/v1/pools", response_model=list[PoolOut], dependencies=[client])
+    async def list_pools() -> list[PoolOut]:
+        return [PoolOut.of(p) for p in await machines.pools()]
+
+    @api.get("/v1/pools/{name}", response_model=PoolOut, dependencies=[client])
+    async def get_pool(name: str) -> PoolOut:
+        p = await machines.pool(name)
+        if p is None:
+            raise NotFound(f"no pool {name!r}")
+        return PoolOut.of(p)
+
+    @api.put("/v1/pools/{name}", response_model=PoolOut, dependencies=[client])
+    async def put_pool(name: str, body: PoolIn) -> PoolOut:
+        if not name or len(name) > 128 or not (name[0].isalnum() and all(c.isalnum() or c in "._-" for c in name)):
+            raise InvalidRequest("pool names are letters, digits, '.', '_' and '-', starting with a letter or digit", field="name")
+        return PoolOut.of(await machines.put_pool(Pool(name=name, **body.model_dump())))
+
+    @api.get("/v1/automations", response_model=list[AutomationOut], dependencies=[client])
+    async def automations() -> list[AutomationOut]:
+        return [AutomationOut.of(s) for s in await catalogue.automations()]
+
+    return api

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deskfleet.client import AsyncClient
-from deskfleet.fleet.hub import Beat, heartbeat_ack, quick_heartbeat
+from deskfleet.fleet.hub import Beat, binary_frame, heartbeat_ack, quick_heartbeat
 from deskfleet.protocol import (
     AutomationAd,
     HeartbeatAck,
@@ -142,6 +142,14 @@ async def test_a_results_reply_reaches_the_agent_before_its_next_assignment(live
     finally:
         runner.write = real_write
         await ws.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_a_frame_written_straight_to_the_transport_is_websockets_own(size):
+    from websockets.frames import Frame, Opcode
+
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert binary_frame(data) == Frame(Opcode.BINARY, data).serialize(mask=False, extensions=[])
 
 
 def test_the_encoded_ack_is_the_models():

@@ -99,6 +99,17 @@ class _InlineQueue(asyncio.Queue):  # type: ignore[type-arg]
         super().put_nowait(item)
 
 
+def binary_frame(data: bytes) -> bytes:
+    """``data`` as one final, unmasked binary WebSocket frame (a server's frames are never
+    masked): what websockets writes, without a Frame object and a buffer to build it in."""
+    n = len(data)
+    if n < 126:
+        return b"\x82" + n.to_bytes(1, "big") + data
+    if n < 65536:
+        return b"\x82\x7e" + n.to_bytes(2, "big") + data
+    return b"\x82\x7f" + n.to_bytes(8, "big") + data
+
+
 def _uvicorn_protocol(receive: Receive) -> Any:
     """uvicorn's sans-I/O WebSocket protocol behind ``receive``, or None for any other server."""
     proto = getattr(receive, "__self__", None)
@@ -128,11 +139,11 @@ class AgentSocket:
         self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
         self.closed = False
         self._proto = _uvicorn_protocol(receive)
-        self._invalid_state: type[Exception] = RuntimeError
+        self._open: Any = None
         if self._proto is not None:
-            from websockets.exceptions import InvalidState
+            from websockets.protocol import State
 
-            self._invalid_state = InvalidState
+            self._open = State.OPEN
 
     def take_inline(self, handler: Callable[[Any], bool] | None) -> bool:
         """From now on, offer each message to ``handler`` (bytes or str) as its frame is parsed,
@@ -156,12 +167,10 @@ class AgentSocket:
             return None
         if p.close_sent or p.disconnected or not p.handshake_complete or not p.writable.is_set():
             return None
-        try:
-            p.conn.send_binary(data)
-        except self._invalid_state:
-            self.closed = True
-            return False
-        p.transport.write(b"".join(p.conn.data_to_send()))
+        ws = p.conn
+        if ws.state is not self._open or ws.extensions or ws.expect_continuation_frame or ws.writes:
+            return None  # closing, compressed or mid-message: websockets' own way
+        p.transport.write(binary_frame(data))
         return True
 
     async def accept(self) -> None:

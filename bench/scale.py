@@ -199,6 +199,23 @@ def snapshot_code(dest: Path) -> dict[str, Any]:
     return module.snapshot_code(dest)  # type: ignore[no-any-return]
 
 
+def snapshot_ref(dest: Path, ref: str) -> dict[str, Any]:
+    """``src/deskfleet`` as committed at ``ref`` (``git archive``), first on every child's
+    ``PYTHONPATH`` and this process's ``sys.path``: a committed version, without whatever the
+    work tree holds that is not committed yet."""
+    import subprocess
+
+    root = BENCH.parent
+    commit = subprocess.run(["git", "rev-parse", ref], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", commit, "src/deskfleet"], cwd=root, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "--strip-components=1", "-C", str(dest)], input=archive, check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(dest), os.environ.get("PYTHONPATH")) if p)
+    sys.path.insert(0, str(dest))
+    return {"snapshot": str(dest), "git_ref": ref, "git_commit": commit}
+
+
 class Reaper:
     """Every server and agent process this script starts, so that a failure anywhere (or
     Ctrl-C, or SIGTERM) still stops them all: each scenario stops its own in ``finally``,
@@ -1477,7 +1494,7 @@ def defaults(scenario: str, args: argparse.Namespace) -> argparse.Namespace:
                   "drain_timeout": 1800.0},
         "fleet10k": {"machines": "200,2000" if q else "500,10000", "per_agent": 2500, "idle": 10.0 if q else 30.0,
                      "base_window": 3.0 if q else 10.0, "settle": 3.0 if q else 10.0, "warmup": 10 if q else 20,
-                     "samples": 50 if q else 300, "backlog": 4000 if q else 0, "connect_timeout": 1200.0,
+                     "samples": 50 if q else 300, "backlog": 4000 if q else 30000, "connect_timeout": 1800.0,
                      "drain_timeout": 1800.0, "hold": "none"},
         "failover": {"machines": 8 if q else 24, "kills": 6 if q else 100, "wave": 3 if q else 6,
                      "run_seconds": 30.0 if q else 60.0, "restart_pause": 1.0, "recovery_timeout": 60.0,
@@ -1498,6 +1515,8 @@ def parser() -> argparse.ArgumentParser:
                         help="keep every log and database here (default: a temporary directory, removed)")
     common.add_argument("--live-code", action="store_true",
                         help="run the work tree's src/deskfleet as it is, not a snapshot taken at the start")
+    common.add_argument("--code-ref", default=None,
+                        help="run src/deskfleet as committed at this git ref (e.g. HEAD), not the work tree's")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="scenario", required=True)
     f = sub.add_parser("fleet", parents=[common], help="1,000 and 5,000 machines on one orchestrator")
@@ -1514,7 +1533,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--idle", type=float, default=None, help="idle measuring window, s (default 30; quick 10)")
     k.add_argument("--samples", type=int, default=None, help="dispatch samples after warm-up (default 300; quick 50)")
     k.add_argument("--backlog", type=int, default=None,
-                   help="no-op runs drained at saturation (default 8 per machine, at least 15000; quick 4000)")
+                   help="no-op runs drained at saturation, the same for each size (default 30000; quick 4000)")
     k.add_argument("--hold", choices=["none", "cordon"], default=None,
                    help="the backlog: submitted while every machine drains it (default), or behind "
                         "cordoned machines, then uncordoned one request at a time (as fleet)")
@@ -1550,7 +1569,8 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         tmp = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="deskfleet-scale-")))
         tmp.mkdir(parents=True, exist_ok=True)
-        code = None if args.live_code else snapshot_code(tmp / "code")
+        code = (snapshot_ref(tmp / "code", args.code_ref) if args.code_ref
+                else None if args.live_code else snapshot_code(tmp / "code"))
         try:
             for scenario in scenarios:
                 a = defaults(scenario, args)

@@ -264,6 +264,21 @@ def test_test_prints_the_table_and_fails_on_false_ready(shots: Path, model: Path
     refused(deskfleet("model", "test", "bare", cwd=shots), "no screenshots saved with bare")
 
 
+def test_test_in_worker_processes_gives_the_same_report(shots: Path, model: Path) -> None:
+    labels = shots / "labels.csv"
+    labels.write_text("image,state\n" + "login.png,login\nhome.png,home\nhome_dialog.png,dialog\n"
+                      "both.png,unknown\nbig.png,home\nhome.png,login\n" * 3)
+    one = deskfleet("model", "test", "m", labels, "--json", cwd=shots)
+    three = deskfleet("model", "test", "m", labels, "--json", "--jobs", "3", cwd=shots)
+    assert one.code == three.code == 1, (one.err, three.err)  # the three false ready, either way
+    a, b = json.loads(one.out), json.loads(three.out)
+    for report in (a, b):
+        report.pop("classify_ms")
+    assert a == b and a["screens"] == 18 and a["false_ready"] == 3
+    assert [w["image"] for w in b["wrong"]] == ["big.png", "home.png"] * 3  # in the CSV's order
+    refused(deskfleet("model", "test", "m", labels, "--jobs", "-1", cwd=shots), "--jobs", code=2)
+
+
 def test_a_broken_model_is_one_line_naming_the_file(shots: Path, model: Path) -> None:
     (model / "model.json").write_text((model / "model.json").read_text().replace('"ready": true,', '"ready": true'))
     for command in (["classify", "m", "home.png"], ["test", "m"], ["remove", "--dir", "m", "home"],

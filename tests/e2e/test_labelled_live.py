@@ -28,7 +28,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
         pytest.fail("keepassxc is not installed (./dev test installs it)")
     labels = live.build(tmp_path_factory.mktemp("live"))
     done = subprocess.run([sys.executable, "-m", "deskfleet", "model", "test", str(live.PACK / "model"),
-                           str(labels), "--json"], capture_output=True, text=True, timeout=300)
+                           str(labels), "--json", "--jobs", "0"], capture_output=True, text=True, timeout=300)
     assert done.returncode in (0, 1), done.stderr
     return json.loads(done.stdout)
 

@@ -28,6 +28,8 @@ import csv
 import io
 import json
 import sys
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +104,16 @@ def build(out: Path, *, seed: int = 0, model: Path = MODEL) -> Path:
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, str, str]] = []
 
+    written: Counter[tuple[str, str]] = Counter()
+    saving = ThreadPoolExecutor(4)  # PNG encoding lets go of the GIL: the set is written on both cores
+    saved: list[Future[None]] = []
+
     def write(group: str, label: str, frame: np.ndarray, facts: dict) -> None:
         folder = out / group / label
         folder.mkdir(parents=True, exist_ok=True)
-        n = len(list(folder.glob("*.png"))) + 1
-        Image.fromarray(frame).save(folder / f"{n}.png", compress_level=1)
+        written[group, label] += 1
+        n = written[group, label]
+        saved.append(saving.submit(Image.fromarray(frame).save, folder / f"{n}.png", compress_level=1))
         (folder / f"{n}.json").write_text(json.dumps(facts))
         rows.append((f"{group}/{label}/{n}.png", label, group))
 
@@ -132,6 +139,9 @@ def build(out: Path, *, seed: int = 0, model: Path = MODEL) -> Path:
                                                                           (rect[0] + 300, rect[1] + 200, *rect[2:]),
                                                                           OTHER)]))
             write("frozen", "unresponsive", frame, _facts((0, 0), responsive=False))
+    for f in saved:
+        f.result()  # a screenshot that could not be written fails the build
+    saving.shutdown()
     return write_labels(out, rows)
 
 

@@ -31,7 +31,7 @@ def labels(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_model_test_on_the_labelled_set_has_no_false_ready_and_every_rendering_right(labels: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "deskfleet", "model", "test", str(labelled.MODEL), str(labels),
-                           "--json", "--min-accuracy", "0.99"], capture_output=True, text=True, timeout=300)
+                           "--json", "--min-accuracy", "0.99", "--jobs", "0"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["false_ready"] == 0

@@ -426,7 +426,9 @@ def _report_text(report: Report, source: str) -> None:
 @opt("--min-accuracy", default=None, type=click.FloatRange(0, 1),
      help="fail below this overall accuracy (a fraction: 0.95)")
 @opt("--json", "as_json", is_flag=True, default=False, help="one JSON document for machines")
-def model_test(model_dir: Path, labels: Path | None, min_accuracy: float | None, as_json: bool) -> None:
+@opt("--jobs", "-j", default=1, type=click.IntRange(0), show_default=True,
+     help="worker processes to classify in (0: one per core); the report is the same")
+def model_test(model_dir: Path, labels: Path | None, min_accuracy: float | None, as_json: bool, jobs: int) -> None:
     """Measure MODEL on labelled screenshots: per-state accuracy, the confusion matrix and
     the false ready count (a screen taken for a ready state it is not).
 
@@ -435,7 +437,7 @@ def model_test(model_dir: Path, labels: Path | None, min_accuracy: float | None,
     screenshots saved with the model (MODEL/screens/STATE/N.png) are used. Exits 1 on any
     false ready, and below --min-accuracy."""
     from ..vision import TemplateLibrary
-    from ..vision.screens import check_labels, evaluate, read_labels, saved_screens
+    from ..vision.screens import check_labels, measure, read_labels, saved_screens
 
     library = TemplateLibrary.load(model_dir)
     if labels is not None:
@@ -446,9 +448,7 @@ def model_test(model_dir: Path, labels: Path | None, min_accuracy: float | None,
             raise ConfigError(f"no screenshots saved with {model_dir} (screens/STATE/N.png): give LABELS.csv, "
                               "or save some with 'deskfleet model add-screen'")
     check_labels(items, library.state_names, source)
-    classifier = library.classifier()
-    _warm_ocr(classifier)
-    report = evaluate(classifier, [(item, item.frame()) for item in items], window=library.window)
+    report = measure(model_dir, items, jobs=jobs or os.cpu_count() or 1)
     if as_json:
         click.echo(json.dumps({"model": str(model_dir), "labels": source, **report.to_dict()}, indent=2))
     else:

@@ -31,7 +31,14 @@ from PIL import Image
 from ..desktop.base import Frame, Placement, Region, WindowFacts
 from ..errors import ConfigError
 from .classifier import COVERED, UNKNOWN, WRONG_SCREEN, Classifier, Explanation
-from .templates import NAME, ModelSource, decode_image, model_root, write_atomically
+from .templates import (
+    NAME,
+    ModelSource,
+    TemplateLibrary,
+    decode_image,
+    model_root,
+    write_atomically,
+)
 
 SCREENS = "screens"
 #: a ready screen of an application that does not answer the window system's ping: what
@@ -305,3 +312,35 @@ def evaluate(classifier: Classifier, items: Iterable[tuple[Labelled, Frame]], *,
         state = UNRESPONSIVE if seen.state in ready and responsive is False else seen.state
         report.outcomes.append(Outcome(item, seen, state in ready and state != item.label, state))
     return report
+
+
+def measure(model: ModelSource, items: Sequence[Labelled], *, jobs: int = 1) -> Report:
+    """Load ``model`` and :func:`evaluate` it on ``items``, reading each screenshot only when
+    it is classified (a set of a thousand 1080p screens would not fit in memory at once).
+
+    ``jobs`` > 1 spreads the screens over that many worker processes, each with its own copy
+    of the model (recognition is CPU work, and one process uses one core); the report is the
+    same, in the same order, as with one. Workers are started afresh (``spawn``), never forked
+    from a process that may already hold OCR threads."""
+    if jobs <= 1 or len(items) < 2 * jobs:
+        return _measure_part(model, items)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    parts = [list(items[i::jobs]) for i in range(jobs)]  # interleaved: each worker gets every look
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        reports = list(pool.map(_measure_part, [model] * jobs, parts))
+    merged = Report(reports[0].states, reports[0].ready)
+    for i in range(len(items)):
+        merged.outcomes.append(reports[i % jobs].outcomes[i // jobs])
+    return merged
+
+
+def _measure_part(model: ModelSource, items: Sequence[Labelled]) -> Report:
+    library = TemplateLibrary.load(model)
+    classifier = library.classifier()
+    if any(getattr(c, "kind", "") == "text" for s in classifier.states for c in s.checks):
+        from .ocr import shared_engine
+
+        shared_engine()  # tesseract's engine made before anything is timed, as an agent does
+    return evaluate(classifier, ((item, item.frame()) for item in items), window=library.window)

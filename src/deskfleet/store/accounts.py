@@ -231,6 +231,7 @@ class AccountOps:
         released: list[AccountLease] = []
         if not todo:
             return released
+        todo.sort(key=lambda t: t[0].machine_id)  # machines locked in the order heartbeats take them
         with self._tx() as conn:
             for lease, settle_at, what in todo:
                 if what != "machine_silent":

@@ -34,7 +34,7 @@ class Driver:
         self.returning = dialect.name == "postgresql"  # the new row's id from RETURNING, not lastrowid
         self._compiled: dict[str, Compiled] = {}
         self._updates: dict[tuple[str, tuple[str, ...], tuple[str, ...]], TextClause] = {}
-        self._inserts: dict[tuple[str, tuple[str, ...], bool], TextClause] = {}
+        self._inserts: dict[tuple[str, tuple[str, ...], bool, bool], TextClause] = {}
 
     # -- statements ------------------------------------------------------------------------
     def compiled(self, stmt: TextClause) -> Compiled:
@@ -113,19 +113,43 @@ class Driver:
         named.update({f"where_{k}": v for k, v in where.items()})
         return int(self.execute(conn, stmt, named).rowcount)
 
-    def insert(self, conn: Connection, table: Table, values: Mapping[str, Any], *, returning_id: bool = False) -> int | None:
-        """``INSERT INTO table``; the new row's id if asked."""
-        key = (table.name, tuple(values), returning_id)
+    def insert(
+        self, conn: Connection, table: Table, values: Mapping[str, Any], *,
+        returning_id: bool = False, skip_conflict: bool = False,
+    ) -> int | None:
+        """``INSERT INTO table``: the new row's id if ``returning_id``, else the rows inserted.
+        With ``skip_conflict``, a row a unique key refuses is not inserted (``ON CONFLICT DO
+        NOTHING``: no error, which on PostgreSQL would abort the whole transaction): then 0
+        rows, or None for the id."""
+        key = (table.name, tuple(values), returning_id, skip_conflict)
         stmt = self._inserts.get(key)
         if stmt is None:
             sql = f"INSERT INTO {table.name} ({', '.join(values)}) VALUES ({', '.join(f':{k}' for k in values)})"
+            if skip_conflict:
+                sql += " ON CONFLICT DO NOTHING"
             if returning_id and self.returning:
                 sql += " RETURNING id"
             stmt = self._inserts[key] = text(sql)
         cur = self.execute(conn, stmt, {k: self.param(table, k, v) for k, v in values.items()})
         if not returning_id:
-            return None
-        return int(cur.fetchone()[0] if self.returning else cur.lastrowid)
+            return int(cur.rowcount)
+        if self.returning:
+            row = cur.fetchone()
+            return None if row is None else int(row[0])
+        return int(cur.lastrowid) if cur.rowcount == 1 else None
+
+    def insert_many(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Rows that all name the same columns, in one ``executemany`` (psycopg pipelines it:
+        one round trip for all of them)."""
+        if not rows:
+            return
+        names = tuple(rows[0])
+        key = (table.name, names, False, False)
+        stmt = self._inserts.get(key)
+        if stmt is None:
+            sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join(f':{k}' for k in names)})"
+            stmt = self._inserts[key] = text(sql)
+        self.execute_many(conn, stmt, [{k: self.param(table, k, v) for k, v in row.items()} for row in rows])
 
     @staticmethod
     def param(table: Table, column: str, value: Any) -> Any:

@@ -58,10 +58,11 @@ class StoreRunner:
 
     async def write(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """A write that may share a transaction (``store.attempt_*``, ``store.finish_attempt``,
-        ``store.submit``: see ``Store.batch``). Where the store gains from it (one writer:
-        SQLite), writes that arrive while a transaction is being applied wait and go together
-        in the next one — a group commit: one commit and one fsync for many agents' reports
-        and clients' submits. Each still answers on its own, only once it is committed."""
+        ``store.submit``: see ``Store.batch``). Where the store gains from it (SQLite, one
+        writer at a time; PostgreSQL, a commit and round trips per transaction), writes that
+        arrive while a transaction is being applied wait and go together in the next one — a
+        group commit: one commit (one fsync) for many agents' reports and clients' submits.
+        Each still answers on its own, only once it is committed."""
         if not self._batching:
             return await self(fn, *args, **kwargs)
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -75,6 +76,12 @@ class StoreRunner:
             items, self._queued = self._queued[:BATCH_MAX], self._queued[BATCH_MAX:]
             try:
                 results = await self(self.store.batch, [(fn, args, kwargs) for fn, args, kwargs, _ in items])
+            except asyncio.CancelledError:
+                # The server is stopping: no write may be left waiting for an answer for ever.
+                for *_, fut in items + self._queued:
+                    fut.cancel()
+                self._queued = []
+                raise
             except StoreUnavailable as exc:
                 for *_, fut in items:
                     if not fut.done():

@@ -9,13 +9,12 @@ written for each dialect in ``store.statements``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 import orjson
@@ -86,6 +85,7 @@ from .schema import (
     runs,
     webhooks,
 )
+from .statements import PostgreSQLStatements as PG
 from .statements import for_dialect
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,23 @@ BATCHABLE = frozenset({"attempt_preparing", "attempt_start", "attempt_progress",
                        "submit", "submit_many"})
 #: the errors a batched write answers with on its own (all raised before it writes)
 ANSWERS = (StaleLease, Stopped, Conflict, NotFound)
+#: the batchable writes of an agent, fenced by their attempt's lease (``attempt_id`` first)
+FENCED = frozenset({"attempt_preparing", "attempt_start", "attempt_progress", "attempt_event", "finish_attempt"})
+
+
+def _attempt_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The attempt a fenced write is for."""
+    found = args[0] if args else kwargs.get("attempt_id")
+    return found if isinstance(found, int) else None
+
+
+@dataclass
+class Held:
+    """Rows a batch read under its locks, by id, each to serve one write (see SQLStore.batch)."""
+
+    runs: dict[str, dict[str, Any]]
+    attempts: dict[int, dict[str, Any]]
+
 #: scheduling passes read free machines a page at a time, in the selector's order
 MACHINE_PAGE = 256
 #: and queued runs this many per free machine (at least RUN_PAGE_MIN), up to the pass's limit
@@ -175,12 +192,10 @@ class SQLStore(AccountOps, KeyOps, Store):
         self._pg = engine.dialect.name == "postgresql"
         self._drv = Driver(engine.dialect)
         self._sql = for_dialect(engine.dialect.name)  # the hot path's statements (store.statements)
-        # One writer at a time (SQLite): agents' writes gain from sharing a transaction — one
-        # commit, one fsync, for many. On PostgreSQL, batching measured 0.25x/0.35x SQLite's
-        # drain rate (1/3 replicas) against 0.17x/0.16x, but the replica fault tests failed
-        # with it in a full run of the suite (a leader kill, a database restart, a replica cut
-        # off): each write commits on its own there until batches are safe under those faults.
-        self.batches_writes = not self._pg
+        # Agents' writes and submits share a transaction (group commit, see batch): one commit
+        # — one fsync on SQLite, one WAL flush and one round trip on PostgreSQL — for many. On
+        # PostgreSQL a batch locks all its rows first, in every writer's order (see batch).
+        self.batches_writes = True
         self._joined = threading.local()  # the transaction of the batch being applied, if any
         self._accounts_cache: tuple[float, dict[str, Any]] | None = None  # see AccountOps._catalog
 
@@ -198,14 +213,41 @@ class SQLStore(AccountOps, KeyOps, Store):
         with self._tx() as conn:
             self._joined.conn = conn
             try:
+                if self._pg:
+                    # Every row the batch's agents' writes lock, locked first, in the order
+                    # every writer takes them (store.statements): a batch that locked them write
+                    # by write would hold some while it waited for others — a deadlock with the
+                    # heartbeats' transaction, a sweep or another replica's batch. What it read
+                    # under those locks serves each write once (see _fenced).
+                    fenced = [(fn.__name__, aid) for fn, args, kwargs in calls
+                              if fn.__name__ in FENCED and (aid := _attempt_of(args, kwargs)) is not None]
+                    self._joined.held = self._lock_in_order(
+                        conn, sorted({aid for _, aid in fenced}),
+                        machines_of=sorted({aid for name, aid in fenced if name == "finish_attempt"}))
                 for fn, args, kwargs in calls:
                     try:
                         out.append(fn(*args, **kwargs))
                     except ANSWERS as exc:
                         out.append(exc)
             finally:
-                self._joined.conn = None
+                self._joined.conn = self._joined.held = None
         return out
+
+    def _lock_in_order(
+        self, conn: Connection, attempt_ids: Sequence[int], *, machines_of: Sequence[int] = (),
+    ) -> Held | None:
+        """Lock the runs and the attempts ``attempt_ids`` and the machines of ``machines_of``
+        (PostgreSQL), in the one order of every writer; the rows as locked."""
+        if not self._pg or not attempt_ids:
+            return None
+        ids = list(attempt_ids)
+        held = Held(
+            {r["id"]: r for r in self._drv.rows(conn, PG.LOCK_RUNS_OF, {"ids": ids}, runs)},
+            {r["id"]: r for r in self._drv.rows(conn, PG.LOCK_ATTEMPTS, {"ids": ids}, attempts)},
+        )
+        if machines_of:
+            self._drv.execute(conn, PG.LOCK_MACHINES_OF, {"ids": list(machines_of)})
+        return held
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[Connection]:
@@ -217,8 +259,10 @@ class SQLStore(AccountOps, KeyOps, Store):
             with self.engine.connect() as conn:
                 conn = conn.execution_options(deskfleet_write=write)
                 conn.info["deskfleet_specs"] = []  # nothing of a rolled-back transaction's
+                conn.info["deskfleet_events"] = []  # see _event
                 with conn.begin():
                     yield conn
+                    self._flush_events(conn)
                 # Committed: what it wrote may be remembered (see _put_automations).
                 written = conn.info.pop("deskfleet_specs", ())
                 if written:
@@ -241,13 +285,20 @@ class SQLStore(AccountOps, KeyOps, Store):
         run is read only if ``needs_run`` (always on PostgreSQL, where it is locked first)."""
         try:
             with self._tx() as conn:
-                row = self._drv.one(conn, self._sql.ATTEMPT, {"id": attempt_id}, attempts)
+                # Read under lock by the batch this write is part of (once: a second write for
+                # the same attempt in the batch reads what the first one left).
+                held: Held | None = getattr(self._joined, "held", None)
+                locked = held.attempts.pop(attempt_id, None) if held is not None else None
+                row = locked or self._drv.one(conn, self._sql.ATTEMPT, {"id": attempt_id}, attempts)
                 if row is not None and repeat is not None and (answer := repeat(conn, row)) is not None:
                     return answer
                 if row is None or row["machine_id"] != machine_id:
                     raise StaleLease(attempt_id, "no such attempt on this machine")
                 run: Run | None = None
-                if self._pg:
+                run_row = held.runs.pop(row["run_id"], None) if locked is not None and held is not None else None
+                if run_row is not None:
+                    run = rows.run(run_row)
+                elif self._pg:
                     # Lock order: the run, then its attempt — read again once locked.
                     run = self._get_run(conn, row["run_id"], lock=True)
                     row = self._drv.one(conn, self._sql.LOCK_ATTEMPT, {"id": attempt_id}, attempts)
@@ -294,10 +345,19 @@ class SQLStore(AccountOps, KeyOps, Store):
         reason: str | None = None,
         data: dict[str, Any] | None = None,
     ) -> None:
-        self._drv.insert(conn, events, {
+        # Written with the transaction's other events in one executemany just before it
+        # commits (on PostgreSQL one round trip for all of them, not one each).
+        conn.info["deskfleet_events"].append({
             "at": now, "kind": kind, "run_id": run_id, "attempt_id": attempt_id, "machine_id": machine_id,
             "from_state": from_state, "to_state": to_state, "reason": reason, "data": data or {},
         })
+
+    def _flush_events(self, conn: Connection) -> None:
+        """Write the events this transaction recorded so far (before it commits, or reads events)."""
+        pending = conn.info["deskfleet_events"]
+        if pending:
+            conn.info["deskfleet_events"] = []
+            self._drv.insert_many(conn, events, pending)
 
     def _get_run(self, conn: Connection, run_id: str, *, lock: bool = False) -> Run:
         row = self._drv.one(conn, self._sql.LOCK_RUN if lock else self._sql.RUN, {"id": run_id}, runs)
@@ -360,6 +420,12 @@ class SQLStore(AccountOps, KeyOps, Store):
 
     def recover(self, now: float, grace: float, *, disconnect: bool = True) -> int:
         with self._tx() as conn:
+            if self._pg:
+                # Other replicas write on: take the rows in every writer's order (store.statements)
+                # before writing them all, rather than in whatever order the updates find them.
+                self._drv.execute(conn, PG.LOCK_ACTIVE_ATTEMPTS)
+                if disconnect:
+                    self._drv.execute(conn, PG.LOCK_CONNECTED_MACHINES)
             if disconnect:
                 conn.execute(update(machines).where(machines.c.connected.is_(True))
                              .values(connected=False, replica=None))
@@ -729,20 +795,10 @@ class SQLStore(AccountOps, KeyOps, Store):
         before anything is written."""
         if self._drv.execute(conn, self._sql.POOL_EXISTS, {"name": spec.pool}).fetchone() is None:
             raise NotFound(f"unknown pool {spec.pool!r}", field="pool")
-        if spec.idempotency_key is not None:
-            row = self._drv.one(conn, self._sql.RUN_BY_KEY, {"tenant": spec.tenant, "key": spec.idempotency_key}, runs)
-            if row is not None:
-                existing = rows.run(row)
-                if existing.request_hash != request_hash:
-                    raise Conflict(
-                        f"idempotency key {spec.idempotency_key!r} was already used for a "
-                        f"different request (run {existing.id}); send the same body again to "
-                        "get that run, or use a new key for a new run",
-                        field="idempotency_key",
-                    )
-                return existing, False
+        if spec.idempotency_key is not None and (existing := self._by_key(conn, spec, request_hash)) is not None:
+            return existing, False
         run_id = ids.new_id("run")
-        self._drv.insert(conn, runs, {
+        values = {
             "id": run_id, "automation": spec.automation, "version": spec.version, "input": spec.input,
             "pool": spec.pool, "labels": spec.labels, "machine": spec.machine,
             "prefer_machine": spec.prefer_machine, "session_key": spec.session_key,
@@ -755,10 +811,34 @@ class SQLStore(AccountOps, KeyOps, Store):
             "created_at": now, "updated_at": now, "queued_at": now,
             # the schema's defaults, said here: the driver path sends what it is given
             "attempts_started": 0, "dispatches": 0, "needs_reconcile": False,
-        })
+        }
+        # With a key, ON CONFLICT DO NOTHING: a concurrent submit (another replica's) that
+        # took the key first is waited for and found, instead of an error that would abort
+        # this transaction — and with it the batch of writes it may be part of.
+        if not self._drv.insert(conn, runs, values, skip_conflict=spec.idempotency_key is not None):
+            existing = self._by_key(conn, spec, request_hash)
+            if existing is None:
+                raise StoreRetry(f"idempotency key {spec.idempotency_key!r}: taken, then not found")
+            return existing, False
         self._event(conn, "run.state", now, run_id=run_id, to_state="queued", reason="submitted",
                     data={"automation": spec.automation, "pool": spec.pool, "priority": spec.priority})
-        return self._get_run(conn, run_id), True
+        return rows.run({c.name: None for c in runs.columns} | values), True
+
+    def _by_key(self, conn: Connection, spec: RunSpec, request_hash: str) -> Run | None:
+        """The run already submitted with ``spec``'s idempotency key, if any (Conflict if its
+        request differed)."""
+        row = self._drv.one(conn, self._sql.RUN_BY_KEY, {"tenant": spec.tenant, "key": spec.idempotency_key}, runs)
+        if row is None:
+            return None
+        existing = rows.run(row)
+        if existing.request_hash != request_hash:
+            raise Conflict(
+                f"idempotency key {spec.idempotency_key!r} was already used for a "
+                f"different request (run {existing.id}); send the same body again to "
+                "get that run, or use a new key for a new run",
+                field="idempotency_key",
+            )
+        return existing
 
     def get_run(self, run_id: str) -> Run | None:
         with self._tx(write=False) as conn:
@@ -1010,18 +1090,15 @@ class SQLStore(AccountOps, KeyOps, Store):
         values = {"run_id": run.id, "machine_id": machine.id, "number": run.dispatches + 1, "state": "active",
                   "phase": "assigned", "mode": mode.value, "assigned_at": now, "lease_expires_at": now + lease_timeout,
                   "account": account}
-        try:
-            # A refused INSERT fails alone in SQLite; PostgreSQL aborts the whole transaction
-            # unless the statement has a savepoint of its own.
-            with conn.begin_nested() if self._pg else contextlib.nullcontext():
-                attempt_id = self._drv.insert(conn, attempts, values, returning_id=True)
-        except IntegrityError:
+        # ON CONFLICT DO NOTHING: a refused row is not an error, which on PostgreSQL would
+        # abort the whole pass (or cost a savepoint's two round trips per claim).
+        attempt_id = self._drv.insert(conn, attempts, values, returning_id=True, skip_conflict=True)
+        if attempt_id is None:
             # The schema's one-active-attempt constraint refused it: the machine (or run)
             # is already taken. Never two at once, whatever the code above believed.
             log.warning("claim refused by the store: machine %s or run %s already has an active attempt",
                         machine.id, run.id)
             return None
-        assert attempt_id is not None
         claimed = self._set_run_state(
             conn, run, RunState.ASSIGNED, now, reason="scheduled", attempt_id=attempt_id,
             machine_id=machine.id, dispatches=run.dispatches + 1, current_attempt_id=attempt_id,
@@ -1102,6 +1179,7 @@ class SQLStore(AccountOps, KeyOps, Store):
             if row["machine_id"] == machine_id and row["state"] != "active" and row["ending"] == ending.value:
                 # The same report again (its acknowledgement was lost): the same answer.
                 a = rows.attempt(row)
+                self._flush_events(conn)  # this batch may have ended it
                 last = conn.execute(
                     select(events.c.to_state).where(events.c.kind == "run.state", events.c.attempt_id == a.id)
                     .order_by(events.c.id.desc()).limit(1)
@@ -1172,6 +1250,8 @@ class SQLStore(AccountOps, KeyOps, Store):
             expired = [rows.attempt(r) for r in conn.execute(
                 select(attempts).where(attempts.c.state == "active", attempts.c.lease_expires_at < now)
             ).mappings()]
+            ids = sorted(a.id for a in expired)
+            self._lock_in_order(conn, ids, machines_of=ids)  # all at once, in every writer's order
             out = []
             for candidate in expired:
                 a = self._relock(conn, candidate)
@@ -1245,8 +1325,11 @@ class SQLStore(AccountOps, KeyOps, Store):
                     ),
                 )
             ).mappings()
-            for r in list(pairs):
-                a = self._relock(conn, rows.attempt(r))
+            overdue = [rows.attempt(r) for r in pairs]
+            ids = sorted(a.id for a in overdue)
+            self._lock_in_order(conn, ids, machines_of=ids)  # all at once, in every writer's order
+            for candidate in overdue:
+                a = self._relock(conn, candidate)
                 if a is None:
                     continue
                 if a.stop_requested_at is not None:

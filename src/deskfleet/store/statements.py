@@ -100,6 +100,23 @@ class SQLiteStatements(Statements):
 class PostgreSQLStatements(Statements):
     LOCK_RUN = text(f"SELECT {_RUNS} FROM runs WHERE id = :id FOR UPDATE")
     LOCK_ATTEMPT = text(f"SELECT {_ATTEMPTS} FROM attempts WHERE id = :id FOR UPDATE")
+    # Several attempts' rows locked at once, in the order every writer takes them: runs (by
+    # id), then attempts (by machine, as heartbeats renew them), then machines (by id) — each
+    # statement locks its rows in its ORDER BY. A transaction that writes for many attempts
+    # (a group commit, a sweep) and took them one after another would hold some while
+    # waiting for others: a deadlock with a heartbeat or another replica's batch.
+    LOCK_RUNS_OF = text(
+        f"SELECT {_RUNS} FROM runs WHERE id IN (SELECT run_id FROM attempts WHERE id = ANY(:ids))"
+        " ORDER BY id FOR UPDATE"
+    )
+    LOCK_ATTEMPTS = text(f"SELECT {_ATTEMPTS} FROM attempts WHERE id = ANY(:ids) ORDER BY machine_id, id FOR UPDATE")
+    #: every active attempt (then every connected machine), for a write to all of them at once
+    LOCK_ACTIVE_ATTEMPTS = text("SELECT id FROM attempts WHERE state = 'active' ORDER BY machine_id, id FOR UPDATE")
+    LOCK_CONNECTED_MACHINES = text("SELECT id FROM machines WHERE connected ORDER BY id FOR UPDATE")
+    LOCK_MACHINES_OF = text(
+        "SELECT id FROM machines WHERE id IN (SELECT machine_id FROM attempts WHERE id = ANY(:ids))"
+        " ORDER BY id FOR UPDATE"
+    )
     QUEUED = text(f"SELECT {_RUNS} FROM runs WHERE {_DUE} {_PASS_ORDER} LIMIT :limit FOR UPDATE SKIP LOCKED")
     BEAT = text(
         "UPDATE machines SET last_heartbeat_at = :at, resources = CAST(:resources AS JSON),"

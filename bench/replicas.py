@@ -9,6 +9,12 @@ machines (submits go round the replicas; the agents spread over them) and runs/s
 a backlog of no-op runs with 50 machines. Then leader failover on 3 replicas: SIGKILL the
 leader, time until another replica records that it leads; repeated, the killed replica
 restarted in between. Each PostgreSQL setup gets a fresh database.
+
+Then issue 11's goals, as ratios to SQLite in the same run (absolute figures differ ~3x
+between two machines of our kind), each printed met / not met and kept in the JSON: a
+backlog drained by PostgreSQL with one replica at >= 0.8x SQLite's rate, with three at
+>= 1.2x (replicas must add capacity, not cost it), and dispatch p99 on PostgreSQL (one and
+three replicas) <= 2x SQLite's.
 """
 
 from __future__ import annotations
@@ -108,6 +114,27 @@ def core_ts(at: str) -> float:
     return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
 
 
+#: issue 11's goals: (what, setup's replicas, measure, bound, at least or at most)
+GOALS = [
+    ("drain rate, PostgreSQL x1 / SQLite", 1, "runs_per_s", 0.8, ">="),
+    ("drain rate, PostgreSQL x3 / SQLite", 3, "runs_per_s", 1.2, ">="),
+    ("dispatch p99, PostgreSQL x1 / SQLite", 1, "dispatch_p99_ms", 2.0, "<="),
+    ("dispatch p99, PostgreSQL x3 / SQLite", 3, "dispatch_p99_ms", 2.0, "<="),
+]
+
+
+def judge(setups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The goals, as ratios of this run's PostgreSQL figures to its SQLite ones."""
+    sqlite = next(r for r in setups if r["store"] == "SQLite")
+    out = []
+    for what, replicas, measure, bound, sense in GOALS:
+        pg = next(r for r in setups if r["store"] == "PostgreSQL" and r["replicas"] == replicas)
+        ratio = pg[measure] / sqlite[measure]
+        out.append({"goal": f"{what} {sense} {bound:g}", "ratio": round(ratio, 3),
+                    "met": ratio >= bound if sense == ">=" else ratio <= bound})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres",
@@ -153,6 +180,13 @@ def main() -> None:
                   f"{r['runs_per_s']:.0f}", f"{r['steady_runs_per_s']:.0f}",
                   f"{r['orchestrator_cpu_ms_per_run']:.1f}", str(r["failed"]))
     console.print(t)
+    result["goals"] = judge(result["setups"])
+    g = Table(title="issue 11's goals (ratios within this run)")
+    for col in ("goal", "measured", ""):
+        g.add_column(col, justify="left" if col == "goal" else "right")
+    for goal in result["goals"]:
+        g.add_row(goal["goal"], f"{goal['ratio']:.2f}x", "[green]met[/]" if goal["met"] else "[red]not met[/]")
+    console.print(g)
     f = result["failover"]
     console.print(f"leader failover (SIGKILL → new leader), {f['kills']} kills: median {f['median_s']:.2f} s, "
                   f"max {f['max_s']:.2f} s")

@@ -2,8 +2,8 @@
 
 One :class:`Orchestrator` per server process. It builds the store and its runner, the
 keyring and the vault, the agent hub, the fleet manager and the services
-(``deskfleet.services``: runs, dispatch, finals, machines and pools, the catalogue, hints
-between replicas), hands each only what it needs, and starts and stops them. It holds no
+(``deskfleet.services``: runs, dispatch, finals, machines and pools, the catalogue, keys,
+webhooks, hints between replicas), hands each only what it needs, and starts and stops them. It holds no
 logic of its own beyond that: client requests reach the services through the API, agent
 messages reach them through the hub, and nothing calls back on the orchestrator.
 
@@ -39,6 +39,7 @@ from .services.keys import Keyring
 from .services.machines import Machines
 from .services.replicas import Replicas
 from .services.runs import Runs
+from .services.webhooks import Webhooks
 from .store import Finished, Store, is_postgres, open_leadership, open_store
 from .store.runner import StoreRunner
 from .vault import Vault
@@ -128,6 +129,7 @@ class Orchestrator:
         self.fleet = FleetManager(self.store, self.db, settings, self.hub, calls, leadership=self.leadership,
                                   secrets=self.secrets, replica_id=self.replica_id, replica_name=self.replica_name,
                                   multi=self.multi)
+        self.webhooks = Webhooks(self.store, self.db, settings, leads=lambda: self.fleet.leader_since is not None)
         # -- what other replicas' hints mean here --------------------------------------------------------
         self.replicas.on("wake", self.dispatch.woken)
         self.replicas.on("final", self.finals.resolve)
@@ -163,7 +165,7 @@ class Orchestrator:
         await self.db(self.store.replica_alive, self.replica_id, self.replica_name, time.time(),
                       self.secrets.key_fingerprint())
         await self.replicas.start()
-        self._tasks = [self.dispatch.start(), *self.fleet.start()]
+        self._tasks = [self.dispatch.start(), *self.fleet.start(), self.webhooks.start()]
 
     async def stop(self) -> None:
         self.dispatch.stop()

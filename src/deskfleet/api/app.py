@@ -110,7 +110,7 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
         # A webhook posts the run as GET /v1/runs/{id} shows it.
         return orjson.dumps(run_out(run, await orch.runs.redacted_input(run)).model_dump(mode="json"))
 
-    orch.fleet.webhook_body = webhook_body
+    orch.webhooks.body = webhook_body
     _add_error_handlers(app)
 
     # async: FastAPI runs a plain function dependency in a worker thread, a hop per request.

@@ -1,4 +1,4 @@
-"""The fleet manager's background loops: leases, timeouts, quarantine, webhooks.
+"""The fleet manager's background loop: heartbeats, leases, timeouts, quarantine.
 
 Every replica, each tick: write the heartbeats its agents sent since the last tick
 (renewing their leases) and its own heartbeat. The *leader* only — one replica at a time,
@@ -6,32 +6,26 @@ chosen by the store's leadership lock, taken over by another when it dies — th
 the leases still past due (after the heartbeats, so a beat that arrived in time is never
 outrun by the expiry sweep), quarantines silent machines, notices dead replicas, enforces
 queue waits, deadlines, attempt timeouts and the progress watchdog, asks quarantined
-machines to re-prove themselves, and delivers webhooks.
+machines to re-prove themselves. (Webhooks are delivered by ``services.webhooks``, on the
+leader too: :attr:`FleetManager.leader_since`.)
 
 When the database goes away, ticks fail and heartbeats wait in memory (agents keep being
 acknowledged, so they keep working); when it comes back, the leader forgives the outage:
 leases and the progress watchdog do not count the time the database could not record.
 
 What the sweeps find that matters to runs (attempts lost or timed out, stop orders, runs
-expired) goes to the orchestrator through the small :class:`Core` protocol; a webhook's
-body is the run as the API shows it, rendered by the function the API hands over
-(:attr:`FleetManager.webhook_body`).
+expired) goes to the services through the small :class:`Core` protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
-import httpx
-
 from ..errors import StoreUnavailable
-from ..models import MachineHealth, Run
+from ..models import MachineHealth
 from ..protocol import Stop
 from .hub import Hub, RunListener
 
@@ -70,9 +64,6 @@ class FleetManager:
         self.replica_id = replica_id
         self.replica_name = replica_name
         self.multi = multi
-        #: a webhook's body for a run: the run as the API shows it. The API sets it (see
-        #: ``api.app.create_app``); until then, due webhooks wait.
-        self.webhook_body: Callable[[Run], Awaitable[bytes]] | None = None
         self._verified_at = 0.0
         self._resent_at = 0.0
         self._silence_checked_at = 0.0
@@ -82,10 +73,7 @@ class FleetManager:
         self.leader_since: float | None = None
 
     def start(self) -> list[asyncio.Task[None]]:
-        return [
-            asyncio.create_task(self._tick_loop(), name="deskfleet-fleet"),
-            asyncio.create_task(self._webhook_loop(), name="deskfleet-webhooks"),
-        ]
+        return [asyncio.create_task(self._tick_loop(), name="deskfleet-fleet")]
 
     async def _tick_loop(self) -> None:
         interval = self.settings.sweep_interval
@@ -198,45 +186,3 @@ class FleetManager:
                 self.core.hint("verify", f"{m.id}:{m.quarantine_reason or ''}")  # another replica's agent
             elif now - conn.verify_sent_at >= self.settings.verify_interval:
                 await hub.request_verify(conn, m.quarantine_reason or "")
-
-    async def _webhook_loop(self) -> None:
-        async with httpx.AsyncClient(timeout=5.0, follow_redirects=False) as client:
-            while True:
-                await asyncio.sleep(1.0)
-                if self.leader_since is None:
-                    continue  # one replica delivers, or receivers would hear twice
-                render = self.webhook_body
-                if render is None:
-                    continue  # no API yet to say how a run looks
-                try:
-                    due = await self.db(self.store.due_webhooks, time.time())
-                    for webhook_id, run_id, url in due:
-                        await self._deliver(client, render, webhook_id, run_id, url)
-                except asyncio.CancelledError:
-                    raise
-                except StoreUnavailable:
-                    continue  # the tick loop reports the outage; deliveries wait for the database
-                except Exception:
-                    log.exception("webhook delivery pass failed")
-
-    async def _deliver(self, client: httpx.AsyncClient, render: Callable[[Run], Awaitable[bytes]], webhook_id: int,
-                       run_id: str, url: str) -> None:
-        run = await self.db(self.store.get_run, run_id)
-        if run is None:
-            return
-        body = await render(run)
-        headers = {"content-type": "application/json", "x-deskfleet-run": run_id}
-        if self.settings.webhook_secret:
-            sig = hmac.new(self.settings.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
-            headers["x-deskfleet-signature"] = f"sha256={sig}"
-        error: str | None = None
-        try:
-            resp = await client.post(url, content=body, headers=headers)
-            if resp.status_code >= 300:
-                error = f"HTTP {resp.status_code}"
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:300]
-        await self.db(self.store.webhook_done, webhook_id, ok=error is None, error=error, now=time.time())
-        if error:
-            # The query string may carry the receiver's token: never log it.
-            log.warning("webhook to %s failed: %s", url.split("?")[0], error, extra={"run": run_id})

@@ -12,6 +12,7 @@
 - :mod:`.catalog` — what submit checks a run against (automations, pools, machine shapes),
   cached for a moment;
 - :mod:`.keys` — the keyring the database must agree with, re-read during a rotation;
+- :mod:`.webhooks` — final runs posted to their webhook URLs, signed, by the leader;
 - :mod:`.replicas` — hints to the other replicas over the bus, and who handles each kind.
 
 They do not import one another's classes: what one calls on another is a small protocol

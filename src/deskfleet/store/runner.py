@@ -40,8 +40,11 @@ class StoreRunner:
         self.store = store
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="deskfleet-store")
         self._batching = bool(getattr(store, "batches_writes", False))
+        # Batches applied side by side (PostgreSQL: row locks, taken by every batch in one
+        # order), each on a thread of its own; one thread stays for everything else.
+        self._lanes = max(1, min(int(getattr(store, "batch_lanes", 1)), threads - 1))
         self._queued: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()
 
     async def __call__(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
@@ -67,8 +70,10 @@ class StoreRunner:
             return await self(fn, *args, **kwargs)
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queued.append((fn, args, kwargs, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        # (A flusher that found the queue empty is done at once, before its done-callbacks run.)
+        self._flushers = {f for f in self._flushers if not f.done()}
+        if len(self._flushers) < self._lanes:
+            self._flushers.add(asyncio.get_running_loop().create_task(self._flush()))
         return await fut
 
     async def _flush(self) -> None:

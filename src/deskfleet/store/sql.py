@@ -196,6 +196,10 @@ class SQLStore(AccountOps, KeyOps, Store):
         # — one fsync on SQLite, one WAL flush and one round trip on PostgreSQL — for many. On
         # PostgreSQL a batch locks all its rows first, in every writer's order (see batch).
         self.batches_writes = True
+        # How many batches may be applied at once: one writer at a time on SQLite; on
+        # PostgreSQL a batch is a chain of round trips, and batches that lock in one order
+        # can run side by side (a replica's writes would otherwise wait in one line).
+        self.batch_lanes = 3 if self._pg else 1
         self._joined = threading.local()  # the transaction of the batch being applied, if any
         self._accounts_cache: tuple[float, dict[str, Any]] | None = None  # see AccountOps._catalog
 

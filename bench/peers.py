@@ -3,7 +3,7 @@ same simulated machines, the same kills, in one invocation; every figure also as
 deskfleet's, which is what holds from one machine to another.
 
     .venv/bin/pip install -e '.[bench]'            # Celery with Redis, Procrastinate
-    .venv/bin/python bench/peers.py                 # 16 machines; 200 + a backlog of 3,000; 400 runs, 4 kills: ~6.5 min
+    .venv/bin/python bench/peers.py                 # 16 machines; 200 + a backlog of 3,000; 400 runs, 4 kills: 4.5-6.5 min
     .venv/bin/python bench/peers.py --quick         # 6 machines; 30 + a backlog of 600; 40 runs, 2 kills: ~2.5-3 min
     .venv/bin/python bench/peers.py --sections throughput --only deskfleet,celery --workdir /tmp/peers  # keep the logs
 
@@ -11,7 +11,7 @@ Needs Redis at 127.0.0.1:6379 and PostgreSQL at 127.0.0.1:5432 (user postgres, t
 auth; a database is created per run and dropped after). Results: tables (throughput,
 failover, ratios), then ``bench/results/peers-<stamp>.json`` and ``…-<stamp>.png``; the
 JSON records the command, the load average before and after, and the ratios. (Times above
-on the shared 2-core machine at a load average of 10-14; less on a quiet one.)
+on the shared 2-core machine at a load average of 8-14; less on a quiet one.)
 
 Each system gets fresh machines, then two sections on them:
 

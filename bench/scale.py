@@ -807,7 +807,7 @@ def fleet_plot(result: dict[str, Any], path: Path, goals: Sequence[dict[str, Any
     ax4.legend(loc="upper right", fontsize=8)
     title = f"bench/scale.py {result['scenario']}: one deskfleet server, default settings"
     if goals:
-        title += "\n" + "; ".join(f"{g['goal']}: {g['measured']} ({'met' if g['met'] else 'NOT met'})" for g in goals)
+        title += "".join(f"\n{g['goal']}: {g['measured']} ({'met' if g['met'] else 'NOT met'})" for g in goals)
     fig.suptitle(title, fontsize=10 if goals else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,8 +1,7 @@
 """The fleet manager's background loop: heartbeats, leases, timeouts, quarantine.
 
 Every replica, each tick: write the heartbeats its agents sent since the last tick
-(renewing their leases; a few hundred to a transaction, so that other store calls are not
-held behind thousands) and its own heartbeat. The *leader* only — one replica at a time,
+(renewing their leases) and its own heartbeat. The *leader* only — one replica at a time,
 chosen by the store's leadership lock, taken over by another when it dies — then expires
 the leases still past due (after the heartbeats, so a beat that arrived in time is never
 outrun by the expiry sweep), quarantines silent machines, notices dead replicas, enforces
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESEND_INTERVAL = 2.0  # seconds between re-sends of unconfirmed stop orders
-HEARTBEAT_CHUNK = 256  # heartbeats written in one transaction at most
 
 
 class Core(RunListener, Protocol):
@@ -118,24 +116,16 @@ class FleetManager:
     async def tick(self) -> None:
         store, s = self.store, self.settings
         beats, seqs = self.hub.drain_heartbeats()
-        beats.sort(key=lambda b: b.machine_id)
-        # A transaction of at most HEARTBEAT_CHUNK beats at a time: the store thread serves
-        # everything else in between (a scheduling pass, a submit waits behind one chunk, not
-        # behind thousands of beats), and each chunk is acknowledged once it is written.
-        for i in range(0, len(beats), HEARTBEAT_CHUNK):
-            chunk = beats[i:i + HEARTBEAT_CHUNK]
-            chunk_seqs = {b.machine_id: seqs[b.machine_id] for b in chunk}
+        if beats:
             try:
-                held = await self.db(store.heartbeat, chunk, s.lease_timeout)
+                held = await self.db(store.heartbeat, beats, s.lease_timeout)
             except Exception:
-                # written (and acknowledged) by the next tick that can
-                rest = beats[i:]
-                self.hub.requeue_heartbeats(rest, {b.machine_id: seqs[b.machine_id] for b in rest})
+                self.hub.requeue_heartbeats(beats, seqs)  # written (and acknowledged) by the next tick that can
                 raise
-            await self.hub.acknowledge(chunk_seqs)
+            await self.hub.acknowledge(seqs)
             for machine_id, ok in held.items():
                 if not ok:
-                    beat = next(b for b in chunk if b.machine_id == machine_id)
+                    beat = next(b for b in beats if b.machine_id == machine_id)
                     assert beat.attempt_id is not None
                     await self.hub.send(machine_id, Stop(attempt_id=beat.attempt_id, reason="lease_lost"))
         now = time.time()

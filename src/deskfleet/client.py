@@ -30,6 +30,13 @@ class ApiError(DeskfleetError):
         self.field = field
 
 
+#: Idle connections are dropped after this many seconds, well before the server closes them
+#: (uvicorn: after 5 s idle). httpx keeps them 5 s by default, as long as the server does: a
+#: request sent on one at the moment the server closes it reads nothing back (httpx.ReadError,
+#: reported as ServerUnreachable) although the server is up.
+KEEPALIVE_EXPIRY = 2.0
+
+
 @dataclass(slots=True)
 class _Call:
     method: str
@@ -229,7 +236,8 @@ class Client(_Calls):
 
     def __init__(self, server: str = DEFAULT_SERVER, *, api_key: str | None = None, timeout: float = 30.0) -> None:
         self.server = server.rstrip("/")
-        self._http = httpx.Client(base_url=self.server, headers=_headers(api_key), timeout=timeout)
+        self._http = httpx.Client(base_url=self.server, headers=_headers(api_key), timeout=timeout,
+                                  limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY))
 
     def _do(self, call: _Call) -> Any:
         try:
@@ -278,7 +286,8 @@ class AsyncClient:
     def __init__(self, server: str = DEFAULT_SERVER, *, api_key: str | None = None, timeout: float = 30.0) -> None:
         self.server = server.rstrip("/")
         self._http = httpx.AsyncClient(base_url=self.server, headers=_headers(api_key), timeout=timeout,
-                                       limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+                                       limits=httpx.Limits(max_connections=200, max_keepalive_connections=50,
+                                                           keepalive_expiry=KEEPALIVE_EXPIRY))
         self._calls = _Calls()  # builds each call; this class makes it
 
     def __getattr__(self, name: str) -> Any:

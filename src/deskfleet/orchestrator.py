@@ -95,7 +95,8 @@ class Orchestrator:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # -- state, and the server's identity -------------------------------------------------------
         self.store = store or open_store(settings.db_url, sqlite_synchronous=settings.sqlite_synchronous)
-        self.db = StoreRunner(self.store, threads=4 if is_postgres(settings.db_url) else 1)
+        self.multi = is_postgres(settings.db_url)  # replicas on one database, or the embedded store alone
+        self.db = StoreRunner(self.store, threads=4 if self.multi else 1)
         self.secrets = SecretBox.from_file(settings.secret_key_file or settings.data_dir / "secret.key")
         self.enrolment_token = settings.resolve_enrolment_token()
         self.policy = policy or Policy()
@@ -105,7 +106,6 @@ class Orchestrator:
         # Each process is a replica with an identity of its own; with SQLite there is one.
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.replica_name = f"{socket.gethostname()}:{settings.port}"
-        self.multi = is_postgres(settings.db_url)
         self.leadership = open_leadership(settings.db_url)
         self.bus: LocalBus | PgBus = PgBus(settings.db_url, self.replica_id) if self.multi else LocalBus()
 

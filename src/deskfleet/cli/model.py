@@ -24,7 +24,7 @@ from ._common import _Group, main, opt
 
 if TYPE_CHECKING:
     from ..desktop import Frame, Region
-    from ..vision import Classifier, Explanation
+    from ..vision import Explanation
     from ..vision.authoring import Change
     from ..vision.screens import Report
 
@@ -267,12 +267,6 @@ def model_remove(directory: Path, state: str, force: bool) -> None:
 # -- classify -----------------------------------------------------------------------------------------
 
 
-def _warm_ocr(classifier: Classifier) -> None:
-    """Create tesseract's engine before timing anything: once per process (≈ 0.1 s), as an agent does."""
-    if any(getattr(c, "kind", "") == "text" for s in classifier.states for c in s.checks):
-        _warm_ocr_engine()
-
-
 def _warm_ocr_engine() -> None:
     from ..vision.ocr import shared_engine
 
@@ -332,10 +326,10 @@ def model_classify(model_dir: Path, images: tuple[Path, ...], as_json: bool) -> 
     """Say which state MODEL recognises in each image, with every check's score of the
     winner and why each other state lost. A directory stands for every PNG under it."""
     from ..vision import load_model
-    from ..vision.screens import read_image
+    from ..vision.screens import read_image, warm_ocr
 
     classifier = load_model(model_dir)
-    _warm_ocr(classifier)
+    warm_ocr(classifier)
     files = _images(images)
     frames = [(str(f), read_image(f)) for f in files]  # all readable before anything is printed
     results = [(name, classifier.explain(frame)) for name, frame in frames]
@@ -448,7 +442,7 @@ def model_test(model_dir: Path, labels: Path | None, min_accuracy: float | None,
             raise ConfigError(f"no screenshots saved with {model_dir} (screens/STATE/N.png): give LABELS.csv, "
                               "or save some with 'deskfleet model add-screen'")
     check_labels(items, library.state_names, source)
-    report = measure(model_dir, items, jobs=jobs or os.cpu_count() or 1)
+    report = measure(model_dir, items, jobs=jobs or os.cpu_count() or 1, library=library)
     if as_json:
         click.echo(json.dumps({"model": str(model_dir), "labels": source, **report.to_dict()}, indent=2))
     else:

@@ -121,15 +121,7 @@ class Driver:
         With ``skip_conflict``, a row a unique key refuses is not inserted (``ON CONFLICT DO
         NOTHING``: no error, which on PostgreSQL would abort the whole transaction): then 0
         rows, or None for the id."""
-        key = (table.name, tuple(values), returning_id, skip_conflict)
-        stmt = self._inserts.get(key)
-        if stmt is None:
-            sql = f"INSERT INTO {table.name} ({', '.join(values)}) VALUES ({', '.join(f':{k}' for k in values)})"
-            if skip_conflict:
-                sql += " ON CONFLICT DO NOTHING"
-            if returning_id and self.returning:
-                sql += " RETURNING id"
-            stmt = self._inserts[key] = text(sql)
+        stmt = self._insert(table, tuple(values), returning_id, skip_conflict)
         cur = self.execute(conn, stmt, {k: self.param(table, k, v) for k, v in values.items()})
         if not returning_id:
             return int(cur.rowcount)
@@ -143,13 +135,21 @@ class Driver:
         one round trip for all of them)."""
         if not rows:
             return
-        names = tuple(rows[0])
-        key = (table.name, names, False, False)
+        stmt = self._insert(table, tuple(rows[0]), False, False)
+        self.execute_many(conn, stmt, [{k: self.param(table, k, v) for k, v in row.items()} for row in rows])
+
+    def _insert(self, table: Table, names: tuple[str, ...], returning_id: bool, skip_conflict: bool) -> TextClause:
+        """``INSERT INTO table (names) VALUES (:names)``, made once per shape."""
+        key = (table.name, names, returning_id, skip_conflict)
         stmt = self._inserts.get(key)
         if stmt is None:
             sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join(f':{k}' for k in names)})"
+            if skip_conflict:
+                sql += " ON CONFLICT DO NOTHING"
+            if returning_id and self.returning:
+                sql += " RETURNING id"
             stmt = self._inserts[key] = text(sql)
-        self.execute_many(conn, stmt, [{k: self.param(table, k, v) for k, v in row.items()} for row in rows])
+        return stmt
 
     @staticmethod
     def param(table: Table, column: str, value: Any) -> Any:

@@ -314,16 +314,18 @@ def evaluate(classifier: Classifier, items: Iterable[tuple[Labelled, Frame]], *,
     return report
 
 
-def measure(model: ModelSource, items: Sequence[Labelled], *, jobs: int = 1) -> Report:
+def measure(model: ModelSource, items: Sequence[Labelled], *, jobs: int = 1,
+            library: TemplateLibrary | None = None) -> Report:
     """Load ``model`` and :func:`evaluate` it on ``items``, reading each screenshot only when
     it is classified (a set of a thousand 1080p screens would not fit in memory at once).
 
     ``jobs`` > 1 spreads the screens over that many worker processes, each with its own copy
     of the model (recognition is CPU work, and one process uses one core); the report is the
     same, in the same order, as with one. Workers are started afresh (``spawn``), never forked
-    from a process that may already hold OCR threads."""
+    from a process that may already hold OCR threads. ``library``: ``model`` already loaded,
+    used as is in this process."""
     if jobs <= 1 or len(items) < 2 * jobs:
-        return _measure_part(model, items)
+        return _measure_part(model, items, library)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -336,11 +338,17 @@ def measure(model: ModelSource, items: Sequence[Labelled], *, jobs: int = 1) -> 
     return merged
 
 
-def _measure_part(model: ModelSource, items: Sequence[Labelled]) -> Report:
-    library = TemplateLibrary.load(model)
+def _measure_part(model: ModelSource, items: Sequence[Labelled], library: TemplateLibrary | None = None) -> Report:
+    library = library or TemplateLibrary.load(model)
     classifier = library.classifier()
+    warm_ocr(classifier)
+    return evaluate(classifier, ((item, item.frame()) for item in items), window=library.window)
+
+
+def warm_ocr(classifier: Classifier) -> None:
+    """Make tesseract's engine before anything is timed, once per process (≈ 0.1 s), as an
+    agent does — where the model reads text at all."""
     if any(getattr(c, "kind", "") == "text" for s in classifier.states for c in s.checks):
         from .ocr import shared_engine
 
-        shared_engine()  # tesseract's engine made before anything is timed, as an agent does
-    return evaluate(classifier, ((item, item.frame()) for item in items), window=library.window)
+        shared_engine()

@@ -10,6 +10,7 @@ written for each dialect in ``store.statements``.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -67,7 +68,7 @@ from ..models import (
     VaultAccount,
     version_key,
 )
-from ..scheduler import AccountBook, Policy, eligible
+from ..scheduler import AccountBook, DurationBook, Policy, eligible
 from ..statemachine import can_transition, decide, overdue_reason, quarantines, queued_expiry
 from . import rows
 from .accounts import AccountOps
@@ -86,7 +87,7 @@ from .schema import (
     webhooks,
 )
 from .statements import PostgreSQLStatements as PG
-from .statements import for_dialect
+from .statements import for_dialect, pass_order
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -977,16 +978,14 @@ class SQLStore(AccountOps, KeyOps, Store):
                 return claims
             # SKIP LOCKED: runs another replica is claiming right now are not ours to take.
             page = min(limit, max(RUN_PAGE_MIN, RUNS_PER_FREE * len(free)))
-            # A policy that orders a backlog by duration (longest first) matters most where
-            # the backlog runs out: once all of it fits in one pass, it sees all of it (before,
-            # the head: reading hundreds of runs at every pass costs more than it gains).
-            if policy.durations is not None and self._drv.execute(
-                    conn, self._sql.QUEUED_BEYOND, {"now": now, "offset": limit}).fetchone() is None:
-                page = limit
             queued = self._queued(conn, now, page)
             if not queued:
                 return claims
             more_runs = len(queued) == page < limit
+            if policy.durations is not None and len(queued) == page:
+                # A policy that starts long runs first must see the long runs wherever they
+                # wait, not only those at the head of the queue.
+                queued = self._with_longest(conn, queued, policy.durations, now, page)
             pool_map = {p.name: rows.pool(p) for p in conn.execute(select(pools)).mappings()}
             specs: dict[tuple[str, str | None], AutomationSpec | None] = {}
             used: set[str] = set()  # machines claimed by this pass
@@ -1048,6 +1047,30 @@ class SQLStore(AccountOps, KeyOps, Store):
     def _queued(self, conn: Connection, now: float, limit: int) -> list[Run]:
         # On PostgreSQL FOR UPDATE SKIP LOCKED: runs another replica is claiming are not ours.
         return [rows.run(r) for r in self._drv.rows(conn, self._sql.QUEUED, {"now": now, "limit": limit}, runs)]
+
+    def _with_longest(self, conn: Connection, head: list[Run], book: DurationBook, now: float,
+                      page: int) -> list[Run]:
+        """``head`` (the queue's first ``page`` runs) and the first runs of the automations
+        that take longest (those not yet learnt first), until ``page`` of those are read; in
+        the pass's order. The head keeps the runs that must not wait (high priority, a
+        deadline, waited long); the rest give the longest-first order its long runs.
+        (Within a priority; a long run of a lower priority sorts after the head's.)"""
+        names = [r[0] for r in self._drv.execute(conn, self._sql.QUEUED_AUTOMATIONS, {})]
+        if len(names) < 2:
+            return head
+        estimates = {name: book.estimate(name) for name in names}
+        seen = {r.id for r in head}
+        more: list[Run] = []
+        for name in sorted(names, key=lambda n: -(estimates[n] or math.inf)):
+            if len(more) >= page:
+                break
+            for r in self._drv.rows(conn, self._sql.QUEUED_OF, {"automation": name, "now": now, "limit": page}, runs):
+                run = rows.run(r)
+                if run.id not in seen:
+                    more.append(run)
+        if not more:
+            return head
+        return sorted(head + more, key=pass_order)
 
     def _lock_free(self, conn: Connection, free: list[Machine]) -> tuple[list[Machine], bool]:
         """Lock the machines (skipping any another writer holds), then look again: the first

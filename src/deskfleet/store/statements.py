@@ -24,6 +24,7 @@ from typing import ClassVar
 
 from sqlalchemy import Table, TextClause, text
 
+from ..models import Run
 from .schema import attempts, machines, runs
 
 
@@ -39,6 +40,27 @@ _DUE = "state = 'queued' AND (not_before IS NULL OR not_before <= :now)"
 _PASS_ORDER = "ORDER BY priority DESC, deadline_at IS NULL, deadline_at, created_at"
 
 
+def pass_order(run: Run) -> tuple[int, bool, float, float]:
+    """``_PASS_ORDER`` as a sort key, for runs read by more than one statement."""
+    return -run.priority, run.deadline_at is None, run.deadline_at or 0.0, run.created_at
+
+
+#: queued runs in the pass's order: all of them (``ix_runs_due``), or one automation's
+#: (``ix_runs_due_automation``); ``{index}`` is SQLite's ``INDEXED BY`` clause (its planner
+#: would take ``ix_runs_state`` and sort every queued run otherwise) or nothing
+_QUEUED = f"SELECT {_RUNS} FROM runs{{index}} WHERE {_DUE} {_PASS_ORDER} LIMIT :limit"
+_QUEUED_OF = f"SELECT {_RUNS} FROM runs{{index}} WHERE automation = :automation AND {_DUE} {_PASS_ORDER} LIMIT :limit"
+#: the automations with queued runs, one index probe each (a loose index scan, not a read of
+#: every queued run)
+_QUEUED_AUTOMATIONS = (
+    "WITH RECURSIVE a(name) AS ("
+    " SELECT MIN(automation) FROM runs{index} WHERE state = 'queued'"
+    " UNION ALL SELECT (SELECT MIN(automation) FROM runs{index} WHERE state = 'queued' AND automation > a.name)"
+    " FROM a WHERE a.name IS NOT NULL)"
+    " SELECT name FROM a WHERE name IS NOT NULL"
+)
+
+
 class Statements:
     """What both dialects say alike; each subclass adds its own locking reads and casts."""
 
@@ -46,8 +68,6 @@ class Statements:
     ATTEMPT = text(f"SELECT {_ATTEMPTS} FROM attempts WHERE id = :id")
     POOL_EXISTS = text("SELECT 1 FROM pools WHERE name = :name")
     RUN_BY_KEY = text(f"SELECT {_RUNS} FROM runs WHERE tenant = :tenant AND idempotency_key = :key")
-    #: whether a queued run exists beyond the first ``offset`` (is the backlog longer than a pass reads?)
-    QUEUED_BEYOND = text(f"SELECT 1 FROM runs WHERE {_DUE} LIMIT 1 OFFSET :offset")
     #: a heartbeat renews its attempt's lease while the attempt is active on that machine
     RENEW_LEASE = text(
         "UPDATE attempts SET lease_expires_at = :expires"
@@ -60,6 +80,10 @@ class Statements:
     LOCK_ATTEMPT: ClassVar[TextClause]
     #: a scheduling pass's queued runs (the first ``:limit``), claimed for this transaction
     QUEUED: ClassVar[TextClause]
+    #: the same, of one ``:automation``
+    QUEUED_OF: ClassVar[TextClause]
+    #: the names of the automations that have queued runs
+    QUEUED_AUTOMATIONS: ClassVar[TextClause]
     #: a machine's heartbeat; ``:resources`` is JSON text
     BEAT: ClassVar[TextClause]
 
@@ -90,7 +114,9 @@ class SQLiteStatements(Statements):
     # One writer at a time: a read in a write transaction is as good as a lock.
     LOCK_RUN = Statements.RUN
     LOCK_ATTEMPT = Statements.ATTEMPT
-    QUEUED = text(f"SELECT {_RUNS} FROM runs WHERE {_DUE} {_PASS_ORDER} LIMIT :limit")
+    QUEUED = text(_QUEUED.format(index=" INDEXED BY ix_runs_due"))
+    QUEUED_OF = text(_QUEUED_OF.format(index=" INDEXED BY ix_runs_due_automation"))
+    QUEUED_AUTOMATIONS = text(_QUEUED_AUTOMATIONS.format(index=" INDEXED BY ix_runs_due_automation"))
     BEAT = text(
         "UPDATE machines SET last_heartbeat_at = :at, resources = :resources,"
         " session_key = :session_key, session_expires_at = :session_expires_at WHERE id = :id"
@@ -117,7 +143,9 @@ class PostgreSQLStatements(Statements):
         "SELECT id FROM machines WHERE id IN (SELECT machine_id FROM attempts WHERE id = ANY(:ids))"
         " ORDER BY id FOR UPDATE"
     )
-    QUEUED = text(f"SELECT {_RUNS} FROM runs WHERE {_DUE} {_PASS_ORDER} LIMIT :limit FOR UPDATE SKIP LOCKED")
+    QUEUED = text(_QUEUED.format(index="") + " FOR UPDATE SKIP LOCKED")
+    QUEUED_OF = text(_QUEUED_OF.format(index="") + " FOR UPDATE SKIP LOCKED")
+    QUEUED_AUTOMATIONS = text(_QUEUED_AUTOMATIONS.format(index=""))
     BEAT = text(
         "UPDATE machines SET last_heartbeat_at = :at, resources = CAST(:resources AS JSON),"
         " session_key = :session_key, session_expires_at = :session_expires_at WHERE id = :id"

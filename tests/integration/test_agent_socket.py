@@ -218,3 +218,44 @@ async def test_heartbeats_are_taken_where_parsed_but_never_ahead_of_a_message_in
     finally:
         runner.write = real_write
         await ws.close()
+
+
+async def test_an_idle_machines_beats_are_written_when_they_say_something_new_or_the_last_grows_old(
+        server_factory):
+    """Every beat is acknowledged; the database sees an idle machine's beat only when it says
+    something new about the session (or names an attempt), or the last one written is
+    ``REFRESH_SHARE`` of the heartbeat timeout old — so a big idle fleet's heartbeats do not
+    fill the store's transactions, and none looks silent."""
+    from deskfleet.fleet.manager import REFRESH_SHARE
+
+    server = server_factory(heartbeat_timeout=6.0, heartbeat_interval=1.0)
+    key = await enrol(server, "calm-1")
+    ws = await connect(server, "calm-1", key)
+    view = server.view()
+
+    async def beat(seq: int, **fields) -> None:
+        await ws.send(orjson.dumps({"type": "heartbeat", "seq": seq, **fields}))
+        while True:
+            msg = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+            if msg["type"] == "heartbeat_ack":
+                assert msg["seq"] == seq
+                return
+
+    def machine():
+        return view.get_machine("calm-1")
+
+    try:
+        await beat(1, resources={"uptime": 1})
+        first = machine()
+        assert first.resources["uptime"] == 1
+        t_written = time.monotonic()
+        await beat(2, resources={"uptime": 2})  # nothing new but a figure: acknowledged, not written
+        assert (machine().resources["uptime"], machine().last_heartbeat_at) == (1, first.last_heartbeat_at)
+        await beat(3, resources={"uptime": 3}, session_key="robot1")  # a session: written at once
+        assert (machine().resources["uptime"], machine().session_key) == (3, "robot1")
+        t_written = time.monotonic()
+        await asyncio.sleep(REFRESH_SHARE * 6.0 - (time.monotonic() - t_written) + 0.2)
+        await beat(4, resources={"uptime": 4}, session_key="robot1")  # the last written grew old
+        assert machine().resources["uptime"] == 4 and machine().last_heartbeat_at > first.last_heartbeat_at
+    finally:
+        await ws.close()

@@ -1,7 +1,8 @@
 """The fleet manager's background loop: heartbeats, leases, timeouts, quarantine.
 
 Every replica, each tick: write the heartbeats its agents sent since the last tick
-(renewing their leases) and its own heartbeat. The *leader* only — one replica at a time,
+(renewing their leases; an idle machine's beat only when it says something new or the last
+one written is getting old) and its own heartbeat. The *leader* only — one replica at a time,
 chosen by the store's leadership lock, taken over by another when it dies — then expires
 the leases still past due (after the heartbeats, so a beat that arrived in time is never
 outrun by the expiry sweep), quarantines silent machines, notices dead replicas, enforces
@@ -32,12 +33,14 @@ from .hub import Hub, RunListener
 if TYPE_CHECKING:
     from ..config import ServerSettings
     from ..crypto import SecretBox
-    from ..store import Leadership, Store
+    from ..store import Heartbeat, Leadership, Store
     from ..store.runner import StoreRunner
 
 log = logging.getLogger(__name__)
 
 RESEND_INTERVAL = 2.0  # seconds between re-sends of unconfirmed stop orders
+#: an idle machine's heartbeat is written at least once in this share of the heartbeat timeout
+REFRESH_SHARE = 0.3
 
 
 class Core(RunListener, Protocol):
@@ -70,6 +73,8 @@ class FleetManager:
         self._keys_checked_at = 0.0
         self._leases_swept_at = 0.0
         self._outage_since: float | None = None
+        #: per machine, the last beat written: (at, attempt, session key, session expiry)
+        self._written: dict[str, tuple[float, int | None, str | None, float | None]] = {}
         self.leader_since: float | None = None
 
     def start(self) -> list[asyncio.Task[None]]:
@@ -113,15 +118,38 @@ class FleetManager:
             log.warning("this replica lost the leadership")
         return held
 
+    def _worth_writing(self, beats: list[Heartbeat]) -> list[Heartbeat]:
+        """The beats the database must see now. An idle machine's beat that says nothing new
+        only renews its ``last_heartbeat_at``: written once in :data:`REFRESH_SHARE` of the
+        heartbeat timeout, it is never old enough to look silent, and a big idle fleet's
+        heartbeats cost a fraction of the writes (each a row the scheduler's transactions
+        wait behind). Written every time: a beat naming an attempt (its lease is renewed),
+        the first after one that did (an account's reservation settles on it), and any whose
+        session changed; the machine's other figures (``resources``) go with the next one
+        written. The hub, which holds the connection, still sees every beat and closes a
+        silent agent's connection at the timeout itself."""
+        every = REFRESH_SHARE * self.settings.heartbeat_timeout
+        written = self._written
+        out = []
+        for b in beats:
+            last = written.get(b.machine_id)
+            if (last is None or b.attempt_id is not None or b.sessions_changed or b.at - last[0] >= every
+                    or last[1:] != (b.attempt_id, b.session_key, b.session_expires_at)):
+                out.append(b)
+        return out
+
     async def tick(self) -> None:
         store, s = self.store, self.settings
         beats, seqs = self.hub.drain_heartbeats()
         if beats:
+            due = self._worth_writing(beats)
             try:
-                held = await self.db(store.heartbeat, beats, s.lease_timeout)
+                held = await self.db(store.heartbeat, due, s.lease_timeout) if due else {}
             except Exception:
                 self.hub.requeue_heartbeats(beats, seqs)  # written (and acknowledged) by the next tick that can
                 raise
+            for b in due:
+                self._written[b.machine_id] = (b.at, b.attempt_id, b.session_key, b.session_expires_at)
             await self.hub.acknowledge(seqs)
             for machine_id, ok in held.items():
                 if not ok:

@@ -166,6 +166,21 @@ async def test_cancel_a_queued_run_with_no_machine_connected(live_server, fleet_
         assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
 
 
+async def test_a_submit_answers_the_run_as_get_shows_it(live_server, fleet_factory):
+    """POST /v1/runs writes its answer itself (not through response_model): the same bytes as
+    GET /v1/runs/{id}, 201 for a new run and 200 for its idempotency key's repeat."""
+    fleet = await fleet_factory(live_server, count=1)
+    await fleet.shutdown()  # the run stays queued: nothing changes it between the two reads
+    body = {**LOOKUP, "idempotency_key": "same-bytes", "deadline": 600, "priority": 3}
+    async with http(live_server) as c:
+        created = await c.post("/v1/runs", json=body)
+        again = await c.post("/v1/runs", json=body)
+        shown = await c.get(f"/v1/runs/{created.json()['id']}")
+    assert (created.status_code, again.status_code, shown.status_code) == (201, 200, 200)
+    assert created.content == again.content == shown.content
+    assert created.headers["content-type"] == shown.headers["content-type"] == "application/json"
+
+
 async def test_cancel_a_queued_run_when_every_machine_is_cordoned_wakes_its_waiters(live_server, fleet_factory):
     await fleet_factory(live_server, count=2)
     async with http(live_server) as c:

@@ -41,14 +41,16 @@ def router(runs: Runs, machines: Machines, client: Depends) -> APIRouter:
     @api.post("/v1/runs", response_model=RunOut, status_code=201, dependencies=[client],
               responses={200: {"model": RunOut, "description": "the run this idempotency key already made"},
                          404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 422: {"model": ErrorOut}})
-    async def submit(req: RunRequest, response: Response,
-                     wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="seconds to wait for the result")] = 0) -> RunOut:
+    async def submit(req: RunRequest,
+                     wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="seconds to wait for the result")] = 0,
+                     ) -> Response:
         run, created = await runs.submit(req.to_spec(), req.model_dump(mode="json"))
-        if not created:
-            response.status_code = 200
         if wait > 0:
             run = await runs.wait(run.id, wait)
-        return await out(run)
+        # The answer as response_model would serialise it, without checking again the RunOut
+        # just built (the hot path of single submits).
+        return Response((await out(run)).model_dump_json(), status_code=201 if created else 200,
+                        media_type="application/json")
 
     @api.post("/v1/runs:batch", response_model=BatchOut, dependencies=[client],
               responses={413: {"model": ErrorOut}, 422: {"model": ErrorOut}})

@@ -161,7 +161,7 @@ class Runs:
             if not serviceable(spec.pool, spec.labels, spec.automation, spec.version, spec.machine, candidates):
                 in_pool = sum(s.count for s in shapes if s.pool == spec.pool)
                 raise Unservable(_unservable_message(spec, in_pool))
-        stored = replace(spec, input=self.secrets.encrypt_fields(spec.input, auto.secret_fields))
+        stored = replace(spec, input=self.secrets.encrypt_fields(spec.input, auto.secret_fields)) if auto.secret_fields else spec
         return stored, self.secrets.fingerprint(body)
 
     # -- cancel, wait ------------------------------------------------------------------------------

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 
 from ..errors import ConfigError
 
@@ -43,14 +45,17 @@ def libpq_url(url: str) -> str:
     return "postgresql://" + driver_url(url)[len("postgresql+psycopg://"):]
 
 
+#: a pooled connection idle at least this long is pinged before use (see make_engine)
+PING_IDLE = 1.0
+
+
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
-    return create_engine(
+    engine = create_engine(
         driver_url(url),
         json_serializer=_dumps,
         json_deserializer=orjson.loads,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,  # a connection that died with a server restart is replaced, not used
         pool_recycle=600,
         pool_timeout=10,
         connect_args={
@@ -62,6 +67,28 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
             "options": "-c lock_timeout=10000",
         },
     )
+    # A connection that died with a server restart is replaced, not used: pinged before use
+    # (SQLAlchemy's pre-ping, one round trip) when it has been idle a while. A connection in
+    # steady use is not (a busy server checks one out a few times per run): if the server
+    # went away meanwhile, the first statement fails, SQLAlchemy sees a disconnect and
+    # discards the whole pool, and the operation fails as the one in flight would have.
+    dialect = engine.dialect
+
+    def checked_in(dbapi_connection: Any, record: Any) -> None:
+        record.info["deskfleet_idle_since"] = time.monotonic()
+
+    def ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("deskfleet_idle_since")
+        if since is None or time.monotonic() - since < PING_IDLE:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the pool replaces the connection and checks out another
+            raise DisconnectionError(f"stale connection: {exc}") from exc
+
+    event.listen(engine.pool, "checkin", checked_in)
+    event.listen(engine.pool, "checkout", ping_if_idle)
+    return engine
 
 
 class AdvisoryLeadership:

@@ -1805,3 +1805,36 @@ def test_forgiving_an_outage_extends_leases_and_progress_but_keeps_connections(s
     assert att.last_progress_at == T0 + 100
     assert s.get_machine("m1").connected is True
     assert s.expire_leases(T0 + 114) == []
+
+
+# -- PostgreSQL connections after a server restart -------------------------------------------------
+
+def _drop_connections(backend) -> None:
+    """What a server restart does to the pool: every connection of the test's database ends."""
+    from sqlalchemy.engine import make_url
+
+    with backend.server._admin() as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                      "pg_backend_pid()", (make_url(backend.url).database,))
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_an_idle_pooled_connection_is_pinged_and_replaced_a_busy_one_fails_once(backend, monkeypatch):
+    from deskfleet.errors import StoreUnavailable
+    from deskfleet.store import postgres
+
+    store = backend.open(migrate=True)
+    store.put_pool(Pool("a"), T0)
+    # Idle (longer than PING_IDLE): pinged at checkout, found dead, replaced; nothing fails.
+    monkeypatch.setattr(postgres, "PING_IDLE", 0.0)
+    _drop_connections(backend)
+    store.put_pool(Pool("b"), T0)
+    # In steady use: not pinged, so the first statement finds the connection dead and fails
+    # as an outage (the operation in flight would have); the pool is discarded, and the
+    # next operation runs on a new connection.
+    monkeypatch.setattr(postgres, "PING_IDLE", 3600.0)
+    _drop_connections(backend)
+    with pytest.raises(StoreUnavailable):
+        store.put_pool(Pool("c"), T0)
+    store.put_pool(Pool("c"), T0)
+    assert {p.name for p in store.list_pools()} >= {"a", "b", "c"}

@@ -400,6 +400,30 @@ def test_submit_many_answers_each_run_and_writes_the_rest(s):
     assert s.submit_many([], now=T0) == []
 
 
+def test_a_batch_looks_its_pools_up_once_and_stores_its_runs_in_order(s, monkeypatch):
+    s.put_pool(Pool("default"), T0)
+    s.put_pool(Pool("other"), T0)
+    sent: list[str] = []
+    run = s._drv._run
+    monkeypatch.setattr(s._drv, "_run", lambda conn, sql, params, *, many: sent.append(sql) or run(
+        conn, sql, params, many=many))
+    answers = s.submit_many(
+        [(RunSpec("ehr.create", {"i": i}, pool="other" if i % 3 == 0 else "default"), None) for i in range(6)]
+        + [(RunSpec("ehr.create", {"i": 6}, idempotency_key="k6"), "h6")]
+        + [(RunSpec("ehr.create", {"i": i}), None) for i in range(7, 10)], now=T0 + 1)
+    monkeypatch.undo()
+    assert all(isinstance(a, tuple) and a[1] for a in answers)
+    assert sum("FROM pools" in q for q in sent) == 2  # once for each pool, not once for each run
+    # Rows in the order the batch gave them (the queue's order among runs submitted at once),
+    # the keyed run in its place.
+    ids = [a[0].id for a in answers if isinstance(a, tuple)]
+    with s.engine.connect() as conn:
+        order = {"sqlite": "rowid", "postgresql": "ctid"}[s.engine.dialect.name]
+        stored = [r[0] for r in conn.execute(text(f"SELECT id FROM runs ORDER BY {order}"))]
+    assert stored == ids
+    assert s.count_runs() == {"queued": 10}
+
+
 def test_submit_to_an_unknown_pool_is_our_error(s):
     """STYLE 7: driver errors are converted at the boundary; the store is one."""
     with pytest.raises(DeskfleetError):

@@ -109,7 +109,7 @@ class Runs:
         was created, or the error that refused that request alone. A request given as an
         error (it did not parse) is answered with it."""
         answers: list[tuple[Run, bool] | InvalidRequest | None] = []
-        admitted: list[tuple[int, tuple[RunSpec, str]]] = []
+        admitted: list[tuple[int, tuple[RunSpec, str | None]]] = []
         for i, request in enumerate(requests):
             if isinstance(request, InvalidRequest):
                 answers.append(request)
@@ -138,7 +138,7 @@ class Runs:
             log.info("%d runs submitted in one batch", count)
         self.dispatch.wake(others=True)
 
-    async def _admit(self, spec: RunSpec, body: dict[str, Any]) -> tuple[RunSpec, str]:
+    async def _admit(self, spec: RunSpec, body: dict[str, Any]) -> tuple[RunSpec, str | None]:
         """The run as it is to be stored (secret input fields encrypted) and the request's
         fingerprint, once it passes every check against what exists; else the error."""
         pools, shapes = await self.specs.pools_and_shapes()
@@ -162,7 +162,8 @@ class Runs:
                 in_pool = sum(s.count for s in shapes if s.pool == spec.pool)
                 raise Unservable(_unservable_message(spec, in_pool))
         stored = replace(spec, input=self.secrets.encrypt_fields(spec.input, auto.secret_fields)) if auto.secret_fields else spec
-        return stored, self.secrets.fingerprint(body)
+        # The request's fingerprint tells a repeat from a conflict under one idempotency key.
+        return stored, self.secrets.fingerprint(body) if spec.idempotency_key is not None else None
 
     # -- cancel, wait ------------------------------------------------------------------------------
     async def cancel(self, run_id: str) -> Run:

@@ -303,11 +303,13 @@ class Store(ABC):
 
     # -- runs ------------------------------------------------------------------------------
     @abstractmethod
-    def submit(self, spec: RunSpec, *, request_hash: str, now: float) -> tuple[Run, bool]:
+    def submit(self, spec: RunSpec, *, request_hash: str | None, now: float) -> tuple[Run, bool]:
         """Store a new queued run; with an idempotency key already used with the same
-        request hash, return the existing run and False. A different hash → Conflict."""
+        request hash, return the existing run and False. A different hash → Conflict. (A run
+        without a key needs no hash.)"""
 
-    def submit_many(self, items: Sequence[tuple[RunSpec, str]], *, now: float) -> list[tuple[Run, bool] | InvalidRequest]:
+    def submit_many(self, items: Sequence[tuple[RunSpec, str | None]], *, now: float,
+                    ) -> list[tuple[Run, bool] | InvalidRequest]:
         """Store several runs (each with its request hash) in one transaction, each answered
         on its own as :meth:`submit` would answer it — the run and whether it was created — or
         with the error that refused it alone (a Conflict, an unknown pool): one refused run

@@ -104,6 +104,20 @@ _LOCK_ATTEMPT = select(attempts).where(attempts.c.id == bindparam("id")).with_fo
 _INSERT_EVENT = events.insert()
 
 
+class _SubmitBatch:
+    """What a batch of submits shares in its transaction: the pools found, and the rows of
+    runs without an idempotency key, not inserted yet (one ``executemany`` for them all)."""
+
+    def __init__(self) -> None:
+        self.pools: set[str] = set()
+        self.rows: list[dict[str, Any]] = []
+
+    def flush(self, drv: Driver, conn: Connection) -> None:
+        if self.rows:
+            drv.insert_many(conn, runs, self.rows)
+            self.rows = []
+
+
 class Claims(list[Assignment]):
     """What a scheduling pass claimed; ``unclaimed`` counts the queued runs it held locked
     and did not take (another replica's machines may fit them: worth a wake hint)."""
@@ -763,7 +777,7 @@ class SQLStore(AccountOps, KeyOps, Store):
                          .values(last_screenshot_id=artifact_id))
 
     # -- runs -----------------------------------------------------------------------------------
-    def submit(self, spec: RunSpec, *, request_hash: str, now: float) -> tuple[Run, bool]:
+    def submit(self, spec: RunSpec, *, request_hash: str | None, now: float) -> tuple[Run, bool]:
         try:
             return self._submit(spec, request_hash, now)
         except (IntegrityError, StoreRetry):
@@ -773,7 +787,8 @@ class SQLStore(AccountOps, KeyOps, Store):
                 raise
             return self._submit(spec, request_hash, now)
 
-    def submit_many(self, items: Sequence[tuple[RunSpec, str]], *, now: float) -> list[tuple[Run, bool] | InvalidRequest]:
+    def submit_many(self, items: Sequence[tuple[RunSpec, str | None]], *, now: float,
+                    ) -> list[tuple[Run, bool] | InvalidRequest]:
         try:
             return self._submit_many(items, now)
         except (IntegrityError, StoreRetry):
@@ -781,27 +796,38 @@ class SQLStore(AccountOps, KeyOps, Store):
             # and our insert: the whole transaction went; again, that key is now found.
             return self._submit_many(items, now)
 
-    def _submit_many(self, items: Sequence[tuple[RunSpec, str]], now: float) -> list[tuple[Run, bool] | InvalidRequest]:
+    def _submit_many(self, items: Sequence[tuple[RunSpec, str | None]], now: float,
+                     ) -> list[tuple[Run, bool] | InvalidRequest]:
         out: list[tuple[Run, bool] | InvalidRequest] = []
+        batch = _SubmitBatch()
         with self._tx() as conn:
             for spec, request_hash in items:
                 try:  # a refusal comes before anything of its run is written
-                    out.append(self._submit_in(conn, spec, request_hash, now))
+                    out.append(self._submit_in(conn, spec, request_hash, now, batch))
                 except (NotFound, Conflict) as exc:
                     out.append(exc)
+            batch.flush(self._drv, conn)
         return out
 
-    def _submit(self, spec: RunSpec, request_hash: str, now: float) -> tuple[Run, bool]:
+    def _submit(self, spec: RunSpec, request_hash: str | None, now: float) -> tuple[Run, bool]:
         with self._tx() as conn:
             return self._submit_in(conn, spec, request_hash, now)
 
-    def _submit_in(self, conn: Connection, spec: RunSpec, request_hash: str, now: float) -> tuple[Run, bool]:
+    def _submit_in(self, conn: Connection, spec: RunSpec, request_hash: str | None, now: float,
+                   batch: _SubmitBatch | None = None) -> tuple[Run, bool]:
         """Submit within the transaction ``conn``; a refusal (NotFound, Conflict) is raised
-        before anything is written."""
-        if self._drv.execute(conn, self._sql.POOL_EXISTS, {"name": spec.pool}).fetchone() is None:
-            raise NotFound(f"unknown pool {spec.pool!r}", field="pool")
-        if spec.idempotency_key is not None and (existing := self._by_key(conn, spec, request_hash)) is not None:
-            return existing, False
+        before anything is written. Within a ``batch``, each pool is looked up once and runs
+        without an idempotency key are inserted together (in order: before any keyed one)."""
+        if batch is None or spec.pool not in batch.pools:
+            if self._drv.execute(conn, self._sql.POOL_EXISTS, {"name": spec.pool}).fetchone() is None:
+                raise NotFound(f"unknown pool {spec.pool!r}", field="pool")
+            if batch is not None:
+                batch.pools.add(spec.pool)
+        if spec.idempotency_key is not None:
+            if batch is not None:
+                batch.flush(self._drv, conn)
+            if (existing := self._by_key(conn, spec, request_hash)) is not None:
+                return existing, False
         run_id = ids.new_id("run")
         values = {
             "id": run_id, "automation": spec.automation, "version": spec.version, "input": spec.input,
@@ -820,7 +846,9 @@ class SQLStore(AccountOps, KeyOps, Store):
         # With a key, ON CONFLICT DO NOTHING: a concurrent submit (another replica's) that
         # took the key first is waited for and found, instead of an error that would abort
         # this transaction — and with it the batch of writes it may be part of.
-        if not self._drv.insert(conn, runs, values, skip_conflict=spec.idempotency_key is not None):
+        if batch is not None and spec.idempotency_key is None:
+            batch.rows.append(values)
+        elif not self._drv.insert(conn, runs, values, skip_conflict=spec.idempotency_key is not None):
             existing = self._by_key(conn, spec, request_hash)
             if existing is None:
                 raise StoreRetry(f"idempotency key {spec.idempotency_key!r}: taken, then not found")
@@ -829,7 +857,7 @@ class SQLStore(AccountOps, KeyOps, Store):
                     data={"automation": spec.automation, "pool": spec.pool, "priority": spec.priority})
         return rows.run({c.name: None for c in runs.columns} | values), True
 
-    def _by_key(self, conn: Connection, spec: RunSpec, request_hash: str) -> Run | None:
+    def _by_key(self, conn: Connection, spec: RunSpec, request_hash: str | None) -> Run | None:
         """The run already submitted with ``spec``'s idempotency key, if any (Conflict if its
         request differed)."""
         row = self._drv.one(conn, self._sql.RUN_BY_KEY, {"tenant": spec.tenant, "key": spec.idempotency_key}, runs)

@@ -259,3 +259,38 @@ async def test_an_idle_machines_beats_are_written_when_they_say_something_new_or
         assert machine().resources["uptime"] == 4 and machine().last_heartbeat_at > first.last_heartbeat_at
     finally:
         await ws.close()
+
+
+async def test_a_connection_cancelled_while_its_disconnect_waits_on_the_store_ends_quietly(live_server, captured):
+    """A server stopping with thousands of agents connected runs out of its graceful time
+    while their disconnects queue on the store; each connection's task is then cancelled.
+    It must end quietly (no traceback per agent): the replica's leave records them all."""
+    import threading
+
+    hub = live_server.orch.hub
+    real_db = hub.db
+    waiting = threading.Event()
+    task: list[asyncio.Task] = []
+
+    async def busy_store(fn, *args, **kwargs):
+        if getattr(fn, "__name__", "") == "disconnect_machine":
+            task.append(asyncio.current_task())
+            waiting.set()
+            await asyncio.Event().wait()  # a store too busy to get to it before the server stops
+        return await real_db(fn, *args, **kwargs)
+
+    hub.db = busy_store
+    try:
+        key = await enrol(live_server, "bye-1")
+        ws = await connect(live_server, "bye-1", key)
+        await ws.close()
+        assert await asyncio.to_thread(waiting.wait, 5)
+        (t,) = task
+        t.get_loop().call_soon_threadsafe(t.cancel)  # what uvicorn does when its graceful time is up
+        await eventually(t.done)
+        assert not t.cancelled() and t.exception() is None
+    finally:
+        hub.db = real_db
+    said = [text for _, text in captured.lines if "bye-1" in text or "server stops" in text]
+    assert any("agent disconnected as the server stops" in text for text in said), said
+    assert not any("Traceback" in text for _, text in captured.lines)

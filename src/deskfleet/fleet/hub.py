@@ -502,11 +502,18 @@ class Hub:
                 self.metrics.connected.set(len(self.connections))
                 self.beats.pop(machine_id, None)
                 self.beat_seqs.pop(machine_id, None)
+                said = "agent disconnected"
                 try:
                     await self.db(self.store.disconnect_machine, machine_id, time.time(), self.replica_id)
+                except asyncio.CancelledError:
+                    # The server is stopping and ran out of time for this connection (ten
+                    # thousand disconnects queue on the store): the replica's own leave
+                    # (Orchestrator.stop) marks all its machines disconnected at once. The
+                    # connection's task ends quietly, as its agent's socket did.
+                    said = "agent disconnected as the server stops; recorded by the replica's leave"
                 except Exception:
                     log.exception("could not record the disconnect", extra=self._ctx(machine_id))
-                log.info("agent disconnected", extra=self._ctx(machine_id))
+                log.info(said, extra=self._ctx(machine_id))
 
     async def request_verify(self, conn: Connection, reason: str) -> None:
         conn.verify_sent_at = time.time()

@@ -160,3 +160,49 @@ def test_placement_properties(scene):
         for m in left:
             if eligible(r, m) and book.account_for(need, m.id) is not None:
                 assert r.session_key is not None or r.prefer_machine is not None, f"{r.id} starved on {m.id}"
+
+
+class _AskedEachTime:
+    """LongestIdle as a selector without ``rank``: asked machine by machine."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def choose(self, run: Run, candidates: Any) -> Machine:
+        return self.inner.choose(run, candidates)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    idle=st.lists(st.one_of(st.none(), st.floats(T0 - 100, T0)), min_size=1, max_size=12),
+    shapes=st.lists(st.tuples(st.sampled_from(["ehr.create", "ehr.lookup"]), st.booleans(),
+                              st.one_of(st.none(), st.integers(0, 11))), min_size=1, max_size=20),
+    recent=st.booleans(),
+)
+def test_a_selectors_rank_places_as_its_choose_would(idle, shapes, recent):
+    """A pass that takes each run's machine from the selector's ``rank`` order (sorted once)
+    places every run where asking ``choose`` for each would."""
+    from deskfleet.scheduler import LongestIdle, MostRecentlyUsed
+
+    free = [machine(f"m{i:02d}", idle_since=t, automations=["ehr.create@1"] if i % 3 else
+                    ["ehr.create@1", "ehr.lookup@1"]) for i, t in enumerate(idle)]
+    runs = [run_(f"r{j:02d}", automation=name, version="1",
+                 prefer_machine=f"m{pref:02d}" if pref is not None and pinned else None)
+            for j, (name, pinned, pref) in enumerate(shapes)]
+    selector = MostRecentlyUsed() if recent else LongestIdle()
+    fast = Policy(selector=selector).place(runs, free, online=free, pools=POOLS, now=T0)
+    slow = Policy(selector=_AskedEachTime(selector)).place(runs, free, online=free, pools=POOLS, now=T0)
+    assert [(p.run.id, p.machine.id) for p in fast] == [(p.run.id, p.machine.id) for p in slow]
+
+
+def test_a_subclass_that_chooses_otherwise_is_asked_machine_by_machine():
+    from deskfleet.scheduler import LongestIdle
+
+    class Newest(LongestIdle):
+        def choose(self, run: Run, candidates: Any) -> Machine:
+            return max(candidates, key=lambda m: m.id)
+
+    free = [machine("m1"), machine("m2"), machine("m3")]
+    got = Policy(selector=Newest()).place([run_("r1", automation="ehr.create", version="1")], free,
+                                          online=free, pools=POOLS, now=T0)
+    assert [p.machine.id for p in got] == ["m3"]  # its choose, not the inherited rank

@@ -151,11 +151,13 @@ class FleetManager:
             for b in due:
                 self._written[b.machine_id] = (b.at, b.attempt_id, b.session_key, b.session_expires_at)
             await self.hub.acknowledge(seqs)
-            for machine_id, ok in held.items():
-                if not ok:
-                    beat = next(b for b in beats if b.machine_id == machine_id)
-                    assert beat.attempt_id is not None
-                    await self.hub.send(machine_id, Stop(attempt_id=beat.attempt_id, reason="lease_lost"))
+            unheld = [machine_id for machine_id, ok in held.items() if not ok]
+            if unheld:
+                named = {b.machine_id: b.attempt_id for b in due}
+                for machine_id in unheld:
+                    attempt_id = named[machine_id]
+                    assert attempt_id is not None
+                    await self.hub.send(machine_id, Stop(attempt_id=attempt_id, reason="lease_lost"))
         now = time.time()
         if now - self._silence_checked_at >= 1.0:
             self._silence_checked_at = now

@@ -33,9 +33,9 @@ runs on every machine instead of a few long ones on some (``scheduler.durations`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..models import Machine, MachineShape, Pool, Run
 from .accounts import AccountBook, Need, Slot
@@ -68,16 +68,23 @@ class MachineSelector(Protocol):
 # order instead of all of them at every pass. Without it, every free machine is read.
 
 
+# A selector may also give its order as a ``rank(machine)`` sort key: what ``choose`` picks
+# for a run without a preference is then the first free machine in that order, and a pass
+# sorts each set of eligible machines once instead of looking at all of them for every run
+# (a backlog meeting thousands of free machines).
+
+
 class LongestIdle:
     """Default: affinity match first, then the machine idle the longest, then by id."""
 
     prefetch = "idle_first"
 
+    @staticmethod
+    def rank(m: Machine) -> tuple[float, str]:
+        return m.idle_since if m.idle_since is not None else 0.0, m.id
+
     def choose(self, run: Run, candidates: Sequence[Machine]) -> Machine:
-        return min(
-            candidates,
-            key=lambda m: (not prefers(run, m), m.idle_since if m.idle_since is not None else 0.0, m.id),
-        )
+        return min(candidates, key=lambda m: (not prefers(run, m), *self.rank(m)))
 
 
 class MostRecentlyUsed:
@@ -85,11 +92,21 @@ class MostRecentlyUsed:
 
     prefetch = "recent_first"
 
+    @staticmethod
+    def rank(m: Machine) -> tuple[float, str]:
+        return -(m.idle_since or 0.0), m.id
+
     def choose(self, run: Run, candidates: Sequence[Machine]) -> Machine:
-        return min(
-            candidates,
-            key=lambda m: (not prefers(run, m), -(m.idle_since or 0.0), m.id),
-        )
+        return min(candidates, key=lambda m: (not prefers(run, m), *self.rank(m)))
+
+
+def _rank_of(selector: MachineSelector) -> Callable[[Machine], Any] | None:
+    """The selector's ``rank``, if the class that says how it chooses says it too (a subclass
+    that chooses otherwise and inherits a rank is asked machine by machine)."""
+    mro = type(selector).__mro__
+    chooser = next((c for c in mro if "choose" in vars(c)), None)
+    ranker = next((c for c in mro if "rank" in vars(c)), None)
+    return getattr(selector, "rank", None) if chooser is not None and chooser is ranker else None
 
 
 def eligible(run: Run, machine: Machine) -> bool:
@@ -170,6 +187,9 @@ class Policy:
         # Runs alike (same pool, pin, automation, labels) have the same eligible machines:
         # worked out once per pass, not once per run.
         eligible_for: dict[tuple[object, ...], list[Machine]] = {}
+        rank = _rank_of(self.selector)
+        ranked: dict[tuple[object, ...], list[Machine]] = {}  # alike, in the selector's order
+        cursor: dict[tuple[object, ...], int] = {}  # ranked[key][:cursor] are all taken
         for run in runs:
             if len(taken) == len(free):
                 break
@@ -177,10 +197,25 @@ class Policy:
             alike = eligible_for.get(key)
             if alike is None:
                 alike = eligible_for[key] = [m for m in free if eligible(run, m)]
+            need = accounts.need(run.id) if accounts is not None else None
+            if rank is not None and need is None and not wants_affinity(run):
+                # The selector's choice for a run without a preference: its first free
+                # machine in the selector's order.
+                order = ranked.get(key)
+                if order is None:
+                    order = ranked[key] = sorted(alike, key=rank)
+                i = cursor.get(key, 0)
+                while i < len(order) and order[i].id in taken:
+                    i += 1
+                cursor[key] = i
+                if i == len(order):
+                    continue
+                pairs.append(Placement(run, order[i], None))
+                taken.add(order[i].id)
+                continue
             candidates = [m for m in alike if m.id not in taken]
             if not candidates:
                 continue
-            need = accounts.need(run.id) if accounts is not None else None
             if need is not None:
                 assert accounts is not None
                 # Only machines that can be given an account now without exceeding any

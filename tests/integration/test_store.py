@@ -637,7 +637,7 @@ def test_queued_runs_are_read_in_the_pass_order_from_an_index_not_sorted(s):
     from deskfleet.store.statements import for_dialect
 
     sql = for_dialect(s.engine.dialect.name)
-    queries = ((sql.QUEUED, {"now": T0, "limit": 10}), (sql.QUEUED_OF, {"now": T0, "limit": 10, "automation": "a"}),
+    queries = ((sql.QUEUED, {"now": T0, "limit": 10}), (sql.QUEUED_OF, {"now": T0, "limit": 10, "offset": 0, "automation": "a"}),
                (sql.QUEUED_AUTOMATIONS, {}))
     with s.engine.connect() as conn:
         for stmt, params in queries:

@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -1087,15 +1088,14 @@ class SQLStore(AccountOps, KeyOps, Store):
         if len(names) < 2:
             return head
         estimates = {name: book.estimate(name) for name in names}
-        seen = {r.id for r in head}
+        # An automation's runs in the head are the first of its own queue: read on after them.
+        in_head = Counter(r.automation for r in head)
         more: list[Run] = []
         for name in sorted(names, key=lambda n: -(estimates[n] or math.inf)):
             if len(more) >= page:
                 break
-            for r in self._drv.rows(conn, self._sql.QUEUED_OF, {"automation": name, "now": now, "limit": page}, runs):
-                run = rows.run(r)
-                if run.id not in seen:
-                    more.append(run)
+            more += [rows.run(r) for r in self._drv.rows(conn, self._sql.QUEUED_OF, {
+                "automation": name, "now": now, "limit": page - len(more), "offset": in_head[name]}, runs)]
         if not more:
             return head
         return sorted(head + more, key=pass_order)

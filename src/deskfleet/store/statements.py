@@ -49,7 +49,8 @@ def pass_order(run: Run) -> tuple[int, bool, float, float]:
 #: (``ix_runs_due_automation``); ``{index}`` is SQLite's ``INDEXED BY`` clause (its planner
 #: would take ``ix_runs_state`` and sort every queued run otherwise) or nothing
 _QUEUED = f"SELECT {_RUNS} FROM runs{{index}} WHERE {_DUE} {_PASS_ORDER} LIMIT :limit"
-_QUEUED_OF = f"SELECT {_RUNS} FROM runs{{index}} WHERE automation = :automation AND {_DUE} {_PASS_ORDER} LIMIT :limit"
+_QUEUED_OF = (f"SELECT {_RUNS} FROM runs{{index}} WHERE automation = :automation AND {_DUE} {_PASS_ORDER}"
+              " LIMIT :limit OFFSET :offset")
 #: the automations with queued runs, one index probe each (a loose index scan, not a read of
 #: every queued run)
 _QUEUED_AUTOMATIONS = (

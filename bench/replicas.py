@@ -164,7 +164,9 @@ def main() -> None:
                 sat = asyncio.run(core.saturation(args.machines, runs, "FULL", Path(tmp) / f"s{n}",
                                                   db=url, replicas=replicas))
                 row.update({"runs_per_s": sat["runs_per_s"], "steady_runs_per_s": sat["steady_runs_per_s"],
-                            "orchestrator_cpu_ms_per_run": sat["server_cpu_ms_per_run"], "failed": sat["failed"]})
+                            "orchestrator_cpu_ms_per_run": sat["server_cpu_ms_per_run"],
+                            "database_cpu_ms_per_run": sat["database_cpu_ms_per_run"],
+                            "agents_cpu_ms_per_run": sat["agents_cpu_ms_per_run"], "failed": sat["failed"]})
                 result["setups"].append(row)
             console.print("[bold]leader failover[/] on 3 replicas …")
             result["failover"] = asyncio.run(failover(dbs.new(), Path(tmp) / "failover", 3 if args.quick else 7))
@@ -173,12 +175,13 @@ def main() -> None:
             dbs.drop()
     t = Table(title=f"stores and replicas ({args.machines} machines for saturation)")
     for col in ("store", "replicas", "dispatch p50 ms", "dispatch p99 ms", "runs/s", "steady runs/s",
-                "orchestrators' CPU ms/run", "failed"):
+                "CPU ms/run: orchestrators", "PostgreSQL", "agents", "failed"):
         t.add_column(col, justify="right" if col not in ("store",) else "left")
     for r in result["setups"]:
         t.add_row(r["store"], str(r["replicas"]), f"{r['dispatch_p50_ms']:.1f}", f"{r['dispatch_p99_ms']:.1f}",
                   f"{r['runs_per_s']:.0f}", f"{r['steady_runs_per_s']:.0f}",
-                  f"{r['orchestrator_cpu_ms_per_run']:.1f}", str(r["failed"]))
+                  f"{r['orchestrator_cpu_ms_per_run']:.2f}", f"{r['database_cpu_ms_per_run']:.2f}",
+                  f"{r['agents_cpu_ms_per_run']:.2f}", str(r["failed"]))
     console.print(t)
     result["goals"] = judge(result["setups"])
     g = Table(title="issue 11's goals (ratios within this run)")

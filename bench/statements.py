@@ -53,7 +53,8 @@ def main() -> None:
     commits = total.pop("commit", 0)
     n = args.runs
     print(f"{args.replicas} replica(s), {args.machines} machines, {n} runs: {sat['runs_per_s']:.0f} runs/s, "
-          f"server CPU {sat['server_cpu_ms_per_run']:.1f} ms/run")
+          f"CPU ms/run: server {sat['server_cpu_ms_per_run']:.2f}, PostgreSQL {sat['database_cpu_ms_per_run']:.2f}, "
+          f"agents {sat['agents_cpu_ms_per_run']:.2f}")
     print(f"statements per run: {sum(total.values()) / n:.1f}   commits per run: {commits / n:.2f}")
     for what, k in total.most_common(args.top):
         print(f"{k / n:7.2f}  {what}")

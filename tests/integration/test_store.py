@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from dataclasses import replace
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -51,7 +52,7 @@ from deskfleet.models import (
 )
 from deskfleet.scheduler import DurationBook, Policy
 from deskfleet.store import ConnectResult, Heartbeat, SQLStore
-from deskfleet.store.schema import attempts, events, metadata, runs
+from deskfleet.store.schema import attempts, events, machines, metadata, runs
 
 T0 = 1_700_000_000.0
 LEASE = 30.0
@@ -1862,3 +1863,78 @@ def test_an_idle_pooled_connection_is_pinged_and_replaced_a_busy_one_fails_once(
         store.put_pool(Pool("c"), T0)
     store.put_pool(Pool("c"), T0)
     assert {p.name for p in store.list_pools()} >= {"a", "b", "c"}
+
+
+# -- writes that wait for the transaction's next round trip (store.driver) -------------------------
+
+def _waiting(conn) -> int:
+    from deskfleet.store.driver import WAITING
+
+    return len(conn.info.get(WAITING) or [])
+
+
+def test_a_write_that_waits_is_seen_by_every_read_after_it(s):
+    """On PostgreSQL an update waits to go with the transaction's next round trip; any read
+    after it — the driver's own, or a statement SQLAlchemy runs — sends it first and sees it."""
+    from deskfleet.store.driver import Raw
+
+    add_machine(s, "m1")
+    pg = s.engine.dialect.name == "postgresql"
+    with s._tx() as conn:
+        s._drv.update(conn, machines, {"runs_completed": Raw("runs_completed + 5")}, {"id": "m1"})
+        assert _waiting(conn) == (1 if pg else 0)
+        assert conn.execute(text("SELECT runs_completed FROM machines WHERE id = 'm1'")).scalar() == 5
+        assert _waiting(conn) == 0
+        s._drv.update(conn, machines, {"runs_completed": Raw("runs_completed + 1")}, {"id": "m1"})
+        s._drv.update(conn, machines, {"runs_completed": Raw("runs_completed * 2")}, {"id": "m1"})
+        assert _waiting(conn) == (2 if pg else 0)
+        row = s._drv.one(conn, text("SELECT id, runs_completed FROM machines WHERE id = :id"), {"id": "m1"},
+                         machines)
+        assert row is not None and row["runs_completed"] == 12  # in the order they were written
+    assert s.get_machine("m1").runs_completed == 12
+
+
+def test_a_write_that_changed_other_rows_than_expected_fails_its_whole_transaction(s):
+    from deskfleet.store.driver import Raw, RowCountMismatch
+
+    add_machine(s, "m1")
+    with pytest.raises(RowCountMismatch, match="0 rows changed, expected 1"):
+        with s._tx() as conn:
+            s._drv.update(conn, machines, {"runs_completed": Raw("runs_completed + 1")}, {"id": "m1"},
+                          expect=1)
+            s._drv.update(conn, machines, {"runs_completed": 7}, {"id": "nobody"}, expect=1)
+    assert s.get_machine("m1").runs_completed == 0  # the first write rolled back with it
+    # A run moved from a state it is no longer in: the transition's write is refused.
+    run = submit(s)
+    before = s.events(run_id=run.id)
+    with pytest.raises(RowCountMismatch):
+        with s._tx() as conn:
+            s._set_run_state(conn, replace(run, state=RunState.ASSIGNED), RunState.PREPARING, T0, reason="test")
+    assert s.get_run(run.id).state is RunState.QUEUED
+    assert s.events(run_id=run.id) == before  # nor its event
+
+
+def test_writes_of_a_rolled_back_transaction_are_never_sent_later(s):
+    from deskfleet.store.driver import Raw
+
+    add_machine(s, "m1")
+    with pytest.raises(RuntimeError):
+        with s._tx() as conn:
+            s._drv.update(conn, machines, {"runs_completed": Raw("runs_completed + 100")}, {"id": "m1"})
+            raise RuntimeError("the operation failed after its write")
+    for _ in range(3):  # the pooled connection is used again, by the driver and by SQLAlchemy
+        with s._tx() as conn:
+            s._drv.update(conn, machines, {"runs_completed": Raw("runs_completed + 1")}, {"id": "m1"})
+        assert s.get_machine("m1").runs_completed in (1, 2, 3)
+    assert s.get_machine("m1").runs_completed == 3
+
+
+def test_a_write_refused_when_it_is_sent_fails_as_the_store_fails_it(s):
+    """A constraint that refuses a waiting write raises when the write is sent (at the latest,
+    before COMMIT), as SQLAlchemy's own error: nothing of the transaction is kept."""
+    add_machine(s, "m1")
+    with pytest.raises(IntegrityError):
+        with s._tx() as conn:
+            s._drv.update(conn, machines, {"idle_since": T0 + 9}, {"id": "m1"})
+            s._drv.insert_many(conn, machines, [{"id": "m1", "pool": "default"}])  # a duplicate key
+    assert s.get_machine("m1").idle_since != T0 + 9

@@ -89,6 +89,35 @@ async def test_hints_go_out_only_with_several_replicas_and_come_in_to_their_hand
     assert got == [""]
 
 
+async def test_hints_given_while_one_is_sent_go_together_one_notification_per_kind() -> None:
+    class SlowBus(Bus):
+        async def publish(self, kind: str, payload: str = "") -> None:
+            await asyncio.sleep(0.01)
+            await super().publish(kind, payload)
+
+    bus = SlowBus()
+    replicas = Replicas(bus, multi=True)
+    replicas.hint("final", "run-0")
+    await asyncio.sleep(0)  # run-0 is being sent
+    for i in range(1, 2001):
+        replicas.hint("final", f"run-{i}")
+        replicas.hint("wake")
+    replicas.hint("verify", "m-1:screen\nnot as expected")
+    while replicas._sender is not None and not replicas._sender.done():
+        await asyncio.sleep(0.01)
+    kinds = [k for k, _ in bus.published]
+    assert kinds[0] == "final" and kinds.count("wake") == 1 and kinds.count("verify") == 1
+    assert all(len(p.encode()) < 8000 for _, p in bus.published)  # PostgreSQL's limit
+    assert 3 <= kinds.count("final") <= 5  # 2,001 ids of ~9 bytes in chunks under the limit
+    got: dict[str, list[str]] = {"final": [], "wake": [], "verify": []}
+    for kind in got:
+        replicas.on(kind, got[kind].append)
+    for kind, payload in bus.published:
+        replicas._received(kind, payload)
+    assert got["final"] == [f"run-{i}" for i in range(2001)]  # each once, in order
+    assert got["wake"] == [""] and got["verify"] == ["m-1:screen not as expected"]
+
+
 async def test_a_final_run_wakes_its_waiters_counts_once_and_tells_the_other_replicas() -> None:
     metrics, heard = Metrics(), Heard()
     finals = Finals(metrics, heard, multi=True)

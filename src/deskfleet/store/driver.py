@@ -12,6 +12,15 @@ are raised as SQLAlchemy's exceptions, which the store already maps to its own
 (``StoreRetry``, ``StoreUnavailable``); results come back as plain dicts with JSON columns
 decoded, ready for ``store.rows``.
 
+On PostgreSQL, writes whose result the store does not read at once (updates, inserts
+without an id to return, the events) are not sent one round trip each: they wait on the
+connection and go together, in one pipeline (psycopg's pipeline mode), just before the
+transaction's next read or its commit. A row count the store relies on (a run moved from
+the state it was read in) is checked when the pipeline returns; a write refused there fails
+the whole transaction, as it would have one statement earlier. Every read sees every write
+before it: the driver's own reads send what waits first, and so does any statement
+SQLAlchemy runs on the connection (:func:`send_before_statements`).
+
 Everything else — migrations, reads for the API, rare writes — stays in SQLAlchemy Core.
 """
 
@@ -21,17 +30,37 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, Connection, Dialect, Table, TextClause, text
+from sqlalchemy import JSON, Connection, Dialect, Engine, Table, TextClause, event, text
 from sqlalchemy.exc import DBAPIError
 
 #: a statement as its driver takes it: the SQL, and how to turn named values into parameters
 Compiled = tuple[str, Callable[[Mapping[str, Any]], Any]]
+#: where a connection keeps its writes not yet sent (``Connection.info``, which lives as long
+#: as the pooled connection: the store empties it when a transaction begins)
+WAITING = "deskfleet_waiting"
+
+
+class Waiting:
+    """A write not yet sent: its SQL and parameters, and what its row count must be."""
+
+    __slots__ = ("sql", "params", "many", "expect", "what")
+
+    def __init__(self, sql: str, params: Any, many: bool, expect: int | None, what: str) -> None:
+        self.sql, self.params, self.many, self.expect, self.what = sql, params, many, expect, what
+
+
+class RowCountMismatch(AssertionError):
+    """A write changed other rows than the store knew it would: what it read has changed
+    under its transaction (a defect, or a writer that skipped the lock order)."""
 
 
 class Driver:
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
         self.returning = dialect.name == "postgresql"  # the new row's id from RETURNING, not lastrowid
+        # Writes wait and go in one pipeline on PostgreSQL (a round trip saved per write);
+        # SQLite is in-process, where a statement costs no round trip to save.
+        self.pipelines = dialect.name == "postgresql"
         self._compiled: dict[str, Compiled] = {}
         self._updates: dict[tuple[str, tuple[str, ...], tuple[str, ...]], TextClause] = {}
         self._inserts: dict[tuple[str, tuple[str, ...], bool, bool], TextClause] = {}
@@ -53,17 +82,67 @@ class Driver:
         return out
 
     def execute(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any] | None = None) -> Any:
-        """Run ``stmt`` with its named ``values`` in ``conn``'s transaction; the driver's cursor."""
+        """Run ``stmt`` with its named ``values`` in ``conn``'s transaction; the driver's cursor
+        (after every write still waiting, so that what it reads includes them)."""
+        self.send(conn)
         sql, params = self.compiled(stmt)
         return self._run(conn, sql, params(values or {}), many=False)
 
     def execute_many(self, conn: Connection, stmt: TextClause, values: Sequence[Mapping[str, Any]]) -> None:
         """``stmt`` once per set of values, in one call of the driver's ``executemany``."""
         sql, params = self.compiled(stmt)
-        self._run(conn, sql, [params(v) for v in values], many=True)
+        self._write(conn, sql, [params(v) for v in values], many=True)
+
+    def later(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any] | None = None, *,
+              expect: int | None = None, what: str = "") -> None:
+        """Run ``stmt``, a write whose result is not read (a lock taken, an update), now or
+        with the transaction's next round trip; ``expect``: the rows it must change."""
+        sql, params = self.compiled(stmt)
+        self._write(conn, sql, params(values or {}), many=False, expect=expect, what=what)
+
+    def _write(self, conn: Connection, sql: str, params: Any, *, many: bool,
+               expect: int | None = None, what: str = "") -> None:
+        if self.pipelines:
+            conn.info.setdefault(WAITING, []).append(Waiting(sql, params, many, expect, what))
+            return
+        cur = self._run(conn, sql, params, many=many)
+        if expect is not None and cur.rowcount != expect:
+            raise RowCountMismatch(f"{what or sql}: {cur.rowcount} rows changed, expected {expect}")
+
+    def send(self, conn: Connection) -> None:
+        """Send the writes waiting on ``conn``, in one pipeline, and check their row counts."""
+        waiting: list[Waiting] | None = conn.info.get(WAITING)
+        if not waiting:
+            return
+        conn.info[WAITING] = []
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        sent: list[tuple[Any, Waiting]] = []
+        w: Waiting | None = None
+        try:
+            if len(waiting) == 1:  # alone, it needs no pipeline (whose sync is a message more)
+                w = waiting[0]
+                cur = raw.cursor()
+                (cur.executemany if w.many else cur.execute)(w.sql, w.params)
+                sent.append((cur, w))
+            else:
+                with raw.pipeline():
+                    for w in waiting:
+                        cur = raw.cursor()
+                        (cur.executemany if w.many else cur.execute)(w.sql, w.params)
+                        sent.append((cur, w))
+        except Exception as exc:
+            raise self._error(conn, exc, w.sql if w else "", w.params if w else None) from exc
+        for cur, w in sent:
+            if w.expect is not None and cur.rowcount != w.expect:
+                raise RowCountMismatch(f"{w.what or w.sql}: {cur.rowcount} rows changed, expected {w.expect}")
 
     @staticmethod
-    def _run(conn: Connection, sql: str, params: Any, *, many: bool) -> Any:
+    def forget(conn: Connection) -> None:
+        """Drop what waits on ``conn`` (a transaction begins, or was rolled back)."""
+        conn.info[WAITING] = []
+
+    def _run(self, conn: Connection, sql: str, params: Any, *, many: bool) -> Any:
         raw = conn.connection.dbapi_connection
         assert raw is not None
         cur = raw.cursor()
@@ -73,13 +152,17 @@ class Driver:
             else:
                 cur.execute(sql, params)
         except Exception as exc:
-            dbapi = conn.dialect.loaded_dbapi
-            if isinstance(exc, dbapi.Error):
-                # As SQLAlchemy would raise it (IntegrityError, OperationalError…), so that
-                # one error mapping serves both paths.
-                raise DBAPIError.instance(sql, params, exc, dbapi.Error) from exc
-            raise
+            raise self._error(conn, exc, sql, params) from exc
         return cur
+
+    @staticmethod
+    def _error(conn: Connection, exc: Exception, sql: str, params: Any) -> Exception:
+        dbapi = conn.dialect.loaded_dbapi
+        if isinstance(exc, dbapi.Error):
+            # As SQLAlchemy would raise it (IntegrityError, OperationalError…), so that one
+            # error mapping serves both paths.
+            return DBAPIError.instance(sql, params, exc, dbapi.Error)
+        return exc
 
     def rows(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any], table: Table) -> list[dict[str, Any]]:
         """Rows of ``SELECT <every column of table> …`` as dicts, JSON decoded."""
@@ -100,10 +183,14 @@ class Driver:
         found = self.rows(conn, stmt, values, table)
         return found[0] if found else None
 
-    def update(self, conn: Connection, table: Table, values: Mapping[str, Any], where: Mapping[str, Any]) -> int:
-        """``UPDATE table SET values WHERE where`` (equalities); rows changed. A value that is
-        a :class:`Raw` is SQL of its own (``runs_completed + 1``)."""
-        key = (table.name, tuple(values), tuple(where))
+    def update(self, conn: Connection, table: Table, values: Mapping[str, Any], where: Mapping[str, Any], *,
+               expect: int | None = None) -> None:
+        """``UPDATE table SET values WHERE where`` (equalities), now or with the transaction's
+        next round trip (see the module); ``expect``: the rows it must change, or it fails
+        the transaction. A value that is a :class:`Raw` is SQL of its own
+        (``runs_completed + 1``)."""
+        # A Raw value is part of the statement's text, so part of its key.
+        key = (table.name, tuple(f"{k} = {v.sql}" if isinstance(v, Raw) else k for k, v in values.items()), tuple(where))
         stmt = self._updates.get(key)
         if stmt is None:
             sets = ", ".join(f"{k} = {v.sql}" if isinstance(v, Raw) else f"{k} = :{k}" for k, v in values.items())
@@ -111,7 +198,7 @@ class Driver:
             stmt = self._updates[key] = text(f"UPDATE {table.name} SET {sets} WHERE {cond}")
         named = {k: self.param(table, k, v) for k, v in values.items() if not isinstance(v, Raw)}
         named.update({f"where_{k}": v for k, v in where.items()})
-        return int(self.execute(conn, stmt, named).rowcount)
+        self.later(conn, stmt, named, expect=expect, what=f"update {table.name} {dict(where)}")
 
     def insert(
         self, conn: Connection, table: Table, values: Mapping[str, Any], *,
@@ -132,7 +219,7 @@ class Driver:
 
     def insert_many(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
         """Rows that all name the same columns, in one ``executemany`` (psycopg pipelines it:
-        one round trip for all of them)."""
+        one round trip for all of them), now or with the transaction's next round trip."""
         if not rows:
             return
         stmt = self._insert(table, tuple(rows[0]), False, False)
@@ -177,4 +264,14 @@ def _json_columns(table: Table) -> frozenset[str]:
     return cols
 
 
-__all__ = ["Driver", "Raw"]
+def send_before_statements(engine: Engine, driver: Driver) -> None:
+    """Make every statement SQLAlchemy runs on ``engine`` send the driver's waiting writes
+    first, so that it sees them (and runs after them) as it would have without waiting."""
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _send(conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if conn.info.get(WAITING):
+            driver.send(conn)
+
+
+__all__ = ["Driver", "Raw", "RowCountMismatch", "send_before_statements"]

@@ -74,7 +74,7 @@ from ..statemachine import can_transition, decide, overdue_reason, quarantines, 
 from . import rows
 from .accounts import AccountOps
 from .base import ConnectResult, Finished, Heartbeat, Store, SweepResult
-from .driver import Driver, Raw
+from .driver import Driver, Raw, send_before_statements
 from .keys import KeyOps
 from .schema import (
     artifacts,
@@ -207,6 +207,8 @@ class SQLStore(AccountOps, KeyOps, Store):
         self._specs: dict[tuple[str, str | None], tuple[float, AutomationSpec | None]] = {}  # see _spec
         self._pg = engine.dialect.name == "postgresql"
         self._drv = Driver(engine.dialect)
+        if self._drv.pipelines:
+            send_before_statements(engine, self._drv)
         self._sql = for_dialect(engine.dialect.name)  # the hot path's statements (store.statements)
         # Agents' writes and submits share a transaction (group commit, see batch): one commit
         # — one fsync on SQLite, one WAL flush and one round trip on PostgreSQL — for many. On
@@ -266,7 +268,7 @@ class SQLStore(AccountOps, KeyOps, Store):
             {r["id"]: r for r in self._drv.rows(conn, PG.LOCK_ATTEMPTS, {"ids": ids}, attempts)},
         )
         if machines_of:
-            self._drv.execute(conn, PG.LOCK_MACHINES_OF, {"ids": list(machines_of)})
+            self._drv.later(conn, PG.LOCK_MACHINES_OF, {"ids": list(machines_of)})  # nothing to read back
         return held
 
     @contextmanager
@@ -280,9 +282,13 @@ class SQLStore(AccountOps, KeyOps, Store):
                 conn = conn.execution_options(deskfleet_write=write)
                 conn.info["deskfleet_specs"] = []  # nothing of a rolled-back transaction's
                 conn.info["deskfleet_events"] = []  # see _event
-                with conn.begin():
-                    yield conn
-                    self._flush_events(conn)
+                try:
+                    with conn.begin():
+                        yield conn
+                        self._flush_events(conn)
+                        self._drv.send(conn)  # the writes still waiting (store.driver), before COMMIT
+                finally:
+                    self._drv.forget(conn)  # nothing of a rolled-back transaction's is sent later
                 # Committed: what it wrote may be remembered (see _put_automations).
                 written = conn.info.pop("deskfleet_specs", ())
                 if written:
@@ -410,21 +416,28 @@ class SQLStore(AccountOps, KeyOps, Store):
     def _set_run_state(
         self, conn: Connection, run: Run, to: RunState, now: float, *, reason: str,
         message: str = "", attempt_id: int | None = None, machine_id: str | None = None,
-        **values: Any,
+        via: tuple[RunState, str] | None = None, **values: Any,
     ) -> Run:
         """Move a run to ``to`` (a legal transition, checked), record the event; the run as it
-        now is. ``values`` are other columns to set, named as the Run's fields."""
-        if not can_transition(run.state, to):
-            raise AssertionError(f"run {run.id}: illegal transition {run.state} → {to}")
-        changed = self._drv.update(conn, runs, {"state": to.value, "updated_at": now, **values},
-                                   {"id": run.id, "state": run.state.value})
-        if changed != 1:
-            raise AssertionError(f"run {run.id} changed under a transaction (expected {run.state})")
-        self._event(
-            conn, "run.state", now, run_id=run.id, attempt_id=attempt_id, machine_id=machine_id,
-            from_state=run.state.value, to_state=to.value, reason=reason,
-            data={"message": message} if message else None,
-        )
+        now is. ``values`` are other columns to set, named as the Run's fields. ``via``: a
+        state the run passes through on the way (and that step's reason), recorded as an
+        event of its own but written with the same one update."""
+        steps = [(via[0], via[1], ""), (to, reason, message)] if via is not None else [(to, reason, message)]
+        at = run.state
+        for state, _, _ in steps:
+            if not can_transition(at, state):
+                raise AssertionError(f"run {run.id}: illegal transition {at} → {state}")
+            at = state
+        # One row, or the run changed under this transaction (checked when the write is sent).
+        self._drv.update(conn, runs, {"state": to.value, "updated_at": now, **values},
+                         {"id": run.id, "state": run.state.value}, expect=1)
+        at = run.state
+        for state, why, said in steps:
+            self._event(
+                conn, "run.state", now, run_id=run.id, attempt_id=attempt_id, machine_id=machine_id,
+                from_state=at.value, to_state=state.value, reason=why, data={"message": said} if said else None,
+            )
+            at = state
         if to.final and run.webhook_url:
             conn.execute(webhooks.insert().values(
                 run_id=run.id, url=run.webhook_url, next_at=now, created_at=now,
@@ -1189,14 +1202,13 @@ class SQLStore(AccountOps, KeyOps, Store):
                 raise Stopped((a.stop_reason or StopReason.CANCELLED).value)
             if a.phase is AttemptPhase.RUNNING:
                 return a
-            if a.phase is AttemptPhase.ASSIGNED:
-                self._set_run_state(conn, run, RunState.PREPARING, now, reason="agent_accepted",
-                                    attempt_id=a.id, machine_id=machine_id)
-                run.state = RunState.PREPARING
             self._drv.update(conn, attempts, {"phase": "running", "started_at": now, "last_progress_at": now},
                              {"id": a.id})
+            # An agent that starts without saying "preparing" first: the run passes through
+            # it (its event recorded) in the same one write.
+            via = (RunState.PREPARING, "agent_accepted") if a.phase is AttemptPhase.ASSIGNED else None
             self._set_run_state(conn, run, RunState.RUNNING, now, reason="automation_started",
-                                attempt_id=a.id, machine_id=machine_id,
+                                attempt_id=a.id, machine_id=machine_id, via=via,
                                 attempts_started=run.attempts_started + 1)
             a.phase, a.started_at = AttemptPhase.RUNNING, now
             return a

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import replace
+import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -1898,18 +1899,16 @@ def test_a_write_that_changed_other_rows_than_expected_fails_its_whole_transacti
     from deskfleet.store.driver import Raw, RowCountMismatch
 
     add_machine(s, "m1")
-    with pytest.raises(RowCountMismatch, match="0 rows changed, expected 1"):
-        with s._tx() as conn:
-            s._drv.update(conn, machines, {"runs_completed": Raw("runs_completed + 1")}, {"id": "m1"},
-                          expect=1)
-            s._drv.update(conn, machines, {"runs_completed": 7}, {"id": "nobody"}, expect=1)
+    with pytest.raises(RowCountMismatch, match="0 rows changed, expected 1"), s._tx() as conn:
+        s._drv.update(conn, machines, {"runs_completed": Raw("runs_completed + 1")}, {"id": "m1"},
+                      expect=1)
+        s._drv.update(conn, machines, {"runs_completed": 7}, {"id": "nobody"}, expect=1)
     assert s.get_machine("m1").runs_completed == 0  # the first write rolled back with it
     # A run moved from a state it is no longer in: the transition's write is refused.
     run = submit(s)
     before = s.events(run_id=run.id)
-    with pytest.raises(RowCountMismatch):
-        with s._tx() as conn:
-            s._set_run_state(conn, replace(run, state=RunState.ASSIGNED), RunState.PREPARING, T0, reason="test")
+    with pytest.raises(RowCountMismatch), s._tx() as conn:
+        s._set_run_state(conn, replace(run, state=RunState.ASSIGNED), RunState.PREPARING, T0, reason="test")
     assert s.get_run(run.id).state is RunState.QUEUED
     assert s.events(run_id=run.id) == before  # nor its event
 
@@ -1918,10 +1917,9 @@ def test_writes_of_a_rolled_back_transaction_are_never_sent_later(s):
     from deskfleet.store.driver import Raw
 
     add_machine(s, "m1")
-    with pytest.raises(RuntimeError):
-        with s._tx() as conn:
-            s._drv.update(conn, machines, {"runs_completed": Raw("runs_completed + 100")}, {"id": "m1"})
-            raise RuntimeError("the operation failed after its write")
+    with pytest.raises(RuntimeError), s._tx() as conn:
+        s._drv.update(conn, machines, {"runs_completed": Raw("runs_completed + 100")}, {"id": "m1"})
+        raise RuntimeError("the operation failed after its write")
     for _ in range(3):  # the pooled connection is used again, by the driver and by SQLAlchemy
         with s._tx() as conn:
             s._drv.update(conn, machines, {"runs_completed": Raw("runs_completed + 1")}, {"id": "m1"})
@@ -1933,8 +1931,55 @@ def test_a_write_refused_when_it_is_sent_fails_as_the_store_fails_it(s):
     """A constraint that refuses a waiting write raises when the write is sent (at the latest,
     before COMMIT), as SQLAlchemy's own error: nothing of the transaction is kept."""
     add_machine(s, "m1")
-    with pytest.raises(IntegrityError):
-        with s._tx() as conn:
-            s._drv.update(conn, machines, {"idle_since": T0 + 9}, {"id": "m1"})
-            s._drv.insert_many(conn, machines, [{"id": "m1", "pool": "default"}])  # a duplicate key
+    with pytest.raises(IntegrityError), s._tx() as conn:
+        s._drv.update(conn, machines, {"idle_since": T0 + 9}, {"id": "m1"})
+        s._drv.insert_many(conn, machines, [{"id": "m1", "pool": "default"}])  # a duplicate key
     assert s.get_machine("m1").idle_since != T0 + 9
+
+
+def test_a_pass_inserts_its_claims_together_and_the_store_refuses_one_that_would_double_book(s):
+    """The pass's claims without an account insert their attempts in one go; a claim the
+    one-active-attempt constraint refuses is left out (None) and the others stand."""
+    add_machine(s, "m1")
+    add_machine(s, "m2")
+    first = claim(s)  # m1 now holds an attempt
+    assert first.attempt.machine_id == "m1"
+    r2, r3 = submit(s, T0 + 1), submit(s, T0 + 2)
+    m1, m2 = s.get_machine("m1"), s.get_machine("m2")
+    with s._tx() as conn:
+        out = s._claim_all(conn, [(r2, m1, None), (r3, m2, None)], T0 + 3, LEASE)
+    assert out[0] is None
+    assert out[1] is not None and (out[1][0].id, out[1][1].machine_id) == (r3.id, "m2")
+    assert s.get_run(r2.id).state is RunState.QUEUED
+    run3 = s.get_run(r3.id)
+    assert (run3.state, run3.current_attempt_id, run3.dispatches) == (RunState.ASSIGNED, out[1][1].id, 1)
+    assert [a.id for a in s.list_attempts(r3.id)] == [out[1][1].id]
+
+
+def test_the_planner_statistics_follow_a_backlog_submitted_at_once(s):
+    """PostgreSQL: a backlog submitted in seconds leaves the statistics describing an empty
+    queue, and the scheduler's read of it sorts every queued run; the leader's refresh
+    analyses the tables that changed, after which the read walks ix_runs_due in order.
+    SQLite names its indexes and has nothing to refresh."""
+    from deskfleet.store.statements import for_dialect
+
+    if s.engine.dialect.name != "postgresql":
+        assert s.refresh_statistics() == []
+        return
+    s.refresh_statistics()
+    s.put_pool(Pool("default"), T0)
+    submitted = s.submit_many([(RunSpec("ehr.create"), None) for _ in range(3000)], now=T0)
+    assert all(isinstance(r, tuple) for r in submitted), submitted[:1]
+    sql = for_dialect("postgresql")
+
+    def plan() -> str:
+        with s.engine.connect() as conn:
+            return " ".join(r[0] for r in conn.execute(text("EXPLAIN " + sql.QUEUED.text), {"now": T0, "limit": 16}))
+
+    # A backend reports its writes to the statistics collector within a second or so.
+    deadline = time.monotonic() + 15
+    while (analysed := s.refresh_statistics()) == [] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert analysed == ["runs"], f"not analysed in {time.monotonic() - deadline + 15:.1f} s"
+    assert "ix_runs_due" in plan() and "Sort" not in plan()
+    assert s.refresh_statistics() == []  # nothing changed since

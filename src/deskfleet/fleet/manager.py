@@ -72,6 +72,7 @@ class FleetManager:
         self._silence_checked_at = 0.0
         self._keys_checked_at = 0.0
         self._leases_swept_at = 0.0
+        self._statistics_at = 0.0
         self._outage_since: float | None = None
         #: per machine, the last beat written: (at, attempt, session key, session expiry)
         self._written: dict[str, tuple[float, int | None, str | None, float | None]] = {}
@@ -188,6 +189,10 @@ class FleetManager:
         if lost:
             self.core.after_finished(lost)
         await self.db(store.expire_silent_machines, now, s.heartbeat_timeout)
+        if now - self._statistics_at >= 1.0:
+            # The planner's view of the tables a scheduling pass reads (store.sql).
+            self._statistics_at = now
+            await self.db(store.refresh_statistics)
         if now - self._leases_swept_at >= 1.0:
             # Account leases of silent machines, and of logins that did not happen.
             self._leases_swept_at = now

@@ -140,6 +140,13 @@ class Store(ABC):
     def leave(self, replica: str, now: float) -> None:
         """A replica shutting down cleanly: its agents will reconnect elsewhere."""
 
+    def refresh_statistics(self) -> list[str]:
+        """Bring the database's planner statistics up to date where they fell behind the
+        tables (a backlog submitted in seconds; a queue drained); the tables analysed. Called
+        by the leader about once a second. A store whose plans need no statistics does
+        nothing."""
+        return []
+
     # -- secret keys (see store.keys) -------------------------------------------------------
     @abstractmethod
     def claim_key(self, ring: Sequence[str] | str) -> bool:

@@ -43,7 +43,7 @@ WAITING = "deskfleet_waiting"
 class Waiting:
     """A write not yet sent: its SQL and parameters, and what its row count must be."""
 
-    __slots__ = ("sql", "params", "many", "expect", "what")
+    __slots__ = ("expect", "many", "params", "sql", "what")
 
     def __init__(self, sql: str, params: Any, many: bool, expect: int | None, what: str) -> None:
         self.sql, self.params, self.many, self.expect, self.what = sql, params, many, expect, what
@@ -111,31 +111,8 @@ class Driver:
 
     def send(self, conn: Connection) -> None:
         """Send the writes waiting on ``conn``, in one pipeline, and check their row counts."""
-        waiting: list[Waiting] | None = conn.info.get(WAITING)
-        if not waiting:
-            return
-        conn.info[WAITING] = []
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        sent: list[tuple[Any, Waiting]] = []
-        w: Waiting | None = None
-        try:
-            if len(waiting) == 1:  # alone, it needs no pipeline (whose sync is a message more)
-                w = waiting[0]
-                cur = raw.cursor()
-                (cur.executemany if w.many else cur.execute)(w.sql, w.params)
-                sent.append((cur, w))
-            else:
-                with raw.pipeline():
-                    for w in waiting:
-                        cur = raw.cursor()
-                        (cur.executemany if w.many else cur.execute)(w.sql, w.params)
-                        sent.append((cur, w))
-        except Exception as exc:
-            raise self._error(conn, exc, w.sql if w else "", w.params if w else None) from exc
-        for cur, w in sent:
-            if w.expect is not None and cur.rowcount != w.expect:
-                raise RowCountMismatch(f"{w.what or w.sql}: {cur.rowcount} rows changed, expected {w.expect}")
+        if conn.info.get(WAITING):
+            self._through(conn, [])
 
     @staticmethod
     def forget(conn: Connection) -> None:
@@ -166,7 +143,10 @@ class Driver:
 
     def rows(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any], table: Table) -> list[dict[str, Any]]:
         """Rows of ``SELECT <every column of table> …`` as dicts, JSON decoded."""
-        cur = self.execute(conn, stmt, values)
+        return self._decoded(self.execute(conn, stmt, values), table)
+
+    @staticmethod
+    def _decoded(cur: Any, table: Table) -> list[dict[str, Any]]:
         names = [d[0] for d in cur.description]
         json_cols = _json_columns(table)
         out = []
@@ -177,6 +157,60 @@ class Driver:
                 if isinstance(value, (str, bytes)):
                     row[name] = orjson.loads(value)
             out.append(row)
+        return out
+
+    def rows_together(
+        self, conn: Connection, reads: Sequence[tuple[TextClause, Mapping[str, Any], Table]],
+    ) -> list[list[dict[str, Any]]]:
+        """Several reads' rows (as :meth:`rows`), sent in one pipeline on PostgreSQL — one
+        round trip for all — with every write still waiting ahead of them; each read runs
+        after the one before it (a lock it takes is held by the next)."""
+        if not self.pipelines or len(reads) < 2:
+            return [self.rows(conn, stmt, values, table) for stmt, values, table in reads]
+        return self._through(conn, reads)
+
+    def _through(
+        self, conn: Connection, reads: Sequence[tuple[TextClause, Mapping[str, Any], Table]],
+    ) -> list[list[dict[str, Any]]]:
+        """The writes waiting on ``conn``, then ``reads``, in one round trip (one pipeline;
+        a lone write needs none, whose sync would be a message more); row counts checked,
+        the reads' rows decoded."""
+        waiting: list[Waiting] = conn.info.get(WAITING) or []
+        conn.info[WAITING] = []
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        sent: list[tuple[Any, Waiting | None, Table | None]] = []
+        sql, params = "", None
+
+        def run() -> None:
+            nonlocal sql, params
+            for w in waiting:
+                sql, params = w.sql, w.params
+                cur = raw.cursor()
+                (cur.executemany if w.many else cur.execute)(w.sql, w.params)
+                sent.append((cur, w, None))
+            for stmt, values, table in reads:
+                sql, make = self.compiled(stmt)
+                params = make(values)
+                cur = raw.cursor()
+                cur.execute(sql, params)
+                sent.append((cur, None, table))
+
+        try:
+            if len(waiting) + len(reads) == 1:
+                run()
+            else:
+                with raw.pipeline():
+                    run()
+        except Exception as exc:
+            raise self._error(conn, exc, sql, params) from exc
+        out = []
+        for cur, w, table in sent:
+            if w is None:
+                assert table is not None
+                out.append(self._decoded(cur, table))
+            elif w.expect is not None and cur.rowcount != w.expect:
+                raise RowCountMismatch(f"{w.what or w.sql}: {cur.rowcount} rows changed, expected {w.expect}")
         return out
 
     def one(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any], table: Table) -> dict[str, Any] | None:
@@ -216,6 +250,34 @@ class Driver:
             row = cur.fetchone()
             return None if row is None else int(row[0])
         return int(cur.lastrowid) if cur.rowcount == 1 else None
+
+    def insert_all(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> list[int | None]:
+        """Rows that all name the same columns, each inserted unless a unique key refuses it
+        (``ON CONFLICT DO NOTHING``); each one's new id, or None where it was refused. On
+        PostgreSQL one ``executemany`` (one round trip), elsewhere an insert each."""
+        if not rows:
+            return []
+        if not self.returning:
+            return [self.insert(conn, table, row, returning_id=True, skip_conflict=True) for row in rows]
+        self.send(conn)
+        sql, params = self.compiled(self._insert(table, tuple(rows[0]), True, True))
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        cur: Any = raw.cursor()  # psycopg's: its executemany can return each statement's rows
+        values = [params({k: self.param(table, k, v) for k, v in row.items()}) for row in rows]
+        ids: list[int | None] = []
+        try:
+            cur.executemany(sql, values, returning=True)
+            while True:
+                found = cur.fetchone()
+                ids.append(None if found is None else int(found[0]))
+                if not cur.nextset():
+                    break
+        except Exception as exc:
+            raise self._error(conn, exc, sql, values) from exc
+        if len(ids) != len(rows):
+            raise RowCountMismatch(f"insert into {table.name}: {len(ids)} answers for {len(rows)} rows")
+        return ids
 
     def insert_many(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
         """Rows that all name the same columns, in one ``executemany`` (psycopg pipelines it:

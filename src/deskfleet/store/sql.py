@@ -31,6 +31,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -188,6 +189,16 @@ class Held:
     runs: dict[str, dict[str, Any]]
     attempts: dict[int, dict[str, Any]]
 
+
+#: the tables whose statistics the leader keeps current (see SQLStore.refresh_statistics),
+#: analysed when rows changed since the last analysis exceed STATS_BASE + STATS_SHARE * rows
+STATS_TABLES = ("runs", "attempts", "machines")
+STATS_BASE, STATS_SHARE = 500, 0.1
+_STALE_STATISTICS = text(
+    "SELECT s.relname FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid"
+    " WHERE s.schemaname = current_schema() AND s.relname = ANY(:tables)"
+    " AND s.n_mod_since_analyze > :base + :share * GREATEST(c.reltuples, 0) ORDER BY s.relname"
+)
 #: scheduling passes read free machines a page at a time, in the selector's order
 MACHINE_PAGE = 256
 #: and queued runs this many per free machine (at least RUN_PAGE_MIN), up to the pass's limit
@@ -263,10 +274,10 @@ class SQLStore(AccountOps, KeyOps, Store):
         if not self._pg or not attempt_ids:
             return None
         ids = list(attempt_ids)
-        held = Held(
-            {r["id"]: r for r in self._drv.rows(conn, PG.LOCK_RUNS_OF, {"ids": ids}, runs)},
-            {r["id"]: r for r in self._drv.rows(conn, PG.LOCK_ATTEMPTS, {"ids": ids}, attempts)},
-        )
+        # Both reads in one round trip, runs locked before attempts (one pipeline, in order).
+        run_rows, attempt_rows = self._drv.rows_together(
+            conn, [(PG.LOCK_RUNS_OF, {"ids": ids}, runs), (PG.LOCK_ATTEMPTS, {"ids": ids}, attempts)])
+        held = Held({r["id"]: r for r in run_rows}, {r["id"]: r for r in attempt_rows})
         if machines_of:
             self._drv.later(conn, PG.LOCK_MACHINES_OF, {"ids": list(machines_of)})  # nothing to read back
         return held
@@ -492,6 +503,25 @@ class SQLStore(AccountOps, KeyOps, Store):
             conn.execute(replicas.insert().values(id=replica, name=name, started_at=now, last_seen=now, key=key))
             self._event(conn, "replica.started", now, data={"replica": replica, "name": name})
             return False
+
+    def refresh_statistics(self) -> list[str]:
+        """PostgreSQL plans the scheduler's reads from its statistics. A backlog submitted in
+        seconds leaves them describing a queue of a few runs (autovacuum looks again only
+        once a minute), and the queue is then read by sorting every queued run instead of
+        from ``ix_runs_due`` in order: 10 to 30 ms a pass against 0.2 ms, measured on 6,000
+        queued runs. So the hot tables are analysed as soon as they changed by autovacuum's
+        own measure (``STATS_BASE`` rows plus ``STATS_SHARE`` of the table). SQLite's
+        reads name their index and need no statistics."""
+        if not self._pg:
+            return []
+        with self._tx() as conn:
+            stale = [r[0] for r in conn.execute(_STALE_STATISTICS, {
+                "tables": list(STATS_TABLES), "base": STATS_BASE, "share": STATS_SHARE})]
+            for table in stale:
+                conn.execute(text(f"ANALYZE {table}"))  # a name from STATS_TABLES, not from input
+        if stale:
+            log.debug("planner statistics refreshed: %s", ", ".join(stale))
+        return stale
 
     def reap_replicas(self, now: float, timeout: float) -> list[str]:
         with self._tx() as conn:
@@ -1046,12 +1076,12 @@ class SQLStore(AccountOps, KeyOps, Store):
                     claims.unclaimed = len(queued)
                     return claims
                 placed: set[str] = set()
-                for run, machine, account in policy.place(queued, free, online=online, pools=pool_map, now=now,
-                                                          accounts=book):
+                placements = list(policy.place(queued, free, online=online, pools=pool_map, now=now, accounts=book))
+                for (run, machine, _), claimed in zip(
+                        placements, self._claim_all(conn, placements, now, lease_timeout), strict=True):
                     key = (run.automation, run.version)
                     if key not in specs:
                         specs[key] = self._spec(conn, run.automation, run.version)
-                    claimed = self._claim(conn, run, machine, now, lease_timeout, account)
                     if claimed is not None:
                         claims.append(Assignment(claimed[0], claimed[1], specs[key], claimed[2]))
                         placed.add(run.id)
@@ -1143,6 +1173,33 @@ class SQLStore(AccountOps, KeyOps, Store):
             return []
         return [rows.machine(r) for r in conn.execute(_PREFERRED, {"keys": keys, "ids": sorted(ids)}).mappings()]
 
+    def _claim_all(
+        self, conn: Connection, placements: Sequence[tuple[Run, Machine, str | None]], now: float,
+        lease_timeout: float,
+    ) -> list[tuple[Run, Attempt, VaultAccount | None] | None]:
+        """Claim each placement (None where the store refused it), in order. Those without an
+        account insert their attempts together (one round trip on PostgreSQL, not one each);
+        one with an account is claimed on its own, after the slots taken before it."""
+        out: list[tuple[Run, Attempt, VaultAccount | None] | None] = [None] * len(placements)
+        together = [i for i, (_, _, account) in enumerate(placements) if account is None]
+        ids = self._drv.insert_all(conn, attempts, [self._attempt_row(run, machine, now, lease_timeout, None)
+                                                    for run, machine, _ in (placements[i] for i in together)])
+        for i, attempt_id in zip(together, ids, strict=True):
+            run, machine, _ = placements[i]
+            out[i] = self._claimed(conn, run, machine, attempt_id, now, lease_timeout, None)
+        for i, (run, machine, account) in enumerate(placements):
+            if account is not None:
+                out[i] = self._claim(conn, run, machine, now, lease_timeout, account)
+        return out
+
+    @staticmethod
+    def _attempt_row(run: Run, machine: Machine, now: float, lease_timeout: float,
+                     account: str | None) -> dict[str, Any]:
+        mode = AttemptMode.RECONCILE if run.needs_reconcile else AttemptMode.RUN
+        return {"run_id": run.id, "machine_id": machine.id, "number": run.dispatches + 1, "state": "active",
+                "phase": "assigned", "mode": mode.value, "assigned_at": now, "lease_expires_at": now + lease_timeout,
+                "account": account}
+
     def _claim(
         self, conn: Connection, run: Run, machine: Machine, now: float, lease_timeout: float,
         account: str | None = None,
@@ -1154,13 +1211,17 @@ class SQLStore(AccountOps, KeyOps, Store):
             acct = self._claim_slot(conn, account, machine.id)
             if acct is None:
                 return None
-        mode = AttemptMode.RECONCILE if run.needs_reconcile else AttemptMode.RUN
-        values = {"run_id": run.id, "machine_id": machine.id, "number": run.dispatches + 1, "state": "active",
-                  "phase": "assigned", "mode": mode.value, "assigned_at": now, "lease_expires_at": now + lease_timeout,
-                  "account": account}
+        values = self._attempt_row(run, machine, now, lease_timeout, account)
         # ON CONFLICT DO NOTHING: a refused row is not an error, which on PostgreSQL would
         # abort the whole pass (or cost a savepoint's two round trips per claim).
         attempt_id = self._drv.insert(conn, attempts, values, returning_id=True, skip_conflict=True)
+        return self._claimed(conn, run, machine, attempt_id, now, lease_timeout, acct)
+
+    def _claimed(
+        self, conn: Connection, run: Run, machine: Machine, attempt_id: int | None, now: float,
+        lease_timeout: float, acct: VaultAccount | None,
+    ) -> tuple[Run, Attempt, VaultAccount | None] | None:
+        """The claim once its attempt is inserted (``attempt_id``; None if the store refused it)."""
         if attempt_id is None:
             # The schema's one-active-attempt constraint refused it: the machine (or run)
             # is already taken. Never two at once, whatever the code above believed.
@@ -1175,8 +1236,9 @@ class SQLStore(AccountOps, KeyOps, Store):
         self._drv.update(conn, machines, {"idle_since": None}, {"id": machine.id})
         attempt = Attempt(
             id=attempt_id, run_id=run.id, machine_id=machine.id, number=run.dispatches + 1,
-            state=AttemptState.ACTIVE, phase=AttemptPhase.ASSIGNED, mode=mode, assigned_at=now,
-            lease_expires_at=now + lease_timeout, account=account,
+            state=AttemptState.ACTIVE, phase=AttemptPhase.ASSIGNED,
+            mode=AttemptMode.RECONCILE if run.needs_reconcile else AttemptMode.RUN, assigned_at=now,
+            lease_expires_at=now + lease_timeout, account=acct.name if acct is not None else None,
         )
         if acct is not None:
             self._reserve(conn, acct, machine.id, attempt_id, run.id, now)

@@ -652,16 +652,27 @@ def test_queued_runs_are_read_in_the_pass_order_from_an_index_not_sorted(s):
 
 
 def test_an_idle_fleet_with_nothing_queued_reads_no_machine(s, monkeypatch):
+    """SQLite asks first whether anything is queued; PostgreSQL asks it within the read of free
+    machines (a round trip saved), as a condition its plan answers once, before any machine."""
+    from deskfleet.store.statements import for_dialect
+
     add_machine(s, "m1")
     import deskfleet.store.sql as sql
 
+    pg = s.engine.dialect.name == "postgresql"
     read = []
-    monkeypatch.setattr(sql.SQLStore, "_free_machines", lambda *a: read.append(a) or ([], False))
+    real = sql.SQLStore._free_machines
+    monkeypatch.setattr(sql.SQLStore, "_free_machines", lambda *a, **k: read.append(a) or real(*a, **k))
     assert s.schedule(POLICY, T0, LEASE) == []
-    assert read == []
+    assert len(read) == (1 if pg else 0)
+    if pg:
+        stmt = for_dialect("postgresql").free_machines(replica=False, order=None, paged=False, if_queued=True)
+        with s.engine.connect() as conn:
+            plan = [r[0] for r in conn.execute(text("EXPLAIN " + stmt.text), {"now": T0})]
+        assert "One-Time Filter" in plan[1], plan  # nothing queued: no machine is read
     submit(s, T0 + 1)
-    s.schedule(POLICY, T0 + 2, LEASE)
-    assert len(read) == 1
+    assert len(s.schedule(POLICY, T0 + 2, LEASE)) == 1
+    assert len(read) == (2 if pg else 1)
 
 
 # -- fenced writes -------------------------------------------------------------------------------

@@ -251,34 +251,6 @@ class Driver:
             return None if row is None else int(row[0])
         return int(cur.lastrowid) if cur.rowcount == 1 else None
 
-    def insert_all(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> list[int | None]:
-        """Rows that all name the same columns, each inserted unless a unique key refuses it
-        (``ON CONFLICT DO NOTHING``); each one's new id, or None where it was refused. On
-        PostgreSQL one ``executemany`` (one round trip), elsewhere an insert each."""
-        if not rows:
-            return []
-        if not self.returning:
-            return [self.insert(conn, table, row, returning_id=True, skip_conflict=True) for row in rows]
-        self.send(conn)
-        sql, params = self.compiled(self._insert(table, tuple(rows[0]), True, True))
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        cur: Any = raw.cursor()  # psycopg's: its executemany can return each statement's rows
-        values = [params({k: self.param(table, k, v) for k, v in row.items()}) for row in rows]
-        ids: list[int | None] = []
-        try:
-            cur.executemany(sql, values, returning=True)
-            while True:
-                found = cur.fetchone()
-                ids.append(None if found is None else int(found[0]))
-                if not cur.nextset():
-                    break
-        except Exception as exc:
-            raise self._error(conn, exc, sql, values) from exc
-        if len(ids) != len(rows):
-            raise RowCountMismatch(f"insert into {table.name}: {len(ids)} answers for {len(rows)} rows")
-        return ids
-
     def insert_many(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
         """Rows that all name the same columns, in one ``executemany`` (psycopg pipelines it:
         one round trip for all of them), now or with the transaction's next round trip."""

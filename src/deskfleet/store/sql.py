@@ -204,10 +204,6 @@ MACHINE_PAGE = 256
 #: and queued runs this many per free machine (at least RUN_PAGE_MIN), up to the pass's limit
 RUNS_PER_FREE = 2
 RUN_PAGE_MIN = 16
-_LOCK_MACHINES = (
-    select(machines.c.id).where(machines.c.id.in_(bindparam("ids", expanding=True)))
-    .order_by(machines.c.id).with_for_update(skip_locked=True)
-)
 
 
 class SQLStore(AccountOps, KeyOps, Store):
@@ -1037,28 +1033,37 @@ class SQLStore(AccountOps, KeyOps, Store):
         claims = Claims()
         with self._tx() as conn:
             # The cheapest question first: an idle fleet of thousands must not pay for reading
-            # its machines at every tick.
-            if conn.execute(_ANY_QUEUED, {"now": now}).first() is None:
+            # its machines at every tick. (On PostgreSQL the question is part of the read of
+            # free machines, which it ends at once if nothing is queued: a round trip saved.)
+            if not self._pg and conn.execute(_ANY_QUEUED, {"now": now}).first() is None:
                 return claims
             # A replica assigns work to the machines whose agents it holds a connection to;
             # with none free, it must not lock runs another replica could take right now.
             # Free machines come a page at a time, in the selector's own order, so that a big
             # idle fleet is read in full only when a pass cannot place its runs otherwise.
             order = getattr(policy.selector, "prefetch", None)
-            free, more_machines = self._free_machines(conn, replica, order, MACHINE_PAGE if order else None)
+            free, more_machines = self._free_machines(conn, replica, order, MACHINE_PAGE if order else None,
+                                                      now=now if self._pg else None)
             if not free:
                 return claims
             # SKIP LOCKED: runs another replica is claiming right now are not ours to take.
             page = min(limit, max(RUN_PAGE_MIN, RUNS_PER_FREE * len(free)))
-            queued = self._queued(conn, now, page)
+            # The queue's head, the pools and (for a policy that knows durations) the
+            # automations with queued runs in one round trip (on PostgreSQL, one pipeline).
+            reads = [(self._sql.QUEUED, {"now": now, "limit": page}, runs), (self._sql.POOLS, {}, pools)]
+            if policy.durations is not None:
+                reads.append((self._sql.QUEUED_AUTOMATIONS, {}, automations))
+            queued_rows, pool_rows, *named = self._drv.rows_together(conn, reads)
+            queued = [rows.run(r) for r in queued_rows]
             if not queued:
                 return claims
             more_runs = len(queued) == page < limit
             if policy.durations is not None and len(queued) == page:
                 # A policy that starts long runs first must see the long runs wherever they
                 # wait, not only those at the head of the queue.
-                queued = self._with_longest(conn, queued, policy.durations, now, page)
-            pool_map = {p.name: rows.pool(p) for p in conn.execute(select(pools)).mappings()}
+                queued = self._with_longest(conn, queued, policy.durations, now, page,
+                                            [r["name"] for r in named[0]])
+            pool_map = {p["name"]: rows.pool(p) for p in pool_rows}
             specs: dict[tuple[str, str | None], AutomationSpec | None] = {}
             used: set[str] = set()  # machines claimed by this pass
             while True:
@@ -1106,11 +1111,14 @@ class SQLStore(AccountOps, KeyOps, Store):
             return claims
 
     def _free_machines(
-        self, conn: Connection, replica: str | None, order: str | None, page: int | None,
+        self, conn: Connection, replica: str | None, order: str | None, page: int | None, *,
+        now: float | None = None,
     ) -> tuple[list[Machine], bool]:
-        """Free machines (of ``replica``), in the selector's order; whether there are more."""
-        stmt = self._sql.free_machines(replica=replica is not None, order=order, paged=page is not None)
-        values = {"replica": replica, "limit": None if page is None else page + 1}
+        """Free machines (of ``replica``), in the selector's order; whether there are more.
+        With ``now``: none unless some run is queued and may start at ``now``."""
+        stmt = self._sql.free_machines(replica=replica is not None, order=order, paged=page is not None,
+                                       if_queued=now is not None)
+        values = {"replica": replica, "limit": None if page is None else page + 1, "now": now}
         found = [rows.machine(r) for r in self._drv.rows(conn, stmt, values, machines)]
         if page is not None and len(found) > page:
             return found[:page], True
@@ -1121,13 +1129,12 @@ class SQLStore(AccountOps, KeyOps, Store):
         return [rows.run(r) for r in self._drv.rows(conn, self._sql.QUEUED, {"now": now, "limit": limit}, runs)]
 
     def _with_longest(self, conn: Connection, head: list[Run], book: DurationBook, now: float,
-                      page: int) -> list[Run]:
+                      page: int, names: list[str]) -> list[Run]:
         """``head`` (the queue's first ``page`` runs) and the first runs of the automations
         that take longest (those not yet learnt first), until ``page`` of those are read; in
         the pass's order. The head keeps the runs that must not wait (high priority, a
         deadline, waited long); the rest give the longest-first order its long runs.
         (Within a priority; a long run of a lower priority sorts after the head's.)"""
-        names = [r[0] for r in self._drv.execute(conn, self._sql.QUEUED_AUTOMATIONS, {})]
         if len(names) < 2:
             return head
         estimates = {name: book.estimate(name) for name in names}
@@ -1149,11 +1156,16 @@ class SQLStore(AccountOps, KeyOps, Store):
         view would wait on that writer while holding the machine it needs — a deadlock."""
         if not self._pg:
             return free, bool(free)  # one writer at a time: what was read is what is
-        locked = [r[0] for r in conn.execute(_LOCK_MACHINES, {"ids": sorted(m.id for m in free)})]
+        # The lock, then a fresh read of the same machines in a statement of its own (so with
+        # a snapshot taken once the locks are held): one round trip, one pipeline. Only those
+        # locked are kept.
+        ids = sorted(m.id for m in free)
+        locked, fresh = self._drv.rows_together(
+            conn, [(PG.LOCK_FREE_MACHINES, {"ids": ids}, machines), (PG.MACHINES_OF, {"ids": ids}, machines)])
         if not locked:
             return [], False
-        fresh = [rows.machine(r) for r in conn.execute(_MACHINES.where(machines.c.id.in_(locked))).mappings()]
-        return [m for m in fresh if m.schedulable], True
+        mine = {r["id"] for r in locked}
+        return [m for m in (rows.machine(r) for r in fresh if r["id"] in mine) if m.schedulable], True
 
     def _book(self, conn: Connection, queued: list[Run]) -> AccountBook | None:
         """The vault as this pass sees it, if some queued run needs an account (else None,
@@ -1178,12 +1190,24 @@ class SQLStore(AccountOps, KeyOps, Store):
         lease_timeout: float,
     ) -> list[tuple[Run, Attempt, VaultAccount | None] | None]:
         """Claim each placement (None where the store refused it), in order. Those without an
-        account insert their attempts together (one round trip on PostgreSQL, not one each);
-        one with an account is claimed on its own, after the slots taken before it."""
+        account insert their attempts together (on PostgreSQL one statement, one round trip,
+        not one each); one with an account is claimed on its own, after the slots taken
+        before it."""
         out: list[tuple[Run, Attempt, VaultAccount | None] | None] = [None] * len(placements)
         together = [i for i, (_, _, account) in enumerate(placements) if account is None]
-        ids = self._drv.insert_all(conn, attempts, [self._attempt_row(run, machine, now, lease_timeout, None)
-                                                    for run, machine, _ in (placements[i] for i in together)])
+        if self._pg and together:
+            # One statement for all of them (arrays, not a statement per row).
+            chosen = [placements[i] for i in together]
+            found = {r["run_id"]: r["id"] for r in self._drv.rows(conn, PG.INSERT_ATTEMPTS, {
+                "runs": [r.id for r, _, _ in chosen], "machines": [m.id for _, m, _ in chosen],
+                "numbers": [r.dispatches + 1 for r, _, _ in chosen],
+                "modes": [(AttemptMode.RECONCILE if r.needs_reconcile else AttemptMode.RUN).value for r, _, _ in chosen],
+                "at": [now] * len(chosen), "expires": [now + lease_timeout] * len(chosen)}, attempts)}
+            ids: list[int | None] = [found.get(r.id) for r, _, _ in chosen]
+        else:
+            ids = [self._drv.insert(conn, attempts, self._attempt_row(run, machine, now, lease_timeout, None),
+                                    returning_id=True, skip_conflict=True)
+                   for run, machine, _ in (placements[i] for i in together)]
         for i, attempt_id in zip(together, ids, strict=True):
             run, machine, _ = placements[i]
             out[i] = self._claimed(conn, run, machine, attempt_id, now, lease_timeout, None)

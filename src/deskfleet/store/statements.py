@@ -25,7 +25,7 @@ from typing import ClassVar
 from sqlalchemy import Table, TextClause, text
 
 from ..models import Run
-from .schema import attempts, machines, runs
+from .schema import attempts, machines, pools, runs
 
 
 def columns(table: Table, prefix: str = "") -> str:
@@ -69,6 +69,7 @@ class Statements:
     ATTEMPT = text(f"SELECT {_ATTEMPTS} FROM attempts WHERE id = :id")
     POOL_EXISTS = text("SELECT 1 FROM pools WHERE name = :name")
     RUN_BY_KEY = text(f"SELECT {_RUNS} FROM runs WHERE tenant = :tenant AND idempotency_key = :key")
+    POOLS = text(f"SELECT {columns(pools)} FROM pools")
     #: a heartbeat renews its attempt's lease while the attempt is active on that machine
     RENEW_LEASE = text(
         "UPDATE attempts SET lease_expires_at = :expires"
@@ -90,15 +91,19 @@ class Statements:
 
     @staticmethod
     @functools.cache
-    def free_machines(*, replica: bool, order: str | None, paged: bool) -> TextClause:
+    def free_machines(*, replica: bool, order: str | None, paged: bool, if_queued: bool = False) -> TextClause:
         """Machines that could take work now (``Machine.schedulable``, in SQL) — of
         ``:replica`` if ``replica`` — in a selector's ``order`` (``idle_first``,
-        ``recent_first``, or by id); the first ``:limit`` if ``paged``."""
+        ``recent_first``, or by id); the first ``:limit`` if ``paged``; with ``if_queued``,
+        none unless a run is queued that may start at ``:now`` (a condition of its own,
+        which the database answers once, first, and which ends the read if false)."""
         sql = (
             f"SELECT {_MACHINES}, NULL AS active_attempt_id, NULL AS active_run_id FROM machines m"
             " WHERE m.connected AND m.health = 'online' AND m.admin = 'active'"
             " AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.machine_id = m.id AND a.state = 'active')"
         )
+        if if_queued:
+            sql += f" AND EXISTS (SELECT 1 FROM runs WHERE {_DUE})"
         if replica:
             sql += " AND m.replica = :replica"
         sql += {
@@ -146,6 +151,24 @@ class PostgreSQLStatements(Statements):
     )
     QUEUED = text(_QUEUED.format(index="") + " FOR UPDATE SKIP LOCKED")
     QUEUED_OF = text(_QUEUED_OF.format(index="") + " FOR UPDATE SKIP LOCKED")
+    #: a scheduling pass's new attempts, one row per element of the arrays, in one statement;
+    #: a row the one-active-attempt constraint refuses is left out (the runs of those inserted
+    #: come back with their ids)
+    INSERT_ATTEMPTS = text(
+        "INSERT INTO attempts (run_id, machine_id, number, state, phase, mode, assigned_at, lease_expires_at)"
+        " SELECT r, m, n, 'active', 'assigned', mode, at, expires"
+        " FROM unnest(CAST(:runs AS VARCHAR[]), CAST(:machines AS VARCHAR[]), CAST(:numbers AS INTEGER[]),"
+        " CAST(:modes AS VARCHAR[]), CAST(:at AS DOUBLE PRECISION[]), CAST(:expires AS DOUBLE PRECISION[]))"
+        " AS u(r, m, n, mode, at, expires)"
+        " ON CONFLICT DO NOTHING RETURNING id, run_id"
+    )
+    #: machines ``:ids`` that no other writer holds, locked; in the one order of every writer
+    LOCK_FREE_MACHINES = text("SELECT id FROM machines WHERE id = ANY(:ids) ORDER BY id FOR UPDATE SKIP LOCKED")
+    #: machines ``:ids`` with the attempt that holds each one's lease, if any
+    MACHINES_OF = text(
+        f"SELECT {_MACHINES}, a.id AS active_attempt_id, a.run_id AS active_run_id FROM machines m"
+        " LEFT OUTER JOIN attempts a ON a.machine_id = m.id AND a.state = 'active' WHERE m.id = ANY(:ids)"
+    )
     QUEUED_AUTOMATIONS = text(_QUEUED_AUTOMATIONS.format(index=""))
     BEAT = text(
         "UPDATE machines SET last_heartbeat_at = :at, resources = CAST(:resources AS JSON),"

@@ -141,9 +141,11 @@ def main() -> None:
                     help="a PostgreSQL server (admin URL: databases are created and dropped)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--machines", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=None,
+                    help="the backlog each setup drains (default: 20 per machine; 10 with --quick)")
     args = ap.parse_args()
     samples, reps = (100, 1) if args.quick else (200, 3)
-    runs = 20 * args.machines if not args.quick else 10 * args.machines
+    runs = args.runs or (20 * args.machines if not args.quick else 10 * args.machines)
     dbs = Databases(args.pg)
     setups: list[tuple[str, str | None, int]] = [("SQLite", None, 1), ("PostgreSQL", "pg", 1), ("PostgreSQL", "pg", 3)]
     result: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "setups": [], "quick": args.quick}

@@ -406,9 +406,8 @@ def test_a_batch_looks_its_pools_up_once_and_stores_its_runs_in_order(s, monkeyp
     s.put_pool(Pool("default"), T0)
     s.put_pool(Pool("other"), T0)
     sent: list[str] = []
-    run = s._drv._run
-    monkeypatch.setattr(s._drv, "_run", lambda conn, sql, params, *, many: sent.append(sql) or run(
-        conn, sql, params, many=many))
+    compiled = s._drv.compiled  # every statement the driver runs is compiled (or found) first
+    monkeypatch.setattr(s._drv, "compiled", lambda stmt: sent.append(stmt.text) or compiled(stmt))
     answers = s.submit_many(
         [(RunSpec("ehr.create", {"i": i}, pool="other" if i % 3 == 0 else "default"), None) for i in range(6)]
         + [(RunSpec("ehr.create", {"i": 6}, idempotency_key="k6"), "h6")]

@@ -190,6 +190,7 @@ class Held:
     attempts: dict[int, dict[str, Any]]
 
 
+_EVENT_COLUMNS = ("at", "kind", "run_id", "attempt_id", "machine_id", "from_state", "to_state", "reason", "data")
 #: the tables whose statistics the leader keeps current (see SQLStore.refresh_statistics),
 #: analysed when rows changed since the last analysis exceed STATS_BASE + STATS_SHARE * rows
 STATS_TABLES = ("runs", "attempts", "machines")
@@ -388,8 +389,16 @@ class SQLStore(AccountOps, KeyOps, Store):
     def _flush_events(self, conn: Connection) -> None:
         """Write the events this transaction recorded so far (before it commits, or reads events)."""
         pending = conn.info["deskfleet_events"]
-        if pending:
-            conn.info["deskfleet_events"] = []
+        if not pending:
+            return
+        conn.info["deskfleet_events"] = []
+        if self._pg and len(pending) > 1:
+            # One statement from arrays: one bind and one execution for them all, where an
+            # executemany is one per event.
+            values = {k: [e[k] for e in pending] for k in _EVENT_COLUMNS}
+            values["data"] = [orjson.dumps(d).decode() for d in values["data"]]
+            self._drv.later(conn, PG.INSERT_EVENTS, values)
+        else:
             self._drv.insert_many(conn, events, pending)
 
     def _get_run(self, conn: Connection, run_id: str, *, lock: bool = False) -> Run:

@@ -162,6 +162,17 @@ class PostgreSQLStatements(Statements):
         " AS u(r, m, n, mode, at, expires)"
         " ON CONFLICT DO NOTHING RETURNING id, run_id"
     )
+    #: a transaction's events, one row per element of the arrays, in one statement, in order
+    #: (``:data``: JSON text)
+    INSERT_EVENTS = text(
+        "INSERT INTO events (at, kind, run_id, attempt_id, machine_id, from_state, to_state, reason, data)"
+        " SELECT at, kind, run_id, attempt_id, machine_id, from_state, to_state, reason, data"
+        " FROM unnest(CAST(:at AS DOUBLE PRECISION[]), CAST(:kind AS VARCHAR[]), CAST(:run_id AS VARCHAR[]),"
+        " CAST(:attempt_id AS BIGINT[]), CAST(:machine_id AS VARCHAR[]), CAST(:from_state AS VARCHAR[]),"
+        " CAST(:to_state AS VARCHAR[]), CAST(:reason AS TEXT[]), CAST(:data AS JSON[]))"
+        " WITH ORDINALITY AS u(at, kind, run_id, attempt_id, machine_id, from_state, to_state, reason, data, n)"
+        " ORDER BY n"
+    )
     #: machines ``:ids`` that no other writer holds, locked; in the one order of every writer
     LOCK_FREE_MACHINES = text("SELECT id FROM machines WHERE id = ANY(:ids) ORDER BY id FOR UPDATE SKIP LOCKED")
     #: machines ``:ids`` with the attempt that holds each one's lease, if any

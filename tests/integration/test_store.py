@@ -1993,3 +1993,28 @@ def test_the_planner_statistics_follow_a_backlog_submitted_at_once(s):
     assert analysed == ["runs"], f"not analysed in {time.monotonic() - deadline + 15:.1f} s"
     assert "ix_runs_due" in plan() and "Sort" not in plan()
     assert s.refresh_statistics() == []  # nothing changed since
+
+
+def test_a_transactions_events_are_written_together_in_the_order_recorded(s):
+    """On PostgreSQL a transaction's events go in one statement from arrays: every field,
+    None and JSON alike, arrives as recorded, and ids follow the order of recording."""
+    add_machine(s, "m1")
+    before = len(s.events())
+    recorded = [
+        dict(kind="test.first", run_id=None, attempt_id=7, machine_id="m1", from_state=None, to_state="x",
+             reason=None, data={"quote": "it's \"q\"", "n": [1, 2]}),
+        dict(kind="test.second", run_id="run-x", attempt_id=None, machine_id=None, from_state="a", to_state=None,
+             reason="why", data=None),
+        dict(kind="test.third", run_id=None, attempt_id=None, machine_id=None, from_state=None, to_state=None,
+             reason=None, data={}),
+    ]
+    with s._tx() as conn:
+        for i, e in enumerate(recorded):
+            s._event(conn, e["kind"], T0 + i, run_id=e["run_id"], attempt_id=e["attempt_id"],
+                     machine_id=e["machine_id"], from_state=e["from_state"], to_state=e["to_state"],
+                     reason=e["reason"], data=e["data"])
+    got = s.events()[before:]
+    assert [(e.kind, e.at, e.run_id, e.attempt_id, e.machine_id, e.from_state, e.to_state, e.reason, e.data)
+            for e in got] == [(e["kind"], T0 + i, e["run_id"], e["attempt_id"], e["machine_id"], e["from_state"],
+                               e["to_state"], e["reason"], e["data"] or {}) for i, e in enumerate(recorded)]
+    assert [e.id for e in got] == sorted(e.id for e in got)

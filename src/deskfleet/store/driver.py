@@ -41,12 +41,53 @@ WAITING = "deskfleet_waiting"
 
 
 class Waiting:
-    """A write not yet sent: its SQL and parameters, and what its row count must be."""
+    """A write not yet sent: its SQL and parameters, what its row count must be, and the one
+    row it changes (table, id) if it is known to change no other."""
 
-    __slots__ = ("expect", "many", "params", "sql", "what")
+    __slots__ = ("expect", "many", "params", "row", "sql", "what")
 
-    def __init__(self, sql: str, params: Any, many: bool, expect: int | None, what: str) -> None:
+    def __init__(self, sql: str, params: Any, many: bool, expect: int | None, what: str,
+                 row: tuple[str, Any] | None = None) -> None:
         self.sql, self.params, self.many, self.expect, self.what = sql, params, many, expect, what
+        self.row = row
+
+
+def together(waiting: Sequence[Waiting]) -> list[Waiting]:
+    """``waiting`` with the writes of one statement merged into one ``executemany`` (half the
+    client's work per statement, measured: 20 to 25 µs against 40 to 45 µs), in an order that
+    changes nothing: a write joins an earlier one of the same statement only over writes that
+    touch other rows (each changes one known row), never over a write whose rows are unknown
+    (a lock, an insert, an executemany). Row counts add up: each merged write changes one row
+    by its primary key, so the total is the number of writes exactly when each changed one."""
+    out: list[Waiting] = []
+    touched: list[set[tuple[str, Any]] | None] = []  # per entry of out; None: unknown rows
+    for w in waiting:
+        target: int | None = None
+        if w.row is not None and not w.many:
+            for i in range(len(out) - 1, -1, -1):
+                rows = touched[i]
+                if rows is None:
+                    break
+                g = out[i]
+                if g.sql == w.sql and (g.expect is None) == (w.expect is None):
+                    target = i
+                    break
+                if w.row in rows:
+                    break
+        if target is None:
+            out.append(w)
+            touched.append({w.row} if w.row is not None and not w.many else None)
+            continue
+        g = out[target]
+        if not g.many:  # a new entry: the waiting write itself stays as it was
+            g = out[target] = Waiting(g.sql, [g.params], True, g.expect, g.what, g.row)
+        g.params.append(w.params)
+        if g.expect is not None and w.expect is not None:
+            g.expect += w.expect
+        rows = touched[target]
+        assert rows is not None and w.row is not None  # (a write without a known row never joins)
+        rows.add(w.row)
+    return out
 
 
 class RowCountMismatch(AssertionError):
@@ -94,16 +135,17 @@ class Driver:
         self._write(conn, sql, [params(v) for v in values], many=True)
 
     def later(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any] | None = None, *,
-              expect: int | None = None, what: str = "") -> None:
+              expect: int | None = None, what: str = "", row: tuple[str, Any] | None = None) -> None:
         """Run ``stmt``, a write whose result is not read (a lock taken, an update), now or
-        with the transaction's next round trip; ``expect``: the rows it must change."""
+        with the transaction's next round trip; ``expect``: the rows it must change; ``row``:
+        the one row it changes, if known (table, id: see :func:`together`)."""
         sql, params = self.compiled(stmt)
-        self._write(conn, sql, params(values or {}), many=False, expect=expect, what=what)
+        self._write(conn, sql, params(values or {}), many=False, expect=expect, what=what, row=row)
 
     def _write(self, conn: Connection, sql: str, params: Any, *, many: bool,
-               expect: int | None = None, what: str = "") -> None:
+               expect: int | None = None, what: str = "", row: tuple[str, Any] | None = None) -> None:
         if self.pipelines:
-            conn.info.setdefault(WAITING, []).append(Waiting(sql, params, many, expect, what))
+            conn.info.setdefault(WAITING, []).append(Waiting(sql, params, many, expect, what, row))
             return
         cur = self._run(conn, sql, params, many=many)
         if expect is not None and cur.rowcount != expect:
@@ -175,7 +217,7 @@ class Driver:
         """The writes waiting on ``conn``, then ``reads``, in one round trip (one pipeline;
         a lone write needs none, whose sync would be a message more); row counts checked,
         the reads' rows decoded."""
-        waiting: list[Waiting] = conn.info.get(WAITING) or []
+        waiting = together(conn.info.get(WAITING) or [])
         conn.info[WAITING] = []
         raw = conn.connection.dbapi_connection
         assert raw is not None
@@ -210,7 +252,8 @@ class Driver:
                 assert table is not None
                 out.append(self._decoded(cur, table))
             elif w.expect is not None and cur.rowcount != w.expect:
-                raise RowCountMismatch(f"{w.what or w.sql}: {cur.rowcount} rows changed, expected {w.expect}")
+                more = f" (with {len(w.params) - 1} more like it)" if w.many else ""
+                raise RowCountMismatch(f"{w.what or w.sql}{more}: {cur.rowcount} rows changed, expected {w.expect}")
         return out
 
     def one(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any], table: Table) -> dict[str, Any] | None:
@@ -232,7 +275,8 @@ class Driver:
             stmt = self._updates[key] = text(f"UPDATE {table.name} SET {sets} WHERE {cond}")
         named = {k: self.param(table, k, v) for k, v in values.items() if not isinstance(v, Raw)}
         named.update({f"where_{k}": v for k, v in where.items()})
-        self.later(conn, stmt, named, expect=expect, what=f"update {table.name} {dict(where)}")
+        self.later(conn, stmt, named, expect=expect, what=f"update {table.name} {dict(where)}",
+                   row=(table.name, where["id"]) if "id" in where else None)  # ids are primary keys
 
     def insert(
         self, conn: Connection, table: Table, values: Mapping[str, Any], *,
@@ -308,4 +352,4 @@ def send_before_statements(engine: Engine, driver: Driver) -> None:
             driver.send(conn)
 
 
-__all__ = ["Driver", "Raw", "RowCountMismatch", "send_before_statements"]
+__all__ = ["Driver", "Raw", "RowCountMismatch", "Waiting", "send_before_statements", "together"]

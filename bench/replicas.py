@@ -6,7 +6,9 @@
 For each setup — SQLite (1 orchestrator), PostgreSQL with 1 replica, PostgreSQL with 3
 replicas — the same two measures as bench/core.py: dispatch latency on an idle pool of 4
 machines (submits go round the replicas; the agents spread over them) and runs/s draining
-a backlog of no-op runs with 50 machines. Then leader failover on 3 replicas: SIGKILL the
+a backlog of no-op runs with 50 machines, in rounds (one drain of each setup in turn; the
+median of each setup's rounds), so that a slow minute of the shared machine weighs on every
+setup alike. Then leader failover on 3 replicas: SIGKILL the
 leader, time until another replica records that it leads; repeated, the killed replica
 restarted in between. Each PostgreSQL setup gets a fresh database.
 
@@ -143,12 +145,15 @@ def main() -> None:
     ap.add_argument("--machines", type=int, default=50)
     ap.add_argument("--runs", type=int, default=None,
                     help="the backlog each setup drains (default: 20 per machine; 10 with --quick)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="drains per setup, taken in turns (SQLite, x1, x3, SQLite, …); figures are medians")
     args = ap.parse_args()
     samples, reps = (100, 1) if args.quick else (200, 3)
     runs = args.runs or (20 * args.machines if not args.quick else 10 * args.machines)
     dbs = Databases(args.pg)
     setups: list[tuple[str, str | None, int]] = [("SQLite", None, 1), ("PostgreSQL", "pg", 1), ("PostgreSQL", "pg", 3)]
-    result: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "setups": [], "quick": args.quick}
+    result: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "setups": [], "quick": args.quick,
+                              "runs": runs, "rounds": args.rounds}
     try:
         with tempfile.TemporaryDirectory(prefix="deskfleet-bench-") as tmp:
             for n, (label, db, replicas) in enumerate(setups):
@@ -161,15 +166,25 @@ def main() -> None:
                                                           db=url, replicas=replicas)))
                 row["dispatch_p50_ms"] = statistics.median(x["dispatch_ms"]["p50"] for x in lat)
                 row["dispatch_p99_ms"] = statistics.median(x["dispatch_ms"]["p99"] for x in lat)
-                console.print(f"[bold]{label} x{replicas}[/]: saturation, {args.machines} machines, {runs} runs …")
-                url = dbs.new() if db else None
-                sat = asyncio.run(core.saturation(args.machines, runs, "FULL", Path(tmp) / f"s{n}",
-                                                  db=url, replicas=replicas))
-                row.update({"runs_per_s": sat["runs_per_s"], "steady_runs_per_s": sat["steady_runs_per_s"],
-                            "orchestrator_cpu_ms_per_run": sat["server_cpu_ms_per_run"],
-                            "database_cpu_ms_per_run": sat["database_cpu_ms_per_run"],
-                            "agents_cpu_ms_per_run": sat["agents_cpu_ms_per_run"], "failed": sat["failed"]})
                 result["setups"].append(row)
+            # The drains in turns, so that a slow minute of this shared machine falls on every
+            # setup alike rather than on one of them; each figure is the median of its rounds.
+            drains: list[list[dict[str, Any]]] = [[] for _ in setups]
+            for k in range(args.rounds):
+                for n, (label, db, replicas) in enumerate(setups):
+                    console.print(f"[bold]{label} x{replicas}[/]: saturation {k + 1}/{args.rounds}, "
+                                  f"{args.machines} machines, {runs} runs …")
+                    url = dbs.new() if db else None
+                    drains[n].append(asyncio.run(core.saturation(args.machines, runs, "FULL", Path(tmp) / f"s{n}-{k}",
+                                                                 db=url, replicas=replicas)))
+            for row, sats in zip(result["setups"], drains, strict=True):
+                for key, measure in (("runs_per_s", "runs_per_s"), ("steady_runs_per_s", "steady_runs_per_s"),
+                                     ("orchestrator_cpu_ms_per_run", "server_cpu_ms_per_run"),
+                                     ("database_cpu_ms_per_run", "database_cpu_ms_per_run"),
+                                     ("agents_cpu_ms_per_run", "agents_cpu_ms_per_run")):
+                    row[key] = statistics.median(x[measure] for x in sats)
+                row["runs_per_s_rounds"] = [round(x["runs_per_s"], 1) for x in sats]
+                row["failed"] = sum(x["failed"] for x in sats)
             console.print("[bold]leader failover[/] on 3 replicas …")
             result["failover"] = asyncio.run(failover(dbs.new(), Path(tmp) / "failover", 3 if args.quick else 7))
     finally:

@@ -124,8 +124,10 @@ class Driver:
 
     def execute(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any] | None = None) -> Any:
         """Run ``stmt`` with its named ``values`` in ``conn``'s transaction; the driver's cursor
-        (after every write still waiting, so that what it reads includes them)."""
-        self.send(conn)
+        (after every write still waiting — in the same round trip — so that what it reads
+        includes them)."""
+        if conn.info.get(WAITING):
+            return self._through(conn, [(stmt, values or {}, None)])[0]
         sql, params = self.compiled(stmt)
         return self._run(conn, sql, params(values or {}), many=False)
 
@@ -185,6 +187,8 @@ class Driver:
 
     def rows(self, conn: Connection, stmt: TextClause, values: Mapping[str, Any], table: Table) -> list[dict[str, Any]]:
         """Rows of ``SELECT <every column of table> …`` as dicts, JSON decoded."""
+        if conn.info.get(WAITING):
+            return self._through(conn, [(stmt, values, table)])[0]  # type: ignore[no-any-return]
         return self._decoded(self.execute(conn, stmt, values), table)
 
     @staticmethod
@@ -212,11 +216,11 @@ class Driver:
         return self._through(conn, reads)
 
     def _through(
-        self, conn: Connection, reads: Sequence[tuple[TextClause, Mapping[str, Any], Table]],
-    ) -> list[list[dict[str, Any]]]:
+        self, conn: Connection, reads: Sequence[tuple[TextClause, Mapping[str, Any], Table | None]],
+    ) -> list[Any]:
         """The writes waiting on ``conn``, then ``reads``, in one round trip (one pipeline;
-        a lone write needs none, whose sync would be a message more); row counts checked,
-        the reads' rows decoded."""
+        a lone statement needs none, whose sync would be a message more); row counts
+        checked; each read's rows decoded (a read without a table: its cursor)."""
         waiting = together(conn.info.get(WAITING) or [])
         conn.info[WAITING] = []
         raw = conn.connection.dbapi_connection
@@ -246,11 +250,10 @@ class Driver:
                     run()
         except Exception as exc:
             raise self._error(conn, exc, sql, params) from exc
-        out = []
+        out: list[Any] = []
         for cur, w, table in sent:
             if w is None:
-                assert table is not None
-                out.append(self._decoded(cur, table))
+                out.append(cur if table is None else self._decoded(cur, table))
             elif w.expect is not None and cur.rowcount != w.expect:
                 more = f" (with {len(w.params) - 1} more like it)" if w.many else ""
                 raise RowCountMismatch(f"{w.what or w.sql}{more}: {cur.rowcount} rows changed, expected {w.expect}")

@@ -1143,7 +1143,8 @@ class SQLStore(AccountOps, KeyOps, Store):
         that take longest (those not yet learnt first), until ``page`` of those are read; in
         the pass's order. The head keeps the runs that must not wait (high priority, a
         deadline, waited long); the rest give the longest-first order its long runs.
-        (Within a priority; a long run of a lower priority sorts after the head's.)"""
+        (Within a priority; a long run of a lower priority sorts after the head's.)
+        ``names``: the automations that have queued runs."""
         if len(names) < 2:
             return head
         estimates = {name: book.estimate(name) for name in names}

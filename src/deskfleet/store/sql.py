@@ -190,6 +190,11 @@ class Held:
     attempts: dict[int, dict[str, Any]]
 
 
+def _attempt_mode(run: Run) -> AttemptMode:
+    """How a new attempt of ``run`` runs: a reconcile first if an earlier one may have acted."""
+    return AttemptMode.RECONCILE if run.needs_reconcile else AttemptMode.RUN
+
+
 _EVENT_COLUMNS = ("at", "kind", "run_id", "attempt_id", "machine_id", "from_state", "to_state", "reason", "data")
 #: the tables whose statistics the leader keeps current (see SQLStore.refresh_statistics),
 #: analysed when rows changed since the last analysis exceed STATS_BASE + STATS_SHARE * rows
@@ -392,7 +397,7 @@ class SQLStore(AccountOps, KeyOps, Store):
         if not pending:
             return
         conn.info["deskfleet_events"] = []
-        if self._pg and len(pending) > 1:
+        if self._pg:
             # One statement from arrays: one bind and one execution for them all, where an
             # executemany is one per event.
             values = {k: [e[k] for e in pending] for k in _EVENT_COLUMNS}
@@ -1211,7 +1216,7 @@ class SQLStore(AccountOps, KeyOps, Store):
             found = {r["run_id"]: r["id"] for r in self._drv.rows(conn, PG.INSERT_ATTEMPTS, {
                 "runs": [r.id for r, _, _ in chosen], "machines": [m.id for _, m, _ in chosen],
                 "numbers": [r.dispatches + 1 for r, _, _ in chosen],
-                "modes": [(AttemptMode.RECONCILE if r.needs_reconcile else AttemptMode.RUN).value for r, _, _ in chosen],
+                "modes": [_attempt_mode(r).value for r, _, _ in chosen],
                 "at": [now] * len(chosen), "expires": [now + lease_timeout] * len(chosen)}, attempts)}
             ids: list[int | None] = [found.get(r.id) for r, _, _ in chosen]
         else:
@@ -1229,9 +1234,8 @@ class SQLStore(AccountOps, KeyOps, Store):
     @staticmethod
     def _attempt_row(run: Run, machine: Machine, now: float, lease_timeout: float,
                      account: str | None) -> dict[str, Any]:
-        mode = AttemptMode.RECONCILE if run.needs_reconcile else AttemptMode.RUN
         return {"run_id": run.id, "machine_id": machine.id, "number": run.dispatches + 1, "state": "active",
-                "phase": "assigned", "mode": mode.value, "assigned_at": now, "lease_expires_at": now + lease_timeout,
+                "phase": "assigned", "mode": _attempt_mode(run).value, "assigned_at": now, "lease_expires_at": now + lease_timeout,
                 "account": account}
 
     def _claim(
@@ -1271,7 +1275,7 @@ class SQLStore(AccountOps, KeyOps, Store):
         attempt = Attempt(
             id=attempt_id, run_id=run.id, machine_id=machine.id, number=run.dispatches + 1,
             state=AttemptState.ACTIVE, phase=AttemptPhase.ASSIGNED,
-            mode=AttemptMode.RECONCILE if run.needs_reconcile else AttemptMode.RUN, assigned_at=now,
+            mode=_attempt_mode(run), assigned_at=now,
             lease_expires_at=now + lease_timeout, account=acct.name if acct is not None else None,
         )
         if acct is not None:

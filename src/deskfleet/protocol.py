@@ -12,8 +12,9 @@ so that they never delay a heartbeat.
       hello {boot, automations, attempt?}  ─▶
                                            ◀─  welcome {heartbeat settings, resume?}
       heartbeat {resources, attempt?}      ─▶
-                                           ◀─  heartbeat_ack
-                                           ◀─  assign {attempt id = fencing token, run, input, account?}
+                                           ◀─  heartbeat_ack       (a beat naming an attempt, once written)
+                                           ◀─  assign {attempt id = fencing token, run, input, account?,
+                                                       renewed_by = a beat heard before the lease began}
       preparing / event / progress         ─▶  (fenced: rejected if the lease is gone)
       totp {account} (request)             ─▶  (MFA prompt: only for an account this machine holds)
                                            ◀─  reply {code, valid_for}
@@ -27,6 +28,14 @@ so that they never delay a heartbeat.
 
 Messages that need an answer carry ``id``; the answer is a ``reply`` with ``re`` = id.
 
+Protocol 2 (this one): an idle machine's beats are not acknowledged — only an attempt's
+lease needs them, and at 10,000 machines the acknowledgements were most of an idle
+orchestrator's work. What an idle beat's acknowledgement told the agent before an
+assignment, the assignment tells it now: ``renewed_by`` names the agent's latest beat the
+orchestrator heard before the lease began, so the agent may count its lease from that
+beat's sending, as it would from an acknowledged beat's. An agent that says protocol 1 (or
+nothing) in its hello still has every beat acknowledged.
+
 Secrets (invariant 6): an account's password travels only inside the ``assign`` or
 ``verify`` that needs it (:class:`AccountGrant`); a TOTP seed never leaves the
 orchestrator — the agent asks for a code when an MFA prompt needs one.
@@ -38,7 +47,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class _Msg(BaseModel):
@@ -72,7 +81,7 @@ class Resources(_Msg):
 
 class Hello(_Msg):
     type: Literal["hello"] = "hello"
-    protocol: int = PROTOCOL_VERSION
+    protocol: int = 1  # what an agent that says nothing speaks; ours say PROTOCOL_VERSION
     boot_id: str
     agent_version: str
     automations: list[AutomationAd]
@@ -202,6 +211,10 @@ class Assign(_Msg):
     attempt_timeout: float
     progress_timeout: float
     account: AccountGrant | None = None  # the account pre-flight logs in as, if the run needs one
+    #: the agent's latest beat the orchestrator heard before the lease began (protocol 2),
+    #: None if none is known: the lease lasts at least as long from that beat's sending as
+    #: from an acknowledged beat's
+    renewed_by: int | None = None
 
 
 class Stop(_Msg):

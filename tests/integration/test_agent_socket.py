@@ -222,7 +222,7 @@ async def test_heartbeats_are_taken_where_parsed_but_never_ahead_of_a_message_in
 
 async def test_an_idle_machines_beats_are_written_when_they_say_something_new_or_the_last_grows_old(
         server_factory):
-    """Every beat is acknowledged; the database sees an idle machine's beat only when it says
+    """Every beat of a protocol-1 agent is acknowledged; the database sees an idle machine's beat only when it says
     something new about the session (or names an attempt), or the last one written is
     ``REFRESH_SHARE`` of the heartbeat timeout old — so a big idle fleet's heartbeats do not
     fill the store's transactions, and none looks silent."""
@@ -294,3 +294,85 @@ async def test_a_connection_cancelled_while_its_disconnect_waits_on_the_store_en
     said = [text for _, text in captured.lines if "bye-1" in text or "server stops" in text]
     assert any("agent disconnected as the server stops" in text for text in said), said
     assert not any("Traceback" in text for _, text in captured.lines)
+
+
+async def test_protocol_2_acknowledges_only_an_attempts_beats_and_an_assignment_names_the_beat_that_renewed_it(
+        server_factory):
+    """An idle machine's beats are written (now and then) but not acknowledged: only a lease
+    needs acknowledgements, and 10,000 idle machines' made most of the orchestrator's idle
+    work. The assignment names instead the latest beat heard before the lease began, which
+    renews the new lease for the agent as an acknowledgement would have."""
+    from deskfleet.protocol import PROTOCOL_VERSION
+
+    assert PROTOCOL_VERSION == 2
+    live_server = server_factory(heartbeat_timeout=6.0, heartbeat_interval=1.0)  # beats sent by hand, slowly
+    key = await enrol(live_server, "p2-1")
+    ws = await websockets.connect(
+        live_server.url.replace("http://", "ws://") + "/agent/v1/connect", compression=None,
+        additional_headers={"authorization": f"Bearer {key}", "x-deskfleet-machine": "p2-1"},
+    )
+    ad = AutomationAd(name="t.job", required_state="any", idempotent=True)
+    await ws.send(orjson.dumps(Hello(protocol=2, boot_id="b", agent_version="test", automations=[ad])
+                               .model_dump(mode="json")))
+    assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "welcome"
+    hub, view = live_server.orch.hub, live_server.view()
+    heard: list[dict] = []
+
+    async def until(kind: str) -> dict:
+        while True:
+            msg = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+            heard.append(msg)
+            if msg["type"] == kind:
+                return msg
+
+    async def beat(seq: int, **fields) -> None:
+        await ws.send(orjson.dumps({"type": "heartbeat", "seq": seq, **fields}))
+        await eventually(lambda: hub.connections["p2-1"].heard and hub.connections["p2-1"].heard[-1][1] == seq)
+
+    try:
+        await beat(1, resources={"uptime": 1})
+        await beat(2, resources={"uptime": 2})
+        # Both taken by the fleet's ticks (written, at least the first), neither acknowledged.
+        await eventually(lambda: view.get_machine("p2-1").resources.get("uptime") in (1, 2) and not hub.beats)
+        await asyncio.sleep(5 * live_server.settings.sweep_interval)
+        async with AsyncClient(live_server.url) as c:
+            run = await c.submit("t.job", {})
+            assign = await until("assign")
+            assert [m["type"] for m in heard] == ["assign"], "an idle beat was acknowledged"
+            assert assign["run_id"] == run["id"] and assign["renewed_by"] == 2
+            # A beat naming the attempt renews its lease: acknowledged once written.
+            await ws.send(orjson.dumps({"type": "heartbeat", "seq": 3, "attempt_id": assign["attempt_id"]}))
+            assert (await until("heartbeat_ack"))["seq"] == 3
+            await ws.send(orjson.dumps(Start(id=1, attempt_id=assign["attempt_id"]).model_dump(mode="json")))
+            assert (await until("reply"))["ok"] is True
+            await ws.send(orjson.dumps(Result(id=2, attempt_id=assign["attempt_id"], ending="succeeded",
+                                              output={}).model_dump(mode="json")))
+            assert (await until("reply"))["ok"] is True
+            # Idle again; the next lease names the beat heard before it.
+            heard.clear()
+            await beat(4)
+            await eventually(lambda: not hub.beats)
+            await asyncio.sleep(5 * live_server.settings.sweep_interval)
+            await c.submit("t.job", {})
+            second = await until("assign")
+            assert [m["type"] for m in heard] == ["assign"] and second["renewed_by"] == 4
+    finally:
+        await ws.close()
+
+
+def test_an_assignment_names_the_latest_beat_heard_by_the_time_its_lease_began():
+    from deskfleet.fleet.hub import HEARD_KEPT, Connection, Hub
+
+    hub = Hub.__new__(Hub)
+    hub.connections = {}
+    assert hub.heard_before("m", 100.0) is None  # not connected here
+    conn = Connection("m", ws=None, protocol=2)  # type: ignore[arg-type]
+    hub.connections["m"] = conn
+    assert hub.heard_before("m", 100.0) is None  # nothing heard yet: the hello's renewal stands
+    for seq, at in enumerate([98.0, 99.0, 100.0, 101.0], 1):
+        conn.heard.append((at, seq))
+    assert hub.heard_before("m", 100.0) == 3  # heard exactly then: counts
+    assert hub.heard_before("m", 99.5) == 2
+    assert hub.heard_before("m", 50.0) is None  # every beat remembered came after the lease began
+    assert len(conn.heard) <= HEARD_KEPT
+    assert Connection("old", ws=None, protocol=1).idle_acks  # type: ignore[arg-type]

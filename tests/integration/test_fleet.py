@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 from deskfleet.audit import audit
 from deskfleet.client import AsyncClient
@@ -227,3 +228,22 @@ async def test_a_reboot_while_idle_brings_the_machine_back(live_server, fleet_fa
     await wait_ready(live_server, {d.name})
     async with AsyncClient(live_server.url) as c:
         assert (await c.submit("ehr.lookup_patient", {"mrn": "RB-1"}, wait=20))["state"] == "succeeded"
+
+
+async def test_a_machine_idle_past_the_heartbeat_timeout_keeps_its_new_lease(live_server, fleet_factory):
+    """Idle beats are not acknowledged (protocol 2), so an agent idle for longer than the
+    heartbeat timeout has acknowledged nothing lately. Its next assignment names the beat
+    that renewed the new lease; counted from that, the agent does not fence itself at once,
+    and the run — longer than the timeout, so it lives on acknowledged beats — succeeds on
+    its first attempt."""
+    fleet = await fleet_factory(live_server, count=1)
+    [agent] = fleet.agents
+    timeout = live_server.settings.heartbeat_timeout
+    await asyncio.sleep(2 * timeout)
+    # The premise: nothing acknowledged for longer than the fence allows.
+    assert time.monotonic() - agent._last_ack > timeout
+    async with AsyncClient(live_server.url) as c:
+        run = await c.submit("sim.work", {"key": "idle-then-busy", "seconds": 2.5 * timeout}, wait=30)
+        assert run["state"] == "succeeded", run
+        attempts = await c.attempts(run["id"])
+        assert [(a["number"], a["stop_reason"]) for a in attempts] == [(1, None)], attempts

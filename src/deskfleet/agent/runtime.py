@@ -16,7 +16,9 @@ Self-fencing: if no heartbeat has been acknowledged for the heartbeat timeout, t
 stops its attempt on its own. Its last acknowledged beat is never later than the last beat
 the orchestrator received, so the agent stops *before* the orchestrator expires the lease
 and hands the run to another machine — a partitioned agent does not keep clicking while
-its replacement starts.
+its replacement starts. An idle machine's beats are not acknowledged (protocol 2): a new
+lease counts from the beat its assignment names (``Assign.renewed_by``), heard before the
+lease began.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ..crypto import REDACTED
 from ..desktop import Desktop, Frame
 from ..errors import BusinessError, ConfigError, Stopped
 from ..protocol import (
+    PROTOCOL_VERSION,
     AccountGrant,
     AgentEvent,
     Assign,
@@ -339,6 +342,7 @@ class Agent:
         res, info = await self._resources()
         sessions = self._sessions()
         return Hello(
+            protocol=PROTOCOL_VERSION,
             boot_id=self.boot_id,
             agent_version=__version__,
             automations=[AutomationAd(**_spec_dict(s)) for s in self.registry.specs()],
@@ -399,7 +403,11 @@ class Agent:
             res, info = await self._resources()
             cur = self._current
             seq = next(self._seq)
-            self._beats_sent[seq] = time.monotonic()
+            now = time.monotonic()
+            sent = self._beats_sent
+            while sent and next(iter(sent.values())) < now - self._hb_timeout:
+                del sent[next(iter(sent))]  # unacknowledged (idle) and too old to count for anything
+            sent[seq] = now
             sessions = self._sessions()
             await self._send(HeartbeatMsg(
                 seq=seq, resources=res,
@@ -478,6 +486,12 @@ class Agent:
         # The grant lives only in ``cur.account``, for the attempt's duration.
         cur = _Current(assign.model_copy(update={"account": None}),
                        account=self._account(assign.account, assign.session_key, app))
+        sent = self._beats_sent.get(assign.renewed_by) if assign.renewed_by is not None else None
+        if sent is not None:
+            # The orchestrator heard that beat before the lease began: the lease runs at
+            # least as long from the beat's sending as from an acknowledged one's (idle
+            # beats are not acknowledged).
+            self._last_ack = max(self._last_ack, sent)
         self._current = cur
         cur.task = asyncio.get_running_loop().create_task(self._execute(cur))
 

@@ -3,7 +3,9 @@
 Messages from one agent are handled in order, so a progress report never overtakes the
 result that follows it. Heartbeats do not touch the database one by one: the hub keeps
 the latest per machine and the fleet manager writes them in one transaction a tick, and
-only then acknowledges them.
+only then acknowledges those that renew a lease (an idle machine's beats renew none and get
+no answer from protocol 2 on: an assignment names instead the beat heard before its lease
+began, :meth:`Hub.heard_before`).
 
 Heartbeats are most of what arrives (10,000 machines send 5,000 a second), so on uvicorn's
 WebSocket protocol a beat is read where the frame is parsed, in the protocol's callback,
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,6 +39,7 @@ from starlette.types import Message, Receive, Scope, Send
 from ..errors import InvalidRequest, StaleLease, Stopped, StoreUnavailable
 from ..models import Assignment, AutomationSpec, Ending, MachineHealth, Run, StopOrder
 from ..protocol import (
+    PROTOCOL_VERSION,
     AgentEvent,
     Error,
     HeartbeatMsg,
@@ -66,6 +70,7 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
 ACK_SLICE = 64  # heartbeat acknowledgements sent between two yields to the event loop
+HEARD_KEPT = 4  # beats remembered per connection, for an assignment's ``renewed_by``
 
 
 class Disconnected(Exception):
@@ -205,9 +210,13 @@ class AgentSocket:
 
 
 class Connection:
-    def __init__(self, machine_id: str, ws: AgentSocket) -> None:
+    def __init__(self, machine_id: str, ws: AgentSocket, protocol: int = PROTOCOL_VERSION) -> None:
         self.machine_id = machine_id
         self.ws = ws
+        #: every beat acknowledged (protocol 1); else only those naming an attempt (the
+        #: assignment says which beat renewed a new lease: :meth:`Hub.heard_before`)
+        self.idle_acks = protocol < 2
+        self.heard: deque[tuple[float, int]] = deque(maxlen=HEARD_KEPT)  # (received at, seq) of the latest beats
         self.lock = asyncio.Lock()  # one frame at a time
         self.order = asyncio.Lock()  # a result's reply before the next assignment (see serve)
         self.verify_sent_at = 0.0
@@ -352,6 +361,18 @@ class Hub:
         async with conn.order:
             return await conn.send(msg)
 
+    def heard_before(self, machine_id: str, at: float) -> int | None:
+        """The latest beat of the machine's agent received by ``at`` (on this connection),
+        or None. A lease that began at ``at`` lasts at least as long from that beat's sending
+        as from an acknowledged beat's: the agent may count from it (``Assign.renewed_by``)."""
+        conn = self.connections.get(machine_id)
+        if conn is None:
+            return None
+        for received, seq in reversed(conn.heard):
+            if received <= at:
+                return seq
+        return None
+
     def drain_heartbeats(self) -> tuple[list[Heartbeat], dict[str, int]]:
         beats, self.beats = list(self.beats.values()), {}
         seqs, self.beat_seqs = self.beat_seqs, {}
@@ -430,7 +451,7 @@ class Hub:
         if result.offers_changed:
             runs.catalog_changed()
         previous = self.connections.get(machine_id)
-        conn = Connection(machine_id, ws)
+        conn = Connection(machine_id, ws, hello.protocol)
         conn.sessions = beat.notes()  # connect_machine brought the leases in line with them
         self.connections[machine_id] = conn
         self.metrics.connected.set(len(self.connections))
@@ -537,7 +558,11 @@ class Hub:
         self.beats[mid] = Heartbeat(mid, now, msg.resources, msg.session_key, msg.session_expires_at,
                                     msg.attempt_id, msg.sessions,
                                     changed or (pending is not None and pending.sessions_changed))
-        self.beat_seqs[mid] = msg.seq  # acknowledged once written (see the module's docstring)
+        conn.heard.append((now, msg.seq))
+        if msg.attempt_id is not None or conn.idle_acks:
+            self.beat_seqs[mid] = msg.seq  # acknowledged once written (see the module's docstring)
+        else:
+            self.beat_seqs.pop(mid, None)  # idle: the latest beat renews no lease, and is not acknowledged
 
     async def _handle(self, conn: Connection, msg: Any) -> None:
         db, store, mid, now = self.db, self.store, conn.machine_id, time.time()

@@ -48,6 +48,8 @@ class AgentLink(Protocol):
 
     async def send_assignment(self, machine_id: str, msg: BaseModel) -> bool: ...
 
+    def heard_before(self, machine_id: str, at: float) -> int | None: ...
+
     async def request_verify(self, conn: Connection, reason: str) -> None: ...
 
 
@@ -154,6 +156,9 @@ class Dispatch:
             attempt_timeout=a.run.attempt_timeout,
             progress_timeout=a.run.progress_timeout,
             account=self.grants.grant(a.account) if a.account is not None else None,
+            # the lease began at its last renewal: a beat heard by then renews it for the agent
+            renewed_by=self.agents.heard_before(a.attempt.machine_id,
+                                                a.attempt.lease_expires_at - self.settings.lease_timeout),
         )
         log.info("assigned attempt %d (%s)", a.attempt.id, a.run.automation,
                  extra={"run": a.run.id, "attempt": a.attempt.id, "machine": a.attempt.machine_id})

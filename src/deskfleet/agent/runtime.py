@@ -78,6 +78,9 @@ log = logging.getLogger(__name__)
 REPLY_TIMEOUT = 10.0
 #: seconds between checks of whether an idle session needs its keep-alive
 UPKEEP_POLL = 1.0
+#: seconds session upkeep waits at most before it looks at the sessions again, unless a
+#: heartbeat's reading of them changed or the next is due sooner
+UPKEEP_MAX_WAIT = 10.0
 #: seconds a keep-alive playbook may take
 UPKEEP_TIMEOUT = 20.0
 #: The agent treats its lease as gone this far into the heartbeat timeout, counted from
@@ -194,6 +197,7 @@ class Agent:
             if hasattr(app.desktop, "input_gate"):
                 app.desktop.input_gate = self._gate
         self._upkeep_lock = asyncio.Lock()  # session upkeep and attempts take turns on the desktop
+        self._sessions_changed = asyncio.Event()  # a heartbeat read different sessions: upkeep looks again
         self._infos: list[Any] = []  # each app's DesktopInfo, as of the last heartbeat
 
     # -- public ------------------------------------------------------------------------------
@@ -362,6 +366,7 @@ class Agent:
 
     async def _resources(self) -> tuple[Resources, Any]:
         try:
+            before = [(i.session_key, i.session_expires_at) if i is not None else None for i in self._infos]
             if len(self.apps) == 1:
                 info = await self.desktop.info()
                 self._infos = [info]
@@ -375,6 +380,8 @@ class Agent:
                                                        if i.session_expires_at is not None), default=None))
         except Exception:
             return Resources(), None
+        if before != [(i.session_key, i.session_expires_at) for i in self._infos]:
+            self._sessions_changed.set()  # session upkeep looks again
         return Resources(memory_mb=info.memory_mb, cpu_percent=info.cpu_percent, uptime=info.uptime,
                          app_running=info.app_running), info
 
@@ -761,23 +768,36 @@ class Agent:
         seldom pays for a login (or an MFA prompt) in its pre-flight."""
         if not any(app.keepalive and app.model is not None for app in self.apps):
             return
+        # Look again when the next session is due, or when a heartbeat's reading of the
+        # sessions changed (a login, a run's activity) — not every second: a thousand idle
+        # machines in one agent process, as in benchmarks, would wake it a thousand times a
+        # second.
+        wait = min(UPKEEP_POLL, self._hb_interval)
         while True:
             # The heartbeats read each app's session (DesktopInfo) anyway: look at their last reading.
-            await asyncio.sleep(min(UPKEEP_POLL, self._hb_interval))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sessions_changed.wait(), wait)
+            self._sessions_changed.clear()
+            poll = min(UPKEEP_POLL, self._hb_interval)
+            wait = UPKEEP_MAX_WAIT
             for i, (app, info) in enumerate(zip(self.apps, self._infos, strict=False)):
-                if not app.keepalive or app.model is None:
-                    continue
-                if self._current is not None or self._verifying or not self._connected.is_set():
-                    break
                 due = info.session_expires_at
+                if not app.keepalive or app.model is None or info.session_key is None or due is None:
+                    continue
                 # A margin longer than half the idle timeout (a short timeout set for a test or
                 # a demo) would keep the machine clicking: take at most half.
                 margin = min(app.keepalive_margin, app.idle_timeout / 2) if app.idle_timeout else app.keepalive_margin
-                if info.session_key is None or due is None or due - time.time() > margin:
+                if due - margin > time.time():
+                    wait = min(wait, due - margin - time.time())
+                    continue
+                if self._current is not None or self._verifying or not self._connected.is_set():
+                    wait = poll  # due, but the machine is busy: look again soon
                     continue
                 await self._keep_alive(app, info.session_key)
                 with contextlib.suppress(Exception):  # what the keep-alive did to the session
                     self._infos[i] = await app.desktop.info()
+                wait = poll  # look at the new reading soon
+            wait = max(wait, poll)
 
     async def _keep_alive(self, app: App, account: str) -> None:
         assert app.model is not None and app.keepalive is not None

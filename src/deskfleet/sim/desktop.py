@@ -114,9 +114,13 @@ class SimDesktop:
         return self.renderer.read_text(self.view(), region)
 
     async def info(self) -> DesktopInfo:
-        view = self.view()
+        self._advance()  # (every heartbeat asks: no view is built for it)
         down = self.rebooting_until is not None
         app = self.app
+        if down or not app.running:
+            dialogs = 0  # the rebooting screen, the bare desktop
+        else:
+            dialogs = len(app.frozen_view.dialogs if app.frozen_view is not None else app.dialogs)
         if down:
             cpu = 0.0
         elif app.frozen:
@@ -136,7 +140,7 @@ class SimDesktop:
             session_key=None if down else app.session_user,
             session_expires_at=None if down else app.session_expires_at,
             extra={"actions": float(self.actions), "boots": float(self.boots),
-                   "dialogs": float(len(view.dialogs))},
+                   "dialogs": float(dialogs)},
         )
 
     # -- input ------------------------------------------------------------------------

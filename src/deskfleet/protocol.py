@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 PROTOCOL_VERSION = 2
@@ -102,6 +103,17 @@ class HeartbeatMsg(_Msg):
     session_expires_at: float | None = None
     attempt_id: int | None = None
     sessions: list[str] | None = None
+
+
+def heartbeat_frame(seq: int, resources: dict[str, Any], session_key: str | None, session_expires_at: float | None,
+                    attempt_id: int | None, sessions: list[str] | None) -> bytes:
+    """``HeartbeatMsg(...)`` encoded without building the model: the frame an agent sends
+    most. ``resources`` holds :class:`Resources`' fields (as ``Resources.model_dump()``
+    gives them). A property test holds it to what the model encodes."""
+    return orjson.dumps({
+        "type": "heartbeat", "seq": seq, "resources": resources, "session_key": session_key,
+        "session_expires_at": session_expires_at, "attempt_id": attempt_id, "sessions": sessions,
+    })
 
 
 class Preparing(_Msg):

@@ -376,3 +376,22 @@ def test_an_assignment_names_the_latest_beat_heard_by_the_time_its_lease_began()
     assert hub.heard_before("m", 50.0) is None  # every beat remembered came after the lease began
     assert len(conn.heard) <= HEARD_KEPT
     assert Connection("old", ws=None, protocol=1).idle_acks  # type: ignore[arg-type]
+
+
+floats = st.floats(allow_nan=False, allow_infinity=False)
+texts = st.text(max_size=8)
+
+
+@given(seq=st.integers(0, 2**53), memory=floats, cpu=floats, uptime=floats, running=st.booleans(),
+       key=st.one_of(st.none(), texts), expires=st.one_of(st.none(), floats),
+       attempt=st.one_of(st.none(), st.integers(1, 2**53)), sessions=st.one_of(st.none(), st.lists(texts, max_size=3)))
+def test_the_agents_encoded_heartbeat_is_the_models_and_the_quick_reader_takes_it(
+        seq, memory, cpu, uptime, running, key, expires, attempt, sessions):
+    from deskfleet.protocol import Resources, heartbeat_frame
+
+    resources = Resources(memory_mb=memory, cpu_percent=cpu, uptime=uptime, app_running=running)
+    msg = HeartbeatMsg(seq=seq, resources=resources, session_key=key, session_expires_at=expires,
+                       attempt_id=attempt, sessions=sessions)
+    frame = heartbeat_frame(seq, resources.model_dump(), key, expires, attempt, sessions)
+    assert orjson.loads(frame) == msg.model_dump(mode="json")
+    assert quick_heartbeat(orjson.loads(frame)) == Beat.of(msg)  # the server's usual path, not the model's

@@ -54,7 +54,6 @@ from ..protocol import (
     AutomationAd,
     EnrolResponse,
     HeartbeatAck,
-    HeartbeatMsg,
     Hello,
     Preparing,
     Progress,
@@ -67,6 +66,7 @@ from ..protocol import (
     Verified,
     Verify,
     Welcome,
+    heartbeat_frame,
     server_message,
 )
 from ..sdk import Context, Registry, encode_png
@@ -351,7 +351,7 @@ class Agent:
             agent_version=__version__,
             automations=[AutomationAd(**_spec_dict(s)) for s in self.registry.specs()],
             labels=self.config.labels or None,
-            resources=res,
+            resources=Resources(**res),
             session_key=sessions[0] if sessions else None,
             session_expires_at=info.session_expires_at if info else None,
             attempt_id=self._current.assign.attempt_id if self._current else None,
@@ -364,7 +364,7 @@ class Agent:
         notes = [i.session_key for i in self._infos if i is not None and i.session_key]
         return [self._account_names.get(n, n) for n in notes]
 
-    async def _resources(self) -> tuple[Resources, Any]:
+    async def _resources(self) -> tuple[dict[str, Any], Any]:
         try:
             before = [(i.session_key, i.session_expires_at) if i is not None else None for i in self._infos]
             if len(self.apps) == 1:
@@ -379,18 +379,22 @@ class Agent:
                                session_expires_at=min((i.session_expires_at for i in infos
                                                        if i.session_expires_at is not None), default=None))
         except Exception:
-            return Resources(), None
+            return Resources().model_dump(), None
         if before != [(i.session_key, i.session_expires_at) for i in self._infos]:
             self._sessions_changed.set()  # session upkeep looks again
-        return Resources(memory_mb=info.memory_mb, cpu_percent=info.cpu_percent, uptime=info.uptime,
-                         app_running=info.app_running), info
+        # Resources' fields, as its model_dump gives them (no model built: every beat asks)
+        return {"memory_mb": float(info.memory_mb), "cpu_percent": float(info.cpu_percent), "uptime": float(info.uptime),
+                "machine_memory_percent": None, "app_running": bool(info.app_running)}, info
 
     async def _send(self, msg: BaseModel) -> None:
+        await self._send_raw(orjson.dumps(msg.model_dump(mode="json")))
+
+    async def _send_raw(self, data: bytes) -> None:
         ws = self._ws
         if ws is None:
             raise _Disconnected("not connected")
         try:
-            await ws.send(orjson.dumps(msg.model_dump(mode="json")))
+            await ws.send(data)
         except websockets.ConnectionClosed as exc:
             raise _Disconnected(str(exc)) from exc
 
@@ -416,12 +420,9 @@ class Agent:
                 del sent[next(iter(sent))]  # unacknowledged (idle) and too old to count for anything
             sent[seq] = now
             sessions = self._sessions()
-            await self._send(HeartbeatMsg(
-                seq=seq, resources=res,
-                session_key=sessions[0] if sessions else None,
-                session_expires_at=info.session_expires_at if info else None,
-                attempt_id=cur.assign.attempt_id if cur else None,
-                sessions=sessions,
+            await self._send_raw(heartbeat_frame(
+                seq, res, sessions[0] if sessions else None, info.session_expires_at if info else None,
+                cur.assign.attempt_id if cur else None, sessions,
             ))
             await asyncio.sleep(self._hb_interval)
 

@@ -296,6 +296,47 @@ async def test_a_connection_cancelled_while_its_disconnect_waits_on_the_store_en
     assert not any("Traceback" in text for _, text in captured.lines)
 
 
+async def test_a_connection_cancelled_while_its_hello_waits_on_the_store_ends_quietly(live_server, captured):
+    """The same at the other end of a connection: a server stopping while thousands of agents
+    (re)connect runs out of its graceful time with their hellos queued on the store. Each
+    connection's task, cancelled, must end quietly — not with a traceback per agent."""
+    import threading
+
+    hub = live_server.orch.hub
+    real_db = hub.db
+    waiting = threading.Event()
+    task: list[asyncio.Task] = []
+
+    async def busy_store(fn, *args, **kwargs):
+        if getattr(fn, "__name__", "") == "connect_machine":
+            task.append(asyncio.current_task())
+            waiting.set()
+            await asyncio.Event().wait()  # a store too busy to get to it before the server stops
+        return await real_db(fn, *args, **kwargs)
+
+    key = await enrol(live_server, "hi-1")
+    hub.db = busy_store
+    try:
+        ws = await websockets.connect(
+            live_server.url.replace("http://", "ws://") + "/agent/v1/connect", compression=None,
+            additional_headers={"authorization": f"Bearer {key}", "x-deskfleet-machine": "hi-1"},
+        )
+        await ws.send(orjson.dumps(Hello(protocol=2, boot_id="b", agent_version="t", automations=[])
+                                   .model_dump(mode="json")))
+        assert await asyncio.to_thread(waiting.wait, 5)
+        (t,) = task
+        t.get_loop().call_soon_threadsafe(t.cancel)  # what uvicorn does when its graceful time is up
+        await eventually(t.done)
+        assert not t.cancelled() and t.exception() is None
+        await ws.close()
+    finally:
+        hub.db = real_db
+    said = [text for _, text in captured.lines if "hi-1" in text or "server stops" in text]
+    assert any("agent connecting as the server stops" in text for text in said), said
+    assert not any("Traceback" in text for _, text in captured.lines)
+    assert "hi-1" not in hub.connections
+
+
 async def test_protocol_2_acknowledges_only_an_attempts_beats_and_an_assignment_names_the_beat_that_renewed_it(
         server_factory):
     """An idle machine's beats are written (now and then) but not acknowledged: only a lease

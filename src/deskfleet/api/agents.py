@@ -4,6 +4,8 @@ agent's WebSocket (``/agent/v1/connect``), served beneath the framework (see
 
 from __future__ import annotations
 
+import asyncio
+
 import secrets
 from typing import Annotated
 
@@ -72,6 +74,8 @@ def connect_endpoint(machines: Machines, hub: Hub) -> ASGIApp:
         except StoreUnavailable:
             await ws.close(1013)  # try again later
             return
+        except asyncio.CancelledError:
+            return  # the server stops before the key was checked: the agent tries again elsewhere
         await hub.serve(ws, machine_id)
 
     return connect

@@ -448,6 +448,13 @@ class Hub:
         except StoreUnavailable:
             await ws.close(1013)  # try again later: the agent reconnects with backoff
             return
+        except asyncio.CancelledError:
+            # The server is stopping and ran out of time while thousands of hellos queued
+            # on the store: the agent reconnects to whichever replica is up, and a connect
+            # that still commits is undone by the replica's leave (or, failing that, by the
+            # leader reaping a replica gone silent). End quietly.
+            log.info("agent connecting as the server stops: not connected", extra=self._ctx(machine_id))
+            return
         if result.offers_changed:
             runs.catalog_changed()
         previous = self.connections.get(machine_id)

@@ -5,7 +5,6 @@ agent's WebSocket (``/agent/v1/connect``), served beneath the framework (see
 from __future__ import annotations
 
 import asyncio
-
 import secrets
 from typing import Annotated
 

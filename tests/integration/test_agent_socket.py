@@ -261,68 +261,44 @@ async def test_an_idle_machines_beats_are_written_when_they_say_something_new_or
         await ws.close()
 
 
-async def test_a_connection_cancelled_while_its_disconnect_waits_on_the_store_ends_quietly(live_server, captured):
-    """A server stopping with thousands of agents connected runs out of its graceful time
-    while their disconnects queue on the store; each connection's task is then cancelled.
-    It must end quietly (no traceback per agent): the replica's leave records them all."""
+@pytest.mark.parametrize(("waits_on", "said"), [
+    ("connect_machine", "agent connecting as the server stops"),
+    ("disconnect_machine", "agent disconnected as the server stops"),
+])
+async def test_a_connection_cancelled_while_the_store_keeps_it_waiting_ends_quietly(live_server, captured,
+                                                                                    waits_on, said):
+    """A server stopping while thousands of agents connect or disconnect runs out of its
+    graceful time with their hellos or disconnects queued on the store; each connection's
+    task is then cancelled. It must end quietly (no traceback per agent): an agent
+    reconnects to a replica that is up, and the replica's leave records the disconnects."""
     import threading
 
     hub = live_server.orch.hub
     real_db = hub.db
     waiting = threading.Event()
     task: list[asyncio.Task] = []
+    machine = f"quiet-{waits_on[:4]}"
 
     async def busy_store(fn, *args, **kwargs):
-        if getattr(fn, "__name__", "") == "disconnect_machine":
+        if getattr(fn, "__name__", "") == waits_on:
             task.append(asyncio.current_task())
             waiting.set()
             await asyncio.Event().wait()  # a store too busy to get to it before the server stops
         return await real_db(fn, *args, **kwargs)
 
+    key = await enrol(live_server, machine)
     hub.db = busy_store
     try:
-        key = await enrol(live_server, "bye-1")
-        ws = await connect(live_server, "bye-1", key)
-        await ws.close()
-        assert await asyncio.to_thread(waiting.wait, 5)
-        (t,) = task
-        t.get_loop().call_soon_threadsafe(t.cancel)  # what uvicorn does when its graceful time is up
-        await eventually(t.done)
-        assert not t.cancelled() and t.exception() is None
-    finally:
-        hub.db = real_db
-    said = [text for _, text in captured.lines if "bye-1" in text or "server stops" in text]
-    assert any("agent disconnected as the server stops" in text for text in said), said
-    assert not any("Traceback" in text for _, text in captured.lines)
-
-
-async def test_a_connection_cancelled_while_its_hello_waits_on_the_store_ends_quietly(live_server, captured):
-    """The same at the other end of a connection: a server stopping while thousands of agents
-    (re)connect runs out of its graceful time with their hellos queued on the store. Each
-    connection's task, cancelled, must end quietly — not with a traceback per agent."""
-    import threading
-
-    hub = live_server.orch.hub
-    real_db = hub.db
-    waiting = threading.Event()
-    task: list[asyncio.Task] = []
-
-    async def busy_store(fn, *args, **kwargs):
-        if getattr(fn, "__name__", "") == "connect_machine":
-            task.append(asyncio.current_task())
-            waiting.set()
-            await asyncio.Event().wait()  # a store too busy to get to it before the server stops
-        return await real_db(fn, *args, **kwargs)
-
-    key = await enrol(live_server, "hi-1")
-    hub.db = busy_store
-    try:
-        ws = await websockets.connect(
-            live_server.url.replace("http://", "ws://") + "/agent/v1/connect", compression=None,
-            additional_headers={"authorization": f"Bearer {key}", "x-deskfleet-machine": "hi-1"},
-        )
-        await ws.send(orjson.dumps(Hello(protocol=2, boot_id="b", agent_version="t", automations=[])
-                                   .model_dump(mode="json")))
+        if waits_on == "connect_machine":  # a hello, never answered
+            ws = await websockets.connect(
+                live_server.url.replace("http://", "ws://") + "/agent/v1/connect", compression=None,
+                additional_headers={"authorization": f"Bearer {key}", "x-deskfleet-machine": machine},
+            )
+            await ws.send(orjson.dumps(Hello(protocol=2, boot_id="b", agent_version="t", automations=[])
+                                       .model_dump(mode="json")))
+        else:  # connected, then gone
+            ws = await connect(live_server, machine, key)
+            await ws.close()
         assert await asyncio.to_thread(waiting.wait, 5)
         (t,) = task
         t.get_loop().call_soon_threadsafe(t.cancel)  # what uvicorn does when its graceful time is up
@@ -331,10 +307,10 @@ async def test_a_connection_cancelled_while_its_hello_waits_on_the_store_ends_qu
         await ws.close()
     finally:
         hub.db = real_db
-    said = [text for _, text in captured.lines if "hi-1" in text or "server stops" in text]
-    assert any("agent connecting as the server stops" in text for text in said), said
+    lines = [text for _, text in captured.lines if machine in text or "server stops" in text]
+    assert any(said in text for text in lines), lines
     assert not any("Traceback" in text for _, text in captured.lines)
-    assert "hi-1" not in hub.connections
+    assert machine not in hub.connections
 
 
 async def test_protocol_2_acknowledges_only_an_attempts_beats_and_an_assignment_names_the_beat_that_renewed_it(

@@ -123,8 +123,8 @@ async def fill(desktop: Desktop, field: Region, text: str, *, label: str, read: 
     forgiving OCR's confusions (:func:`same_text`) and a caret after the text; with
     ``secret=True`` (the field shows dots) by pixels — the field is first emptied (select
     all, BackSpace) and its look taken, then after typing it must look different from
-    that empty field (by more than a caret's width). One retry; then DesktopError naming
-    the field. A secret is never logged, read by OCR or quoted.
+    that empty field (by more than a caret's width), and it returns once the field stops
+    changing. One retry; then DesktopError naming the field. A secret is never logged, read by OCR or quoted.
     """
     where = read if read is not None else inside(field)
     seen = [""]
@@ -137,6 +137,9 @@ async def fill(desktop: Desktop, field: Region, text: str, *, label: str, read: 
             before = await _settled(desktop, where)
             await desktop.type_text(text)
             if await _until_changed(desktop, where, before):
+                # The first dots are drawn: let the app draw the rest before the next action
+                # (a busy app takes its queued keys a few at a time).
+                await _settled(desktop, where)
                 log.debug("filled the %s field (try %d)", label, attempt)
                 return
         else:

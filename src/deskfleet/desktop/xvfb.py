@@ -250,6 +250,9 @@ class XvfbDisplay(XWindowHost):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+            # Killed, it could not remove its socket and lock as it does when it exits.
+            for leftover in (Path(f"/tmp/.X11-unix/X{self.number}"), Path(f"/tmp/.X{self.number}-lock")):
+                leftover.unlink(missing_ok=True)
 
     def restart(self) -> None:
         self._stop_server()

@@ -23,7 +23,7 @@ from .errors import (
     StateTimeout,
     Stopped,
 )
-from .sdk import Automation, Context, Registry, automation
+from .sdk import Automation, Context, Lease, Registry, automation
 from .version import __version__
 
 #: public name → the module that defines it (imported when the name is first used)
@@ -89,6 +89,7 @@ __all__ = [
     "DesktopError",
     "DesktopInfo",
     "Frame",
+    "Lease",
     "Pack",
     "PackError",
     "PlaybookContext",

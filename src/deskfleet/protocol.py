@@ -18,6 +18,8 @@ so that they never delay a heartbeat.
       preparing / event / progress         ─▶  (fenced: rejected if the lease is gone)
       totp {account} (request)             ─▶  (MFA prompt: only for an account this machine holds)
                                            ◀─  reply {code, valid_for}
+      lease {attempt} (request)            ─▶  (an effect outside the desktop is about to happen)
+                                           ◀─  reply {ok, valid_for | stop}   the lease, renewed
       start (request)                      ─▶
                                            ◀─  reply {ok | stop}     the automation may now run
       result {ending, output}              ─▶
@@ -36,6 +38,12 @@ orchestrator heard before the lease began, so the agent may count its lease from
 beat's sending, as it would from an acknowledged beat's. An agent that says protocol 1 (or
 nothing) in its hello still has every beat acknowledged.
 
+Protocol 3: ``lease`` renews an attempt's lease on the spot and says for how long, or
+says it is gone — what ``ctx.fenced()`` asks before an automation's effect outside the
+desktop (an API call, a file). ``welcome`` says which protocol the orchestrator speaks; an
+agent asks ``lease`` only of one that speaks 3, and fences from its acknowledged beats
+alone otherwise.
+
 Secrets (invariant 6): an account's password travels only inside the ``assign`` or
 ``verify`` that needs it (:class:`AccountGrant`); a TOTP seed never leaves the
 orchestrator — the agent asks for a code when an MFA prompt needs one.
@@ -48,7 +56,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class _Msg(BaseModel):
@@ -165,6 +173,16 @@ class TotpRequest(_Msg):
     account: str
 
 
+class LeaseCheck(_Msg):
+    """An effect outside the desktop is about to happen (``ctx.fenced()``): renew the
+    attempt's lease now and say for how long (``reply`` with ``valid_for``), or that the
+    attempt must stop (``reply`` with ``stop``). Protocol 3."""
+
+    type: Literal["lease"] = "lease"
+    id: int
+    attempt_id: int
+
+
 class Verified(_Msg):
     """The agent re-proved its machine's state after a quarantine."""
 
@@ -176,7 +194,7 @@ class Verified(_Msg):
 
 
 AgentMessage = Annotated[
-    Hello | HeartbeatMsg | Preparing | AgentEvent | Progress | Start | Result | TotpRequest | Verified,
+    Hello | HeartbeatMsg | Preparing | AgentEvent | Progress | Start | Result | TotpRequest | LeaseCheck | Verified,
     Field(discriminator="type"),
 ]
 agent_message: TypeAdapter[AgentMessage] = TypeAdapter(AgentMessage)
@@ -191,6 +209,7 @@ class Welcome(_Msg):
     heartbeat_interval: float
     heartbeat_timeout: float
     resume_attempt_id: int | None = None  # carry on with this one
+    protocol: int = 2  # the orchestrator's (an older one says nothing: 2 at most)
 
 
 class HeartbeatAck(_Msg):
@@ -246,9 +265,9 @@ class Reply(_Msg):
     re: int
     ok: bool
     error: str | None = None
-    stop: str | None = None  # for a start request: the attempt must stop instead, and why
+    stop: str | None = None  # for a start or lease request: the attempt must stop instead, and why
     code: str | None = None  # for a totp request: the current code
-    valid_for: float | None = None  # seconds the code stays valid
+    valid_for: float | None = None  # seconds the code (totp) or the renewed lease (lease) stays valid
 
 
 class Error(_Msg):

@@ -32,11 +32,14 @@ secrets: encrypted at rest, redacted in every response and log line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -53,6 +56,33 @@ In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out", bound=BaseModel)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The attempt's lease, as :meth:`Context.fenced` hands it to the effect it guards:
+    checked (and renewed with the orchestrator) a moment ago."""
+
+    #: the attempt's id: a fencing token — every newer lease on the run has a larger one, so
+    #: a system that remembers the largest it has seen can refuse a late writer itself
+    token: int
+    #: the ``time.monotonic()`` by which the effect must be done: a little before the lease
+    #: could expire (``inf`` outside an agent, as in ``deskfleet pack try``)
+    deadline: float
+    _stop: asyncio.Event | None = None
+
+    @property
+    def remaining(self) -> float:
+        """Seconds left before :attr:`deadline` (a timeout for the effect's own call)."""
+        return self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        """Raise :class:`Stopped` if the lease may be gone by now: call it right before an
+        effect that comes a while after entering the block."""
+        if self._stop is not None and self._stop.is_set():
+            raise Stopped("the orchestrator asked this attempt to stop")
+        if time.monotonic() >= self.deadline:
+            raise Stopped("lease_presumed_lost")
 
 
 class Context:
@@ -79,6 +109,7 @@ class Context:
         ensure: Callable[[str], Awaitable[Any]] | None = None,
         required_state: str = "ready",
         data_dir: Path | None = None,
+        renew: Callable[[], Awaitable[float]] | None = None,
     ) -> None:
         self.run_id = run_id
         self.attempt_id = attempt_id
@@ -90,6 +121,7 @@ class Context:
         self._upload = upload
         self._stop_event = stop_event
         self._ensure = ensure
+        self._renew = renew
         self.required_state = required_state
         #: the pack's ``{data}`` directory on this machine (where its app keeps what it keeps),
         #: None when the agent was given none (a simulated desktop without one)
@@ -107,6 +139,35 @@ class Context:
         """Raise :class:`Stopped` if the orchestrator asked this attempt to stop."""
         if self._stop_event.is_set():
             raise Stopped("the orchestrator asked this attempt to stop")
+
+    @contextlib.asynccontextmanager
+    async def fenced(self) -> AsyncIterator[Lease]:
+        """Guard an effect outside the desktop — an API call, a file, a message — with the
+        attempt's lease, as the desktop's input gate guards every click and key::
+
+            async with ctx.fenced() as lease:
+                backend.save(record, fencing_token=lease.token)
+
+        On entry the lease is checked at the moment of the effect: with the agent's own
+        reckoning (the attempt was not stopped, its heartbeats were acknowledged recently
+        enough), then renewed with the orchestrator. If it is gone — the machine was
+        silent or paused past it and the run may be running elsewhere, or the run was
+        cancelled — :class:`Stopped` is raised and the block does not run.
+
+        Do the effect at once inside the block: the guarantee holds until
+        :attr:`Lease.deadline` (use :attr:`Lease.remaining` as the effect's own timeout,
+        :meth:`Lease.check` before an effect that comes later). An effect made neither
+        through the desktop nor inside ``fenced()`` is unfenced: a machine that was paused
+        past its lease may still make it after another machine has — make such an effect
+        idempotent, or give it a reconcile check."""
+        self.check()
+        deadline = await self._renew() if self._renew is not None else math.inf
+        lease = Lease(self.attempt_id, deadline, self._stop_event)
+        lease.check()
+        yield lease
+        if time.monotonic() > deadline:
+            self.log.warning("a fenced effect ended %.3fs after its lease's deadline: make it quicker, "
+                             "or bound it by lease.remaining", time.monotonic() - deadline)
 
     async def progress(
         self, step: str, *, percent: float | None = None, message: str | None = None
@@ -243,7 +304,23 @@ class _Blocking:
             return call
         if name == "desktop":
             return _Blocking(value, self._loop)
+        if name == "fenced":
+            return functools.partial(_blocking_cm, value, self._loop)
         return value
+
+
+@contextlib.contextmanager
+def _blocking_cm(make: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
+    """An async context manager (``ctx.fenced()``) entered and left from a worker thread."""
+    cm = make()
+    value = asyncio.run_coroutine_threadsafe(cm.__aenter__(), loop).result()
+    try:
+        yield value
+    except BaseException as exc:
+        if not asyncio.run_coroutine_threadsafe(cm.__aexit__(type(exc), exc, exc.__traceback__), loop).result():
+            raise
+    else:
+        asyncio.run_coroutine_threadsafe(cm.__aexit__(None, None, None), loop).result()
 
 
 @dataclass(slots=True)

@@ -353,6 +353,7 @@ class Cluster:
 
     FINAL = FINAL
     wait_until = staticmethod(wait_until)
+    heartbeat_timeout = HEARTBEAT_TIMEOUT  # the server's (start_server)
 
     def __init__(self, root: Path, pg: Postgres | None = None) -> None:
         self.root = root

@@ -375,6 +375,72 @@ def test_agent_frozen_just_before_saving_does_not_save_after_its_lease_expired(c
         all(recs[0][1] == "b-01" for recs in found.values()), f"double effects in the EHR: {found}"
 
 
+# -- 3c. ... nor perform an effect outside the desktop ---------------------------------------------------
+def test_agent_frozen_just_before_an_effect_outside_the_desktop_does_not_perform_it(cluster: Cluster) -> None:
+    """``sim.work`` writes its effect straight to the application's backend, halfway through
+    its run — as a user's automation calling an API or writing a file would: the desktop's
+    input gate never sees it. Each of two agents is frozen (SIGSTOP) just before that write,
+    past its lease; the run is reconciled and done by b-01; then the agents are continued.
+    They must not write when they wake: the effect goes through ``ctx.fenced()``, and an
+    agent that wakes from a pause past its lease stops its automation first (DESIGN
+    invariant 4: no silent double effects)."""
+    c = cluster
+    seconds, lead = 1.6, 0.05  # the effect lands seconds/2 after the "work" step; freeze `lead` before
+    c.start_server()
+    c.wait_healthy()
+    paused = {"p-01": c.start_agent("p"), "q-01": c.start_agent("q")}
+    c.start_agent("b")
+    c.wait_ready({"p-01", "q-01", "b-01"})
+    c.client.machine_action("b-01", "cordon", "test: first attempts go to p-01 and q-01")
+    keys: dict[str, str] = {}  # run id → key
+    frozen: dict[str, int] = {}  # machine → attempt
+    after = 0
+    try:
+        for key in ("FENCE-1", "FENCE-2"):  # one after the other: each freeze is timed on its own
+            keys[c.client.submit("sim.work", {"key": key, "seconds": seconds})["id"]] = key
+            deadline = time.monotonic() + 20
+            while len(frozen) < len(keys):
+                assert time.monotonic() < deadline, f"never saw the 'work' step of {key} (frozen: {frozen})"
+                for e in c.client.all_events(after=after):
+                    after = e["id"]
+                    m = e["machine"]
+                    if e["kind"] == "attempt.progress" and e["reason"] == "work" and m in paused and m not in frozen:
+                        target = _ts(e["at"]) + seconds / 2 - lead
+                        assert time.time() < target, f"{m}: saw its work step too late to freeze before the effect"
+                        time.sleep(max(0.0, target - time.time()))
+                        paused[m].send(signal.SIGSTOP)
+                        frozen[m] = e["attempt"]
+                time.sleep(0.005)
+        with ehr_records(c) as ehr:
+            at_freeze = {key: ehr.work_count(key) for key in keys.values()}
+        assert at_freeze == dict.fromkeys(keys.values(), 0), f"the freeze came after the effect: {at_freeze}"
+
+        c.client.machine_action("b-01", "uncordon")
+        done = c.wait_final(set(keys), timeout=45)
+        assert {rid: (r["state"], r["current_machine"]) for rid, r in done.items()} == \
+            dict.fromkeys(keys, ("succeeded", "b-01"))
+    finally:
+        for proc in paused.values():
+            if proc.stopped:
+                proc.send(signal.SIGCONT)
+
+    # The late agents wake, stop and report; wait until both reports have been refused.
+    old = set(frozen.values())
+    c.wait_until(lambda: old <= {e["attempt"] for e in c.all_events()
+                                 if e["kind"] == "lease.stale_write_rejected" and e["data"]["op"].startswith("finish:")},
+                 20, "both late results to be refused")
+    time.sleep(0.5)
+    assert_audit_ok(c)
+    # Each woke, saw its clock jump past the lease, and stopped before its automation ran on.
+    paused = {e["machine"]: e["data"] for e in c.all_events() if e["kind"] == "agent.paused"}
+    assert {m: (d["attempt"], d["fenced"]) for m, d in paused.items()} == \
+        {m: (attempt, True) for m, attempt in frozen.items()}, paused
+    assert all(d["seconds"] > c.heartbeat_timeout for d in paused.values()), paused
+    with ehr_records(c) as ehr:
+        done_by = {key: ehr.work_done_by(key) for key in keys.values()}
+    assert done_by == {key: ["b-01"] for key in keys.values()}, f"double effects: {done_by}"
+
+
 # -- 4. the demo at scale -----------------------------------------------------------------------------
 #: ``chaos`` is the harshest preset, but takes ~5.5 minutes here at 50 machines (its simulated
 #: slow actions and failure rates dominate, not CPU); ``demo`` faults keep it to ~1.5 minutes.

@@ -25,6 +25,7 @@ from deskfleet.protocol import (
     HeartbeatAck,
     HeartbeatMsg,
     Hello,
+    LeaseCheck,
     Result,
     Start,
     server_message,
@@ -321,7 +322,7 @@ async def test_protocol_2_acknowledges_only_an_attempts_beats_and_an_assignment_
     renews the new lease for the agent as an acknowledgement would have."""
     from deskfleet.protocol import PROTOCOL_VERSION
 
-    assert PROTOCOL_VERSION == 2
+    assert PROTOCOL_VERSION >= 2
     live_server = server_factory(heartbeat_timeout=6.0, heartbeat_interval=1.0)  # beats sent by hand, slowly
     key = await enrol(live_server, "p2-1")
     ws = await websockets.connect(
@@ -373,6 +374,72 @@ async def test_protocol_2_acknowledges_only_an_attempts_beats_and_an_assignment_
             await c.submit("t.job", {})
             second = await until("assign")
             assert [m["type"] for m in heard] == ["assign"] and second["renewed_by"] == 4
+    finally:
+        await ws.close()
+
+
+async def test_a_lease_request_renews_a_held_lease_and_refuses_a_cancelled_or_lost_one(server_factory):
+    """``lease`` (protocol 3) is what ``ctx.fenced()`` asks right before an effect outside
+    the desktop: renewed for the lease timeout from now, or refused with the reason to stop
+    — and a beat naming an attempt that no longer holds its lease is not acknowledged."""
+    live_server = server_factory(heartbeat_timeout=6.0, heartbeat_interval=1.0)  # nothing expires by itself
+    key = await enrol(live_server, "fx-1")
+    ws = await websockets.connect(
+        live_server.url.replace("http://", "ws://") + "/agent/v1/connect", compression=None,
+        additional_headers={"authorization": f"Bearer {key}", "x-deskfleet-machine": "fx-1"},
+    )
+    ad = AutomationAd(name="t.effect", required_state="any", idempotent=True)
+    await ws.send(orjson.dumps(Hello(protocol=3, boot_id="b", agent_version="test", automations=[ad])
+                               .model_dump(mode="json")))
+    welcome = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert (welcome["type"], welcome["protocol"]) == ("welcome", 3)
+    view = live_server.view()
+
+    async def until(kind: str) -> dict:
+        while True:
+            msg = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+            if msg["type"] == kind:
+                return msg
+
+    async def ask(msg_id: int, attempt_id: int) -> dict:
+        await ws.send(orjson.dumps(LeaseCheck(id=msg_id, attempt_id=attempt_id).model_dump(mode="json")))
+        return await until("reply")
+
+    try:
+        async with AsyncClient(live_server.url) as c:
+            run = await c.submit("t.effect", {})
+            attempt = (await until("assign"))["attempt_id"]
+            await ws.send(orjson.dumps(Start(id=1, attempt_id=attempt).model_dump(mode="json")))
+            assert (await until("reply"))["ok"] is True
+            before = view.get_attempt(attempt).lease_expires_at
+            t0 = time.time()
+            reply = await ask(2, attempt)
+            assert (reply["re"], reply["ok"]) == (2, True), reply
+            assert 5.0 < reply["valid_for"] <= 6.0
+            renewed = view.get_attempt(attempt).lease_expires_at
+            assert renewed >= before and renewed >= t0 + 5.0
+
+            # Cancelled: the effect must not happen, and the reply says why.
+            await c.cancel(run["id"])
+            reply = await ask(3, attempt)
+            assert (reply["ok"], reply["stop"]) == (False, "cancelled"), reply
+            # The attempt ends; another request for it is a stale one.
+            await ws.send(orjson.dumps(Result(id=4, attempt_id=attempt, ending="stopped").model_dump(mode="json")))
+            assert (await until("reply"))["ok"] is True
+            reply = await ask(5, attempt)
+            assert (reply["ok"], reply["stop"]) == (False, "lease_lost"), reply
+            assert "stale_lease" in reply["error"]
+            assert (await until("stop"))["attempt_id"] == attempt
+            # A beat naming it renews nothing: a stop order, no acknowledgement.
+            await ws.send(orjson.dumps({"type": "heartbeat", "seq": 9, "attempt_id": attempt}))
+            heard = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert (heard["type"], heard.get("attempt_id")) == ("stop", attempt), heard
+            with pytest.raises(TimeoutError):
+                heard = orjson.loads(await asyncio.wait_for(ws.recv(), 1.0))
+                raise AssertionError(f"heard after the stop order: {heard}")
+            events = await c.all_events(limit=1000)
+            refused = [e for e in events if e["kind"] == "lease.stale_write_rejected" and e["attempt"] == attempt]
+            assert [e["data"]["op"] for e in refused] == ["renew"], refused
     finally:
         await ws.close()
 

@@ -19,6 +19,11 @@ and hands the run to another machine — a partitioned agent does not keep click
 its replacement starts. An idle machine's beats are not acknowledged (protocol 2): a new
 lease counts from the beat its assignment names (``Assign.renewed_by``), heard before the
 lease began.
+
+Effects outside the desktop (an API call, a file) go through ``ctx.fenced()``: the same
+reckoning, then the lease renewed with the orchestrator at that moment (``lease``, protocol
+3). The self-fencing check runs in a timer's callback, so that a process paused past its
+lease (SIGSTOP, a frozen VM) stops its automation before the automation runs again.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from ..protocol import (
     EnrolResponse,
     HeartbeatAck,
     Hello,
+    LeaseCheck,
     Preparing,
     Progress,
     Reply,
@@ -87,6 +93,8 @@ UPKEEP_TIMEOUT = 20.0
 #: the *sending* of the last acknowledged beat — before the orchestrator, which counts from
 #: receiving it, can expire the lease.
 FENCE_FRACTION = 0.9
+#: seconds the event loop must not have run (a paused process) to be reported as a pause
+PAUSE_REPORTED = 1.0
 
 
 @dataclass(slots=True)
@@ -141,6 +149,7 @@ class _Current:
     result_id: int | None = None  # the message id of the result report in flight
     forgotten: bool = False  # the machine rebooted: this attempt no longer exists here
     received: float = field(default_factory=time.monotonic)
+    fence_timer: asyncio.TimerHandle | None = None  # see Agent._watch_fence
 
 
 class Agent:
@@ -188,6 +197,9 @@ class Agent:
         self._hb_timeout = 10.0
         self._last_ack = time.monotonic()  # when the last acknowledged beat was *sent*
         self._beats_sent: dict[int, float] = {}
+        self._server_protocol = 2  # what the orchestrator speaks (its welcome says)
+        self._outbox: list[AgentEvent] = []  # reports that wait for a connection known to work
+        self._outbox_after: int | None = None  # ... shown by a reply to this request or a later one
         self._seq = itertools.count(1)
         self._verifying = False
         self._stopped = asyncio.Event()
@@ -318,10 +330,12 @@ class Agent:
             if not isinstance(welcome, Welcome):
                 raise _Disconnected(f"expected welcome, got {welcome.type}")
             self._hb_interval, self._hb_timeout = welcome.heartbeat_interval, welcome.heartbeat_timeout
+            self._server_protocol = welcome.protocol
             self._last_ack = hello_sent  # the hello renewed the lease when it arrived
             self._beats_sent.clear()
             self._connected.set()
             log.info("connected to %s", self.server, extra=self._ctx(welcome.resume_attempt_id))
+            self._flush_outbox()
             beat = asyncio.create_task(self._heartbeats())
             try:
                 async for raw in ws:
@@ -401,6 +415,8 @@ class Agent:
     async def _request(self, make: Any) -> Reply:
         """Send a message that needs an answer; ``make(id)`` builds it."""
         msg_id = next(self._ids)
+        if self._outbox and self._outbox_after is None:
+            self._outbox_after = msg_id
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = fut
         try:
@@ -408,6 +424,8 @@ class Agent:
             return await asyncio.wait_for(fut, REPLY_TIMEOUT)
         finally:
             self._pending.pop(msg_id, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # the connection dropped while the send failed: seen, not "never retrieved"
 
     async def _heartbeats(self) -> None:
         while True:
@@ -444,13 +462,77 @@ class Agent:
                     extra=self._ctx(cur.assign.attempt_id, cur.assign.run_id))
         self._stop_current(cur, "lease_presumed_lost")
 
-    async def _fence_watch(self) -> None:
-        """Stop the current attempt if the orchestrator has been silent too long."""
-        while True:
-            await asyncio.sleep(min(self._hb_interval, 0.5, self._hb_timeout / 10))
-            cur = self._current
-            if cur is not None and not cur.stop.is_set() and self._lease_presumed_lost():
+    def _watch_fence(self, cur: _Current) -> None:
+        """Stop ``cur`` if the orchestrator has been silent too long — checked by a timer's
+        callback, not by a task, for the sake of a process that was paused (SIGSTOP, a VM
+        frozen by its hypervisor, a stalled loop). When it runs again, every timer that fell
+        due in the pause is due at once, and the event loop runs a due timer's callback in
+        the iteration that finds it due, while a task woken by a timer (``asyncio.sleep``)
+        or by I/O takes its step only in the next: so this check runs, and fences, before
+        the automation's code resumes — unless the automation's step was already on its way
+        when the pause began. How long the loop did not run (the monotonic clock's jump) is
+        reported as ``agent.paused``."""
+        loop = asyncio.get_running_loop()
+        period = min(self._hb_interval, 0.5, self._hb_timeout / 10)
+
+        def tick(due: float) -> None:
+            if self._current is not cur or cur.task is None or cur.task.done():
+                return
+            now = loop.time()
+            if not cur.stop.is_set() and self._lease_presumed_lost():
                 self._fence(cur)
+            if now - due >= PAUSE_REPORTED:
+                self._paused(cur, now - due)
+            cur.fence_timer = loop.call_at(now + period, tick, now + period)
+
+        cur.fence_timer = loop.call_at(loop.time() + period, tick, loop.time() + period)
+
+    def _paused(self, cur: _Current, seconds: float) -> None:
+        fenced = cur.stop_reason == "lease_presumed_lost"
+        log.warning("this process did not run for %.1fs (paused, or its event loop blocked)%s", seconds,
+                    ": the attempt is stopped, its lease presumed lost" if fenced else "",
+                    extra=self._ctx(cur.assign.attempt_id, cur.assign.run_id))
+        # A machine's event, not the attempt's (whose lease may be gone). Sent once the
+        # connection is known to have outlived the pause — the orchestrator answers a request
+        # made after it — or on the next connection: the one in hand may be closed by now.
+        self._outbox.append(AgentEvent(kind="agent.paused", data={
+            "seconds": round(seconds, 3), "attempt": cur.assign.attempt_id, "run": cur.assign.run_id,
+            "fenced": fenced}))
+        self._outbox_after = None
+
+    def _flush_outbox(self) -> None:
+        out, self._outbox, self._outbox_after = self._outbox, [], None
+        for msg in out:
+            asyncio.get_running_loop().create_task(self._send_quiet(msg))
+
+    async def _renew(self, cur: _Current) -> float:
+        """``ctx.fenced()``: the lease, checked and renewed for an effect outside the desktop;
+        the ``time.monotonic()`` by which the effect must be done. Stopped if it is gone."""
+        if cur.stop.is_set():
+            raise Stopped(cur.stop_reason or "stopped")
+        if self._lease_presumed_lost():
+            self._fence(cur)
+            raise Stopped("lease_presumed_lost")
+        deadline = self._last_ack + FENCE_FRACTION * self._hb_timeout  # what the acknowledged beats give
+        if self._server_protocol >= 3 and self._connected.is_set():
+            sent = time.monotonic()
+            try:
+                reply = await asyncio.wait_for(
+                    self._request(lambda i: LeaseCheck(id=i, attempt_id=cur.assign.attempt_id)),
+                    max(0.0, deadline - sent))
+            except (TimeoutError, _Disconnected):
+                reply = None  # no answer in time: the acknowledged beats' guarantee alone
+            if reply is not None and reply.ok and reply.valid_for is not None:
+                # Renewed no earlier than it was asked for: it runs that long from the asking.
+                deadline = max(deadline, sent + FENCE_FRACTION * reply.valid_for)
+            elif reply is not None and not _unavailable(reply):
+                self._stop_current(cur, reply.stop or "lease_lost")
+        if cur.stop.is_set():
+            raise Stopped(cur.stop_reason or "stopped")
+        if time.monotonic() >= deadline:
+            self._fence(cur)
+            raise Stopped("lease_presumed_lost")
+        return deadline
 
     async def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, HeartbeatAck):
@@ -468,6 +550,8 @@ class Agent:
             fut = self._pending.get(msg.re)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+            if self._outbox_after is not None and msg.re >= self._outbox_after:
+                self._flush_outbox()  # this connection outlived the pause: the report can go
         elif isinstance(msg, Assign):
             self._accept(msg)
         elif isinstance(msg, Stop):
@@ -535,7 +619,7 @@ class Agent:
     async def _execute(self, cur: _Current) -> None:
         a = cur.assign
         ctx_log = self._ctx(a.attempt_id, a.run_id)
-        fence = asyncio.get_running_loop().create_task(self._fence_watch())
+        self._watch_fence(cur)
         result: tuple[str, dict[str, Any] | None, str]
         try:
             result = await self._attempt(cur)
@@ -543,7 +627,7 @@ class Agent:
             result = ("stopped", None, cur.stop_reason or exc.reason)
         except asyncio.CancelledError:
             if not cur.stop.is_set():
-                fence.cancel()
+                _cancel(cur.fence_timer)
                 raise  # the agent itself is going away
             result = ("stopped", None, cur.stop_reason or "stopped")
         except BusinessError as exc:
@@ -552,7 +636,7 @@ class Agent:
             result = ("system_error", None, f"{type(exc).__name__}: {exc}"[:2000])
             await self._evidence(cur, "failure", None)
         finally:
-            fence.cancel()
+            _cancel(cur.fence_timer)
             # The attempt is over: drop the account's secrets (the result may take a while to
             # be acknowledged; it needs none of them).
             granted, cur.account = cur.account, None
@@ -608,6 +692,7 @@ class Agent:
             report_progress=lambda step, pct, msg: self._progress(a.attempt_id, step, pct, msg),
             upload=lambda name, data, ctype: self._upload(a.attempt_id, name, data, ctype),
             stop_event=cur.stop, ensure=ensure_mid_run if app.model is not None else None,
+            renew=lambda: self._renew(cur),
             required_state=a.required_state, data_dir=app.data_dir,
         )
         if a.required_state != "any":
@@ -828,6 +913,11 @@ async def _activate(app: App) -> None:
     activate = getattr(app.desktop, "activate", None)
     if activate is not None:
         await activate()
+
+
+def _cancel(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
 
 
 def _unavailable(reply: Reply) -> bool:

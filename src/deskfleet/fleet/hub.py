@@ -44,6 +44,7 @@ from ..protocol import (
     Error,
     HeartbeatMsg,
     Hello,
+    LeaseCheck,
     Preparing,
     Progress,
     Reply,
@@ -384,7 +385,8 @@ class Hub:
             newer = self.beats.get(b.machine_id)
             if newer is None:
                 self.beats[b.machine_id] = b
-                self.beat_seqs[b.machine_id] = seqs[b.machine_id]
+                if b.machine_id in seqs:  # an idle beat (protocol 2) waits for no acknowledgement
+                    self.beat_seqs[b.machine_id] = seqs[b.machine_id]
             elif b.sessions_changed:
                 newer.sessions_changed = True  # compared with the unwritten beat: write it all the same
 
@@ -471,6 +473,7 @@ class Hub:
             heartbeat_interval=self.settings.heartbeat_interval,
             heartbeat_timeout=self.settings.heartbeat_timeout,
             resume_attempt_id=result.resume.id if result.resume else None,
+            protocol=PROTOCOL_VERSION,
         ))
         if result.resend is not None:
             await runs.send_assignment(result.resend)
@@ -604,6 +607,15 @@ class Hub:
                 log.info("attempt ended: %s → run %s", msg.ending, finished.run.state.value,
                          extra=self._ctx(mid, msg.attempt_id, finished.run.id))
                 self.runs.after_finished([finished])
+            elif isinstance(msg, LeaseCheck):
+                # An effect outside the desktop is about to happen: renewed now, or refused.
+                try:
+                    valid_for = await db.write(store.attempt_renew, msg.attempt_id, mid, now,
+                                               self.settings.lease_timeout)
+                except Stopped as exc:
+                    await conn.send(Reply(re=msg.id, ok=False, stop=exc.reason))
+                    return
+                await conn.send(Reply(re=msg.id, ok=True, valid_for=valid_for))
             elif isinstance(msg, TotpRequest):
                 try:
                     code, valid_for = await self.vault.totp(mid, msg.account)
@@ -626,12 +638,13 @@ class Hub:
         except StoreUnavailable:
             # The database is away: a request is answered "retry", a report is dropped
             # (progress resumes, the watchdog forgives the outage); the connection stays up.
-            if isinstance(msg, (Start, Result, TotpRequest)):
+            if isinstance(msg, (Start, Result, TotpRequest, LeaseCheck)):
                 await conn.send(Reply(re=msg.id, ok=False, error="unavailable: the database is away; retry"))
         except StaleLease as exc:
             self.metrics.stale.inc()
-            if isinstance(msg, (Start, Result)):
-                await conn.send(Reply(re=msg.id, ok=False, error=f"stale_lease: {exc.reason}"))
+            if isinstance(msg, (Start, Result, LeaseCheck)):
+                await conn.send(Reply(re=msg.id, ok=False, stop="lease_lost" if isinstance(msg, LeaseCheck) else None,
+                                      error=f"stale_lease: {exc.reason}"))
             attempt_id = getattr(msg, "attempt_id", None)
             if attempt_id is not None:
                 await conn.send(Stop(attempt_id=attempt_id, reason="lease_lost"))

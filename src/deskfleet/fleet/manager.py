@@ -151,8 +151,10 @@ class FleetManager:
                 raise
             for b in due:
                 self._written[b.machine_id] = (b.at, b.attempt_id, b.session_key, b.session_expires_at)
-            await self.hub.acknowledge(seqs)
             unheld = [machine_id for machine_id, ok in held.items() if not ok]
+            for machine_id in unheld:
+                seqs.pop(machine_id, None)  # it renewed nothing: no acknowledgement, a stop order
+            await self.hub.acknowledge(seqs)
             if unheld:
                 named = {b.machine_id: b.attempt_id for b in due}
                 for machine_id in unheld:

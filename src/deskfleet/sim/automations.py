@@ -239,13 +239,16 @@ class WorkDone(BaseModel):
 async def _work(ctx: Context, data: WorkInput) -> WorkDone:
     """A unit of work of a given duration whose side effect lands halfway through it (in the
     simulated backend, countable by key) — for benchmarks of utilisation, failover and
-    double effects: a machine killed in the second half has done the work but not said so."""
+    double effects: a machine killed in the second half has done the work but not said so.
+    The effect is written straight to the backend, as an automation calling an API would,
+    so it goes through ``ctx.fenced()``: a machine paused past its lease does not make it."""
     backend = getattr(ctx.desktop, "backend", None)
     if backend is None:
         raise BusinessError("sim.work needs a simulated desktop")
     await ctx.progress("work", percent=0)
     await asyncio.sleep(data.seconds / 2)
-    backend.record_work(data.key, machine=ctx.machine_id)
+    async with ctx.fenced():
+        backend.record_work(data.key, machine=ctx.machine_id)
     await ctx.progress("effect recorded", percent=50)
     await asyncio.sleep(data.seconds / 2)
     return WorkDone(key=data.key, machine=ctx.machine_id)

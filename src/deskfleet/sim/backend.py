@@ -215,6 +215,11 @@ class SimBackend:
         (n,) = self._db.execute("SELECT count(*) FROM work_done WHERE key = ?", (key,)).fetchone()
         return int(n)
 
+    def work_done_by(self, key: str) -> list[str]:
+        """The machines that did ``key``'s effect, in order."""
+        rows = self._db.execute("SELECT created_by_machine FROM work_done WHERE key = ? ORDER BY rowid", (key,))
+        return [m for (m,) in rows]
+
     def work_counts(self) -> dict[str, int]:
         """key → how many times its effect happened."""
         return {k: int(n) for k, n in self._db.execute("SELECT key, count(*) FROM work_done GROUP BY key")}

@@ -401,6 +401,12 @@ class Store(ABC):
         """The agent asks to start the automation itself; after this the effect may happen."""
 
     @abstractmethod
+    def attempt_renew(self, attempt_id: int, machine_id: str, now: float, lease_timeout: float) -> float:
+        """Renew the attempt's lease for an effect about to happen (``ctx.fenced()``) and
+        return the seconds it now runs from ``now``: StaleLease if the attempt no longer
+        holds it, Stopped if the orchestrator asked it to stop (a cancel, a timeout)."""
+
+    @abstractmethod
     def attempt_progress(
         self, attempt_id: int, machine_id: str, step: str, data: dict[str, Any], now: float
     ) -> None: ...

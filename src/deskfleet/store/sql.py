@@ -168,12 +168,13 @@ _PREFERRED = _MACHINES.where(
 SPEC_TTL = 2.0
 #: the writes that may share a transaction (``SQLStore.batch``): each raises its expected
 #: errors (StaleLease, Stopped) before it writes anything
-BATCHABLE = frozenset({"attempt_preparing", "attempt_start", "attempt_progress", "attempt_event", "finish_attempt",
-                       "submit", "submit_many"})
+BATCHABLE = frozenset({"attempt_preparing", "attempt_start", "attempt_progress", "attempt_event", "attempt_renew",
+                       "finish_attempt", "submit", "submit_many"})
 #: the errors a batched write answers with on its own (all raised before it writes)
 ANSWERS = (StaleLease, Stopped, Conflict, NotFound)
 #: the batchable writes of an agent, fenced by their attempt's lease (``attempt_id`` first)
-FENCED = frozenset({"attempt_preparing", "attempt_start", "attempt_progress", "attempt_event", "finish_attempt"})
+FENCED = frozenset({"attempt_preparing", "attempt_start", "attempt_progress", "attempt_event", "attempt_renew",
+                    "finish_attempt"})
 
 
 def _attempt_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -1314,6 +1315,16 @@ class SQLStore(AccountOps, KeyOps, Store):
             return a
 
         return self._fenced("start", attempt_id, machine_id, now, fn)
+
+    def attempt_renew(self, attempt_id: int, machine_id: str, now: float, lease_timeout: float) -> float:
+        def fn(conn: Connection, a: Attempt, _run: Run | None) -> float:
+            if a.stop_requested_at is not None:
+                raise Stopped((a.stop_reason or StopReason.CANCELLED).value)
+            expires = max(a.lease_expires_at, now + lease_timeout)  # a renewal never shortens a lease
+            self._drv.update(conn, attempts, {"lease_expires_at": expires}, {"id": a.id})
+            return expires - now
+
+        return self._fenced("renew", attempt_id, machine_id, now, fn, needs_run=False)
 
     def attempt_progress(self, attempt_id: int, machine_id: str, step: str, data: dict[str, Any], now: float) -> None:
         def fn(conn: Connection, a: Attempt, _run: Run | None) -> None:

@@ -65,9 +65,11 @@ LAYERS: dict[str, tuple[list[str], list[str]]] = {
     # -- the server side -------------------------------------------------------------------
     # pure rules: run transitions, matching runs to machines, the audit of the event log
     "rules": (["statemachine", "scheduler", "scheduler.*", "audit"], ["base"]),
+    # machine providers: what creates, restarts, fences and destroys machines
+    "providers": (["providers", "providers.*"], ["base"]),
     "store": (["store", "store.*"], ["rules"]),
     # the server's parts: agent hub, fleet loops, bus between replicas, vault, metrics
-    "parts": (["fleet", "fleet.*", "vault", "metrics"], ["store"]),
+    "parts": (["fleet", "fleet.*", "vault", "metrics"], ["store", "providers"]),
     # services, one job each: runs, dispatch, finals, machines and pools, catalogue, keys,
     # hints between replicas (one another only through protocols: see the test below)
     "services": (["services", "services.*"], ["parts"]),

@@ -1,0 +1,37 @@
+"""Providers: what creates, starts, stops, fences and destroys the fleet's machines.
+
+:class:`MachineProvider` is the interface (``base``); beside it, :class:`FakeProvider`
+plays an infrastructure in memory for tests, :class:`CommandProvider` drives any
+hypervisor through hook scripts, and :class:`Retrying` wraps any of them to retry
+transient failures with the caller's token. docs/providers.md describes them and the hook
+contract.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    Capabilities,
+    MachineNotFound,
+    MachineProvider,
+    MachineSpec,
+    ProviderError,
+    ProviderMachine,
+    ProviderState,
+)
+from .command import CommandProvider
+from .fake import FakeProvider
+from .retry import OpStats, Retrying
+
+__all__ = [
+    "Capabilities",
+    "CommandProvider",
+    "FakeProvider",
+    "MachineNotFound",
+    "MachineProvider",
+    "MachineSpec",
+    "OpStats",
+    "ProviderError",
+    "ProviderMachine",
+    "ProviderState",
+    "Retrying",
+]

@@ -195,6 +195,21 @@ class _Calls:
     def put_pool(self, name: str, **settings: Any) -> Any:
         return self._do(_Call("PUT", f"/v1/pools/{name}", settings))
 
+    def pool_policy(self, name: str) -> Any:
+        return self._do(_Call("GET", f"/v1/pools/{name}/policy"))
+
+    def put_pool_policy(self, name: str, policy: dict[str, Any], *, version: int | None = None,
+                        comment: str = "") -> Any:
+        """A new version of the pool's policy; ``version``: the one it was made to (409 if no longer the latest)."""
+        return self._do(_Call("PUT", f"/v1/pools/{name}/policy",
+                              {"policy": policy, "version": version, "comment": comment}))
+
+    def pool_policy_history(self, name: str, limit: int = 50) -> Any:
+        return self._do(_Call("GET", f"/v1/pools/{name}/policy/history", params={"limit": limit}))
+
+    def pool_demand(self, name: str) -> Any:
+        return self._do(_Call("GET", f"/v1/pools/{name}/demand"))
+
     def automations(self) -> Any:
         return self._do(_Call("GET", "/v1/automations"))
 

@@ -347,6 +347,33 @@ def test_machines_list_cordon_and_uncordon(stack):
     assert len(r.err_lines) == 1, r.err
 
 
+def test_pools_policy_show_change_history_and_demand(stack):
+    shown = stack.json("pools", "policy", "default")
+    assert (shown["version"], shown["policy"]["min"], shown["policy"]["max"], shown["policy"]["provider"]) == \
+        (0, 0, None, None)
+    made = stack.json("pools", "policy", "default", "--min", "2", "--max", "8", "--comment", "acceptance")
+    assert (made["version"], made["policy"]["min"], made["policy"]["max"], made["comment"]) == (1, 2, 8, "acceptance")
+    policy = {**made["policy"], "schedule": [{"cron": "0 8 * * mon-fri", "hours": 10, "floor": 4,
+                                              "timezone": "Europe/Berlin"}]}
+    policy_file = stack.work / "policy.json"
+    policy_file.write_text(json.dumps(policy))
+    assert stack.json("pools", "policy", "default", "--set", str(policy_file))["version"] == 2
+    # A change made to a version somebody else has changed since is refused, in one line.
+    r = stack.run("pools", "policy", "default", "--min", "3", "--version", "1")
+    assert_clean_failure(r, "at version 2, not 1", "read it again")
+    assert len(r.err_lines) == 1, r.err
+    # So is a policy that cannot hold, saying which field.
+    r = stack.run("pools", "policy", "default", "--min", "9")
+    assert_clean_failure(r, "max (8) is below min (9)")
+    policy_file.write_text("{not json")
+    assert_clean_failure(stack.run("pools", "policy", "default", "--set", str(policy_file)), "is not JSON")
+    assert [v["version"] for v in stack.json("pools", "history", "default")] == [2, 1]
+    demand = stack.json("pools", "demand", "default")
+    assert demand["pool"] == "default" and demand["policy_version"] == 2
+    assert demand["busy"] + demand["idle"] <= 2 and demand["target"] >= 2  # at least min
+    assert_clean_failure(stack.run("pools", "demand", "ghost"), "no pool 'ghost'")
+
+
 def test_server_errors_are_one_line(stack):
     r = stack.run("submit", "ehr.delete_everything", "--wait", "1")
     assert_clean_failure(r, "unknown automation", "ehr.lookup_patient")

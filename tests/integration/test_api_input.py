@@ -497,6 +497,50 @@ async def test_same_idempotency_key_with_another_body_is_409_and_makes_no_run(li
     assert caught.value.status == 409
 
 
+# -- pool policies --------------------------------------------------------------------------------
+
+async def test_a_bad_pool_policy_is_422_naming_the_field_and_a_stale_change_409(live_server, fleet_factory):
+    await fleet_factory(live_server, count=1)
+    async with http(live_server) as c:
+        ok = await c.put("/v1/pools/default/policy", json={"policy": {"min": 1, "max": 3}, "version": 0})
+        assert ok.status_code == 200, ok.text
+        assert (ok.json()["version"], ok.json()["policy"]["max"]) == (1, 3)
+        resp = await c.put("/v1/pools/default/policy", json={"policy": {"min": 1, "max": 3}, "version": 0})
+        assert_error(resp, 409, "conflict", field="version", mentions=("at version 1, not 0",))
+        resp = await c.put("/v1/pools/default/policy", json={"policy": {"min": 4, "max": 3}})
+        assert_error(resp, 422, "invalid_request", mentions=("max (3) is below min (4)",))
+        resp = await c.put("/v1/pools/default/policy", json={"policy": {"schedule": [
+            {"cron": "0 8 * * mon-fri", "hours": 10, "floor": 2, "timezone": "Berlin"}]}})
+        assert_error(resp, 422, "invalid_request", mentions=("'Berlin' is not a time zone", "timezone"))
+        resp = await c.put("/v1/pools/default/policy", json={"policy": {"mim": 1}})
+        assert_error(resp, 422, "invalid_request", mentions=("mim",))
+        for path in ("/v1/pools/ghost/policy", "/v1/pools/ghost/demand", "/v1/pools/ghost/policy/history"):
+            assert_error(await c.get(path), 404, "not_found", mentions=("ghost",))
+        resp = await c.put("/v1/pools/ghost/policy", json={"policy": {}})
+        assert_error(resp, 404, "not_found", mentions=("no pool 'ghost'", "create it first"))
+        # Nothing refused was kept.
+        history = (await c.get("/v1/pools/default/policy/history")).json()
+        assert [v["version"] for v in history] == [1]
+
+
+async def test_a_pools_demand_is_what_an_external_autoscaler_reads(live_server, fleet_factory):
+    """KEDA's metrics API scaler reads one number from a JSON answer (``valueLocation``):
+    ``target``, the machines the pool's work asks for now."""
+    fleet = await fleet_factory(live_server, count=2)
+    async with http(live_server) as c:
+        put = await c.put("/v1/pools/default/policy", json={"policy": {"min": 1, "warm": {"min": 0, "max": 0}}})
+        assert put.status_code == 200, put.text
+        for d in fleet.desktops:
+            await c.post(f"/v1/machines/{d.name}/cordon", json={"reason": "test: runs must wait"})
+        for i in range(3):
+            assert (await c.post("/v1/runs", json={**LOOKUP, "input": {"mrn": f"D-{i}"}})).status_code == 201
+        demand = (await c.get("/v1/pools/default/demand")).json()
+        assert (demand["queued"], demand["busy"], demand["idle"], demand["target"]) == (3, 0, 0, 3)
+        assert demand["machines"] == {"cordoned": 2} and demand["policy_version"] == 1
+        assert demand["arrival_rate"] == pytest.approx(3 / demand["window_seconds"])
+        assert demand["oldest_wait_seconds"] >= 0
+
+
 # -- the API key --------------------------------------------------------------------------------
 
 CLIENT_ROUTES = [
@@ -504,6 +548,8 @@ CLIENT_ROUTES = [
     ("GET", "/v1/pools", None), ("GET", "/v1/automations", None), ("GET", "/v1/summary", None),
     ("GET", "/v1/events", None), ("GET", "/metrics", None), ("POST", "/v1/runs", LOOKUP),
     ("PUT", "/v1/pools/sneaky", {"allow_wait_for_capacity": True}),
+    ("GET", "/v1/pools/default/policy", None), ("GET", "/v1/pools/default/policy/history", None),
+    ("PUT", "/v1/pools/default/policy", {"policy": {"min": 1}}), ("GET", "/v1/pools/default/demand", None),
     ("POST", "/v1/machines/sim-01/cordon", {"reason": "sneaky"}),
     ("POST", "/v1/runs/run_x/cancel", None),
 ]

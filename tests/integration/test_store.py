@@ -146,6 +146,54 @@ def test_pools(s):
     assert kinds(s) == ["pool.created", "pool.created", "pool.updated"]
 
 
+def test_pool_policies_are_versioned_and_a_change_to_an_old_version_is_refused(s):
+    with pytest.raises(NotFound, match="no pool 'p1'"):
+        s.put_pool_policy("p1", {"min": 1}, expected_version=0, now=T0)
+    s.put_pool(Pool("p1"), T0)
+    assert s.pool_policy("p1") is None and s.pool_policy_history("p1") == []
+    v1 = s.put_pool_policy("p1", {"min": 1, "max": 4}, expected_version=0, comment="first", now=T0 + 1)
+    assert (v1.version, v1.policy, v1.created_at, v1.comment) == (1, {"min": 1, "max": 4}, T0 + 1, "first")
+    # Two people read version 1; the first change wins, the second is refused, not lost silently.
+    s.put_pool_policy("p1", {"min": 2, "max": 4}, expected_version=1, now=T0 + 2)
+    with pytest.raises(Conflict, match="at version 2, not 1") as refused:
+        s.put_pool_policy("p1", {"min": 3, "max": 4}, expected_version=1, now=T0 + 3)
+    assert refused.value.field == "version"
+    assert s.pool_policy("p1").policy == {"min": 2, "max": 4}
+    blind = s.put_pool_policy("p1", {"min": 0, "max": 9}, expected_version=None, now=T0 + 4)  # whatever is current
+    assert blind.version == 3 and s.pool_policy("p1") == blind
+    assert [v.version for v in s.pool_policy_history("p1")] == [3, 2, 1]
+    assert [v.version for v in s.pool_policy_history("p1", limit=2)] == [3, 2]
+    events = [e for e in s.events(limit=100) if e.kind == "pool.policy"]
+    assert [(e.data["version"], e.data["from_version"]) for e in events] == [(1, 0), (2, 1), (3, 2)]
+    assert events[0].reason == "first"
+
+
+def test_a_pools_demand_counts_its_own_queue_machines_and_arrivals(s):
+    s.put_pool(Pool("p1", allow_wait_for_capacity=True), T0)
+    s.put_pool(Pool("p2", allow_wait_for_capacity=True), T0)
+    add_machine(s, "m1", pool="p1")
+    add_machine(s, "m2", pool="p1")
+    add_machine(s, "x1", pool="p2")
+    s.put_automations(SPECS, T0)
+    busy = claim(s, T0 + 1, pool="p1")
+    assert busy.attempt.machine_id in ("m1", "m2")
+    s.set_admin("m2" if busy.attempt.machine_id == "m1" else "m1", MachineAdmin.CORDONED, T0 + 1)
+    for i in range(3):
+        submit(s, T0 + 10 + i, pool="p1")  # nowhere to go: queued
+    backing_off = submit(s, T0 + 2, pool="p1")
+    with s.engine.begin() as conn:  # as a retry's backoff leaves it (plain SQL)
+        conn.execute(runs.update().where(runs.c.id == backing_off.id).values(not_before=T0 + 60))
+    submit(s, T0 + 5, pool="p2")
+    d = s.pool_demand("p1", T0 + 20, window=15.0)
+    assert (d.pool, d.queued, d.delayed, d.busy, d.idle) == ("p1", 3, 1, 1, 0)
+    assert d.machines == {"busy": 1, "cordoned": 1}
+    assert d.oldest_wait == pytest.approx(10.0)
+    assert (d.arrivals, d.window) == (3, 15.0)  # the claimed and the delayed run came before the window
+    assert d.arrival_rate == pytest.approx(3 / 15.0)
+    other = s.pool_demand("p2", T0 + 20, window=15.0)  # not scheduled since its submit: waiting, beside a free machine
+    assert (other.queued, other.machines, other.oldest_wait, other.arrivals) == (1, {"ready": 1}, 15.0, 1)
+
+
 def test_automation_catalogue_resolves_the_newest_version(s):
     assert s.get_automation("ehr.create") is None
     s.put_automations([AutomationSpec("ehr.create", v, description=v) for v in ("1", "2", "10", "1.5")], T0)

@@ -3,16 +3,29 @@ cordon, drain, uncordon), ``/v1/pools``, ``/v1/automations``."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.params import Depends
 
 from ..errors import InvalidRequest, NotFound
+from ..fleet.policy import PoolPolicy
 from ..models import MachineAdmin, Pool
 from ..services.catalog import Catalogue
 from ..services.machines import Machines
-from .schemas import AutomationOut, CordonIn, EventOut, MachineOut, PoolIn, PoolOut
+from .schemas import (
+    AutomationOut,
+    CordonIn,
+    DemandOut,
+    EventOut,
+    MachineOut,
+    PolicyIn,
+    PolicyOut,
+    PoolIn,
+    PoolOut,
+    ts,
+)
 
 
 def router(machines: Machines, catalogue: Catalogue, client: Depends) -> APIRouter:
@@ -62,6 +75,35 @@ def router(machines: Machines, catalogue: Catalogue, client: Depends) -> APIRout
         if not name or len(name) > 128 or not (name[0].isalnum() and all(c.isalnum() or c in "._-" for c in name)):
             raise InvalidRequest("pool names are letters, digits, '.', '_' and '-', starting with a letter or digit", field="name")
         return PoolOut.of(await machines.put_pool(Pool(name=name, **body.model_dump())))
+
+    @api.get("/v1/pools/{name}/policy", response_model=PolicyOut, dependencies=[client],
+             summary="The pool's policy in force (version 0: the defaults, never set)")
+    async def get_policy(name: str) -> PolicyOut:
+        version, policy, stored = await machines.pool_policy(name)
+        return PolicyOut(pool=name, version=version, policy=policy,
+                         created_at=ts(stored.created_at) if stored else None, comment=stored.comment if stored else "")
+
+    @api.put("/v1/pools/{name}/policy", response_model=PolicyOut, dependencies=[client],
+             summary="A new version of the pool's policy (409 if `version` is no longer the latest)")
+    async def put_policy(name: str, body: PolicyIn) -> PolicyOut:
+        made = await machines.put_pool_policy(name, body.policy, expected_version=body.version, comment=body.comment)
+        return PolicyOut(pool=name, version=made.version, policy=body.policy, created_at=ts(made.created_at),
+                         comment=made.comment)
+
+    @api.get("/v1/pools/{name}/policy/history", response_model=list[PolicyOut], dependencies=[client],
+             summary="The pool's policy versions, newest first")
+    async def policy_history(name: str, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[PolicyOut]:
+        return [PolicyOut(pool=name, version=v.version, policy=PoolPolicy.model_validate(v.policy),
+                          created_at=ts(v.created_at), comment=v.comment)
+                for v in await machines.pool_policy_history(name, limit)]
+
+    @api.get("/v1/pools/{name}/demand", response_model=DemandOut, dependencies=[client],
+             summary="What the pool's work asks for now (for an external autoscaler, e.g. KEDA)")
+    async def demand(name: str) -> DemandOut:
+        d, version, _, target = await machines.demand(name)
+        return DemandOut(pool=name, at=datetime.fromtimestamp(d.at, UTC), target=target, queued=d.queued, delayed=d.delayed, busy=d.busy,
+                         idle=d.idle, machines=d.machines, oldest_wait_seconds=d.oldest_wait,
+                         arrival_rate=round(d.arrival_rate, 6), window_seconds=d.window, policy_version=version)
 
     @api.get("/v1/automations", response_model=list[AutomationOut], dependencies=[client])
     async def automations() -> list[AutomationOut]:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 from .. import config as limits
+from ..fleet.policy import PoolPolicy
 from ..models import Artifact, Attempt, AutomationSpec, Event, Machine, Pool, Run, RunSpec
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
@@ -301,6 +302,41 @@ class PoolOut(BaseModel):
     def of(cls, p: Pool) -> PoolOut:
         return cls(name=p.name, description=p.description, allow_wait_for_capacity=p.allow_wait_for_capacity,
                    affinity_wait=p.affinity_wait, created_at=ts(p.created_at))  # type: ignore[arg-type]
+
+
+class PolicyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    policy: PoolPolicy
+    version: int | None = Field(default=None, ge=0, description=(
+        "the version this change was made to (0: the pool had none); 409 if it is no longer the latest. "
+        "Leave it out to replace whatever is current"))
+    comment: str = Field(default="", max_length=500, description="why: kept with the version and its event")
+
+
+class PolicyOut(BaseModel):
+    pool: str
+    version: int = Field(description="0: the pool never had a policy (these are the defaults)")
+    policy: PoolPolicy
+    created_at: datetime | None
+    comment: str = ""
+
+
+class DemandOut(BaseModel):
+    """A pool's demand, in the shape an external autoscaler reads (KEDA's metrics API
+    scaler: ``valueLocation: target``, ``targetValue: 1``)."""
+
+    pool: str
+    at: datetime
+    target: int = Field(description="machines wanted now: queued + busy + warm buffer, within the policy's floor and max")
+    queued: int = Field(description="runs waiting for a machine")
+    delayed: int = Field(description="queued runs waiting for their retry backoff")
+    busy: int
+    idle: int = Field(description="machines ready and free")
+    machines: dict[str, int] = Field(description="the pool's machines by status")
+    oldest_wait_seconds: float | None
+    arrival_rate: float = Field(description="runs a second, over window_seconds")
+    window_seconds: float
+    policy_version: int
 
 
 class AutomationOut(BaseModel):

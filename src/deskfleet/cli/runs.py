@@ -248,3 +248,62 @@ def pools_set(ctx: click.Context, name: str, allow_wait_for_capacity: bool, affi
     with _client(ctx) as c:
         _print(c.put_pool(name, allow_wait_for_capacity=allow_wait_for_capacity,
                           affinity_wait=affinity_wait, description=description))
+
+
+@pools.command("policy")
+@click.argument("name")
+@opt("--set", "set_", default=None, type=click.File("r"), metavar="FILE",
+     help="replace the policy with the JSON object in FILE ('-': standard input)")
+@opt("--min", "min_", default=None, type=click.IntRange(0), help="change only min")
+@opt("--max", "max_", default=None, type=click.IntRange(0), help="change only max")
+@opt("--provider", default=None, help="change only the provider ('none': managed elsewhere)")
+@opt("--version", "version_", default=None, type=click.IntRange(0),
+     help="the version your change is made to (default: the one just read); refused if no longer the latest")
+@opt("--comment", default="", help="why: kept with the new version")
+@click.pass_context
+def pools_policy(ctx: click.Context, name: str, set_: TextIO | None, min_: int | None, max_: int | None,
+                 provider: str | None, version_: int | None, comment: str) -> None:
+    """Show a pool's policy, or make a new version of it.
+
+    Without options it prints the policy in force (version 0: never set, the defaults).
+    --min, --max and --provider change those fields of the policy just read; --set FILE
+    replaces it. Either way the change is made to the version read (or --version), and
+    refused if somebody changed the policy meanwhile."""
+    with _client(ctx) as c:
+        current = c.pool_policy(name)
+        if set_ is None and min_ is None and max_ is None and provider is None:
+            _print(current)
+            return
+        if set_ is not None:
+            try:
+                policy = json.loads(set_.read())
+            except json.JSONDecodeError as exc:
+                raise click.UsageError(f"--set: {set_.name} is not JSON: {exc}") from None
+            if not isinstance(policy, dict):
+                raise click.UsageError(f"--set: {set_.name} must hold a JSON object (the policy)")
+        else:
+            policy = dict(current["policy"])
+        for key, value in (("min", min_), ("max", max_), ("provider", provider)):
+            if value is not None:
+                policy[key] = None if value == "none" else value
+        _print(c.put_pool_policy(name, policy, version=current["version"] if version_ is None else version_,
+                                 comment=comment))
+
+
+@pools.command("history")
+@click.argument("name")
+@opt("--limit", default=20, type=click.IntRange(1, 500))
+@click.pass_context
+def pools_history(ctx: click.Context, name: str, limit: int) -> None:
+    """A pool's policy versions, newest first."""
+    with _client(ctx) as c:
+        _print(c.pool_policy_history(name, limit))
+
+
+@pools.command("demand")
+@click.argument("name")
+@click.pass_context
+def pools_demand(ctx: click.Context, name: str) -> None:
+    """What the pool's work asks for now: queued, busy, idle, and the machines wanted (target)."""
+    with _client(ctx) as c:
+        _print(c.pool_demand(name))

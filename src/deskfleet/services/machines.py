@@ -12,11 +12,17 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from ..crypto import hash_key, same
+from ..errors import NotFound
+from ..fleet.policy import DEFAULT_READY_TIME, PoolPolicy
 from ..models import Artifact, Event, Machine, MachineAdmin, Pool
 
 if TYPE_CHECKING:
     from ..store import Store
+    from ..store.pools import PolicyVersion, PoolDemand
     from ..store.runner import StoreRunner
+
+#: seconds over which a pool's arrival rate is measured (for its warm buffer)
+ARRIVAL_WINDOW = 300.0
 
 
 class Changes(Protocol):
@@ -84,3 +90,35 @@ class Machines:
 
     async def pool(self, name: str) -> Pool | None:
         return await self.db(self.store.get_pool, name)
+
+    # -- pool policies and demand ------------------------------------------------------------------
+    async def pool_policy(self, name: str) -> tuple[int, PoolPolicy, PolicyVersion | None]:
+        """The pool's policy in force: (version, policy, the stored version); a pool that never
+        had one has version 0 and the defaults. NotFound for an unknown pool."""
+        if await self.pool(name) is None:
+            raise NotFound(f"no pool {name!r}")
+        stored = await self.db(self.store.pool_policy, name)
+        if stored is None:
+            return 0, PoolPolicy(), None
+        return stored.version, PoolPolicy.model_validate(stored.policy), stored
+
+    async def pool_policy_history(self, name: str, limit: int = 50) -> list[PolicyVersion]:
+        if await self.pool(name) is None:
+            raise NotFound(f"no pool {name!r}")
+        return await self.db(self.store.pool_policy_history, name, limit)
+
+    async def put_pool_policy(self, name: str, policy: PoolPolicy, *, expected_version: int | None,
+                              comment: str = "") -> PolicyVersion:
+        made = await self.db(self.store.put_pool_policy, name, policy.model_dump(mode="json"),
+                             expected_version=expected_version, comment=comment, now=time.time())
+        self.dispatch.wake(others=True)
+        return made
+
+    async def demand(self, name: str) -> tuple[PoolDemand, int, PoolPolicy, int]:
+        """What the pool's work asks for now: (demand, policy version, policy, target machines)."""
+        version, policy, _ = await self.pool_policy(name)
+        now = time.time()
+        d = await self.db(self.store.pool_demand, name, now, ARRIVAL_WINDOW)
+        target = policy.target(queued=d.queued, busy=d.busy, arrival_rate=d.arrival_rate, now=now,
+                               ready_time=DEFAULT_READY_TIME)
+        return d, version, policy, target

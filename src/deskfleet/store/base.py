@@ -43,6 +43,7 @@ from ..models import (
 
 if TYPE_CHECKING:
     from ..scheduler import Policy
+    from .pools import PolicyVersion, PoolDemand
 
 
 @dataclass(slots=True)
@@ -302,8 +303,24 @@ class Store(ABC):
         """Enrolled machines grouped by what they offer (pool, labels, automations)."""
 
     @abstractmethod
-    def count_machines(self) -> dict[str, int]:
-        """Machines by ``Machine.status`` (busy, offline, quarantined, cordoned, drained, ready)."""
+    def count_machines(self, pool: str | None = None) -> dict[str, int]:
+        """Machines (of ``pool``) by ``Machine.status`` (busy, offline, quarantined, cordoned, drained, ready)."""
+
+    # -- pool policies and demand (store.pools) -----------------------------------------------------
+    @abstractmethod
+    def pool_policy(self, pool: str) -> PolicyVersion | None:
+        """The policy in force for ``pool`` (its latest version), None if it never had one."""
+
+    @abstractmethod
+    def pool_policy_history(self, pool: str, limit: int = 50) -> list[PolicyVersion]: ...
+
+    @abstractmethod
+    def put_pool_policy(self, pool: str, policy: dict[str, Any], *, expected_version: int | None,
+                        comment: str = "", now: float) -> PolicyVersion:
+        """A new version; NotFound for an unknown pool, Conflict if ``expected_version`` is not the latest."""
+
+    @abstractmethod
+    def pool_demand(self, pool: str, now: float, window: float = 300.0) -> PoolDemand: ...
 
     @abstractmethod
     def set_machine_screenshot(self, machine_id: str, artifact_id: str) -> None: ...

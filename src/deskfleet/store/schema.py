@@ -323,3 +323,16 @@ account_leases = Table(
     CheckConstraint(_in("state", ("reserved", "held")), name="state"),
     Index("ix_account_leases_machine", "machine_id"),
 )
+
+# Pool policies (fleet.policy): every version kept, the latest in force. A change names
+# the version it was made against; the store refuses it if that is no longer the latest.
+pool_policies = Table(
+    "pool_policies",
+    metadata,
+    Column("pool", String(128), ForeignKey("pools.name", ondelete="CASCADE"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("policy", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("comment", Text, nullable=False, server_default=""),
+    CheckConstraint("version >= 1", name="version"),
+)

@@ -77,6 +77,7 @@ from .accounts import AccountOps
 from .base import ConnectResult, Finished, Heartbeat, Store, SweepResult
 from .driver import Driver, Raw, send_before_statements
 from .keys import KeyOps
+from .pools import PoolOps
 from .schema import (
     artifacts,
     attempts,
@@ -213,7 +214,7 @@ RUNS_PER_FREE = 2
 RUN_PAGE_MIN = 16
 
 
-class SQLStore(AccountOps, KeyOps, Store):
+class SQLStore(AccountOps, KeyOps, PoolOps, Store):
     def __init__(self, engine: Engine, *, migrate: Callable[[Engine], None]) -> None:
         self.engine = engine
         self._migrate = migrate
@@ -814,7 +815,7 @@ class SQLStore(AccountOps, KeyOps, Store):
             return [MachineShape(pool, orjson.loads(lab), orjson.loads(auto), int(n))
                     for pool, lab, auto, n in conn.execute(q)]
 
-    def count_machines(self) -> dict[str, int]:
+    def count_machines(self, pool: str | None = None) -> dict[str, int]:
         # Machine.status, in SQL: a fleet of thousands is counted, not read.
         busy = _MACHINES.selected_columns.active_attempt_id.is_not(None)
         status = case(
@@ -823,6 +824,8 @@ class SQLStore(AccountOps, KeyOps, Store):
             (machines.c.admin == "draining", "drained"), else_="ready",
         ).label("status")
         q = _MACHINES.with_only_columns(status, func.count()).group_by(status)
+        if pool is not None:
+            q = q.where(machines.c.pool == pool)
         with self._tx(write=False) as conn:
             return {name: int(n) for name, n in conn.execute(q)}
 

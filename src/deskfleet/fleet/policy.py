@@ -1,0 +1,168 @@
+"""A pool's policy: how many machines it has, when, and how they come and go.
+
+One object per pool, validated here, versioned by the store (each change is a new version;
+a change made against an older version than the current one is refused with 409), read
+and changed through ``/v1/pools/{name}/policy`` and ``deskfleet pools policy``::
+
+    {
+      "min": 2, "max": 40,
+      "provider": "local",                       # who creates machines (None: managed elsewhere)
+      "machine": {"image": "ehr-golden-2026-11", "labels": {"site": "fra"}},
+      "schedule": [                              # known peak hours: a floor while each holds
+        {"cron": "0 8 * * mon-fri", "hours": 10, "floor": 20, "timezone": "Europe/Berlin"}
+      ],
+      "warm": {"min": 1, "max": 10, "headroom": 1.5},
+      "scale_in": {"stabilization": 300, "drain_timeout": 600},
+      "ready_time": 180
+    }
+
+What the numbers mean, for the controller (``fleet.controller``) and for an external
+autoscaler reading ``/v1/pools/{name}/demand``:
+
+- **floor** at a time: ``min``, raised by every schedule entry that holds then. A schedule
+  floor is wanted by the time its cron fires, so the controller looks ``ready_time`` ahead.
+- **warm buffer**: idle machines kept ready beyond the work in hand, so that a burst does
+  not wait for machines to boot: as many as runs are expected to arrive while a new
+  machine becomes ready (arrival rate times ``ready_time`` times ``headroom``), within ``warm.min``
+  and ``warm.max``.
+- **target**: queued + busy + warm buffer, at least the floor, at most ``max``.
+- **scale in**: only after the target stayed below the supply for ``stabilization``
+  seconds; machines due for recycling first, then the oldest; drained first, destroyed
+  when idle or after ``drain_timeout``. A machine holding a lease is never destroyed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: seconds a new machine is taken to need to become ready until one has been measured
+DEFAULT_READY_TIME = 180.0
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScheduleFloor(_Strict):
+    """A floor for known peak hours: from each time ``cron`` fires (in ``timezone``), for
+    ``hours``, the pool keeps at least ``floor`` machines."""
+
+    cron: str = Field(description="when the floor begins: five fields, e.g. '0 8 * * mon-fri'")
+    hours: float = Field(gt=0, le=24 * 7, description="how long it holds from each start")
+    floor: int = Field(ge=0, le=100_000)
+    timezone: str = Field(default="UTC", description="an IANA zone, e.g. 'Europe/Berlin'")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"{value!r} is not a cron expression of five fields (minute hour day month weekday)")
+        try:
+            CronSim(value, dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+        except CronSimError as exc:
+            raise ValueError(f"{value!r} is not a cron expression: {exc}") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone (IANA names, e.g. 'Europe/Berlin' or 'UTC')") from None
+        return value
+
+    def holds_at(self, t: float) -> bool:
+        """Whether a start of this floor lies within ``hours`` before ``t`` (epoch seconds)."""
+        zone = ZoneInfo(self.timezone)
+        at = dt.datetime.fromtimestamp(t, zone)
+        # The latest start at or before ``t``: CronSim yields strictly earlier times in
+        # reverse, so ask from just after ``t``.
+        last = next(CronSim(self.cron, at + dt.timedelta(seconds=1), reverse=True), None)
+        return last is not None and t - last.timestamp() < self.hours * 3600
+
+
+class WarmBuffer(_Strict):
+    """Idle, logged-in machines kept beyond the work in hand, sized from the arrival rate."""
+
+    min: int = Field(default=0, ge=0, le=10_000)
+    max: int = Field(default=10, ge=0, le=10_000)
+    headroom: float = Field(default=1.0, ge=0, le=100, description="times (arrival rate times ready time)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> WarmBuffer:
+        if self.max < self.min:
+            raise ValueError(f"warm.max ({self.max}) is below warm.min ({self.min})")
+        return self
+
+
+class ScaleIn(_Strict):
+    stabilization: float = Field(default=300.0, ge=0, le=86_400,
+                                 description="seconds the target must stay below the supply before machines go")
+    drain_timeout: float = Field(default=600.0, gt=0, le=86_400,
+                                 description="seconds a machine being retired may finish its run before it is destroyed anyway")
+
+
+class MachineTemplate(_Strict):
+    """What a new machine of the pool is made from, for its provider."""
+
+    image: str | None = Field(default=None, max_length=500, description="template, launch template or image id")
+    labels: dict[str, str] = Field(default_factory=dict)
+    name_prefix: str | None = Field(default=None, max_length=64, pattern=NAME,
+                                    description="new machines are named <prefix>-<n> (default: the pool's name)")
+
+
+class PoolPolicy(_Strict):
+    min: int = Field(default=0, ge=0, le=100_000, description="machines the pool always has")
+    max: int | None = Field(default=None, ge=1, le=100_000,
+                            description="machines the pool may have at most (needed with a provider; none: no cap)")
+    provider: str | None = Field(default=None, max_length=64, pattern=NAME,
+                                 description="the provider that creates the pool's machines; none: managed elsewhere")
+    machine: MachineTemplate = Field(default_factory=MachineTemplate)
+    schedule: list[ScheduleFloor] = Field(default_factory=list, max_length=50)
+    warm: WarmBuffer = Field(default_factory=WarmBuffer)
+    scale_in: ScaleIn = Field(default_factory=ScaleIn)
+    ready_time: float | None = Field(default=None, gt=0, le=86_400,
+                                     description="seconds a new machine takes to become ready; default: as measured")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoolPolicy:
+        if self.provider is not None and self.max is None:
+            raise ValueError("a pool with a provider needs max: the most machines it may create")
+        if self.max is not None:
+            if self.max < self.min:
+                raise ValueError(f"max ({self.max}) is below min ({self.min})")
+            for i, s in enumerate(self.schedule):
+                if s.floor > self.max:
+                    raise ValueError(f"schedule[{i}].floor ({s.floor}) is above max ({self.max})")
+        return self
+
+    @property
+    def managed(self) -> bool:
+        """Whether deskfleet creates and destroys this pool's machines (it has a provider)."""
+        return self.provider is not None
+
+    def floor_at(self, t: float) -> int:
+        """The fewest machines wanted at ``t``: ``min``, raised by the schedule floors holding then."""
+        return max([self.min, *(s.floor for s in self.schedule if s.holds_at(t))])
+
+    def warm_target(self, arrival_rate: float, ready_time: float) -> int:
+        """Idle machines to keep: the runs expected while a new machine becomes ready."""
+        wanted = math.ceil(arrival_rate * ready_time * self.warm.headroom - 1e-9)
+        return min(max(wanted, self.warm.min), self.warm.max)
+
+    def target(self, *, queued: int, busy: int, arrival_rate: float, now: float,
+               ready_time: float | None = None) -> int:
+        """Machines wanted now: the work in hand and a warm buffer, at least the floor
+        (looking ``ready_time`` ahead), at most ``max``."""
+        ready = self.ready_time or ready_time or DEFAULT_READY_TIME
+        wanted = queued + busy + self.warm_target(arrival_rate, ready)
+        floor = max(self.floor_at(now), self.floor_at(now + ready))
+        wanted = max(wanted, floor)
+        return wanted if self.max is None else min(wanted, self.max)

@@ -72,8 +72,8 @@ async def state(p: FakeProvider, machine_id: str) -> tuple[ProviderState, float]
 
 def test_the_public_surface_is_deliberate() -> None:
     assert sorted(deskfleet.providers.__all__) == [
-        "Capabilities", "CommandProvider", "FakeProvider", "MachineNotFound", "MachineProvider", "MachineSpec",
-        "OpStats", "ProviderError", "ProviderMachine", "ProviderState", "Retrying"]
+        "Capabilities", "CommandProvider", "FakeProvider", "LocalProvider", "MachineNotFound", "MachineProvider",
+        "MachineSpec", "OpStats", "ProviderError", "ProviderMachine", "ProviderState", "Retrying"]
     assert issubclass(MachineNotFound, ProviderError)
     assert issubclass(ProviderError, deskfleet.errors.DeskfleetError)
 

@@ -2,7 +2,8 @@
 
 :class:`MachineProvider` is the interface (``base``); beside it, :class:`FakeProvider`
 plays an infrastructure in memory for tests, :class:`CommandProvider` drives any
-hypervisor through hook scripts, and :class:`Retrying` wraps any of them to retry
+hypervisor through hook scripts, :class:`LocalProvider` runs machines as process groups on
+this host (the demo, end-to-end tests), and :class:`Retrying` wraps any of them to retry
 transient failures with the caller's token. docs/providers.md describes them and the hook
 contract.
 """
@@ -20,12 +21,14 @@ from .base import (
 )
 from .command import CommandProvider
 from .fake import FakeProvider
+from .local import LocalProvider
 from .retry import OpStats, Retrying
 
 __all__ = [
     "Capabilities",
     "CommandProvider",
     "FakeProvider",
+    "LocalProvider",
     "MachineNotFound",
     "MachineProvider",
     "MachineSpec",

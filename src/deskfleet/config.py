@@ -58,6 +58,10 @@ class ServerSettings:
     max_artifact_bytes: int = 16 << 20
     webhook_secret: str | None = None
     secret_key_file: Path | None = None  # default: <data_dir>/secret.key (created on first start)
+    #: machine providers by name (``command:PATH`` or ``local:COMMAND``: providers.configure),
+    #: which pool policies name
+    providers: dict[str, str] = field(default_factory=dict)
+    controller_tick: float = 5.0  # seconds between the pool controller's passes (on the leader)
 
     def __post_init__(self) -> None:
         if self.backlog_order not in ("longest-first", "queued"):

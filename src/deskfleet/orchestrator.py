@@ -27,10 +27,13 @@ from .config import ServerSettings
 from .crypto import SecretBox
 from .errors import ConfigError
 from .fleet.bus import LocalBus, PgBus
+from .fleet.controller import Controller
 from .fleet.hub import Hub
 from .fleet.manager import FleetManager
 from .metrics import Metrics
 from .models import Assignment, Run, StopOrder
+from .providers import MachineProvider
+from .providers.configure import open_providers
 from .scheduler import DurationBook, Policy
 from .services.catalog import Catalogue
 from .services.dispatch import Dispatch
@@ -57,6 +60,7 @@ class Callbacks:
     catalogue: Catalogue
     replicas: Replicas
     keys: Keyring
+    controller: Controller
 
     async def send_assignment(self, a: Assignment) -> None:
         await self.dispatch.send_assignment(a)
@@ -88,9 +92,13 @@ class Callbacks:
     async def refresh_keys(self) -> None:
         await self.keys.refresh()
 
+    def fence(self, lost: Finished) -> None:
+        self.controller.fence_soon(lost)
+
 
 class Orchestrator:
-    def __init__(self, settings: ServerSettings, *, store: Store | None = None, policy: Policy | None = None) -> None:
+    def __init__(self, settings: ServerSettings, *, store: Store | None = None, policy: Policy | None = None,
+                 providers: dict[str, MachineProvider] | None = None) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # -- state, and the server's identity -------------------------------------------------------
@@ -130,12 +138,19 @@ class Orchestrator:
                                   secrets=self.secrets, replica_id=self.replica_id, replica_name=self.replica_name,
                                   multi=self.multi)
         self.webhooks = Webhooks(self.store, self.db, settings, leads=lambda: self.fleet.leader_since is not None)
+        self.providers = providers if providers is not None else open_providers(settings.providers,
+                                                                                data_dir=settings.data_dir)
+        self.controller = calls.controller = Controller(
+            self.store, self.db, self.providers, tick=settings.controller_tick,
+            leads=lambda: self.fleet.leader_since is not None, wake=lambda: calls.wake(others=True),
+            recycle=self.dispatch.recycle)
         # -- what other replicas' hints mean here --------------------------------------------------------
         self.replicas.on("wake", self.dispatch.woken)
         self.replicas.on("final", self.finals.resolve)
         self.replicas.on("catalog", lambda _payload: self.catalogue.forget())
         self.replicas.on("stop", self.dispatch.stop_hinted)
         self.replicas.on("verify", self.dispatch.verify_hinted)
+        self.replicas.on("recycle", self.dispatch.recycle_hinted)
 
         self._tasks: list[asyncio.Task[None]] = []
         self._prepared = False
@@ -165,7 +180,7 @@ class Orchestrator:
         await self.db(self.store.replica_alive, self.replica_id, self.replica_name, time.time(),
                       self.secrets.key_fingerprint())
         await self.replicas.start()
-        self._tasks = [self.dispatch.start(), *self.fleet.start(), self.webhooks.start()]
+        self._tasks = [self.dispatch.start(), *self.fleet.start(), self.webhooks.start(), self.controller.start()]
 
     async def stop(self) -> None:
         self.dispatch.stop()

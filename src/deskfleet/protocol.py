@@ -26,6 +26,7 @@ so that they never delay a heartbeat.
                                            ◀─  reply {ok | stale}
                                            ◀─  stop {attempt, reason}  (cancel, timeouts, lease lost)
                                            ◀─  verify {accounts}       (quarantined: re-prove state)
+                                           ◀─  recycle {action}        (idle: restart the apps)
       verified {state, screenshot}         ─▶
 
 Messages that need an answer carry ``id``; the answer is a ``reply`` with ``re`` = id.
@@ -44,6 +45,9 @@ desktop (an API call, a file). ``welcome`` says which protocol the orchestrator 
 agent asks ``lease`` only of one that speaks 3, and fences from its acknowledged beats
 alone otherwise.
 
+Protocol 4: ``recycle {action: restart_app}`` asks an idle machine to restart its apps (a
+pool's recycling policy: after N runs, above M MB, a leak); sent only to agents that speak 4.
+
 Secrets (invariant 6): an account's password travels only inside the ``assign`` or
 ``verify`` that needs it (:class:`AccountGrant`); a TOTP seed never leaves the
 orchestrator — the agent asks for a code when an MFA prompt needs one.
@@ -56,7 +60,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class _Msg(BaseModel):
@@ -260,6 +264,17 @@ class Verify(_Msg):
     accounts: list[AccountGrant] = Field(default_factory=list)  # to log in with, one per pack at most
 
 
+class Recycle(_Msg):
+    """Refresh the machine between runs (protocol 4): ``restart_app`` restarts each of its
+    apps — only while no attempt holds the machine; one assigned meanwhile waits, and its
+    pre-flight brings the fresh app to the state it needs. The agent reports what it did as
+    ``event machine.recycled``."""
+
+    type: Literal["recycle"] = "recycle"
+    action: Literal["restart_app"]
+    reason: str = ""
+
+
 class Reply(_Msg):
     type: Literal["reply"] = "reply"
     re: int
@@ -276,7 +291,7 @@ class Error(_Msg):
 
 
 ServerMessage = Annotated[
-    Welcome | HeartbeatAck | Assign | Stop | Verify | Reply | Error,
+    Welcome | HeartbeatAck | Assign | Stop | Verify | Recycle | Reply | Error,
     Field(discriminator="type"),
 ]
 server_message: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)

@@ -392,7 +392,7 @@ async def test_a_lease_request_renews_a_held_lease_and_refuses_a_cancelled_or_lo
     await ws.send(orjson.dumps(Hello(protocol=3, boot_id="b", agent_version="test", automations=[ad])
                                .model_dump(mode="json")))
     welcome = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
-    assert (welcome["type"], welcome["protocol"]) == ("welcome", 3)
+    assert welcome["type"] == "welcome" and welcome["protocol"] >= 3
     view = live_server.view()
 
     async def until(kind: str) -> dict:

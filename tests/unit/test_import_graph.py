@@ -64,7 +64,7 @@ LAYERS: dict[str, tuple[list[str], list[str]]] = {
     "public": ([""], ["agent"]),
     # -- the server side -------------------------------------------------------------------
     # pure rules: run transitions, matching runs to machines, the audit of the event log
-    "rules": (["statemachine", "scheduler", "scheduler.*", "audit"], ["base"]),
+    "rules": (["statemachine", "scheduler", "scheduler.*", "audit", "pools"], ["base"]),
     # machine providers: what creates, restarts, fences and destroys machines
     "providers": (["providers", "providers.*"], ["base"]),
     "store": (["store", "store.*"], ["rules"]),

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from pydantic import ValidationError
 
-from deskfleet.fleet.policy import DEFAULT_READY_TIME, PoolPolicy, ScheduleFloor
+from deskfleet.pools import DEFAULT_READY_TIME, PoolPolicy, ScheduleFloor
 
 BERLIN = ZoneInfo("Europe/Berlin")
 PEAK = {"cron": "0 8 * * mon-fri", "hours": 10, "floor": 20, "timezone": "Europe/Berlin"}

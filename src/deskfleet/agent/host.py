@@ -79,6 +79,8 @@ class AgentHostConfig:
     machine: str = ""
     count: int = 1
     first: int = 1  # number of the first machine
+    #: xvfb, sim: one machine named ``machine`` exactly (a provider named it), not NAME-01
+    exact_name: bool = False
     pool: str = "default"
     labels: dict[str, str] = field(default_factory=dict)
     enrolment_token: str | None = None
@@ -108,6 +110,8 @@ class AgentHostConfig:
             raise ConfigError("count must be at least 1")
         if self.desktop == "local" and self.count != 1:
             raise ConfigError("--desktop local drives this session: one machine (drop --count)")
+        if self.exact_name and (self.count != 1 or not self.machine):
+            raise ConfigError("--exact-name is one machine named by --machine: give --machine, and no --count above 1")
         if self.desktop == "sim":
             if len(self.packs) != 1:
                 raise ConfigError("a simulated desktop runs one pack's application: give one --pack with --desktop sim")
@@ -121,6 +125,8 @@ class AgentHostConfig:
 
     def names(self) -> list[str]:
         if self.desktop == "local":
+            return [self.machine or socket.gethostname()]
+        if self.exact_name:
             return [self.machine or socket.gethostname()]
         width = max(2, len(str(self.first + self.count - 1)))
         prefix = self.machine or socket.gethostname()

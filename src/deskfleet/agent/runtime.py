@@ -63,6 +63,7 @@ from ..protocol import (
     LeaseCheck,
     Preparing,
     Progress,
+    Recycle,
     Reply,
     Resources,
     Result,
@@ -561,6 +562,9 @@ class Agent:
         elif isinstance(msg, Verify):
             if self._current is None and not self._verifying:
                 asyncio.get_running_loop().create_task(self._verify(msg.accounts))
+        elif isinstance(msg, Recycle):
+            if self._current is None and not self._verifying:
+                asyncio.get_running_loop().create_task(self._recycle(msg))
         elif msg.type == "error":
             log.warning("orchestrator says: %s", msg.message, extra=self._ctx())
 
@@ -846,6 +850,31 @@ class Agent:
             self._verifying = False
             accounts.clear()  # the grants are dropped with the verification
             secrets.clear()
+
+    async def _recycle(self, order: Recycle) -> None:
+        """Restart the machine's apps between runs (a pool's recycling policy). Under the
+        upkeep lock, which an attempt's pre-flight waits for: a run assigned meanwhile starts
+        on the fresh app, never on one being restarted; and not at all if one arrived first."""
+        async with self._upkeep_lock:
+            if self._current is not None or self._verifying:
+                return  # the orchestrator asks again once the machine is idle
+            t0 = time.monotonic()
+            before = sum(i.memory_mb for i in self._infos if i is not None)
+            error = ""
+            try:
+                for app in self.apps:
+                    await app.desktop.restart_app()
+            except Exception as exc:  # the next pre-flight recovers the app; say what happened
+                error = _short(exc)
+            with contextlib.suppress(Exception):
+                self._infos = [await app.desktop.info() for app in self.apps]
+            after = sum(i.memory_mb for i in self._infos if i is not None)
+            log.info("apps restarted (%s): %.0f MB before, %.0f MB after", order.reason or order.action, before, after,
+                     extra=self._ctx())
+        await self._send_quiet(AgentEvent(kind="machine.recycled", data={
+            "action": order.action, "reason": order.reason, "ok": not error, "error": error or None,
+            "memory_mb_before": round(before, 1), "memory_mb_after": round(after, 1),
+            "seconds": round(time.monotonic() - t0, 3)}))
 
     # -- session upkeep ----------------------------------------------------------------------------
     async def _upkeep(self) -> None:

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Query
 from fastapi.params import Depends
 
 from ..errors import InvalidRequest, NotFound
-from ..fleet.policy import PoolPolicy
 from ..models import MachineAdmin, Pool
+from ..pools import PoolPolicy
 from ..services.catalog import Catalogue
 from ..services.machines import Machines
 from .schemas import (

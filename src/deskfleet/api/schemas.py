@@ -8,8 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 from .. import config as limits
-from ..fleet.policy import PoolPolicy
 from ..models import Artifact, Attempt, AutomationSpec, Event, Machine, Pool, Run, RunSpec
+from ..pools import PoolPolicy
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 

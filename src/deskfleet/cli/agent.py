@@ -26,6 +26,8 @@ from ._common import _labels, _tune_gc, main, opt
 @opt("--machine", default=None, help="this machine's name (local; default: the host name), or the prefix of "
      "NAME-01, NAME-02… (xvfb, sim)")
 @opt("--first", default=1, type=click.IntRange(0), help="number of the first machine (NAME-01…)")
+@opt("--exact-name", is_flag=True, default=False,
+     help="xvfb, sim: one machine named exactly --machine, not NAME-01 (what a provider that made the machine calls it)")
 @opt("--pool", default="default")
 @opt("--label", "labels", multiple=True, help="key=value; repeatable")
 @opt("--enrolment-token", default=None, help="enrolment token (or --enrolment-token-file)")
@@ -53,7 +55,7 @@ from ._common import _labels, _tune_gc, main, opt
      help="sim: the file the simulated apps share (default: in the pack's data directory)")
 @opt("--action-delay", default=0.05, type=float, help="sim: seconds each simulated input takes")
 def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestrators: tuple[str, ...],
-          machine: str | None, first: int, pool: str, labels: tuple[str, ...], enrolment_token: str | None,
+          machine: str | None, first: int, exact_name: bool, pool: str, labels: tuple[str, ...], enrolment_token: str | None,
           enrolment_token_file: Path | None, state_dir: Path, data_dir: Path | None, log_dir: Path | None,
           app_options: tuple[str, ...], app_idle_timeout: float | None, upkeep: bool, screen: str | None, screenshots: str,
           reboot_command: str | None, sim_faults: str, sim_seed: int, sim_backend: Path | None,
@@ -89,7 +91,7 @@ def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestr
     first_pack = loaded[0].name
     config = AgentHostConfig(
         servers=list(orchestrators), packs=loaded, desktop=desktop_kind, machine=machine or "",
-        count=count or 1, first=first,
+        count=count or 1, first=first, exact_name=exact_name,
         pool=pool, labels=parsed_labels, enrolment_token=enrolment_token, state_dir=state_dir,
         data_dir=data_dir, app_args={first_pack: list(app_options)} if app_options else {},
         idle_timeouts={first_pack: app_idle_timeout} if app_idle_timeout else {}, screen=size,

@@ -32,22 +32,30 @@ from ._common import F, _Group, _tune_gc, main, opt
 @opt("--backlog-order", default="longest-first", type=click.Choice(["longest-first", "queued"]),
      help="a backlog within one priority: longest runs first, by the durations learnt per automation "
           "(runs with a deadline or half their queue timeout waited keep their place), or strictly as queued")
+@opt("--provider", "providers", multiple=True, metavar="NAME=SPEC",
+     help="a machine provider pool policies may name: NAME=command:PATH (hook scripts) or NAME=local:COMMAND "
+          "(a process per machine on this host); repeatable (docs/providers.md)")
+@opt("--controller-tick", default=5.0, type=click.FloatRange(min=0.05),
+     help="seconds between the pool controller's passes (on the leader)")
 @click.pass_context
 def server(ctx: click.Context, host: str, port: int, data_dir: Path, db: str | None, enrolment_token: str | None,
            heartbeat_interval: float, heartbeat_timeout: float, stop_grace: float, sqlite_synchronous: str,
-           webhook_secret: str | None, secret_key_file: Path | None, backlog_order: str) -> None:
+           webhook_secret: str | None, secret_key_file: Path | None, backlog_order: str,
+           providers: tuple[str, ...], controller_tick: float) -> None:
     """Run the orchestrator (API, scheduler, fleet manager)."""
     import uvicorn
 
     from ..api import create_app
     from ..config import ServerSettings
     from ..orchestrator import Orchestrator
+    from ..providers.configure import parse_specs
 
     settings = ServerSettings(
         data_dir=data_dir, db=db, host=host, port=port, api_key=ctx.find_root().params["api_key"],
         enrolment_token=enrolment_token, heartbeat_interval=heartbeat_interval,
         heartbeat_timeout=heartbeat_timeout, stop_grace=stop_grace, sqlite_synchronous=sqlite_synchronous,
         webhook_secret=webhook_secret, secret_key_file=secret_key_file, backlog_order=backlog_order,
+        providers=parse_specs(providers), controller_tick=controller_tick,
     )
     settings.check_exposure()
     orch = Orchestrator(settings)

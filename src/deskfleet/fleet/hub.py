@@ -214,6 +214,7 @@ class Connection:
     def __init__(self, machine_id: str, ws: AgentSocket, protocol: int = PROTOCOL_VERSION) -> None:
         self.machine_id = machine_id
         self.ws = ws
+        self.protocol = protocol  # what the agent said it speaks in its hello
         #: every beat acknowledged (protocol 1); else only those naming an attempt (the
         #: assignment says which beat renewed a new lease: :meth:`Hub.heard_before`)
         self.idle_acks = protocol < 2

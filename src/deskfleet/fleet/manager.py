@@ -33,7 +33,7 @@ from .hub import Hub, RunListener
 if TYPE_CHECKING:
     from ..config import ServerSettings
     from ..crypto import SecretBox
-    from ..store import Heartbeat, Leadership, Store
+    from ..store import Finished, Heartbeat, Leadership, Store
     from ..store.runner import StoreRunner
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ class Core(RunListener, Protocol):
     def hint(self, kind: str, payload: str = "") -> None: ...
 
     async def refresh_keys(self) -> None: ...
+
+    def fence(self, lost: Finished) -> None:
+        """Power the lost attempt's machine off through its pool's provider, then release the
+        run held back for it (``Finished.fence == "provider"``); returns at once."""
 
 
 class FleetManager:
@@ -188,6 +192,9 @@ class FleetManager:
                         extra={"run": f.run.id, "attempt": f.attempt.id, "machine": f.attempt.machine_id})
             if not await self.hub.send(f.attempt.machine_id, Stop(attempt_id=f.attempt.id, reason="lease_lost")):
                 self.core.hint("stop", f"{f.attempt.machine_id}:{f.attempt.id}:lease_lost")
+        for f in lost:
+            if f.fence == "provider":
+                self.core.fence(f)
         if lost:
             self.core.after_finished(lost)
         await self.db(store.expire_silent_machines, now, s.heartbeat_timeout)

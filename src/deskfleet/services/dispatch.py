@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from ..errors import StoreUnavailable
 from ..fleet.hub import Connection
 from ..models import Assignment, Ending, Run, StopOrder, VaultAccount
-from ..protocol import Assign, Stop
+from ..protocol import Assign, Recycle, Stop
 from .replicas import Hints
 
 if TYPE_CHECKING:
@@ -189,6 +189,23 @@ class Dispatch:
         if conn is None:
             return
         self._order(self.agents.request_verify(conn, reason))
+
+    def recycle(self, machine_id: str, action: str, reason: str) -> None:
+        """Ask a machine's agent to refresh it between runs (``Recycle``), wherever it is
+        connected: here, or through a hint to the replica that holds its connection."""
+        if machine_id in self.agents.connections:
+            self.recycle_hinted(f"{machine_id}:{action}:{reason}")
+        else:
+            self.replicas.hint("recycle", f"{machine_id}:{action}:{reason}")
+
+    def recycle_hinted(self, payload: str) -> None:
+        """``machine:action:reason``; an agent older than protocol 4 is not asked."""
+        machine_id, _, rest = payload.partition(":")
+        action, _, reason = rest.partition(":")
+        conn = self.agents.connections.get(machine_id)
+        if conn is None or conn.protocol < 4 or action != "restart_app":
+            return
+        self._order(conn.send(Recycle(action="restart_app", reason=reason)))
 
     def _order(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

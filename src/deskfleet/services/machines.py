@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..crypto import hash_key, same
 from ..errors import NotFound
-from ..fleet.policy import DEFAULT_READY_TIME, PoolPolicy
 from ..models import Artifact, Event, Machine, MachineAdmin, Pool
+from ..pools import DEFAULT_READY_TIME, PoolPolicy
 
 if TYPE_CHECKING:
     from ..store import Store

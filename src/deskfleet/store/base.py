@@ -85,6 +85,10 @@ class Finished:
     attempt: Attempt
     retried: bool
     machine_quarantined: bool
+    #: how the silent machine is fenced before the run is retried (its pool's policy):
+    #: "provider" (power it off, then release the hold) or "attempt_timeout" (the hold runs
+    #: out); None: no hold
+    fence: str | None = None
 
 
 @dataclass(slots=True)
@@ -321,6 +325,14 @@ class Store(ABC):
 
     @abstractmethod
     def pool_demand(self, pool: str, now: float, window: float = 300.0) -> PoolDemand: ...
+
+    @abstractmethod
+    def last_event_id(self) -> int: ...
+
+    @abstractmethod
+    def release_fence_hold(self, run_id: str, attempt_id: int, now: float, *, detail: str = "") -> bool:
+        """The machine of ``attempt_id`` is fenced: its run, held back since the attempt was
+        lost (``expire_leases``), may be retried now. False if the run moved on meanwhile."""
 
     @abstractmethod
     def set_machine_screenshot(self, machine_id: str, artifact_id: str) -> None: ...

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, and_, func, or_, select
 
 from ..errors import Conflict, NotFound
-from .schema import pool_policies, pools, runs
+from .schema import events, pool_policies, pools, runs
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyVersion:
     pool: str
     version: int
-    policy: dict[str, Any]  # as validated by fleet.policy.PoolPolicy
+    policy: dict[str, Any]  # as validated by deskfleet.pools.PoolPolicy
     created_at: float
     comment: str = ""
 
@@ -111,6 +111,11 @@ class PoolOps:
         return PoolDemand(pool=pool, at=now, queued=int(row[0]), delayed=int(row[1]),
                           oldest_wait=max(0.0, now - oldest) if oldest is not None else None,
                           arrivals=int(arrivals), window=window, machines=self.count_machines(pool))
+
+    def last_event_id(self) -> int:
+        """The newest event's id (0 with none): where a reader waiting for what comes next starts."""
+        with self._tx(write=False) as conn:
+            return int(conn.execute(select(func.max(events.c.id))).scalar_one() or 0)
 
     def _latest_policy(self, conn: Connection, pool: str) -> PolicyVersion | None:
         row = conn.execute(select(pool_policies).where(pool_policies.c.pool == pool)

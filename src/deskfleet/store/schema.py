@@ -324,7 +324,7 @@ account_leases = Table(
     Index("ix_account_leases_machine", "machine_id"),
 )
 
-# Pool policies (fleet.policy): every version kept, the latest in force. A change names
+# Pool policies (deskfleet.pools): every version kept, the latest in force. A change names
 # the version it was made against; the store refuses it if that is no longer the latest.
 pool_policies = Table(
     "pool_policies",

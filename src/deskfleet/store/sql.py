@@ -70,6 +70,7 @@ from ..models import (
     VaultAccount,
     version_key,
 )
+from ..pools import PoolPolicy
 from ..scheduler import AccountBook, DurationBook, Policy, eligible
 from ..statemachine import can_transition, decide, overdue_reason, quarantines, queued_expiry
 from . import rows
@@ -1434,15 +1435,53 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
             ids = sorted(a.id for a in expired)
             self._lock_in_order(conn, ids, machines_of=ids)  # all at once, in every writer's order
             out = []
+            fencing: dict[str, str] = {}  # pool → how its silent machines are fenced
             for candidate in expired:
                 a = self._relock(conn, candidate)
                 if a is None or a.lease_expires_at >= now:
                     continue  # ended or renewed meanwhile (another replica's write)
-                out.append(self._end_attempt(
+                f = self._end_attempt(
                     conn, a, Ending.LOST, now=now,
                     detail=f"no heartbeat from {a.machine_id}: its lease expired",
-                ))
+                )
+                if f.retried and f.run.needs_reconcile:
+                    # The machine may only be paused, its automation mid-effect: by the pool's
+                    # policy, hold the retry back until the machine is fenced.
+                    if f.run.pool not in fencing:
+                        fencing[f.run.pool] = self._fencing(conn, f.run.pool)
+                    mode = fencing[f.run.pool]
+                    if mode != "agent":
+                        f = self._hold_for_fence(conn, f, mode, now)
+                out.append(f)
             return out
+
+    def _fencing(self, conn: Connection, pool: str) -> str:
+        stored = self._latest_policy(conn, pool)
+        return PoolPolicy.model_validate(stored.policy).fencing if stored is not None else "agent"
+
+    def _hold_for_fence(self, conn: Connection, f: Finished, mode: str, now: float) -> Finished:
+        """Hold the run back until the lost attempt's own timeout has passed — or, with a
+        provider, until the leader has powered its machine off and released it sooner."""
+        a, run = f.attempt, f.run
+        until = max(now, (a.started_at or a.assigned_at) + run.attempt_timeout)
+        if run.not_before is None or run.not_before < until:
+            self._drv.update(conn, runs, {"not_before": until}, {"id": run.id})
+        self._event(conn, "run.fence_hold", now, run_id=run.id, attempt_id=a.id, machine_id=a.machine_id,
+                    reason=mode, data={"until": until, "mode": mode})
+        return replace(f, run=self._get_run(conn, run.id), fence=mode)
+
+    def release_fence_hold(self, run_id: str, attempt_id: int, now: float, *, detail: str = "") -> bool:
+        with self._tx() as conn:
+            run = self._get_run(conn, run_id, lock=True)
+            if run.state is not RunState.QUEUED or run.not_before is None or run.not_before <= now:
+                return False
+            latest = conn.execute(select(func.max(attempts.c.id)).where(attempts.c.run_id == run_id)).scalar_one()
+            if latest != attempt_id:
+                return False  # a newer attempt exists: the hold is not this fence's to release
+            self._drv.update(conn, runs, {"not_before": now}, {"id": run_id})
+            self._event(conn, "run.fence_released", now, run_id=run_id, attempt_id=attempt_id,
+                        reason=detail or None)
+            return True
 
     def _relock(self, conn: Connection, a: Attempt) -> Attempt | None:
         """Lock an attempt read without a lock (its run first) and return it as it is now,

@@ -29,12 +29,17 @@ autoscaler reading ``/v1/pools/{name}/demand``:
 - **scale in**: only after the target stayed below the supply for ``stabilization``
   seconds; machines due for recycling first, then the oldest; drained first, destroyed
   when idle or after ``drain_timeout``. A machine holding a lease is never destroyed.
+- **fence**: a run whose machine went silent mid-run, and which is neither idempotent nor
+  found done by its reconcile check, is held back until the machine is fenced: powered
+  off through the provider (the STONITH of cluster managers), or — without one that can —
+  until the lost attempt's own timeout has passed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
@@ -109,6 +114,28 @@ class ScaleIn(_Strict):
                                  description="seconds a machine being retired may finish its run before it is destroyed anyway")
 
 
+class Recycle(_Strict):
+    """When a machine is refreshed, always between runs: its app restarted after so many runs,
+    above so much memory or when its memory grows run after run (a leak); the machine
+    rebooted — or, with a provider, rebuilt — after a maximum age."""
+
+    after_runs: int | None = Field(default=None, ge=1, le=1_000_000,
+                                   description="restart the app after this many runs since it (re)started")
+    above_mb: float | None = Field(default=None, gt=0, le=1_000_000,
+                                   description="restart the app when its memory is above this many MB")
+    leak_mb_per_run: float | None = Field(default=None, gt=0, le=100_000, description=(
+        "restart the app when its memory grows by more than this many MB a run (least squares over leak_window runs)"))
+    leak_window: int = Field(default=10, ge=3, le=1000, description="runs the memory trend is measured over")
+    max_age_hours: float | None = Field(default=None, gt=0, le=24 * 365,
+                                        description="reboot (or rebuild) a machine up for longer than this")
+    age_action: Literal["reboot", "rebuild"] = Field(default="reboot", description=(
+        "after max_age_hours: reboot the machine, or destroy it for a new one (with a provider)"))
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.after_runs, self.above_mb, self.leak_mb_per_run, self.max_age_hours))
+
+
 class MachineTemplate(_Strict):
     """What a new machine of the pool is made from, for its provider."""
 
@@ -128,11 +155,22 @@ class PoolPolicy(_Strict):
     schedule: list[ScheduleFloor] = Field(default_factory=list, max_length=50)
     warm: WarmBuffer = Field(default_factory=WarmBuffer)
     scale_in: ScaleIn = Field(default_factory=ScaleIn)
+    recycle: Recycle = Field(default_factory=Recycle)
     ready_time: float | None = Field(default=None, gt=0, le=86_400,
                                      description="seconds a new machine takes to become ready; default: as measured")
+    fence: Literal["auto", "provider", "attempt_timeout", "agent"] = Field(default="auto", description=(
+        "before a run whose machine went silent mid-run is retried (neither idempotent nor done, by its "
+        "reconcile): 'provider' powers the machine off through the pool's provider first (STONITH); "
+        "'attempt_timeout' waits until the lost attempt's own timeout has passed; 'agent' retries at once, "
+        "trusting the agent's self-fencing (input gate, fenced effects); 'auto': 'provider' if the pool has one, "
+        "else 'agent'"))
 
     @model_validator(mode="after")
     def _consistent(self) -> PoolPolicy:
+        if self.recycle.max_age_hours is not None and self.recycle.age_action == "rebuild" and self.provider is None:
+            raise ValueError("recycle.age_action 'rebuild' needs a provider to make the new machine")
+        if self.fence == "provider" and self.provider is None:
+            raise ValueError("fence 'provider' needs a provider that can power the pool's machines off")
         if self.provider is not None and self.max is None:
             raise ValueError("a pool with a provider needs max: the most machines it may create")
         if self.max is not None:
@@ -142,6 +180,13 @@ class PoolPolicy(_Strict):
                 if s.floor > self.max:
                     raise ValueError(f"schedule[{i}].floor ({s.floor}) is above max ({self.max})")
         return self
+
+    @property
+    def fencing(self) -> str:
+        """How a silent machine's run is fenced before it is retried: provider, attempt_timeout or agent."""
+        if self.fence == "auto":
+            return "provider" if self.provider is not None else "agent"
+        return self.fence
 
     @property
     def managed(self) -> bool:

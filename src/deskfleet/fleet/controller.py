@@ -1,0 +1,512 @@
+"""The pool controller: machines created for a peak and retired after it, by each pool's policy.
+
+One pass per tick per managed pool (a policy naming a provider), on the leader only. Each
+pass reads the pool's demand and policy, its machines as deskfleet sees them (enrolled,
+busy, idle) and as its provider sees them (provisioning, booting, running), decides, and
+acts through the provider. A decision that changes something is an event with its inputs:
+``pool.scaled`` "queued 37, busy 12, booting 4, warm 3, floor 2 → target 58, supply 16 →
+create 5".
+
+- **Supply** is every machine that serves or will: idle, busy, and those the provider is
+  still bringing up (provisioning, booting, or running but not yet enrolled and ready). A
+  machine on its way counts, so a slow boot is never answered with a second machine.
+- **Scale out** creates ``target - supply`` machines, never more than ``max`` in all. Each
+  create carries a token of its own (the machine's name): a retry of it (``Retrying``), or
+  a new leader that finds it in the provider's list, never makes a second one.
+- **Scale in** waits until the target stayed below the supply for the policy's
+  stabilisation window (no flapping at a burst's edge); then the idle machines go, oldest
+  first: drained (no new work), and destroyed once they hold no lease. A machine holding
+  a lease is never destroyed; one still busy after the drain timeout is put back in
+  service instead, and the pass says so.
+- **Lifecycle**: each machine walks provisioning → booting → enrolling → ready, each step
+  an event (``machine.lifecycle``) with the seconds the previous one took. A machine that
+  fails, or does not become ready within a boot timeout, is destroyed and replaced, and
+  counted (``pool.machine_failed``).
+- **Provider faults** (refused creates, timeouts) are counted per pool and operation and
+  recorded (``pool.provider_error``); the next pass tries again — with backoff when the
+  provider is wrapped in :class:`~deskfleet.providers.Retrying`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..models import Machine, MachineAdmin
+from ..pools import DEFAULT_READY_TIME, PoolPolicy, Recycle
+from ..providers import MachineProvider, MachineSpec, ProviderError, ProviderMachine, ProviderState
+
+if TYPE_CHECKING:
+    from ..store import Finished, Store
+    from ..store.pools import PoolDemand
+    from ..store.runner import StoreRunner
+
+log = logging.getLogger(__name__)
+
+#: a machine not ready this many times its pool's ready time after it was created has failed to boot
+BOOT_TIMEOUT_FACTOR = 3.0
+#: the provider states of a machine on its way up
+COMING = frozenset({ProviderState.PROVISIONING, ProviderState.BOOTING, ProviderState.RUNNING,
+                    ProviderState.REBOOTING})
+GONE = frozenset({ProviderState.TERMINATING, ProviderState.TERMINATED})
+#: seconds after which a recycle order nobody answered may be given again
+RECYCLE_RESEND = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One pass's decision for one pool, and what it was made from."""
+
+    pool: str
+    target: int
+    supply: int
+    create: int
+    retire: tuple[str, ...]
+    inputs: dict[str, int]
+
+    @property
+    def acts(self) -> bool:
+        return bool(self.create or self.retire)
+
+    def summary(self) -> str:
+        said = ", ".join(f"{k} {v}" for k, v in self.inputs.items())
+        what = []
+        if self.create:
+            what.append(f"create {self.create}")
+        if self.retire:
+            what.append(f"retire {len(self.retire)} ({', '.join(self.retire)})")
+        return f"{said} → target {self.target}, supply {self.supply} → {'; '.join(what) or 'hold'}"
+
+
+def decide(pool: str, policy: PoolPolicy, demand: PoolDemand, *, coming: int, retiring: int, idle: int,
+           retirable: list[str], total: int, now: float, below_since: float | None,
+           ready_time: float) -> tuple[Decision, float | None]:
+    """The decision for one pass (pure): how many machines to create, which idle ones to
+    retire; and since when the target has been below the supply (the stabilisation window).
+    ``idle``: the pool's idle, schedulable machines; ``retirable``: those of them the
+    provider made, the first to retire first; ``total``: every machine the pool has (``max``
+    bounds it); ``retiring``: machines already being retired (not supply)."""
+    target = policy.target(queued=demand.queued, busy=demand.busy, arrival_rate=demand.arrival_rate, now=now,
+                           ready_time=ready_time)
+    supply = demand.busy + idle + coming
+    inputs = {"queued": demand.queued, "busy": demand.busy, "idle": idle, "booting": coming,
+              "retiring": retiring, "warm": policy.warm_target(demand.arrival_rate, policy.ready_time or ready_time),
+              "floor": max(policy.floor_at(now), policy.floor_at(now + (policy.ready_time or ready_time)))}
+    create = 0
+    retire: tuple[str, ...] = ()
+    if target > supply:
+        room = (policy.max if policy.max is not None else target) - total
+        create = max(0, min(target - supply, room))
+        below_since = None
+    elif target < supply:
+        below_since = now if below_since is None else below_since
+        if now - below_since >= policy.scale_in.stabilization:
+            retire = tuple(retirable[: supply - target])
+    else:
+        below_since = None
+    return Decision(pool, target, supply, create, tuple(retire), inputs), below_since
+
+
+@dataclass
+class _Tracked:
+    """A machine this controller created or found at the provider, on its way to ready."""
+
+    name: str
+    step: str  # provisioning | booting | enrolling | ready
+    since: float
+    created_at: float
+
+
+@dataclass
+class _Health:
+    """What the leader follows of one machine for recycling."""
+
+    boot_id: str = ""
+    base_runs: int = 0  # runs completed when its app last (re)started, as far as this leader knows
+    samples: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=1000))  # (runs, app MB)
+    pending: tuple[str, int, float] | None = None  # an order not yet done: (action, events after id, sent at)
+    fresh_after: float = 0.0  # the app restarted then: heartbeats before it say nothing about the new one
+
+
+@dataclass
+class _PoolState:
+    below_since: float | None = None
+    retiring: dict[str, float] = field(default_factory=dict)  # machine → when its drain began
+    tracked: dict[str, _Tracked] = field(default_factory=dict)
+    last_target: int | None = None
+    errors: Counter[str] = field(default_factory=Counter)  # provider operation → failures
+    missing_provider_said: bool = False
+    health: dict[str, _Health] = field(default_factory=dict)  # machine → what recycling follows
+    rebooting: set[str] = field(default_factory=set)  # rebooted for recycling: back in service on return
+
+
+class Controller:
+    """Runs :func:`decide` for every managed pool and carries it out through the providers."""
+
+    def __init__(self, store: Store, db: StoreRunner, providers: Mapping[str, MachineProvider], *,
+                 leads: Callable[[], bool], tick: float = 5.0, clock: Callable[[], float] = time.time,
+                 ready_time: float = DEFAULT_READY_TIME, wake: Callable[[], None] = lambda: None,
+                 recycle: Callable[[str, str, str], None] = lambda machine, action, reason: None) -> None:
+        self.wake = wake  # a run released from its fence hold may start: schedule now
+        self.recycle = recycle  # (machine, action, reason): the order to its agent, wherever it is connected
+        self._fencing: set[asyncio.Task[bool]] = set()  # fences under way (kept from the GC)
+        self.store = store
+        self.db = db
+        self.providers = dict(providers)
+        self.leads = leads
+        self.interval = tick
+        self.clock = clock
+        self.ready_time = ready_time
+        self.pools: dict[str, _PoolState] = {}
+        self._names = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+        return self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if not self.leads():
+                self.pools.clear()  # a new leader rebuilds what it needs from the provider and the store
+                continue
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a pass that failed is tried again next tick
+                log.exception("pool controller pass failed")
+
+    async def tick(self) -> list[Decision]:
+        decisions = []
+        for pool in await self.db(self.store.list_pools):
+            stored = await self.db(self.store.pool_policy, pool.name)
+            if stored is None:
+                continue
+            policy = PoolPolicy.model_validate(stored.policy)
+            if policy.managed:
+                decision = await self._pass(pool.name, policy)
+                if decision is not None:
+                    decisions.append(decision)
+            if policy.recycle.any:
+                await self._recycle_pass(pool.name, policy)
+        return decisions
+
+    # -- recycling ---------------------------------------------------------------------------------
+    async def _recycle_pass(self, pool: str, policy: PoolPolicy) -> None:
+        """Each idle machine of the pool whose app or age is due for a refresh, refreshed —
+        only between runs. An app restart is asked of an idle machine's agent, which does it
+        only if no attempt arrived meanwhile. A reboot drains the machine first, reboots it
+        through its provider once it holds no lease, and puts it back in service when it
+        returns with a new boot id. A rebuild retires it (the pool's supply brings a new one)."""
+        state = self.pools.setdefault(pool, _PoolState())
+        r, now = policy.recycle, self.clock()
+        listed = await self.db(self.store.list_machines, pool)
+        for gone in set(state.health) - {m.id for m in listed}:
+            del state.health[gone]
+        for m in listed:
+            h = state.health.setdefault(m.id, _Health(m.boot_id, m.runs_completed))
+            if m.boot_id != h.boot_id:  # rebooted: a fresh app, counted from here
+                state.health[m.id] = h = _Health(m.boot_id, m.runs_completed)
+                if m.id in state.rebooting:
+                    state.rebooting.discard(m.id)
+                    await self.db(self.store.set_admin, m.id, MachineAdmin.ACTIVE, now, "recycle: back after its reboot")
+                    await self._event("machine.recycled", now, pool=pool, machine_id=m.id, reason="rebooted",
+                                      data={"action": "reboot", "ok": True})
+            if h.pending is None and (m.last_heartbeat_at or 0.0) <= h.fresh_after:
+                continue  # its figures are from before the app's restart: wait for a newer beat
+            memory = float(m.resources.get("memory_mb") or 0.0)
+            if h.pending is None:
+                if h.samples and h.samples[-1][0] == m.runs_completed:
+                    h.samples[-1] = (m.runs_completed, memory)  # a newer reading after the same run
+                else:
+                    h.samples.append((m.runs_completed, memory))
+            if h.pending is not None:
+                await self._follow_recycle(state, pool, policy, h, m, now)
+                continue
+            if m.status != "ready" or m.id in state.retiring:
+                continue  # busy, or out of service: never mid-run
+            due = _due(r, h, m.runs_completed, memory, float(m.resources.get("uptime") or 0.0))
+            if due is None:
+                continue
+            action, reason, figure, limit = due
+            if action == "restart_app":
+                h.pending = (action, await self.db(self.store.last_event_id), now)
+                self.recycle(m.id, action, reason)
+            elif not policy.managed:
+                continue  # a reboot or a rebuild goes through the pool's provider
+            else:
+                await self.db(self.store.set_admin, m.id, MachineAdmin.DRAINING, now, f"recycle: {reason}")
+                if action == "rebuild":
+                    state.retiring[m.id] = now  # destroyed once idle; the pool's supply brings a new one
+                h.pending = (action, 0, now)
+            await self._event("machine.recycle", now, pool=pool, machine_id=m.id, reason=reason,
+                              data={"action": action, "figure": figure, "threshold": limit})
+            log.info("machine %s: %s (%s)", m.id, action, reason)
+
+    async def _follow_recycle(self, state: _PoolState, pool: str, policy: PoolPolicy, h: _Health, m: Machine,
+                              now: float) -> None:
+        """An order in flight: an app restart is over when its agent says so (or goes
+        unanswered long enough to be asked again); a drained machine due for a reboot is
+        rebooted once it holds no lease."""
+        assert h.pending is not None
+        action, after_id, sent_at = h.pending
+        if action == "restart_app":
+            for e in await self.db(self.store.events, machine_id=m.id, after_id=after_id, limit=100):
+                if e.kind == "machine.recycled":
+                    h.base_runs = m.runs_completed
+                    h.samples.clear()
+                    h.pending = None
+                    h.fresh_after = e.at
+                    return
+            if now - sent_at >= RECYCLE_RESEND:
+                h.pending = None
+        elif (action == "reboot" and m.active_attempt_id is None and m.id not in state.rebooting
+              and await self._reboot(state, pool, policy, m.id, now)):
+            state.rebooting.add(m.id)
+
+    async def _reboot(self, state: _PoolState, pool: str, policy: PoolPolicy, machine_id: str, now: float) -> bool:
+        provider = self.providers.get(policy.provider or "")
+        if provider is None:
+            return False  # said by the pool's pass (pool.provider_missing)
+        try:
+            found = [m for m in await provider.list(pool=pool) if m.name == machine_id]
+            if not found:
+                return False  # not one of the provider's
+            await provider.reboot(found[0].id, token=f"reboot:{machine_id}:{int(now)}")
+        except ProviderError as exc:
+            await self._provider_error(state, pool, "reboot", exc, now)
+            return False
+        return True
+
+    # -- fencing a silent machine ----------------------------------------------------------------
+    def fence_soon(self, lost: Finished) -> None:
+        """:meth:`fence`, in the background: a provider may take seconds to answer."""
+        task = asyncio.get_running_loop().create_task(self.fence(lost))
+        self._fencing.add(task)
+        task.add_done_callback(self._fencing.discard)
+
+    async def fence(self, lost: Finished) -> bool:
+        """Power the machine of a lost attempt off through its pool's provider (the STONITH
+        of cluster managers), then release its run, held back since the lease expired
+        (``Store.expire_leases``). Without a provider that can, or if it fails, the hold
+        stands: the run is retried once the lost attempt's own timeout has passed. Whether
+        the machine was fenced."""
+        a, run, now = lost.attempt, lost.run, self.clock()
+        stored = await self.db(self.store.pool_policy, run.pool)
+        policy = PoolPolicy.model_validate(stored.policy) if stored is not None else PoolPolicy()
+        provider = self.providers.get(policy.provider or "")
+        base = {"attempt": a.id, "run": run.id, "provider": policy.provider}
+        if provider is None or not provider.capabilities.fence:
+            why = ("the pool has no provider" if policy.provider is None else
+                   f"this server has no provider {policy.provider!r}" if provider is None else
+                   f"provider {policy.provider!r} cannot power machines off")
+            await self._event("machine.fence_unavailable", now, pool=run.pool, machine_id=a.machine_id,
+                              reason=f"{why}: the run waits for the lost attempt's own timeout", data=base)
+            return False
+        t0 = time.monotonic()
+        try:
+            found = [m for m in await provider.list(pool=run.pool) if m.name == a.machine_id]
+            if not found:
+                raise ProviderError(f"{provider.name} has no machine {a.machine_id!r} in pool {run.pool!r}",
+                                    retryable=False)
+            await provider.power_off(found[0].id, token=f"fence:{a.id}")
+        except ProviderError as exc:
+            state = self.pools.setdefault(run.pool, _PoolState())
+            await self._provider_error(state, run.pool, "power_off", exc, self.clock())
+            await self._event("machine.fence_failed", self.clock(), pool=run.pool, machine_id=a.machine_id,
+                              reason=f"{exc}: the run waits for the lost attempt's own timeout"[:300], data=base)
+            return False
+        now = self.clock()
+        await self._event("machine.fenced", now, pool=run.pool, machine_id=a.machine_id,
+                          reason="powered off through its provider before its run moves",
+                          data={**base, "provider_id": found[0].id, "seconds": round(time.monotonic() - t0, 3)})
+        log.warning("machine %s fenced (powered off through %s) before attempt %d's run moves",
+                    a.machine_id, provider.name, a.id)
+        if await self.db(self.store.release_fence_hold, run.id, a.id, now, detail=f"{a.machine_id} powered off"):
+            self.wake()
+        return True
+
+    # -- one pool --------------------------------------------------------------------------------
+    async def _pass(self, pool: str, policy: PoolPolicy) -> Decision | None:
+        state = self.pools.setdefault(pool, _PoolState())
+        assert policy.provider is not None
+        provider = self.providers.get(policy.provider)
+        now = self.clock()
+        if provider is None:
+            if not state.missing_provider_said:
+                state.missing_provider_said = True
+                await self._event("pool.provider_missing", now, pool=pool, data={
+                    "provider": policy.provider, "configured": sorted(self.providers)})
+                log.warning("pool %s names provider %r, which this server does not have (it has: %s)",
+                            pool, policy.provider, ", ".join(sorted(self.providers)) or "none")
+            return None
+        state.missing_provider_said = False
+        try:
+            at_provider = [m for m in await provider.list(pool=pool) if m.state not in GONE]
+        except ProviderError as exc:
+            await self._provider_error(state, pool, "list", exc, now)
+            return None
+        enrolled = {m.id: m for m in await self.db(self.store.list_machines, pool)}
+        ready_time = policy.ready_time or self.ready_time
+        await self._follow(state, pool, provider, at_provider, enrolled, now, ready_time)
+        await self._finish_retiring(state, pool, policy, provider, at_provider, enrolled, now)
+
+        ours = {m.name for m in at_provider}
+        # On its way: no agent yet, or enrolled by now but not yet in service (its first pre-flight).
+        coming = [m for m in at_provider if m.state in COMING and (
+            m.name not in enrolled or (m.name in state.tracked and not _in_service(enrolled[m.name])))]
+        idle = [m for m in enrolled.values() if m.status == "ready"]
+        retirable = sorted((m for m in idle if m.id in ours and m.id not in state.retiring),
+                           key=lambda m: (m.enrolled_at, m.id))  # the oldest first
+        # Every machine the pool has, for max: the provider's, and any enrolled by hand that is up.
+        total = len(ours | {m.id for m in enrolled.values() if m.connected})
+        demand = await self.db(self.store.pool_demand, pool, now, 300.0)
+        decision, state.below_since = decide(
+            pool, policy, demand, coming=len(coming), retiring=len(state.retiring), idle=len(idle),
+            retirable=[m.id for m in retirable], total=total, now=now, below_since=state.below_since,
+            ready_time=ready_time)
+        if decision.acts or decision.target != state.last_target:
+            await self._event("pool.scaled", now, pool=pool, reason=decision.summary(), data={
+                "target": decision.target, "supply": decision.supply, "create": decision.create,
+                "retire": list(decision.retire), "inputs": decision.inputs})
+            log.info("pool %s: %s", pool, decision.summary())
+        state.last_target = decision.target
+        for _ in range(decision.create):
+            await self._create(state, pool, policy, provider, now)
+        for machine_id in decision.retire:
+            await self.db(self.store.set_admin, machine_id, MachineAdmin.DRAINING, now, "scale-in: retired by the pool controller")
+            state.retiring[machine_id] = now
+        return decision
+
+    async def _create(self, state: _PoolState, pool: str, policy: PoolPolicy, provider: MachineProvider,
+                      now: float) -> None:
+        prefix = policy.machine.name_prefix or pool
+        name = f"{prefix}-{int(now):x}{next(self._names):03d}"
+        spec = MachineSpec(name=name, pool=pool, image=policy.machine.image, labels=dict(policy.machine.labels),
+                           tags={"deskfleet.pool": pool})
+        try:
+            made = await provider.create(spec, token=f"create:{pool}:{name}")
+        except ProviderError as exc:
+            await self._provider_error(state, pool, "create", exc, now)
+            return
+        state.tracked[name] = _Tracked(name, "provisioning", now, now)
+        await self._event("machine.lifecycle", now, pool=pool, machine_id=name, reason="provisioning",
+                          data={"step": "provisioning", "provider": provider.name, "provider_id": made.id})
+
+    async def _follow(self, state: _PoolState, pool: str, provider: MachineProvider, at_provider: list[ProviderMachine],
+                      enrolled: dict[str, Machine], now: float, ready_time: float) -> None:
+        """Each machine on its way up: a lifecycle event at each new step; a machine that failed,
+        or is not ready within the boot timeout, destroyed (its replacement follows from supply)."""
+        for m in at_provider:
+            machine = enrolled.get(m.name)
+            t = state.tracked.get(m.name)
+            if t is None:
+                if machine is not None:
+                    continue  # enrolled before this leader looked: nothing to follow
+                t = state.tracked[m.name] = _Tracked(m.name, "provisioning", m.created_at, m.created_at)
+            step = ("ready" if _in_service(machine)
+                    else "enrolling" if machine is not None or m.state is ProviderState.RUNNING
+                    else "booting" if m.state in (ProviderState.BOOTING, ProviderState.REBOOTING) else t.step)
+            if step != t.step:
+                await self._event("machine.lifecycle", now, pool=pool, machine_id=m.name, reason=step, data={
+                    "step": step, "after": t.step, "seconds": round(now - t.since, 3),
+                    "since_created": round(now - t.created_at, 3)})
+                t.step, t.since = step, now
+            if step == "ready":
+                del state.tracked[m.name]
+                continue
+            failed = m.state is ProviderState.FAILED
+            if failed or now - t.created_at > BOOT_TIMEOUT_FACTOR * ready_time:
+                why = m.detail or m.state.value if failed else f"not ready {now - t.created_at:.0f}s after it was created"
+                state.errors["boot"] += 1
+                await self._event("pool.machine_failed", now, pool=pool, machine_id=m.name, reason=why[:300],
+                                  data={"provider_state": m.state.value, "failures": state.errors["boot"]})
+                await self._destroy(state, pool, provider, m, now)
+                state.tracked.pop(m.name, None)
+
+    async def _finish_retiring(self, state: _PoolState, pool: str, policy: PoolPolicy, provider: MachineProvider,
+                               at_provider: list[ProviderMachine], enrolled: dict[str, Machine], now: float) -> None:
+        by_name = {m.name: m for m in at_provider}
+        for machine_id, since in list(state.retiring.items()):
+            machine, pm = enrolled.get(machine_id), by_name.get(machine_id)
+            if pm is None:
+                del state.retiring[machine_id]  # gone already
+                continue
+            if machine is not None and machine.active_attempt_id is not None:
+                if now - since > policy.scale_in.drain_timeout:
+                    # Never destroy a machine holding a lease: back in service, and say so.
+                    await self.db(self.store.set_admin, machine_id, MachineAdmin.ACTIVE, now,
+                                  "scale-in abandoned: still busy after the drain timeout")
+                    await self._event("pool.retire_abandoned", now, pool=pool, machine_id=machine_id,
+                                      reason=f"busy {now - since:.0f}s after its drain began")
+                    del state.retiring[machine_id]
+                continue
+            if await self._destroy(state, pool, provider, pm, now):
+                del state.retiring[machine_id]
+
+    async def _destroy(self, state: _PoolState, pool: str, provider: MachineProvider, m: ProviderMachine,
+                       now: float) -> bool:
+        # Checked once more right before: a run may have been assigned since the pass read the machines.
+        machine = await self.db(self.store.get_machine, m.name)
+        if machine is not None and machine.active_attempt_id is not None:
+            return False
+        try:
+            await provider.destroy(m.id, token=f"destroy:{pool}:{m.id}")
+        except ProviderError as exc:
+            await self._provider_error(state, pool, "destroy", exc, now)
+            return False
+        await self._event("machine.lifecycle", now, pool=pool, machine_id=m.name, reason="destroyed",
+                          data={"step": "destroyed", "provider": provider.name, "provider_id": m.id,
+                                "age": round(now - m.created_at, 3)})
+        return True
+
+    async def _provider_error(self, state: _PoolState, pool: str, op: str, exc: ProviderError, now: float) -> None:
+        state.errors[op] += 1
+        log.warning("pool %s: provider %s failed (%s so far): %s", pool, op, state.errors[op], exc)
+        await self._event("pool.provider_error", now, pool=pool, reason=str(exc)[:300], data={
+            "op": op, "retryable": exc.retryable, "failures": state.errors[op]})
+
+    async def _event(self, kind: str, now: float, *, pool: str, machine_id: str | None = None,
+                     reason: str | None = None, data: dict[str, Any] | None = None) -> None:
+        await self.db(self.store.record_event, kind, now, machine_id=machine_id, reason=reason,
+                      data={"pool": pool, **(data or {})})
+
+
+def _due(r: Recycle, h: _Health, runs: int, memory: float, uptime: float) -> tuple[str, str, float, float] | None:
+    """The first refresh due for a machine, as (action, reason, the figure, its threshold)."""
+    since = runs - h.base_runs
+    if r.after_runs is not None and since >= r.after_runs:
+        return "restart_app", f"{since} runs since the app started (limit {r.after_runs})", since, r.after_runs
+    if r.above_mb is not None and memory > r.above_mb:
+        return "restart_app", f"app memory {memory:.0f} MB (limit {r.above_mb:g} MB)", memory, r.above_mb
+    window = [p for p in h.samples if p[0] > runs - r.leak_window]  # the last leak_window runs' readings
+    if r.leak_mb_per_run is not None and len(window) >= 3 and window[-1][0] - window[0][0] >= r.leak_window - 1:
+        slope = _slope(window)
+        if slope > r.leak_mb_per_run:
+            return ("restart_app", f"app memory grows {slope:.1f} MB a run over {r.leak_window} runs "
+                    f"(limit {r.leak_mb_per_run:g})", round(slope, 3), r.leak_mb_per_run)
+    if r.max_age_hours is not None and uptime > r.max_age_hours * 3600:
+        return r.age_action, f"up {uptime / 3600:.1f} h (limit {r.max_age_hours:g} h)", uptime, r.max_age_hours * 3600
+    return None
+
+
+def _slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares MB per run."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+
+
+def _in_service(machine: Machine | None) -> bool:
+    """Enrolled, connected and in service (idle or busy): no longer on its way up."""
+    return machine is not None and machine.status in ("ready", "busy")

@@ -542,6 +542,17 @@ class Cluster:
     def all_runs(self) -> list[dict[str, Any]]:
         return self.client.every_run()
 
+    @contextlib.contextmanager
+    def records(self) -> Iterator[Any]:
+        """The simulated EHR's records (a SimBackend), which every agent of the cluster writes."""
+        from deskfleet.sim.backend import SimBackend
+
+        ehr = SimBackend(self.backend)
+        try:
+            yield ehr
+        finally:
+            ehr.close()
+
     def all_events(self) -> list[dict[str, Any]]:
         return self.client.every_event()
 

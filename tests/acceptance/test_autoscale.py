@@ -19,21 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from deskfleet.providers import LocalProvider
-from deskfleet.sim.backend import SimBackend
 
 Cluster = Any  # tests/acceptance/conftest.py's
 
 POLICY = {"min": 1, "max": 4, "provider": "here", "warm": {"min": 0, "max": 0}, "ready_time": 30,
           "scale_in": {"stabilization": 3, "drain_timeout": 60}}
-
-
-@contextmanager
-def ehr_records(c: Cluster) -> Iterator[SimBackend]:
-    ehr = SimBackend(c.backend)
-    try:
-        yield ehr
-    finally:
-        ehr.close()
 
 
 def _alive(pid: int) -> bool:
@@ -159,5 +149,5 @@ def test_a_machine_paused_mid_effect_is_powered_off_before_its_run_moves(cluster
         assert order.index("machine.fenced") < order.index("run.fence_released") < \
             max(i for i, k in enumerate(order) if k == "attempt.ended"), order
         assert not _alive(pid), "the paused machine's agent survived its fence"
-    with ehr_records(c) as ehr:
+    with c.records() as ehr:
         assert ehr.work_done_by("STONITH-1") == [done["current_machine"]]

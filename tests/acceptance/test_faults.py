@@ -23,8 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,16 +57,6 @@ def wait_running_on(c: Cluster, run_id: str, machine: str, timeout: float = 30.0
     run = c.wait_until(running, timeout, f"run {run_id} running", interval=0.02)
     assert run["current_machine"] == machine, run
     return run
-
-
-@contextmanager
-def ehr_records(c: Cluster) -> Iterator[SimBackend]:
-    """The simulated EHR's patient records, which every agent of the cluster writes."""
-    ehr = SimBackend(c.backend)
-    try:
-        yield ehr
-    finally:
-        ehr.close()
 
 
 def assert_audit_ok(c: Cluster) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -116,7 +104,7 @@ def test_sigkilled_agent_mid_run_finishes_once_on_another_machine(cluster: Clust
     assert any(e["kind"] == "reconcile.done" and e["machine"] == "b-01" for e in timeline)
 
     # The side effect happened exactly once.
-    with ehr_records(c) as ehr:
+    with c.records() as ehr:
         assert ehr.count_by_mrn("KILL-1") == 1
         assert ehr.duplicates() == {}
 
@@ -230,7 +218,7 @@ def test_sigkilled_orchestrator_restarts_on_the_same_database_losing_nothing(clu
     # Runs whose 201 was lost with the crash may exist too; they are final and audited as well.
     assert set(acked) <= {r["id"] for r in all_runs}
 
-    with ehr_records(c) as ehr:
+    with c.records() as ehr:
         assert ehr.duplicates() == {}
         assert {mrn: ehr.count_by_mrn(mrn) for mrn in acked.values()} == dict.fromkeys(acked.values(), 1)
 
@@ -294,7 +282,7 @@ def test_agent_frozen_past_its_lease_cannot_overwrite_the_result(cluster: Cluste
             for e in events if e["attempt"] == old and e["id"] > ended_at]
     assert set(late) == {("run.state", "retry_after_reconcile"), ("lease.stale_write_rejected", None)}, late
 
-    with ehr_records(c) as ehr:
+    with c.records() as ehr:
         assert ehr.count_by_mrn("FROZEN-1") == 1
 
 
@@ -344,7 +332,7 @@ def test_agent_frozen_just_before_saving_does_not_save_after_its_lease_expired(c
                     paused[m].send(signal.SIGSTOP)
                     frozen[m] = (e["run"], e["attempt"])
             time.sleep(0.005)
-        with ehr_records(c) as ehr:
+        with c.records() as ehr:
             at_freeze = {mrn: ehr.count_by_mrn(mrn) for mrn in ids.values()}
         assert at_freeze == {"PAUSE-1": 0, "PAUSE-2": 0}, f"the freeze came after a Save click: {at_freeze}"
 
@@ -366,7 +354,7 @@ def test_agent_frozen_just_before_saving_does_not_save_after_its_lease_expired(c
     time.sleep(0.5)
     assert_audit_ok(c)  # the orchestrator's books are clean either way
 
-    with ehr_records(c) as ehr:
+    with c.records() as ehr:
         found = {mrn: [(p.record_id, p.created_by_machine, round(p.created_at - resumed, 3)) for p in ehr.find_by_mrn(mrn)]
                  for mrn in ids.values()}
     # One record per patient, by b-01. A second record by p-01/q-01, created after it was continued
@@ -411,7 +399,7 @@ def test_agent_frozen_just_before_an_effect_outside_the_desktop_does_not_perform
                         paused[m].send(signal.SIGSTOP)
                         frozen[m] = e["attempt"]
                 time.sleep(0.005)
-        with ehr_records(c) as ehr:
+        with c.records() as ehr:
             at_freeze = {key: ehr.work_count(key) for key in keys.values()}
         assert at_freeze == dict.fromkeys(keys.values(), 0), f"the freeze came after the effect: {at_freeze}"
 
@@ -436,7 +424,7 @@ def test_agent_frozen_just_before_an_effect_outside_the_desktop_does_not_perform
     assert {m: (d["attempt"], d["fenced"]) for m, d in paused.items()} == \
         {m: (attempt, True) for m, attempt in frozen.items()}, paused
     assert all(d["seconds"] > c.heartbeat_timeout for d in paused.values()), paused
-    with ehr_records(c) as ehr:
+    with c.records() as ehr:
         done_by = {key: ehr.work_done_by(key) for key in keys.values()}
     assert done_by == {key: ["b-01"] for key in keys.values()}, f"double effects: {done_by}"
 

@@ -30,16 +30,12 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-
-from deskfleet.sim.backend import SimBackend
 
 # The ``pg_cluster`` fixture's class (tests/acceptance/conftest.py); not imported, because the
 # module name ``conftest`` belongs to tests/conftest.py.
@@ -56,15 +52,6 @@ def _ts(value: str) -> float:
 
 def _port(replica_name: str) -> int:
     return int(replica_name.rsplit(":", 1)[1])  # replicas name themselves host:port
-
-
-@contextmanager
-def ehr_records(c: Cluster) -> Iterator[SimBackend]:
-    ehr = SimBackend(c.backend)
-    try:
-        yield ehr
-    finally:
-        ehr.close()
 
 
 def assert_audit_ok(c: Cluster) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -369,7 +356,7 @@ def test_three_replicas_30_machines_2000_runs_through_leader_kill_db_restart_and
                                                  and e["attempt"] == attempts[-1]["id"])
 
     # One patient per patient run, whatever was retried or reconciled.
-    with ehr_records(c) as ehr:
+    with c.records() as ehr:
         assert ehr.duplicates() == {}
         counts = {mrn: ehr.count_by_mrn(mrn) for mrn in load.mrns.values()}
     assert counts == dict.fromkeys(load.mrns.values(), 1)
@@ -503,7 +490,7 @@ def test_agents_move_to_another_replica_when_theirs_is_killed_and_keep_their_lea
     assert {e["machine"] for e in mine if e["kind"] == "machine.connected"} == moved
     print(f"\n{sorted(moved)} moved from {victim} to {other}; their runs finished on the same machines")
     assert_audit_ok(c)
-    with ehr_records(c) as ehr:
+    with c.records() as ehr:
         assert ehr.duplicates() == {}
         assert [ehr.count_by_mrn(f"MOVE-{i}") for i in range(4)] == [1, 1, 1, 1]
 
@@ -570,7 +557,7 @@ def test_with_postgres_stopped_the_api_answers_503_and_runs_in_flight_finish_wit
     status = {m["id"]: (m["connected"], m["status"]) for m in c.client.machines()}
     assert status == dict.fromkeys(machines, (True, "ready")), status
     assert_audit_ok(c)
-    with ehr_records(c) as ehr:
+    with c.records() as ehr:
         assert [ehr.count_by_mrn(f"OUTAGE-{i}") for i in range(4)] == [1, 1, 1, 1]
 
 
@@ -655,7 +642,7 @@ def test_an_agent_whose_replica_is_cut_off_from_the_database_stops_before_its_ru
     assert final["state"] == "succeeded", final
 
     problems = []
-    with ehr_records(c) as ehr:
+    with c.records() as ehr:
         records = [(p.created_by_machine, round(p.created_at - lost_at, 2)) for p in ehr.find_by_mrn("SPLIT-1")]
     late = [r for r in records if r[0] == "b-01" and r[1] > 0]
     if late:

@@ -11,9 +11,9 @@ expire), the requests that must be refused, the agent options its fault preset n
 accounts the app logs in with, the double-effect check (counted in the app's own records)
 and, if the app keeps one, its log of the faults it produced.
 
-Three methods are optional (:class:`DemoExtras`), for an application that cannot produce
-faults by itself, as DemoEHR's switches do — a third-party app the demo must strike from
-outside: ``prepare()`` runs before the agents start (create the app's data: a database),
+Optional methods (:class:`DemoExtras`): ``burst()``, the work of the demo's autoscaling
+phase; and three for an application that cannot produce faults by itself, as DemoEHR's
+switches do — a third-party app the demo must strike from outside: ``prepare()`` runs before the agents start (create the app's data: a database),
 ``strike(done, total, machines)`` at every tick of the workload (about twice a second, with
 the number of runs final, the runs planned and the orchestrator's view of the machines) and
 returns what it did, for the live view and the report's moments; ``close()`` at the end. The
@@ -36,6 +36,8 @@ NAMES = ("Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra", "Barb
 
 #: (automation, input, submit options)
 Work = tuple[str, dict[str, Any], dict[str, Any]]
+#: the demo's autoscaling pool (a pack demo with ``burst()``): no machines until its burst
+BURST_POOL = "burst"
 #: (what is asked, automation, input, submit options)
 BadRequest = tuple[str, str, dict[str, Any], dict[str, Any]]
 
@@ -99,6 +101,11 @@ class DemoExtras(Protocol):
 
     def close(self) -> None:
         """After the workload: stop what ``prepare`` started."""
+
+    def burst(self) -> list[Work]:
+        """A burst of runs for the demo's second pool, which starts with no machines: the
+        pool controller makes them through the local provider, and retires them after it.
+        Runs that leave the app's records as they are (the double-effect check counts them)."""
 
 
 DemoHook = Callable[[DemoConfig, Path, Path], PackDemo]

@@ -23,7 +23,7 @@ from ..audit import AuditReport, audit
 from ..client import AsyncClient
 from .config import DemoConfig
 from .faults import KINDS, RECOVERY_LABELS, FaultStory, describe, stories, summary
-from .plan import PackDemo
+from .plan import BURST_POOL, PackDemo
 from .state import DemoState
 
 #: screenshots kept in the report: playbook steps (before and after), failed attempts
@@ -59,6 +59,8 @@ class Report:
     kill_times: list[tuple[float, str]] = field(default_factory=list)
     faults: list[FaultStory] = field(default_factory=list)  # real desktops: each fault, told
     noun: str = "desktops"
+    #: the autoscaling phase (a pack demo with a burst): what the pool controller did
+    autoscale: dict[str, Any] | None = None
 
     @property
     def unaccounted(self) -> list[str]:
@@ -139,7 +141,29 @@ def build_report(config: DemoConfig, out: Path, state: DemoState, runs: list[dic
     taken = desktops.fault_log()
     if taken is not None:
         rep.faults = stories(taken, state.moments, runs, events, rep.audit.intervals)
+    rep.autoscale = _autoscale(events, runs, rep.per_run)
     return rep
+
+
+def _autoscale(events: list[dict[str, Any]], runs: list[dict[str, Any]],
+               per_run: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The burst pool's story, from the events: machines made (and how long each took to be
+    ready), retired, the controller's decisions, and the burst's queue waits."""
+    life = [e for e in events if e["kind"] == "machine.lifecycle" and e["data"].get("pool") == BURST_POOL]
+    if not life:
+        return None
+    ready = [e for e in life if e["reason"] == "ready"]
+    burst_runs = {r["id"] for r in runs if r.get("pool") == BURST_POOL}
+    waits = sorted(r["queue_wait_s"] for r in per_run if r["id"] in burst_runs and r["queue_wait_s"] is not None)
+    return {
+        "created": len([e for e in life if e["reason"] == "provisioning"]),
+        "ready_s": sorted(round(e["data"].get("since_created", 0.0), 1) for e in ready),
+        "destroyed": len([e for e in life if e["reason"] == "destroyed"]),
+        "decisions": [(e["at"][11:19], e["reason"]) for e in events
+                      if e["kind"] == "pool.scaled" and e["data"].get("pool") == BURST_POOL and
+                      (e["data"].get("create") or e["data"].get("retire"))],
+        "runs": len(burst_runs), "queue_wait_max_s": waits[-1] if waits else None,
+    }
 
 
 def _ts(value: str) -> float:
@@ -186,6 +210,7 @@ async def write_report(rep: Report, out: Path, client: AsyncClient) -> None:
                        + [{"file": f, "caption": c} for f, c in failures],
         "moments": [{"at": at, "what": what} for at, what in rep.kill_times],
         "wall_time_s": rep.state.finished_in,
+        "autoscale": rep.autoscale,
         "runs": rep.per_run,
     }, indent=2))
     (out / "report.md").write_text(_markdown(rep, shots, failures))
@@ -235,6 +260,7 @@ def _markdown(rep: Report, shots: list[tuple[str | None, str | None, str]], fail
         *_fault_lines(rep),
         "## Requests refused at submit (nothing written)", "",
         *(f"- {w}: `{ans}`" for w, ans in rep.state.rejected), "",
+        *_autoscale_lines(rep),
         "## Moments", "",
         *(f"- {datetime.fromtimestamp(at).strftime('%H:%M:%S')} {what}" for at, what in rep.kill_times), "",
         "## Timeline", "", "![timeline](timeline.png)", "",
@@ -326,6 +352,21 @@ def _timeline(rep: Report, path: Path) -> None:
     plt.close(fig)
 
 
+def _autoscale_lines(rep: Report) -> list[str]:
+    a = rep.autoscale
+    if a is None:
+        return []
+    return [
+        f"## Autoscaling: a burst for pool `{BURST_POOL}`, which had no machines", "",
+        f"{a['runs']} runs arrived at once; the pool controller made {a['created']} machines through the local "
+        f"provider (each a `deskfleet agent` process), ready {', '.join(f'{s:g}' for s in a['ready_s'])} s after "
+        f"it decided; the longest queue wait was {a['queue_wait_max_s']} s. Once the burst was over, "
+        f"{a['destroyed']} were drained and destroyed.", "",
+        "| when | the controller's decision |", "|---|---|",
+        *(f"| {at} | {why} |" for at, why in a["decisions"]), "",
+    ]
+
+
 def print_summary(console: Console, rep: Report, out: Path) -> None:
     t = Table(title="every run accounted for", show_header=True)
     t.add_column("final state")
@@ -353,6 +394,10 @@ def print_summary(console: Console, rep: Report, out: Path) -> None:
         for kind, row in summary(rep.faults).items():
             table.add_row(KINDS.get(kind, kind), str(row["met"]), str(row["recovered"]))
         console.print(table)
+    if rep.autoscale is not None:
+        a = rep.autoscale
+        console.print(f"autoscaling: {a['runs']} runs for an empty pool → {a['created']} machines made "
+                      f"(ready in {', '.join(f'{s:g}' for s in a['ready_s'])} s), {a['destroyed']} retired after it")
     verdict = "[bold green]all invariants held[/]" if rep.ok else "[bold red]INVARIANT VIOLATIONS[/]"
     console.print(f"{verdict}: {len(rep.audit.violations)} violations, {len(rep.effects)} double effects, "
                   f"{len(rep.unaccounted)} runs unaccounted for")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ from rich.table import Table
 from ..client import ApiError, AsyncClient
 from ..errors import DeskfleetError
 from .config import DemoConfig
-from .plan import Work, data_dir, demo_for
+from .plan import BURST_POOL, Work, data_dir, demo_for
 from .state import DemoState, Moment, Submitted
 
 MARKER = ".deskfleet-demo"
@@ -39,6 +40,8 @@ NOTABLE = ("machine.quarantined", "machine.verified", "lease.stale_write_rejecte
            "reconcile.done", "playbook.step", "verify.playbook.step", "attempt.ended")
 #: seconds a SIGKILLed agent process stays down before it is started again
 KILLED_FOR = 5.0
+#: the most machines the burst pool may have
+BURST_MAX = 3
 
 
 class Demo:
@@ -115,10 +118,20 @@ class Demo:
         )
 
     def _start_server(self) -> None:
+        burst = []
+        if getattr(self.desktops, "burst", None) is not None:
+            # The burst pool's machines: each a `deskfleet agent` process the server's local
+            # provider starts (and stops) as the pool controller decides.
+            agent = shlex.join([
+                sys.executable, "-m", "deskfleet", "--log-format", "json", "agent", "--orchestrator", self.url,
+                "--pack", self.pack_ref, "--desktop", self.cfg.desktop, "--machine", "{name}", "--exact-name",
+                "--pool", BURST_POOL, "--state-dir", str(self.out / "agents"), "--data-dir", str(data_dir(self.out)),
+                "--enrolment-token-file", str(self.out / "data" / "enrolment-token"), *self.desktops.agent_args()])
+            burst = ["--provider", f"{BURST_POOL}=local:{agent}", "--controller-tick", "0.5"]
         self._spawn("server", [
             "server", "--port", str(self.port), "--data-dir", str(self.out / "data"),
             "--heartbeat-interval", "0.5", "--heartbeat-timeout", "3", "--stop-grace", "5",
-            "--sqlite-synchronous", "NORMAL",
+            "--sqlite-synchronous", "NORMAL", *burst,
         ])
 
     def _start_agents(self) -> None:
@@ -243,6 +256,40 @@ class Demo:
                     self._moment(f"wave {number + 1}: {len(wave.work)} more runs")
                 await self._submit(client, wave.work, refuse=number == 0)
             await self._watch(client, until_final=True)
+            await self._burst(client)
+
+    async def _burst(self, client: AsyncClient) -> None:
+        """The autoscaling phase: a burst of runs for a pool with no machines, whose policy
+        names the server's local provider. The pool controller makes machines for it (each a
+        new `deskfleet agent` process), and retires them once the burst is over."""
+        burst = getattr(self.desktops, "burst", None)
+        if burst is None:
+            return
+        work = [(a, data, {**options, "pool": BURST_POOL}) for a, data, options in burst()]
+        size = min(BURST_MAX, max(1, len(work) // 2))
+        await client.put_pool(BURST_POOL, allow_wait_for_capacity=True,
+                              description="the demo's autoscaling pool: machines only while there is work")
+        await client.put_pool_policy(BURST_POOL, {
+            "min": 0, "max": size, "provider": BURST_POOL, "warm": {"min": 0, "max": 0}, "ready_time": 20,
+            "scale_in": {"stabilization": 3, "drain_timeout": 60}}, comment="deskfleet demo")
+        self.total += len(work)
+        self._progress.update(self._task, total=self.total)
+        self._moment(f"burst: {len(work)} runs for pool '{BURST_POOL}', which has no machines; its policy "
+                     f"allows {size}, made on demand through the local provider", "burst")
+        await self._submit(client, work, refuse=False)
+        if not await self._watch(client, until_final=True):
+            return
+        made = len({e["machine"] for e in await client.every_event()
+                    if e["kind"] == "machine.lifecycle" and e["reason"] == "ready" and e["data"].get("pool") == BURST_POOL})
+        self._moment(f"scale-out: {made} machines made for the burst ran its {len(work)} runs", "scaled_out")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            up = [m for m in await client.machines(BURST_POOL) if m["status"] in ("ready", "busy", "drained")]
+            if not up:
+                self._moment(f"scale-in: the burst is over, pool '{BURST_POOL}' is back to no machines", "scaled_in")
+                return
+            await self._watch(client, for_seconds=1.0)
+        self._moment(f"scale-in: pool '{BURST_POOL}' still has machines 60s after its burst", "scaled_in")
 
     async def _submit(self, client: AsyncClient, work: list[Work], *, refuse: bool) -> None:
         cancel_at = self.desktops.queued_cancels(work) if refuse else set()

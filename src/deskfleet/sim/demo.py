@@ -69,6 +69,13 @@ class SimEHRDemo:
                 out.append(("ehr.export_summary", {"mrn": rng.choice(created)}, options))
         return [Wave(out)]
 
+    def burst(self) -> list[Work]:
+        """The autoscaling phase's runs: units of work (``sim.work``) whose effect the backend
+        counts by key, so a double effect would show."""
+        return [("sim.work", {"key": f"burst-{self.config.seed}-{i}", "seconds": 4.0},
+                 {"attempt_timeout": 120, "idempotency_key": f"demo-{self.config.seed}-burst-{i}"})
+                for i in range(6)]
+
     def bad_requests(self) -> list[BadRequest]:
         return [
             ("an automation nobody offers", "ehr.discharge_patient", {"mrn": "X"}, {}),
@@ -87,6 +94,9 @@ class SimEHRDemo:
                     n = backend.count_by_mrn(r["input"]["mrn"])
                     if n != 1:
                         effects.append(f"run {r['id']} succeeded but MRN {r['input']['mrn']} has {n} records")
+            for key, n in backend.work_counts().items():
+                if n > 1:
+                    effects.append(f"the work {key!r} was done {n} times")
             exports = Counter(r["input"]["mrn"] for r in runs if r["automation"] == "ehr.export_summary")
             for mrn, asked in exports.items():
                 done = backend.count_exports(mrn)

@@ -87,6 +87,7 @@ class Resources(_Msg):
     uptime: float = 0.0
     machine_memory_percent: float | None = None
     app_running: bool = True
+    reboot_pending: bool = False  # the OS waits for a reboot to finish an update
 
 
 # -- agent → orchestrator --------------------------------------------------------------------

@@ -160,7 +160,8 @@ def test_the_encoded_ack_is_the_models():
 numbers = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False))
 anything = st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=5), st.lists(st.integers(), max_size=2))
 resources = st.dictionaries(
-    st.sampled_from(["memory_mb", "cpu_percent", "uptime", "machine_memory_percent", "app_running", "extra"]),
+    st.sampled_from(["memory_mb", "cpu_percent", "uptime", "machine_memory_percent", "app_running", "reboot_pending",
+                     "extra"]),
     anything, max_size=6)
 beats = st.fixed_dictionaries(
     {"type": st.just("heartbeat"), "seq": st.one_of(st.integers(0, 10**9), anything)},
@@ -473,7 +474,8 @@ def test_the_agents_encoded_heartbeat_is_the_models_and_the_quick_reader_takes_i
         seq, memory, cpu, uptime, running, key, expires, attempt, sessions):
     from deskfleet.protocol import Resources, heartbeat_frame
 
-    resources = Resources(memory_mb=memory, cpu_percent=cpu, uptime=uptime, app_running=running)
+    resources = Resources(memory_mb=memory, cpu_percent=cpu, uptime=uptime, app_running=running,
+                          reboot_pending=not running)
     msg = HeartbeatMsg(seq=seq, resources=resources, session_key=key, session_expires_at=expires,
                        attempt_id=attempt, sessions=sessions)
     frame = heartbeat_frame(seq, resources.model_dump(), key, expires, attempt, sessions)

@@ -363,3 +363,18 @@ async def test_a_machine_past_its_max_age_is_drained_rebooted_between_runs_and_b
     assert w.store.get_machine(m.id).admin is MachineAdmin.ACTIVE
     assert [e.reason for e in w.kinds("machine.recycled")] == ["rebooted"]
     assert w.fake.actions["reboot"] == 1 and w.store.get_run(run_id).state.value == "succeeded"
+
+
+async def test_a_machine_whose_os_waits_for_a_reboot_is_drained_and_rebooted_before_the_os_forces_it(world):
+    """Item 5: the agent reports a pending reboot (Windows' "reboot required" signals); the
+    pool reboots the machine between runs through its provider, without a recycle policy."""
+    w = world(MANAGED)
+    for _ in range(16):
+        await w.tick()
+    [m] = w.store.list_machines("ehr")
+    w.store.heartbeat([Heartbeat(m.id, w.now, resources={"reboot_pending": True, "uptime": 60.0})], LEASE)
+    await w.tick()
+    [order] = w.kinds("machine.recycle")
+    assert order.data["action"] == "reboot" and "waits for a reboot" in order.reason
+    await w.tick()
+    assert w.fake.actions["reboot"] == 1

@@ -89,3 +89,14 @@ async def test_a_busy_machine_is_recycled_only_once_its_run_is_over(server_facto
         assert done["state"] == "succeeded" and done["attempts_started"] == 1, done
         await eventually(lambda: d.app.memory_mb == 180.0, timeout=15)
         assert len(await recycled_between_runs(c, d.name)) == 1
+
+
+async def test_the_agent_reports_an_os_waiting_for_a_reboot(live_server, fleet_factory):
+    fleet = await fleet_factory(live_server, count=1)
+    [d] = fleet.desktops
+    view = live_server.view()
+    assert view.get_machine(d.name).resources.get("reboot_pending") is False
+    d.reboot_pending = True
+    await eventually(lambda: view.get_machine(d.name).resources.get("reboot_pending") is True, timeout=10)
+    await d.reboot()  # the update done
+    await eventually(lambda: view.get_machine(d.name).resources.get("reboot_pending") is False, timeout=20)

@@ -390,6 +390,7 @@ class Agent:
                 info = replace(infos[0], memory_mb=sum(i.memory_mb for i in infos),
                                cpu_percent=sum(i.cpu_percent for i in infos),
                                app_running=all(i.app_running for i in infos),
+                               reboot_pending=any(i.reboot_pending for i in infos),
                                session_key=next((i.session_key for i in infos if i.session_key), None),
                                session_expires_at=min((i.session_expires_at for i in infos
                                                        if i.session_expires_at is not None), default=None))
@@ -399,7 +400,8 @@ class Agent:
             self._sessions_changed.set()  # session upkeep looks again
         # Resources' fields, as its model_dump gives them (no model built: every beat asks)
         return {"memory_mb": float(info.memory_mb), "cpu_percent": float(info.cpu_percent), "uptime": float(info.uptime),
-                "machine_memory_percent": None, "app_running": bool(info.app_running)}, info
+                "machine_memory_percent": None, "app_running": bool(info.app_running),
+                "reboot_pending": bool(info.reboot_pending)}, info
 
     async def _send(self, msg: BaseModel) -> None:
         await self._send_raw(orjson.dumps(msg.model_dump(mode="json")))

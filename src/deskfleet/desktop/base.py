@@ -235,6 +235,10 @@ class DesktopInfo:
     app_running: bool = True
     session_key: str | None = None  # the account the application is logged in as, if known
     session_expires_at: float | None = None
+    #: the OS waits for a reboot to finish an update (Windows' "reboot required" signals,
+    #: Debian's /run/reboot-required): the pool drains the machine and reboots it between
+    #: runs before the OS forces it
+    reboot_pending: bool = False
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -67,6 +67,15 @@ POLL = 0.05
 LISTING_REUSE = 0.05
 
 
+#: where Debian and Ubuntu say an installed update needs a reboot (update-notifier, unattended-upgrades)
+REBOOT_REQUIRED = (Path("/run/reboot-required"), Path("/var/run/reboot-required"))
+
+
+def posix_reboot_pending() -> bool:
+    """Whether this machine's OS waits for a reboot (Debian's and Ubuntu's flag file)."""
+    return any(p.exists() for p in REBOOT_REQUIRED)
+
+
 class Host(Protocol):
     """The machine around the application: its display, its boot, its windows."""
 
@@ -570,6 +579,7 @@ class RealDesktop:
             uptime=max(0.0, time.time() - self.host.booted_at()),
             memory_mb=memory, cpu_percent=cpu, app_running=running,
             session_key=account, session_expires_at=expires,
+            reboot_pending=getattr(self.host, "reboot_pending", posix_reboot_pending)(),
             extra={"app_restarts": float(self.restarts)},
         )
 

@@ -460,6 +460,32 @@ class ConsoleHost:
     def env(self) -> dict[str, str]:
         return {}
 
+    def reboot_pending(self) -> bool:
+        """Windows' "reboot required" signals: Component Based Servicing's RebootPending,
+        Windows Update's RebootRequired, and file renames queued for the next boot."""
+        try:
+            import winreg
+        except ImportError:  # not Windows (the tests' fake console): nothing to read
+            return False
+        keys = (r"SOFTWARE\Microsoft\Windows\CurrentVersion\Component Based Servicing\RebootPending",
+                r"SOFTWARE\Microsoft\Windows\CurrentVersion\WindowsUpdate\Auto Update\RebootRequired")
+        for key in keys:
+            try:
+                winreg.CloseKey(winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, key))  # type: ignore[attr-defined]
+                return True
+            except OSError:
+                continue
+        try:
+            k = winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE,  # type: ignore[attr-defined]
+                               r"SYSTEM\CurrentControlSet\Control\Session Manager")
+            try:
+                value, _ = winreg.QueryValueEx(k, "PendingFileRenameOperations")  # type: ignore[attr-defined]
+                return bool(value)
+            finally:
+                winreg.CloseKey(k)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+
     def boot_id(self) -> str:
         return self._boot_id
 

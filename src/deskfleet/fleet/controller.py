@@ -195,7 +195,7 @@ class Controller:
                 decision = await self._pass(pool.name, policy)
                 if decision is not None:
                     decisions.append(decision)
-            if policy.recycle.any:
+            if policy.recycle.any or policy.managed:  # a managed pool's machines are rebooted for updates
                 await self._recycle_pass(pool.name, policy)
         return decisions
 
@@ -233,7 +233,8 @@ class Controller:
                 continue
             if m.status != "ready" or m.id in state.retiring:
                 continue  # busy, or out of service: never mid-run
-            due = _due(r, h, m.runs_completed, memory, float(m.resources.get("uptime") or 0.0))
+            due = _due(r, h, m.runs_completed, memory, float(m.resources.get("uptime") or 0.0),
+                       reboot_pending=bool(m.resources.get("reboot_pending")))
             if due is None:
                 continue
             action, reason, figure, limit = due
@@ -480,8 +481,13 @@ class Controller:
                       data={"pool": pool, **(data or {})})
 
 
-def _due(r: Recycle, h: _Health, runs: int, memory: float, uptime: float) -> tuple[str, str, float, float] | None:
-    """The first refresh due for a machine, as (action, reason, the figure, its threshold)."""
+def _due(r: Recycle, h: _Health, runs: int, memory: float, uptime: float, *,
+         reboot_pending: bool = False) -> tuple[str, str, float, float] | None:
+    """The first refresh due for a machine, as (action, reason, the figure, its threshold).
+    An OS waiting for a reboot comes first: drained and rebooted now, between runs, it does
+    not force the reboot in the middle of one."""
+    if reboot_pending:
+        return "reboot", "the OS waits for a reboot to finish an update", 1, 1
     since = runs - h.base_runs
     if r.after_runs is not None and since >= r.after_runs:
         return "restart_app", f"{since} runs since the app started (limit {r.after_runs})", since, r.after_runs

@@ -291,6 +291,7 @@ def quick_heartbeat(data: Any) -> Beat | None:
         return None
     if res.keys() == _RESOURCE_KEYS and type(res["memory_mb"]) is float and type(res["cpu_percent"]) is float \
             and type(res["uptime"]) is float and type(res["app_running"]) is bool \
+            and type(res["reboot_pending"]) is bool \
             and (res["machine_memory_percent"] is None or type(res["machine_memory_percent"]) is float):
         # the agent's own model_dump: every field, each of its type — what the model would give
         return Beat(seq, res, key, None if expires is None else float(expires), attempt, sessions)
@@ -303,7 +304,7 @@ def quick_heartbeat(data: Any) -> Beat | None:
                 values[name] = None
             else:
                 return None
-        elif name == "app_running":
+        elif name in ("app_running", "reboot_pending"):
             if type(value) is not bool:
                 return None
             values[name] = value

@@ -59,6 +59,8 @@ class SimDesktop:
         self.seed = seed
         self.fault_plan = faults or FaultPlan()
         self.action_delay = action_delay
+        #: the simulated OS waits for a reboot (an update installed); a reboot clears it
+        self.reboot_pending = False
         self.width, self.height = width, height
         self.clock = clock
         self.rng = random.Random(seed)
@@ -137,6 +139,7 @@ class SimDesktop:
             memory_mb=0.0 if down else app.memory_mb,
             cpu_percent=cpu,
             app_running=not down and app.running,
+            reboot_pending=self.reboot_pending and not down,
             session_key=None if down else app.session_user,
             session_expires_at=None if down else app.session_expires_at,
             extra={"actions": float(self.actions), "boots": float(self.boots),
@@ -255,6 +258,7 @@ class SimDesktop:
         # announce the machine that will come back.
         self.boots += 1
         self.boot_id = self._boot_id()
+        self.reboot_pending = False  # the update it waited for is done
         self.app.crash()
         for callback in list(self._reboot_listeners):
             try:

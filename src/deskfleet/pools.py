@@ -26,9 +26,9 @@ autoscaler reading ``/v1/pools/{name}/demand``:
   machine becomes ready (arrival rate times ``ready_time`` times ``headroom``), within ``warm.min``
   and ``warm.max``.
 - **target**: queued + busy + warm buffer, at least the floor, at most ``max``.
-- **scale in**: only after the target stayed below the supply for ``stabilization``
-  seconds; machines due for recycling first, then the oldest; drained first, destroyed
-  when idle or after ``drain_timeout``. A machine holding a lease is never destroyed.
+- **scale in**: down to the highest target of the last ``stabilization`` seconds, the
+  oldest idle machines first; drained first, destroyed once idle (one still busy after
+  ``drain_timeout`` is put back in service). A machine holding a lease is never destroyed.
 - **fence**: a run whose machine went silent mid-run, and which is neither idempotent nor
   found done by its reconcile check, is held back until the machine is fenced: powered
   off through the provider (the STONITH of cluster managers), or — without one that can —
@@ -109,7 +109,7 @@ class WarmBuffer(_Strict):
 
 class ScaleIn(_Strict):
     stabilization: float = Field(default=300.0, ge=0, le=86_400,
-                                 description="seconds the target must stay below the supply before machines go")
+                                 description="seconds of targets scale-in looks back over: it goes down to their highest")
     drain_timeout: float = Field(default=600.0, gt=0, le=86_400,
                                  description="seconds a machine being retired may finish its run before it is destroyed anyway")
 

@@ -129,6 +129,8 @@ async def test_a_burst_is_met_once_machines_boot_and_they_go_after_it_once_idle(
     assert steps == ["provisioning", "booting", "enrolling", "ready"], steps
     ready = w.kinds("machine.lifecycle")[-1]
     assert ready.data["since_created"] == pytest.approx(BOOT + ENROL, abs=5.0)
+    # measured: what the floor's look-ahead and the boot timeout use when the policy says nothing
+    assert list(w.controller.pools["ehr"].ready_times) == [pytest.approx(BOOT + ENROL, abs=5.0)]
 
     # A burst: 6 runs. One machine takes one at once; 5 more machines are created, once.
     w.submit(6)
@@ -378,3 +380,28 @@ async def test_a_machine_whose_os_waits_for_a_reboot_is_drained_and_rebooted_bef
     assert order.data["action"] == "reboot" and "waits for a reboot" in order.reason
     await w.tick()
     assert w.fake.actions["reboot"] == 1
+
+
+async def test_scale_in_goes_down_to_the_highest_target_of_the_window_not_at_once(world):
+    """A burst's tail: half its runs end, the other half 40 s later. Machines go only as a
+    whole window (60 s) has asked for fewer — first those the tail no longer needed, then
+    the rest — not all at once a window after the first dip (which would leave a second
+    burst close behind with none)."""
+    w = world({**MANAGED, "min": 0})
+    w.submit(6)
+    for _ in range(20):
+        await w.tick()
+    assert sum(m.status == "busy" for m in w.store.list_machines("ehr")) == 6
+    busy = [m for m in w.store.list_machines("ehr") if m.active_attempt_id is not None]
+    for m in busy[:3]:  # half the burst ends
+        w.store.finish_attempt(m.active_attempt_id, m.id, Ending.SUCCEEDED, output={}, detail="", now=w.now)
+    for _ in range(8):  # 40 s: the window has seen 3 busy all along
+        await w.tick()
+    w.finish_all()
+    destroyed = []
+    for _ in range(16):
+        await w.tick()
+        destroyed.append(w.fake.actions["destroy"])
+    assert destroyed[-1] == 6
+    assert 3 in destroyed, f"the first three went alone, a window after the tail began: {destroyed}"
+    assert destroyed.index(6) - destroyed.index(3) >= 6, destroyed  # the rest a window (60 s) after the last run

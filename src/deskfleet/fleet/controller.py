@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -85,15 +86,23 @@ class Decision:
 
 
 def decide(pool: str, policy: PoolPolicy, demand: PoolDemand, *, coming: int, retiring: int, idle: int,
-           retirable: list[str], total: int, now: float, below_since: float | None,
-           ready_time: float) -> tuple[Decision, float | None]:
-    """The decision for one pass (pure): how many machines to create, which idle ones to
-    retire; and since when the target has been below the supply (the stabilisation window).
-    ``idle``: the pool's idle, schedulable machines; ``retirable``: those of them the
-    provider made, the first to retire first; ``total``: every machine the pool has (``max``
-    bounds it); ``retiring``: machines already being retired (not supply)."""
+           retirable: list[str], total: int, now: float, recent: deque[tuple[float, int]], since: float,
+           ready_time: float) -> Decision:
+    """The decision for one pass (pure but for ``recent``): how many machines to create,
+    which idle ones to retire. ``idle``: the pool's idle, schedulable machines;
+    ``retirable``: those of them the provider made, the first to retire first; ``total``:
+    every machine the pool has (``max`` bounds it); ``retiring``: machines already being
+    retired (not supply); ``recent``: the targets of the passes of the last stabilisation
+    window, this one added here; ``since``: when this controller's history of the pool began.
+
+    Scale-in goes down to the *highest* target of the window, as Kubernetes' autoscaler
+    does: a burst's tail, or a second burst close behind the first, keeps the machines it
+    will need, and machines go only once a whole window asked for fewer."""
     target = policy.target(queued=demand.queued, busy=demand.busy, arrival_rate=demand.arrival_rate, now=now,
                            ready_time=ready_time)
+    recent.append((now, target))
+    while recent and recent[0][0] < now - policy.scale_in.stabilization:
+        recent.popleft()
     supply = demand.busy + idle + coming
     inputs = {"queued": demand.queued, "busy": demand.busy, "idle": idle, "booting": coming,
               "retiring": retiring, "warm": policy.warm_target(demand.arrival_rate, policy.ready_time or ready_time),
@@ -103,14 +112,12 @@ def decide(pool: str, policy: PoolPolicy, demand: PoolDemand, *, coming: int, re
     if target > supply:
         room = (policy.max if policy.max is not None else target) - total
         create = max(0, min(target - supply, room))
-        below_since = None
-    elif target < supply:
-        below_since = now if below_since is None else below_since
-        if now - below_since >= policy.scale_in.stabilization:
-            retire = tuple(retirable[: supply - target])
     else:
-        below_since = None
-    return Decision(pool, target, supply, create, tuple(retire), inputs), below_since
+        held = max(t for _, t in recent)
+        # Only once a whole window has been seen: a new leader has no history yet.
+        if supply > held and now - since >= policy.scale_in.stabilization:
+            retire = tuple(retirable[: supply - held])
+    return Decision(pool, target, supply, create, retire, inputs)
 
 
 @dataclass
@@ -136,7 +143,10 @@ class _Health:
 
 @dataclass
 class _PoolState:
-    below_since: float | None = None
+    #: (time, target) of the passes of the last stabilisation window, and this leader's first pass
+    targets: deque[tuple[float, int]] = field(default_factory=deque)
+    since: float | None = None
+    ready_times: deque[float] = field(default_factory=lambda: deque(maxlen=20))  # created → ready, seconds
     retiring: dict[str, float] = field(default_factory=dict)  # machine → when its drain began
     tracked: dict[str, _Tracked] = field(default_factory=dict)
     last_target: int | None = None
@@ -356,7 +366,8 @@ class Controller:
             await self._provider_error(state, pool, "list", exc, now)
             return None
         enrolled = {m.id: m for m in await self.db(self.store.list_machines, pool)}
-        ready_time = policy.ready_time or self.ready_time
+        # The policy's, else as measured here (the median of the pool's latest machines), else the default.
+        ready_time = policy.ready_time or (statistics.median(state.ready_times) if state.ready_times else self.ready_time)
         await self._follow(state, pool, provider, at_provider, enrolled, now, ready_time)
         await self._finish_retiring(state, pool, policy, provider, at_provider, enrolled, now)
 
@@ -370,9 +381,11 @@ class Controller:
         # Every machine the pool has, for max: the provider's, and any enrolled by hand that is up.
         total = len(ours | {m.id for m in enrolled.values() if m.connected})
         demand = await self.db(self.store.pool_demand, pool, now, 300.0)
-        decision, state.below_since = decide(
+        if state.since is None:
+            state.since = now
+        decision = decide(
             pool, policy, demand, coming=len(coming), retiring=len(state.retiring), idle=len(idle),
-            retirable=[m.id for m in retirable], total=total, now=now, below_since=state.below_since,
+            retirable=[m.id for m in retirable], total=total, now=now, recent=state.targets, since=state.since,
             ready_time=ready_time)
         if decision.acts or decision.target != state.last_target:
             await self._event("pool.scaled", now, pool=pool, reason=decision.summary(), data={
@@ -380,8 +393,8 @@ class Controller:
                 "retire": list(decision.retire), "inputs": decision.inputs})
             log.info("pool %s: %s", pool, decision.summary())
         state.last_target = decision.target
-        for _ in range(decision.create):
-            await self._create(state, pool, policy, provider, now)
+        # Side by side: a provider that takes seconds a call does not hold the pass for the sum.
+        await asyncio.gather(*(self._create(state, pool, policy, provider, now) for _ in range(decision.create)))
         for machine_id in decision.retire:
             await self.db(self.store.set_admin, machine_id, MachineAdmin.DRAINING, now, "scale-in: retired by the pool controller")
             state.retiring[machine_id] = now
@@ -422,6 +435,7 @@ class Controller:
                     "since_created": round(now - t.created_at, 3)})
                 t.step, t.since = step, now
             if step == "ready":
+                state.ready_times.append(now - t.created_at)
                 del state.tracked[m.name]
                 continue
             failed = m.state is ProviderState.FAILED
@@ -477,7 +491,9 @@ class Controller:
 
     async def _event(self, kind: str, now: float, *, pool: str, machine_id: str | None = None,
                      reason: str | None = None, data: dict[str, Any] | None = None) -> None:
-        await self.db(self.store.record_event, kind, now, machine_id=machine_id, reason=reason,
+        """Recorded at the time it happens (``now`` is the pass's time, for its decisions:
+        a pass that waits on its provider would otherwise date every event to its start)."""
+        await self.db(self.store.record_event, kind, max(now, self.clock()), machine_id=machine_id, reason=reason,
                       data={"pool": pool, **(data or {})})
 
 

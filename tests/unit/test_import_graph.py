@@ -77,10 +77,11 @@ LAYERS: dict[str, tuple[list[str], list[str]]] = {
     "orchestrator": (["orchestrator"], ["services"]),
     # routers per area, each handed the services it calls
     "api": (["api", "api.*"], ["orchestrator"]),
+    "planner": (["planner"], ["parts"]),  # the capacity planner: scheduler and pool controller on a fake clock
     # -- clients and the top -------------------------------------------------------------
     "client": (["client"], ["base"]),
     "demo": (["demo", "demo.*"], ["client", "rules", "apps"]),
-    "cli": (["cli", "cli.*", "__main__"], ["api", "pack tools", "demo", "client"]),
+    "cli": (["cli", "cli.*", "__main__"], ["api", "pack tools", "demo", "client", "planner"]),
     # example packs: through the public door (and the demo, which they bring a part of)
     "examples": (["demoapp", "demoapp.*", "sim", "sim.*"], ["public", "demo"]),
 }

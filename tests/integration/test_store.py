@@ -168,6 +168,21 @@ def test_pool_policies_are_versioned_and_a_change_to_an_old_version_is_refused(s
     assert events[0].reason == "first"
 
 
+def test_a_pools_live_machines_leave_out_those_gone_for_good(s):
+    """A pool that scales keeps the rows of the machines it destroyed: ``live_or`` reads only
+    those connected, holding a lease, or named."""
+    for mid in ("up", "busy", "gone", "named"):
+        add_machine(s, mid, pool="p")
+    s.put_automations(SPECS, T0)
+    claimed = claim(s, T0 + 1, pool="p", machine="busy")
+    for mid in ("busy", "gone", "named"):
+        s.disconnect_machine(mid, T0 + 2)
+    assert [m.id for m in s.list_machines("p")] == ["busy", "gone", "named", "up"]
+    assert [m.id for m in s.list_machines("p", live_or=("named",))] == ["busy", "named", "up"]
+    assert [m.id for m in s.list_machines("p", live_or=())] == ["busy", "up"]
+    assert claimed.attempt.machine_id == "busy"
+
+
 def test_a_pools_demand_counts_its_own_queue_machines_and_arrivals(s):
     s.put_pool(Pool("p1", allow_wait_for_capacity=True), T0)
     s.put_pool(Pool("p2", allow_wait_for_capacity=True), T0)

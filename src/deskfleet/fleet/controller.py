@@ -218,7 +218,8 @@ class Controller:
         returns with a new boot id. A rebuild retires it (the pool's supply brings a new one)."""
         state = self.pools.setdefault(pool, _PoolState())
         r, now = policy.recycle, self.clock()
-        listed = await self.db(self.store.list_machines, pool)
+        # Up or busy (what can be recycled), and those away for a recycling reboot.
+        listed = await self.db(self.store.list_machines, pool, live_or=tuple(sorted(state.rebooting)))
         for gone in set(state.health) - {m.id for m in listed}:
             del state.health[gone]
         for m in listed:
@@ -365,7 +366,9 @@ class Controller:
         except ProviderError as exc:
             await self._provider_error(state, pool, "list", exc, now)
             return None
-        enrolled = {m.id: m for m in await self.db(self.store.list_machines, pool)}
+        # The machines that matter: up, busy, or the provider's — not every one destroyed before.
+        enrolled = {m.id: m for m in await self.db(self.store.list_machines, pool,
+                                                     live_or=tuple(m.name for m in at_provider))}
         # The policy's, else as measured here (the median of the pool's latest machines), else the default.
         ready_time = policy.ready_time or (statistics.median(state.ready_times) if state.ready_times else self.ready_time)
         await self._follow(state, pool, provider, at_provider, enrolled, now, ready_time)

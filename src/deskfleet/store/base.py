@@ -16,7 +16,7 @@ Methods are synchronous; the server calls them from a worker thread
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -300,7 +300,10 @@ class Store(ABC):
     def get_machine(self, machine_id: str) -> Machine | None: ...
 
     @abstractmethod
-    def list_machines(self, pool: str | None = None, *, health: MachineHealth | None = None) -> list[Machine]: ...
+    def list_machines(self, pool: str | None = None, *, health: MachineHealth | None = None,
+                      live_or: Collection[str] | None = None) -> list[Machine]:
+        """``live_or``: only machines connected, holding a lease, or named in it — not every
+        machine a pool ever had (a pool that scales keeps the rows of those it destroyed)."""
 
     @abstractmethod
     def machine_shapes(self) -> list[MachineShape]:

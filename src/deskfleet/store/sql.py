@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
@@ -800,13 +800,17 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
             row = conn.execute(_MACHINES.where(machines.c.id == machine_id)).mappings().first()
             return rows.machine(row) if row else None
 
-    def list_machines(self, pool: str | None = None, *, health: MachineHealth | None = None) -> list[Machine]:
+    def list_machines(self, pool: str | None = None, *, health: MachineHealth | None = None,
+                      live_or: Collection[str] | None = None) -> list[Machine]:
         with self._tx(write=False) as conn:
             q = _MACHINES.order_by(machines.c.id)
             if pool is not None:
                 q = q.where(machines.c.pool == pool)
             if health is not None:
                 q = q.where(machines.c.health == health.value)
+            if live_or is not None:
+                q = q.where(or_(machines.c.connected.is_(True), _MACHINES.selected_columns.active_attempt_id.is_not(None),
+                                machines.c.id.in_(list(live_or))))
             return [rows.machine(r) for r in conn.execute(q).mappings()]
 
     def machine_shapes(self) -> list[MachineShape]:

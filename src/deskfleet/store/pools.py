@@ -62,7 +62,7 @@ class PoolOps:
 
     if TYPE_CHECKING:
         def _tx(self, write: bool = True) -> AbstractContextManager[Connection]: ...
-        def count_machines(self, pool: str | None = None) -> dict[str, int]: ...
+        def _count_machines(self, conn: Connection, pool: str | None) -> dict[str, int]: ...
 
     def pool_policy(self, pool: str) -> PolicyVersion | None:
         """The policy in force for ``pool``: its latest version (None if it never had one)."""
@@ -99,18 +99,19 @@ class PoolOps:
     def pool_demand(self, pool: str, now: float, window: float = 300.0) -> PoolDemand:
         due = or_(runs.c.not_before.is_(None), runs.c.not_before <= now)
         queued = and_(runs.c.pool == pool, runs.c.state == "queued")
-        with self._tx(write=False) as conn:
+        arrived = select(func.count()).where(runs.c.pool == pool, runs.c.created_at >= now - window).scalar_subquery()
+        with self._tx(write=False) as conn:  # one snapshot: the queue, the arrivals and the machines together
             row = conn.execute(select(
                 func.count().filter(due),
                 func.count().filter(~due),
                 func.min(runs.c.queued_at).filter(due),
+                arrived,
             ).where(queued)).one()
-            arrivals = conn.execute(select(func.count()).where(
-                runs.c.pool == pool, runs.c.created_at >= now - window)).scalar_one()
+            counted = self._count_machines(conn, pool)
         oldest = row[2]
         return PoolDemand(pool=pool, at=now, queued=int(row[0]), delayed=int(row[1]),
                           oldest_wait=max(0.0, now - oldest) if oldest is not None else None,
-                          arrivals=int(arrivals), window=window, machines=self.count_machines(pool))
+                          arrivals=int(row[3]), window=window, machines=counted)
 
     def last_event_id(self) -> int:
         """The newest event's id (0 with none): where a reader waiting for what comes next starts."""

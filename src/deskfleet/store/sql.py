@@ -821,6 +821,10 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
                     for pool, lab, auto, n in conn.execute(q)]
 
     def count_machines(self, pool: str | None = None) -> dict[str, int]:
+        with self._tx(write=False) as conn:
+            return self._count_machines(conn, pool)
+
+    def _count_machines(self, conn: Connection, pool: str | None) -> dict[str, int]:
         # Machine.status, in SQL: a fleet of thousands is counted, not read.
         busy = _MACHINES.selected_columns.active_attempt_id.is_not(None)
         status = case(
@@ -831,8 +835,7 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
         q = _MACHINES.with_only_columns(status, func.count()).group_by(status)
         if pool is not None:
             q = q.where(machines.c.pool == pool)
-        with self._tx(write=False) as conn:
-            return {name: int(n) for name, n in conn.execute(q)}
+        return {name: int(n) for name, n in conn.execute(q)}
 
     def set_machine_screenshot(self, machine_id: str, artifact_id: str) -> None:
         with self._tx() as conn:

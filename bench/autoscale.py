@@ -280,6 +280,7 @@ class LocalServer:
         """Every machine of the provider powered off (the acceptance tests' teardown); the
         names of any agent still alive after that — killed by pid as a last resort."""
         from deskfleet.providers import LocalProvider
+        from deskfleet.providers.local import running
 
         state = self.data / "providers" / "here"
         if not (state / "local-provider.json").exists():
@@ -292,7 +293,7 @@ class LocalServer:
         left = []
         for name, m in json.loads((state / "local-provider.json").read_text())["machines"].items():
             pid = m.get("pid")
-            if pid and _alive(pid):
+            if pid and running(pid):
                 left.append(name)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
@@ -303,14 +304,6 @@ class LocalServer:
     async def shutdown(self) -> list[str]:
         await asyncio.to_thread(self.stop)
         return await self.power_off()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 SERVERS: list[LocalServer] = []  # every server started: main's last resort stops them and their machines

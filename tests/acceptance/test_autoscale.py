@@ -15,24 +15,15 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from deskfleet.providers import LocalProvider
+from deskfleet.providers.local import running
 
 Cluster = Any  # tests/acceptance/conftest.py's
 
 POLICY = {"min": 1, "max": 4, "provider": "here", "warm": {"min": 0, "max": 0}, "ready_time": 30,
           "scale_in": {"stabilization": 3, "drain_timeout": 60}}
-
-
-def _alive(pid: int) -> bool:
-    """Running (or stopped): neither gone nor a zombie its parent, the server, has not reaped yet."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _agent_command(c: Cluster) -> str:
@@ -106,7 +97,7 @@ def _scale_out_and_in(c: Cluster) -> None:
     pids = _pids(c)
     for name in destroyed:
         pid = pids[name]
-        assert not _alive(pid), f"{name}'s agent (pid {pid}) is still running after it was destroyed"
+        assert not running(pid), f"{name}'s agent (pid {pid}) is still running after it was destroyed"
     # Every run accounted for, once.
     report, _, _ = c.audit()
     assert report.ok, report.violations
@@ -139,7 +130,7 @@ def test_a_machine_paused_mid_effect_is_powered_off_before_its_run_moves(cluster
         try:
             done = c.client.run(run["id"], wait=60)
         finally:
-            if _alive(pid):
+            if running(pid):
                 os.killpg(pid, signal.SIGCONT)
         assert done["state"] == "succeeded" and done["current_machine"] != paused, done
         events = c.all_events()
@@ -148,6 +139,6 @@ def test_a_machine_paused_mid_effect_is_powered_off_before_its_run_moves(cluster
         order = [e["kind"] for e in events if e["run"] == run["id"] or e["kind"] == "machine.fenced"]
         assert order.index("machine.fenced") < order.index("run.fence_released") < \
             max(i for i, k in enumerate(order) if k == "attempt.ended"), order
-        assert not _alive(pid), "the paused machine's agent survived its fence"
+        assert not running(pid), "the paused machine's agent survived its fence"
     with c.records() as ehr:
         assert ehr.work_done_by("STONITH-1") == [done["current_machine"]]

@@ -35,6 +35,7 @@ from deskfleet.providers import (
     ProviderMachine,
     ProviderState,
 )
+from deskfleet.providers.local import running
 from support import LiveServer, eventually
 
 S = ProviderState
@@ -104,15 +105,6 @@ async def family(p: LocalProvider, name: str) -> tuple[int, int]:
     return child, escaped
 
 
-def alive(pid: int) -> bool:
-    """A process of that pid runs (a zombie is dead: it waits only to be collected)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 async def reaches(p: LocalProvider, machine_id: str, state: ProviderState) -> ProviderMachine:
     deadline = time.monotonic() + 10
     while (m := await p.get(machine_id)).state != state:
@@ -136,18 +128,18 @@ async def test_a_machine_boots_runs_and_a_second_provider_finds_and_destroys_it(
     assert (await p.create(spec(), token="c1")).id == "desk-1"  # the token: no second machine
 
     await asyncio.sleep(0.6)
-    running = await p.get("desk-1")  # running since its boot grace ended, not since it was read
-    assert running.state == S.RUNNING
-    assert running.state_since == pytest.approx(m.created_at + 0.3, abs=0.05)
+    now_up = await p.get("desk-1")  # running since its boot grace ended, not since it was read
+    assert now_up.state == S.RUNNING
+    assert now_up.state_since == pytest.approx(m.created_at + 0.3, abs=0.05)
     [pid] = await pids(p, "desk-1")  # one process: the repeated create started none
     assert log_of(p, "desk-1")[0] == f'up {pid} {json.dumps({"gpu": "no"})}'
-    assert alive(pid)
+    assert running(pid)
 
     other = make()  # as after a restart of the server: the same state directory
     assert [(x.id, x.state, x.created_at) for x in await other.list()] == [
         ("desk-1", S.RUNNING, m.created_at)]
     await other.destroy("desk-1", token="d1")
-    assert not alive(pid)
+    assert not running(pid)
     assert (await other.get("desk-1")).state == S.TERMINATED
     assert (await p.get("desk-1")).state == S.TERMINATED
     assert await other.list() == []
@@ -157,7 +149,7 @@ async def test_a_machine_boots_runs_and_a_second_provider_finds_and_destroys_it(
     await other.create(spec(), token="c2")
     [new] = await pids(other, "desk-1")
     await other.destroy("desk-1", token="d1")
-    assert alive(new) and (await other.get("desk-1")).state in (S.BOOTING, S.RUNNING)
+    assert running(new) and (await other.get("desk-1")).state in (S.BOOTING, S.RUNNING)
 
 
 async def test_stop_start_reboot_tag_and_pools(make: Callable[..., LocalProvider]) -> None:
@@ -174,7 +166,7 @@ async def test_stop_start_reboot_tag_and_pools(make: Callable[..., LocalProvider
     await p.stop("desk-1", token="s1")
     stopped = await p.get("desk-1")
     assert (stopped.state, stopped.detail) == (S.STOPPED, "")
-    assert not alive(first)
+    assert not running(first)
     with pytest.raises(ProviderError, match="cannot reboot desk-1, it is stopped") as refused:
         await p.reboot("desk-1", token="r0")
     assert not refused.value.retryable
@@ -182,12 +174,12 @@ async def test_stop_start_reboot_tag_and_pools(make: Callable[..., LocalProvider
     await p.start("desk-1", token="st1")
     assert (await p.get("desk-1")).state == S.BOOTING
     second = (await pids(p, "desk-1", 2))[-1]
-    assert second != first and alive(second)
+    assert second != first and running(second)
 
     await p.reboot("desk-1", token="r1")
     assert (await p.get("desk-1")).state == S.REBOOTING
     third = (await pids(p, "desk-1", 3))[-1]
-    assert not alive(second) and alive(third)
+    assert not running(second) and running(third)
     await reaches(p, "desk-1", S.RUNNING)
     await p.reboot("desk-1", token="r1")  # repeated: no fourth process
     assert len(await pids(p, "desk-1")) == 3
@@ -207,7 +199,7 @@ async def test_a_machine_that_ignores_sigterm_is_killed_after_stop_timeout(
     began = time.monotonic()
     await p.stop("stubborn-1", token="s1")
     assert time.monotonic() - began >= 0.5
-    assert (await p.get("stubborn-1")).state == S.STOPPED and not alive(pid)
+    assert (await p.get("stubborn-1")).state == S.STOPPED and not running(pid)
 
 
 async def test_a_machine_whose_process_ends_on_its_own_has_failed(
@@ -223,14 +215,14 @@ async def test_a_machine_whose_process_ends_on_its_own_has_failed(
     os.kill(pid, signal.SIGTERM)
     failed = await reaches(p, "family-1", S.FAILED)
     assert failed.detail.startswith("killed by signal 15 (SIGTERM): family ")
-    assert not alive(child)  # what a crashed machine left in its group goes with it
+    assert not running(child)  # what a crashed machine left in its group goes with it
     # what left the group is out of reach once its parent is dead (docs/providers.md says so)
     with contextlib.suppress(ProcessLookupError):
         os.kill(escaped, signal.SIGKILL)
 
     await p.start("family-1", token="st1")  # a failed machine starts again
     assert (await p.get("family-1")).state == S.BOOTING
-    assert alive((await pids(p, "family-1", 2))[-1])
+    assert running((await pids(p, "family-1", 2))[-1])
 
 
 async def test_a_machine_started_by_another_process_is_watched_without_its_exit_status(
@@ -269,7 +261,7 @@ async def test_a_recycled_pid_is_neither_taken_for_the_machine_nor_killed(
     failed = await p.get("desk-1")
     assert failed.state == S.FAILED and failed.detail.startswith("exited")
     await p.power_off("desk-1", token="f1")
-    assert alive(pid)
+    assert running(pid)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)  # ours, as the test started it
 
@@ -312,20 +304,20 @@ async def test_power_off_kills_the_whole_machine_at_once_even_when_paused(
     await p.create(spec("family-1"), token="c1")
     [pid] = await pids(p, "family-1")
     child, escaped = await family(p, "family-1")
-    assert alive(pid) and alive(child) and alive(escaped)
+    assert running(pid) and running(child) and running(escaped)
     os.killpg(pid, signal.SIGSTOP)  # the machine is paused: it could not act on a SIGTERM
     os.kill(escaped, signal.SIGSTOP)
 
     began = time.monotonic()
     await p.power_off("family-1", token="f1")
     assert time.monotonic() - began < 1.0  # not a graceful stop: no waiting for stop_timeout
-    assert not alive(pid) and not alive(child) and not alive(escaped)
+    assert not running(pid) and not running(child) and not running(escaped)
     fenced = await p.get("family-1")
     assert (fenced.state, fenced.detail) == (S.STOPPED, "powered off (fenced)")
     await p.power_off("family-1", token="f1")
 
     await p.start("family-1", token="st1")  # a fenced machine can be started again
-    assert alive((await pids(p, "family-1", 2))[-1])
+    assert running((await pids(p, "family-1", 2))[-1])
 
 
 async def test_a_paused_machine_still_stops_gracefully(make: Callable[..., LocalProvider]) -> None:
@@ -336,7 +328,7 @@ async def test_a_paused_machine_still_stops_gracefully(make: Callable[..., Local
     began = time.monotonic()
     await p.stop("desk-1", token="s1")
     assert time.monotonic() - began < 2.0  # SIGCONT let it act on the SIGTERM: no SIGKILL wait
-    assert not alive(pid)
+    assert not running(pid)
 
 
 # -- a real agent -------------------------------------------------------------------------------

@@ -556,6 +556,13 @@ def _stat(pid: int) -> _Proc | None:
     return _Proc(pid, int(fields[1]), int(fields[2]), fields[0].decode(), int(fields[19]))
 
 
+def running(pid: int) -> bool:
+    """Whether a process of that pid runs (or is stopped): a zombie is dead, waiting only to
+    be collected by its parent."""
+    stat = _stat(pid)
+    return stat is not None and stat.state != "Z"
+
+
 def _processes() -> builtins.list[_Proc]:
     return [p for entry in os.listdir("/proc") if entry.isdigit() and (p := _stat(int(entry)))]
 

@@ -8,6 +8,7 @@ as separate processes and kills them.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,39 @@ import pytest
 
 from deskfleet.store import Store, open_store
 from support import LiveServer, fast_settings, register_sim_accounts, start_server, wait_ready
+
+# -- the suite's shape: what runs by default, and on how many workers ----------------------------
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true",
+                     help="also run the whole-system measurements marked slow (left out by default)")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's default): a worker per core, at most 4, for the whole suite;
+    none when tests are named on the command line, so a focused run starts at once."""
+    if config.args_source is pytest.Config.ArgsSource.ARGS:
+        return 0
+    return min(os.cpu_count() or 1, 4)
+
+
+def _slow_left_out(config: pytest.Config) -> bool:
+    return not config.getoption("--slow") and not config.option.markexpr
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if _slow_left_out(config):
+        return "tests marked slow (whole-system measurements) are left out: --slow adds them, -m slow runs only them"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _slow_left_out(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .appmodel import HUMAN_KINDS, HumanAnswer
 from .errors import (
     AutomationError,
     BusinessError,
@@ -68,6 +69,7 @@ _LAZY = {
 
 __all__ = [
     "COVERED",
+    "HUMAN_KINDS",
     "NO_SCREEN",
     "UNKNOWN",
     "WRONG_SCREEN",
@@ -89,6 +91,7 @@ __all__ = [
     "DesktopError",
     "DesktopInfo",
     "Frame",
+    "HumanAnswer",
     "Lease",
     "Pack",
     "PackError",

@@ -27,6 +27,7 @@ from .desktop import Desktop, Frame, Region, SeesWindows, WindowFacts
 from .desktop.fill import fill as fill_field
 from .errors import DesktopError
 from .vision import UNKNOWN, Classification, Classifier
+from .vision.redact import Redacted, Redaction
 
 #: seconds a playbook waits by default for the application to show its next screen
 SCREEN_WAIT = 8.0
@@ -156,6 +157,22 @@ class AppModel:
         frame = await desktop.screenshot()
         return frame, self.classify(frame, windows)
 
+    @property
+    def redaction(self) -> Redaction:
+        """What the model says to black out in uploaded screenshots (``model.json``'s
+        ``redact``, per state and for every screen)."""
+        found = getattr(self.classifier, "redaction", None)
+        return found if isinstance(found, Redaction) else Redaction()
+
+    def redact(self, frame: Frame) -> Redacted | None:
+        """``frame`` (a copy) with the model's regions blacked out, and what was done; None
+        when the model declares none. Fail-safe: a frame on which per-state regions cannot be
+        placed is blanked whole (see :mod:`deskfleet.vision.redact`)."""
+        redaction = self.redaction
+        if not redaction.declared:
+            return None
+        return redaction.apply(frame, self.classifier.states, self.classifier.screen)
+
     def recovery_for(self, state: str) -> str:
         if state == UNKNOWN:
             return self.on_unknown
@@ -163,6 +180,28 @@ class AppModel:
 
     def is_ready(self, state: str, wanted: str = "ready") -> bool:
         return state == wanted or (wanted == "ready" and state in self.ready_states)
+
+
+@dataclass(frozen=True, slots=True)
+class HumanAnswer:
+    """What a person answered to :meth:`deskfleet.Context.ask_human` (or a playbook's
+    :meth:`PlaybookContext.ask_human`)."""
+
+    #: their answer (an SMS code, a captcha's text), None if the task asked for none (an
+    #: approval); a secret one is never logged, put on the timeline or shown by the API
+    response: str | None = field(repr=False)
+    by: str  # who answered (as they named themselves to the API or CLI)
+    at: float  # when (seconds since the epoch)
+    task: str = ""  # the human task's id
+
+
+#: the kinds of human task the docs and the CLI know; any name of letters, digits, ``_``,
+#: ``.`` and ``-`` will do
+HUMAN_KINDS = ("push_approval", "sms_code", "captcha", "confirm")
+
+
+#: asks a person (``ctx.ask_human``): (kind, prompt, due=, escalate_after=, screenshot=, secret=) → the answer
+AskHuman = Callable[..., Awaitable[HumanAnswer]]
 
 
 @dataclass(slots=True)
@@ -176,6 +215,8 @@ class PlaybookContext:
     granted: Account | None  # the account this pre-flight logs in as, if the run was given one
     session_key: str | None  # the account the run wants the app logged in as
     state: Classification  # what the screen showed when this playbook was chosen
+    #: how this pre-flight asks a person (an attempt's; None in a verification or a trial)
+    human: AskHuman | None = None
 
     @property
     def account(self) -> Account:
@@ -190,6 +231,25 @@ class PlaybookContext:
     def credential(self) -> Account:
         """Deprecated alias of :attr:`account`, kept for one release."""
         return self.account
+
+    async def ask_human(self, kind: str, prompt: str, *, due: float = 300.0, escalate_after: float | None = None,
+                        screenshot: bool = True, secret: bool = False) -> HumanAnswer:
+        """Ask a person, as :meth:`deskfleet.Context.ask_human` does — for an MFA prompt no
+        TOTP seed can answer (a push approval, an SMS code)::
+
+            @playbook(wait=False)
+            async def push_mfa(ctx: PlaybookContext) -> None:
+                await ctx.ask_human("push_approval", f"Approve the sign-in of {ctx.account.username}")
+                await ctx.wait_for("home", timeout=30)
+
+        Only a run's pre-flight can ask (its attempt holds the machine meanwhile); a
+        verification or a trial has nobody to ask: LookupError, which ends pre-flight with
+        the reason."""
+        if self.human is None:
+            raise LookupError(f"{kind}: this pre-flight has no person to ask (a verification, or a trial run); "
+                              "an MFA prompt that needs a person is answered in a run's pre-flight")
+        return await self.human(kind, prompt, due=due, escalate_after=escalate_after, screenshot=screenshot,
+                                secret=secret)
 
     async def look(self) -> Classification:
         """Capture the screen now and classify it."""

@@ -44,6 +44,8 @@ class _Call:
     json: Any = None
     params: dict[str, Any] = field(default_factory=dict)
     timeout: float | None = None
+    content: bytes | None = None  # a raw body (a pack archive) instead of JSON
+    headers: dict[str, str] | None = None
 
 
 def _run_call(automation: str, input: dict[str, Any] | None, wait: float, **options: Any) -> _Call:
@@ -160,6 +162,15 @@ class _Calls:
             params["before"] = before
         return self._do(_Call("GET", "/v1/runs", params=params))
 
+    def machine_samples(self, machine_id: str, *, hours: float = 2.0) -> Any:
+        """The machine's app memory and CPU over time: ``[{"at", "memory_mb", "cpu_percent"}]``."""
+        return self._do(_Call("GET", f"/v1/machines/{machine_id}/samples", params={"hours": hours}))
+
+    def retry(self, run_id: str) -> Any:
+        """A new run with an ended run's request (failed, timed out or cancelled); asking
+        again returns the same new run."""
+        return self._do(_Call("POST", f"/v1/runs/{run_id}/retry"))
+
     def cancel(self, run_id: str) -> Any:
         return self._do(_Call("POST", f"/v1/runs/{run_id}/cancel"))
 
@@ -210,6 +221,51 @@ class _Calls:
     def pool_demand(self, name: str) -> Any:
         return self._do(_Call("GET", f"/v1/pools/{name}/demand"))
 
+    def start_maintenance(self, pool: str, *, reason: str = "", machines: list[str] | None = None) -> Any:
+        """A rolling update of the pool's machines (all of those up, or ``machines``)."""
+        return self._do(_Call("POST", f"/v1/pools/{pool}/maintenance", {"reason": reason, "machines": machines}))
+
+    def maintenance(self, pool: str, campaign_id: int | None = None, *, limit: int = 20) -> Any:
+        """One campaign, or the pool's latest (newest first)."""
+        if campaign_id is not None:
+            return self._do(_Call("GET", f"/v1/pools/{pool}/maintenance/{campaign_id}"))
+        return self._do(_Call("GET", f"/v1/pools/{pool}/maintenance", params={"limit": limit}))
+
+    def cancel_maintenance(self, pool: str, campaign_id: int, *, reason: str = "") -> Any:
+        return self._do(_Call("POST", f"/v1/pools/{pool}/maintenance/{campaign_id}/cancel", {"reason": reason}))
+
+    def publish_pack(self, archive: bytes, *, sha256: str | None = None) -> Any:
+        """Publish a pack archive (``deskfleet pack build`` makes it), checked against ``sha256``."""
+        return self._do(_Call("POST", "/v1/packs", params={"sha256": sha256} if sha256 else {}, content=archive,
+                              headers={"content-type": "application/zip"}, timeout=300.0))
+
+    def packs(self, name: str | None = None) -> Any:
+        """Published pack versions, newest first."""
+        return self._do(_Call("GET", "/v1/packs", params={"name": name} if name else {}))
+
+    def pack(self, name: str, version: str) -> Any:
+        return self._do(_Call("GET", f"/v1/packs/{name}/{version}"))
+
+    def pack_archive(self, name: str, version: str) -> Any:
+        return self._do(_Call("GET", f"/v1/packs/{name}/{version}/archive"))
+
+    def assign_pack(self, pool: str, pack: str, version: str | None = None, *, rollback: bool = False,
+                    max_unavailable: int | str | None = None, reason: str = "") -> Any:
+        """Assign a pack's version to a pool (a rolling rollout), or roll back to the one before."""
+        return self._do(_Call("PUT", f"/v1/pools/{pool}/pack", {
+            "pack": pack, "version": version, "rollback": rollback, "max_unavailable": max_unavailable,
+            "reason": reason}))
+
+    def pool_packs(self, pool: str) -> Any:
+        """The pack versions assigned to a pool, each with its newest rollout."""
+        return self._do(_Call("GET", f"/v1/pools/{pool}/packs"))
+
+    def rollouts(self, pool: str, pack: str | None = None, *, limit: int = 20) -> Any:
+        return self._do(_Call("GET", f"/v1/pools/{pool}/rollouts", params={"limit": limit, **({"pack": pack} if pack else {})}))
+
+    def rollout(self, pool: str, rollout_id: int) -> Any:
+        return self._do(_Call("GET", f"/v1/pools/{pool}/rollouts/{rollout_id}"))
+
     def automations(self) -> Any:
         return self._do(_Call("GET", "/v1/automations"))
 
@@ -235,6 +291,64 @@ class _Calls:
     def remove_account(self, name: str, *, force: bool = False) -> Any:
         return self._do(_Call("DELETE", f"/v1/accounts/{name}", params={"force": "true"} if force else {}))
 
+    # -- human tasks: what only a person can do for a running automation ---------------------------
+    def human_tasks(self, *, state: Iterable[str] = (), pool: str | None = None, run: str | None = None,
+                    limit: int = 100) -> Any:
+        """``{"tasks": [...]}``, newest first; ``state=("open", "claimed")`` for those waiting."""
+        params: dict[str, Any] = {"limit": limit, **({"state": list(state)} if state else {})}
+        params.update({k: v for k, v in (("pool", pool), ("run", run)) if v is not None})
+        return self._do(_Call("GET", "/v1/human-tasks", params=params))
+
+    def human_task(self, task_id: str) -> Any:
+        return self._do(_Call("GET", f"/v1/human-tasks/{task_id}"))
+
+    def human_task_screenshot(self, task_id: str) -> Any:
+        """The screen the agent saw when it asked (PNG bytes)."""
+        return self._do(_Call("GET", f"/v1/human-tasks/{task_id}/screenshot"))
+
+    def claim_human_task(self, task_id: str, by: str) -> Any:
+        """Take the task (ApiError 409, naming who holds it, if somebody else did)."""
+        return self._do(_Call("POST", f"/v1/human-tasks/{task_id}/claim", {"by": by}))
+
+    def release_human_task(self, task_id: str, by: str) -> Any:
+        return self._do(_Call("POST", f"/v1/human-tasks/{task_id}/release", {"by": by}))
+
+    def complete_human_task(self, task_id: str, by: str, response: str | None = None) -> Any:
+        """Answer the task; a secret task's ``response`` is never shown again."""
+        body: dict[str, Any] = {"by": by}
+        if response is not None:
+            body["response"] = response
+        return self._do(_Call("POST", f"/v1/human-tasks/{task_id}/complete", body))
+
+    # -- API keys and the audit log --------------------------------------------------------------
+    def whoami(self) -> Any:
+        """The key these calls are made with: its role, tenant and permissions."""
+        return self._do(_Call("GET", "/v1/whoami"))
+
+    def create_api_key(self, name: str, role: str, *, tenant: str = "*", screenshots: bool = False,
+                       expires_at: str | None = None) -> Any:
+        """A new key; its whole secret is in ``key`` in this answer only. ``expires_at``: ISO 8601."""
+        body: dict[str, Any] = {"name": name, "role": role, "tenant": tenant, "screenshots": screenshots}
+        if expires_at is not None:
+            body["expires_at"] = expires_at
+        return self._do(_Call("POST", "/v1/api-keys", body))
+
+    def api_keys(self) -> Any:
+        return self._do(_Call("GET", "/v1/api-keys"))
+
+    def revoke_api_key(self, prefix: str) -> Any:
+        return self._do(_Call("POST", f"/v1/api-keys/{prefix}/revoke"))
+
+    def audit(self, *, limit: int = 100, before: int | None = None, after: int | None = None, **filters: Any) -> Any:
+        """``{"entries": [...], "next_before"}``, newest first (with ``after``: oldest first from
+        that id). Filters: actor, action (a prefix), target, outcome, since (ISO 8601)."""
+        params: dict[str, Any] = {"limit": limit, **{k: v for k, v in filters.items() if v is not None}}
+        if before is not None:
+            params["before"] = before
+        if after is not None:
+            params["after"] = after
+        return self._do(_Call("GET", "/v1/audit", params=params))
+
     def summary(self) -> Any:
         return self._do(_Call("GET", "/v1/summary"))
 
@@ -257,6 +371,7 @@ class Client(_Calls):
     def _do(self, call: _Call) -> Any:
         try:
             resp = self._http.request(call.method, call.path, json=call.json, params=call.params,
+                                      content=call.content, headers=call.headers,
                                       timeout=call.timeout or httpx.USE_CLIENT_DEFAULT)
         except httpx.TransportError as exc:
             raise ServerUnreachable(self.server, str(exc) or type(exc).__name__) from exc
@@ -347,6 +462,7 @@ class AsyncClient:
         self._busy[lane] += 1
         try:
             resp = await self._lanes[lane].request(call.method, call.path, json=call.json, params=call.params,
+                                                   content=call.content, headers=call.headers,
                                                    timeout=call.timeout or httpx.USE_CLIENT_DEFAULT)
         except httpx.TransportError as exc:
             raise ServerUnreachable(self.server, str(exc) or type(exc).__name__) from exc

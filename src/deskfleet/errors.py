@@ -8,7 +8,8 @@
     │   ├── Conflict             valid, but contradicts what exists (409): idempotency key reuse,
     │   │                        cancelling a finished run, enrolling over a live agent
     │   ├── Unservable           no machine could ever serve this run (422)
-    │   └── Unauthorized         a missing or wrong API key or enrolment token (401)
+    │   ├── Unauthorized         a missing, wrong, expired or revoked API key or enrolment token (401)
+    │   └── Forbidden            a key whose role or tenant does not allow the request (403)
     ├── StaleLease               an agent wrote with a fencing token that is no longer current
     ├── StoreUnavailable         the database cannot be reached (HTTP 503)
     ├── StoreRetry               a transaction lost a race (deadlock, serialization); run it again
@@ -67,6 +68,11 @@ class Unservable(InvalidRequest):
 class Unauthorized(InvalidRequest):
     status_code = 401
     error = "unauthorized"
+
+
+class Forbidden(InvalidRequest):
+    status_code = 403
+    error = "forbidden"
 
 
 class StaleLease(DeskfleetError):

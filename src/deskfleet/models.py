@@ -66,6 +66,7 @@ class StopReason(enum.StrEnum):
     DEADLINE = "deadline"
     ATTEMPT_TIMEOUT = "attempt_timeout"
     PROGRESS_STALLED = "progress_stalled"
+    HUMAN_TIMEOUT = "human_timeout"  # nobody answered the attempt's human task by its due time
 
 
 class Ending(enum.StrEnum):
@@ -127,6 +128,10 @@ def version_key(version: str) -> tuple[Any, ...]:
     """How versions of an automation order (the newest is the greatest): dotted parts compared
     one by one, numbers as numbers ("1.10" after "1.9"), and after any number a part that is not one."""
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.split("."))
+
+
+#: the words of :attr:`Machine.status`, what a machine is doing, in the order a person reads them
+MACHINE_STATUSES = ("ready", "busy", "cordoned", "drained", "quarantined", "offline")
 
 
 @dataclass(slots=True)
@@ -236,6 +241,9 @@ class RunSpec:
     backoff_max: float = 60.0
     idempotency_key: str | None = None
     webhook_url: str | None = None
+    #: run only on a machine that runs this version of the automation's pack; at submit it
+    #: becomes a requirement on the machine's well-known label ``deskfleet.pack/<pack>``
+    pack_version: str | None = None
 
 
 @dataclass(slots=True)
@@ -326,8 +334,17 @@ class Artifact:
     machine_id: str | None
     name: str
     content_type: str
-    size: int
+    size: int  # of its content (what the API serves), whatever it takes at rest
     created_at: float
+    #: its bytes are encrypted at rest with the server's keyring (not those stored before 0.11)
+    encrypted: bool = False
+    #: what the agent blacked out before the bytes left the machine (region names, the state
+    #: they were placed for; never the content); None: the app model declares no redaction
+    redaction: dict[str, Any] | None = None
+    #: seconds its automation keeps it (``@automation(artifact_retention=…)``; 0: for good);
+    #: None: its pool's policy, else the server's default
+    retention: float | None = None
+    pool: str | None = None  # the machine's pool when it was uploaded (whose retention applies)
 
 
 @dataclass(slots=True)
@@ -380,3 +397,52 @@ class StopOrder:
     attempt_id: int
     run_id: str
     reason: StopReason
+
+
+class HumanTaskState(enum.StrEnum):
+    """A human task: ``open`` → ``claimed`` (a person took it; released: open again) →
+    ``completed`` | ``expired`` (its due time passed) | ``cancelled`` (its attempt ended
+    otherwise: the run cancelled, the lease lost, the attempt timed out)."""
+
+    OPEN = "open"
+    CLAIMED = "claimed"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def waiting(self) -> bool:
+        return self in (HumanTaskState.OPEN, HumanTaskState.CLAIMED)
+
+
+@dataclass(slots=True)
+class HumanTask:
+    """Something only a person can do for a running attempt (approve a push, read an SMS
+    code): asked by the automation (``ctx.ask_human``), answered through the API or CLI.
+    A ``secret`` task's answer is never in ``response``: it is ``secret_response``, held as
+    the store holds it — encrypted (``enc:v1:…``) — and wiped once its agent has it or its
+    attempt is over."""
+
+    id: str
+    run_id: str
+    attempt_id: int
+    machine_id: str
+    pool: str
+    kind: str
+    prompt: str
+    state: HumanTaskState
+    secret: bool
+    created_at: float
+    due_at: float
+    requested_due_at: float  # what the automation asked for (due_at is clamped to the attempt's time)
+    escalate_at: float | None = None
+    escalated_at: float | None = None
+    screenshot_id: str | None = None
+    claimed_by: str | None = None
+    claimed_at: float | None = None
+    completed_by: str | None = None
+    ended_at: float | None = None
+    reason: str | None = None  # why it expired or was cancelled
+    response: str | None = None
+    secret_response: str | None = field(default=None, repr=False)
+    answered: bool = False

@@ -3,7 +3,7 @@
 One :class:`Orchestrator` per server process. It builds the store and its runner, the
 keyring and the vault, the agent hub, the fleet manager and the services
 (``deskfleet.services``: runs, dispatch, finals, machines and pools, the catalogue, keys,
-webhooks, hints between replicas), hands each only what it needs, and starts and stops them. It holds no
+webhooks, human tasks, packs and their rollouts, hints between replicas), hands each only what it needs, and starts and stops them. It holds no
 logic of its own beyond that: client requests reach the services through the API, agent
 messages reach them through the hub, and nothing calls back on the orchestrator.
 
@@ -23,23 +23,27 @@ import time
 import uuid
 from collections.abc import Iterable
 
-from .config import ServerSettings
+from .config import ServerSettings, is_loopback
 from .crypto import SecretBox
 from .errors import ConfigError
 from .fleet.bus import LocalBus, PgBus
 from .fleet.controller import Controller
 from .fleet.hub import Hub
 from .fleet.manager import FleetManager
+from .fleet.rollout import Rollouts
 from .metrics import Metrics
 from .models import Assignment, Run, StopOrder
 from .providers import MachineProvider
 from .providers.configure import open_providers
 from .scheduler import DurationBook, Policy
+from .services.access import Access
 from .services.catalog import Catalogue
 from .services.dispatch import Dispatch
 from .services.finals import Finals
+from .services.human import HumanDesk
 from .services.keys import Keyring
 from .services.machines import Machines
+from .services.packs import Packs
 from .services.replicas import Replicas
 from .services.runs import Runs
 from .services.webhooks import Webhooks
@@ -124,7 +128,7 @@ class Orchestrator:
         self.vault = Vault(self.store, self.db, self.secrets, on_change=calls.accounts_changed)
         self.catalogue = calls.catalogue = Catalogue(self.store, self.db, self.replicas,
                                                      forget_accounts=self.vault.forget)
-        self.finals = calls.finals = Finals(self.metrics, self.replicas, multi=self.multi)
+        self.finals = calls.finals = Finals(self.replicas, multi=self.multi)
         self.hub = Hub(self.store, self.db, settings, replica_id=self.replica_id, metrics=self.metrics,
                        vault=self.vault, runs=calls)
         self.dispatch = calls.dispatch = Dispatch(
@@ -132,18 +136,29 @@ class Orchestrator:
             secrets=self.secrets, metrics=self.metrics, finals=self.finals, replicas=self.replicas,
             replica_id=self.replica_id)
         self.runs = Runs(self.store, self.db, specs=self.catalogue, accounts=self.vault, dispatch=self.dispatch,
-                         finals=self.finals, secrets=self.secrets, metrics=self.metrics, multi=self.multi)
-        self.machines = Machines(self.store, self.db, catalogue=self.catalogue, dispatch=self.dispatch)
+                         finals=self.finals, secrets=self.secrets, multi=self.multi)
+        self.machines = Machines(self.store, self.db, catalogue=self.catalogue, dispatch=self.dispatch,
+                                 secrets=self.secrets)
         self.fleet = FleetManager(self.store, self.db, settings, self.hub, calls, leadership=self.leadership,
                                   secrets=self.secrets, replica_id=self.replica_id, replica_name=self.replica_name,
                                   multi=self.multi)
         self.webhooks = Webhooks(self.store, self.db, settings, leads=lambda: self.fleet.leader_since is not None)
+        self.human = HumanDesk(self.store, self.db, settings, secrets=self.secrets, agents=self.hub,
+                               stops=self.dispatch, replicas=self.replicas,
+                               leads=lambda: self.fleet.leader_since is not None)
+        self.hub.human = self.human
         self.providers = providers if providers is not None else open_providers(settings.providers,
-                                                                                data_dir=settings.data_dir)
+                                                                                data_dir=settings.data_dir,
+                                                                                updates=settings.provider_updates)
         self.controller = calls.controller = Controller(
             self.store, self.db, self.providers, tick=settings.controller_tick,
             leads=lambda: self.fleet.leader_since is not None, wake=lambda: calls.wake(others=True),
             recycle=self.dispatch.recycle)
+        self.packs = Packs(self.store, self.db, agents=self.hub, replicas=self.replicas, catalogue=self.catalogue)
+        self.access = Access(self.store, self.db, bootstrap=settings.api_key,
+                             open_when_keyless=is_loopback(settings.host))
+        self.rollouts = Rollouts(self.store, self.db, leads=lambda: self.fleet.leader_since is not None,
+                                 install=self.packs.install, tick=settings.controller_tick)
         # -- what other replicas' hints mean here --------------------------------------------------------
         self.replicas.on("wake", self.dispatch.woken)
         self.replicas.on("final", self.finals.resolve)
@@ -151,6 +166,8 @@ class Orchestrator:
         self.replicas.on("stop", self.dispatch.stop_hinted)
         self.replicas.on("verify", self.dispatch.verify_hinted)
         self.replicas.on("recycle", self.dispatch.recycle_hinted)
+        self.replicas.on("human", self.human.answer_hinted)
+        self.replicas.on("install", self.packs.install_hinted)
 
         self._tasks: list[asyncio.Task[None]] = []
         self._prepared = False
@@ -180,7 +197,8 @@ class Orchestrator:
         await self.db(self.store.replica_alive, self.replica_id, self.replica_name, time.time(),
                       self.secrets.key_fingerprint())
         await self.replicas.start()
-        self._tasks = [self.dispatch.start(), *self.fleet.start(), self.webhooks.start(), self.controller.start()]
+        self._tasks = [self.dispatch.start(), *self.fleet.start(), self.webhooks.start(), self.controller.start(),
+                       self.human.start(), self.rollouts.start()]
 
     async def stop(self) -> None:
         self.dispatch.stop()

@@ -13,7 +13,9 @@ and changed through ``/v1/pools/{name}/policy`` and ``deskfleet pools policy``::
       ],
       "warm": {"min": 1, "max": 10, "headroom": 1.5},
       "scale_in": {"stabilization": 300, "drain_timeout": 600},
-      "ready_time": 180
+      "maintenance": {"windows": [{"cron": "0 1 * * sun", "hours": 5}], "max_unavailable": "10%"},
+      "ready_time": 180,
+      "artifacts": {"retention": "30d"}          # screenshots and files kept this long
     }
 
 What the numbers mean, for the controller (``fleet.controller``) and for an external
@@ -29,6 +31,10 @@ autoscaler reading ``/v1/pools/{name}/demand``:
 - **scale in**: down to the highest target of the last ``stabilization`` seconds, the
   oldest idle machines first; drained first, destroyed once idle (one still busy after
   ``drain_timeout`` is put back in service). A machine holding a lease is never destroyed.
+- **maintenance**: how a rolling update (``POST /v1/pools/{name}/maintenance``) takes the
+  machines through their OS updates: only in its windows, at most ``max_unavailable`` out
+  of service at once, and never so many that the machines left in service are fewer than
+  the work in hand (busy + queued).
 - **fence**: a run whose machine went silent mid-run, and which is neither idempotent nor
   found done by its reconcile check, is held back until the machine is fenced: powered
   off through the provider (the STONITH of cluster managers), or — without one that can —
@@ -45,6 +51,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .config import RETENTION_HINT, parse_retention
+
 #: seconds a new machine is taken to need to become ready until one has been measured
 DEFAULT_READY_TIME = 180.0
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -54,13 +62,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ScheduleFloor(_Strict):
-    """A floor for known peak hours: from each time ``cron`` fires (in ``timezone``), for
-    ``hours``, the pool keeps at least ``floor`` machines."""
+class Window(_Strict):
+    """A recurring span of time: from each time ``cron`` fires (in ``timezone``), for ``hours``."""
 
-    cron: str = Field(description="when the floor begins: five fields, e.g. '0 8 * * mon-fri'")
+    cron: str = Field(description="when it begins: five fields, e.g. '0 8 * * mon-fri'")
     hours: float = Field(gt=0, le=24 * 7, description="how long it holds from each start")
-    floor: int = Field(ge=0, le=100_000)
     timezone: str = Field(default="UTC", description="an IANA zone, e.g. 'Europe/Berlin'")
 
     @field_validator("cron")
@@ -84,13 +90,20 @@ class ScheduleFloor(_Strict):
         return value
 
     def holds_at(self, t: float) -> bool:
-        """Whether a start of this floor lies within ``hours`` before ``t`` (epoch seconds)."""
+        """Whether a start lies within ``hours`` before ``t`` (epoch seconds)."""
         zone = ZoneInfo(self.timezone)
         at = dt.datetime.fromtimestamp(t, zone)
         # The latest start at or before ``t``: CronSim yields strictly earlier times in
         # reverse, so ask from just after ``t``.
         last = next(CronSim(self.cron, at + dt.timedelta(seconds=1), reverse=True), None)
         return last is not None and t - last.timestamp() < self.hours * 3600
+
+
+class ScheduleFloor(Window):
+    """A floor for known peak hours: from each time ``cron`` fires (in ``timezone``), for
+    ``hours``, the pool keeps at least ``floor`` machines."""
+
+    floor: int = Field(ge=0, le=100_000)
 
 
 class WarmBuffer(_Strict):
@@ -136,6 +149,55 @@ class Recycle(_Strict):
         return any(v is not None for v in (self.after_runs, self.above_mb, self.leak_mb_per_run, self.max_age_hours))
 
 
+class Maintenance(_Strict):
+    """How a rolling update takes the pool's machines through their OS updates: a few at a
+    time, in the pool's windows, never below the work in hand.
+
+    Each machine is cordoned and drained (its run ends first: nothing is interrupted),
+    updated through the pool's provider, rebooted, and re-verified — back with a new boot
+    id, its pre-flight passed — before it is put back in service."""
+
+    windows: list[Window] = Field(default_factory=list, max_length=50, description=(
+        "when maintenance may take machines out of service; none: at any time. A machine "
+        "already on its way finishes outside the window"))
+    max_unavailable: int | str = Field(default=1, description=(
+        "machines out of service at once, for maintenance or anything else: a count, or a "
+        "percentage of the pool ('10%', rounded down, at least 1)"))
+    update: Literal["provider", "reboot"] = Field(default="provider", description=(
+        "'provider': apply OS updates through the provider's update, then reboot; 'reboot': only reboot "
+        "(updates already staged, a golden image refreshed on boot)"))
+    timeout: float = Field(default=3600.0, gt=0, le=7 * 86_400, description=(
+        "seconds a machine may take from its update's start until it is verified back; "
+        "longer, and it is left out of service and counted as failed"))
+
+    @field_validator("max_unavailable")
+    @classmethod
+    def _max_unavailable(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("max_unavailable must be at least 1 machine (or a percentage such as '10%')")
+            return value
+        text = value.strip()
+        number = text[:-1] if text.endswith("%") else ""
+        try:
+            percent = float(number)
+        except ValueError:
+            raise ValueError(f"max_unavailable {value!r} is neither a count nor a percentage such as '10%'") from None
+        if not 0 < percent <= 100:
+            raise ValueError(f"max_unavailable {value!r}: a percentage above 0 and at most 100")
+        return text
+
+    def unavailable_allowed(self, machines: int) -> int:
+        """Machines that may be out of service at once in a pool of ``machines``."""
+        if isinstance(self.max_unavailable, int):
+            return self.max_unavailable
+        return max(1, math.floor(machines * float(self.max_unavailable[:-1]) / 100 + 1e-9))
+
+    def open_at(self, t: float) -> bool:
+        """Whether maintenance may take a machine out of service at ``t``."""
+        return not self.windows or any(w.holds_at(t) for w in self.windows)
+
+
 class MachineTemplate(_Strict):
     """What a new machine of the pool is made from, for its provider."""
 
@@ -143,6 +205,28 @@ class MachineTemplate(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
     name_prefix: str | None = Field(default=None, max_length=64, pattern=NAME,
                                     description="new machines are named <prefix>-<n> (default: the pool's name)")
+
+
+class Artifacts(_Strict):
+    """How long the screenshots and files of the pool's runs and machines are kept."""
+
+    retention: str | float | None = Field(default=None, description=(
+        "how long artifacts are kept: a duration (30d, 12h, 90m, 2w) or seconds; 0 or 'forever' keeps them; "
+        "none: the server's --artifact-retention. An automation's own artifact_retention comes first"))
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: str | float | None) -> str | float | None:
+        try:
+            parse_retention(value)
+        except ValueError:
+            raise ValueError(f"artifacts.retention {value!r}: {RETENTION_HINT}") from None
+        return value.strip() if isinstance(value, str) else value
+
+    @property
+    def retention_seconds(self) -> float | None:
+        """Seconds; 0.0: for good; None: the server's default."""
+        return parse_retention(self.retention)
 
 
 class PoolPolicy(_Strict):
@@ -156,6 +240,7 @@ class PoolPolicy(_Strict):
     warm: WarmBuffer = Field(default_factory=WarmBuffer)
     scale_in: ScaleIn = Field(default_factory=ScaleIn)
     recycle: Recycle = Field(default_factory=Recycle)
+    maintenance: Maintenance = Field(default_factory=Maintenance)
     ready_time: float | None = Field(default=None, gt=0, le=86_400,
                                      description="seconds a new machine takes to become ready; default: as measured")
     fence: Literal["auto", "provider", "attempt_timeout", "agent"] = Field(default="auto", description=(
@@ -164,6 +249,7 @@ class PoolPolicy(_Strict):
         "'attempt_timeout' waits until the lost attempt's own timeout has passed; 'agent' retries at once, "
         "trusting the agent's self-fencing (input gate, fenced effects); 'auto': 'provider' if the pool has one, "
         "else 'agent'"))
+    artifacts: Artifacts = Field(default_factory=Artifacts)
 
     @model_validator(mode="after")
     def _consistent(self) -> PoolPolicy:

@@ -20,6 +20,13 @@ so that they never delay a heartbeat.
                                            ◀─  reply {code, valid_for}
       lease {attempt} (request)            ─▶  (an effect outside the desktop is about to happen)
                                            ◀─  reply {ok, valid_for | stop}   the lease, renewed
+      human {attempt, kind, prompt, due,   ─▶  (only a person can do it: a push approval, an SMS code)
+             escalate_after, secret,
+             screenshot} (request)
+                                           ◀─  reply {ok, task, due_in | error | stop}
+                                           ◀─  human_answer {task, response, by, at}   once a person answered
+      human_check {attempt, task} (request) ─▶  (now and then while waiting: a lost answer only delays)
+                                           ◀─  reply {ok | stop}   (+ human_answer first, if answered)
       start (request)                      ─▶
                                            ◀─  reply {ok | stop}     the automation may now run
       result {ending, output}              ─▶
@@ -28,6 +35,9 @@ so that they never delay a heartbeat.
                                            ◀─  verify {accounts}       (quarantined: re-prove state)
                                            ◀─  recycle {action}        (idle: restart the apps)
       verified {state, screenshot}         ─▶
+                                           ◀─  install {pack, version, sha256, url}  (a pack rollout)
+      event pack.installing / installed /  ─▶
+            switched / install_failed
 
 Messages that need an answer carry ``id``; the answer is a ``reply`` with ``re`` = id.
 
@@ -48,9 +58,27 @@ alone otherwise.
 Protocol 4: ``recycle {action: restart_app}`` asks an idle machine to restart its apps (a
 pool's recycling policy: after N runs, above M MB, a leak); sent only to agents that speak 4.
 
+Protocol 5: ``human`` asks a person for something only a person can do (approve a push,
+read out an SMS code): the orchestrator creates a human task fenced by the attempt and
+answers with its id; a person completes it through the API or CLI, and the hub holding the
+agent's connection sends ``human_answer`` (another replica's completion reaches it by a
+hint; ``human_check`` re-reads the task now and then, so a lost hint only delays). At the
+task's due time the orchestrator stops the attempt with ``human_timeout``. Meanwhile the
+agent keeps beating: the machine stays leased. An agent asks only an orchestrator that
+speaks 5, and the orchestrator refuses ``human`` from an agent that said less.
+
+Protocol 6: the hello says which version of each pack the agent runs (``packs``; the
+orchestrator shows it as the machine's well-known label ``deskfleet.pack/<name>``), and
+``install`` tells it to fetch a pack's version (its archive, from ``url`` with its agent key),
+check its sha256, install it into an environment of its own, run ``pack check`` on it, and
+switch to it once idle — reporting each step as a machine event (``pack.installing``,
+``pack.installed``, ``pack.switched`` or ``pack.install_failed`` with why), then saying hello
+again with the new version. Sent only to agents that speak 6.
+
 Secrets (invariant 6): an account's password travels only inside the ``assign`` or
 ``verify`` that needs it (:class:`AccountGrant`); a TOTP seed never leaves the
-orchestrator — the agent asks for a code when an MFA prompt needs one.
+orchestrator — the agent asks for a code when an MFA prompt needs one. A secret human
+task's answer travels only inside the ``human_answer`` to the attempt's own agent.
 """
 
 from __future__ import annotations
@@ -60,7 +88,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 6
 
 
 class _Msg(BaseModel):
@@ -106,6 +134,8 @@ class Hello(_Msg):
     attempt_id: int | None = None  # the attempt this agent is still working on, if any
     #: every account the machine's apps are logged in as (one per app): its account leases
     sessions: list[str] | None = None
+    #: the version of each pack the agent runs, by pack name (protocol 6)
+    packs: dict[str, str] | None = None
 
 
 class HeartbeatMsg(_Msg):
@@ -188,6 +218,35 @@ class LeaseCheck(_Msg):
     attempt_id: int
 
 
+class HumanRequest(_Msg):
+    """Only a person can do this (protocol 5): a human task for the attempt, answered by
+    ``reply`` with ``task`` (its id) and ``due_in`` (seconds: the due time, clamped to the
+    attempt's timeout), or refused (``error``; ``stop`` if the lease is gone). The screen
+    goes beside it as an artifact (``screenshot_id``)."""
+
+    type: Literal["human"] = "human"
+    id: int
+    attempt_id: int
+    kind: str
+    prompt: str
+    due: float  # seconds from now
+    escalate_after: float | None = None  # seconds from now
+    secret: bool = False  # the answer is a secret (an SMS code): never shown, logged or kept
+    screenshot_id: str | None = None
+
+
+class HumanCheck(_Msg):
+    """How the attempt's human task stands (protocol 5): answered by ``human_answer`` then
+    ``reply ok`` once a person completed it, ``reply ok`` while it waits, ``reply`` with
+    ``stop`` once it expired or was cancelled. ``received``: the agent has its answer."""
+
+    type: Literal["human_check"] = "human_check"
+    id: int
+    attempt_id: int
+    task: str
+    received: bool = False
+
+
 class Verified(_Msg):
     """The agent re-proved its machine's state after a quarantine."""
 
@@ -199,7 +258,8 @@ class Verified(_Msg):
 
 
 AgentMessage = Annotated[
-    Hello | HeartbeatMsg | Preparing | AgentEvent | Progress | Start | Result | TotpRequest | LeaseCheck | Verified,
+    Hello | HeartbeatMsg | Preparing | AgentEvent | Progress | Start | Result | TotpRequest | LeaseCheck | Verified
+    | HumanRequest | HumanCheck,
     Field(discriminator="type"),
 ]
 agent_message: TypeAdapter[AgentMessage] = TypeAdapter(AgentMessage)
@@ -251,6 +311,9 @@ class Assign(_Msg):
     #: None if none is known: the lease lasts at least as long from that beat's sending as
     #: from an acknowledged beat's
     renewed_by: int | None = None
+    #: the W3C trace context of the assignment (OpenTelemetry on, on the orchestrator): an
+    #: agent that traces makes its attempt's spans its children; any other ignores it
+    traceparent: str | None = None
 
 
 class Stop(_Msg):
@@ -276,6 +339,32 @@ class Recycle(_Msg):
     reason: str = ""
 
 
+class Install(_Msg):
+    """Install a pack's version and switch to it once idle (protocol 6): download ``url``
+    (relative to the orchestrator, with the agent key), check ``sha256``, install it into an
+    environment of its own, check it there, and switch between runs. A newer order for the
+    same pack replaces one not yet switched to."""
+
+    type: Literal["install"] = "install"
+    pack: str
+    version: str
+    sha256: str
+    size: int = 0
+    url: str
+    reason: str = ""
+
+
+class HumanAnswer(_Msg):
+    """A person completed the attempt's human task (protocol 5). ``response`` is what they
+    answered (None if the task asked for none); a secret one is never logged."""
+
+    type: Literal["human_answer"] = "human_answer"
+    task: str
+    response: str | None = Field(default=None, repr=False)
+    by: str
+    at: float
+
+
 class Reply(_Msg):
     type: Literal["reply"] = "reply"
     re: int
@@ -284,6 +373,8 @@ class Reply(_Msg):
     stop: str | None = None  # for a start or lease request: the attempt must stop instead, and why
     code: str | None = None  # for a totp request: the current code
     valid_for: float | None = None  # seconds the code (totp) or the renewed lease (lease) stays valid
+    task: str | None = None  # for a human request: the task's id
+    due_in: float | None = None  # for a human request: seconds until the task's (clamped) due time
 
 
 class Error(_Msg):
@@ -292,7 +383,7 @@ class Error(_Msg):
 
 
 ServerMessage = Annotated[
-    Welcome | HeartbeatAck | Assign | Stop | Verify | Recycle | Reply | Error,
+    Welcome | HeartbeatAck | Assign | Stop | Verify | Recycle | Install | HumanAnswer | Reply | Error,
     Field(discriminator="type"),
 ]
 server_message: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)

@@ -41,12 +41,14 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from .appmodel import AppModel
+from .appmodel import HUMAN_KINDS, AppModel, HumanAnswer
+from .config import RETENTION_HINT, parse_retention
 from .desktop import Desktop, Frame, Region
 from .desktop.fill import fill as fill_field
 from .errors import BusinessError, DesktopError, StateTimeout, Stopped
@@ -87,8 +89,8 @@ class Lease:
 
 class Context:
     """What an automation gets besides its input: the desktop, progress, screenshots,
-    screen states (``state``, ``wait_for``, ``ensure``), and :meth:`fill` — type into a field
-    and confirm the text arrived.
+    screen states (``state``, ``wait_for``, ``ensure``), :meth:`fill` — type into a field
+    and confirm the text arrived —, :meth:`fenced` effects and :meth:`ask_human`.
 
     The agent creates one per attempt. Every call checks whether the attempt must stop
     (cancel, timeout, lease lost) and raises :class:`~deskfleet.errors.Stopped` if so.
@@ -110,6 +112,7 @@ class Context:
         required_state: str = "ready",
         data_dir: Path | None = None,
         renew: Callable[[], Awaitable[float]] | None = None,
+        ask_human: Callable[..., Awaitable[HumanAnswer]] | None = None,
     ) -> None:
         self.run_id = run_id
         self.attempt_id = attempt_id
@@ -122,6 +125,7 @@ class Context:
         self._stop_event = stop_event
         self._ensure = ensure
         self._renew = renew
+        self._ask_human = ask_human
         self.required_state = required_state
         #: the pack's ``{data}`` directory on this machine (where its app keeps what it keeps),
         #: None when the agent was given none (a simulated desktop without one)
@@ -168,6 +172,44 @@ class Context:
         if time.monotonic() > deadline:
             self.log.warning("a fenced effect ended %.3fs after its lease's deadline: make it quicker, "
                              "or bound it by lease.remaining", time.monotonic() - deadline)
+
+    async def ask_human(self, kind: str, prompt: str, *, due: float | timedelta = 300.0,
+                        escalate_after: float | timedelta | None = None, screenshot: bool = True,
+                        secret: bool = False) -> HumanAnswer:
+        """Ask a person for what only a person can do — approve a push notification, read out
+        an SMS code, solve a captcha — and wait for their answer::
+
+            answer = await ctx.ask_human("sms_code", "Type the code the bank texted to +44 …1234",
+                                         due=timedelta(minutes=5), secret=True)
+            await ctx.fill(CODE_FIELD, answer.response or "", label="SMS code", secret=True)
+
+        ``kind`` names what is asked (``push_approval``, ``sms_code``, ``captcha``,
+        ``confirm``, or a name of the pack's own); ``prompt`` says what to do. The task is
+        listed by the API and ``deskfleet tasks``, and posted to the server's human webhook;
+        ``escalate_after`` posts it to the escalation webhook if nobody answered by then;
+        ``screenshot`` attaches the screen as it is now; ``secret`` marks the answer as a
+        secret (never shown, logged or kept once this attempt has it).
+
+        The machine stays leased while the person takes their time (heartbeats go on; the
+        progress watchdog waits with them). ``due`` (seconds or a timedelta) is clamped to a
+        little before the attempt's own timeout. If nobody answers by then the attempt is
+        stopped — :class:`Stopped` with ``human_timeout`` — and the run retried per its
+        policy (after its reconcile check, or as idempotent), on this machine or another."""
+        self.check()
+        due_s = due.total_seconds() if isinstance(due, timedelta) else float(due)
+        esc_s = escalate_after.total_seconds() if isinstance(escalate_after, timedelta) else escalate_after
+        if not kind or len(kind) > 64 or not all(c.isalnum() or c in "_.-" for c in kind):
+            raise ValueError(f"ask_human: kind is a name of letters, digits, '_', '.' or '-' (such as "
+                             f"{', '.join(HUMAN_KINDS)}), not {kind!r}")
+        if not prompt.strip() or len(prompt) > 2000:
+            raise ValueError("ask_human: the prompt says what the person must do, in 1 to 2000 characters")
+        if not due_s > 0 or (esc_s is not None and not esc_s > 0):
+            raise ValueError("ask_human: due and escalate_after are durations of more than 0 seconds")
+        if self._ask_human is None:
+            raise RuntimeError("ask_human needs an orchestrator to ask people through; this context has none "
+                               "(as in 'deskfleet pack try')")
+        return await self._ask_human(kind, prompt, due=due_s, escalate_after=None if esc_s is None else float(esc_s),
+                                     screenshot=screenshot, secret=secret)
 
     async def progress(
         self, step: str, *, percent: float | None = None, message: str | None = None
@@ -336,6 +378,9 @@ class Automation(Generic[In, Out]):
     reconcile_func: Callable[..., Any] | None = None
     pack: str | None = None  # the pack (application) it works in
     needs_account: bool = False  # its pre-flight logs in: each attempt is given an account of ``pack``
+    #: seconds the orchestrator keeps its attempts' artifacts (0: for good); None: the pool's
+    #: policy, else the server's default. The agent sends it with each upload.
+    artifact_retention: float | None = None
 
     def reconcile(self, func: Callable[..., Any]) -> Callable[..., Any]:
         """Decorator: the check that says whether this automation's effect already happened."""
@@ -410,11 +455,20 @@ def automation(
     description: str = "",
     pack: str | None = None,
     needs_account: bool = False,
+    artifact_retention: str | float | None = None,
 ) -> Callable[[Callable[..., Any]], Automation[Any, Any]]:
     """Declare an automation. Input and output models are read from the type hints.
 
     ``needs_account``: its pre-flight logs in to the application of ``pack``, so each
-    attempt is given an account of that pack from the orchestrator's vault."""
+    attempt is given an account of that pack from the orchestrator's vault.
+
+    ``artifact_retention``: how long the orchestrator keeps the screenshots and files of its
+    attempts — ``"7d"``, ``"12h"``, seconds, or ``"forever"``/0 — before the pool's policy
+    (``artifacts.retention``) and the server's default; None: theirs (docs/access.md)."""
+    try:
+        retention = parse_retention(artifact_retention)
+    except ValueError:
+        raise ValueError(f"{name}: artifact_retention {artifact_retention!r}: {RETENTION_HINT}") from None
 
     def wrap(func: Callable[..., Any]) -> Automation[Any, Any]:
         hints = _resolved_hints(func)
@@ -441,6 +495,7 @@ def automation(
             description=description or (inspect.getdoc(func) or "").split("\n")[0],
             pack=pack,
             needs_account=needs_account,
+            artifact_retention=retention,
         )
 
     return wrap

@@ -251,6 +251,7 @@ def _attempt_state_for(ending: Ending, stop_reason: StopReason | None) -> Attemp
             StopReason.CANCELLED: AttemptState.CANCELLED,
             StopReason.DEADLINE: AttemptState.TIMED_OUT,
             StopReason.ATTEMPT_TIMEOUT: AttemptState.TIMED_OUT,
+            StopReason.HUMAN_TIMEOUT: AttemptState.TIMED_OUT,
             StopReason.PROGRESS_STALLED: AttemptState.ABORTED,
             None: AttemptState.ABORTED,
         }[stop_reason]

@@ -206,19 +206,34 @@ class Reencrypted:
     runs: int = 0
     accounts: int = 0
     other: int = 0
+    artifacts: int = 0  # screenshots and files, those stored in the clear before 0.11 included
 
 
-def reencrypt(store: Store, box: SecretBox, *, batch: int = 500,
+def reencrypt(store: Store, box: SecretBox, *, batch: int = 500, artifact_batch: int = 50,
               progress: Callable[[Reencrypted], None] | None = None) -> Reencrypted:
     """Re-encrypt every stored secret with ``box``'s newest key, a batch per transaction
-    (safe while servers run: each value is readable by every key of the keyring meanwhile)."""
+    (safe while servers run: each value is readable by every key of the keyring meanwhile) —
+    and every artifact, ``artifact_batch`` at a time (screenshots are big: a transaction
+    holds their bytes in memory). Artifacts stored in the clear are encrypted on the way."""
     done = Reencrypted()
     done.accounts = store.rewrap_accounts(box.rewrap)
-    done.other = store.rewrap_meta(box.rewrap)
+    done.other = store.rewrap_meta(box.rewrap) + store.rewrap_human_tasks(box.rewrap)
     after: str | None = None
     while True:
         after, changed = store.rewrap_runs(after, batch, box.rewrap)
         done.runs += changed
+        if progress is not None:
+            progress(done)
+        if after is None:
+            break
+    key = box.key_fingerprint()
+
+    def reseal(data: bytes, encrypted: bool) -> bytes:
+        return box.reseal(data) if encrypted else box.seal(data)
+
+    while True:
+        after, changed = store.rewrap_artifacts(after, artifact_batch, key, reseal)
+        done.artifacts += changed
         if progress is not None:
             progress(done)
         if after is None:

@@ -374,6 +374,28 @@ def test_pools_policy_show_change_history_and_demand(stack):
     assert_clean_failure(stack.run("pools", "demand", "ghost"), "no pool 'ghost'")
 
 
+def test_pools_maintenance_start_show_follow_and_cancel(stack):
+    r = stack.run("pools", "maintenance", "start", "default")
+    assert_clean_failure(r, "has no provider")
+    assert len(r.err_lines) == 1, r.err
+    stack.json("pools", "policy", "default", "--provider", "nowhere", "--max", "8")
+    made = stack.json("pools", "maintenance", "start", "default", "--reason", "patches", "--machine", "cli-01")
+    assert (made["state"], list(made["machines"]), made["reason"]) == ("running", ["cli-01"], "patches")
+    assert_clean_failure(stack.run("pools", "maintenance", "start", "default"), "is running", "cancel it")
+    # This server has no provider "nowhere": the campaign says why it waits.
+    shown = stack.json("pools", "maintenance", "show", "default", str(made["id"]))
+    assert shown["id"] == made["id"]
+    assert [c["id"] for c in stack.json("pools", "maintenance", "show", "default")] == [made["id"]]
+    assert stack.json("pools", "maintenance", "cancel", "default", str(made["id"]))["state"] == "cancelling"
+    # Followed to its end: a line on stderr at each change, the campaign as it ended on stdout.
+    followed = stack.run("pools", "maintenance", "show", "default", "--wait")
+    assert followed.code == 0, followed.err
+    assert json.loads(followed.out)["state"] == "cancelled"
+    assert f"maintenance {made['id']} of default: cancelled" in followed.err
+    assert_clean_failure(stack.run("pools", "maintenance", "cancel", "default", str(made["id"])), "nothing to cancel")
+    stack.json("pools", "policy", "default", "--provider", "none")
+
+
 def test_server_errors_are_one_line(stack):
     r = stack.run("submit", "ehr.delete_everything", "--wait", "1")
     assert_clean_failure(r, "unknown automation", "ehr.lookup_patient")

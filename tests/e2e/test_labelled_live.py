@@ -21,6 +21,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "labelled"))
 import keepassxc_live as live
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # ≈ 90 s: KeePassXC shown in three looks, then classified
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:

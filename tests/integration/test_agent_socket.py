@@ -263,6 +263,33 @@ async def test_an_idle_machines_beats_are_written_when_they_say_something_new_or
         await ws.close()
 
 
+async def test_an_idle_machines_sampled_beat_is_written_though_it_says_nothing_new(server_factory):
+    """The hub marks a beat a ``sample_interval`` as a sample of the machine's figures (its
+    app's memory over time); an idle machine's sampled beat is written at once, not only when
+    it happens to fall on a refresh, so its trend keeps every sample."""
+    server = server_factory(heartbeat_timeout=60.0, heartbeat_interval=1.0, sample_interval=0.5)
+    key = await enrol(server, "calm-2")
+    ws = await connect(server, "calm-2", key)
+    view = server.view()
+
+    async def beat(seq: int, memory_mb: float) -> float:
+        await ws.send(orjson.dumps({"type": "heartbeat", "seq": seq, "resources": {"memory_mb": memory_mb}}))
+        while True:
+            msg = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+            if msg["type"] == "heartbeat_ack":
+                return float(view.get_machine("calm-2").resources["memory_mb"])
+
+    try:
+        assert await beat(1, 100.0) == 100.0  # the first: written, and a sample
+        t_sampled = time.monotonic()
+        assert await beat(2, 110.0) == 100.0  # nothing new, no sample due: not written
+        await asyncio.sleep(0.5 - (time.monotonic() - t_sampled) + 0.1)
+        assert await beat(3, 120.0) == 120.0  # a sample due: written, though no refresh is (18 s)
+        assert [mb for _, mb, _ in view.machine_samples(0)["calm-2"]] == [100.0, 120.0]
+    finally:
+        await ws.close()
+
+
 @pytest.mark.parametrize(("waits_on", "said"), [
     ("connect_machine", "agent connecting as the server stops"),
     ("disconnect_machine", "agent disconnected as the server stops"),

@@ -541,6 +541,36 @@ async def test_a_pools_demand_is_what_an_external_autoscaler_reads(live_server, 
         assert demand["oldest_wait_seconds"] >= 0
 
 
+async def test_maintenance_is_started_shown_and_cancelled_and_bad_requests_say_what_to_fix(live_server, fleet_factory):
+    fleet = await fleet_factory(live_server, count=2)
+    names = sorted(d.name for d in fleet.desktops)
+    async with http(live_server) as c:
+        resp = await c.post("/v1/pools/default/maintenance", json={"reason": "patches"})
+        assert_error(resp, 422, "invalid_input", field="pool", mentions=("has no provider", "name one in its policy"))
+        put = await c.put("/v1/pools/default/policy", json={"policy": {"min": 0, "max": 4, "provider": "here"}})
+        assert put.status_code == 200, put.text
+        resp = await c.post("/v1/pools/default/maintenance", json={"machines": ["ghost-7"]})
+        assert_error(resp, 422, "invalid_input", field="machines", mentions=("not machines of pool 'default': ghost-7",))
+        resp = await c.post("/v1/pools/default/maintenance", json={"reason": "x" * 501})
+        assert_error(resp, 422, "invalid_request", mentions=("reason",))
+        assert_error(await c.post("/v1/pools/ghost/maintenance", json={}), 404, "not_found", mentions=("ghost",))
+        made = await c.post("/v1/pools/default/maintenance", json={"reason": "patches"})
+        assert made.status_code == 201, made.text
+        body = made.json()
+        assert (body["state"], body["reason"], sorted(body["machines"]), body["counts"]) == \
+            ("running", "patches", names, {"pending": 2})
+        resp = await c.post("/v1/pools/default/maintenance", json={})
+        assert_error(resp, 409, "conflict", mentions=(f"maintenance {body['id']} of pool 'default' is running", "cancel it"))
+        one = (await c.get(f"/v1/pools/default/maintenance/{body['id']}")).json()
+        assert one["id"] == body["id"] and one["machines"][names[0]]["step"] == "pending"
+        assert [x["id"] for x in (await c.get("/v1/pools/default/maintenance")).json()] == [body["id"]]
+        assert_error(await c.get("/v1/pools/default/maintenance/999999"), 404, "not_found", mentions=("999999",))
+        cancelled = await c.post(f"/v1/pools/default/maintenance/{body['id']}/cancel", json={"reason": "freeze"})
+        assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelling", cancelled.text
+        resp = await c.post(f"/v1/pools/default/maintenance/{body['id']}/cancel")
+        assert_error(resp, 409, "conflict", mentions=("nothing to cancel",))
+
+
 # -- the API key --------------------------------------------------------------------------------
 
 CLIENT_ROUTES = [
@@ -550,6 +580,8 @@ CLIENT_ROUTES = [
     ("PUT", "/v1/pools/sneaky", {"allow_wait_for_capacity": True}),
     ("GET", "/v1/pools/default/policy", None), ("GET", "/v1/pools/default/policy/history", None),
     ("PUT", "/v1/pools/default/policy", {"policy": {"min": 1}}), ("GET", "/v1/pools/default/demand", None),
+    ("POST", "/v1/pools/default/maintenance", {}), ("GET", "/v1/pools/default/maintenance", None),
+    ("POST", "/v1/pools/default/maintenance/1/cancel", None),
     ("POST", "/v1/machines/sim-01/cordon", {"reason": "sneaky"}),
     ("POST", "/v1/runs/run_x/cancel", None),
 ]

@@ -503,12 +503,16 @@ async def test_metrics_are_prometheus_text(live_server, fleet_factory):
         for family in text_string_to_metric_families(resp.text)
         for s in family.samples
     }
-    assert samples[("deskfleet_runs_submitted_total", ())] == 4  # the replay made no run
-    assert samples[("deskfleet_runs_finished_total", (("state", "succeeded"),))] == 3
-    assert samples[("deskfleet_runs_finished_total", (("state", "cancelled"),))] == 1
-    assert samples[("deskfleet_attempts_assigned_total", ())] == 3
-    assert samples[("deskfleet_agents_connected", ())] == 2
-    assert samples[("deskfleet_schedule_seconds_count", ())] >= 3
+    pool = (("pool", "default"),)
+    replica = (("replica", live_server.orch.replica_name),)
+    assert samples[("deskfleet_runs_submitted_total", pool)] == 4  # the replay made no run
+    assert samples[("deskfleet_runs_finished_total", (("error_code", ""), *pool, ("state", "succeeded")))] == 3
+    assert samples[("deskfleet_runs_finished_total", (("error_code", "cancelled"), *pool, ("state", "cancelled")))] == 1
+    assert samples[("deskfleet_attempts_started_total", pool)] == 3
+    assert samples[("deskfleet_run_duration_seconds_count", (("automation", "ehr.lookup_patient"), *pool))] == 4
+    assert samples[("deskfleet_machines", (*pool, ("status", "cordoned")))] == 2
+    assert samples[("deskfleet_agents_connected", replica)] == 2
+    assert samples[("deskfleet_schedule_pass_seconds_count", replica)] >= 3
 
 
 # -- webhooks ---------------------------------------------------------------------------------------

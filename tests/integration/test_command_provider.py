@@ -63,7 +63,7 @@ def spec(name: str = "desk-1", pool: str = "ehr", **kw: object) -> MachineSpec:
 
 async def test_the_reference_hooks_run_a_machines_whole_life(env: dict[str, str]) -> None:
     p = CommandProvider(EXAMPLE, name="lab", env=env)
-    assert p.capabilities == Capabilities(fence=True)
+    assert p.capabilities == Capabilities(fence=True, update=True)
     before = time.time()
     m = await p.create(spec(tags={"owner": "ops"}, labels={"gpu": "no"}), token="c1")
     assert (m.name, m.pool, m.state, m.tags, m.detail) == ("desk-1", "ehr", S.RUNNING, {"owner": "ops"}, "")
@@ -79,8 +79,11 @@ async def test_the_reference_hooks_run_a_machines_whole_life(env: dict[str, str]
     await p.start(m.id, token="st1")
     running = await p.get(m.id)
     assert running.state == S.RUNNING and running.state_since > m.state_since
+    await p.update(m.id, token="u1")  # the reference "hypervisor" applies updates at once
+    updated = await p.get(m.id)
+    assert updated.state == S.RUNNING and updated.state_since > running.state_since
     await p.reboot(m.id, token="r1")
-    assert (await p.get(m.id)).state_since > running.state_since
+    assert (await p.get(m.id)).state_since > updated.state_since
     await p.power_off(m.id, token="f1")
     got = await p.get(m.id)
     assert (got.state, got.detail) == (S.STOPPED, "powered off")
@@ -93,7 +96,7 @@ async def test_the_reference_hooks_run_a_machines_whole_life(env: dict[str, str]
 
 async def test_one_command_with_the_operation_as_argument(env: dict[str, str]) -> None:
     p = CommandProvider([sys.executable, str(EXAMPLE / "hooks.py")], env=env)
-    assert not p.capabilities.fence  # a single command is never assumed to fence
+    assert not p.capabilities.fence and not p.capabilities.update  # neither is assumed of one command
     m = await p.create(spec(), token="c")
     assert (await p.get(m.id)).state == S.RUNNING
     with pytest.raises(ProviderError, match="no power_off hook") as err:
@@ -101,7 +104,7 @@ async def test_one_command_with_the_operation_as_argument(env: dict[str, str]) -
     assert not err.value.retryable
     fencing = CommandProvider([sys.executable, str(EXAMPLE / "hooks.py")], env=env,
                               ops=[*OPS], hibernate=True)
-    assert fencing.capabilities == Capabilities(fence=True, hibernate=True)
+    assert fencing.capabilities == Capabilities(fence=True, hibernate=True, update=True)
     await fencing.stop(m.id, token="h", hibernate=True)
     assert (await fencing.get(m.id)).detail == "hibernated"
     await fencing.power_off(m.id, token="f")

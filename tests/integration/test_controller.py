@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from deskfleet.errors import Conflict
 from deskfleet.fleet.controller import Controller
-from deskfleet.models import AutomationSpec, Ending, MachineAdmin, Pool, RunSpec
+from deskfleet.models import AutomationSpec, Ending, MachineAdmin, MachineHealth, Pool, RunSpec
 from deskfleet.pools import PoolPolicy
 from deskfleet.providers import Capabilities, FakeProvider, ProviderState, Retrying
 from deskfleet.scheduler import Policy
@@ -43,6 +44,8 @@ class World:
                                      leads=lambda: True, clock=lambda: self.now, ready_time=BOOT + ENROL)
         self.destroyed_while_busy: list[str] = []
         self.running: list = []
+        self.boots: dict[str, int] = {}  # machine → boots its agent has connected from
+        self.verifies = True
 
     @staticmethod
     async def _no_sleep(_seconds: float) -> None:
@@ -63,19 +66,29 @@ class World:
                 if m.state in (ProviderState.TERMINATING, ProviderState.TERMINATED)}
 
     async def enrol(self) -> None:
-        """A machine running for ENROL seconds has its agent connected; a destroyed one goes offline."""
+        """A machine running for ENROL seconds has its agent connected — enrolled first if it
+        is new, with a new boot id if it was rebooted; one that is down goes offline. Its
+        agent passes every re-verification it is asked for (``verifies``)."""
         at_provider = await self.fake.list(pool="ehr")
         known = {m.id: m for m in self.store.list_machines("ehr")}
         for m in at_provider:
-            if m.state is ProviderState.RUNNING and m.name not in known and self.now - m.state_since >= ENROL:
+            booted = m.state is ProviderState.RUNNING and self.now - m.state_since >= ENROL
+            if booted and m.name not in known:
                 self.store.enrol_machine(m.name, pool="ehr", labels={}, key_hash="h", now=self.now)
-                self.store.connect_machine(m.name, boot_id="b", agent_version="t", automations=[SPEC, UNSAFE],
-                                           labels=None, heartbeat=Heartbeat(m.name, self.now), lease_timeout=LEASE,
-                                           now=self.now)
-        up = {m.name for m in at_provider if m.state is ProviderState.RUNNING}
+            if booted and (m.name not in known or not known[m.name].connected):
+                self.boots[m.name] = self.boots.get(m.name, 0) + 1
+                self.store.connect_machine(m.name, boot_id=f"b{self.boots[m.name]}", agent_version="t",
+                                           automations=[SPEC, UNSAFE], labels=None,
+                                           heartbeat=Heartbeat(m.name, self.now), lease_timeout=LEASE, now=self.now)
+        # Up: running, or applying its updates (its agent stays connected meanwhile).
+        up = {m.name for m in at_provider if m.state in (ProviderState.RUNNING, ProviderState.UPDATING)}
         for m in known.values():
             if m.connected and m.id not in up:
                 self.store.disconnect_machine(m.id, self.now)
+        if self.verifies:
+            for m in self.store.list_machines("ehr", health=MachineHealth.QUARANTINED):
+                if m.connected and m.active_attempt_id is None:
+                    self.store.release_quarantine(m.id, {"state": "ready"}, self.now)
 
     def submit(self, n: int, automation: str = "job", **options: object) -> list[str]:
         return [self.store.submit(RunSpec(automation, pool="ehr", **options), request_hash=None, now=self.now)[0].id
@@ -405,3 +418,293 @@ async def test_scale_in_goes_down_to_the_highest_target_of_the_window_not_at_onc
     assert destroyed[-1] == 6
     assert 3 in destroyed, f"the first three went alone, a window after the tail began: {destroyed}"
     assert destroyed.index(6) - destroyed.index(3) >= 6, destroyed  # the rest a window (60 s) after the last run
+
+
+# -- rolling maintenance (item 5) --------------------------------------------------------------------
+
+def out_of_service(w: World) -> list[str]:
+    """The pool's machines that take no new work now, for whatever reason."""
+    return [m.id for m in w.store.list_machines("ehr")
+            if not (m.connected and m.health is MachineHealth.ONLINE and m.admin is MachineAdmin.ACTIVE)]
+
+
+async def settle(w: World, machines: int) -> None:
+    for _ in range(40):
+        await w.tick()
+        if sum(m.status == "ready" for m in w.store.list_machines("ehr")) == machines:
+            return
+    raise AssertionError(f"the pool never had {machines} machines ready")
+
+
+async def test_a_rolling_update_of_20_machines_under_load_never_has_more_than_2_away_and_finishes(world):
+    w = world({"min": 20, "max": 20, "provider": "fake", "warm": {"min": 0, "max": 0},
+               "maintenance": {"max_unavailable": 2}}, update_latency=90.0)
+    await settle(w, 20)
+    boots = dict(w.boots)
+    campaign = w.store.start_maintenance("ehr", None, reason="November patches", now=w.now)
+    assert len(campaign.machines) == 20 and campaign.state == "running"
+    worst, runs, touched_while_busy = 0, [], []
+    for _ in range(600):
+        # Load: a run arrives every tick and each lasts 30 s — about 6 machines busy.
+        runs += w.submit(1)
+        for m in w.store.list_machines("ehr"):
+            a = m.active_attempt_id
+            if a is not None and w.store.get_attempt(a).started_at <= w.now - 30:
+                w.store.finish_attempt(a, m.id, Ending.SUCCEEDED, output={}, detail="", now=w.now)
+        await w.tick()
+        worst = max(worst, len(out_of_service(w)))
+        for pm in await w.fake.list(pool="ehr"):
+            away = pm.state in (ProviderState.UPDATING, ProviderState.REBOOTING)
+            if away and w.store.get_machine(pm.name).active_attempt_id is not None:
+                touched_while_busy.append(pm.name)
+        if w.store.maintenance_campaign(campaign.id).state == "done":
+            break
+    done = w.store.maintenance_campaign(campaign.id)
+    assert done.state == "done", (done.state, done.counts(), done.detail)
+    assert done.counts() == {"done": 20}
+    assert worst == 2  # it used what it was allowed, and never more
+    assert touched_while_busy == []
+    assert w.fake.actions["update"] == 20 and w.fake.actions["reboot"] == 20
+    # Every machine came back from a new boot, verified and in service.
+    assert all(w.boots[m] == boots[m] + 1 for m in boots)
+    assert all(m.status in ("ready", "busy") and m.admin is MachineAdmin.ACTIVE for m in w.store.list_machines("ehr"))
+    per_machine: dict[str, list[str]] = {}
+    for e in w.kinds("maintenance.step"):
+        per_machine.setdefault(e.machine_id, []).append(e.reason)
+    assert len(per_machine) == 20 and set(map(tuple, per_machine.values())) == {
+        ("draining", "updating", "rebooting", "verifying", "done")}
+    assert len(w.kinds("maintenance.done")) == 1
+    # The work went on: nothing was lost or interrupted.
+    w.finish_all()
+    states = {w.store.get_run(r).state.value for r in runs}
+    assert states <= {"succeeded", "queued", "running"}, states
+    assert not [e for e in w.store.events(limit=100_000) if e.kind == "attempt.lost"]
+
+
+async def test_maintenance_never_takes_capacity_below_the_work_in_hand(world):
+    w = world({"min": 4, "max": 4, "provider": "fake", "warm": {"min": 0, "max": 0},
+               "maintenance": {"max_unavailable": 2, "update": "reboot"}})
+    await settle(w, 4)
+    w.submit(6)  # 4 busy, 2 queued: every machine is needed
+    await w.tick()
+    c = w.store.start_maintenance("ehr", None, now=w.now)
+    for _ in range(5):
+        await w.tick()
+    assert w.store.maintenance_campaign(c.id).counts() == {"pending": 4}
+    [waiting] = w.kinds("maintenance.waiting")
+    assert "work in hand (busy 4 + queued 2) needs the 4" in waiting.reason
+    w.finish_all()  # the 2 queued take 2 machines; 2 are free: 4 serving, 2 needed → 2 go
+    await w.tick()
+    await w.tick()
+    counts = w.store.maintenance_campaign(c.id).counts()
+    assert counts.get("pending") == 2, counts
+    for _ in range(60):
+        w.finish_all()
+        await w.tick()
+    assert w.store.maintenance_campaign(c.id).state == "done"
+    assert w.fake.actions["update"] == 0 and w.fake.actions["reboot"] == 4  # "reboot": no update step
+
+
+async def test_maintenance_waits_for_its_window_and_finishes_a_machine_begun_inside_it(world):
+    # T0 is 2027-01-15 08:00 UTC, a Friday: the window opens at 09:00 for 2 minutes.
+    w = world({"min": 2, "max": 2, "provider": "fake", "warm": {"min": 0, "max": 0},
+               "maintenance": {"max_unavailable": 1, "windows": [{"cron": "0 9 * * *", "hours": 2 / 60}]}},
+              update_latency=60.0)
+    await settle(w, 2)
+    c = w.store.start_maintenance("ehr", None, now=w.now)
+    await w.tick()
+    assert w.store.maintenance_campaign(c.id).counts() == {"pending": 2}
+    assert "outside the pool's maintenance windows" in w.kinds("maintenance.waiting")[-1].reason
+    w.now = T0 + 3600 - 5  # the window opens with the next tick
+    await w.tick()
+    assert w.store.maintenance_campaign(c.id).counts() == {"draining": 1, "pending": 1}
+    for _ in range(60):
+        await w.tick()
+    # The first finished after the window closed; the second waits for tomorrow's.
+    assert w.store.maintenance_campaign(c.id).counts() == {"done": 1, "pending": 1}
+    assert w.store.maintenance_campaign(c.id).state == "running"
+
+
+async def test_a_machine_whose_update_fails_stays_out_of_service_and_stalls_the_campaign(world):
+    w = world({"min": 3, "max": 3, "provider": "fake", "warm": {"min": 0, "max": 0},
+               "maintenance": {"max_unavailable": 1}}, update_latency=30.0)
+    await settle(w, 3)
+    first = sorted(m.id for m in w.store.list_machines("ehr"))[0]
+    w.fake.fail_updates(first)
+    c = w.store.start_maintenance("ehr", None, now=w.now)
+    for _ in range(20):
+        await w.tick()
+    after = w.store.maintenance_campaign(c.id)
+    assert after.state == "stalled" and after.counts() == {"failed": 1, "pending": 2}
+    assert "the update failed" in after.machines[first].detail
+    assert w.store.get_machine(first).admin is MachineAdmin.CORDONED
+    [failed] = w.kinds("maintenance.machine_failed")
+    assert failed.machine_id == first and len(w.kinds("maintenance.stalled")) == 1
+    assert len(out_of_service(w)) == 1  # nothing more was taken down
+
+
+async def test_a_machine_that_does_not_come_back_in_time_fails(world):
+    w = world({"min": 2, "max": 2, "provider": "fake", "warm": {"min": 0, "max": 0},
+               "maintenance": {"max_unavailable": 1, "timeout": 300}})
+    await settle(w, 2)
+    w.fake.never_boot(lambda spec: True)  # the reboots after the updates never finish
+    c = w.store.start_maintenance("ehr", None, now=w.now)
+    for _ in range(70):
+        await w.tick()
+    after = w.store.maintenance_campaign(c.id)
+    assert after.state == "stalled" and after.counts() == {"failed": 1, "pending": 1}
+    [m] = [m for m, st in after.machines.items() if st.step == "failed"]
+    assert "not back in service" in after.machines[m].detail and "timeout 300s" in after.machines[m].detail
+
+
+async def test_a_cancelled_campaign_returns_untouched_machines_and_lets_those_on_their_way_finish(world):
+    w = world({"min": 3, "max": 3, "provider": "fake", "warm": {"min": 0, "max": 0},
+               "maintenance": {"max_unavailable": 2}}, update_latency=60.0)
+    await settle(w, 3)
+    w.submit(1)
+    await w.tick()
+    # Cancelled while its first two machines drain, before their updates began: back in service.
+    c = w.store.start_maintenance("ehr", None, now=w.now)
+    await w.tick()
+    assert w.store.maintenance_campaign(c.id).counts() == {"draining": 2, "pending": 1}
+    w.store.cancel_maintenance("ehr", c.id, now=w.now, reason="changed our minds")
+    await w.tick()
+    after = w.store.maintenance_campaign(c.id)
+    assert after.state == "cancelled" and after.counts() == {"pending": 3}
+    assert out_of_service(w) == [] and w.fake.actions["update"] == 0
+    with pytest.raises(Conflict, match="cancelled: there is nothing to cancel"):
+        w.store.cancel_maintenance("ehr", c.id, now=w.now)
+    # Cancelled once their updates began: those finish, and nothing more is taken out.
+    c = w.store.start_maintenance("ehr", None, now=w.now)
+    await w.tick()
+    await w.tick()
+    assert w.store.maintenance_campaign(c.id).counts() == {"updating": 2, "pending": 1}
+    w.store.cancel_maintenance("ehr", c.id, now=w.now)
+    await w.tick()
+    assert w.store.maintenance_campaign(c.id).state == "cancelling"
+    for _ in range(40):
+        await w.tick()
+    after = w.store.maintenance_campaign(c.id)
+    assert after.state == "cancelled" and after.counts() == {"done": 2, "pending": 1}
+    assert out_of_service(w) == [] and w.fake.actions["update"] == 2
+    assert [e.kind for e in w.store.events(limit=10_000) if e.kind.startswith("maintenance.") and
+            e.kind not in ("maintenance.step", "maintenance.waiting")] == ["maintenance.started", "maintenance.cancelling", "maintenance.cancelled"] * 2
+
+
+async def test_a_new_machine_cordoned_before_the_controller_saw_it_serve_is_not_taken_for_one_that_never_booted(world):
+    """Found by the real rolling update: a machine drained for maintenance moments after it
+    enrolled was still followed as "on its way up", and destroyed at the boot timeout."""
+    w = world({**MANAGED, "min": 1})
+    while not w.store.list_machines("ehr"):
+        w.now += 5.0
+        await w.enrol()  # enrolled, with no controller pass in between
+        if not w.store.list_machines("ehr"):
+            await w.controller.tick()
+    [m] = w.store.list_machines("ehr")
+    w.store.set_admin(m.id, MachineAdmin.CORDONED, w.now, "an operator looks at it first")
+    for _ in range(60):  # 300 s: well past the boot timeout (3 x 70 s)
+        await w.tick()
+    assert w.fake.actions["destroy"] == 0 and w.kinds("pool.machine_failed") == []
+    assert [e.reason for e in w.kinds("machine.lifecycle")][-1] == "ready"
+
+
+# -- a simulated day with a peak -------------------------------------------------------------------
+
+async def test_a_day_with_a_peak_holds_the_queue_wait_target_within_max_never_destroys_a_busy_machine_nor_flaps(world):
+    """Two hours: a run every 2 minutes all along, and from 09:10 to 09:25 (the known peak,
+    with a schedule floor) a run every 4 s, each 45 s — about twelve machines busy — with an
+    unexpected second burst at 09:50 that the floor does not cover. Machines take 70 s to
+    come up. p99 of the queue waits stays under a minute, the pool never has more than max
+    machines, no busy machine is destroyed, and once a machine is retired none is created
+    within the stabilisation window (no flapping)."""
+    policy = {"min": 1, "max": 16, "provider": "fake", "warm": {"min": 1, "max": 4, "headroom": 1.5},
+              "schedule": [{"cron": "10 9 * * *", "hours": 0.25, "floor": 12}],
+              "scale_in": {"stabilization": 300, "drain_timeout": 600}}
+    w = world(policy)
+    arrivals = sorted([(float(t), 40.0) for t in range(0, 7200, 120)]          # 08:00-10:00, T0 is 08:00
+                      + [(4200.0 + t, 45.0) for t in range(0, 900, 4)]         # the peak, 09:10-09:25
+                      + [(6600.0 + t, 30.0) for t in range(0, 120, 6)])        # an unexpected burst, 09:50
+    durations: dict[str, float] = {}
+    ends: dict[int, tuple[str, float]] = {}  # attempt → (machine, when it finishes)
+    most, i, at_peak = 0, 0, None
+    while w.now < T0 + 7200 + 900:
+        if at_peak is None and w.now >= T0 + 4200:  # 09:10: the known peak begins
+            at_peak = sum(m.status in ("ready", "busy") for m in w.store.list_machines("ehr"))
+        while i < len(arrivals) and T0 + arrivals[i][0] <= w.now:
+            [run_id] = w.submit(1)
+            durations[run_id] = arrivals[i][1]
+            i += 1
+        for a_id, (machine, end) in list(ends.items()):
+            if end <= w.now:
+                w.store.finish_attempt(a_id, machine, Ending.SUCCEEDED, output={}, detail="", now=w.now)
+                del ends[a_id]
+        await w.tick()
+        for a in w.running:
+            ends[a.attempt.id] = (a.attempt.machine_id, w.now + durations[a.run.id])
+        most = max(most, len([m for m in await w.fake.list(pool="ehr") if m.state not in (
+            ProviderState.TERMINATING, ProviderState.TERMINATED)]))
+    waits = []
+    for run_id in durations:
+        run = w.store.get_run(run_id)
+        assert run.state.value == "succeeded", run
+        first = w.store.list_attempts(run_id)[0]
+        waits.append(first.started_at - run.created_at)
+    waits.sort()
+    p99 = waits[int(0.99 * (len(waits) - 1))]
+    assert p99 <= 60.0, f"p99 {p99:.0f}s (max {waits[-1]:.0f}s) over {len(waits)} runs"
+    assert most <= 16 and w.destroyed_while_busy == []
+    # Its floor's machines were up when the known peak began (made ready_time ahead), and it
+    # shrank after the peak.
+    assert at_peak is not None and at_peak >= 12, at_peak
+    assert most >= 12 and w.fake.actions["destroy"] >= 10
+    # No flapping: after each retirement, nothing was created within the stabilisation window.
+    scaled = [(e.at, e.data) for e in w.kinds("pool.scaled")]
+    retired_at = [at for at, d in scaled if d["retire"]]
+    created_at = [at for at, d in scaled if d["create"]]
+    flaps = [(r, c) for r in retired_at for c in created_at if r < c < r + 300]
+    assert flaps == [], flaps
+
+
+async def test_a_machine_being_retired_goes_back_in_service_when_work_returns_rather_than_a_new_one_made(world):
+    """Found by bench/planner_check.py: a run that queued just after scale-in drained an idle
+    machine got a new machine (a boot away) while the drained one, ready, was destroyed."""
+    w = world({**MANAGED, "min": 0, "scale_in": {"stabilization": 30, "drain_timeout": 120}})
+    w.submit(2)
+    for _ in range(20):
+        await w.tick()
+    w.finish_all()
+    retired: list[str] = []
+    for _ in range(20):  # the window passes: one pass drains them
+        w.now += 5.0
+        await w.enrol()
+        decisions = await w.controller.tick()
+        retired = [m for d in decisions for m in d.retire]
+        if retired:
+            break
+    assert retired and all(w.store.get_machine(m).admin is MachineAdmin.DRAINING for m in retired)
+    created = w.fake.actions["create"]
+    w.submit(1)  # work again, before the next pass destroys them
+    await w.tick()
+    [scaled] = [e for e in w.kinds("pool.scaled") if e.data["restore"]]
+    assert scaled.data["create"] == 0 and "back in service 1" in scaled.reason, scaled.reason
+    assert w.fake.actions["create"] == created  # no new machine
+    back = scaled.data["restore"][0]
+    assert w.store.get_machine(back).admin is MachineAdmin.ACTIVE
+    for _ in range(3):
+        await w.tick()
+    assert w.store.get_machine(back).active_attempt_id is not None or w.store.get_machine(back).runs_completed >= 2
+    assert w.destroyed_while_busy == []
+
+
+async def test_maintenance_takes_no_machine_out_that_its_provider_cannot_update(world):
+    w = world({"min": 2, "max": 2, "provider": "fake", "warm": {"min": 0, "max": 0}},
+              capabilities=Capabilities(fence=True))
+    await settle(w, 2)
+    c = w.store.start_maintenance("ehr", None, now=w.now)
+    for _ in range(3):
+        await w.tick()
+    after = w.store.maintenance_campaign(c.id)
+    assert after.counts() == {"pending": 2} and out_of_service(w) == []
+    assert "provider 'fake' cannot update machines" in after.detail
+    [waiting] = w.kinds("maintenance.waiting")
+    assert "use update 'reboot'" in waiting.reason

@@ -11,7 +11,6 @@ processes, is in tests/acceptance/test_faults.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from deskfleet.client import AsyncClient
 from deskfleet.protocol import Stop
 from deskfleet.sim.backend import SimBackend
 from deskfleet.sim.desktop import SimDesktop
-from support import eventually, wait_ready
+from support import eventually, running_agent
 
 effects: list[tuple[str, int]] = []  # (key, attempt): the effects made, as the outside world saw them
 sleeping = asyncio.Event()
@@ -87,14 +86,10 @@ async def agent(live_server, tmp_path: Path) -> AsyncIterator[Agent]:
     app = App(desktop=SimDesktop("fx-01", backend), registry=Registry([unfenced, fenced, fenced_sync]))
     a = Agent(AgentConfig(servers=[live_server.url], machine="fx-01", enrolment_token=live_server.token), app)
     running[:] = [a]
-    task = asyncio.create_task(a.run())
-    await wait_ready(live_server, {"fx-01"})
     try:
-        yield a
+        async with running_agent(live_server, a, "fx-01"):
+            yield a
     finally:
-        await a.shutdown()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10)
         backend.close()
 
 

@@ -138,10 +138,12 @@ async def test_affinity_falls_back_after_the_pools_wait(live_server, fleet_facto
         first = await c.submit("ehr.lookup_patient", {"mrn": "F-0"}, session_key="robot2", wait=20)
         home = first["current_machine"]
         await eventually(lambda: live_server.view().get_machine(home).session_key == "robot2")
-        # Keep the preferred machine busy; the affine run waits, then takes the other one.
+        # Keep the preferred machine busy; the affine run waits, then takes the other one. Its
+        # desktop slowed first, so the blocker outlasts the affinity wait however late this
+        # test sees it running (on a loaded host it had sometimes all but finished by then).
+        desktop(fleet, home).action_delay = 0.5
         blocker = await c.submit("ehr.create_patient", patient("F-BLOCK"), machine=home)
         await running_on(c, blocker["id"])
-        desktop(fleet, home).action_delay = 0.5  # make the blocker outlast the affinity wait
         r = await c.submit("ehr.lookup_patient", {"mrn": "F-1"}, session_key="robot2", wait=20)
         assert r["state"] == "succeeded"
         assert r["current_machine"] != home

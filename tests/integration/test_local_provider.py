@@ -43,7 +43,7 @@ S = ProviderState
 MACHINE = """\
 import os, signal, subprocess, sys, time
 name = sys.argv[1]
-print("up", os.getpid(), os.environ.get("DESKFLEET_MACHINE_LABELS"), flush=True)
+print("up", os.getpid(), os.environ.get("DESKFLEET_MACHINE_LABELS"), os.environ.get("DESKFLEET_BOOT_ID"), flush=True)
 if name.startswith("crash"):
     print("last words")
     sys.exit(3)
@@ -132,7 +132,7 @@ async def test_a_machine_boots_runs_and_a_second_provider_finds_and_destroys_it(
     assert now_up.state == S.RUNNING
     assert now_up.state_since == pytest.approx(m.created_at + 0.3, abs=0.05)
     [pid] = await pids(p, "desk-1")  # one process: the repeated create started none
-    assert log_of(p, "desk-1")[0] == f'up {pid} {json.dumps({"gpu": "no"})}'
+    assert log_of(p, "desk-1")[0].startswith(f'up {pid} {json.dumps({"gpu": "no"})} ')
     assert running(pid)
 
     other = make()  # as after a restart of the server: the same state directory
@@ -189,6 +189,43 @@ async def test_stop_start_reboot_tag_and_pools(make: Callable[..., LocalProvider
     assert not reused.value.retryable
     with pytest.raises(ProviderError, match="cannot hibernate"):
         await p.stop("desk-2", token="h1", hibernate=True)
+
+
+async def test_an_update_runs_its_command_while_the_machine_is_updating_and_each_boot_has_its_own_id(
+        make: Callable[..., LocalProvider], tmp_path: Path) -> None:
+    assert not make().capabilities.update  # no update command, no updates
+    gate = tmp_path / "gate"
+    update = [sys.executable, "-c", "import pathlib, sys, time\n"
+              "while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.02)\n"
+              "pathlib.Path(sys.argv[1], 'updated').write_text('yes')\n"
+              "sys.exit(1 if 'broken' in sys.argv[1] else 0)", "{state_dir}", str(gate)]
+    p = make(update_command=update)
+    assert p.capabilities.update
+    await p.create(spec(), token="c1")
+    await reaches(p, "desk-1", S.RUNNING)
+    [first] = await pids(p, "desk-1")
+    updating = asyncio.ensure_future(p.update("desk-1", token="u1"))
+    await reaches(p, "desk-1", S.UPDATING)
+    assert running(first)  # the machine stays up while it updates
+    gate.touch()
+    await updating
+    assert (await p.get("desk-1")).state == S.RUNNING
+    assert (p.state_dir / "machines" / "desk-1" / "updated").read_text() == "yes"
+    (p.state_dir / "machines" / "desk-1" / "updated").unlink()
+    await p.update("desk-1", token="u1")  # repeated: not run again
+    assert not (p.state_dir / "machines" / "desk-1" / "updated").exists()
+    await p.reboot("desk-1", token="r1")
+    await pids(p, "desk-1", 2)
+    boots = [line.split()[-1] for line in log_of(p, "desk-1") if line.startswith("up ")]
+    assert len(boots) == 2 and len(set(boots)) == 2 and all(len(b) == 16 for b in boots)
+
+    await p.create(spec("broken-1"), token="c2")
+    await reaches(p, "broken-1", S.RUNNING)
+    await p.update("broken-1", token="u2")
+    failed = await p.get("broken-1")
+    assert (failed.state, failed.detail) == (S.FAILED, "the update exited with code 1")
+    with pytest.raises(ProviderError, match="cannot update broken-1, it is failed"):
+        await p.update("broken-1", token="u3")
 
 
 async def test_a_machine_that_ignores_sigterm_is_killed_after_stop_timeout(

@@ -55,10 +55,17 @@ async def test_a_leaking_app_is_restarted_between_runs_by_the_pools_policy(serve
         await c.put_pool_policy("default", {"recycle": rule}, version=0)
         base = d.app.memory_mb
         assert base == 180.0
-        await asyncio.sleep(0.5)  # the controller's first look: before any run
+        # The controller's first look, before any run: once this server leads (which may take
+        # longer than the fleet took to be ready), a few of its ticks.
+        view = server.view()
+        await eventually(lambda: any(e.kind == "replica.leader" for e in view.events(limit=10_000)))
+        await asyncio.sleep(0.5)
         for _ in range(4):
             run = await c.submit("ehr.create_patient", patient(), wait=30)
             assert run["state"] == "succeeded", run
+            # A real run takes minutes and the controller reads each machine's memory after it;
+            # these take milliseconds: a heartbeat and a tick, so the trend has its readings.
+            await asyncio.sleep(0.4)
         # Recycled once it was due and idle: the app restarted, its memory back to its base.
         await eventually(lambda: d.app.memory_mb == base, timeout=15)
         recycled = await recycled_between_runs(c, d.name)

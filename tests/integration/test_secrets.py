@@ -276,3 +276,34 @@ def test_a_secret_inside_a_nested_model_is_refused_when_declared():
         async def check_account(ctx: Context, data: Nested) -> Checked:
             return Checked(ok=True)
 
+
+
+async def test_a_retried_run_gets_the_same_secret_and_keeps_it_encrypted(server_factory, tmp_path):
+    """Retry: a new run with the ended run's request — its secret input delivered again to the
+    agent, still encrypted at rest and redacted in every answer; asked again, the same run."""
+    received.clear()
+    server = server_factory()
+    wrong = "not-" + PASSWORD
+    async with vault_machine(server, tmp_path), httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+        first = (await c.post("/v1/runs", params={"wait": 30}, json={
+            "automation": "test.sign_in", "input": {"username": "robot1", "password": wrong}})).json()
+        assert first["state"] == "failed" and first["error"]["error"] == "business_error", first
+        retried = await c.post(f"/v1/runs/{first['id']}/retry")
+        assert retried.status_code == 201, retried.text
+        again = await c.post(f"/v1/runs/{first['id']}/retry")
+        assert again.status_code == 200 and again.json()["id"] == retried.json()["id"], "a retry is made once"
+        second = (await c.get(f"/v1/runs/{retried.json()['id']}", params={"wait": 30})).json()
+        assert second["input"] == {"username": "robot1", "password": REDACTED}
+        assert second["state"] == "failed"
+        assert received == [wrong, wrong], "the agent got the secret again"
+        assert PASSWORD.encode() not in database_bytes(server) and wrong.encode() not in database_bytes(server)
+        assert stored_input(server, second["id"])["password"] != wrong
+        events = (await c.get(f"/v1/runs/{first['id']}/events")).json()
+        assert [e["data"]["retry"] for e in events if e["kind"] == "run.retried"] == [second["id"]]
+        # A run that did not end in failure is not retried.
+        ok = (await c.post("/v1/runs", params={"wait": 30}, json={
+            "automation": "test.sign_in", "input": {"username": "robot1", "password": PASSWORD}})).json()
+        assert ok["state"] == "succeeded", ok
+        refused = await c.post(f"/v1/runs/{ok['id']}/retry")
+        assert refused.status_code == 409 and "succeeded" in refused.json()["message"]
+        assert (await c.post("/v1/runs/run_nope/retry")).status_code == 404

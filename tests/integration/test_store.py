@@ -34,7 +34,7 @@ from hypothesis.stateful import (
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from deskfleet.errors import Conflict, DeskfleetError, NotFound, StaleLease, Stopped
+from deskfleet.errors import Conflict, DeskfleetError, InvalidInput, NotFound, StaleLease, Stopped
 from deskfleet.models import (
     Assignment,
     AttemptMode,
@@ -166,6 +166,50 @@ def test_pool_policies_are_versioned_and_a_change_to_an_old_version_is_refused(s
     events = [e for e in s.events(limit=100) if e.kind == "pool.policy"]
     assert [(e.data["version"], e.data["from_version"]) for e in events] == [(1, 0), (2, 1), (3, 2)]
     assert events[0].reason == "first"
+
+
+def test_maintenance_campaigns_one_at_a_time_per_pool_their_steps_kept_and_a_cancel_that_stands(s):
+    with pytest.raises(NotFound, match="no pool 'p'"):
+        s.start_maintenance("p", None, now=T0)
+    s.put_pool(Pool("p"), T0)
+    with pytest.raises(InvalidInput, match="no machine up to maintain"):
+        s.start_maintenance("p", None, now=T0)
+    for mid in ("m1", "m2", "m3", "gone"):
+        add_machine(s, mid, pool="p")
+    add_machine(s, "elsewhere", pool="q")
+    s.disconnect_machine("gone", T0 + 1)
+    with pytest.raises(InvalidInput, match="not machines of pool 'p': elsewhere, ghost") as bad:
+        s.start_maintenance("p", ["m1", "elsewhere", "ghost"], now=T0 + 2)
+    assert bad.value.field == "machines"
+    with pytest.raises(InvalidInput, match="machines is empty"):
+        s.start_maintenance("p", [], now=T0 + 2)
+    c = s.start_maintenance("p", None, reason="patch tuesday", now=T0 + 3)
+    assert (c.pool, c.state, c.reason, sorted(c.machines)) == ("p", "running", "patch tuesday", ["m1", "m2", "m3"])
+    assert c.counts() == {"pending": 3} and c.machines["m1"].since == T0 + 3
+    with pytest.raises(Conflict, match=f"maintenance {c.id} of pool 'p' is running"):
+        s.start_maintenance("p", ["m1"], now=T0 + 4)
+    # The leader's progress, read back as written (a JSON column on either backend).
+    c.machines["m1"].step, c.machines["m1"].started, c.machines["m1"].boot_id = "updating", T0 + 5, "b-1"
+    c.detail = "1 machine(s) out of service, max_unavailable 1"
+    saved = s.save_maintenance(c, T0 + 5)
+    assert saved.machines["m1"] == c.machines["m1"] and saved.detail == c.detail and saved.updated_at == T0 + 5
+    # A cancel stands against a leader that wrote "running" over it.
+    s.cancel_maintenance("p", c.id, now=T0 + 6, reason="freeze")
+    assert s.save_maintenance(c, T0 + 7).state == "cancelling"
+    with pytest.raises(Conflict, match="is cancelling: there is nothing to cancel"):
+        s.cancel_maintenance("p", c.id, now=T0 + 8)
+    with pytest.raises(NotFound, match=f"no maintenance {c.id} in pool 'q'"):
+        s.cancel_maintenance("q", c.id, now=T0 + 8)
+    c.state = "cancelled"
+    s.save_maintenance(c, T0 + 9)
+    # Over: the next may start; the newest first; only those under way when asked.
+    d = s.start_maintenance("p", ["m2"], now=T0 + 10)
+    assert [x.id for x in s.maintenance_campaigns("p")] == [d.id, c.id]
+    assert [x.id for x in s.maintenance_campaigns(active=True)] == [d.id]
+    assert s.maintenance_campaign(d.id).machines.keys() == {"m2"} and s.maintenance_campaign(10**9) is None
+    events = [(e.kind, e.reason) for e in s.events(limit=100) if e.kind.startswith("maintenance.")]
+    assert events == [("maintenance.started", "patch tuesday"), ("maintenance.cancelling", "freeze"),
+                      ("maintenance.started", None)]
 
 
 def test_a_pools_live_machines_leave_out_those_gone_for_good(s):

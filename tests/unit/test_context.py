@@ -95,3 +95,41 @@ async def test_expect_times_out_naming_what_it_saw(pack: Any) -> None:
     with pytest.raises(StateTimeout) as caught:
         await screen.ctx.expect("dialog", trouble=["login"], timeout=0.2)
     assert "home" in str(caught.value)
+
+
+async def test_ask_human_checks_what_it_is_asked_and_a_playbook_asks_only_in_a_runs_preflight():
+    """``ctx.ask_human`` (automations) and ``PlaybookContext.ask_human`` (an MFA prompt no
+    TOTP seed answers) hand the agent what it sends; without an agent's asker, they refuse."""
+    from datetime import timedelta
+
+    from deskfleet import HumanAnswer
+    from deskfleet.appmodel import PlaybookContext
+    from deskfleet.sdk import Context
+
+    got: list[tuple[str, str, dict[str, object]]] = []
+
+    async def human(kind: str, prompt: str, **kw: object) -> HumanAnswer:
+        got.append((kind, prompt, kw))
+        return HumanAnswer("1234", "ada", 1.0, "hum_1")
+
+    async def nothing(*_a: object) -> None:
+        return None
+
+    ctx = Context(run_id="r", attempt_id=1, attempt_number=1, machine_id="m", desktop=None, model=None,  # type: ignore[arg-type]
+                  report_progress=nothing, upload=nothing, stop_event=asyncio.Event(), ask_human=human)  # type: ignore[arg-type]
+    answer = await ctx.ask_human("sms_code", "The code", due=timedelta(minutes=2), escalate_after=30, secret=True)
+    assert (answer.response, answer.by) == ("1234", "ada") and "1234" not in repr(answer)
+    assert got == [("sms_code", "The code", {"due": 120.0, "escalate_after": 30.0, "screenshot": True,
+                                             "secret": True})]
+    for kind, prompt, due in (("no spaces", "p", 1.0), ("sms_code", " ", 1.0), ("sms_code", "p", 0.0)):
+        with pytest.raises(ValueError):
+            await ctx.ask_human(kind, prompt, due=due)
+    assert len(got) == 1
+
+    playbook = PlaybookContext(None, None, None, None, None)  # type: ignore[arg-type]
+    with pytest.raises(LookupError, match="no person to ask"):
+        await playbook.ask_human("push_approval", "Approve the sign-in")
+    playbook.human = human
+    assert (await playbook.ask_human("push_approval", "Approve the sign-in", due=60)).by == "ada"
+    assert got[-1] == ("push_approval", "Approve the sign-in", {"due": 60, "escalate_after": None, "screenshot": True,
+                                                               "secret": False})

@@ -45,8 +45,10 @@ SRC = Path(deskfleet.__file__).parent.parent
 #: whatever the layers it names may import. The agent side (desktop types … pack tools) and
 #: the server side (rules … api) share only "base".
 LAYERS: dict[str, tuple[list[str], list[str]]] = {
-    # shared by every side: errors, the domain's nouns, the agent protocol, settings, keys
-    "base": (["errors", "ids", "logs", "models", "protocol", "config", "crypto", "version"], []),
+    # shared by every side: errors, the domain's nouns, the agent protocol, settings, keys,
+    # traces (OpenTelemetry, optional)
+    "base": (["errors", "ids", "logs", "models", "protocol", "config", "crypto", "version", "packfile", "tracing",
+              "procs"], []),
     # -- the agent side --------------------------------------------------------------------
     # the desktop API: the protocol and its value types (Frame, Region, Window…)
     "desktop types": (["desktop.base"], ["base"]),
@@ -56,15 +58,17 @@ LAYERS: dict[str, tuple[list[str], list[str]]] = {
     # ``deskfleet.desktop`` re-exports the types and, lazily, the drivers.
     "desktop": (["desktop", "desktop.*"], ["vision"]),
     # what a pack is written against, and loading packs
-    "apps": (["appmodel", "sdk", "packs.manifest", "packs.playbooks", "packs.loader"], ["desktop"]),
+    "apps": (["appmodel", "sdk", "packs.manifest", "packs.playbooks", "packs.loader", "packs.robots",
+              "packs.robotrun", "packs.robotlib"], ["desktop"]),
     "agent": (["agent.*"], ["apps"]),
     # tools for pack authors: check, scaffold, trial runs (under a real agent), model capture
     "pack tools": (["packs", "packs.*"], ["agent"]),
     # the public surface: re-exports from the layers below
     "public": ([""], ["agent"]),
     # -- the server side -------------------------------------------------------------------
-    # pure rules: run transitions, matching runs to machines, the audit of the event log
-    "rules": (["statemachine", "scheduler", "scheduler.*", "audit", "pools"], ["base"]),
+    # pure rules: run transitions, matching runs to machines, the audit of the event log,
+    # who may do what (keys, roles, tenants)
+    "rules": (["statemachine", "scheduler", "scheduler.*", "audit", "pools", "access"], ["base"]),
     # machine providers: what creates, restarts, fences and destroys machines
     "providers": (["providers", "providers.*"], ["base"]),
     "store": (["store", "store.*"], ["rules"]),
@@ -76,7 +80,7 @@ LAYERS: dict[str, tuple[list[str], list[str]]] = {
     # the composition root: builds the parts and the services and wires them
     "orchestrator": (["orchestrator"], ["services"]),
     # routers per area, each handed the services it calls
-    "api": (["api", "api.*"], ["orchestrator"]),
+    "api": (["api", "api.*", "ui", "ui.*"], ["orchestrator"]),  # ui: the dashboard
     "planner": (["planner"], ["parts"]),  # the capacity planner: scheduler and pool controller on a fake clock
     # -- clients and the top -------------------------------------------------------------
     "client": (["client"], ["base"]),

@@ -29,6 +29,7 @@ def labels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return labelled.build(tmp_path_factory.mktemp("labelled"))
 
 
+@pytest.mark.slow  # ≈ 35 s: the set is rendered, then classified by a separate process
 def test_model_test_on_the_labelled_set_has_no_false_ready_and_every_rendering_right(labels: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "deskfleet", "model", "test", str(labelled.MODEL), str(labels),
                            "--json", "--min-accuracy", "0.99", "--jobs", "0"], capture_output=True, text=True, timeout=300)
@@ -46,6 +47,7 @@ def test_model_test_on_the_labelled_set_has_no_false_ready_and_every_rendering_r
     assert report["screens"] == len(saved) * 8 + 3 * len(ready)
 
 
+@pytest.mark.slow  # with the set above
 def test_pixels_alone_miss_what_the_window_facts_catch(labels: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Labelled, "facts", lambda self: (None, None))
     library = TemplateLibrary.load(labelled.MODEL)

@@ -218,7 +218,7 @@ def test_the_public_surface_is_pinned_and_every_name_imports() -> None:
     assert sorted(deskfleet.__all__) == sorted([
         "COVERED", "UNKNOWN", "NO_SCREEN", "WRONG_SCREEN", "Window", "WindowFacts", "Agent", "AgentConfig", "AgentHost", "AgentHostConfig", "App",
         "AppModel", "Automation", "AutomationError", "BusinessError", "Classification", "ConfigError", "Context",
-        "Credential", "Desktop", "DesktopError", "DesktopInfo", "DeskfleetError", "Frame", "Lease", "Pack", "PackError",
+        "Credential", "Desktop", "DesktopError", "DesktopInfo", "DeskfleetError", "Frame", "HUMAN_KINDS", "HumanAnswer", "Lease", "Pack", "PackError",
         "PlaybookContext", "ProbeResult", "Region", "Registry", "SimSettings", "StateTimeout", "Stopped", "__version__",
         "automation", "hover_responds", "installed_packs", "load_pack", "load_packs", "note_session", "playbook",
         "probe", "same_text", "session_reader",

@@ -72,7 +72,7 @@ async def state(p: FakeProvider, machine_id: str) -> tuple[ProviderState, float]
 
 def test_the_public_surface_is_deliberate() -> None:
     assert sorted(deskfleet.providers.__all__) == [
-        "Capabilities", "CommandProvider", "FakeProvider", "LocalProvider", "MachineNotFound", "MachineProvider",
+        "Capabilities", "CommandProvider", "EC2Provider", "FakeProvider", "LibvirtProvider", "LocalProvider", "MachineNotFound", "MachineProvider",
         "MachineSpec", "OpStats", "ProviderError", "ProviderMachine", "ProviderState", "Retrying"]
     assert issubclass(MachineNotFound, ProviderError)
     assert issubclass(ProviderError, deskfleet.errors.DeskfleetError)
@@ -191,7 +191,7 @@ async def test_a_token_reused_for_another_order_is_refused(clock: Clock) -> None
 
 async def test_power_off_fences_at_once_when_the_provider_can(clock: Clock) -> None:
     p = FakeProvider(clock=clock, stop_latency=60)
-    assert p.capabilities == Capabilities(fence=True)
+    assert p.capabilities == Capabilities(fence=True, update=True)
     m = await p.create(spec(), token="c")
     await p.power_off(m.id, token="f")
     got = await p.get(m.id)
@@ -201,17 +201,34 @@ async def test_power_off_fences_at_once_when_the_provider_can(clock: Clock) -> N
 async def test_a_provider_without_fence_or_hibernate_says_so(clock: Clock) -> None:
     p = FakeProvider(clock=clock, capabilities=Capabilities(fence=False))
     m = await p.create(spec(), token="c")
-    for call in (p.power_off(m.id, token="f"), p.stop(m.id, token="s", hibernate=True)):
+    for call in (p.power_off(m.id, token="f"), p.stop(m.id, token="s", hibernate=True), p.update(m.id, token="u")):
         with pytest.raises(ProviderError, match="cannot") as err:
             await call
         assert not err.value.retryable
     assert (await p.get(m.id)).state == S.RUNNING
-    assert p.actions["power_off"] == p.actions["stop"] == 0
+    assert p.actions["power_off"] == p.actions["stop"] == p.actions["update"] == 0
 
     h = FakeProvider(clock=clock, capabilities=Capabilities(hibernate=True))
     m = await h.create(spec(), token="c")
     await h.stop(m.id, token="s", hibernate=True)
     assert ((await h.get(m.id)).state, (await h.get(m.id)).detail) == (S.STOPPED, "hibernated")
+
+
+async def test_an_update_runs_for_its_latency_and_leaves_the_machine_running_not_rebooted(clock: Clock) -> None:
+    p = FakeProvider(clock=clock, update_latency=90)
+    m = await p.create(spec(), token="c")
+    await p.update(m.id, token="u")
+    await p.update(m.id, token="u")  # a retry: one update
+    assert await state(p, m.id) == (S.UPDATING, clock.now)
+    clock.advance(90)
+    assert await state(p, m.id) == (S.RUNNING, clock.now) and p.actions["update"] == 1
+    p.fail_updates(m.name)
+    await p.update(m.id, token="u2")
+    clock.advance(90)
+    got = await p.get(m.id)
+    assert (got.state, got.detail) == (S.FAILED, "the update failed (injected)")
+    with pytest.raises(ProviderError, match=r"cannot update .* it is failed"):
+        await p.update(m.id, token="u3")
 
 
 # -- the fake: faults --------------------------------------------------------------------------------

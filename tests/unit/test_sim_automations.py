@@ -51,7 +51,8 @@ async def state(desktop: SimDesktop) -> str:
 
 def test_registry_offers_the_three_with_their_policies() -> None:
     registry = demo_registry()
-    assert len(registry) == 7  # the three SimEHR automations; sim.noop and sim.work(_short, _long) for benchmarks
+    assert len(registry) == 8  # the three SimEHR automations; sim.noop and sim.work(_short, _long) for benchmarks;
+    # sim.approval, a person in the loop
     specs = {s.name: s for s in registry.specs()}
     assert (specs["ehr.create_patient"].idempotent, specs["ehr.create_patient"].has_reconcile) == (
         False, True)

@@ -323,13 +323,14 @@ def test_attempt_states(run, phase, ending, stop, idempotent, has_reconcile, now
         # The attempt ended as the stop's reason says; a cancel or a passed deadline names it.
         if cancelled(run, stop):
             assert d.attempt_state is AttemptState.CANCELLED
-        elif past_deadline(run, stop, now) or stop is StopReason.ATTEMPT_TIMEOUT:
+        elif past_deadline(run, stop, now) or stop in (StopReason.ATTEMPT_TIMEOUT, StopReason.HUMAN_TIMEOUT):
             assert d.attempt_state is AttemptState.TIMED_OUT
         else:
             assert d.attempt_state is AttemptState.ABORTED
     else:  # STOP_FORCED: by the reason the stop was ordered for
         expected = {StopReason.CANCELLED: AttemptState.CANCELLED, StopReason.DEADLINE: AttemptState.TIMED_OUT,
-                    StopReason.ATTEMPT_TIMEOUT: AttemptState.TIMED_OUT}.get(stop, AttemptState.ABORTED)
+                    StopReason.ATTEMPT_TIMEOUT: AttemptState.TIMED_OUT,
+                    StopReason.HUMAN_TIMEOUT: AttemptState.TIMED_OUT}.get(stop, AttemptState.ABORTED)
         assert d.attempt_state is expected
 
 

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-OPS = ("create", "start", "stop", "reboot", "power_off", "destroy", "get", "list", "tag")
+OPS = ("create", "start", "stop", "reboot", "power_off", "destroy", "get", "list", "tag", "update")
 EX_NOTFOUND = 3
 EX_TEMPFAIL = 75
 EX_FAILED = 1
@@ -125,6 +125,13 @@ def act(op: str, request: dict[str, Any], state: dict[str, Any]) -> dict[str, An
             enter(m, "terminated")
         elif op == "tag":
             m["tags"].update(request["tags"])
+        elif op == "update":
+            if m["state"] != "running":
+                raise HookError(f"cannot update {machine_id}: it is {m['state']}")
+            # HYPERVISOR: start the guest's OS updates (e.g. Invoke-Command … Install-WindowsUpdate)
+            # and answer at once; "get" reports "updating" until they are applied, then "running".
+            m["updated_at"] = now  # ours apply at once
+            m["state_since"] = now
         answer = {}
     state["tokens"][token] = {"op": op, "machine_id": machine_id}
     return answer

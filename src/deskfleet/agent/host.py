@@ -42,6 +42,7 @@ from ..desktop import Desktop, Frame, Placement
 from ..errors import ConfigError
 from ..packs.loader import Pack
 from ..vision import UNKNOWN
+from .packs import PackInstaller
 from .runtime import Agent, AgentConfig, App
 
 if TYPE_CHECKING:
@@ -201,20 +202,27 @@ class AgentHost:
         self.http = _SharedClient(timeout=10.0, limits=httpx.Limits(max_connections=32))
         self._make_agents()
 
+    def app(self, desktop: Desktop, pack: Pack) -> App:
+        """``pack``'s app on a machine's ``desktop``: at start, and when a new version of the
+        pack is rolled out to the machine (``agent.packs``: the same desktop, the new version's
+        model and automations)."""
+        c = self.config
+        return App(desktop, pack.registry, pack.model, pack.name,
+                   keepalive=(pack.manifest.session.keepalive or None) if c.upkeep else None,
+                   keepalive_margin=pack.manifest.session.keepalive_margin,
+                   idle_timeout=c.idle_timeouts.get(pack.name, pack.manifest.session.idle_timeout),
+                   data_dir=c.data_for(pack).resolve(), version=pack.version)
+
     def _make_agents(self) -> None:
         c = self.config
+        installer = PackInstaller(c.state_dir / "packs", lambda pack, old: self.app(old.desktop, pack))
         for name, desktops in zip(self.names, self.machines, strict=True):
-            apps = [App(d, p.registry, p.model, p.name,
-                        keepalive=(p.manifest.session.keepalive or None) if c.upkeep else None,
-                        keepalive_margin=p.manifest.session.keepalive_margin,
-                        idle_timeout=c.idle_timeouts.get(p.name, p.manifest.session.idle_timeout),
-                        data_dir=c.data_for(p).resolve())
-                    for d, p in zip(desktops, self.packs, strict=True)]
+            apps = [self.app(d, p) for d, p in zip(desktops, self.packs, strict=True)]
             agent = Agent(
                 AgentConfig(servers=c.servers, machine=name, pool=c.pool, labels=c.labels,
                             enrolment_token=c.enrolment_token, key_file=c.state_dir / f"{name}.key",
                             screenshots=c.screenshots),
-                apps, credentials=c.credentials, boot_id=_boot_id(desktops[0]), http=self.http,
+                apps, credentials=c.credentials, boot_id=_boot_id(desktops[0]), http=self.http, installer=installer,
             )
             _on_reboot(desktops[0], agent)
             add = getattr(desktops[0], "add_reboot_listener", None)

@@ -37,7 +37,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..appmodel import Account, AppModel, PlaybookContext, ProbeResult
+from .. import tracing
+from ..appmodel import Account, AppModel, AskHuman, PlaybookContext, ProbeResult
 from ..crypto import REDACTED
 from ..desktop import Desktop, Frame, SeesWindows, note_session
 from ..errors import BusinessError, DesktopError, Stopped
@@ -79,6 +80,7 @@ async def preflight(
     record: StepRecorder,
     stop: asyncio.Event | None = None,
     max_steps: int = 8,
+    human: AskHuman | None = None,
 ) -> PreflightResult:
     t0 = time.monotonic()
     steps: list[str] = []
@@ -137,21 +139,25 @@ async def preflight(
                                    steps, frame, elapsed=time.monotonic() - t0)
         steps.append(playbook_name)
         before_id = await record("playbook.before", {"playbook": playbook_name, "state": seen.state, "why": why}, frame)
-        ctx = PlaybookContext(desktop, model, account, session_key, seen)
+        ctx = PlaybookContext(desktop, model, account, session_key, seen, human)
         error = ""
         final = ""  # a failure no further step can fix
-        try:
-            await playbook(ctx)
-        except Stopped:
-            raise
-        except (BusinessError, LookupError) as exc:
-            # A refused password, an account without a TOTP seed: trying again would only
-            # repeat it (and may lock the account). A person must fix it.
-            error = _scrubbed(f"{type(exc).__name__}: {exc}", account)
-            final = f"{playbook_name} failed: {error}"
-        except Exception as exc:  # a playbook that fails is one failed step, not a crash
-            error = _scrubbed(f"{type(exc).__name__}: {exc}", account)  # it may quote what it typed
-            log.info("playbook %s failed: %s", playbook_name, error)
+        with tracing.span("deskfleet.playbook", {"deskfleet.playbook": playbook_name,
+                                                 "deskfleet.screen": seen.state}) as span:
+            try:
+                await playbook(ctx)
+            except Stopped:
+                raise
+            except (BusinessError, LookupError) as exc:
+                # A refused password, an account without a TOTP seed: trying again would only
+                # repeat it (and may lock the account). A person must fix it.
+                error = _scrubbed(f"{type(exc).__name__}: {exc}", account)
+                final = f"{playbook_name} failed: {error}"
+            except Exception as exc:  # a playbook that fails is one failed step, not a crash
+                error = _scrubbed(f"{type(exc).__name__}: {exc}", account)  # it may quote what it typed
+                log.info("playbook %s failed: %s", playbook_name, error)
+            if error:
+                tracing.failed(span, error.partition(":")[0])  # the exception's type: its text may quote the app
         looked = await _settled(desktop, model, wanted, stop)
         after, after_seen, _ = looked
         if error and (playbook_name, error) == last_failure:

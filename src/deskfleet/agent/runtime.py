@@ -20,6 +20,12 @@ its replacement starts. An idle machine's beats are not acknowledged (protocol 2
 lease counts from the beat its assignment names (``Assign.renewed_by``), heard before the
 lease began.
 
+Screenshots are redacted here, before their bytes leave the machine: every one the agent
+uploads — pre-flight evidence, failure screens, a human task's screen, a verification's,
+the images an automation attaches — has the regions its app model declares blacked out
+(:meth:`~deskfleet.appmodel.AppModel.redact`; blanked whole where they cannot be placed),
+and says so in the upload's metadata.
+
 Effects outside the desktop (an API call, a file) go through ``ctx.fenced()``: the same
 reckoning, then the lease renewed with the orchestrator at that moment (``lease``, protocol
 3). The self-fencing check runs in a timer's callback, so that a process paused past its
@@ -36,18 +42,21 @@ import random
 import time
 import uuid
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
+import numpy as np
 import orjson
 import websockets
 from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 
+from .. import tracing
 from ..appmodel import Account, AppModel, Credential, PlaybookContext
+from ..appmodel import HumanAnswer as Answer
 from ..crypto import REDACTED
 from ..desktop import Desktop, Frame
 from ..errors import BusinessError, ConfigError, Stopped
@@ -60,6 +69,10 @@ from ..protocol import (
     EnrolResponse,
     HeartbeatAck,
     Hello,
+    HumanAnswer,
+    HumanCheck,
+    HumanRequest,
+    Install,
     LeaseCheck,
     Preparing,
     Progress,
@@ -78,11 +91,17 @@ from ..protocol import (
 )
 from ..sdk import Context, Registry, encode_png
 from ..version import __version__
+from ..vision.templates import decode_image
 from .preflight import PreflightResult, preflight
 
 log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT = 10.0
+#: seconds between re-reads of a human task the agent waits on (``human_check``): the answer
+#: is pushed the moment a person gives it; this only covers one that was lost on the way
+HUMAN_RECHECK = 3.0
+#: the protocol an orchestrator must speak to take human tasks
+HUMAN_PROTOCOL = 5
 #: seconds between checks of whether an idle session needs its keep-alive
 UPKEEP_POLL = 1.0
 #: seconds session upkeep waits at most before it looks at the sessions again, unless a
@@ -133,10 +152,17 @@ class App:
     keepalive_margin: float = 30.0
     idle_timeout: float | None = None  # the app's idle logout, if known (bounds the keep-alive margin)
     data_dir: Path | None = None  # the pack's {data} directory on this machine (ctx.data_dir)
+    version: str | None = None  # the pack's version (reported in the hello: protocol 6)
 
 
 class _Disconnected(Exception):
     pass
+
+
+class Installer(Protocol):
+    """Carries out the orchestrator's ``install`` orders (``agent.packs.PackInstaller``)."""
+
+    def order(self, agent: Agent, order: Install) -> None: ...
 
 
 @dataclass(slots=True)
@@ -151,6 +177,9 @@ class _Current:
     forgotten: bool = False  # the machine rebooted: this attempt no longer exists here
     received: float = field(default_factory=time.monotonic)
     fence_timer: asyncio.TimerHandle | None = None  # see Agent._watch_fence
+    #: secret answers a person gave this attempt (ctx.ask_human): kept out of its error text
+    secrets: list[str] = field(default_factory=list)
+    steps: tracing.Steps | None = None  # the spans of its automation's progress steps (tracing on)
 
 
 class Agent:
@@ -163,6 +192,7 @@ class Agent:
         credentials: Mapping[str, Credential] | None = None,
         boot_id: str | None = None,
         http: httpx.AsyncClient | None = None,
+        installer: Installer | None = None,
     ) -> None:
         """``accounts``: accounts of the agent's own, for assignments that bring none
         (embedders, tests); agents of a fleet get theirs from the orchestrator's vault.
@@ -212,6 +242,8 @@ class Agent:
         self._upkeep_lock = asyncio.Lock()  # session upkeep and attempts take turns on the desktop
         self._sessions_changed = asyncio.Event()  # a heartbeat read different sessions: upkeep looks again
         self._infos: list[Any] = []  # each app's DesktopInfo, as of the last heartbeat
+        self._answers: dict[str, asyncio.Future[HumanAnswer]] = {}  # human task id → its answer
+        self.installer = installer  # carries out install orders (agent.packs); None: this agent installs none
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -371,6 +403,7 @@ class Agent:
             session_expires_at=info.session_expires_at if info else None,
             attempt_id=self._current.assign.attempt_id if self._current else None,
             sessions=sessions,
+            packs={app.name: app.version for app in self.apps if app.name and app.version} or None,
         )
 
     def _sessions(self) -> list[str]:
@@ -537,6 +570,69 @@ class Agent:
             raise Stopped("lease_presumed_lost")
         return deadline
 
+    async def _ask_human(self, cur: _Current, app: App, kind: str, prompt: str, *, due: float,
+                         escalate_after: float | None, screenshot: bool, secret: bool) -> Answer:
+        """``ctx.ask_human``: a human task for this attempt (protocol 5), and the person's
+        answer once they gave it. Heartbeats go on meanwhile (the lease holds); at the task's
+        due time the orchestrator stops the attempt (``human_timeout``), which cancels this
+        wait like any other stop."""
+        a = cur.assign
+        if self._server_protocol < HUMAN_PROTOCOL:
+            raise ConfigError(f"the orchestrator speaks protocol {self._server_protocol}; asking a person "
+                              f"(ctx.ask_human) needs {HUMAN_PROTOCOL}: upgrade the server")
+        shot: str | None = None
+        if screenshot and self.config.screenshots != "none":
+            try:
+                data, redaction = self._redacted(app, await app.desktop.screenshot())
+                shot = await self._upload(a.attempt_id, f"human-{kind}", data, "image/png", redaction=redaction)
+            except Stopped:
+                raise
+            except Exception as exc:  # the screen helps the person; the task goes without it
+                log.info("could not upload the screen for a human task: %s", _short(exc),
+                         extra=self._ctx(a.attempt_id, a.run_id))
+        while True:
+            reply = await self._request(lambda i: HumanRequest(
+                id=i, attempt_id=a.attempt_id, kind=kind, prompt=prompt, due=due, escalate_after=escalate_after,
+                secret=secret, screenshot_id=shot))
+            if reply.ok or not _unavailable(reply):
+                break
+            await asyncio.sleep(1.0)  # the orchestrator's database is away: ask again
+        if not reply.ok or reply.task is None:
+            if reply.stop:
+                self._stop_current(cur, reply.stop)
+                raise Stopped(reply.stop)
+            raise ConfigError(f"the orchestrator refused the human task: {reply.error or 'no reason given'}")
+        task = reply.task
+        log.info("waiting for a person: human task %s (%s), due in %.0fs", task, kind, reply.due_in or 0.0,
+                 extra=self._ctx(a.attempt_id, a.run_id))
+        fut = self._answers.get(task)
+        if fut is None:
+            fut = self._answers[task] = asyncio.get_running_loop().create_future()
+        try:
+            while True:
+                try:
+                    answer = await asyncio.wait_for(asyncio.shield(fut), HUMAN_RECHECK)
+                    break
+                except TimeoutError:
+                    pass
+                # Not pushed yet: ask how it stands (a hint between replicas may have been lost).
+                try:
+                    reply = await self._request(lambda i: HumanCheck(id=i, attempt_id=a.attempt_id, task=task))
+                except (TimeoutError, _Disconnected):
+                    continue
+                if not reply.ok and reply.stop:
+                    self._stop_current(cur, reply.stop)
+                    raise Stopped(reply.stop)
+        finally:
+            self._answers.pop(task, None)
+        if secret and answer.response:
+            cur.secrets.append(answer.response)
+        # Got it: a secret answer need not be kept by the orchestrator any longer.
+        with contextlib.suppress(_Disconnected):
+            await self._send(HumanCheck(id=next(self._ids), attempt_id=a.attempt_id, task=task, received=True))
+        log.info("human task %s answered by %s", task, answer.by, extra=self._ctx(a.attempt_id, a.run_id))
+        return Answer(response=answer.response, by=answer.by, at=answer.at, task=task)
+
     async def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, HeartbeatAck):
             sent = self._beats_sent.pop(msg.seq, None)
@@ -564,9 +660,22 @@ class Agent:
         elif isinstance(msg, Verify):
             if self._current is None and not self._verifying:
                 asyncio.get_running_loop().create_task(self._verify(msg.accounts))
+        elif isinstance(msg, HumanAnswer):
+            answer = self._answers.get(msg.task)
+            if answer is None and len(self._answers) < 64:  # before the reply that named the task
+                answer = self._answers[msg.task] = asyncio.get_running_loop().create_future()
+            if answer is not None and not answer.done():
+                answer.set_result(msg)
         elif isinstance(msg, Recycle):
             if self._current is None and not self._verifying:
                 asyncio.get_running_loop().create_task(self._recycle(msg))
+        elif isinstance(msg, Install):
+            if self.installer is not None:
+                self.installer.order(self, msg)
+            else:
+                asyncio.get_running_loop().create_task(self.report("pack.install_failed", {
+                    "pack": msg.pack, "version": msg.version, "sha256": msg.sha256, "stage": "install",
+                    "why": "this agent installs no packs (it was built without an installer)"}))
         elif msg.type == "error":
             log.warning("orchestrator says: %s", msg.message, extra=self._ctx())
 
@@ -627,27 +736,40 @@ class Agent:
         ctx_log = self._ctx(a.attempt_id, a.run_id)
         self._watch_fence(cur)
         result: tuple[str, dict[str, Any] | None, str]
+        # The attempt's span continues the run's trace (Assign.traceparent), to its result.
+        span = tracing.start_span("deskfleet.attempt", {
+            "deskfleet.run": a.run_id, "deskfleet.attempt": a.attempt_id, "deskfleet.machine": self.machine_id,
+            "deskfleet.automation": a.automation, "deskfleet.mode": a.mode}, parent=a.traceparent)
         try:
-            result = await self._attempt(cur)
+            with tracing.current(span):
+                result = await self._attempt(cur)
         except Stopped as exc:
             result = ("stopped", None, cur.stop_reason or exc.reason)
         except asyncio.CancelledError:
             if not cur.stop.is_set():
                 _cancel(cur.fence_timer)
+                tracing.end(span)
                 raise  # the agent itself is going away
             result = ("stopped", None, cur.stop_reason or "stopped")
         except BusinessError as exc:
             result = ("business_error", None, str(exc) or type(exc).__name__)
         except Exception as exc:
             result = ("system_error", None, f"{type(exc).__name__}: {exc}"[:2000])
-            await self._evidence(cur, "failure", None)
+            await self._evidence(cur, "failure", None, self._app_for(cur))
         finally:
             _cancel(cur.fence_timer)
             # The attempt is over: drop the account's secrets (the result may take a while to
             # be acknowledged; it needs none of them).
             granted, cur.account = cur.account, None
         ending, output, detail = result
+        span.set_attribute("deskfleet.ending", ending)
+        if ending not in ("succeeded", "reconciled"):
+            tracing.failed(span, ending)  # (its detail may quote the app: not in the trace)
+        tracing.end(span)
         detail = _scrub(detail, self.registry, a, granted.password if granted is not None else None)
+        for secret in cur.secrets:
+            detail = _scrub_secret(detail, secret)
+        cur.secrets.clear()
         del granted
         if cur.forgotten:
             return  # rebooted: nobody here remembers this attempt to report it
@@ -666,7 +788,7 @@ class Agent:
         app = self._app_of[id(automation)]
 
         async def record(kind: str, data: dict[str, Any], frame: Frame | None) -> str | None:
-            shot = await self._evidence(cur, kind, frame)
+            shot = await self._evidence(cur, kind, frame, app)
             if kind == "playbook.before":
                 return shot  # the step's own event carries it as before_screenshot
             if shot:
@@ -676,11 +798,15 @@ class Agent:
             await self._send_quiet(AgentEvent(attempt_id=a.attempt_id, kind=kind, data=data))
             return shot
 
+        def ask(kind: str, prompt: str, **kw: Any) -> Awaitable[Answer]:
+            """A person, for an MFA prompt no TOTP seed answers (a playbook's ctx.ask_human)."""
+            return self._ask_human(cur, app, kind, prompt, **kw)
+
         async def ensure(state: str) -> PreflightResult:
             assert app.model is not None  # Context refuses before calling without a model
             return await preflight(app.desktop, app.model, state, session_key=a.session_key,
                                    account=cur.account, record=record, stop=cur.stop,
-                                   max_steps=self.config.preflight_steps)
+                                   max_steps=self.config.preflight_steps, human=ask)
 
         async def ensure_mid_run(state: str) -> PreflightResult:
             """``ctx.ensure``: the same loop, its steps marked as taken mid-run."""
@@ -690,15 +816,16 @@ class Agent:
             assert app.model is not None
             return await preflight(app.desktop, app.model, state, session_key=a.session_key,
                                    account=cur.account, record=marked, stop=cur.stop,
-                                   max_steps=self.config.preflight_steps)
+                                   max_steps=self.config.preflight_steps, human=ask)
 
         ctx = Context(
             run_id=a.run_id, attempt_id=a.attempt_id, attempt_number=a.attempt_number,
             machine_id=self.machine_id, desktop=app.desktop, model=app.model,
-            report_progress=lambda step, pct, msg: self._progress(a.attempt_id, step, pct, msg),
-            upload=lambda name, data, ctype: self._upload(a.attempt_id, name, data, ctype),
+            report_progress=lambda step, pct, msg: self._progress(a.attempt_id, step, pct, msg, cur),
+            upload=lambda name, data, ctype: self._attach(app, a.attempt_id, name, data, ctype),
             stop_event=cur.stop, ensure=ensure_mid_run if app.model is not None else None,
             renew=lambda: self._renew(cur),
+            ask_human=ask,
             required_state=a.required_state, data_dir=app.data_dir,
         )
         if a.required_state != "any":
@@ -709,12 +836,17 @@ class Agent:
                 pass
             await _activate(app)
             # A stop order cancels pre-flight too, even in the middle of a playbook step.
-            pre = await self._guarded(cur, ensure(a.required_state))
+            with tracing.span("deskfleet.preflight", {"deskfleet.state": a.required_state}) as span:
+                pre = await self._guarded(cur, ensure(a.required_state))
+                span.set_attribute("deskfleet.screen", pre.state)
+                if not pre.ok:
+                    tracing.failed(span, "preflight_failed")
             if not pre.ok:
                 return "preflight_failed", None, pre.detail
         if a.mode == "reconcile":
             await self._send_quiet(AgentEvent(attempt_id=a.attempt_id, kind="reconcile.started", data={}))
-            found = await self._guarded(cur, automation.run_reconcile(ctx, a.input))
+            with tracing.span("deskfleet.reconcile", {"deskfleet.automation": a.automation}):
+                found = await self._guarded(cur, automation.run_reconcile(ctx, a.input))
             await self._send_quiet(AgentEvent(attempt_id=a.attempt_id, kind="reconcile.done",
                                               data={"effect_found": found is not None}))
             if found is not None:
@@ -728,7 +860,13 @@ class Agent:
                 raise Stopped(cur.stop_reason or "stopped")
         if not reply.ok:
             raise Stopped(reply.stop or reply.error or "start refused")
-        output = await self._guarded(cur, automation.execute(ctx, a.input))
+        with tracing.span("deskfleet.automation", {"deskfleet.automation": a.automation}):
+            cur.steps = tracing.Steps() if tracing.enabled() else None
+            try:
+                output = await self._guarded(cur, automation.execute(ctx, a.input))
+            finally:
+                if cur.steps is not None:
+                    cur.steps.close()
         return "succeeded", output, ""
 
     async def _guarded(self, cur: _Current, coro: Any) -> Any:
@@ -781,7 +919,10 @@ class Agent:
             if self._current is cur:
                 self._current = None
 
-    async def _progress(self, attempt_id: int, step: str, pct: float | None, message: str | None) -> None:
+    async def _progress(self, attempt_id: int, step: str, pct: float | None, message: str | None,
+                        cur: _Current | None = None) -> None:
+        if cur is not None and cur.steps is not None:
+            cur.steps.step(step, {"deskfleet.percent": pct} if pct is not None else None)
         await self._send_quiet(Progress(attempt_id=attempt_id, step=step, percent=pct, message=message))
 
     async def _send_quiet(self, msg: BaseModel) -> None:
@@ -789,27 +930,78 @@ class Agent:
         with contextlib.suppress(_Disconnected):
             await self._send(msg)
 
-    async def _upload(self, attempt_id: int | None, name: str, data: bytes, ctype: str) -> str:
+    async def _upload(self, attempt_id: int | None, name: str, data: bytes, ctype: str, *,
+                      redaction: dict[str, Any] | None = None) -> str:
+        """Send an artifact (its bytes already redacted), with what was redacted and the
+        retention its automation declares, if any."""
         assert self._http is not None  # set by run()
+        headers = {"authorization": f"Bearer {self._key}", "x-deskfleet-machine": self.machine_id,
+                   "content-type": ctype}
+        if redaction is not None:
+            headers["x-deskfleet-redaction"] = orjson.dumps(redaction).decode()
+        retention = self._retention(attempt_id)
+        if retention is not None:
+            headers["x-deskfleet-retention"] = repr(retention)
         resp = await self._http.post(
             f"{self.server}/agent/v1/artifacts",
             params={"name": name, **({"attempt_id": attempt_id} if attempt_id is not None else {})},
             content=data,
-            headers={"authorization": f"Bearer {self._key}", "x-deskfleet-machine": self.machine_id,
-                     "content-type": ctype},
+            headers=headers,
         )
         if resp.status_code == 409:
             raise Stopped("lease lost (artifact refused)")
         resp.raise_for_status()
         return str(resp.json()["id"])
 
-    async def _evidence(self, cur: _Current | None, name: str, frame: Frame | None) -> str | None:
+    def _retention(self, attempt_id: int | None) -> float | None:
+        """How long the orchestrator is to keep this attempt's artifacts: its automation's
+        ``artifact_retention`` (None: the pool's, else the server's)."""
+        cur = self._current
+        if attempt_id is None or cur is None or cur.assign.attempt_id != attempt_id:
+            return None
+        automation = self.registry.get(cur.assign.automation, cur.assign.version)
+        return automation.artifact_retention if automation is not None else None
+
+    def _app_for(self, cur: _Current | None) -> App:
+        """The app an attempt works in (the machine's first, for none)."""
+        automation = self.registry.get(cur.assign.automation, cur.assign.version) if cur is not None else None
+        found = self._app_of.get(id(automation)) if automation is not None else None
+        return found or self.apps[0]
+
+    @staticmethod
+    def _redacted(app: App, frame: Frame) -> tuple[bytes, dict[str, Any] | None]:
+        """A screenshot as it may leave the machine: PNG, the regions ``app``'s model declares
+        blacked out; and what was done (None: the model declares no redaction)."""
+        done = app.model.redact(frame) if app.model is not None else None
+        if done is None:
+            return encode_png(frame), None
+        return encode_png(done.frame), done.info
+
+    async def _attach(self, app: App, attempt_id: int, name: str, data: bytes, ctype: str) -> str:
+        """An automation's upload (``ctx.screenshot``, ``ctx.artifact``). Under a model that
+        declares redaction, every image is taken for a screenshot: redacted (as PNG), or —
+        an image the model's regions cannot be placed on, one of another size — blanked."""
+        redaction = None
+        if ctype.startswith("image/") and app.model is not None and app.model.redaction.declared:
+            try:
+                frame = decode_image(data)
+            except ValueError:  # not an image after all: nothing of the screen to show either
+                frame = np.zeros((1, 1, 3), np.uint8)
+            data, redaction = self._redacted(app, frame)
+            ctype = "image/png"
+        return await self._upload(attempt_id, name, data, ctype, redaction=redaction)
+
+    async def _evidence(self, cur: _Current | None, name: str, frame: Frame | None, app: App | None = None,
+                        ) -> str | None:
         if self.config.screenshots == "none":
             return None
+        app = app or self._app_for(cur)
         try:
             if frame is None:
-                frame = await self.desktop.screenshot()
-            return await self._upload(cur.assign.attempt_id if cur else None, name, encode_png(frame), "image/png")
+                frame = await app.desktop.screenshot()
+            data, redaction = self._redacted(app, frame)
+            return await self._upload(cur.assign.attempt_id if cur else None, name, data, "image/png",
+                                      redaction=redaction)
         except Exception as exc:  # evidence is best effort; never fail work over it
             log.info("could not upload %s screenshot: %s", name, _short(exc), extra=self._ctx())
             return None
@@ -825,18 +1017,21 @@ class Agent:
         accounts = {app.name: self._account(_pick(grants or [], app.name, len(apps)), None, app) for app in apps}
         secrets = [acc for acc in accounts.values() if acc is not None]
         try:
+            looking = apps[0]  # the app being verified: its model redacts the evidence
+
             async def record(kind: str, data: dict[str, Any], frame: Frame | None) -> str | None:
                 if kind != "preflight.ok":
                     for acc in secrets:
                         data = _scrub_values(data, acc)
                     await self._send_quiet(AgentEvent(kind=f"verify.{kind}", data=data))
                     return None
-                return await self._evidence(None, "verify", frame)
+                return await self._evidence(None, "verify", frame, looking)
 
             pre: PreflightResult | None = None
             async with self._upkeep_lock:
                 for app in apps:
                     assert app.model is not None
+                    looking = app
                     await _activate(app)
                     pre = await preflight(app.desktop, app.model, "ready", session_key=None,
                                           account=accounts[app.name], record=record,
@@ -877,6 +1072,46 @@ class Agent:
             "action": order.action, "reason": order.reason, "ok": not error, "error": error or None,
             "memory_mb_before": round(before, 1), "memory_mb_after": round(after, 1),
             "seconds": round(time.monotonic() - t0, 3)}))
+
+    # -- pack versions (protocol 6; agent.packs carries out the orders) ---------------------------------
+    async def report(self, kind: str, data: dict[str, Any]) -> None:
+        """A machine event: sent now, or on the next connection if there is none."""
+        msg = AgentEvent(kind=kind, data=data)
+        if not self._connected.is_set():
+            self._outbox.append(msg)
+            return
+        try:
+            await self._send(msg)
+        except _Disconnected:
+            self._outbox.append(msg)
+
+    async def fetch(self, url: str) -> bytes:
+        """GET ``url`` (relative to the orchestrator) with the agent key: a pack's archive."""
+        assert self._http is not None  # set by run()
+        resp = await self._http.get(f"{self.server}{url}", timeout=300.0, headers={
+            "authorization": f"Bearer {self._key}", "x-deskfleet-machine": self.machine_id})
+        if resp.status_code != 200:
+            raise ConfigError(f"the orchestrator answered {resp.status_code}: {resp.text[:200]}")
+        return resp.content
+
+    async def switch_app(self, name: str, app: App) -> bool:
+        """Run ``app`` in place of the app of pack ``name`` — only while no attempt holds the
+        machine, under the lock pre-flight and recycling take; False if one does (ask again)."""
+        async with self._upkeep_lock:
+            if self._current is not None or self._verifying:
+                return False
+            i = next(i for i, a in enumerate(self.apps) if a.name == name)
+            apps = [*self.apps[:i], app, *self.apps[i + 1:]]
+            registry = Registry([a for each in apps for a in each.registry])
+            # No await from the check above to here: an assignment cannot slip in between.
+            self.apps, self.registry = apps, registry
+            self._app_of = {id(a): each for each in apps for a in each.registry}
+            return True
+
+    def say_hello_again(self) -> None:
+        """Reconnect, so that the hello tells the orchestrator what the machine runs now."""
+        if self._ws is not None:
+            asyncio.get_running_loop().create_task(self._ws.close())
 
     # -- session upkeep ----------------------------------------------------------------------------
     async def _upkeep(self) -> None:

@@ -10,12 +10,13 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
-from fastapi.params import Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..access import Permission
 from ..errors import InvalidInput
 from ..models import AccountLease
 from ..vault import AccountView, Vault, check_name, normalize_seed
+from .access import Auth
 from .schemas import NAME, ErrorOut, ts
 
 MAX_SESSIONS = 10_000
@@ -146,12 +147,13 @@ class AccountRemoved(BaseModel):
     leases_released: list[LeaseOut]
 
 
-def router(vault: Vault, client: Depends) -> APIRouter:
+def router(vault: Vault, auth: Auth) -> APIRouter:
+    read, write = auth.need(Permission.ACCOUNTS_READ), auth.need(Permission.ACCOUNTS_WRITE)
     api = APIRouter()
     errors: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut}, 409: {"model": ErrorOut},
                                                422: {"model": ErrorOut}}
 
-    @api.put("/v1/accounts/{name}", response_model=AccountOut, status_code=201, dependencies=[client],
+    @api.put("/v1/accounts/{name}", response_model=AccountOut, status_code=201, dependencies=[write],
              responses={200: {"model": AccountOut, "description": "the account replaced"}, **errors},
              summary="Create or replace an account")
     async def put_account(name: str, body: AccountIn, response: Response) -> AccountOut:
@@ -163,7 +165,7 @@ def router(vault: Vault, client: Depends) -> APIRouter:
             response.status_code = 200
         return AccountOut.of(view)
 
-    @api.patch("/v1/accounts/{name}", response_model=AccountOut, dependencies=[client], responses=errors,
+    @api.patch("/v1/accounts/{name}", response_model=AccountOut, dependencies=[write], responses=errors,
                summary="Change some fields of an account")
     async def patch_account(name: str, body: AccountPatch) -> AccountOut:
         try:
@@ -172,15 +174,15 @@ def router(vault: Vault, client: Depends) -> APIRouter:
             raise InvalidInput(str(exc)) from None
         return AccountOut.of(await vault.patch(name, changes))
 
-    @api.get("/v1/accounts", response_model=list[AccountOut], dependencies=[client], summary="The vault's accounts")
+    @api.get("/v1/accounts", response_model=list[AccountOut], dependencies=[read], summary="The vault's accounts")
     async def list_accounts(app_: Annotated[str | None, Query(alias="app")] = None) -> list[AccountOut]:
         return [AccountOut.of(v) for v in await vault.all() if app_ is None or v.account.app == app_]
 
-    @api.get("/v1/accounts/{name}", response_model=AccountOut, dependencies=[client], responses=errors)
+    @api.get("/v1/accounts/{name}", response_model=AccountOut, dependencies=[read], responses=errors)
     async def get_account(name: str) -> AccountOut:
         return AccountOut.of(await vault.get(name))
 
-    @api.delete("/v1/accounts/{name}", response_model=AccountRemoved, dependencies=[client], responses=errors,
+    @api.delete("/v1/accounts/{name}", response_model=AccountRemoved, dependencies=[write], responses=errors,
                 summary="Remove an account (409 while a machine holds a lease on it, unless force)")
     async def remove_account(name: str, force: bool = False) -> AccountRemoved:
         released = await vault.remove(name, force=force)

@@ -2,7 +2,9 @@
 
 :func:`create_app` puts the app together: error handling, auth, a body limit, and a
 router per area — runs (``runs.py``), machines and pools (``machines.py``), the vault's
-accounts (``accounts.py``), agents (``agents.py``) — each handed the services it calls.
+accounts (``accounts.py``), human tasks (``human.py``), packs and their rollouts
+(``packs.py``), agents (``agents.py``) — each handed
+the services it calls.
 Routes call services, never the store.
 
 Errors are ours, never a driver's: every error response is ``{"error", "message",
@@ -15,22 +17,24 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..crypto import same
-from ..errors import InvalidRequest, StaleLease, StoreUnavailable, Unauthorized
+from .. import tracing, ui
+from ..access import Permission
+from ..errors import InvalidRequest, StaleLease, StoreUnavailable
 from ..models import Run
 from ..orchestrator import Orchestrator
 from ..version import __version__
-from . import accounts, agents, machines, runs
+from . import access, accounts, agents, contract, human, machines, packs, runs
+from .access import AuditTrail, Auth
 from .errors import error_response as _error
 from .errors import validation_message
 from .schemas import run_out
@@ -102,7 +106,8 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
     app.add_middleware(
         BodyLimit,
         limits=lambda path: (settings.max_artifact_bytes if path.startswith("/agent/") else
-                             settings.max_batch_bytes if path == "/v1/runs:batch" else settings.max_body_bytes),
+                             settings.max_batch_bytes if path == "/v1/runs:batch" else
+                             settings.max_pack_bytes if path == "/v1/packs" else settings.max_body_bytes),
     )
     app.state.orch = orch
 
@@ -111,34 +116,39 @@ def create_app(orch: Orchestrator, *, manage: bool = True) -> FastAPI:
         return orjson.dumps(run_out(run, await orch.runs.redacted_input(run)).model_dump(mode="json"))
 
     orch.webhooks.body = webhook_body
+    orch.webhooks.human_body = human.webhook_body
     _add_error_handlers(app)
 
-    # async: FastAPI runs a plain function dependency in a worker thread, a hop per request.
-    async def client_auth(authorization: Annotated[str | None, Header()] = None,
-                          x_api_key: Annotated[str | None, Header()] = None) -> None:
-        if not settings.api_key:
-            return
-        given = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
-        if not given or not same(given, settings.api_key):
-            raise Unauthorized("missing or wrong API key: send it as 'Authorization: Bearer <key>'")
-
-    client = Depends(client_auth)
-
-    app.include_router(runs.router(orch.runs, orch.machines, client))
-    app.include_router(machines.router(orch.machines, orch.catalogue, client))
-    app.include_router(accounts.router(orch.vault, client))
+    auth = Auth(orch.access)
+    app.include_router(runs.router(orch.runs, orch.machines, auth))
+    app.include_router(machines.router(orch.machines, orch.catalogue, auth))
+    app.include_router(accounts.router(orch.vault, auth))
+    app.include_router(human.router(orch.human, orch.runs, auth))
+    app.include_router(packs.router(orch.packs, orch.machines, auth))
+    app.include_router(access.router(orch.access, auth))
+    app.include_router(ui.router(orch, auth))
+    app.mount("/ui/static", ui.static_files(), name="ui-static")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         await orch.runs.counts()  # the database answers
         return {"ok": True, "version": __version__, "agents": len(orch.hub.connections)}
 
-    @app.get("/metrics", dependencies=[client], response_class=Response)
+    @app.get("/metrics", dependencies=[auth.need(Permission.METRICS_READ)], response_class=Response)
     async def metrics() -> Response:
-        return Response(generate_latest(orch.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # The fleet's figures from the store (the same on every replica), read off the event
+        # loop; this replica's own (scheduling passes, its agents) labelled with its name.
+        figures = await orch.runs.figures()
+        body = orch.metrics.exposition(figures, replica=orch.replica_name)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(agents.router(orch.machines, settings, orch.enrolment_token))
+    app.add_middleware(AuditTrail, access=orch.access)
     app.add_middleware(AgentSockets, path=agents.CONNECT, endpoint=agents.connect_endpoint(orch.machines, orch.hub))
+    if tracing.enabled():
+        # Outermost: a request's span (the client's traceparent its parent) holds all of it.
+        app.add_middleware(tracing.TraceRequests)
+    contract.install(app, orch)  # last: it reads every route
     return app
 
 

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 from .. import config as limits
 from ..models import Artifact, Attempt, AutomationSpec, Event, Machine, Pool, Run, RunSpec
 from ..pools import PoolPolicy
+from ..store.maintenance import Campaign
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+
+
+def _check_ints(value: Any) -> None:
+    """JSON numbers are stored as 64-bit integers: a larger one is refused here, not at the database."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        raise ValueError("an integer beyond 64 bits; send it as a string")
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        _check_ints(item)
 
 
 def ts(t: float | None) -> datetime | None:
@@ -25,23 +36,32 @@ class RunRequest(BaseModel):
 
     automation: str = Field(min_length=1, max_length=200, pattern=NAME, examples=["ehr.create_patient"])
     version: str | None = Field(default=None, max_length=64, description="pin a version; default: newest")
+    pack_version: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+                                     description="run only on a machine that runs this version of the automation's "
+                                                 "pack (a published one); it waits for one")
     input: dict[str, Any] = Field(default_factory=dict)
     pool: str = Field(default="default", min_length=1, max_length=128, pattern=NAME)
     labels: dict[str, str] = Field(default_factory=dict, description="every one must match the machine's")
-    machine: str | None = Field(default=None, max_length=128, description="run only on this machine")
+    machine: str | None = Field(default=None, min_length=1, max_length=128, description="run only on this machine")
     prefer_machine: str | None = Field(default=None, max_length=128, description="prefer this machine, fall back after the pool's affinity wait")
     session_key: str | None = Field(default=None, max_length=200, description="the vault account to run as: a machine logged in as it (or one that may log in, within its max_sessions)")
     priority: int = Field(default=0, strict=True, ge=-limits.MAX_PRIORITY, le=limits.MAX_PRIORITY, description="higher runs first")
     tenant: str = Field(default="default", min_length=1, max_length=128, pattern=NAME)
-    queue_timeout: float = Field(default=3600.0, ge=limits.MIN_TIMEOUT, le=limits.MAX_QUEUE_TIMEOUT, description="seconds the run may wait for a machine")
-    attempt_timeout: float = Field(default=900.0, ge=limits.MIN_TIMEOUT, le=limits.MAX_ATTEMPT_TIMEOUT, description="seconds one attempt may take")
-    progress_timeout: float = Field(default=120.0, ge=limits.MIN_TIMEOUT, le=limits.MAX_PROGRESS_TIMEOUT, description="seconds an attempt may go without reporting a step")
-    deadline: float | None = Field(default=None, ge=limits.MIN_TIMEOUT, le=limits.MAX_DEADLINE, description="seconds from now for the whole run, all attempts")
+    queue_timeout: float = Field(default=3600.0, strict=True, ge=limits.MIN_TIMEOUT, le=limits.MAX_QUEUE_TIMEOUT, description="seconds the run may wait for a machine")
+    attempt_timeout: float = Field(default=900.0, strict=True, ge=limits.MIN_TIMEOUT, le=limits.MAX_ATTEMPT_TIMEOUT, description="seconds one attempt may take")
+    progress_timeout: float = Field(default=120.0, strict=True, ge=limits.MIN_TIMEOUT, le=limits.MAX_PROGRESS_TIMEOUT, description="seconds an attempt may go without reporting a step")
+    deadline: float | None = Field(default=None, strict=True, ge=limits.MIN_TIMEOUT, le=limits.MAX_DEADLINE, description="seconds from now for the whole run, all attempts")
     max_attempts: int = Field(default=3, strict=True, ge=1, le=limits.MAX_ATTEMPTS)
-    backoff_initial: float = Field(default=1.0, ge=0, le=3600)
-    backoff_max: float = Field(default=60.0, ge=0, le=86400)
+    backoff_initial: float = Field(default=1.0, strict=True, ge=0, le=3600)
+    backoff_max: float = Field(default=60.0, strict=True, ge=0, le=86400)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200, description="same key and body → the same run")
     webhook_url: HttpUrl | None = Field(default=None, description="POSTed the run when it ends")
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _check_ints(v)
+        return v
 
     @field_validator("labels")
     @classmethod
@@ -74,13 +94,18 @@ class RunRequest(BaseModel):
             backoff_max=self.backoff_max,
             idempotency_key=self.idempotency_key,
             webhook_url=str(self.webhook_url) if self.webhook_url else None,
+            pack_version=self.pack_version,
         )
 
 
 class ErrorOut(BaseModel):
-    error: str
-    message: str
-    field: str | None = None
+    """Every error the API answers (and a run's or a batch item's error): what went wrong,
+    for programs and for people."""
+
+    error: str = Field(description="what went wrong, for programs: not_found, invalid_request, conflict…",
+                       examples=["not_found"])
+    message: str = Field(description="what went wrong and what to do about it, for people")
+    field: str | None = Field(default=None, description="the request's field at fault, dotted (input.mrn), if one is")
 
 
 class BatchRequest(BaseModel):
@@ -240,12 +265,17 @@ class ArtifactOut(BaseModel):
     machine: str | None
     created_at: datetime
     url: str
+    encrypted: bool = Field(description="kept encrypted at rest (artifacts stored before 0011 are not)")
+    redaction: dict[str, Any] | None = Field(
+        default=None, description="what the agent blacked out before upload: region names and the state they were "
+                                  "placed for (whole_frame: all of it), never the content; null: nothing declared")
 
     @classmethod
     def of(cls, a: Artifact) -> ArtifactOut:
         return cls(
             id=a.id, name=a.name, content_type=a.content_type, size=a.size, attempt=a.attempt_id,
             machine=a.machine_id, created_at=ts(a.created_at), url=f"/v1/artifacts/{a.id}",  # type: ignore[arg-type]
+            encrypted=a.encrypted, redaction=a.redaction,
         )
 
 
@@ -284,11 +314,19 @@ class MachineOut(BaseModel):
         )
 
 
+class SampleOut(BaseModel):
+    """A machine's figures at one moment, from its heartbeat."""
+
+    at: datetime
+    memory_mb: float = Field(description="its application's resident memory")
+    cpu_percent: float
+
+
 class PoolIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: str = Field(default="", max_length=1000)
-    allow_wait_for_capacity: bool = Field(default=False, description="accept runs no enrolled machine can serve yet")
-    affinity_wait: float = Field(default=10.0, ge=0, le=3600, description="seconds a run waits for its preferred machine")
+    allow_wait_for_capacity: bool = Field(default=False, strict=True, description="accept runs no enrolled machine can serve yet")
+    affinity_wait: float = Field(default=10.0, strict=True, ge=0, le=3600, description="seconds a run waits for its preferred machine")
 
 
 class PoolOut(BaseModel):
@@ -357,6 +395,41 @@ class AutomationOut(BaseModel):
                    has_reconcile=s.has_reconcile, required_state=s.required_state,
                    input_schema=s.input_schema, output_schema=s.output_schema, pack=s.pack,
                    needs_account=s.needs_account)
+
+
+class MaintenanceIn(BaseModel):
+    """A rolling update of a pool's machines, as its policy's ``maintenance`` says."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(default="", max_length=500, description="why: kept with the campaign and its events")
+    machines: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None, max_length=10_000, description="the machines to update; leave it out for every machine of the pool that is up")
+
+
+class MaintenanceStepOut(BaseModel):
+    step: str = Field(description="pending, draining, updating, rebooting, verifying, done, failed or skipped")
+    since: datetime | None = Field(description="when it entered the step")
+    started: datetime | None = Field(description="when it left service for the campaign")
+    detail: str = ""
+
+
+class MaintenanceOut(BaseModel):
+    id: int
+    pool: str
+    state: str = Field(description="running, stalled, cancelling, done or cancelled")
+    reason: str
+    detail: str = Field(description="why it waits (a window, max_unavailable, the work in hand), or why it stalled")
+    created_at: datetime
+    updated_at: datetime
+    counts: dict[str, int] = Field(description="machines by step")
+    machines: dict[str, MaintenanceStepOut]
+
+    @classmethod
+    def of(cls, c: Campaign) -> MaintenanceOut:
+        return cls(id=c.id, pool=c.pool, state=c.state, reason=c.reason, detail=c.detail,
+                   created_at=datetime.fromtimestamp(c.created_at, UTC), updated_at=datetime.fromtimestamp(c.updated_at, UTC),
+                   counts=c.counts(), machines={m: MaintenanceStepOut(step=st.step, since=ts(st.since), started=ts(st.started),
+                                                                      detail=st.detail) for m, st in c.machines.items()})
 
 
 class CordonIn(BaseModel):

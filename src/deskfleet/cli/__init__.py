@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from . import accounts, agent, demo, desktop, model, pack, plan, runs, server  # noqa: F401 - they register their commands
+from . import access, accounts, agent, demo, desktop, model, pack, plan, runs, server, tasks  # noqa: F401 - they register their commands
 from ._common import _fail, main
 
 __all__ = ["main", "run"]

@@ -15,7 +15,8 @@ from ._common import _labels, _tune_gc, main, opt
 
 @main.command()
 @opt("--pack", "packs", multiple=True, envvar="DESKFLEET_AGENT_PACK",
-     help="a pack: its directory, or an installed pack's name; repeat for several apps on each machine")
+     help="a pack: its directory, or an installed pack's name (then the version last rolled out to this agent, if "
+          "any: STATE_DIR/packs); repeat for several apps on each machine")
 @opt("--desktop", "desktop_kind", default="xvfb", type=click.Choice(["local", "xvfb", "sim"]), envvar="DESKFLEET_AGENT_DESKTOP",
      help="local: drive this session ($DISPLAY, or the Windows console); xvfb: start Xvfb displays (the first free numbers; each machine reports its own), the "
           "packs' apps on each; sim: simulated desktops of a pack that offers them")
@@ -54,12 +55,15 @@ from ._common import _labels, _tune_gc, main, opt
 @opt("--sim-backend", default=None, type=click.Path(dir_okay=False, path_type=Path),
      help="sim: the file the simulated apps share (default: in the pack's data directory)")
 @opt("--action-delay", default=0.05, type=float, help="sim: seconds each simulated input takes")
+@opt("--otel/--no-otel", default=False,
+     help="OpenTelemetry spans of each attempt (pre-flight, playbooks, steps), in the run's trace; needs "
+          "deskfleet[otel] and the standard OTEL_* variables (docs/observability.md)")
 def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestrators: tuple[str, ...],
           machine: str | None, first: int, exact_name: bool, pool: str, labels: tuple[str, ...], enrolment_token: str | None,
           enrolment_token_file: Path | None, state_dir: Path, data_dir: Path | None, log_dir: Path | None,
           app_options: tuple[str, ...], app_idle_timeout: float | None, upkeep: bool, screen: str | None, screenshots: str,
           reboot_command: str | None, sim_faults: str, sim_seed: int, sim_backend: Path | None,
-          action_delay: float) -> None:
+          action_delay: float, otel: bool) -> None:
     """Run agents for the machines of this process: each drives the packs' applications.
 
     \b
@@ -68,6 +72,7 @@ def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestr
       deskfleet agent --pack simehr --desktop sim --count 50          # fifty simulated machines
     """
     from ..agent.host import AgentHost, AgentHostConfig, SimSettings
+    from ..agent.packs import current_ref
     from ..packs.loader import installed_packs, load_packs
 
     if enrolment_token is None and enrolment_token_file is not None:
@@ -85,7 +90,8 @@ def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestr
         if not (sep and width.isdigit() and height.isdigit()):
             raise click.BadParameter(f"{screen!r} is not WIDTHxHEIGHT", param_hint="--screen")
         size = (int(width), int(height))
-    loaded = load_packs(packs)
+    # A pack named by name runs the version last rolled out to this agent, if one was.
+    loaded = load_packs([current_ref(ref, state_dir) for ref in packs])
     if app_options and len(loaded) > 1:
         raise click.UsageError("--app-option goes to one app: give a single --pack with it")
     first_pack = loaded[0].name
@@ -101,6 +107,10 @@ def agent(packs: tuple[str, ...], desktop_kind: str, count: int | None, orchestr
     )
     if desktop_kind == "sim":
         _tune_gc()
+    if otel:
+        from .. import tracing
+
+        tracing.enable("deskfleet-agent")
     asyncio.run(AgentHost(config).run_until_signalled())
 
 

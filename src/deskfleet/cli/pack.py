@@ -406,3 +406,150 @@ def pack_try(ref: str, automation_name: str, input_text: str, desktop_kind: str,
         shot = next((s.screenshot for s in reversed(result.steps) if s.kind == "error" and s.screenshot), None)
         raise DeskfleetError(f"{automation.name} failed: {result.error}"
                              + (f" (the screen then: {_shown(shot)})" if shot else ""))
+
+
+# -- packs on the fleet: build, publish, assign (docs/packs-rollout.md) ----------------------------
+
+
+@pack.command("build")
+@click.argument("ref")
+@opt("-o", "--out", "out", default="dist", type=click.Path(file_okay=False, path_type=Path),
+     help="the directory the archive is written to")
+def pack_build(ref: str, out: Path) -> None:
+    """Build the pack REF (its directory, or an installed pack's name) into OUT/NAME-VERSION.zip:
+    its files in a reproducible archive (the same files make the same bytes), with what it
+    offers, read by loading the pack from the archive's own files. Prints its sha256."""
+    from ..packs.archive import build
+
+    built = build(ref, out)
+    click.echo(f"built {_shown(built.path)}: pack {built.name} {built.version}, {built.files} files, "
+               f"{built.size} bytes, {len(built.automations)} automations")
+    click.echo(f"sha256 {built.sha256}")
+
+
+@pack.command("publish")
+@click.argument("ref")
+@opt("--pool", default=None, help="also assign the version to this pool (a rolling rollout)")
+@opt("--max-unavailable", default=None, help="with --pool: machines out of service at once (a count, or '10%')")
+@opt("--reason", default="", help="with --pool: why, kept with the rollout and its events")
+@click.pass_context
+def pack_publish(ctx: click.Context, ref: str, pool: str | None, max_unavailable: str | None, reason: str) -> None:
+    """Upload the pack REF — an archive (.zip from `pack build`), or a pack's directory or
+    installed name, built first — to the orchestrator, which registers its automations
+    (runs of them are accepted even by a pool with no machine yet). Publishing the same
+    version again is a no-op; a different archive under a published version is refused.
+    With --pool, the pool is assigned the version: its machines move to it a few at a time."""
+    import tempfile
+
+    from .. import packfile
+    from ._common import _client
+
+    path = Path(ref)
+    with tempfile.TemporaryDirectory(prefix="deskfleet-publish-") as scratch:
+        if path.is_file():
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise DeskfleetError(f"cannot read {ref}: {exc.strerror or exc}") from None
+        else:
+            from ..packs.archive import build
+
+            data = build(ref, Path(scratch)).path.read_bytes()
+    digest = packfile.sha256(data)
+    with _client(ctx) as c:
+        published = c.publish_pack(data, sha256=digest)
+        said = "published" if published.get("created") else "already published (the same archive)"
+        click.echo(f"{said}: pack {published['name']} {published['version']} (sha256 {digest[:12]}…), "
+                   f"automations {', '.join(published['automations']) or 'none'}", err=True)
+        if pool is None:
+            _print_json(published)
+            return
+        rollout = c.assign_pack(pool, published["name"], published["version"], max_unavailable=_limit(max_unavailable),
+                                reason=reason)
+        click.echo(f"pool {pool} assigned {rollout['pack']} {rollout['version']} (rollout {rollout['id']}, "
+                   f"from {rollout['from_version'] or 'nothing assigned'})", err=True)
+        _print_json(rollout)
+
+
+@pack.command("published")
+@click.argument("name", required=False)
+@click.pass_context
+def pack_published(ctx: click.Context, name: str | None) -> None:
+    """The pack versions published to the orchestrator (of NAME), newest first."""
+    from ._common import _client
+
+    with _client(ctx) as c:
+        _print_json(c.packs(name))
+
+
+def _limit(text: str | None) -> int | str | None:
+    return int(text) if text is not None and text.isdigit() else text
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _follow_rollout(c: Any, pool: str, rollout: dict[str, Any], interval: float = 2.0) -> dict[str, Any]:
+    """Progress on stderr, a line at each change, until it is done, stalled or superseded."""
+    import time
+
+    said = ""
+    while True:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(rollout["counts"].items())) or "no machine to move yet"
+        line = f"rollout {rollout['id']} of {rollout['pack']} {rollout['version']} to {pool}: {rollout['state']} — {counts}"
+        if rollout.get("detail"):
+            line += f" ({rollout['detail']})"
+        if line != said:
+            click.echo(line, err=True)
+            said = line
+        if rollout["state"] in ("done", "stalled", "superseded"):
+            return rollout
+        time.sleep(interval)
+        rollout = c.rollout(pool, rollout["id"])
+
+
+def _register_pools_pack() -> None:
+    from ._common import _client
+    from .runs import pools
+
+    @pools.command("pack")
+    @click.argument("name")
+    @opt("--set", "set_", default=None, metavar="PACK@VERSION", envvar="DESKFLEET_POOLS_PACK_SET",
+         help="assign this published version to the pool")
+    @opt("--rollback", default=None, metavar="PACK", help="go back to the version the pool ran before")
+    @opt("--max-unavailable", default=None, help="machines out of service at once: a count, or '10%' "
+         "(default: the previous rollout's, else 1)")
+    @opt("--reason", default="", help="why: kept with the rollout and its events")
+    @opt("--wait", is_flag=True, default=False, help="follow the rollout until it is done or stalls (exit 1 if "
+         "it stalls or a machine failed)")
+    @click.pass_context
+    def pools_pack(ctx: click.Context, name: str, set_: str | None, rollback: str | None,
+                   max_unavailable: str | None, reason: str, wait: bool) -> None:
+        """The pack versions pool NAME runs: with --set PACK@VERSION, assign one (its machines
+        move to it a few at a time, each between runs); with --rollback PACK, go back to the
+        version before; with neither, show the versions assigned and their rollouts."""
+        if set_ is not None and rollback is not None:
+            raise click.UsageError("give --set PACK@VERSION or --rollback PACK, not both")
+        with _client(ctx) as c:
+            if set_ is None and rollback is None:
+                _print_json(c.pool_packs(name))
+                return
+            if set_ is not None:
+                pack_name, sep, version = set_.rpartition("@")
+                if not sep or not pack_name or not version:
+                    raise click.BadParameter(f"{set_!r} is not PACK@VERSION (e.g. acme-erp@2.0.0)", param_hint="--set")
+                rollout = c.assign_pack(name, pack_name, version, max_unavailable=_limit(max_unavailable),
+                                        reason=reason)
+            else:
+                assert rollback is not None
+                rollout = c.assign_pack(name, rollback, rollback=True, max_unavailable=_limit(max_unavailable),
+                                        reason=reason)
+            if wait:
+                rollout = _follow_rollout(c, name, rollout)
+            _print_json(rollout)
+            if wait and (rollout["state"] == "stalled" or rollout["counts"].get("failed")):
+                raise SystemExit(1)
+
+
+_register_pools_pack()

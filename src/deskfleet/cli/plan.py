@@ -9,14 +9,17 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from pydantic import ValidationError
 
 from ..errors import ConfigError
-from ..planner import Demand, Evaluation, Plan, Sample, WaitTarget, format_wait, plan, read_demand
-from ..pools import PoolPolicy
 from ._common import _print, _print_table, main, opt
+
+if TYPE_CHECKING:  # the planner (the store, the controller) is imported when the command runs:
+    # every other command starts without it
+    from ..planner import Demand, Evaluation, Plan, Sample
+    from ..pools import PoolPolicy
 
 #: seconds in each bar of the plot's demand, and in each point of its lines
 BUCKET = 300
@@ -52,6 +55,8 @@ def plan_command(demand: Path, wait_p95: float | None, wait_p99: float | None, b
     smallest static pool that meets the target; then an autoscaled pool — min, max and
     schedule floors from the demand's hourly profile, and the policy's warm buffer — with
     the fewest machine-hours that meets it. Progress goes to stderr, a line per candidate."""
+    from ..planner import WaitTarget, plan, read_demand
+
     # Thousands of simulated scale decisions are not news: the controller's warnings still are.
     logging.getLogger("deskfleet.fleet.controller").setLevel(logging.WARNING)
     target = WaitTarget(p95=60.0 if wait_p95 is None and wait_p99 is None else wait_p95, p99=wait_p99)
@@ -84,6 +89,10 @@ def plan_command(demand: Path, wait_p95: float | None, wait_p99: float | None, b
 
 def _read_policy(path: Path) -> PoolPolicy:
     """A pool policy from a file: the policy itself, or the API's answer that holds it."""
+    from pydantic import ValidationError
+
+    from ..pools import PoolPolicy
+
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
@@ -105,6 +114,8 @@ def _read_policy(path: Path) -> PoolPolicy:
 
 def _table(result: Plan) -> None:
     from rich.table import Table
+
+    from ..planner import format_wait
 
     d, chosen = result.demand, [result.static, *([result.autoscaled] if result.autoscaled is not None else [])]
     click.echo(f"demand: {len(d.arrivals):,} runs over {d.hours} h ({d.date}, {d.zone}); "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,6 +23,7 @@ from ._common import _client, _Group, _labels, _print, _print_table, main, opt
 @opt("--input", "input_", default="{}", envvar="DESKFLEET_SUBMIT_INPUT", help="JSON object, or @file.json")
 @opt("--pool", default="default")
 @opt("--version", "version_", default=None, envvar="DESKFLEET_SUBMIT_VERSION", help="automation version (default: newest)")
+@opt("--pack-version", default=None, help="run only on a machine that runs this version of the automation's pack")
 @opt("--label", "labels", multiple=True, help="required machine label key=value; repeatable")
 @opt("--machine", default=None, help="run only on this machine")
 @opt("--prefer-machine", default=None)
@@ -36,7 +38,8 @@ from ._common import _client, _Group, _labels, _print, _print_table, main, opt
 @opt("--wait", default=0.0, type=float, help="seconds to wait for the result")
 @click.pass_context
 def submit(ctx: click.Context, automation: str | None, from_: TextIO | None, input_: str, pool: str,
-           version_: str | None, labels: tuple[str, ...], machine: str | None, prefer_machine: str | None,
+           version_: str | None, pack_version: str | None, labels: tuple[str, ...], machine: str | None,
+           prefer_machine: str | None,
            session_key: str | None, priority: int, deadline: float | None, queue_timeout: float | None,
            attempt_timeout: float | None, max_attempts: int | None, idempotency_key: str | None,
            webhook_url: str | None, wait: float) -> None:
@@ -70,7 +73,8 @@ def submit(ctx: click.Context, automation: str | None, from_: TextIO | None, inp
     if not isinstance(data, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--input")
     with _client(ctx) as c:
-        _print(c.submit(automation, data, wait=wait, pool=pool, version=version_, labels=_labels(labels) or None,
+        _print(c.submit(automation, data, wait=wait, pool=pool, version=version_, pack_version=pack_version,
+                        labels=_labels(labels) or None,
                         machine=machine, prefer_machine=prefer_machine, session_key=session_key,
                         priority=priority, deadline=deadline, queue_timeout=queue_timeout,
                         attempt_timeout=attempt_timeout, max_attempts=max_attempts,
@@ -162,6 +166,16 @@ def runs_show(ctx: click.Context, run_id: str, events: bool, wait: float) -> Non
 def runs_cancel(ctx: click.Context, run_id: str) -> None:
     with _client(ctx) as c:
         _print(c.cancel(run_id))
+
+
+@runs.command("retry")
+@click.argument("run_id")
+@click.pass_context
+def runs_retry(ctx: click.Context, run_id: str) -> None:
+    """Submit an ended run's request again as a new run (failed, timed out or cancelled
+    runs); asking again prints the same new run."""
+    with _client(ctx) as c:
+        _print(c.retry(run_id))
 
 
 @main.group(cls=_Group)
@@ -307,3 +321,72 @@ def pools_demand(ctx: click.Context, name: str) -> None:
     """What the pool's work asks for now: queued, busy, idle, and the machines wanted (target)."""
     with _client(ctx) as c:
         _print(c.pool_demand(name))
+
+
+@pools.group("maintenance", cls=_Group)
+def pools_maintenance() -> None:
+    """Rolling OS updates of a pool's machines, as its policy's maintenance says."""
+
+
+@pools_maintenance.command("start")
+@click.argument("name")
+@opt("--reason", default="", help="why: kept with the campaign and its events")
+@opt("--machine", "machines", multiple=True, help="only this machine (repeat it); default: every machine up")
+@opt("--wait/--no-wait", default=False, help="follow it until it ends, a line at each change")
+@click.pass_context
+def maintenance_start(ctx: click.Context, name: str, reason: str, machines: tuple[str, ...], wait: bool) -> None:
+    """Update the pool's machines a few at a time: drain, update, reboot, re-verify, back."""
+    with _client(ctx) as c:
+        campaign = c.start_maintenance(name, reason=reason, machines=list(machines) or None)
+        if not wait:
+            _print(campaign)
+            return
+        _follow_maintenance(c, name, campaign)
+
+
+@pools_maintenance.command("show")
+@click.argument("name")
+@click.argument("campaign_id", required=False, type=int)
+@opt("--wait/--no-wait", default=False, help="follow the campaign until it ends")
+@click.pass_context
+def maintenance_show(ctx: click.Context, name: str, campaign_id: int | None, wait: bool) -> None:
+    """A campaign (by its id), or the pool's latest ones."""
+    with _client(ctx) as c:
+        if wait:
+            found = c.maintenance(name, campaign_id) if campaign_id is not None else (c.maintenance(name, limit=1) or [None])[0]
+            if found is None:
+                raise click.ClickException(f"pool {name!r} has had no maintenance")
+            _follow_maintenance(c, name, found)
+        else:
+            _print(c.maintenance(name, campaign_id))
+
+
+@pools_maintenance.command("cancel")
+@click.argument("name")
+@click.argument("campaign_id", type=int)
+@opt("--reason", default="")
+@click.pass_context
+def maintenance_cancel(ctx: click.Context, name: str, campaign_id: int, reason: str) -> None:
+    """Take no more machines out; those already on their way finish."""
+    with _client(ctx) as c:
+        _print(c.cancel_maintenance(name, campaign_id, reason=reason))
+
+
+def _follow_maintenance(c: Any, name: str, campaign: dict[str, Any], interval: float = 2.0) -> None:
+    """Progress on stderr, a line at each change; the campaign as it ended on stdout."""
+    said = ""
+    while True:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(campaign["counts"].items()))
+        line = f"maintenance {campaign['id']} of {name}: {campaign['state']} — {counts}"
+        if campaign.get("detail"):
+            line += f" ({campaign['detail']})"
+        if line != said:
+            click.echo(line, err=True)
+            said = line
+        if campaign["state"] in ("done", "cancelled", "stalled"):
+            break
+        time.sleep(interval)
+        campaign = c.maintenance(name, campaign["id"])
+    _print(campaign)
+    if campaign["counts"].get("failed") or campaign["state"] == "stalled":
+        raise SystemExit(1)

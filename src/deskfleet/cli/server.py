@@ -27,41 +27,71 @@ from ._common import F, _Group, _tune_gc, main, opt
 @opt("--sqlite-synchronous", default="FULL", type=click.Choice(["NORMAL", "FULL"], case_sensitive=False),
      help="FULL survives power loss; NORMAL survives process crashes and is faster")
 @opt("--webhook-secret", default=None, help="HMAC key for the X-Deskfleet-Signature webhook header")
+@opt("--human-webhook", default=None, metavar="URL",
+     help="post human tasks' transitions here (created, escalated, expired, completed), signed like run webhooks")
+@opt("--human-escalation-webhook", default=None, metavar="URL",
+     help="post escalated human tasks here too (nobody answered within the task's escalate_after)")
 @opt("--secret-key-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
      help="key that encrypts secrets at rest (default: <data-dir>/secret.key); replicas share one")
 @opt("--backlog-order", default="longest-first", type=click.Choice(["longest-first", "queued"]),
      help="a backlog within one priority: longest runs first, by the durations learnt per automation "
           "(runs with a deadline or half their queue timeout waited keep their place), or strictly as queued")
 @opt("--provider", "providers", multiple=True, metavar="NAME=SPEC",
-     help="a machine provider pool policies may name: NAME=command:PATH (hook scripts) or NAME=local:COMMAND "
-          "(a process per machine on this host); repeatable (docs/providers.md)")
+     help="a machine provider pool policies may name: NAME=command:PATH (hook scripts), NAME=local:COMMAND "
+          "(a process per machine on this host), NAME=libvirt:URI[?template=NAME] or "
+          "NAME=ec2:LAUNCH_TEMPLATE[?region=…&warm=N]; repeatable (docs/providers.md)")
+@opt("--provider-update", "provider_updates", multiple=True, metavar="NAME=COMMAND",
+     help="what a local provider's machine runs for an OS update in rolling maintenance (split as a shell "
+          "would; {name} and {state_dir} filled in); repeatable")
 @opt("--controller-tick", default=5.0, type=click.FloatRange(min=0.05),
      help="seconds between the pool controller's passes (on the leader)")
+@opt("--otel/--no-otel", default=False,
+     help="OpenTelemetry traces of each run (needs deskfleet[otel]); where they go: the standard OTEL_* "
+          "variables, e.g. OTEL_EXPORTER_OTLP_ENDPOINT (docs/observability.md)")
+@opt("--artifact-retention", default="30d", metavar="DURATION",
+     help="how long screenshots and other artifacts are kept unless their pool's policy (artifacts.retention) "
+          "or their automation (artifact_retention) says otherwise: 30d, 12h, 2w, seconds; 0 or 'forever' "
+          "keeps them (the leader deletes older ones; runs stay)")
 @click.pass_context
 def server(ctx: click.Context, host: str, port: int, data_dir: Path, db: str | None, enrolment_token: str | None,
            heartbeat_interval: float, heartbeat_timeout: float, stop_grace: float, sqlite_synchronous: str,
-           webhook_secret: str | None, secret_key_file: Path | None, backlog_order: str,
-           providers: tuple[str, ...], controller_tick: float) -> None:
+           webhook_secret: str | None, human_webhook: str | None, human_escalation_webhook: str | None,
+           secret_key_file: Path | None, backlog_order: str, providers: tuple[str, ...],
+           provider_updates: tuple[str, ...], controller_tick: float, artifact_retention: str,
+           otel: bool) -> None:
     """Run the orchestrator (API, scheduler, fleet manager)."""
     import uvicorn
 
     from ..api import create_app
-    from ..config import ServerSettings
+    from ..config import ServerSettings, parse_retention
     from ..orchestrator import Orchestrator
     from ..providers.configure import parse_specs
 
+    try:
+        retention = parse_retention(artifact_retention) or 0.0
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--artifact-retention") from None
     settings = ServerSettings(
         data_dir=data_dir, db=db, host=host, port=port, api_key=ctx.find_root().params["api_key"],
         enrolment_token=enrolment_token, heartbeat_interval=heartbeat_interval,
         heartbeat_timeout=heartbeat_timeout, stop_grace=stop_grace, sqlite_synchronous=sqlite_synchronous,
-        webhook_secret=webhook_secret, secret_key_file=secret_key_file, backlog_order=backlog_order,
+        webhook_secret=webhook_secret, human_webhook=human_webhook, human_escalation_webhook=human_escalation_webhook,
+        secret_key_file=secret_key_file, backlog_order=backlog_order,
         providers=parse_specs(providers), controller_tick=controller_tick,
+        provider_updates=parse_specs(provider_updates, "--provider-update", "COMMAND",
+                                     "here='sh -c \"apt-get upgrade -y\"'"),
+        artifact_retention=retention,
     )
     settings.check_exposure()
+    if otel:
+        from .. import tracing
+
+        tracing.enable("deskfleet-server")  # before the app is built: it traces requests
     orch = Orchestrator(settings)
     orch.prepare()
     click.echo(f"deskfleet {__version__} on http://{host}:{port}  (db: {settings.db_url}; "
-               f"enrolment token in {data_dir / 'enrolment-token'} unless set)", err=True)
+               f"enrolment token in {data_dir / 'enrolment-token'} unless set); "
+               f"the dashboard: http://{host}:{port}/ui/", err=True)
     _tune_gc()
     try:
         # Agent messages are small JSON frames: compressing each costs more CPU than it saves
@@ -165,7 +195,8 @@ def keys_rotate(data_dir: Path, db: str | None, secret_key_file: Path | None, re
         expected = store.keys_in_use()
 
         def progress(done: Reencrypted) -> None:
-            click.echo(f"\r  re-encrypted: {done.accounts} accounts, {done.runs} runs", err=True, nl=False)
+            click.echo(f"\r  re-encrypted: {done.accounts} accounts, {done.runs} runs, {done.artifacts} artifacts",
+                       err=True, nl=False)
 
         done = reencrypt(store, box, batch=batch, progress=progress)
         click.echo("", err=True)
@@ -178,7 +209,7 @@ def keys_rotate(data_dir: Path, db: str | None, secret_key_file: Path | None, re
             write_keyring(path, box.keys[:1])
         click.echo(
             f"every secret is encrypted with {_short(newest)} ({done.accounts + again.accounts} accounts, "
-            f"{done.runs + again.runs} runs, {done.other} other); "
+            f"{done.runs + again.runs} runs, {done.artifacts + again.artifacts} artifacts, {done.other} other); "
             + (f"removed {len(old)} older key(s) from {path}" if retire and old else
                f"older key(s) {', '.join(_short(f) for f in old)} may now leave every key file" if old else
                "no older key left"), err=True)

@@ -125,7 +125,7 @@ def build_report(config: DemoConfig, out: Path, state: DemoState, runs: list[dic
         started = [e for e in evs if e.get("to_state") == "assigned"]
         created = _ts(r["created_at"])
         rep.per_run.append({
-            "id": r["id"], "automation": r["automation"], "state": r["state"],
+            "id": r["id"], "automation": r["automation"], "pool": r.get("pool"), "state": r["state"],
             "attempts": r["dispatches"], "machines": machines,
             "queue_wait_s": round(_ts(started[0]["at"]) - created, 3) if started else None,
             "duration_s": round(_ts(r["finished_at"]) - created, 3) if r.get("finished_at") else None,

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from ..client import ApiError, AsyncClient
 from ..errors import DeskfleetError
+from ..procs import descendants, kill_all
 from .config import DemoConfig
 from .plan import BURST_POOL, Work, data_dir, demo_for
 from .state import DemoState, Moment, Submitted
@@ -154,7 +155,7 @@ class Demo:
     def _stop_processes(self) -> None:
         # What the agents started (X servers, apps) is collected first: an agent that has to
         # be killed below leaves them behind.
-        started = [p for proc in self.procs.values() for p in _descendants(proc.pid)]
+        started = [p for proc in self.procs.values() for p in descendants(proc.pid)]
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -164,21 +165,21 @@ class Demo:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
-        _kill_all(started)
+        kill_all(started, wait=5)
 
     def _kill_agent_process(self, name: str) -> int:
         """SIGKILL an agent process and what it started: its machines go dark at once, as
         when a VM dies (its X servers and apps would otherwise live on as orphans).
         Returns how many X servers went with it."""
         proc = self.procs[name]
-        started = _descendants(proc.pid)
+        started = descendants(proc.pid)
         displays = 0
         for p in started:
             with contextlib.suppress(psutil.Error):
                 displays += "Xvfb" in p.name()
         proc.kill()
         proc.wait()
-        _kill_all(started)
+        kill_all(started, wait=5)
         return displays
 
     def _kill_display(self) -> tuple[str, str] | None:
@@ -187,7 +188,7 @@ class Demo:
         proc = self.procs.get("agents-a")
         if proc is None or proc.poll() is not None:
             return None
-        mine = {p.pid: p for p in _descendants(proc.pid)}
+        mine = {p.pid: p for p in descendants(proc.pid)}
         for machine in self.machines_of.get("agents-a", []):
             try:
                 described = json.loads((self.out / "agents" / "machines" / f"{machine}.json").read_text())
@@ -219,7 +220,7 @@ class Demo:
             machines = await client.machines()
             ready = sum(1 for m in machines if m["status"] == "ready")
             if ready >= self.cfg.machines:
-                self.console.print(f"  {ready} machines enrolled and ready")
+                self.console.print(f"  {ready} machines enrolled and ready; watch them at {self.url}/ui/")
                 return
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
@@ -284,8 +285,14 @@ class Demo:
         self._moment(f"scale-out: {made} machines made for the burst ran its {len(work)} runs", "scaled_out")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            up = [m for m in await client.machines(BURST_POOL) if m["status"] in ("ready", "busy", "drained")]
-            if not up:
+            # Done when every machine made for the pool has been destroyed (the event, not the
+            # machine's status: an agent stopped by its destroy shows offline a moment before
+            # the provider has finished with it).
+            life = [e for e in await client.every_event()
+                    if e["kind"] == "machine.lifecycle" and e["data"].get("pool") == BURST_POOL]
+            made_ids = {e["machine"] for e in life if e["reason"] == "provisioning"}
+            gone = {e["machine"] for e in life if e["reason"] == "destroyed"}
+            if made_ids <= gone:
                 self._moment(f"scale-in: the burst is over, pool '{BURST_POOL}' is back to no machines", "scaled_in")
                 return
             await self._watch(client, for_seconds=1.0)
@@ -473,20 +480,6 @@ class _Chaos:
     cancel_tries: int = 0
     killed_at: float | None = None
     restarted: bool = False
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return list(psutil.Process(pid).children(recursive=True))
-    except psutil.Error:
-        return []
-
-
-def _kill_all(procs: list[psutil.Process]) -> None:
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(procs, timeout=5)
 
 
 def _free_port() -> int:

@@ -129,6 +129,16 @@ class DemoEHRDemo:
         why = f"a quiet spell of {quiet:g}s: DemoEHR's {timeout:g}s idle timeout logs every desktop out" if timeout else ""
         return [Wave(waves[0]), Wave(waves[1], quiet, why)] if waves[1] else [Wave(waves[0])]
 
+    def burst(self) -> list[Work]:
+        """The autoscaling phase's runs: searches for patients the first wave registered, for
+        a pool whose real desktops the pool controller makes on demand (each an agent with its
+        own Xvfb and DemoEHR, sharing the records file)."""
+        first = self.waves()[0].work
+        mrns = [data["mrn"] for automation, data, _ in first if automation == "demoehr.create_patient"]
+        return [("demoehr.search_patient", {"mrn": mrns[i % len(mrns)]},
+                 {"attempt_timeout": 120, "max_attempts": 4, "idempotency_key": f"demo-{self.config.seed}-burst-{i}"})
+                for i in range(4)]
+
     def bad_requests(self) -> list[BadRequest]:
         return [
             ("an automation nobody offers", "demoehr.discharge_patient", {"mrn": "X"}, {}),

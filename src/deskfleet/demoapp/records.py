@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS launches (
 );
 """
 
-ACCOUNTS = ("robot1", "robot2", "robot3", "clinic-a", "clinic-b")
+#: robot4 and robot5 log in on the machines the demo's burst pool makes (one session each)
+ACCOUNTS = ("robot1", "robot2", "robot3", "clinic-a", "clinic-b", "robot4", "robot5")
 MFA_ALWAYS = frozenset({"clinic-a", "clinic-b"})
 
 

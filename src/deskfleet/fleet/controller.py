@@ -22,6 +22,14 @@ create 5".
   an event (``machine.lifecycle``) with the seconds the previous one took. A machine that
   fails, or does not become ready within a boot timeout, is destroyed and replaced, and
   counted (``pool.machine_failed``).
+- **Rolling maintenance**: a campaign (``Store.start_maintenance``) takes the pool's
+  machines through their OS updates a few at a time — cordon and drain (a run ends
+  first), update through the provider, reboot, re-verify (back with a new boot id, then
+  quarantined until its pre-flight passes), back in service — within the policy's
+  windows, never more than ``max_unavailable`` out of service (for any reason), and never
+  so many that those left serving are fewer than the work in hand. A machine that fails
+  or outlasts the timeout stays out of service; when failures hold every slot the
+  campaign stalls rather than take more machines down. Each step is an event.
 - **Provider faults** (refused creates, timeouts) are counted per pool and operation and
   recorded (``pool.provider_error``); the next pass tries again — with backoff when the
   provider is wrapped in :class:`~deskfleet.providers.Retrying`.
@@ -30,6 +38,7 @@ create 5".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import statistics
@@ -39,9 +48,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..models import Machine, MachineAdmin
-from ..pools import DEFAULT_READY_TIME, PoolPolicy, Recycle
+from ..errors import NotFound
+from ..models import Machine, MachineAdmin, MachineHealth
+from ..pools import DEFAULT_READY_TIME, Maintenance, PoolPolicy, Recycle
 from ..providers import MachineProvider, MachineSpec, ProviderError, ProviderMachine, ProviderState
+from ..store.maintenance import AWAY, Campaign, MachineStep
+from . import rolling
 
 if TYPE_CHECKING:
     from ..store import Finished, Store
@@ -70,14 +82,18 @@ class Decision:
     create: int
     retire: tuple[str, ...]
     inputs: dict[str, int]
+    #: machines being retired but still idle and up, put back in service instead of new ones
+    restore: tuple[str, ...] = ()
 
     @property
     def acts(self) -> bool:
-        return bool(self.create or self.retire)
+        return bool(self.create or self.retire or self.restore)
 
     def summary(self) -> str:
         said = ", ".join(f"{k} {v}" for k, v in self.inputs.items())
         what = []
+        if self.restore:
+            what.append(f"back in service {len(self.restore)} ({', '.join(self.restore)})")
         if self.create:
             what.append(f"create {self.create}")
         if self.retire:
@@ -87,13 +103,16 @@ class Decision:
 
 def decide(pool: str, policy: PoolPolicy, demand: PoolDemand, *, coming: int, retiring: int, idle: int,
            retirable: list[str], total: int, now: float, recent: deque[tuple[float, int]], since: float,
-           ready_time: float) -> Decision:
+           ready_time: float, restorable: list[str] | None = None) -> Decision:
     """The decision for one pass (pure but for ``recent``): how many machines to create,
     which idle ones to retire. ``idle``: the pool's idle, schedulable machines;
     ``retirable``: those of them the provider made, the first to retire first; ``total``:
     every machine the pool has (``max`` bounds it); ``retiring``: machines already being
     retired (not supply); ``recent``: the targets of the passes of the last stabilisation
-    window, this one added here; ``since``: when this controller's history of the pool began.
+    window, this one added here; ``since``: when this controller's history of the pool began;
+    ``restorable``: machines being retired that are still idle and up — when more are wanted,
+    they go back in service before any machine is created (a new one would take its boot
+    time, and the drained one would be destroyed for nothing).
 
     Scale-in goes down to the *highest* target of the window, as Kubernetes' autoscaler
     does: a burst's tail, or a second burst close behind the first, keeps the machines it
@@ -109,15 +128,17 @@ def decide(pool: str, policy: PoolPolicy, demand: PoolDemand, *, coming: int, re
               "floor": max(policy.floor_at(now), policy.floor_at(now + (policy.ready_time or ready_time)))}
     create = 0
     retire: tuple[str, ...] = ()
+    restore: tuple[str, ...] = ()
     if target > supply:
+        restore = tuple((restorable or [])[: target - supply])
         room = (policy.max if policy.max is not None else target) - total
-        create = max(0, min(target - supply, room))
+        create = max(0, min(target - supply - len(restore), room))
     else:
         held = max(t for _, t in recent)
         # Only once a whole window has been seen: a new leader has no history yet.
         if supply > held and now - since >= policy.scale_in.stabilization:
             retire = tuple(retirable[: supply - held])
-    return Decision(pool, target, supply, create, retire, inputs)
+    return Decision(pool, target, supply, create, retire, inputs, restore)
 
 
 @dataclass
@@ -154,6 +175,7 @@ class _PoolState:
     missing_provider_said: bool = False
     health: dict[str, _Health] = field(default_factory=dict)  # machine → what recycling follows
     rebooting: set[str] = field(default_factory=set)  # rebooted for recycling: back in service on return
+    maintenance_said: str = ""  # why the pool's maintenance last waited, said once
 
 
 class Controller:
@@ -175,6 +197,7 @@ class Controller:
         self.ready_time = ready_time
         self.pools: dict[str, _PoolState] = {}
         self._names = itertools.count(1)
+        self._said: list[tuple[str, str, str, dict[str, Any]]] = []  # maintenance steps to record
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
@@ -196,8 +219,13 @@ class Controller:
 
     async def tick(self) -> list[Decision]:
         decisions = []
+        campaigns = {c.pool: c for c in await self.db(self.store.maintenance_campaigns, active=True, limit=10_000)}
         for pool in await self.db(self.store.list_pools):
             stored = await self.db(self.store.pool_policy, pool.name)
+            if pool.name in campaigns:
+                # before the pool's own pass: machines it takes out are not idle supply to retire
+                await self._maintenance_pass(campaigns[pool.name],
+                                             PoolPolicy.model_validate(stored.policy) if stored else PoolPolicy())
             if stored is None:
                 continue
             policy = PoolPolicy.model_validate(stored.policy)
@@ -298,6 +326,166 @@ class Controller:
             return False
         return True
 
+    # -- rolling maintenance ----------------------------------------------------------------------
+    async def _maintenance_pass(self, c: Campaign, policy: PoolPolicy) -> None:
+        """One step of a campaign: machines on their way moved on, new ones taken out of
+        service as the policy allows, the campaign's state and each machine's step saved."""
+        mp, now, pool = policy.maintenance, self.clock(), c.pool
+        state = self.pools.setdefault(pool, _PoolState())
+        provider = self.providers.get(policy.provider or "")
+        before = (c.state, c.detail, {m: (s.step, s.detail) for m, s in c.machines.items()})
+        machines = {m.id: m for m in await self.db(self.store.list_machines, pool, live_or=tuple(c.machines))}
+        at_provider: dict[str, ProviderMachine] | None = None
+        if provider is not None:
+            try:
+                at_provider = {m.name: m for m in await provider.list(pool=pool) if m.state not in GONE}
+            except ProviderError as exc:
+                await self._provider_error(state, pool, "list", exc, now)
+                return
+        if c.state == "cancelling":
+            for mid, st in c.machines.items():
+                if st.step == "draining":  # not yet updated: back in service as it was
+                    await self.db(self.store.set_admin, mid, MachineAdmin.ACTIVE, now, f"maintenance {c.id} cancelled")
+                    self._step(c, st, mid, "pending", now, "cancelled before its update")
+        for mid, st in c.machines.items():
+            if st.step in ("pending", "done", "failed", "skipped"):
+                continue
+            if provider is None or at_provider is None:
+                break  # said below: nothing moves without the pool's provider
+            await self._maintenance_step(c, st, mid, machines.get(mid), at_provider.get(mid), provider, state, now,
+                                         update=mp.update)
+            if st.step not in ("done", "failed") and st.started is not None and now - st.started > mp.timeout:
+                await self._maintenance_failed(c, st, mid, now, f"not back in service {now - st.started:.0f}s after "
+                                               f"its maintenance began (timeout {mp.timeout:g}s)")
+        if c.state == "cancelling":
+            if not any(st.step in AWAY - {"failed"} for st in c.machines.values()):
+                c.state = "cancelled"
+        else:
+            # Nothing is taken out of service that the pool's provider could not bring back.
+            blocked = ("the pool has no provider" if policy.provider is None else
+                       f"this server has no provider {policy.provider!r}" if provider is None else
+                       f"provider {policy.provider!r} cannot update machines (use update 'reboot', or a "
+                       "provider that can)" if mp.update == "provider" and not provider.capabilities.update else "")
+            waiting = blocked or await self._take_out(c, mp, machines, at_provider, now) or ""
+            if f"{c.id}:{waiting}" != state.maintenance_said:
+                state.maintenance_said = f"{c.id}:{waiting}"
+                if waiting:
+                    await self._event("maintenance.waiting", now, pool=pool, reason=waiting,
+                                      data={"maintenance": c.id, **c.counts()})
+            c.detail = waiting
+            steps = c.counts()
+            if not steps.get("pending") and not any(steps.get(s) for s in AWAY - {"failed"}):
+                c.state = "done"
+            elif steps.get("failed", 0) >= mp.unavailable_allowed(len(c.machines)) and c.state == "running":
+                c.state = "stalled"
+                c.detail = (f"{steps['failed']} machine(s) failed and stay out of service, as many as "
+                            "max_unavailable allows: nothing more is taken out (cancel, fix them, start anew)")
+        if c.state in ("done", "cancelled", "stalled") and c.state != before[0]:
+            counts = c.counts()
+            await self._event(f"maintenance.{c.state}", now, pool=pool, reason=c.detail or None,
+                              data={"maintenance": c.id, **counts, "seconds": round(now - c.created_at, 3)})
+            log.info("pool %s: maintenance %d %s (%s)", pool, c.id, c.state, counts)
+        if (c.state, c.detail, {m: (s.step, s.detail) for m, s in c.machines.items()}) != before:
+            saved = await self.db(self.store.save_maintenance, c, now)
+            c.state = saved.state
+        said, self._said = self._said, []
+        for kind, mid, step, data in said:
+            await self._event(kind, now, pool=pool, machine_id=mid, reason=step, data=data)
+
+    async def _take_out(self, c: Campaign, mp: Maintenance, machines: dict[str, Machine],
+                        at_provider: dict[str, ProviderMachine] | None, now: float) -> str | None:
+        """Take pending machines out of service while the policy allows; why it stopped
+        taking (None: nothing left to take, or it took all it could)."""
+        if c.state != "running" or at_provider is None:
+            return None
+        pending = [mid for mid, st in c.machines.items() if st.step == "pending"]
+        for mid in pending:  # left the pool before its turn (retired by scale-in, destroyed)
+            m = machines.get(mid)
+            if (m is None or not (m.connected or m.active_attempt_id is not None)) and mid not in at_provider:
+                self._step(c, c.machines[mid], mid, "skipped", now, "no longer in the pool")
+        pending = [mid for mid in pending if c.machines[mid].step == "pending"]
+        if not pending:
+            return None
+        # The pool as it is: every machine up or busy, and the campaign's (those away are down).
+        members = {m.id: m for m in machines.values() if rolling.live(m)}
+        away = {mid for mid, st in c.machines.items() if st.step in AWAY}
+        allowed = mp.unavailable_allowed(len(set(members) | set(c.machines)))
+        if not mp.open_at(now):
+            return "outside the pool's maintenance windows"
+        demand = await self.db(self.store.pool_demand, c.pool, now, 300.0)
+        chosen, why = rolling.choose(pending, members, away, allowed=allowed, busy=demand.busy, queued=demand.queued)
+        for mid in chosen:
+            st = c.machines[mid]
+            await self.db(self.store.set_admin, mid, MachineAdmin.DRAINING, now,
+                          f"maintenance {c.id}" + (f": {c.reason}" if c.reason else ""))
+            st.started, st.boot_id = now, members[mid].boot_id
+            self._step(c, st, mid, "draining", now, "")
+        return why
+
+    async def _maintenance_step(self, c: Campaign, st: MachineStep, mid: str, m: Machine | None,
+                                pm: ProviderMachine | None, provider: MachineProvider, state: _PoolState,
+                                now: float, *, update: str) -> None:
+        """Move one machine on: drained → updated → rebooted → re-verified → in service."""
+        if pm is None:
+            await self._maintenance_failed(c, st, mid, now, f"provider {provider.name} has no machine {mid!r}")
+            return
+        if pm.state is ProviderState.FAILED:
+            await self._maintenance_failed(c, st, mid, now, pm.detail or f"{provider.name} reports it failed")
+            return
+        if st.step == "draining":
+            if m is not None and m.active_attempt_id is not None:
+                return  # its run ends first
+            if update == "provider":
+                if await self._maintenance_call(c, st, mid, state, now, "update",
+                                                provider.update(pm.id, token=f"maintenance:{c.id}:{mid}:update")):
+                    self._step(c, st, mid, "updating", now)
+            elif await self._maintenance_call(c, st, mid, state, now, "reboot",
+                                              provider.reboot(pm.id, token=f"maintenance:{c.id}:{mid}:reboot")):
+                self._step(c, st, mid, "rebooting", now)
+        elif st.step == "updating":
+            rebooted_itself = pm.state in (ProviderState.REBOOTING, ProviderState.BOOTING)
+            if rebooted_itself or (pm.state is ProviderState.RUNNING and await self._maintenance_call(
+                    c, st, mid, state, now, "reboot", provider.reboot(pm.id, token=f"maintenance:{c.id}:{mid}:reboot"))):
+                self._step(c, st, mid, "rebooting", now)
+        elif st.step == "rebooting" and m is not None and m.connected and m.boot_id != st.boot_id:
+            # back with a new boot: re-prove its state (pre-flight) before it serves again
+            await self.db(self.store.quarantine, mid, f"maintenance {c.id}: re-verify after its update", now)
+            self._step(c, st, mid, "verifying", now)
+        elif st.step == "verifying" and m is not None and m.connected and m.health is MachineHealth.ONLINE:
+            await self.db(self.store.set_admin, mid, MachineAdmin.ACTIVE, now,
+                          f"maintenance {c.id}: updated, rebooted and verified")
+            self._step(c, st, mid, "done", now)
+
+    async def _maintenance_call(self, c: Campaign, st: MachineStep, mid: str, state: _PoolState, now: float,
+                                op: str, call: Any) -> bool:
+        try:
+            await call
+        except ProviderError as exc:
+            await self._provider_error(state, c.pool, op, exc, now)
+            if not exc.retryable:
+                await self._maintenance_failed(c, st, mid, now, f"{op}: {exc}")
+            return False
+        return True
+
+    async def _maintenance_failed(self, c: Campaign, st: MachineStep, mid: str, now: float, why: str) -> None:
+        """Left out of service (cordoned) for a person to look at; it holds one of the slots."""
+        self._step(c, st, mid, "failed", now, why[:300])
+        with contextlib.suppress(NotFound):
+            await self.db(self.store.set_admin, mid, MachineAdmin.CORDONED, now, f"maintenance {c.id} failed: {why}"[:300])
+        await self._event("maintenance.machine_failed", now, pool=c.pool, machine_id=mid, reason=why[:300],
+                          data={"maintenance": c.id})
+        log.warning("pool %s: maintenance %d of %s failed: %s", c.pool, c.id, mid, why)
+
+    def _step(self, c: Campaign, st: MachineStep, mid: str, step: str, now: float, detail: str | None = None) -> None:
+        """A machine's next step; its event is recorded when the pass saves the campaign."""
+        if step != st.step:
+            self._said.append(("maintenance.step", mid, step, {
+                "maintenance": c.id, "step": step, "after": st.step, "seconds": round(now - st.since, 3),
+                **({"detail": detail} if detail else {})}))
+        st.step, st.since = step, now
+        if detail is not None:
+            st.detail = detail
+
     # -- fencing a silent machine ----------------------------------------------------------------
     def fence_soon(self, lost: Finished) -> None:
         """:meth:`fence`, in the background: a provider may take seconds to answer."""
@@ -372,12 +560,11 @@ class Controller:
         # The policy's, else as measured here (the median of the pool's latest machines), else the default.
         ready_time = policy.ready_time or (statistics.median(state.ready_times) if state.ready_times else self.ready_time)
         await self._follow(state, pool, provider, at_provider, enrolled, now, ready_time)
-        await self._finish_retiring(state, pool, policy, provider, at_provider, enrolled, now)
 
         ours = {m.name for m in at_provider}
         # On its way: no agent yet, or enrolled by now but not yet in service (its first pre-flight).
         coming = [m for m in at_provider if m.state in COMING and (
-            m.name not in enrolled or (m.name in state.tracked and not _in_service(enrolled[m.name])))]
+            m.name not in enrolled or (m.name in state.tracked and not _arrived(enrolled[m.name])))]
         idle = [m for m in enrolled.values() if m.status == "ready"]
         retirable = sorted((m for m in idle if m.id in ours and m.id not in state.retiring),
                            key=lambda m: (m.enrolled_at, m.id))  # the oldest first
@@ -386,16 +573,25 @@ class Controller:
         demand = await self.db(self.store.pool_demand, pool, now, 300.0)
         if state.since is None:
             state.since = now
+        # Being retired, but still idle and up: put back in service if more are wanted again.
+        restorable = sorted((mid for mid in state.retiring if mid in ours and (m := enrolled.get(mid)) is not None
+                             and m.connected and m.active_attempt_id is None and m.health is MachineHealth.ONLINE),
+                            key=lambda mid: -state.retiring[mid])  # the latest retired first
         decision = decide(
             pool, policy, demand, coming=len(coming), retiring=len(state.retiring), idle=len(idle),
             retirable=[m.id for m in retirable], total=total, now=now, recent=state.targets, since=state.since,
-            ready_time=ready_time)
+            ready_time=ready_time, restorable=restorable)
         if decision.acts or decision.target != state.last_target:
             await self._event("pool.scaled", now, pool=pool, reason=decision.summary(), data={
                 "target": decision.target, "supply": decision.supply, "create": decision.create,
-                "retire": list(decision.retire), "inputs": decision.inputs})
+                "retire": list(decision.retire), "restore": list(decision.restore), "inputs": decision.inputs})
             log.info("pool %s: %s", pool, decision.summary())
         state.last_target = decision.target
+        for machine_id in decision.restore:
+            await self.db(self.store.set_admin, machine_id, MachineAdmin.ACTIVE, now,
+                          "scale-in called off: work came back before it was destroyed")
+            del state.retiring[machine_id]
+        await self._finish_retiring(state, pool, policy, provider, at_provider, enrolled, now)
         # Side by side: a provider that takes seconds a call does not hold the pass for the sum.
         await asyncio.gather(*(self._create(state, pool, policy, provider, now) for _ in range(decision.create)))
         for machine_id in decision.retire:
@@ -429,7 +625,7 @@ class Controller:
                 if machine is not None:
                     continue  # enrolled before this leader looked: nothing to follow
                 t = state.tracked[m.name] = _Tracked(m.name, "provisioning", m.created_at, m.created_at)
-            step = ("ready" if _in_service(machine)
+            step = ("ready" if _arrived(machine)
                     else "enrolling" if machine is not None or m.state is ProviderState.RUNNING
                     else "booting" if m.state in (ProviderState.BOOTING, ProviderState.REBOOTING) else t.step)
             if step != t.step:
@@ -530,6 +726,12 @@ def _slope(points: list[tuple[int, float]]) -> float:
     my = sum(y for _, y in points) / n
     var = sum((x - mx) ** 2 for x, _ in points)
     return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+
+
+def _arrived(machine: Machine | None) -> bool:
+    """No longer on its way up: in service, or up and held out of it on purpose (cordoned by
+    an operator, drained for maintenance) — not a machine that failed to boot."""
+    return _in_service(machine) or (machine is not None and machine.connected and machine.admin is not MachineAdmin.ACTIVE)
 
 
 def _in_service(machine: Machine | None) -> bool:

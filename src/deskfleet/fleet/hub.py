@@ -38,12 +38,15 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ..errors import InvalidRequest, StaleLease, Stopped, StoreUnavailable
 from ..models import Assignment, AutomationSpec, Ending, MachineHealth, Run, StopOrder
+from ..packfile import pack_labels
 from ..protocol import (
     PROTOCOL_VERSION,
     AgentEvent,
     Error,
     HeartbeatMsg,
     Hello,
+    HumanCheck,
+    HumanRequest,
     LeaseCheck,
     Preparing,
     Progress,
@@ -311,6 +314,15 @@ def quick_heartbeat(data: Any) -> Beat | None:
     return Beat(seq, values, key, None if expires is None else float(expires), attempt, sessions)
 
 
+class HumanRequests(Protocol):
+    """Who handles agents' human tasks (``services.human.HumanDesk``): each answers the
+    request on the connection itself."""
+
+    async def request(self, conn: Connection, msg: HumanRequest) -> None: ...
+
+    async def check(self, conn: Connection, msg: HumanCheck) -> None: ...
+
+
 class RunListener(Protocol):
     """What the hub tells the part that owns runs and dispatch (the orchestrator)."""
 
@@ -345,6 +357,9 @@ class Hub:
         self.beats: dict[str, Heartbeat] = {}
         self.beat_seqs: dict[str, int] = {}  # the sequence number of each machine's latest beat
         self.beats_inline = 0  # beats taken where their frames were parsed (see AgentSocket)
+        self._sampled: dict[str, float] = {}  # when each machine's figures were last kept as a sample
+        #: human tasks (protocol 5), set by the composition root once the service exists
+        self.human: HumanRequests | None = None
 
     def _ctx(self, machine_id: str, attempt_id: int | None = None, run_id: str | None = None) -> dict[str, Any]:
         return {"machine": machine_id, "attempt": attempt_id, "run": run_id}
@@ -445,7 +460,9 @@ class Hub:
         try:
             result = await self.db(
                 self.store.connect_machine, machine_id, boot_id=hello.boot_id,
-                agent_version=hello.agent_version, automations=specs, labels=hello.labels,
+                agent_version=hello.agent_version, automations=specs,
+                # protocol 6: the packs it runs, as well-known labels (a run may pin a version)
+                labels=hello.labels if hello.packs is None else pack_labels(hello.labels, hello.packs),
                 heartbeat=beat, lease_timeout=self.settings.lease_timeout, now=now,
                 replica=self.replica_id,
             )
@@ -535,6 +552,7 @@ class Hub:
                 self.metrics.connected.set(len(self.connections))
                 self.beats.pop(machine_id, None)
                 self.beat_seqs.pop(machine_id, None)
+                self._sampled.pop(machine_id, None)  # a machine gone (a scale-in's) leaves nothing behind
                 said = "agent disconnected"
                 try:
                     await self.db(self.store.disconnect_machine, machine_id, time.time(), self.replica_id)
@@ -567,9 +585,13 @@ class Hub:
             conn.sessions = notes
             log.info("sessions now: %s", ", ".join(notes) or "none", extra=self._ctx(mid))
         pending = self.beats.get(mid)
+        sample = now - self._sampled.get(mid, 0.0) >= self.settings.sample_interval
+        if sample:
+            self._sampled[mid] = now
         self.beats[mid] = Heartbeat(mid, now, msg.resources, msg.session_key, msg.session_expires_at,
                                     msg.attempt_id, msg.sessions,
-                                    changed or (pending is not None and pending.sessions_changed))
+                                    changed or (pending is not None and pending.sessions_changed),
+                                    sample or (pending is not None and pending.sample))
         conn.heard.append((now, msg.seq))
         if msg.attempt_id is not None or conn.idle_acks:
             self.beat_seqs[mid] = msg.seq  # acknowledged once written (see the module's docstring)
@@ -618,6 +640,13 @@ class Hub:
                     await conn.send(Reply(re=msg.id, ok=False, stop=exc.reason))
                     return
                 await conn.send(Reply(re=msg.id, ok=True, valid_for=valid_for))
+            elif isinstance(msg, (HumanRequest, HumanCheck)):
+                if self.human is None:
+                    await conn.send(Reply(re=msg.id, ok=False, error="this orchestrator takes no human tasks"))
+                elif isinstance(msg, HumanRequest):
+                    await self.human.request(conn, msg)
+                else:
+                    await self.human.check(conn, msg)
             elif isinstance(msg, TotpRequest):
                 try:
                     code, valid_for = await self.vault.totp(mid, msg.account)
@@ -640,10 +669,9 @@ class Hub:
         except StoreUnavailable:
             # The database is away: a request is answered "retry", a report is dropped
             # (progress resumes, the watchdog forgives the outage); the connection stays up.
-            if isinstance(msg, (Start, Result, TotpRequest, LeaseCheck)):
+            if isinstance(msg, (Start, Result, TotpRequest, LeaseCheck, HumanRequest, HumanCheck)):
                 await conn.send(Reply(re=msg.id, ok=False, error="unavailable: the database is away; retry"))
-        except StaleLease as exc:
-            self.metrics.stale.inc()
+        except StaleLease as exc:  # (counted by the store: deskfleet_stale_writes_refused_total)
             if isinstance(msg, (Start, Result, LeaseCheck)):
                 await conn.send(Reply(re=msg.id, ok=False, stop="lease_lost" if isinstance(msg, LeaseCheck) else None,
                                       error=f"stale_lease: {exc.reason}"))

@@ -8,7 +8,8 @@ the leases still past due (after the heartbeats, so a beat that arrived in time 
 outrun by the expiry sweep), quarantines silent machines, notices dead replicas, enforces
 queue waits, deadlines, attempt timeouts and the progress watchdog, asks quarantined
 machines to re-prove themselves. (Webhooks are delivered by ``services.webhooks``, on the
-leader too: :attr:`FleetManager.leader_since`.)
+leader too: :attr:`FleetManager.leader_since`; artifacts past their retention are deleted by
+:mod:`.retention`, in a task of its own beside the tick.)
 
 When the database goes away, ticks fail and heartbeats wait in memory (agents keep being
 acknowledged, so they keep working); when it comes back, the leader forgives the outage:
@@ -29,6 +30,7 @@ from ..errors import StoreUnavailable
 from ..models import MachineHealth
 from ..protocol import Stop
 from .hub import Hub, RunListener
+from .retention import Retention
 
 if TYPE_CHECKING:
     from ..config import ServerSettings
@@ -81,9 +83,13 @@ class FleetManager:
         #: per machine, the last beat written: (at, attempt, session key, session expiry)
         self._written: dict[str, tuple[float, int | None, str | None, float | None]] = {}
         self.leader_since: float | None = None
+        #: artifacts past their retention, deleted on the leader (in a task of its own: a
+        #: long sweep must not delay the heartbeats the tick writes)
+        self.retention = Retention(store, db, default=settings.artifact_retention,
+                                   leads=lambda: self.leader_since is not None)
 
     def start(self) -> list[asyncio.Task[None]]:
-        return [asyncio.create_task(self._tick_loop(), name="deskfleet-fleet")]
+        return [asyncio.create_task(self._tick_loop(), name="deskfleet-fleet"), self.retention.start()]
 
     async def _tick_loop(self) -> None:
         interval = self.settings.sweep_interval
@@ -129,8 +135,10 @@ class FleetManager:
         heartbeat timeout, it is never old enough to look silent, and a big idle fleet's
         heartbeats cost a fraction of the writes (each a row the scheduler's transactions
         wait behind). Written every time: a beat naming an attempt (its lease is renewed),
-        the first after one that did (an account's reservation settles on it), and any whose
-        session changed; the machine's other figures (``resources``) go with the next one
+        the first after one that did (an account's reservation settles on it), any whose
+        session changed, and one the hub marked as a sample of the machine's figures (one a
+        ``sample_interval``: else an idle machine's trend keeps only the samples that fell on
+        a refresh); the machine's other figures (``resources``) go with the next one
         written. The hub, which holds the connection, still sees every beat and closes a
         silent agent's connection at the timeout itself."""
         every = REFRESH_SHARE * self.settings.heartbeat_timeout
@@ -138,7 +146,7 @@ class FleetManager:
         out = []
         for b in beats:
             last = written.get(b.machine_id)
-            if (last is None or b.attempt_id is not None or b.sessions_changed or b.at - last[0] >= every
+            if (last is None or b.attempt_id is not None or b.sessions_changed or b.sample or b.at - last[0] >= every
                     or last[1:] != (b.attempt_id, b.session_key, b.session_expires_at)):
                 out.append(b)
         return out

@@ -3,7 +3,8 @@
 One line per problem, each saying where and what to fix; warnings for what works but is
 likely a mistake. A pack whose check passes loads in any agent: its manifest is valid, its
 module imports, its model parses, every screen that is not ready has a recovery and every
-recovery a playbook, every automation declares its input and output schemas.
+recovery a playbook, every automation declares its input and output schemas, and every
+Robot Framework robot parses, has the task it names and passes Robot's dry run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from .loader import MANIFEST, Pack, PackError, load_pack
 from .manifest import parse_manifest
+from .robotrun import dry_run
+from .robots import declared, inspect
 
 #: states pre-flight itself produces (not recorded in any model)
 SYNTHETIC = frozenset({"unknown", "no_screen", "wrong_screen", "covered"})
@@ -77,7 +80,9 @@ def check_pack(ref: str | os.PathLike[str]) -> CheckReport:
         if name not in states:
             report.problems.append(f"{where}: [states] signed_out: {name!r} is not a state of the model")
     if not pack.registry:
-        report.problems.append(f"{pack.where}: module {m.pack.module} declares no automation (@automation)")
+        robots = " and [robot] finds no robot" if m.robot.declared else ""
+        report.problems.append(f"{pack.where}: module {m.pack.module or '(none)'} declares no automation "
+                               f"(@automation){robots}")
     for a in pack.registry:
         try:
             a.spec  # noqa: B018 - builds the JSON schemas of its input and output
@@ -97,11 +102,30 @@ def check_pack(ref: str | os.PathLike[str]) -> CheckReport:
     if not m.app.command and not (m.app.process or m.app.window) and not m.hooks.sim:
         report.warnings.append(f"{where}: [app] has no command, process or window: an agent can neither "
                                "start the application nor find it running")
+    _check_robots(pack, report)
     _check_saved_screens(pack, report)
     if m.session.keepalive and m.session.idle_timeout is None and not m.hooks.sim:
         report.warnings.append(f"{where}: [session] keepalive without idle_timeout: upkeep runs only when an "
                                "agent is told the idle timeout (--app-idle-timeout)")
     return report
+
+
+def _check_robots(pack: Pack, report: CheckReport) -> None:
+    """Each robot parses with Robot Framework's parser and has the task it names; then
+    Robot's dry run (libraries imported, keywords looked up, nothing run) finds what only
+    running would otherwise tell."""
+    m = pack.manifest
+    if not m.robot.declared or pack.directory is None:
+        return
+    specs = declared(m, pack.directory, pack.where)  # it loaded: no problem left here
+    if m.robot.suites and not any(s.rel.startswith(m.robot.suites.rstrip("/") + "/") for s in specs):
+        report.warnings.append(f"{pack.where}/{MANIFEST}: [robot] suites = {m.robot.suites!r}: no .robot file "
+                               "with tasks there")
+    for spec in specs:
+        problems = inspect(spec)
+        if not problems:
+            problems = [f"robot {spec.name}: {p}" for p in dry_run(spec.job(pack.directory))]
+        report.problems += [f"{pack.where}: {p}" for p in problems]
 
 
 def _check_saved_screens(pack: Pack, report: CheckReport) -> None:

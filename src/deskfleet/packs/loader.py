@@ -9,7 +9,9 @@ module by what it is: automations (``@automation``), playbooks (``@playbook``), 
 (``@probe``) and the session reader (``@session_reader``). What cannot work — a
 playbook the manifest names that nobody wrote, a ready state the model does not have, a
 module that does not import — is refused here with one line per problem; ``deskfleet pack
-check`` reports the softer problems too.
+check`` reports the softer problems too. Robot Framework robots the manifest declares
+(``[robot]``, :mod:`.robots`) are automations of the registry like the module's own; a pack
+of robots alone needs no module.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import re
 import sys
 import traceback
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.abc import Traversable
@@ -35,6 +38,7 @@ from ..sdk import Automation, Registry
 from ..vision.templates import TemplateLibrary
 from .manifest import Manifest, parse_manifest
 from .playbooks import BUILTIN, PROBE_ATTR, READER_ATTR, info
+from .robots import robot_automations
 
 GROUP = "deskfleet.packs"
 MANIFEST = "pack.toml"
@@ -188,12 +192,14 @@ def _load(root: Traversable, where: str, *, package: str | None) -> Pack:
     library = _library(root, manifest, where)
     playbooks, probe, reader = _declared(module)
     model = _model(manifest, library, playbooks, probe, reader, where)
-    registry = _registry(module, manifest, model, where)
+    registry = _registry(module, manifest, model, where, _as_path(root))
     return Pack(manifest, root, where, module, model, registry, library, playbooks, package)
 
 
 def _import(manifest: Manifest, root: Traversable, where: str, package: str | None) -> ModuleType:
     modname = manifest.pack.module
+    if not modname and manifest.robot.declared:  # robots alone: built-in playbooks, no module
+        return ModuleType(f"_deskfleet_pack_{re.sub(r'[^0-9a-zA-Z_]', '_', manifest.pack.name)}_robots")
     if not modname:
         raise PackError(f"{where}/{MANIFEST}: [pack] module: missing (the Python module with the pack's "
                         "playbooks and automations)")
@@ -218,7 +224,11 @@ def _import_in_pack(root: Traversable, modname: str, pack_name: str, where: str,
         return importlib.import_module(f"{parent.__name__}.{rest}")
     base = Path(str(root))
     file, package_dir = base / f"{modname}.py", base / modname
-    private = f"_deskfleet_pack_{re.sub(r'[^0-9a-zA-Z_]', '_', pack_name)}_{re.sub(r'[^0-9a-zA-Z_]', '_', modname)}"
+    # The directory is part of the name: two versions of one pack (an agent switching to a
+    # newly installed one, each in a directory of its own) must not share their submodules.
+    where_from = f"{zlib.crc32(str(base.resolve()).encode()):08x}"
+    private = (f"_deskfleet_pack_{re.sub(r'[^0-9a-zA-Z_]', '_', pack_name)}_{where_from}_"
+               f"{re.sub(r'[^0-9a-zA-Z_]', '_', modname)}")
     if (package_dir / "__init__.py").is_file():
         spec = importlib.util.spec_from_file_location(private, package_dir / "__init__.py",
                                                       submodule_search_locations=[str(package_dir)])
@@ -304,8 +314,13 @@ def _model(manifest: Manifest, library: TemplateLibrary, own: dict[str, Playbook
     )
 
 
-def _registry(module: ModuleType, manifest: Manifest, model: AppModel, where: str) -> Registry:
+def _registry(module: ModuleType, manifest: Manifest, model: AppModel, where: str,
+              directory: Path | None) -> Registry:
     found = [v for v in vars(module).values() if isinstance(v, Automation)]
+    try:
+        found += robot_automations(manifest, directory, where)
+    except ConfigError as exc:
+        raise PackError(str(exc)) from None
     problems = []
     for a in found:
         if a.required_state not in ("ready", "any") and a.required_state not in {

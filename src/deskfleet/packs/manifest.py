@@ -6,6 +6,7 @@
     description = "Acme ERP (Qt): orders and customers"
     module = "acme_erp"              # playbooks, probe and automations (a .py file or a package)
     model = "model"                  # the app model directory (deskfleet model capture writes it)
+    requires = ["requests>=2.31"]    # Python packages an agent installs beside the pack (pip), if any
 
     [app]                            # how to start, find and stop the application
     command = ["acme-erp", "--profile", "{data}/profile"]
@@ -34,6 +35,17 @@
     idle_timeout = 900               # the app logs out after this many idle seconds
     keepalive = "keepalive"          # a playbook an idle machine runs before that happens
     keepalive_margin = 60            # … this many seconds before
+
+    [robot]                          # Robot Framework robots as automations (docs/robot-framework.md)
+    suites = "robots"                # each .robot file in this directory is an automation
+    timeout = 600                    # seconds a robot may run before its processes are killed
+
+    [[robot.automations]]            # … or one entry per automation, for what discovery cannot say
+    file = "robots/orders.robot"
+    task = "Create Order"            # one task of the file (default: all of them)
+    name = "acme.create_order"       # default: the pack's name, a dot, the task's (or file's) name
+    input = { type = "object", required = ["customer"], properties = { customer = { type = "string" } } }
+    secrets = ["password"]           # input fields that are secrets: encrypted at rest, never shown
 
 Command placeholders: ``{python}`` (this Python), ``{pack}`` (the pack's directory),
 ``{data}`` (the agent's data directory for this app, created), ``{machine}`` (the machine's
@@ -66,6 +78,9 @@ class PackSection(_Section):
     description: str = ""
     module: str = Field(default="", description="the Python module of playbooks and automations")
     model: str = "model"
+    #: Python requirements (pip's syntax) an agent installs into the pack version's own
+    #: environment when the pack is rolled out to it (docs/packs-rollout.md)
+    requires: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list, max_length=100)
 
 
 class AppSection(_Section):
@@ -145,6 +160,63 @@ class HooksSection(_Section):
         return value
 
 
+def _inside_pack(value: str) -> str:
+    if value.startswith(("/", "\\")) or ".." in value.replace("\\", "/").split("/") or ":" in value[:2]:
+        raise ValueError(f"{value!r}: give a path inside the pack, relative to its directory")
+    return value
+
+
+class RobotAutomation(_Section):
+    """One Robot Framework robot offered as an automation: a file (or a directory of suite
+    files), optionally one task of it."""
+
+    file: str = Field(min_length=1, description="a .robot file, or a directory of them, in the pack")
+    task: str = Field(default="", description="the one task (or test) to run; default: all of them")
+    name: str = Field(default="", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=200)
+    version: str = Field(default="", max_length=64, description="default: [robot] version")
+    description: str = ""
+    #: the input's JSON schema: a table here, or the path of a .json file in the pack;
+    #: default: any object (each top-level key becomes a robot variable)
+    input: dict[str, Any] | str | None = None
+    secrets: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list)
+    idempotent: bool | None = None
+    required_state: str = ""
+    timeout: Seconds | None = None
+
+    @field_validator("file")
+    @classmethod
+    def _file_inside(cls, value: str) -> str:
+        return _inside_pack(value)
+
+    @field_validator("input")
+    @classmethod
+    def _schema_inside(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+        return _inside_pack(value) if isinstance(value, str) else value
+
+
+class RobotSection(_Section):
+    """Robot Framework robots the pack offers as automations; the keys outside
+    ``automations`` are the defaults of every robot."""
+
+    suites: str = Field(default="", description="a directory whose .robot files are each an automation")
+    automations: list[RobotAutomation] = Field(default_factory=list, max_length=500)
+    version: str = Field(default="1", min_length=1, max_length=64)
+    idempotent: bool = False
+    required_state: str = "ready"
+    timeout: Seconds | None = None
+    #: seconds between asking a stopped robot to stop (its teardowns run) and killing its processes
+    stop_grace: Seconds = 3.0
+
+    @field_validator("suites")
+    @classmethod
+    def _suites_inside(cls, value: str) -> str:
+        return _inside_pack(value) if value else value
+
+    @property
+    def declared(self) -> bool:
+        return bool(self.suites or self.automations)
+
+
 class Manifest(_Section):
     pack: PackSection
     app: AppSection = Field(default_factory=AppSection)
@@ -152,6 +224,7 @@ class Manifest(_Section):
     accounts: AccountsSection = Field(default_factory=AccountsSection)
     session: SessionSection = Field(default_factory=SessionSection)
     hooks: HooksSection = Field(default_factory=HooksSection)
+    robot: RobotSection = Field(default_factory=RobotSection)
 
 
 def parse_manifest(text: str, where: str) -> Manifest:
@@ -175,7 +248,8 @@ def _problems(exc: ValidationError) -> list[str]:
         if kind == "missing":
             out.append(f"{where}: missing (required)")
         elif kind == "extra_forbidden":
-            out.append(f"{where}: unknown key (a typo? see the keys in docs/your-app.md)")
+            doc = "docs/robot-framework.md" if loc and loc[0] == "robot" else "docs/your-app.md"
+            out.append(f"{where}: unknown key (a typo? see the keys in {doc})")
         elif kind == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == NAME:
             out.append(f"{where}: {error.get('input')!r} is not a name: lower-case letters, digits, '.', '_' "
                        "and '-', starting with a letter or digit")

@@ -30,7 +30,7 @@ from enum import StrEnum
 from ..errors import DeskfleetError
 
 #: the operations of :class:`MachineProvider`, by the names hooks, counters and stats use
-OPS = ("create", "start", "stop", "reboot", "power_off", "destroy", "get", "list", "tag")
+OPS = ("create", "start", "stop", "reboot", "power_off", "destroy", "get", "list", "tag", "update")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class ProviderState(StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     REBOOTING = "rebooting"
+    UPDATING = "updating"  # applying OS updates (``update``); back to running when done
     TERMINATING = "terminating"
     TERMINATED = "terminated"
     FAILED = "failed"
@@ -89,6 +90,8 @@ class Capabilities:
     hibernate: bool = False
     #: stopped machines can be kept ready and started faster than created
     warm_pool: bool = False
+    #: ``update`` applies the OS updates a machine has waiting (rolling maintenance)
+    update: bool = False
 
 
 class ProviderError(DeskfleetError):
@@ -160,3 +163,16 @@ class MachineProvider(ABC):
     @abstractmethod
     async def tag(self, machine_id: str, tags: dict[str, str], *, token: str) -> None:
         """Set these tags (others stay as they are)."""
+
+    async def update(self, machine_id: str, *, token: str) -> None:
+        """Apply the OS updates the machine has waiting (Windows Update, a patch baseline,
+        ``apt-get upgrade``): returns once they have begun. The machine reports
+        ``updating`` until they are applied, then ``running`` — not yet rebooted: rolling
+        maintenance reboots it next, through :meth:`reboot` — or ``failed``, with the
+        reason in ``detail``.
+
+        A provider without ``capabilities.update`` raises ``ProviderError(retryable=False)``
+        (this default).
+        """
+        del machine_id, token
+        raise ProviderError(f"{self.name}: this provider cannot update machines", retryable=False)

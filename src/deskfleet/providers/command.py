@@ -9,16 +9,17 @@ docs/providers.md; ``examples/providers/command-hooks/`` is a reference implemen
 Hooks
     Either a directory holding one executable per operation, named after it (``create``,
     ``destroy``, ``get``, ``list`` — required — and ``start``, ``stop``, ``reboot``,
-    ``power_off``, ``tag`` — optional), or one command run with the operation as its
-    first extra argument (``hooks.py create``). A directory's files say what the provider
-    can do: no ``power_off`` file, no fence. A single command declares its optional
-    operations with ``ops=`` (by default all but ``power_off``: a fence is never assumed).
+    ``power_off``, ``tag``, ``update`` — optional), or one command run with the operation
+    as its first extra argument (``hooks.py create``). A directory's files say what the
+    provider can do: no ``power_off`` file, no fence; no ``update``, no rolling OS updates.
+    A single command declares its optional operations with ``ops=`` (by default all but
+    ``power_off`` and ``update``: neither a fence nor an updater is assumed).
     ``hibernate`` and ``warm_pool`` are declared by the caller (nothing on disk shows them).
 
 Request
     One JSON object on stdin: ``{"op", "token"?, "machine_id"?, "spec"?, "tags"?,
     "hibernate"?, "pool"?}``. ``token`` comes with every change (create, start, stop,
-    reboot, power_off, destroy, tag) and is also in the environment as
+    reboot, power_off, destroy, tag, update) and is also in the environment as
     ``DESKFLEET_TOKEN``; ``DESKFLEET_OP`` names the operation. ``spec`` (create) is
     ``{"name", "pool", "image", "labels", "tags"}``; ``pool`` (list) may be null.
 
@@ -144,7 +145,7 @@ class CommandProvider(MachineProvider):
             self._argv = [os.fspath(hooks)] if isinstance(hooks, str | os.PathLike) else list(hooks)
             if not self._argv:
                 raise ConfigError(f"provider {name!r}: the hook command is empty")
-            found = set(OPS) - {"power_off"} if ops is None else set(ops)
+            found = set(OPS) - {"power_off", "update"} if ops is None else set(ops)
             if unknown := found - set(OPS):
                 raise ConfigError(f"provider {name!r}: unknown operations {sorted(unknown)}; "
                                   f"hooks implement {', '.join(OPS)}")
@@ -153,7 +154,7 @@ class CommandProvider(MachineProvider):
             raise ConfigError(f"provider {name!r}: no {', '.join(missing)} hook {where}; "
                               f"every provider needs {', '.join(REQUIRED)}")
         self.ops = frozenset(found)
-        self.capabilities = Capabilities(fence="power_off" in found,
+        self.capabilities = Capabilities(fence="power_off" in found, update="update" in found,
                                          hibernate=hibernate and "stop" in found,
                                          warm_pool=warm_pool and "start" in found)
         #: machine id → (first seen, state, in it since): stands in for times a hook omits
@@ -182,6 +183,9 @@ class CommandProvider(MachineProvider):
 
     async def tag(self, machine_id: str, tags: dict[str, str], *, token: str) -> None:
         await self._run("tag", machine_id, token=token, tags=tags)
+
+    async def update(self, machine_id: str, *, token: str) -> None:
+        await self._run("update", machine_id, token=token)
 
     async def get(self, machine_id: str) -> ProviderMachine:
         answer = await self._run("get", machine_id)

@@ -89,7 +89,8 @@ class FakeProvider(MachineProvider):
     provisioning_latency: float = 0.0
     stop_latency: float = 0.0
     terminate_latency: float = 0.0
-    capabilities: Capabilities = field(default_factory=lambda: Capabilities(fence=True))
+    update_latency: float = 0.0
+    capabilities: Capabilities = field(default_factory=lambda: Capabilities(fence=True, update=True))
     name: str = "fake"
     calls: Counter[str] = field(default_factory=Counter, init=False)
     actions: Counter[str] = field(default_factory=Counter, init=False)
@@ -98,6 +99,7 @@ class FakeProvider(MachineProvider):
     _tokens: dict[str, _Used] = field(default_factory=dict, init=False)
     _failures: dict[str, builtins.list[_Failures]] = field(default_factory=dict, init=False)
     _never_boot: builtins.list[Callable[[MachineSpec], bool]] = field(default_factory=builtins.list, init=False)
+    _failing_updates: builtins.list[Callable[[MachineSpec], bool]] = field(default_factory=builtins.list, init=False)
     _vanished: set[str] = field(default_factory=set, init=False)
     _next_id: int = field(default=1, init=False)
 
@@ -124,6 +126,10 @@ class FakeProvider(MachineProvider):
         """Machines named ``which`` (or whose spec it accepts) stay booting (or rebooting)
         forever: applies to every boot that begins after this call."""
         self._never_boot.append(which if callable(which) else (lambda spec: spec.name == which))
+
+    def fail_updates(self, which: str | Callable[[MachineSpec], bool]) -> None:
+        """Updates of machines named ``which`` (or whose spec it accepts) end in ``failed``."""
+        self._failing_updates.append(which if callable(which) else (lambda spec: spec.name == which))
 
     def vanish(self, machine_id: str) -> None:
         """The instance disappears behind our back: ``get`` raises MachineNotFound, ``list`` omits it."""
@@ -214,6 +220,26 @@ class FakeProvider(MachineProvider):
             return True
 
         self._mutate("tag", machine_id, token, act, dead_ok=True)
+
+    async def update(self, machine_id: str, *, token: str) -> None:
+        if not self.capabilities.update:
+            self._enter("update")
+            raise ProviderError(f"{self.name}: this provider cannot update machines", retryable=False)
+
+        def act(m: _Machine, state: ProviderState, now: float) -> bool:
+            if state is S.UPDATING:
+                return False
+            if state is not S.RUNNING:
+                raise ProviderError(f"{self.name}: cannot update {m.id}, it is {state}", retryable=False)
+            if any(broken(m.spec) for broken in self._failing_updates):
+                self.injected["update_fails"] += 1
+                m.detail = "the update failed (injected)"  # read once it is failed
+                m.plan(now, [(0.0, S.UPDATING), (self.update_latency, S.FAILED)])
+            else:
+                m.plan(now, [(0.0, S.UPDATING), (self.update_latency, S.RUNNING)])
+            return True
+
+        self._mutate("update", machine_id, token, act)
 
     async def get(self, machine_id: str) -> ProviderMachine:
         self._enter("get")

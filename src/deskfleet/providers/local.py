@@ -36,7 +36,9 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +127,14 @@ class LocalProvider(MachineProvider):
     spec has none) and ``{state_dir}`` (the machine's own directory,
     ``state_dir/machines/NAME``) are replaced in each word; write other braces doubled.
     The machine's labels are in its environment as ``DESKFLEET_MACHINE_LABELS`` (JSON),
-    never in its command line. A machine is ``booting`` for its first ``boot_grace``
+    never in its command line; ``DESKFLEET_BOOT_ID`` there is new at each start (create,
+    start, reboot): the boot id of a machine with no kernel of its own to read one from (a
+    simulated desktop). A machine is ``booting`` for its first ``boot_grace``
     seconds, then ``running``; a stop waits ``stop_timeout`` seconds after SIGTERM before
-    SIGKILL.
+    SIGKILL. ``update_command`` (the same template) is what ``update`` runs — the
+    machine's "OS update" — within ``update_timeout`` seconds: the machine is ``updating``
+    meanwhile, then ``running`` if it exited 0, else ``failed``. Without it the provider
+    cannot update.
     """
 
     def __init__(
@@ -139,11 +146,15 @@ class LocalProvider(MachineProvider):
         env: Mapping[str, str] | None = None,
         stop_timeout: float = 10.0,
         boot_grace: float = 1.0,
+        update_command: Sequence[str] | None = None,
+        update_timeout: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
-        self.capabilities = Capabilities(fence=True)
+        self.capabilities = Capabilities(fence=True, update=bool(update_command))
         self.command = list(command)
+        self.update_command = list(update_command or [])
+        self.update_timeout = update_timeout
         self.state_dir = Path(state_dir)
         self.stop_timeout = stop_timeout
         self.boot_grace = boot_grace
@@ -151,7 +162,7 @@ class LocalProvider(MachineProvider):
         self._clock = clock
         if not self.command:
             raise ConfigError(f"provider {name!r}: the command is empty")
-        for word in self.command:
+        for word in [*self.command, *self.update_command]:
             try:
                 word.format(**dict.fromkeys(TEMPLATE_KEYS, "x"))
             except (KeyError, IndexError, ValueError, AttributeError) as exc:
@@ -255,6 +266,52 @@ class LocalProvider(MachineProvider):
 
     async def tag(self, machine_id: str, tags: dict[str, str], *, token: str) -> None:
         self._order("tag", machine_id, token, lambda mid, m: m.tags.update(tags), dead_ok=True)
+
+    async def update(self, machine_id: str, *, token: str) -> None:
+        """Run ``update_command`` for the machine; returns when it has ended."""
+        if not self.update_command:
+            raise ProviderError(f"{self.name}: this provider cannot update machines (no update command)",
+                                retryable=False)
+        began: list[_Machine] = []
+
+        def begin(mid: str, m: _Machine) -> None:
+            if m.after is not None or m.state != S.RUNNING:
+                raise ProviderError(f"{self.name}: cannot update {mid}, it is {m.state}", retryable=False)
+            self._set(m, S.UPDATING)
+            began.append(m)
+
+        self._order("update", machine_id, token, begin)
+        if not began:
+            return  # a repeated token: the first call ran it
+        ok, detail = await self._run_update(machine_id, began[0])
+        with self._state() as st:
+            m = st.machines.get(machine_id)
+            if m is not None and m.state == S.UPDATING:
+                self._set(m, S.RUNNING if ok else S.FAILED, detail)
+        if not ok:
+            log.warning("provider %s: the update of %s failed: %s", self.name, machine_id, detail,
+                        extra={"machine": machine_id})
+
+    async def _run_update(self, mid: str, m: _Machine) -> tuple[bool, str]:
+        directory = self._machine_dir(mid)
+        keys = {"name": mid, "pool": m.spec["pool"], "image": m.spec["image"] or "", "state_dir": str(directory)}
+        argv = [word.format(**keys) for word in self.update_command]
+        try:
+            with open(directory / "machine.log", "ab") as logfile:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT, cwd=directory,
+                    env={**os.environ, **self._env}, start_new_session=True)
+                try:
+                    async with asyncio.timeout(self.update_timeout):
+                        code = await proc.wait()
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+                    return False, f"the update did not finish within {self.update_timeout:g}s and was killed"
+        except OSError as exc:
+            return False, f"cannot run the update: {exc.strerror or exc}"
+        return (True, "") if code == 0 else (False, f"the update exited with code {code}")
 
     async def get(self, machine_id: str) -> ProviderMachine:
         with self._state() as st:
@@ -381,7 +438,8 @@ class LocalProvider(MachineProvider):
                 "state_dir": str(directory)}
         argv = [word.format(**keys) for word in self.command]
         env = {**os.environ, **self._env,
-               "DESKFLEET_MACHINE_LABELS": json.dumps(spec["labels"], sort_keys=True)}
+               "DESKFLEET_MACHINE_LABELS": json.dumps(spec["labels"], sort_keys=True),
+               "DESKFLEET_BOOT_ID": uuid.uuid4().hex[:16]}
         logfile = directory / "machine.log"
         try:
             directory.mkdir(parents=True, exist_ok=True)

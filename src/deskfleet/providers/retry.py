@@ -99,6 +99,9 @@ class Retrying(MachineProvider):
     async def tag(self, machine_id: str, tags: dict[str, str], *, token: str) -> None:
         await self._call("tag", machine_id, lambda: self.inner.tag(machine_id, tags, token=token))
 
+    async def update(self, machine_id: str, *, token: str) -> None:
+        await self._call("update", machine_id, lambda: self.inner.update(machine_id, token=token))
+
     def backoff(self, retry: int) -> float:
         """The wait before retry number ``retry`` (1, 2…): full jitter under an exponential cap."""
         return self._rng() * min(self.cap, self.base * 2.0 ** (retry - 1))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 
+from .. import tracing
 from ..errors import StoreUnavailable
 from ..fleet.hub import Connection
 from ..models import Assignment, Ending, Run, StopOrder, VaultAccount
@@ -126,8 +127,11 @@ class Dispatch:
                 log.exception("scheduling pass failed; retrying")
                 await asyncio.sleep(self.settings.schedule_tick)
                 continue
+            # With tracing on, each attempt's spans continue its run's trace (one read a pass).
+            traces = (await self.db(self.store.run_traceparents, [a.run.id for a in assignments])
+                      if assignments and tracing.enabled() else {})
             for a in assignments:
-                await self.send_assignment(a)
+                await self.send_assignment(a, traces.get(a.run.id))
             if len(assignments) >= limit:
                 self._wake.set()
             now = time.monotonic()
@@ -139,8 +143,24 @@ class Dispatch:
                 self.replicas.hint("wake")
 
     # -- to agents ---------------------------------------------------------------------------
-    async def send_assignment(self, a: Assignment) -> None:
-        self.metrics.assigned.inc()
+    async def send_assignment(self, a: Assignment, trace: str | None = None) -> None:
+        """Send an assignment to its agent; ``trace``: the run's (tracing on; read if not given)."""
+        if not tracing.enabled():
+            await self._send_assignment(a, None)
+            return
+        if trace is None:
+            trace = (await self.db(self.store.run_traceparents, [a.run.id])).get(a.run.id)
+        where = {"deskfleet.run": a.run.id, "deskfleet.pool": a.run.pool, "deskfleet.automation": a.run.automation}
+        # The wait in the queue, as a span of its own; then the assignment, the agent's parent.
+        tracing.end(tracing.start_span("deskfleet.queued", where, parent=trace, start=a.run.queued_at),
+                    a.attempt.assigned_at)
+        with tracing.span("deskfleet.assign", {**where, "deskfleet.attempt": a.attempt.id,
+                                               "deskfleet.machine": a.attempt.machine_id,
+                                               "deskfleet.replica": self.replica_id},
+                          parent=trace, start=a.attempt.assigned_at):
+            await self._send_assignment(a, tracing.traceparent())
+
+    async def _send_assignment(self, a: Assignment, trace: str | None) -> None:
         spec = a.spec
         data = self.secrets.decrypt_fields(a.run.input, spec.secret_fields if spec else ())
         msg = Assign(
@@ -159,6 +179,7 @@ class Dispatch:
             # the lease began at its last renewal: a beat heard by then renews it for the agent
             renewed_by=self.agents.heard_before(a.attempt.machine_id,
                                                 a.attempt.lease_expires_at - self.settings.lease_timeout),
+            traceparent=trace,
         )
         log.info("assigned attempt %d (%s)", a.attempt.id, a.run.automation,
                  extra={"run": a.run.id, "attempt": a.attempt.id, "machine": a.attempt.machine_id})
@@ -223,7 +244,6 @@ class Dispatch:
                 book.observe(f.run.automation, a.ended_at - a.assigned_at)
             if f.retried:
                 retried = True
-                self.metrics.retried.labels(f.attempt.ending.value if f.attempt.ending else "?").inc()
             self.finals.run_changed(f.run)
         # A machine is free here; a requeued run may fit a machine of another replica.
         self.wake(others=retried)

@@ -1,26 +1,24 @@
-"""Runs that reached a final state: counted, and whoever long-polls them (``GET
-/v1/runs/{id}?wait=…``) woken — here at once, on the other replicas by a hint (which may be
-lost: a long-poll there looks again now and then)."""
+"""Runs that reached a final state: whoever long-polls them (``GET /v1/runs/{id}?wait=…``)
+woken — here at once, on the other replicas by a hint (which may be lost: a long-poll there
+looks again now and then). (The store counts them, in the transaction that ends each: see
+``store.metrics``.)"""
 
 from __future__ import annotations
 
 import asyncio
 
-from ..metrics import Metrics
 from ..models import Run
 from .replicas import Hints
 
 
 class Finals:
-    def __init__(self, metrics: Metrics, replicas: Hints, *, multi: bool) -> None:
-        self.metrics = metrics
+    def __init__(self, replicas: Hints, *, multi: bool) -> None:
         self.replicas = replicas
         self.multi = multi
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     def run_changed(self, run: Run) -> None:
         if run.state.final:
-            self.metrics.finished.labels(run.state.value).inc()
             self.resolve(run.id)
             if self.multi:
                 self.replicas.hint("final", run.id)

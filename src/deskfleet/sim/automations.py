@@ -8,6 +8,9 @@ They show the three policies a run can have when an attempt dies midway:
 - ``ehr.export_summary`` is neither: a lost attempt must fail loudly, because nobody can
   tell whether the summary left the building.
 
+``sim.approval`` shows a person in the loop: it asks for a push approval (or an SMS code)
+with ``ctx.ask_human`` and does its work once somebody answered.
+
 Each waits for screen states instead of sleeping, reports a step before each stage, and
 raises :class:`~deskfleet.errors.DesktopError` the moment the app shows something it did
 not expect (an error dialog, the bare desktop); all of them finish at "home".
@@ -281,9 +284,53 @@ work_short = _work_automation("sim.work_short", "Typically short work")
 work_long = _work_automation("sim.work_long", "Typically long work")
 
 
+class ApprovalInput(BaseModel):
+    key: str = Field(min_length=1, max_length=64)
+    kind: str = "push_approval"
+    prompt: str = Field(default="Approve the sign-in request on the phone", min_length=1, max_length=2000)
+    due: float = Field(default=300.0, gt=0.0, le=24 * 3600.0, description="seconds the person has")
+    escalate_after: float | None = Field(default=None, gt=0.0)
+    secret: bool = False
+
+
+class ApprovalDone(BaseModel):
+    key: str
+    by: str  # who answered
+    response: str | None  # what they answered; never a secret answer
+    machine: str
+
+
+@automation(name="sim.approval", version="1", required_state="any")
+async def approval(ctx: Context, data: ApprovalInput) -> ApprovalDone:
+    """Work that needs a person first: a push approval (or, with ``secret``, a code read out
+    from an SMS) asked with ``ctx.ask_human``; the machine stays leased while they answer.
+    Its effect is written once they did, fenced, as ``sim.work``'s."""
+    backend = getattr(ctx.desktop, "backend", None)
+    if backend is None:
+        raise BusinessError("sim.approval needs a simulated desktop")
+    await ctx.progress("ask a person", message=data.kind)
+    answer = await ctx.ask_human(data.kind, data.prompt, due=data.due, escalate_after=data.escalate_after,
+                                 secret=data.secret)
+    await ctx.progress("answered", message=f"by {answer.by}")
+    async with ctx.fenced():
+        backend.record_work(data.key, machine=ctx.machine_id)
+    return ApprovalDone(key=data.key, by=answer.by, response=None if data.secret else answer.response,
+                        machine=ctx.machine_id)
+
+
+@approval.reconcile
+async def approval_was_done(ctx: Context, data: ApprovalInput) -> ApprovalDone | None:
+    """A retry (nobody answered in time, a lost machine) asks again only if the work was not done."""
+    backend = getattr(ctx.desktop, "backend", None)
+    if backend is None or backend.work_count(data.key) == 0:
+        return None
+    return ApprovalDone(key=data.key, by="", response=None, machine=ctx.machine_id)
+
+
 PACK = "simehr"  # the vault's accounts for SimEHR have this app
 
 
 def demo_registry() -> Registry:
     """The SimEHR automations (and ``sim.noop``, ``sim.work``), as an agent would offer them."""
-    return Registry([create_patient, lookup_patient, export_summary, noop, work, work_short, work_long]).for_pack(PACK)
+    return Registry([create_patient, lookup_patient, export_summary, noop, work, work_short, work_long,
+                     approval]).for_pack(PACK)

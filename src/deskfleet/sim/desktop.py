@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -250,7 +251,10 @@ class SimDesktop:
         log.debug("fault on %s: %s", self.name, kind, extra={"machine": self.name, "fault": kind})
 
     def _boot_id(self) -> str:
-        return hashlib.sha256(f"{self.name}:{self.seed}:{self.boots}".encode()).hexdigest()[:16]
+        # A machine made by a provider that starts it as a process (providers.local) has a
+        # boot of its own: a new process there is a rebooted machine, not a restarted agent.
+        booted = os.environ.get("DESKFLEET_BOOT_ID", "")
+        return hashlib.sha256(f"{self.name}:{self.seed}:{self.boots}:{booted}".encode()).hexdigest()[:16]
 
     def _start_reboot(self) -> None:
         self.rebooting_until = self.clock() + self.fault_plan.reboot_duration

@@ -37,6 +37,7 @@ from deskfleet import (
     session_reader,
 )
 from deskfleet.vision import Classifier, ScreenState, TemplateCheck
+from deskfleet.vision.redact import Redaction, RedactRegion
 
 from .layout import Layout, View, inset, layout_for
 from .render import Renderer
@@ -94,6 +95,22 @@ def _regions(layout: Layout) -> dict[str, list[Region]]:
     return out
 
 
+#: what SimEHR's screenshots must not show (patient data), by screen: blacked out by the
+#: agent before an upload (model.json's "redact", which is this at 1024x768)
+_PRIVATE = {
+    "patient_form": ("mrn", "name", "dob"),
+    "search": ("mrn", "results"),
+}
+
+
+def redaction(layout: Layout) -> Redaction:
+    """The regions SimEHR's model redacts, placed for ``layout``'s screen size."""
+    return Redaction(states={
+        state: tuple(RedactRegion("patient_name" if name == "name" else name, layout.widget(state, name).rect)
+                     for name in names)
+        for state, names in _PRIVATE.items()})
+
+
 def build_classifier(width: int = 1024, height: int = 768) -> Classifier:
     """Every state's templates cut from the renderer for a screen size (no drift): the
     recorded model directory is this at 1024x768; other sizes are for tests of the renderer."""
@@ -104,7 +121,7 @@ def build_classifier(width: int = 1024, height: int = 768) -> Classifier:
         frame = renderer.frame(views[state])
         states.append(ScreenState(state, [TemplateCheck.from_frame(frame, r, THRESHOLD) for r in regions],
                                   overlay=state in _DIALOG_BASE, ready=state == READY))
-    return Classifier(states)
+    return Classifier(states, redaction=redaction(renderer.layout))
 
 
 # -- playbooks ------------------------------------------------------------------------------

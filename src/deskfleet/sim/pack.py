@@ -4,6 +4,7 @@ playbooks, the probe, the session reader). See ``pack.toml`` beside it."""
 from __future__ import annotations
 
 from .automations import (
+    approval,
     create_patient,
     export_summary,
     lookup_patient,
@@ -26,6 +27,7 @@ from .model import (
 )
 
 __all__ = [
+    "approval",
     "create_patient",
     "dismiss",
     "export_summary",

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, delete, insert, or_, select, update
 
+from ..access import AuditEntry
 from ..errors import Conflict, NotFound
 from ..models import AccountLease, Attempt, AutomationSpec, LeaseState, VaultAccount
 from ..scheduler import Need, Slot
@@ -58,6 +59,8 @@ class AccountOps:
                    data: dict[str, Any] | None = None) -> None: ...
 
         def _spec(self, conn: Connection, name: str, version: str | None) -> AutomationSpec | None: ...
+
+        def _audit(self, conn: Connection, entries: Sequence[AuditEntry]) -> None: ...
 
     # -- the vault ------------------------------------------------------------------------------
     def put_account(self, account: VaultAccount, now: float) -> tuple[VaultAccount, bool]:
@@ -154,6 +157,8 @@ class AccountOps:
             self._event(conn, "account.totp_issued", now, machine_id=machine_id,
                         attempt_id=active[0] if active else None, run_id=active[1] if active else None,
                         data={"account": account})
+            self._audit_grant(conn, "credential.totp_issued", account, machine_id, now,
+                              run=active[1] if active else None, attempt=active[0] if active else None)
             return str(acct[0])
 
     # -- verifications --------------------------------------------------------------------------
@@ -345,6 +350,14 @@ class AccountOps:
                         data={"account": acct.name, "state": "reserved"})
         self._event(conn, "account.granted", now, machine_id=machine_id, attempt_id=attempt_id, run_id=run_id,
                     reason=purpose, data={"account": acct.name, "app": acct.app})
+        self._audit_grant(conn, "credential.issued", acct.name, machine_id, now, purpose=purpose, run=run_id,
+                          attempt=attempt_id)
+
+    def _audit_grant(self, conn: Connection, action: str, account: str, machine_id: str, now: float,
+                     **detail: object) -> None:
+        """A credential handed to an agent, in the audit log — in the transaction that hands it."""
+        self._audit(conn, [AuditEntry(action=action, actor=f"machine:{machine_id}", target=f"account:{account}",
+                                      at=now, detail={k: v for k, v in detail.items() if v is not None})])
 
     def _grant_again(self, conn: Connection, a: Attempt, now: float) -> VaultAccount | None:
         """The account of an attempt whose assignment is sent again (the agent was away)."""
@@ -356,6 +369,8 @@ class AccountOps:
         acct = rows.vault_account(row)
         self._event(conn, "account.granted", now, machine_id=a.machine_id, attempt_id=a.id, run_id=a.run_id,
                     reason="resent", data={"account": acct.name, "app": acct.app})
+        self._audit_grant(conn, "credential.issued", acct.name, a.machine_id, now, purpose="resent", run=a.run_id,
+                          attempt=a.id)
         return acct
 
     def _release(self, conn: Connection, lease: AccountLease, reason: str, now: float, *,

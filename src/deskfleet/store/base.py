@@ -16,7 +16,7 @@ Methods are synchronous; the server calls them from a worker thread
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +42,14 @@ from ..models import (
 )
 
 if TYPE_CHECKING:
+    from ..access import ApiKey, AuditEntry
+    from ..models import HumanTask, HumanTaskState
     from ..scheduler import Policy
+    from .artifacts import Expired
+    from .human import HumanSweep, Notify
+    from .maintenance import Campaign
+    from .metrics import FleetFigures
+    from .packs import PackRecord, Rollout
     from .pools import PolicyVersion, PoolDemand
 
 
@@ -58,6 +65,8 @@ class Heartbeat:
     sessions: list[str] | None = None
     #: the notes differ from the machine's previous beat: its account leases must follow
     sessions_changed: bool = False
+    #: keep this beat's figures (app memory, CPU) as a sample of the machine's history
+    sample: bool = False
 
     def notes(self) -> list[str]:
         if self.sessions is not None:
@@ -332,6 +341,88 @@ class Store(ABC):
     @abstractmethod
     def last_event_id(self) -> int: ...
 
+    # -- API keys and the audit log (store.access) ---------------------------------------------------
+    @abstractmethod
+    def create_api_key(self, key: ApiKey, digest: str, audit: AuditEntry) -> ApiKey: ...
+
+    @abstractmethod
+    def api_key(self, prefix: str) -> tuple[ApiKey, str] | None:
+        """The key with that prefix and its digest."""
+
+    @abstractmethod
+    def api_keys(self, *, tenant: str | None = None) -> list[ApiKey]: ...
+
+    @abstractmethod
+    def has_api_keys(self) -> bool: ...
+
+    @abstractmethod
+    def revoke_api_key(self, prefix: str, *, now: float, audit: AuditEntry) -> ApiKey: ...
+
+    @abstractmethod
+    def touch_api_key(self, prefix: str, now: float) -> None: ...
+
+    @abstractmethod
+    def append_audit(self, entries: Sequence[AuditEntry]) -> None: ...
+
+    @abstractmethod
+    def audit_entries(self, *, actor: str | None = None, action: str | None = None, target: str | None = None,
+                      outcome: str | None = None, since: float | None = None, tenant: str | None = None,
+                      after: int | None = None, before: int | None = None, limit: int = 100) -> list[AuditEntry]: ...
+
+    # -- rolling maintenance (store.maintenance) ------------------------------------------------------
+    @abstractmethod
+    def start_maintenance(self, pool: str, machine_ids: Sequence[str] | None, *, reason: str = "",
+                          now: float) -> Campaign:
+        """A campaign over these machines (None: the pool's machines that are up or busy)."""
+
+    @abstractmethod
+    def maintenance_campaign(self, campaign_id: int) -> Campaign | None: ...
+
+    @abstractmethod
+    def maintenance_campaigns(self, pool: str | None = None, *, active: bool = False,
+                              limit: int = 20) -> list[Campaign]: ...
+
+    @abstractmethod
+    def save_maintenance(self, campaign: Campaign, now: float) -> Campaign: ...
+
+    @abstractmethod
+    def cancel_maintenance(self, pool: str, campaign_id: int, *, now: float, reason: str = "") -> Campaign: ...
+
+    # -- published packs and their rollouts (store.packs) -------------------------------------------
+    @abstractmethod
+    def publish_pack(self, name: str, version: str, *, sha256: str, manifest: dict[str, Any],
+                     automations: Sequence[AutomationSpec], archive: bytes, now: float) -> tuple[PackRecord, bool]:
+        """Store a pack version and register its automations; whether it is new. Conflict if
+        that version is published with another archive (sha256)."""
+
+    @abstractmethod
+    def get_pack(self, name: str, version: str) -> PackRecord | None: ...
+
+    @abstractmethod
+    def list_packs(self, name: str | None = None) -> list[PackRecord]: ...
+
+    @abstractmethod
+    def pack_archive(self, name: str, version: str) -> tuple[PackRecord, bytes] | None: ...
+
+    @abstractmethod
+    def assign_pack(self, pool: str, pack: str, version: str | None, *, max_unavailable: str | None = None,
+                    reason: str = "", rollback: bool = False, now: float) -> Rollout:
+        """A rollout of ``pack``'s ``version`` (with ``rollback``: the version before) to ``pool``."""
+
+    @abstractmethod
+    def pack_rollout(self, rollout_id: int) -> Rollout | None: ...
+
+    @abstractmethod
+    def pack_rollouts(self, pool: str | None = None, pack: str | None = None, *, active: bool = False,
+                      limit: int = 20) -> list[Rollout]: ...
+
+    @abstractmethod
+    def pool_packs(self, pool: str) -> dict[str, Rollout]:
+        """The pack versions assigned to ``pool`` (each pack's newest rollout)."""
+
+    @abstractmethod
+    def save_rollout(self, rollout: Rollout, now: float) -> Rollout: ...
+
     @abstractmethod
     def release_fence_hold(self, run_id: str, attempt_id: int, now: float, *, detail: str = "") -> bool:
         """The machine of ``attempt_id`` is fenced: its run, held back since the attempt was
@@ -340,15 +431,26 @@ class Store(ABC):
     @abstractmethod
     def set_machine_screenshot(self, machine_id: str, artifact_id: str) -> None: ...
 
+    @abstractmethod
+    def machine_samples(self, since: float, machine_ids: Sequence[str] | None = None,
+                        ) -> dict[str, list[tuple[float, float, float]]]:
+        """Each machine's samples since ``since``, oldest first: (at, app memory MB, CPU %)."""
+
+    @abstractmethod
+    def prune_machine_samples(self, before: float, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` samples older than ``before``; how many."""
+
     # -- runs ------------------------------------------------------------------------------
     @abstractmethod
-    def submit(self, spec: RunSpec, *, request_hash: str | None, now: float) -> tuple[Run, bool]:
+    def submit(self, spec: RunSpec, *, request_hash: str | None, now: float,
+               traceparent: str | None = None) -> tuple[Run, bool]:
         """Store a new queued run; with an idempotency key already used with the same
         request hash, return the existing run and False. A different hash → Conflict. (A run
-        without a key needs no hash.)"""
+        without a key needs no hash.) ``traceparent``: the trace its submit belongs to
+        (OpenTelemetry), kept for its attempts' spans."""
 
     def submit_many(self, items: Sequence[tuple[RunSpec, str | None]], *, now: float,
-                    ) -> list[tuple[Run, bool] | InvalidRequest]:
+                    traceparent: str | None = None) -> list[tuple[Run, bool] | InvalidRequest]:
         """Store several runs (each with its request hash) in one transaction, each answered
         on its own as :meth:`submit` would answer it — the run and whether it was created — or
         with the error that refused it alone (a Conflict, an unknown pool): one refused run
@@ -356,13 +458,24 @@ class Store(ABC):
         out: list[tuple[Run, bool] | InvalidRequest] = []
         for spec, request_hash in items:
             try:
-                out.append(self.submit(spec, request_hash=request_hash, now=now))
+                out.append(self.submit(spec, request_hash=request_hash, now=now, traceparent=traceparent))
             except InvalidRequest as exc:
                 out.append(exc)
         return out
 
     @abstractmethod
     def get_run(self, run_id: str) -> Run | None: ...
+
+    # -- metrics and traces -------------------------------------------------------------------
+    @abstractmethod
+    def fleet_figures(self, now: float) -> FleetFigures:
+        """The fleet's figures for ``GET /metrics`` (``store.metrics``): the counters and
+        histograms that the transactions finishing runs and attempts added to, and the
+        gauges counted now — the same whichever replica asks."""
+
+    @abstractmethod
+    def run_traceparents(self, run_ids: Sequence[str]) -> dict[str, str]:
+        """The trace each run's submit belongs to, by run id (those submitted with one)."""
 
     @abstractmethod
     def list_runs(
@@ -374,12 +487,13 @@ class Store(ABC):
         machine: str | None = None,
         limit: int = 100,
         before: str | None = None,
+        tenant: str | None = None,
     ) -> list[Run]:
         """Newest first; ``before`` is a run id for paging."""
 
     @abstractmethod
-    def count_runs(self) -> dict[str, int]:
-        """Runs by state."""
+    def count_runs(self, tenant: str | None = None) -> dict[str, int]:
+        """Runs by state (of one tenant)."""
 
     @abstractmethod
     def request_cancel(self, run_id: str, now: float) -> tuple[Run, StopOrder | None]:
@@ -400,7 +514,9 @@ class Store(ABC):
         machine_id: str | None = None,
         after_id: int = 0,
         limit: int = 1000,
-    ) -> list[Event]: ...
+        tenant: str | None = None,
+    ) -> list[Event]:
+        """Oldest first; with ``tenant``, only the events of that tenant's runs."""
 
     @abstractmethod
     def record_event(
@@ -481,7 +597,7 @@ class Store(ABC):
         deadline or progress limit (stop orders); stops not confirmed within
         ``stop_grace`` (forced end, machine quarantined)."""
 
-    # -- artifacts -------------------------------------------------------------------------------
+    # -- artifacts (store.artifacts) -----------------------------------------------------------------
     @abstractmethod
     def add_artifact(
         self,
@@ -492,14 +608,34 @@ class Store(ABC):
         content_type: str,
         data: bytes,
         now: float,
+        size: int | None = None,
+        encrypted_with: str | None = None,
+        redaction: dict[str, Any] | None = None,
+        retention: float | None = None,
     ) -> Artifact:
-        """Attach an artifact; with an attempt id it is fenced like any agent write."""
+        """Attach an artifact; with an attempt id it is fenced like any agent write. ``data``
+        is kept as given: encrypted by the caller with the key whose fingerprint is
+        ``encrypted_with`` (None: in the clear); ``size`` is its content's (default: len(data));
+        ``retention``: its automation's, in seconds (0: for good; None: its pool's)."""
 
     @abstractmethod
-    def get_artifact(self, artifact_id: str) -> tuple[Artifact, bytes] | None: ...
+    def get_artifact(self, artifact_id: str) -> tuple[Artifact, bytes] | None:
+        """The artifact and its bytes as stored (encrypted when ``Artifact.encrypted``)."""
 
     @abstractmethod
     def list_artifacts(self, run_id: str) -> list[Artifact]: ...
+
+    @abstractmethod
+    def rewrap_artifacts(self, after: str | None, limit: int, key: str,
+                         reseal: Callable[[bytes, bool], bytes]) -> tuple[str | None, int]:
+        """Encrypt with key ``key`` (a fingerprint) a batch of artifacts not yet encrypted
+        with it, by ``reseal(data, encrypted)``; (the last id looked at, None when done; how many)."""
+
+    @abstractmethod
+    def expire_artifacts(self, now: float, *, default: float | None, pools: Mapping[str, float | None],
+                         limit: int) -> Expired:
+        """Delete up to ``limit`` artifacts past their retention (their own, else their pool's
+        in ``pools``, else ``default``; 0 or None: for good), oldest first, in one transaction."""
 
     # -- webhooks (an outbox: written with the final state, delivered by a loop) -----------
     @abstractmethod
@@ -508,3 +644,53 @@ class Store(ABC):
 
     @abstractmethod
     def webhook_done(self, webhook_id: int, *, ok: bool, error: str | None, now: float) -> None: ...
+
+    # -- human tasks (store.human) -----------------------------------------------------------------
+    @abstractmethod
+    def create_human_task(self, attempt_id: int, machine_id: str, *, kind: str, prompt: str, due: float,
+                          escalate_after: float | None = None, secret: bool = False,
+                          screenshot_id: str | None = None, now: float, notify: Notify | None = None) -> HumanTask:
+        """A task for a person, asked by the attempt holding its lease (fenced: StaleLease
+        otherwise); ``due`` clamped to the attempt's timeout and the run's deadline."""
+
+    @abstractmethod
+    def check_human_task(self, task_id: str, attempt_id: int, machine_id: str, *, received: bool = False,
+                         now: float) -> HumanTask:
+        """The task as its attempt's agent sees it; with ``received``, its secret answer is wiped."""
+
+    @abstractmethod
+    def get_human_task(self, task_id: str) -> HumanTask | None: ...
+
+    @abstractmethod
+    def list_human_tasks(self, *, states: Collection[HumanTaskState] = (), pool: str | None = None,
+                         run_id: str | None = None, limit: int = 100, tenant: str | None = None) -> list[HumanTask]: ...
+
+    @abstractmethod
+    def claim_human_task(self, task_id: str, by: str, now: float) -> HumanTask:
+        """Exclusive: Conflict (naming who holds it) if somebody else claimed it, or it is over."""
+
+    @abstractmethod
+    def release_human_task(self, task_id: str, by: str, now: float) -> HumanTask: ...
+
+    @abstractmethod
+    def complete_human_task(self, task_id: str, by: str, *, response: str | None = None,
+                            secret_response: str | None = None, now: float,
+                            notify: Notify | None = None) -> HumanTask:
+        """Answer it (Conflict if another holds it or it is over); cancelled instead, and
+        returned so, if its attempt ended meanwhile."""
+
+    @abstractmethod
+    def sweep_human_tasks(self, now: float, notify: Notify | None = None) -> HumanSweep:
+        """The leader's: escalate, expire (their attempts told to stop: human_timeout),
+        cancel the tasks of attempts that ended otherwise."""
+
+    @abstractmethod
+    def due_human_notices(self, now: float, limit: int = 50) -> list[tuple[int, str, str, str]]:
+        """(notice id, task id, event, url) of human-task webhooks due for delivery."""
+
+    @abstractmethod
+    def human_notice_done(self, notice_id: int, *, ok: bool, error: str | None, now: float) -> None: ...
+
+    @abstractmethod
+    def rewrap_human_tasks(self, rewrap: Callable[[str], str | None]) -> int:
+        """Re-encrypt the secret answers still held; how many changed."""

@@ -157,6 +157,7 @@ runs = Table(
     Column("finished_at", Float),
     Column("current_attempt_id", Id),
     Column("current_machine_id", String(128)),
+    Column("traceparent", String(64)),  # the W3C trace context of its submit (OpenTelemetry on)
     CheckConstraint(_in("state", RUN_STATES), name="state"),
     UniqueConstraint("tenant", "idempotency_key", name="uq_runs_idempotency"),
     Index("ix_runs_state", "state"),
@@ -244,9 +245,19 @@ artifacts = Table(
     Column("name", String(200), nullable=False),
     Column("content_type", String(100), nullable=False),
     Column("size", Integer, nullable=False),
-    Column("data", LargeBinary, nullable=False),
+    Column("data", LargeBinary, nullable=False),  # encrypted: see encrypted_with
     Column("created_at", Float, nullable=False),
+    # Private screenshots (0011): the fingerprint of the key that encrypted ``data`` (NULL:
+    # stored in the clear, before 0011); what the agent redacted (names, never content); the
+    # machine's pool and the automation's retention, which the leader's sweep goes by.
+    Column("encrypted_with", String(64)),
+    Column("redaction", JSON),
+    Column("pool", String(128)),
+    Column("retention", Float),
     Index("ix_artifacts_run", "run_id"),
+    Index("ix_artifacts_created", "created_at"),
+    Index("ix_artifacts_pool_created", "pool", "created_at"),
+    Index("ix_artifacts_retention_created", "retention", "created_at"),
 )
 
 webhooks = Table(
@@ -335,4 +346,197 @@ pool_policies = Table(
     Column("created_at", Float, nullable=False),
     Column("comment", Text, nullable=False, server_default=""),
     CheckConstraint("version >= 1", name="version"),
+)
+
+# Rolling maintenance (deskfleet.fleet.controller): one row per campaign; ``machines`` maps
+# each machine to its step ({"step", "since", "boot_id", "detail"}), written by the leader.
+maintenance = Table(
+    "maintenance",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("pool", String(128), ForeignKey("pools.name", ondelete="CASCADE"), nullable=False),
+    Column("state", String(16), nullable=False),  # running | done | stalled | cancelled
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("machines", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("detail", Text, nullable=False, server_default=""),
+    Index("ix_maintenance_pool_state", "pool", "state"),
+    sqlite_autoincrement=True,
+)
+
+# Human tasks (deskfleet.services.human): what only a person can do for a running attempt —
+# approve a push, read out an SMS code. A secret task's response is stored encrypted
+# (``enc:v1:…``, in ``secret_response``) and wiped once its agent has it or its attempt is
+# over. No foreign keys, as for events: the
+# rows outlive nothing they point at, and a task is written in the attempt's own
+# transaction, under its lock.
+HUMAN_TASK_STATES = ("open", "claimed", "completed", "expired", "cancelled")
+
+human_tasks = Table(
+    "human_tasks",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("run_id", String(40), nullable=False),
+    Column("attempt_id", Id, nullable=False),
+    Column("machine_id", String(128), nullable=False),
+    Column("pool", String(128), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("prompt", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("secret", Boolean, nullable=False, server_default=text("false")),
+    Column("screenshot_id", String(40)),
+    Column("created_at", Float, nullable=False),
+    Column("due_at", Float, nullable=False),
+    Column("requested_due_at", Float, nullable=False),
+    Column("escalate_at", Float),
+    Column("escalated_at", Float),
+    Column("claimed_by", String(200)),
+    Column("claimed_at", Float),
+    Column("completed_by", String(200)),
+    Column("ended_at", Float),
+    Column("reason", Text),
+    Column("response", Text),  # a task's answer; a secret task's is never here
+    Column("secret_response", Text),  # a secret task's answer, encrypted, until its agent has it
+    Column("answered", Boolean, nullable=False, server_default=text("false")),
+    CheckConstraint(_in("state", HUMAN_TASK_STATES), name="state"),
+    Index("ix_human_tasks_run", "run_id"),
+    Index("ix_human_tasks_attempt", "attempt_id"),
+    # the leader's sweep (due, escalation, orphans) reads only the tasks still waiting
+    Index("ix_human_tasks_waiting", "due_at",
+          sqlite_where=text("state IN ('open', 'claimed')"), postgresql_where=text("state IN ('open', 'claimed')")),
+    # secret answers still held: wiped once their attempt is over
+    Index("ix_human_tasks_secret_held", "attempt_id",
+          sqlite_where=text("secret_response IS NOT NULL"), postgresql_where=text("secret_response IS NOT NULL")),
+)
+
+# Human-task webhooks: an outbox like ``webhooks``, written in the transaction of the task's
+# transition, delivered by the leader (services.webhooks).
+human_notices = Table(
+    "human_notices",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("task_id", String(40), nullable=False),
+    Column("event", String(64), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("tries", Integer, nullable=False, server_default=text("0")),
+    Column("next_at", Float, nullable=False),
+    Column("delivered_at", Float),
+    Column("gave_up_at", Float),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Index(
+        "ix_human_notices_due",
+        "next_at",
+        sqlite_where=text("delivered_at IS NULL AND gave_up_at IS NULL"),
+        postgresql_where=text("delivered_at IS NULL AND gave_up_at IS NULL"),
+    ),
+)
+
+# Published packs (deskfleet.store.packs): one row per name and version, the archive's bytes
+# kept here, so that every replica serves them to agents (a replica-local file would not
+# be). ``automations``: what the pack offers, as its build wrote it; ``manifest``: pack.toml.
+packs = Table(
+    "packs",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("manifest", JSON, nullable=False),
+    Column("automations", JSON, nullable=False),
+    Column("archive", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# Pack rollouts: a pool assigned a pack's version, its machines moved to it a few at a time
+# by the leader (deskfleet.fleet.rollout). The newest rollout of a pool and pack is the
+# assignment in force; ``from_version`` is what the pool ran before (what a rollback goes
+# back to). ``machines`` maps each machine to its step ({"step", "since", "started", "detail"}).
+pack_rollouts = Table(
+    "pack_rollouts",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("pool", String(128), ForeignKey("pools.name", ondelete="CASCADE"), nullable=False),
+    Column("pack", String(64), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("from_version", String(64)),
+    Column("max_unavailable", String(16), nullable=False),
+    Column("state", String(16), nullable=False),  # running | stalled | done | superseded
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("machines", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("detail", Text, nullable=False, server_default=""),
+    Index("ix_pack_rollouts_pool_pack", "pool", "pack"),
+    sqlite_autoincrement=True,
+)
+
+# The fleet's counters and histogram buckets for /metrics (deskfleet.store.metrics): added to
+# by the transactions that make what they count, so that they add up across replicas and
+# survive restarts. ``labels``: the label values as JSON (sorted keys); ``shard``: one of a
+# few rows per counter on PostgreSQL, summed when read (replicas do not queue on one row).
+metric_counts = Table(
+    "metric_counts",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("labels", String(1000), primary_key=True),
+    Column("shard", Integer, primary_key=True),
+    Column("value", Float, nullable=False),
+)
+
+# Machines' figures over time (app memory, CPU), one row a minute or so per machine, taken
+# from its heartbeats by the hub and written with them; the leader prunes what is older than
+# a day. The dashboard draws them (deskfleet.ui).
+machine_samples = Table(
+    "machine_samples",
+    metadata,
+    Column("machine_id", String(128), primary_key=True),
+    Column("at", Float, primary_key=True),
+    Column("memory_mb", Float, nullable=False),
+    Column("cpu_percent", Float, nullable=False),
+    Index("ix_machine_samples_at", "at"),
+)
+
+# API keys (deskfleet.access): the public prefix names a key; only the SHA-256 of the whole
+# key is kept. ``tenant`` is one tenant or "*" (every tenant).
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("prefix", String(32), primary_key=True),
+    Column("digest", String(64), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("tenant", String(128), nullable=False),
+    Column("screenshots", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(64), nullable=False),
+    Column("expires_at", Float),
+    Column("revoked_at", Float),
+    Column("revoked_by", String(64)),
+    Column("last_used_at", Float),
+    CheckConstraint(_in("role", ("submitter", "operator", "admin")), name="role"),
+)
+
+# The audit log: who did what, append-only — triggers (migration 0010) refuse to update or
+# delete a row, on SQLite and PostgreSQL alike. ``actor`` is a key's prefix, "bootstrap",
+# "anonymous" or "machine:<id>" (a credential handed to an agent); ``outcome`` is "ok",
+# "denied" (401, 403, another tenant's 404) or "failed" (any other refusal).
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("role", String(16)),
+    Column("tenant", String(128)),
+    Column("action", String(200), nullable=False),
+    Column("target", String(200), nullable=False, server_default=""),
+    Column("outcome", String(16), nullable=False),
+    Column("status", Integer),
+    Column("detail", JSON, nullable=False),
+    Column("remote", String(64), nullable=False, server_default=""),
+    Index("ix_audit_log_actor", "actor", "id"),
+    Index("ix_audit_log_action", "action", "id"),
+    sqlite_autoincrement=True,
 )

@@ -28,7 +28,9 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
+    delete,
     func,
+    insert,
     or_,
     select,
     text,
@@ -48,7 +50,6 @@ from ..errors import (
     StoreUnavailable,
 )
 from ..models import (
-    Artifact,
     Assignment,
     Attempt,
     AttemptMode,
@@ -74,16 +75,22 @@ from ..pools import PoolPolicy
 from ..scheduler import AccountBook, DurationBook, Policy, eligible
 from ..statemachine import can_transition, decide, overdue_reason, quarantines, queued_expiry
 from . import rows
+from .access import AccessOps
 from .accounts import AccountOps
+from .artifacts import ArtifactOps
 from .base import ConnectResult, Finished, Heartbeat, Store, SweepResult
 from .driver import Driver, Raw, send_before_statements
+from .human import HumanOps
 from .keys import KeyOps
+from .maintenance import MaintenanceOps
+from .metrics import COUNTS, RUNS_SUBMITTED, MetricOps
+from .packs import PackOps
 from .pools import PoolOps
 from .schema import (
-    artifacts,
     attempts,
     automations,
     events,
+    machine_samples,
     machines,
     pools,
     replicas,
@@ -215,7 +222,7 @@ RUNS_PER_FREE = 2
 RUN_PAGE_MIN = 16
 
 
-class SQLStore(AccountOps, KeyOps, PoolOps, Store):
+class SQLStore(AccessOps, AccountOps, ArtifactOps, HumanOps, KeyOps, MaintenanceOps, MetricOps, PackOps, PoolOps, Store):
     def __init__(self, engine: Engine, *, migrate: Callable[[Engine], None]) -> None:
         self.engine = engine
         self._migrate = migrate
@@ -298,10 +305,12 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
                 conn = conn.execution_options(deskfleet_write=write)
                 conn.info["deskfleet_specs"] = []  # nothing of a rolled-back transaction's
                 conn.info["deskfleet_events"] = []  # see _event
+                conn.info[COUNTS] = {}  # see MetricOps._count
                 try:
                     with conn.begin():
                         yield conn
                         self._flush_events(conn)
+                        self._flush_counts(conn)  # last: see store.metrics
                         self._drv.send(conn)  # the writes still waiting (store.driver), before COMMIT
                 finally:
                     self._drv.forget(conn)  # nothing of a rolled-back transaction's is sent later
@@ -359,6 +368,7 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
                     run_id=row["run_id"] if row is not None and row["machine_id"] == machine_id else None,
                     machine_id=machine_id, reason=exc.reason, data={"op": op},
                 )
+                self._count_stale(conn, op)
             log.warning("rejected %s from a stale lease: %s", op, exc.reason,
                         extra={"attempt": attempt_id, "machine": machine_id})
             raise
@@ -455,6 +465,7 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
         # One row, or the run changed under this transaction (checked when the write is sent).
         self._drv.update(conn, runs, {"state": to.value, "updated_at": now, **values},
                          {"id": run.id, "state": run.state.value}, expect=1)
+        self._count_run(conn, run, to, now, values.get("error_code"))
         at = run.state
         for state, why, said in steps:
             self._event(
@@ -759,6 +770,11 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
                  "session_expires_at": b.session_expires_at, "id": b.machine_id}
                 for b in beats
             ])
+            sampled = [b for b in beats if b.sample]
+            if sampled:
+                conn.execute(insert(machine_samples), [
+                    {"machine_id": b.machine_id, "at": b.at, "memory_mb": float(b.resources.get("memory_mb") or 0.0),
+                     "cpu_percent": float(b.resources.get("cpu_percent") or 0.0)} for b in sampled])
             # Account leases follow the session notes, written only when a note changed.
             for b in beats:
                 if b.sessions_changed:
@@ -842,45 +858,68 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
             conn.execute(update(machines).where(machines.c.id == machine_id)
                          .values(last_screenshot_id=artifact_id))
 
+    def machine_samples(self, since: float, machine_ids: Sequence[str] | None = None,
+                        ) -> dict[str, list[tuple[float, float, float]]]:
+        q = select(machine_samples).where(machine_samples.c.at >= since).order_by(
+            machine_samples.c.machine_id, machine_samples.c.at)
+        if machine_ids is not None:
+            q = q.where(machine_samples.c.machine_id.in_(list(machine_ids)))
+        out: dict[str, list[tuple[float, float, float]]] = {}
+        with self._tx(write=False) as conn:
+            for r in conn.execute(q):
+                out.setdefault(r[0], []).append((r[1], r[2], r[3]))
+        return out
+
+    def prune_machine_samples(self, before: float, limit: int = 10_000) -> int:
+        with self._tx() as conn:
+            # About ``limit`` rows a call: up to the time of the limit-th oldest (one statement,
+            # on the index of ``at``; a few more go when samples share that time).
+            edge = conn.execute(select(machine_samples.c.at).where(machine_samples.c.at < before)
+                                .order_by(machine_samples.c.at).offset(limit - 1).limit(1)).scalar()
+            cut = machine_samples.c.at < before if edge is None else machine_samples.c.at <= edge
+            return int(conn.execute(delete(machine_samples).where(cut)).rowcount or 0)
+
     # -- runs -----------------------------------------------------------------------------------
-    def submit(self, spec: RunSpec, *, request_hash: str | None, now: float) -> tuple[Run, bool]:
+    def submit(self, spec: RunSpec, *, request_hash: str | None, now: float,
+               traceparent: str | None = None) -> tuple[Run, bool]:
         try:
-            return self._submit(spec, request_hash, now)
+            return self._submit(spec, request_hash, now, traceparent)
         except (IntegrityError, StoreRetry):
             # A concurrent submit with the same idempotency key won the insert: answer as
             # the second of two identical requests would be answered.
             if spec.idempotency_key is None:
                 raise
-            return self._submit(spec, request_hash, now)
+            return self._submit(spec, request_hash, now, traceparent)
 
     def submit_many(self, items: Sequence[tuple[RunSpec, str | None]], *, now: float,
-                    ) -> list[tuple[Run, bool] | InvalidRequest]:
+                    traceparent: str | None = None) -> list[tuple[Run, bool] | InvalidRequest]:
         try:
-            return self._submit_many(items, now)
+            return self._submit_many(items, now, traceparent)
         except (IntegrityError, StoreRetry):
             # A concurrent submit took one of the batch's idempotency keys between our look
             # and our insert: the whole transaction went; again, that key is now found.
-            return self._submit_many(items, now)
+            return self._submit_many(items, now, traceparent)
 
-    def _submit_many(self, items: Sequence[tuple[RunSpec, str | None]], now: float,
+    def _submit_many(self, items: Sequence[tuple[RunSpec, str | None]], now: float, traceparent: str | None,
                      ) -> list[tuple[Run, bool] | InvalidRequest]:
         out: list[tuple[Run, bool] | InvalidRequest] = []
         batch = _SubmitBatch()
         with self._tx() as conn:
             for spec, request_hash in items:
                 try:  # a refusal comes before anything of its run is written
-                    out.append(self._submit_in(conn, spec, request_hash, now, batch))
+                    out.append(self._submit_in(conn, spec, request_hash, now, batch, traceparent))
                 except (NotFound, Conflict) as exc:
                     out.append(exc)
             batch.flush(self._drv, conn)
         return out
 
-    def _submit(self, spec: RunSpec, request_hash: str | None, now: float) -> tuple[Run, bool]:
+    def _submit(self, spec: RunSpec, request_hash: str | None, now: float,
+                traceparent: str | None) -> tuple[Run, bool]:
         with self._tx() as conn:
-            return self._submit_in(conn, spec, request_hash, now)
+            return self._submit_in(conn, spec, request_hash, now, traceparent=traceparent)
 
     def _submit_in(self, conn: Connection, spec: RunSpec, request_hash: str | None, now: float,
-                   batch: _SubmitBatch | None = None) -> tuple[Run, bool]:
+                   batch: _SubmitBatch | None = None, traceparent: str | None = None) -> tuple[Run, bool]:
         """Submit within the transaction ``conn``; a refusal (NotFound, Conflict) is raised
         before anything is written. Within a ``batch``, each pool is looked up once and runs
         without an idempotency key are inserted together (in order: before any keyed one)."""
@@ -907,7 +946,7 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
             "request_hash": request_hash, "webhook_url": spec.webhook_url, "state": "queued",
             "created_at": now, "updated_at": now, "queued_at": now,
             # the schema's defaults, said here: the driver path sends what it is given
-            "attempts_started": 0, "dispatches": 0, "needs_reconcile": False,
+            "attempts_started": 0, "dispatches": 0, "needs_reconcile": False, "traceparent": traceparent,
         }
         # With a key, ON CONFLICT DO NOTHING: a concurrent submit (another replica's) that
         # took the key first is waited for and found, instead of an error that would abort
@@ -921,6 +960,7 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
             return existing, False
         self._event(conn, "run.state", now, run_id=run_id, to_state="queued", reason="submitted",
                     data={"automation": spec.automation, "pool": spec.pool, "priority": spec.priority})
+        self._count(conn, RUNS_SUBMITTED, {"pool": spec.pool})
         return rows.run({c.name: None for c in runs.columns} | values), True
 
     def _by_key(self, conn: Connection, spec: RunSpec, request_hash: str | None) -> Run | None:
@@ -953,6 +993,7 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
         machine: str | None = None,
         limit: int = 100,
         before: str | None = None,
+        tenant: str | None = None,
     ) -> list[Run]:
         # Newest first by creation time, ties broken by id; ids alone are random within a
         # millisecond.
@@ -965,6 +1006,8 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
             q = q.where(runs.c.automation == automation)
         if machine is not None:
             q = q.where(runs.c.current_machine_id == machine)
+        if tenant is not None:
+            q = q.where(runs.c.tenant == tenant)
         with self._tx(write=False) as conn:
             if before is not None:
                 edge = conn.execute(select(runs.c.created_at).where(runs.c.id == before)).scalar()
@@ -973,9 +1016,11 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
                 q = q.where(or_(runs.c.created_at < edge, and_(runs.c.created_at == edge, runs.c.id < before)))
             return [rows.run(r) for r in conn.execute(q).mappings()]
 
-    def count_runs(self) -> dict[str, int]:
+    def count_runs(self, tenant: str | None = None) -> dict[str, int]:
         with self._tx(write=False) as conn:
             q = select(runs.c.state, func.count()).group_by(runs.c.state)
+            if tenant is not None:
+                q = q.where(runs.c.tenant == tenant)
             return {state: n for state, n in conn.execute(q)}
 
     def request_cancel(self, run_id: str, now: float) -> tuple[Run, StopOrder | None]:
@@ -1028,12 +1073,15 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
         machine_id: str | None = None,
         after_id: int = 0,
         limit: int = 1000,
+        tenant: str | None = None,
     ) -> list[Event]:
         q = select(events).where(events.c.id > after_id).order_by(events.c.id).limit(limit)
         if run_id is not None:
             q = q.where(events.c.run_id == run_id)
         if machine_id is not None:
             q = q.where(events.c.machine_id == machine_id)
+        if tenant is not None:
+            q = q.where(events.c.run_id.in_(select(runs.c.id).where(runs.c.tenant == tenant)))
         with self._tx(write=False) as conn:
             return [rows.event(r) for r in conn.execute(q).mappings()]
 
@@ -1412,6 +1460,7 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
                     from_state=a.phase.value, to_state=d.attempt_state.value, reason=ending.value,
                     data={"detail": detail} if detail else None)
         if d.retried:
+            self._count_retry(conn, run, ending, d.code)
             after = self._set_run_state(
                 conn, run, RunState.QUEUED, now, reason=d.code, message=d.message, attempt_id=a.id,
                 machine_id=a.machine_id, queued_at=now, not_before=d.not_before,
@@ -1593,45 +1642,7 @@ class SQLStore(AccountOps, KeyOps, PoolOps, Store):
                 for a in (rows.attempt(r) for r in conn.execute(q).mappings())
             ]
 
-    # -- artifacts ---------------------------------------------------------------------------------
-    def add_artifact(
-        self,
-        *,
-        attempt_id: int | None,
-        machine_id: str,
-        name: str,
-        content_type: str,
-        data: bytes,
-        now: float,
-    ) -> Artifact:
-        def insert(conn: Connection, run_id: str | None) -> Artifact:
-            art_id = ids.new_id("art")
-            conn.execute(artifacts.insert().values(
-                id=art_id, run_id=run_id, attempt_id=attempt_id, machine_id=machine_id, name=name,
-                content_type=content_type, size=len(data), data=data, created_at=now,
-            ))
-            if content_type == "image/png":
-                conn.execute(update(machines).where(machines.c.id == machine_id)
-                             .values(last_screenshot_id=art_id))
-            row = conn.execute(select(artifacts).where(artifacts.c.id == art_id)).mappings().one()
-            return rows.artifact(row)
-
-        if attempt_id is None:
-            with self._tx() as conn:
-                return insert(conn, None)
-        return self._fenced("artifact", attempt_id, machine_id, now, lambda conn, a, _run: insert(conn, a.run_id),
-                            needs_run=False)
-
-    def get_artifact(self, artifact_id: str) -> tuple[Artifact, bytes] | None:
-        with self._tx(write=False) as conn:
-            row = conn.execute(select(artifacts).where(artifacts.c.id == artifact_id)).mappings().first()
-            return (rows.artifact(row), bytes(row["data"])) if row else None
-
-    def list_artifacts(self, run_id: str) -> list[Artifact]:
-        with self._tx(write=False) as conn:
-            cols = [c for c in artifacts.c if c.name != "data"]
-            q = select(*cols).where(artifacts.c.run_id == run_id).order_by(artifacts.c.created_at)
-            return [rows.artifact(r) for r in conn.execute(q).mappings()]
+    # -- artifacts: store.artifacts --------------------------------------------------------------
 
     # -- webhooks ----------------------------------------------------------------------------------
     def due_webhooks(self, now: float, limit: int = 50) -> list[tuple[int, str, str]]:

@@ -24,7 +24,8 @@ Modules: :mod:`.classifier` (the decision, and its explanation), :mod:`.template
 directory on disk: ``model.json``, template PNGs; :func:`load_model`), :mod:`.screens`
 (labelled screenshots — the ones saved with a model, or a CSV — and accuracy reports),
 :mod:`.authoring` (capture, add-screen and remove, each checked against the saved screens),
-:mod:`.locate` (the primary anchor: the app's window found by its pixels).
+:mod:`.locate` (the primary anchor: the app's window found by its pixels), :mod:`.redact`
+(the parts of the screen blacked out before a screenshot leaves the machine).
 """
 
 from __future__ import annotations

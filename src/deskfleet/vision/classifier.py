@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from ..desktop.base import Frame, Region, Window, WindowFacts
+from .redact import Redaction
 
 UNKNOWN = "unknown"
 #: the frame is not the size the model was recorded at; ``Classification.detail`` says both
@@ -190,11 +191,16 @@ class Classifier:
     size is :data:`WRONG_SCREEN`. None accepts any size (models drawn for one renderer).
     """
 
-    def __init__(self, states: list[ScreenState], *, screen: tuple[int, int] | None = None) -> None:
+    def __init__(self, states: list[ScreenState], *, screen: tuple[int, int] | None = None,
+                 redaction: Redaction | None = None) -> None:
         if not states:
             raise ValueError("a classifier needs at least one state")
         self.states = states
         self.screen = screen
+        #: the parts of the screen the model says to black out in uploaded screenshots
+        #: (``model.json``'s ``redact``: see :mod:`.redact`); they are placed by the states
+        #: this classifier recognises
+        self.redaction = redaction or Redaction()
 
     def classify(self, frame: Frame, windows: WindowFacts | None = None) -> Classification:
         """The state ``frame`` shows. With ``windows`` (what the window system says about the

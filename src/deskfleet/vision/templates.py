@@ -17,6 +17,12 @@ each check looks for.
         {"kind": "text", "name": "title", "region": [60, 10, 300, 36],
          "pattern": "^Home$", "threshold": 0.5}]}]}
 
+Parts of the screen to black out in the screenshots an agent uploads (a patient's name, an
+account number) are named in ``redact`` lists — at the top for every screen, in a state for
+that screen: ``{"name": "results", "box": [252, 190, 520, 144]}``, or relative to where a
+check of the state is found, ``{"name": "mrn", "near": "part1", "box": [-263, 1, 240, 32]}``
+(see :mod:`.redact`, which applies them).
+
 A ``match`` or ``pixels`` check may carry ``"variants": {"dark": "home.logo.dark.png"}``: the
 same part as another look of the app draws it (another theme), recorded by ``deskfleet model
 capture --variant LOOK`` and tried when the template itself does not pass.
@@ -61,6 +67,7 @@ from .classifier import (
     wrong_screen_message,
 )
 from .match import MIN_TEXTURE, MatchCheck, expand, gray
+from .redact import Redaction, RedactRegion
 
 if TYPE_CHECKING:
     from .locate import WindowLocator
@@ -76,8 +83,9 @@ RESERVED = frozenset({UNKNOWN, WRONG_SCREEN, COVERED})
 #: names that become file names (states, templates): letters, digits, '_' and '-'
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
-_TOP = ("format", "name", "screen", "window", "any_theme", "anchor", "scales", "states")
-_STATE = ("name", "overlay", "ready", "checks")
+_TOP = ("format", "name", "screen", "window", "any_theme", "anchor", "scales", "redact", "states")
+_STATE = ("name", "overlay", "ready", "redact", "checks")
+_REDACT = ("name", "near", "box")
 _FIELDS = {
     "match": ("kind", "name", "template", "at", "threshold", "margin", "variants"),
     "pixels": ("kind", "name", "template", "at", "threshold", "variants"),
@@ -144,6 +152,9 @@ class TemplateLibrary:
         #: gives the scale by itself: the window's size)
         self.scales: tuple[float, ...] = (1.0,)
         self.states: list[dict[str, Any]] = []
+        #: regions blacked out in uploaded screenshots of every screen (each state's own are
+        #: its ``"redact"``): ``{"name", "box"}`` as ``model.json`` has them
+        self.redact: list[dict[str, Any]] = []
         self.images: dict[str, Frame] = {}  # template file name → RGB pixels
         self._dirty: set[str] = set()  # templates recorded since loading: to be written
         self._origin: Path | None = None  # the directory loaded from, if on disk
@@ -197,10 +208,17 @@ class TemplateLibrary:
             entry = {"kind": "text", "name": t.name, "region": list(t.region), "pattern": t.pattern,
                      "threshold": t.threshold}
             checks.append(_check_spec(entry, f"text {t.name!r} of {state!r}: ", self.screen, images.__getitem__))
-        described = {"name": state, "overlay": overlay, "ready": ready, "checks": checks}
+        described: dict[str, Any] = {"name": state, "overlay": overlay, "ready": ready, "checks": checks}
         for old in self.states:
             if old["name"] == state:
                 self._forget(old)
+                if old.get("redact"):  # recorded again: what it hides stays hidden
+                    described = {**described, "redact": old["redact"]}
+                    kept = {c["name"] for c in checks}
+                    lost = sorted({r["near"] for r in old["redact"] if r.get("near") and r["near"] not in kept})
+                    if lost:
+                        raise ConfigError(f"state {state!r} redacts regions near check(s) {', '.join(lost)}, which "
+                                          "this recording lacks: keep their names, or edit its 'redact' first")
         at = next((i for i, s in enumerate(self.states) if s["name"] == state), len(self.states))
         self.states = [s for s in self.states if s["name"] != state]
         self.states.insert(at, described)  # recorded again: same place in the model
@@ -289,6 +307,7 @@ class TemplateLibrary:
         window += ', "any_theme": true' if self.any_theme else ""
         window += f', "anchor": {json.dumps(self.anchor)}' if self.anchor is not None else ""
         window += f', "scales": {json.dumps(list(self.scales))}' if self.scales != (1.0,) else ""
+        window += f', "redact": {json.dumps(self.redact)}' if self.redact else ""
         return (f'{{"format": {FORMAT}, "name": {json.dumps(self.name)}, "screen": {json.dumps(list(self.screen))}'
                 f'{window},\n "states": [\n{body}\n ]}}\n')
 
@@ -336,7 +355,15 @@ class TemplateLibrary:
         return out
 
     def classifier(self) -> Classifier:
-        return Classifier(self.screen_states(), screen=self.screen)
+        return Classifier(self.screen_states(), screen=self.screen, redaction=self.redaction())
+
+    def redaction(self) -> Redaction:
+        """The regions to black out in uploaded screenshots (``redact``: see :mod:`.redact`)."""
+        def regions(specs: list[dict[str, Any]]) -> tuple[RedactRegion, ...]:
+            return tuple(RedactRegion(r["name"], Region(*r["box"]), r.get("near")) for r in specs)
+
+        return Redaction(regions(self.redact),
+                         {s["name"]: regions(s["redact"]) for s in self.states if s.get("redact")})
 
     def locator(self) -> WindowLocator | None:
         """What finds the app's window by its primary anchor (``"anchor"``), for a desktop
@@ -510,6 +537,7 @@ def _parse(data: Any, root: Traversable, where: str) -> TemplateLibrary:
             or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0.25 <= v <= 4 for v in scales)):
         fail(f"'scales' must be a list of factors between 0.25 and 4 (e.g. [1.0, 1.25, 1.5]), not {scales!r}")
     lib.anchor, lib.scales = anchor, tuple(float(v) for v in scales)
+    lib.redact = _redact_specs(data.get("redact", []), "'redact'", lib.screen, None, fail)
     if window is not None:
         try:
             lib.window = _box(window, "'window' (the app's main window when recorded)", lib.screen)
@@ -561,14 +589,60 @@ def _parse(data: Any, root: Traversable, where: str) -> TemplateLibrary:
                 fail(f"state {sname!r} has two checks named {spec['name']!r}")
             names.add(spec["name"])
             specs.append(spec)
-        lib.states.append({"name": sname, "overlay": bool(state.get("overlay", False)),
-                           "ready": bool(state.get("ready", False)), "checks": specs})
+        described: dict[str, Any] = {"name": sname, "overlay": bool(state.get("overlay", False)),
+                                     "ready": bool(state.get("ready", False))}
+        hidden = _redact_specs(state.get("redact", []), f"state {sname!r}: 'redact'", lib.screen,
+                               {sp["name"] for sp in specs if sp["name"]}, fail)
+        if hidden:
+            described["redact"] = hidden
+        described["checks"] = specs
+        lib.states.append(described)
     if lib.anchor is not None:
         try:
             lib._anchor_spec(lib.anchor)
         except ConfigError as exc:
             fail(str(exc))
     return lib
+
+
+def _redact_specs(value: object, what: str, screen: tuple[int, int], checks: set[str] | None,
+                  fail: Callable[[str], NoReturn]) -> list[dict[str, Any]]:
+    """A ``redact`` list, validated: each ``{"name", "box"}`` inside the screen, or — in a
+    state (``checks``: the names of its checks) — ``{"name", "near", "box"}`` relative to
+    where that check is found."""
+    if not isinstance(value, list):
+        fail(f"{what} must be a list of regions such as {{\"name\": \"patient_name\", \"box\": [x, y, w, h]}}, "
+             f"not {value!r}")
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(value):
+        label = entry.get("name") if isinstance(entry, dict) else None
+        ctx = f"{what}, region {label or f'#{i + 1}'!r}"
+        if not isinstance(entry, dict):
+            fail(f"{ctx}: a region is a JSON object with 'name' and 'box'")
+        extra = [k for k in entry if k not in _REDACT]
+        if extra:
+            fail(f"{ctx}: unknown field {extra[0]!r} (fields: {', '.join(_REDACT)})")
+        if not isinstance(label, str) or not NAME.fullmatch(label):
+            fail(f"{ctx}: 'name' must be letters, digits, '_' and '-' (it is what the artifact records)")
+        if any(r["name"] == label for r in out):
+            fail(f"{what} names region {label!r} twice")
+        near, box = entry.get("near"), entry.get("box")
+        if near is None:
+            try:
+                placed = _box(box, ctx, screen)
+            except ConfigError as exc:
+                fail(str(exc))
+            out.append({"name": label, "box": list(placed)})
+            continue
+        if checks is None:
+            fail(f"{ctx}: 'near' places a region by a check of one state; a region of every screen has a box")
+        if not isinstance(near, str) or near not in checks:
+            fail(f"{ctx}: 'near' must name a check of the state (its checks: {', '.join(sorted(checks)) or 'none named'})")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_int(v) for v in box) and box[2] > 0 and box[3] > 0):
+            fail(f"{ctx}: 'box' is [dx, dy, width, height] from the top-left of check {near!r}, in whole pixels, "
+                 f"not {box!r}")
+        out.append({"name": label, "near": near, "box": list(box)})
+    return out
 
 
 def decode_image(raw: bytes) -> Frame:

@@ -139,6 +139,11 @@ async def test_the_dashboard_shows_the_fleet_runs_failures_tasks_and_audit_and_a
     await page.click("text=retry")
     await expect(page.locator("#flash")).to_contain_text("retried as run_")
     await expect(page.locator(".summary")).to_contain_text("retried as")
+    retry = re.search(r"retried as (run_\w+)", await page.locator("#flash").inner_text())
+    assert retry, await page.locator("#flash").inner_text()
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, headers={"authorization": f"Bearer {BOOT}"}) as c:
+        again = (await c.get(f"/v1/runs/{retry[1]}", params={"wait": 30})).json()
+    assert again["state"] == "failed", again  # X-405 again: the same business error
 
     # -- failures, grouped by signature -----------------------------------------------------------------
     await page.click("nav >> text=Failures")

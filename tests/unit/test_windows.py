@@ -858,6 +858,62 @@ def test_a_refused_reboot_says_what_windows_said(win: Fakes, monkeypatch: pytest
         ConsoleHost(reboot_command=["shutdown", "/r"]).restart()
 
 
+class FakeRegistry:
+    """``winreg`` over HKEY_LOCAL_MACHINE as a dict: key path → {value name: value}. A missing
+    key or value raises FileNotFoundError, as winreg does; every opened key must be closed."""
+
+    HKEY_LOCAL_MACHINE = 0x80000002
+
+    def __init__(self, keys: dict[str, dict[str, Any]]) -> None:
+        self.keys = keys
+        self.open: list[str] = []
+
+    def OpenKey(self, hive: int, path: str) -> str:  # noqa: N802 (winreg's names)
+        assert hive == self.HKEY_LOCAL_MACHINE
+        if path not in self.keys:
+            raise FileNotFoundError(2, "The system cannot find the file specified")
+        self.open.append(path)
+        return path
+
+    def CloseKey(self, key: str) -> None:  # noqa: N802
+        self.open.remove(key)
+
+    def QueryValueEx(self, key: str, name: str) -> tuple[Any, int]:  # noqa: N802
+        if name not in self.keys[key]:
+            raise FileNotFoundError(2, "The system cannot find the file specified")
+        return self.keys[key][name], 7  # REG_MULTI_SZ
+
+
+CBS = r"SOFTWARE\Microsoft\Windows\CurrentVersion\Component Based Servicing\RebootPending"
+WU = r"SOFTWARE\Microsoft\Windows\CurrentVersion\WindowsUpdate\Auto Update\RebootRequired"
+SESSION_MANAGER = r"SYSTEM\CurrentControlSet\Control\Session Manager"
+
+
+@pytest.mark.parametrize(("keys", "pending"), [
+    ({SESSION_MANAGER: {}}, False),
+    ({SESSION_MANAGER: {"PendingFileRenameOperations": []}}, False),  # present, nothing queued
+    ({}, False),
+    ({CBS: {}, SESSION_MANAGER: {}}, True),  # Component Based Servicing
+    ({WU: {}, SESSION_MANAGER: {}}, True),  # Windows Update
+    ({SESSION_MANAGER: {"PendingFileRenameOperations": [r"\??\C:\app\old.dll", ""]}}, True),
+])
+def test_each_of_windows_reboot_required_signals_is_a_pending_reboot(
+        win: Fakes, monkeypatch: pytest.MonkeyPatch, keys: dict[str, dict[str, Any]], pending: bool) -> None:
+    registry = FakeRegistry(keys)
+    monkeypatch.setitem(sys.modules, "winreg", registry)
+    assert ConsoleHost().reboot_pending() is pending
+    assert not registry.open, "a registry key was left open"
+
+
+def test_debians_reboot_required_flag_is_a_pending_reboot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flags = (tmp_path / "run" / "reboot-required", tmp_path / "var" / "run" / "reboot-required")
+    monkeypatch.setattr(driver, "REBOOT_REQUIRED", flags)
+    assert driver.posix_reboot_pending() is False
+    flags[1].parent.mkdir(parents=True)
+    flags[1].write_text("*** System restart required ***\n")  # what update-notifier writes
+    assert driver.posix_reboot_pending() is True
+
+
 def test_the_reboot_command_line_keeps_windows_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     line = r'"C:\Program Files\Robot\reboot.cmd" /now C:\logs'
     assert command_words("sudo systemctl reboot") == ["sudo", "systemctl", "reboot"]

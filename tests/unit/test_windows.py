@@ -868,17 +868,17 @@ class FakeRegistry:
         self.keys = keys
         self.open: list[str] = []
 
-    def OpenKey(self, hive: int, path: str) -> str:  # noqa: N802 (winreg's names)
+    def OpenKey(self, hive: int, path: str) -> str:
         assert hive == self.HKEY_LOCAL_MACHINE
         if path not in self.keys:
             raise FileNotFoundError(2, "The system cannot find the file specified")
         self.open.append(path)
         return path
 
-    def CloseKey(self, key: str) -> None:  # noqa: N802
+    def CloseKey(self, key: str) -> None:
         self.open.remove(key)
 
-    def QueryValueEx(self, key: str, name: str) -> tuple[Any, int]:  # noqa: N802
+    def QueryValueEx(self, key: str, name: str) -> tuple[Any, int]:
         if name not in self.keys[key]:
             raise FileNotFoundError(2, "The system cannot find the file specified")
         return self.keys[key][name], 7  # REG_MULTI_SZ

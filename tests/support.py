@@ -96,11 +96,16 @@ async def register_sim_accounts(server: Any, *, seed: int = 1, max_sessions: int
 
 
 def fast_settings(data_dir: Path, **overrides: Any) -> ServerSettings:
-    """Short heartbeats and sweeps so that failover happens in test time."""
+    """Short heartbeats and sweeps so that failover happens in test time.
+
+    Leases last 3 s: long enough that a host busy with the suite's workers (a browser
+    starting, another worker's desktops) does not stall a test's own process past one — CI
+    lost a lease that way with 1 s — and short enough for failover tests. A test about a
+    stall or a pause sets the timeout it needs."""
     values: dict[str, Any] = {
         "data_dir": data_dir,
         "heartbeat_interval": 0.2,
-        "heartbeat_timeout": 1.0,
+        "heartbeat_timeout": 3.0,
         "stop_grace": 1.5,
         "sweep_interval": 0.05,
         "schedule_tick": 0.1,

@@ -70,7 +70,7 @@ async def _images_loaded(page: Page, selector: str) -> int:
 
 async def test_the_dashboard_shows_the_fleet_runs_failures_tasks_and_audit_and_acts(
         server_factory, fleet_factory, browser: Browser) -> None:
-    # Not a fault test: leases of 5 s, not the 1 s of fast_settings, so that a busy host (the
+    # Not a fault test: leases of 5 s, longer than the 3 s of fast_settings, so that a busy host (the
     # browser, the server's thread and the agents share this process's turns) loses no lease.
     server = server_factory(api_key=BOOT, sample_interval=0.2, heartbeat_timeout=5.0)
     await fleet_factory(server, count=2, screenshots="evidence")

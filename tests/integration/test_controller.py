@@ -380,6 +380,32 @@ async def test_a_machine_past_its_max_age_is_drained_rebooted_between_runs_and_b
     assert w.fake.actions["reboot"] == 1 and w.store.get_run(run_id).state.value == "succeeded"
 
 
+async def test_a_machine_past_its_max_age_with_rebuild_is_replaced_between_runs(world):
+    """``age_action: rebuild``: never mid-run; once idle, drained and destroyed — not put back
+    in service, although the pool's min wants a machine — and a new one made in its place."""
+    w = world({**MANAGED, "recycle": {"max_age_hours": 1, "age_action": "rebuild"}})
+    await settle(w, 1)
+    [m] = w.store.list_machines("ehr")
+    [run_id] = w.submit(1)
+    await w.tick()
+    w.store.heartbeat([Heartbeat(m.id, w.now, resources={"uptime": 7200.0}, attempt_id=w.running[0].attempt.id)],
+                      LEASE)
+    for _ in range(3):  # up two hours, but busy: nothing happens to it mid-run
+        await w.tick()
+    assert w.kinds("machine.recycle") == [] and w.fake.actions["destroy"] == 0
+    w.finish_all()
+    for _ in range(20):
+        await w.tick()
+    [order] = w.kinds("machine.recycle")
+    assert order.machine_id == m.id and order.data["action"] == "rebuild" and "up 2.0 h (limit 1 h)" in order.reason
+    assert [e.data["restore"] for e in w.kinds("pool.scaled") if e.data["restore"]] == []
+    assert w.fake.actions["destroy"] == 1 and w.fake.actions["create"] == 2
+    [new] = [x for x in await w.fake.list(pool="ehr") if x.state is ProviderState.RUNNING]
+    assert new.name != m.id and w.store.get_machine(new.name).status == "ready"
+    assert w.store.get_machine(m.id).status == "offline"
+    assert w.store.get_run(run_id).state.value == "succeeded" and w.destroyed_while_busy == []
+
+
 async def test_a_machine_whose_os_waits_for_a_reboot_is_drained_and_rebooted_before_the_os_forces_it(world):
     """Item 5: the agent reports a pending reboot (Windows' "reboot required" signals); the
     pool reboots the machine between runs through its provider, without a recycle policy."""

@@ -177,6 +177,11 @@ class _PoolState:
     rebooting: set[str] = field(default_factory=set)  # rebooted for recycling: back in service on return
     maintenance_said: str = ""  # why the pool's maintenance last waited, said once
 
+    def rebuilding(self, machine_id: str) -> bool:
+        """Retired for a rebuild (its age): destroyed once idle, never put back in service."""
+        h = self.health.get(machine_id)
+        return h is not None and h.pending is not None and h.pending[0] == "rebuild"
+
 
 class Controller:
     """Runs :func:`decide` for every managed pool and carries it out through the providers."""
@@ -573,8 +578,10 @@ class Controller:
         demand = await self.db(self.store.pool_demand, pool, now, 300.0)
         if state.since is None:
             state.since = now
-        # Being retired, but still idle and up: put back in service if more are wanted again.
-        restorable = sorted((mid for mid in state.retiring if mid in ours and (m := enrolled.get(mid)) is not None
+        # Being retired, but still idle and up: put back in service if more are wanted again
+        # (not one retired for its rebuild: its age would only retire it again).
+        restorable = sorted((mid for mid in state.retiring if mid in ours and not state.rebuilding(mid)
+                             and (m := enrolled.get(mid)) is not None
                              and m.connected and m.active_attempt_id is None and m.health is MachineHealth.ONLINE),
                             key=lambda mid: -state.retiring[mid])  # the latest retired first
         decision = decide(

@@ -446,6 +446,28 @@ async def test_scale_in_goes_down_to_the_highest_target_of_the_window_not_at_onc
     assert destroyed.index(6) - destroyed.index(3) >= 6, destroyed  # the rest a window (60 s) after the last run
 
 
+async def test_scale_in_retires_a_machine_due_for_recycling_before_an_older_one(world):
+    """Two idle machines, one to go: the younger, whose app is above the policy's memory
+    limit, goes rather than the older one (which alone oldest-first would pick)."""
+    w = world({**MANAGED, "recycle": {"above_mb": 500}})
+    await settle(w, 1)
+    [older] = w.store.list_machines("ehr")
+    w.submit(2)  # the first machine takes one; a second is made for the other
+    for _ in range(20):
+        await w.tick()
+    assert sum(m.status == "busy" for m in w.store.list_machines("ehr")) == 2
+    [younger] = [m for m in w.store.list_machines("ehr") if m.id != older.id]
+    assert older.enrolled_at < younger.enrolled_at
+    w.finish_all()
+    w.store.heartbeat([Heartbeat(younger.id, w.now, resources={"memory_mb": 800.0})], LEASE)
+    w.store.heartbeat([Heartbeat(older.id, w.now, resources={"memory_mb": 300.0})], LEASE)
+    for _ in range(20):  # the stabilisation window, then the pool down to min 1
+        await w.tick()
+    assert [d for e in w.kinds("pool.scaled") for d in e.data["retire"]] == [younger.id]
+    assert w.fake.actions["destroy"] == 1
+    assert {m.name for m in await w.fake.list(pool="ehr") if m.state is ProviderState.RUNNING} == {older.id}
+
+
 # -- rolling maintenance (item 5) --------------------------------------------------------------------
 
 def out_of_service(w: World) -> list[str]:

@@ -14,8 +14,9 @@ create 5".
   create carries a token of its own (the machine's name): a retry of it (``Retrying``), or
   a new leader that finds it in the provider's list, never makes a second one.
 - **Scale in** waits until the target stayed below the supply for the policy's
-  stabilisation window (no flapping at a burst's edge); then the idle machines go, oldest
-  first: drained (no new work), and destroyed once they hold no lease. A machine holding
+  stabilisation window (no flapping at a burst's edge); then the idle machines go — those
+  due for a recycle first (retiring them is their refresh), then the oldest: drained (no
+  new work), and destroyed once they hold no lease. A machine holding
   a lease is never destroyed; one still busy after the drain timeout is put back in
   service instead, and the pass says so.
 - **Lifecycle**: each machine walks provisioning → booting → enrolling → ready, each step
@@ -277,8 +278,7 @@ class Controller:
                 continue
             if m.status != "ready" or m.id in state.retiring:
                 continue  # busy, or out of service: never mid-run
-            due = _due(r, h, m.runs_completed, memory, float(m.resources.get("uptime") or 0.0),
-                       reboot_pending=bool(m.resources.get("reboot_pending")))
+            due = _due(r, h, m)
             if due is None:
                 continue
             action, reason, figure, limit = due
@@ -571,8 +571,9 @@ class Controller:
         coming = [m for m in at_provider if m.state in COMING and (
             m.name not in enrolled or (m.name in state.tracked and not _arrived(enrolled[m.name])))]
         idle = [m for m in enrolled.values() if m.status == "ready"]
+        # Those due for a recycle first (retiring them is their refresh), then the oldest.
         retirable = sorted((m for m in idle if m.id in ours and m.id not in state.retiring),
-                           key=lambda m: (m.enrolled_at, m.id))  # the oldest first
+                           key=lambda m: (not _recycle_due(policy.recycle, state, m), m.enrolled_at, m.id))
         # Every machine the pool has, for max: the provider's, and any enrolled by hand that is up.
         total = len(ours | {m.id for m in enrolled.values() if m.connected})
         demand = await self.db(self.store.pool_demand, pool, now, 300.0)
@@ -703,13 +704,14 @@ class Controller:
                       data={"pool": pool, **(data or {})})
 
 
-def _due(r: Recycle, h: _Health, runs: int, memory: float, uptime: float, *,
-         reboot_pending: bool = False) -> tuple[str, str, float, float] | None:
-    """The first refresh due for a machine, as (action, reason, the figure, its threshold).
-    An OS waiting for a reboot comes first: drained and rebooted now, between runs, it does
-    not force the reboot in the middle of one."""
-    if reboot_pending:
+def _due(r: Recycle, h: _Health, m: Machine) -> tuple[str, str, float, float] | None:
+    """The first refresh due for a machine, by its latest heartbeat's figures, as (action,
+    reason, the figure, its threshold). An OS waiting for a reboot comes first: drained and
+    rebooted now, between runs, it does not force the reboot in the middle of one."""
+    if m.resources.get("reboot_pending"):
         return "reboot", "the OS waits for a reboot to finish an update", 1, 1
+    runs, memory = m.runs_completed, float(m.resources.get("memory_mb") or 0.0)
+    uptime = float(m.resources.get("uptime") or 0.0)
     since = runs - h.base_runs
     if r.after_runs is not None and since >= r.after_runs:
         return "restart_app", f"{since} runs since the app started (limit {r.after_runs})", since, r.after_runs
@@ -724,6 +726,11 @@ def _due(r: Recycle, h: _Health, runs: int, memory: float, uptime: float, *,
     if r.max_age_hours is not None and uptime > r.max_age_hours * 3600:
         return r.age_action, f"up {uptime / 3600:.1f} h (limit {r.max_age_hours:g} h)", uptime, r.max_age_hours * 3600
     return None
+
+
+def _recycle_due(r: Recycle, state: _PoolState, m: Machine) -> bool:
+    """Whether a refresh is due for the machine (as far as this leader has followed it)."""
+    return _due(r, state.health.get(m.id) or _Health(m.boot_id, m.runs_completed), m) is not None
 
 
 def _slope(points: list[tuple[int, float]]) -> float:

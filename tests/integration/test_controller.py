@@ -170,6 +170,7 @@ async def test_a_burst_is_met_once_machines_boot_and_they_go_after_it_once_idle(
     assert len(up) == 1 and w.destroyed_while_busy == []
     drained = [e for e in w.store.events(limit=10_000) if e.kind == "machine.draining"]
     assert len(drained) == 5 and all("scale-in" in (e.reason or "") for e in drained)
+    assert w.kinds("pool.machine_vanished") == []  # those it destroyed itself did not vanish
 
 
 async def test_a_busy_machine_is_never_destroyed_and_a_drain_that_outlasts_its_timeout_is_abandoned(world):
@@ -265,6 +266,59 @@ async def test_a_machine_that_never_boots_is_destroyed_and_replaced(world):
     assert len(failed) == 1 and "not ready" in failed[0].reason
     assert w.fake.actions["destroy"] == 1 and w.fake.actions["create"] == 2
     assert [m.status for m in w.store.list_machines("ehr")] == ["ready"]
+    assert w.kinds("pool.machine_vanished") == []
+
+
+@pytest.mark.parametrize(("how", "now"), [
+    ("vanish", "absent"),         # gone from the provider's list and get
+    ("destroy", "terminated"),    # terminated by someone else (a cloud console, a script)
+])
+async def test_a_machine_that_vanishes_from_its_provider_is_said_once_taken_out_of_supply_and_replaced(
+        world, how, now):
+    """Two instances deleted behind the pool's back — one idle, one running a run — while
+    their agents have not gone silent yet. The next pass says so once for each, counts them,
+    takes them out of service (no new work, not supply) and makes their replacements; it
+    destroys nothing itself. The run moves when its lease expires. At max: the pool may
+    replace them, as they are no longer its machines."""
+    w = world({**MANAGED, "min": 2, "max": 2})
+    await settle(w, 2)
+    [run_id] = w.submit(1)
+    await w.tick()
+    busy, idle = sorted(w.store.list_machines("ehr"), key=lambda m: m.active_attempt_id is None)
+    assert busy.active_attempt_id is not None and idle.status == "ready"
+    for m in await w.fake.list(pool="ehr"):
+        if how == "vanish":
+            w.fake.vanish(m.id)
+        else:
+            await w.fake.destroy(m.id, token=f"by hand {m.id}")
+    created, destroyed = w.fake.actions["create"], w.fake.calls["destroy"]
+    w.now += 5.0
+    await w.controller.tick()  # a pass before either agent is seen to go
+    said = w.kinds("pool.machine_vanished")
+    assert sorted(e.machine_id for e in said) == sorted([busy.id, idle.id])
+    assert all(e.data["provider_state"] == "running" and e.data["now"] == now for e in said)
+    assert {e.machine_id: e.data["held_lease"] for e in said} == {busy.id: True, idle.id: False}
+    assert "lease expires" in next(e.reason for e in said if e.machine_id == busy.id)
+    assert w.controller.pools["ehr"].errors["vanished"] == 2
+    assert not w.store.get_machine(idle.id).schedulable  # no run goes to a machine that is gone
+    # Not idle supply: the busy one still counts while it holds its lease, so one is made now.
+    assert w.fake.actions["create"] == created + 1
+    scaled = w.kinds("pool.scaled")[-1]
+    assert "idle 0" in scaled.reason and "create 1" in scaled.reason, scaled.reason
+    for _ in range(5):
+        await w.tick()
+    w.now += LEASE
+    [lost] = w.store.expire_leases(w.now)  # the usual path: its run is queued again
+    assert lost.attempt.machine_id == busy.id and lost.retried
+    for _ in range(20):
+        await w.tick()
+    assert len(w.kinds("pool.machine_vanished")) == 2  # once each, not every pass
+    assert w.fake.actions["create"] == created + 2  # one replacement each
+    assert w.fake.calls["destroy"] == destroyed and w.kinds("pool.provider_error") == []
+    up = {m.name for m in await w.fake.list(pool="ehr") if m.state is ProviderState.RUNNING}
+    assert len(up) == 2 and not up & {busy.id, idle.id}
+    assert w.store.get_run(run_id).state.value == "running"
+    assert w.store.list_attempts(run_id)[-1].machine_id in up  # on a replacement
 
 
 async def test_a_pool_whose_provider_this_server_lacks_is_said_once(world):

@@ -33,7 +33,10 @@ create 5".
   campaign stalls rather than take more machines down. Each step is an event.
 - **Provider faults** (refused creates, timeouts) are counted per pool and operation and
   recorded (``pool.provider_error``); the next pass tries again — with backoff when the
-  provider is wrapped in :class:`~deskfleet.providers.Retrying`.
+  provider is wrapped in :class:`~deskfleet.providers.Retrying`. A machine deleted behind
+  the pool's back (gone from the provider's list and ``get``, or terminated without its
+  order) is said and counted once (``pool.machine_vanished``), cordoned and no longer
+  counted; its replacement follows from supply, and a run it held moves at its lease's end.
 """
 
 from __future__ import annotations
@@ -52,7 +55,14 @@ from typing import TYPE_CHECKING, Any
 from ..errors import NotFound
 from ..models import Machine, MachineAdmin, MachineHealth
 from ..pools import DEFAULT_READY_TIME, Maintenance, PoolPolicy, Recycle
-from ..providers import MachineProvider, MachineSpec, ProviderError, ProviderMachine, ProviderState
+from ..providers import (
+    MachineNotFound,
+    MachineProvider,
+    MachineSpec,
+    ProviderError,
+    ProviderMachine,
+    ProviderState,
+)
 from ..store.maintenance import AWAY, Campaign, MachineStep
 from . import rolling
 
@@ -177,6 +187,11 @@ class _PoolState:
     health: dict[str, _Health] = field(default_factory=dict)  # machine → what recycling follows
     rebooting: set[str] = field(default_factory=set)  # rebooted for recycling: back in service on return
     maintenance_said: str = ""  # why the pool's maintenance last waited, said once
+    #: the machines last seen up (or on their way) at ``provider``, by name: one it no longer has
+    #: — and that this controller did not destroy — vanished
+    known: dict[str, ProviderMachine] = field(default_factory=dict)
+    provider: str = ""
+    vanished: set[str] = field(default_factory=set)  # written off, their agents maybe still connected
 
     def rebuilding(self, machine_id: str) -> bool:
         """Retired for a rebuild (its age): destroyed once idle, never put back in service."""
@@ -555,10 +570,12 @@ class Controller:
             return None
         state.missing_provider_said = False
         try:
-            at_provider = [m for m in await provider.list(pool=pool) if m.state not in GONE]
+            listed = await provider.list(pool=pool)
         except ProviderError as exc:
             await self._provider_error(state, pool, "list", exc, now)
             return None
+        at_provider = [m for m in listed if m.state not in GONE]
+        await self._notice_vanished(state, pool, provider, listed, now)
         # The machines that matter: up, busy, or the provider's — not every one destroyed before.
         enrolled = {m.id: m for m in await self.db(self.store.list_machines, pool,
                                                      live_or=tuple(m.name for m in at_provider))}
@@ -574,8 +591,10 @@ class Controller:
         # Those due for a recycle first (retiring them is their refresh), then the oldest.
         retirable = sorted((m for m in idle if m.id in ours and m.id not in state.retiring),
                            key=lambda m: (not _recycle_due(policy.recycle, state, m), m.enrolled_at, m.id))
-        # Every machine the pool has, for max: the provider's, and any enrolled by hand that is up.
-        total = len(ours | {m.id for m in enrolled.values() if m.connected})
+        # Every machine the pool has, for max: the provider's, and any enrolled by hand that is up
+        # (not one written off as vanished whose agent has not gone yet).
+        state.vanished &= set(enrolled)
+        total = len(ours | {m.id for m in enrolled.values() if m.connected and m.id not in state.vanished})
         demand = await self.db(self.store.pool_demand, pool, now, 300.0)
         if state.since is None:
             state.since = now
@@ -654,6 +673,66 @@ class Controller:
                 await self._destroy(state, pool, provider, m, now)
                 state.tracked.pop(m.name, None)
 
+    async def _notice_vanished(self, state: _PoolState, pool: str, provider: MachineProvider,
+                               listed: list[ProviderMachine], now: float) -> None:
+        """Machines deleted behind the pool's back: seen up (or on their way) at the provider
+        before, and now missing from its list and its ``get``, or terminated without this
+        controller's order. Each is said and counted once (``pool.machine_vanished``) and
+        taken out of the pool's bookkeeping: cordoned (no new work: its agent may not have
+        noticed yet), neither supply nor on its way, not counted against ``max``, and never
+        destroyed — nothing is left to destroy. A run it held moves when its lease expires,
+        as any lost attempt's; the pool's supply, one machine short, brings a new one if
+        demand needs it."""
+        if state.provider != provider.name:  # a policy that changed provider: the old one's machines are not gone
+            state.known.clear()
+            state.provider = provider.name
+        seen = {m.name: m for m in listed}
+        for name, last in list(state.known.items()):
+            found = seen.get(name)
+            if found is None:
+                try:  # the list may have missed it: its get says
+                    found = await provider.get(last.id)
+                except MachineNotFound:
+                    pass
+                except ProviderError as exc:
+                    await self._provider_error(state, pool, "get", exc, now)
+                    continue  # asked again next pass
+            if found is not None and found.state not in GONE:
+                continue
+            del state.known[name]
+            await self._vanished(state, pool, provider, last, found, now)
+        for m in listed:
+            if m.state not in GONE:
+                state.known[m.name] = m
+
+    async def _vanished(self, state: _PoolState, pool: str, provider: MachineProvider, last: ProviderMachine,
+                        found: ProviderMachine | None, now: float) -> None:
+        name = last.name
+        state.errors["vanished"] += 1
+        for followed in (state.tracked, state.retiring, state.health):
+            followed.pop(name, None)
+        state.rebooting.discard(name)
+        machine = await self.db(self.store.get_machine, name)
+        held = machine is not None and machine.active_attempt_id is not None
+        if machine is None:
+            did = "it had not enrolled: nothing to take out of service"
+        else:
+            did = "cordoned: no new work, not counted as supply"
+            if machine.admin is not MachineAdmin.CORDONED:
+                await self.db(self.store.set_admin, name, MachineAdmin.CORDONED, now,
+                              f"vanished from provider {provider.name}")
+            if machine.connected:
+                state.vanished.add(name)
+            if held:
+                did += "; its run moves when its lease expires"
+        gone_as = found.state.value if found is not None else "absent"
+        reason = (f"gone from provider {provider.name} without the pool's order (last seen {last.state.value}, "
+                  f"now {gone_as}): {did}; nothing to destroy; a new machine if the pool's demand needs one")
+        log.warning("pool %s: machine %s (%s) %s", pool, name, last.id, reason)
+        await self._event("pool.machine_vanished", now, pool=pool, machine_id=name, reason=reason[:300], data={
+            "provider": provider.name, "provider_id": last.id, "provider_state": last.state.value, "now": gone_as,
+            "enrolled": machine is not None, "held_lease": held, "failures": state.errors["vanished"]})
+
     async def _finish_retiring(self, state: _PoolState, pool: str, policy: PoolPolicy, provider: MachineProvider,
                                at_provider: list[ProviderMachine], enrolled: dict[str, Machine], now: float) -> None:
         by_name = {m.name: m for m in at_provider}
@@ -680,6 +759,7 @@ class Controller:
         machine = await self.db(self.store.get_machine, m.name)
         if machine is not None and machine.active_attempt_id is not None:
             return False
+        state.known.pop(m.name, None)  # gone from the provider's list after this: not vanished
         try:
             await provider.destroy(m.id, token=f"destroy:{pool}:{m.id}")
         except ProviderError as exc:

@@ -24,7 +24,7 @@ from .errors import (
     StateTimeout,
     Stopped,
 )
-from .sdk import Automation, Context, Lease, Registry, automation
+from .sdk import Automation, Context, Lease, Registry, UpdateContext, automation
 from .version import __version__
 
 #: public name → the module that defines it (imported when the name is first used)
@@ -102,6 +102,7 @@ __all__ = [
     "SimSettings",
     "StateTimeout",
     "Stopped",
+    "UpdateContext",
     "Window",
     "WindowFacts",
     "__version__",

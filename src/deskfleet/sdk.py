@@ -87,6 +87,25 @@ class Lease:
             raise Stopped("lease_presumed_lost")
 
 
+
+@dataclass(frozen=True, slots=True)
+class UpdateContext:
+    """What a pack's update hook (``[hooks] update`` in pack.toml) is given when its agent is
+    asked to update the machine — a pool's rolling maintenance with ``update: pack``.
+
+    The hook, ``def update(ctx: UpdateContext) -> None`` or ``async def``, applies the OS
+    updates (on Windows e.g. the PSWindowsUpdate module's ``Install-WindowsUpdate``) and
+    returns when they are applied, without rebooting: the maintenance reboots the machine
+    next, through its provider. It raises to say the update failed (its message, shortened,
+    is what the campaign shows: no secrets in it). It runs only while the machine is
+    drained and idle; a plain ``def`` runs in a worker thread, so the agent keeps beating."""
+
+    machine: str  # the machine's name
+    pack: str  # the pack whose hook this is
+    data_dir: Path | None  # the pack's {data} directory on this machine
+    log: logging.Logger  # where to say what the update does (the agent's log)
+    reason: str = ""  # why it was asked ("maintenance 3: 2026-12 patches")
+
 class Context:
     """What an automation gets besides its input: the desktop, progress, screenshots,
     screen states (``state``, ``wait_for``, ``ensure``), :meth:`fill` — type into a field

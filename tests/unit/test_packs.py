@@ -190,6 +190,26 @@ def test_check_reports_states_without_recovery_and_unknown_names(tmp_path: Path)
     assert check_pack(write_pack(tmp_path / "good")).ok
 
 
+def test_an_update_hook_is_checked_where_it_is_declared(tmp_path: Path) -> None:
+    """``[hooks] update``: a module:callable reference, that imports, taking the one
+    UpdateContext an agent gives it — each said by ``pack check`` before an agent runs it."""
+    def check(hooks: str, module: str = MODULE) -> list[str]:
+        return check_pack(write_pack(tmp_path / str(len(list(tmp_path.iterdir()))), MANIFEST + hooks, module)).problems
+
+    good = MODULE + "\n\nasync def update(ctx):\n    ctx.log.info('patched')\n"
+    assert check('\n[hooks]\nupdate = ":update"\n', good) == []
+    pack = load_pack(write_pack(tmp_path / "loaded", MANIFEST + '\n[hooks]\nupdate = ":update"\n', good))
+    assert pack.hook("update") is vars(pack.module)["update"]
+    [bad] = check('\n[hooks]\nupdate = "patch the OS"\n')
+    assert "[hooks] update: 'patch the OS' is not module:callable" in bad
+    [missing] = check('\n[hooks]\nupdate = ":update"\n')
+    assert "[hooks] update = ':update': the module has no callable 'update'" in missing
+    [unimported] = check('\n[hooks]\nupdate = "nowhere:update"\n')
+    assert "module 'nowhere': neither nowhere.py nor nowhere/__init__.py is in" in unimported
+    [no_context] = check('\n[hooks]\nupdate = ":update"\n', MODULE + "\n\ndef update():\n    pass\n")
+    assert "it must take one argument, the UpdateContext" in no_context
+
+
 def test_check_passes_the_packs_we_ship() -> None:
     for name in ("demoehr", "simehr"):
         report = check_pack(name)
@@ -219,7 +239,7 @@ def test_the_public_surface_is_pinned_and_every_name_imports() -> None:
         "COVERED", "UNKNOWN", "NO_SCREEN", "WRONG_SCREEN", "Window", "WindowFacts", "Agent", "AgentConfig", "AgentHost", "AgentHostConfig", "App",
         "AppModel", "Automation", "AutomationError", "BusinessError", "Classification", "ConfigError", "Context",
         "Credential", "Desktop", "DesktopError", "DesktopInfo", "DeskfleetError", "Frame", "HUMAN_KINDS", "HumanAnswer", "Lease", "Pack", "PackError",
-        "PlaybookContext", "ProbeResult", "Region", "Registry", "SimSettings", "StateTimeout", "Stopped", "__version__",
+        "PlaybookContext", "ProbeResult", "Region", "Registry", "SimSettings", "StateTimeout", "Stopped", "UpdateContext", "__version__",
         "automation", "hover_responds", "installed_packs", "load_pack", "load_packs", "note_session", "playbook",
         "probe", "same_text", "session_reader",
     ])

@@ -3,14 +3,16 @@
 One line per problem, each saying where and what to fix; warnings for what works but is
 likely a mistake. A pack whose check passes loads in any agent: its manifest is valid, its
 module imports, its model parses, every screen that is not ready has a recovery and every
-recovery a playbook, every automation declares its input and output schemas, and every
-Robot Framework robot parses, has the task it names and passes Robot's dry run.
+recovery a playbook, every automation declares its input and output schemas, its update
+hook (if any) takes an ``UpdateContext``, and every Robot Framework robot parses, has the
+task it names and passes Robot's dry run.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from inspect import signature
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -102,12 +104,32 @@ def check_pack(ref: str | os.PathLike[str]) -> CheckReport:
     if not m.app.command and not (m.app.process or m.app.window) and not m.hooks.sim:
         report.warnings.append(f"{where}: [app] has no command, process or window: an agent can neither "
                                "start the application nor find it running")
+    _check_update_hook(pack, report)
     _check_robots(pack, report)
     _check_saved_screens(pack, report)
     if m.session.keepalive and m.session.idle_timeout is None and not m.hooks.sim:
         report.warnings.append(f"{where}: [session] keepalive without idle_timeout: upkeep runs only when an "
                                "agent is told the idle timeout (--app-idle-timeout)")
     return report
+
+
+def _check_update_hook(pack: Pack, report: CheckReport) -> None:
+    """``[hooks] update`` imports, and takes the one argument an agent gives it (an
+    ``UpdateContext``): found here, not by the first rolling maintenance that runs it."""
+    try:
+        hook = pack.hook("update")
+    except PackError as exc:
+        report.problems += str(exc).splitlines()
+        return
+    if hook is None:
+        return
+    try:
+        signature(hook).bind(None)
+    except TypeError:
+        report.problems.append(f"{pack.where}/{MANIFEST}: [hooks] update = {pack.manifest.hooks.update!r}: "
+                               "it must take one argument, the UpdateContext (def update(ctx): ...)")
+    except ValueError:
+        pass  # no signature to read (a builtin): the agent will find out
 
 
 def _check_robots(pack: Pack, report: CheckReport) -> None:

@@ -107,7 +107,8 @@ class Pack:
         )
 
     def hook(self, which: str) -> Callable[..., Any] | None:
-        """The callable a ``[hooks]`` entry names (``sim``, ``demo``), imported; None if none.
+        """The callable a ``[hooks]`` entry names (``sim``, ``demo``, ``accounts``, ``update``),
+        imported; None if none.
 
         ``module:callable``: ``module`` lies in the pack like ``[pack] module`` does (a file
         or package of a directory pack, a submodule of an installed one); an empty module

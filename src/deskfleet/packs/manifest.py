@@ -151,8 +151,11 @@ class HooksSection(_Section):
     sim: str = Field(default="", description="makes simulated desktops of the app (--desktop sim)")
     demo: str = Field(default="", description="the pack's demo: workload, faults, effect checks")
     accounts: str = Field(default="", description="the demo's and tests' accounts: (seed) -> {name: Credential}")
+    update: str = Field(default="", description=(
+        "the machine's OS update, run by its agent for a rolling maintenance with update 'pack': "
+        "(UpdateContext) -> None, async or not; raises to fail"))
 
-    @field_validator("sim", "demo", "accounts")
+    @field_validator("sim", "demo", "accounts", "update")
     @classmethod
     def _reference(cls, value: str) -> str:
         if value and not re.fullmatch(r"([A-Za-z_][\w.]*)?:[A-Za-z_]\w*", value):

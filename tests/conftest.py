@@ -56,8 +56,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
     started: list[LiveServer] = []
 
-    def make(**overrides: Any) -> LiveServer:
-        s = start_server(fast_settings(overrides.pop("data_dir", tmp_path / "server"), **overrides))
+    def make(*, providers: dict[str, Any] | None = None, **overrides: Any) -> LiveServer:
+        s = start_server(fast_settings(overrides.pop("data_dir", tmp_path / "server"), **overrides), providers)
         started.append(s)
         return s
 

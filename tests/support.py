@@ -147,8 +147,9 @@ class LiveServer:
             v.close()
 
 
-def start_server(settings: ServerSettings) -> LiveServer:
-    orch = Orchestrator(settings)
+def start_server(settings: ServerSettings, providers: dict[str, Any] | None = None) -> LiveServer:
+    """``providers``: machine providers by name, instead of those ``settings`` configures."""
+    orch = Orchestrator(settings, providers=providers)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted connections inherit it: without it a response written in two parts waits for

@@ -154,7 +154,8 @@ class Maintenance(_Strict):
     time, in the pool's windows, never below the work in hand.
 
     Each machine is cordoned and drained (its run ends first: nothing is interrupted),
-    updated through the pool's provider, rebooted, and re-verified — back with a new boot
+    updated (through the pool's provider, or by its agent running its pack's update hook),
+    rebooted, and re-verified — back with a new boot
     id, its pre-flight passed — before it is put back in service."""
 
     windows: list[Window] = Field(default_factory=list, max_length=50, description=(
@@ -163,9 +164,10 @@ class Maintenance(_Strict):
     max_unavailable: int | str = Field(default=1, description=(
         "machines out of service at once, for maintenance or anything else: a count, or a "
         "percentage of the pool ('10%', rounded down, at least 1)"))
-    update: Literal["provider", "reboot"] = Field(default="provider", description=(
+    update: Literal["provider", "reboot", "pack"] = Field(default="provider", description=(
         "'provider': apply OS updates through the provider's update, then reboot; 'reboot': only reboot "
-        "(updates already staged, a golden image refreshed on boot)"))
+        "(updates already staged, a golden image refreshed on boot); 'pack': the machine's agent runs its "
+        "packs' update hook ([hooks] update), then the provider reboots it"))
     timeout: float = Field(default=3600.0, gt=0, le=7 * 86_400, description=(
         "seconds a machine may take from its update's start until it is verified back; "
         "longer, and it is left out of service and counted as failed"))

@@ -33,7 +33,8 @@ so that they never delay a heartbeat.
                                            ◀─  reply {ok | stale}
                                            ◀─  stop {attempt, reason}  (cancel, timeouts, lease lost)
                                            ◀─  verify {accounts}       (quarantined: re-prove state)
-                                           ◀─  recycle {action}        (idle: restart the apps)
+                                           ◀─  recycle {action}        (idle: restart the apps, or
+                                                                        run the packs' OS update)
       verified {state, screenshot}         ─▶
                                            ◀─  install {pack, version, sha256, url}  (a pack rollout)
       event pack.installing / installed /  ─▶
@@ -75,6 +76,11 @@ switch to it once idle — reporting each step as a machine event (``pack.instal
 ``pack.installed``, ``pack.switched`` or ``pack.install_failed`` with why), then saying hello
 again with the new version. Sent only to agents that speak 6.
 
+Protocol 7: ``recycle {action: update}`` asks an idle, drained machine to run its packs'
+update hooks (``[hooks] update``: the OS update of a pool's rolling maintenance with
+``update: pack``); the agent reports ``event machine.updated {ok, error, seconds}``. An agent
+that speaks less is not asked: the orchestrator records that event for it, failed, with why.
+
 Secrets (invariant 6): an account's password travels only inside the ``assign`` or
 ``verify`` that needs it (:class:`AccountGrant`); a TOTP seed never leaves the
 orchestrator — the agent asks for a code when an MFA prompt needs one. A secret human
@@ -88,7 +94,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 
 class _Msg(BaseModel):
@@ -332,10 +338,12 @@ class Recycle(_Msg):
     """Refresh the machine between runs (protocol 4): ``restart_app`` restarts each of its
     apps — only while no attempt holds the machine; one assigned meanwhile waits, and its
     pre-flight brings the fresh app to the state it needs. The agent reports what it did as
-    ``event machine.recycled``."""
+    ``event machine.recycled``. ``update`` (protocol 7) runs each of its packs' update hooks
+    (the OS update of a rolling maintenance), only while idle, and reports ``event
+    machine.updated``."""
 
     type: Literal["recycle"] = "recycle"
-    action: Literal["restart_app"]
+    action: Literal["restart_app", "update"]
     reason: str = ""
 
 

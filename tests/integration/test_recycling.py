@@ -4,16 +4,31 @@ WebSockets, on simulated machines whose app leaks memory with every record it sa
 The pool's policy says when; the leader's controller sees each machine's app memory (from
 its heartbeats) and runs (from the store), and asks an idle machine's agent to restart its
 app. Never mid-run: checked against every attempt's span on the machine.
+
+The same order updates a machine in a rolling maintenance with ``update: pack``: its agent
+runs SimEHR's update hook, then a provider of the simulated machines (one that can reboot
+them and not update them, as libvirt's and EC2's) reboots it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import itertools
+import time
+from collections import Counter
+from typing import Any
 
 import pytest
 
 from deskfleet.client import AsyncClient
+from deskfleet.providers import (
+    Capabilities,
+    MachineProvider,
+    ProviderError,
+    ProviderMachine,
+    ProviderState,
+)
 from deskfleet.sim.faults import FaultPlan
 from support import eventually
 
@@ -25,18 +40,19 @@ def patient() -> dict[str, str]:
     return {"mrn": f"RC-{next(counter)}", "name": "Grace Hopper", "dob": "1906-12-09"}
 
 
-async def recycled_between_runs(c: AsyncClient, machine: str) -> list[dict]:
-    """The machine's recycle events, each checked to lie outside every attempt's span there."""
+async def recycled_between_runs(c: AsyncClient, machine: str, kind: str = "machine.recycled") -> list[dict]:
+    """The machine's recycle events (or its ``kind`` of them), each checked to lie outside
+    every attempt's span there."""
     events = await c.all_events(limit=10_000)
     spans = []
     for run in (await c.runs(limit=1000))["runs"]:
         for a in await c.attempts(run["id"]):
             if a["machine"] == machine:
                 spans.append((a["assigned_at"], a["ended_at"] or "9999"))
-    recycled = [e for e in events if e["kind"] == "machine.recycled" and e["machine"] == machine]
+    recycled = [e for e in events if e["kind"] == kind and e["machine"] == machine]
     for e in recycled:
         inside = [s for s in spans if s[0] < e["at"] < s[1]]
-        assert not inside, f"{machine} restarted its app mid-run: {e} during {inside}"
+        assert not inside, f"{machine}: {kind} mid-run: {e} during {inside}"
     return recycled
 
 
@@ -107,3 +123,121 @@ async def test_the_agent_reports_an_os_waiting_for_a_reboot(live_server, fleet_f
     await eventually(lambda: view.get_machine(d.name).resources.get("reboot_pending") is True, timeout=10)
     await d.reboot()  # the update done
     await eventually(lambda: view.get_machine(d.name).resources.get("reboot_pending") is False, timeout=20)
+
+
+# -- rolling maintenance with update "pack" -------------------------------------------------------
+
+class SimMachines(MachineProvider):
+    """The fleet's simulated machines as their hypervisor sees them: running, or rebooting.
+    It reboots them (in the fleet's event loop: the server runs in a thread of its own) and
+    can do nothing else — no update, as libvirt and EC2."""
+
+    name = "sim"
+    capabilities = Capabilities()
+
+    def __init__(self) -> None:
+        self.desktops: dict[str, Any] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.reboots: Counter[str] = Counter()
+        self.created_at = time.time()
+
+    def _machine(self, name: str) -> ProviderMachine:
+        state = ProviderState.REBOOTING if self.desktops[name].rebooting else ProviderState.RUNNING
+        return ProviderMachine(name, name, "default", state, {}, self.created_at, self.created_at)
+
+    async def list(self, *, pool: str | None = None) -> builtins.list[ProviderMachine]:
+        return [self._machine(n) for n in self.desktops]
+
+    async def get(self, machine_id: str) -> ProviderMachine:
+        return self._machine(machine_id)
+
+    async def reboot(self, machine_id: str, *, token: str) -> None:
+        assert self.loop is not None
+        self.reboots[machine_id] += 1
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.desktops[machine_id].reboot(), self.loop))
+
+    async def _cannot(self, *args: object, **kwargs: object) -> Any:
+        raise ProviderError("the simulated machines' provider only reboots", retryable=False)
+
+    create = start = stop = power_off = destroy = tag = _cannot  # type: ignore[assignment]
+
+
+UPDATE_POLICY = {"min": 3, "max": 3, "provider": "sim", "warm": {"min": 0, "max": 0},
+                 "maintenance": {"max_unavailable": 1, "update": "pack", "timeout": 60}}
+
+
+async def pack_update_world(server_factory, fleet_factory, tmp_path):
+    provider = SimMachines()
+    server = server_factory(controller_tick=0.1, providers={"sim": provider})
+    fleet = await fleet_factory(server, count=3, fault_plan=FaultPlan(reboot_duration=0.3),
+                                state_dir=tmp_path / "agents")
+    provider.loop = asyncio.get_running_loop()
+    provider.desktops = {d.name: d for d in fleet.desktops}
+    view = server.view()
+    await eventually(lambda: any(e.kind == "replica.leader" for e in view.events(limit=10_000)))
+    return server, fleet, provider, view, tmp_path / "agents" / "data" / "simehr"
+
+
+async def test_a_rolling_update_through_the_pack_runs_each_machines_hook_once_between_runs(
+        server_factory, fleet_factory, tmp_path):
+    server, fleet, provider, view, data = await pack_update_world(server_factory, fleet_factory, tmp_path)
+    names = sorted(provider.desktops)
+    boots = {d.name: d.boot_id for d in fleet.desktops}
+    async with AsyncClient(server.url) as c:
+        await c.put_pool_policy("default", UPDATE_POLICY, version=0)
+        # Runs keep arriving: a busy machine is drained (its run ends first), never updated mid-run.
+        runs = [(await c.submit("sim.work", {"key": f"up-{i}", "seconds": 0.4}))["id"] for i in range(3)]
+        campaign = await c.start_maintenance("default", reason="2026-12 patches")
+        for i in range(3, 12):
+            runs.append((await c.submit("sim.work", {"key": f"up-{i}", "seconds": 0.3}))["id"])
+            await asyncio.sleep(0.3)
+        done = await eventually(lambda: (m := view.maintenance_campaign(campaign["id"])).finished
+                                or m.state == "stalled", timeout=60)
+        done = await c.maintenance("default", campaign["id"])
+        assert done["state"] == "done" and done["counts"] == {"done": 3}, done
+        # Each machine's hook ran once, by its own agent, between runs; then it was rebooted
+        # through the provider, came back from a new boot and was verified.
+        assert sorted((data / "os-updates").read_text().split()) == names
+        for name in names:
+            [updated] = await recycled_between_runs(c, name, "machine.updated")
+            assert updated["data"]["ok"] is True and updated["data"]["packs"] == ["simehr"], updated
+            assert "2026-12 patches" in updated["data"]["reason"]
+        assert provider.reboots == Counter(names)
+        assert all(d.boot_id != boots[d.name] for d in fleet.desktops)
+        events = await c.all_events(limit=10_000)
+        steps: dict[str, list[str]] = {}
+        for e in events:
+            if e["kind"] == "maintenance.step":
+                steps.setdefault(e["machine"], []).append(e["reason"])
+        assert steps == {n: ["draining", "updating", "rebooting", "verifying", "done"] for n in names}, steps
+        assert {m["id"]: m["status"] for m in await c.machines()} == dict.fromkeys(names, "ready")
+        for rid in runs:
+            assert (await c.run(rid, wait=30))["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("how", ["the hook fails", "an agent older than protocol 7"])
+async def test_a_failed_pack_update_fails_the_machine_and_stalls_the_campaign(server_factory, fleet_factory, tmp_path,
+                                                                              how):
+    server, _fleet, provider, view, data = await pack_update_world(server_factory, fleet_factory, tmp_path)
+    first = sorted(provider.desktops)[0]  # taken out first (idle machines go by name)
+    if how == "the hook fails":
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "os-updates.fail").write_text(f"{first}\n")
+        why = "RuntimeError: update KB5031356 failed to install"
+    else:
+        server.orch.hub.connections[first].protocol = 6  # as it said in its hello
+        why = "its agent speaks protocol 6; running its pack's update hook needs 7"
+    async with AsyncClient(server.url) as c:
+        await c.put_pool_policy("default", UPDATE_POLICY, version=0)
+        campaign = await c.start_maintenance("default")
+        await eventually(lambda: view.maintenance_campaign(campaign["id"]).state != "running", timeout=30)
+        after = await c.maintenance("default", campaign["id"])
+        assert after["state"] == "stalled" and after["counts"] == {"failed": 1, "pending": 2}, after
+        assert why in after["machines"][first]["detail"], after["machines"][first]
+        # Left out of service for a person to look at, not rebooted; nothing more taken out.
+        assert provider.reboots == Counter()
+        machines = {m["id"]: m["status"] for m in await c.machines()}
+        assert machines[first] == "cordoned" and list(machines.values()).count("ready") == 2, machines
+        [failed] = [e for e in await c.all_events(limit=10_000) if e["kind"] == "maintenance.machine_failed"]
+        assert failed["machine"] == first and why in failed["reason"]
+        assert not (data / "os-updates").exists()

@@ -38,6 +38,13 @@ def test_a_policy_that_cannot_hold_is_refused_with_what_to_fix():
     assert "greater than 0" in refused({"schedule": [{**PEAK, "hours": 0}]})
 
 
+def test_a_rolling_update_applies_the_os_updates_three_ways_and_a_fourth_is_refused_naming_them():
+    for how in ("provider", "reboot", "pack"):
+        assert PoolPolicy.model_validate({"maintenance": {"update": how}}).maintenance.update == how
+    assert PoolPolicy().maintenance.update == "provider"
+    assert "Input should be 'provider', 'reboot' or 'pack'" in refused({"maintenance": {"update": "agent"}})
+
+
 def test_a_schedule_floor_holds_from_each_start_for_its_hours_in_its_own_time_zone():
     peak = ScheduleFloor.model_validate(PEAK)
     monday = (2026, 12, 7)

@@ -211,7 +211,7 @@ class AgentHost:
                    keepalive=(pack.manifest.session.keepalive or None) if c.upkeep else None,
                    keepalive_margin=pack.manifest.session.keepalive_margin,
                    idle_timeout=c.idle_timeouts.get(pack.name, pack.manifest.session.idle_timeout),
-                   data_dir=c.data_for(pack).resolve(), version=pack.version)
+                   data_dir=c.data_for(pack).resolve(), version=pack.version, update=pack.hook("update"))
 
     def _make_agents(self) -> None:
         c = self.config

@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import random
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,7 +90,7 @@ from ..protocol import (
     heartbeat_frame,
     server_message,
 )
-from ..sdk import Context, Registry, encode_png
+from ..sdk import Context, Registry, UpdateContext, encode_png
 from ..version import __version__
 from ..vision.templates import decode_image
 from .preflight import PreflightResult, preflight
@@ -153,6 +154,9 @@ class App:
     idle_timeout: float | None = None  # the app's idle logout, if known (bounds the keep-alive margin)
     data_dir: Path | None = None  # the pack's {data} directory on this machine (ctx.data_dir)
     version: str | None = None  # the pack's version (reported in the hello: protocol 6)
+    #: the pack's update hook (``[hooks] update``): the OS update a rolling maintenance with
+    #: ``update: pack`` asks for (protocol 7); None: the pack has none
+    update: Callable[[UpdateContext], Any] | None = None
 
 
 class _Disconnected(Exception):
@@ -233,6 +237,7 @@ class Agent:
         self._outbox_after: int | None = None  # ... shown by a reply to this request or a later one
         self._seq = itertools.count(1)
         self._verifying = False
+        self._updating = False  # the packs' update hooks run (a repeated order is ignored meanwhile)
         self._stopped = asyncio.Event()
         self._offline_until = 0.0
         self.completed = 0
@@ -667,8 +672,9 @@ class Agent:
             if answer is not None and not answer.done():
                 answer.set_result(msg)
         elif isinstance(msg, Recycle):
-            if self._current is None and not self._verifying:
-                asyncio.get_running_loop().create_task(self._recycle(msg))
+            if self._current is None and not self._verifying and not self._updating:
+                asyncio.get_running_loop().create_task(
+                    self._update(msg) if msg.action == "update" else self._recycle(msg))
         elif isinstance(msg, Install):
             if self.installer is not None:
                 self.installer.order(self, msg)
@@ -1072,6 +1078,44 @@ class Agent:
             "action": order.action, "reason": order.reason, "ok": not error, "error": error or None,
             "memory_mb_before": round(before, 1), "memory_mb_after": round(after, 1),
             "seconds": round(time.monotonic() - t0, 3)}))
+
+    async def _update(self, order: Recycle) -> None:
+        """Run each pack's update hook (the OS update of a rolling maintenance: protocol 7),
+        only while no attempt holds the machine, under the upkeep lock (an attempt assigned
+        meanwhile waits for it). Said as ``event machine.updated``: ok, the error's text, the
+        seconds it took. Not done at all if an attempt arrived first: the orchestrator asks again."""
+        if self._updating:
+            return  # a repeated order while the first runs
+        self._updating = True
+        try:
+            async with self._upkeep_lock:
+                if self._current is not None or self._verifying:
+                    return
+                t0 = time.monotonic()
+                hooks = [(app, app.update) for app in self.apps if app.update is not None]
+                error = "" if hooks else "no pack on this machine has an update hook ([hooks] update in its pack.toml)"
+                for app, hook in hooks:
+                    ctx = UpdateContext(machine=self.machine_id, pack=app.name or "", data_dir=app.data_dir,
+                                        log=logging.getLogger(f"deskfleet.pack.{app.name}.update"),
+                                        reason=order.reason)
+                    log.info("running pack %s's update hook (%s)", app.name, order.reason, extra=self._ctx())
+                    try:
+                        if inspect.iscoroutinefunction(hook):
+                            await hook(ctx)
+                        else:  # a plain def blocks (a Windows Update may take an hour): beats go on meanwhile
+                            outcome = await asyncio.to_thread(hook, ctx)
+                            if inspect.isawaitable(outcome):
+                                await outcome
+                    except Exception as exc:
+                        error = f"pack {app.name}: {_short(exc)}"
+                        log.warning("update failed: %s", error, extra=self._ctx())
+                        break
+                seconds = round(time.monotonic() - t0, 3)
+            # sent on the next connection if this one is gone (an update may take the network down)
+            await self.report("machine.updated", {"reason": order.reason, "ok": not error, "error": error or None,
+                                                  "packs": [app.name for app, _ in hooks], "seconds": seconds})
+        finally:
+            self._updating = False
 
     # -- pack versions (protocol 6; agent.packs carries out the orders) ---------------------------------
     async def report(self, kind: str, data: dict[str, Any]) -> None:

@@ -25,12 +25,13 @@ create 5".
   counted (``pool.machine_failed``).
 - **Rolling maintenance**: a campaign (``Store.start_maintenance``) takes the pool's
   machines through their OS updates a few at a time — cordon and drain (a run ends
-  first), update through the provider, reboot, re-verify (back with a new boot id, then
-  quarantined until its pre-flight passes), back in service — within the policy's
-  windows, never more than ``max_unavailable`` out of service (for any reason), and never
-  so many that those left serving are fewer than the work in hand. A machine that fails
-  or outlasts the timeout stays out of service; when failures hold every slot the
-  campaign stalls rather than take more machines down. Each step is an event.
+  first), update (through the provider, or — ``update: pack`` — by the machine's agent
+  running its pack's update hook, asked as a recycle order is), reboot, re-verify (back
+  with a new boot id, then quarantined until its pre-flight passes), back in service —
+  within the policy's windows, never more than ``max_unavailable`` out of service (for any
+  reason), and never so many that those left serving are fewer than the work in hand. A
+  machine that fails or outlasts the timeout stays out of service; when failures hold
+  every slot the campaign stalls rather than take more machines down. Each step is an event.
 - **Provider faults** (refused creates, timeouts) are counted per pool and operation and
   recorded (``pool.provider_error``); the next pass tries again — with backoff when the
   provider is wrapped in :class:`~deskfleet.providers.Retrying`. A machine deleted behind
@@ -459,10 +460,23 @@ class Controller:
                 if await self._maintenance_call(c, st, mid, state, now, "update",
                                                 provider.update(pm.id, token=f"maintenance:{c.id}:{mid}:update")):
                     self._step(c, st, mid, "updating", now)
+            elif update == "pack":
+                if m is not None and m.connected:  # drained and idle: its agent runs its pack's update hook
+                    await self._ask_update(c, st, mid, now, first=True)
+                    self._step(c, st, mid, "updating", now)
             elif await self._maintenance_call(c, st, mid, state, now, "reboot",
                                               provider.reboot(pm.id, token=f"maintenance:{c.id}:{mid}:reboot")):
                 self._step(c, st, mid, "rebooting", now)
         elif st.step == "updating":
+            if update == "pack" and pm.state is ProviderState.RUNNING:
+                answer = await self._update_answer(st, mid)
+                if answer is None:
+                    if now - st.asked_at >= RECYCLE_RESEND and m is not None and m.connected:
+                        await self._ask_update(c, st, mid, now, first=False)  # the order may have been lost
+                    return
+                if not answer.get("ok"):
+                    await self._maintenance_failed(c, st, mid, now, f"update: {answer.get('error') or 'failed'}")
+                    return
             rebooted_itself = pm.state in (ProviderState.REBOOTING, ProviderState.BOOTING)
             if rebooted_itself or (pm.state is ProviderState.RUNNING and await self._maintenance_call(
                     c, st, mid, state, now, "reboot", provider.reboot(pm.id, token=f"maintenance:{c.id}:{mid}:reboot"))):
@@ -475,6 +489,21 @@ class Controller:
             await self.db(self.store.set_admin, mid, MachineAdmin.ACTIVE, now,
                           f"maintenance {c.id}: updated, rebooted and verified")
             self._step(c, st, mid, "done", now)
+
+    async def _ask_update(self, c: Campaign, st: MachineStep, mid: str, now: float, *, first: bool) -> None:
+        """Ask the machine's agent to run its packs' update hook (``update: pack``). Its answer
+        is looked for among the events after the first asking: a late one still counts."""
+        if first:
+            st.asked_after = await self.db(self.store.last_event_id)
+        st.asked_at = now
+        self.recycle(mid, "update", f"maintenance {c.id}" + (f": {c.reason}" if c.reason else ""))
+
+    async def _update_answer(self, st: MachineStep, mid: str) -> dict[str, Any] | None:
+        """The agent's ``machine.updated`` since it was asked: ``{ok, error, seconds}``; None yet."""
+        for e in await self.db(self.store.events, machine_id=mid, after_id=st.asked_after, limit=1000):
+            if e.kind == "machine.updated":
+                return dict(e.data or {})
+        return None
 
     async def _maintenance_call(self, c: Campaign, st: MachineStep, mid: str, state: _PoolState, now: float,
                                 op: str, call: Any) -> bool:

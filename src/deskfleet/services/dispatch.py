@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PASS_LIMIT = 500  # assignments claimed in one scheduling pass at most
+#: the protocol an agent must speak to be asked to run its packs' update hooks (``Recycle``)
+UPDATE_PROTOCOL = 7
 
 
 class AgentLink(Protocol):
@@ -220,13 +222,23 @@ class Dispatch:
             self.replicas.hint("recycle", f"{machine_id}:{action}:{reason}")
 
     def recycle_hinted(self, payload: str) -> None:
-        """``machine:action:reason``; an agent older than protocol 4 is not asked."""
+        """``machine:action:reason``; an agent older than protocol 4 is not asked. Nor is one
+        older than 7 asked to ``update``: its failure is recorded for it at once (``event
+        machine.updated``), so that its maintenance fails with why rather than wait out its timeout."""
         machine_id, _, rest = payload.partition(":")
         action, _, reason = rest.partition(":")
         conn = self.agents.connections.get(machine_id)
-        if conn is None or conn.protocol < 4 or action != "restart_app":
+        if conn is None or action not in ("restart_app", "update"):
             return
-        self._order(conn.send(Recycle(action="restart_app", reason=reason)))
+        if action == "update" and conn.protocol < UPDATE_PROTOCOL:
+            why = (f"its agent speaks protocol {conn.protocol}; running its pack's update hook needs "
+                   f"{UPDATE_PROTOCOL} (update the agent, or use update 'provider' or 'reboot')")
+            self._order(self.db(self.store.record_event, "machine.updated", time.time(), machine_id=machine_id,
+                                data={"reason": reason, "ok": False, "error": why, "packs": [], "seconds": 0}))
+        elif action == "update":
+            self._order(conn.send(Recycle(action="update", reason=reason)))
+        elif conn.protocol >= 4:
+            self._order(conn.send(Recycle(action="restart_app", reason=reason)))
 
     def _order(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -43,6 +43,10 @@ class MachineStep:
     started: float | None = None  # when it left service for the campaign
     boot_id: str = ""  # its boot id before the reboot: a new one proves the reboot
     detail: str = ""
+    #: update "pack": the last event before its agent was asked to update (its answer, ``event
+    #: machine.updated``, comes after it), and when it was last asked
+    asked_after: int = 0
+    asked_at: float = 0.0
 
 
 @dataclass(slots=True)

@@ -59,4 +59,5 @@ def sim_pack(dest: Path, version: str, *, broken: bool = False) -> Path:
     (dest / "pack.py").write_text(MODULE.format(version=version))
     (dest / "fleet.py").write_text("from deskfleet.sim.fleet import make_desktops  # noqa: F401\n")
     (dest / "backend.py").write_text("from deskfleet.sim.backend import demo_accounts  # noqa: F401\n")
+    (dest / "updates.py").write_text("from deskfleet.sim.updates import update  # noqa: F401\n")
     return dest

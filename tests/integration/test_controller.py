@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deskfleet.errors import Conflict
-from deskfleet.fleet.controller import Controller
+from deskfleet.fleet.controller import LIST_LAG, Controller
 from deskfleet.models import AutomationSpec, Ending, MachineAdmin, MachineHealth, Pool, RunSpec
 from deskfleet.pools import PoolPolicy
 from deskfleet.providers import Capabilities, FakeProvider, ProviderState, Retrying
@@ -319,6 +319,27 @@ async def test_a_machine_that_vanishes_from_its_provider_is_said_once_taken_out_
     assert len(up) == 2 and not up & {busy.id, idle.id}
     assert w.store.get_run(run_id).state.value == "running"
     assert w.store.list_attempts(run_id)[-1].machine_id in up  # on a replacement
+
+
+async def test_a_machine_its_provider_does_not_list_yet_is_supply_until_it_is_overdue(world):
+    """A cloud's list may lag its create (EC2's is eventually consistent): a machine made a
+    moment ago and missing from the provider's list and get still counts as on its way — not
+    made a second time, not said vanished — until LIST_LAG has passed."""
+    w = world({**MANAGED, "min": 1, "max": 4})
+    await w.controller.tick()
+    [made] = await w.fake.list(pool="ehr")
+    assert w.fake.actions["create"] == 1
+    w.fake.vanish(made.id)  # as if the list (and get) did not show it yet
+    for _ in range(3):
+        w.now += 5.0
+        await w.controller.tick()
+    assert w.fake.actions["create"] == 1, "made twice for one decision"
+    assert w.kinds("pool.machine_vanished") == []
+    w.now += LIST_LAG
+    await w.controller.tick()
+    [said] = w.kinds("pool.machine_vanished")
+    assert said.machine_id == made.name and said.data["now"] == "absent", said
+    assert w.fake.actions["create"] == 2  # overdue: vanished, and replaced
 
 
 async def test_a_pool_whose_provider_this_server_lacks_is_said_once(world):

@@ -27,6 +27,9 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from deskfleet.errors import ConfigError
+from deskfleet.fleet.controller import Controller
+from deskfleet.models import Pool
+from deskfleet.pools import PoolPolicy
 from deskfleet.providers import (
     Capabilities,
     EC2Provider,
@@ -37,6 +40,8 @@ from deskfleet.providers import (
     Retrying,
 )
 from deskfleet.providers.configure import open_provider
+from deskfleet.store import open_store
+from deskfleet.store.runner import StoreRunner
 
 S = ProviderState
 REGION = "eu-west-1"
@@ -470,3 +475,42 @@ def test_a_server_names_it_with_its_launch_template(endpoint: str, tmp_path: Pat
 
 async def _no_sleep(seconds: float) -> None:
     pass
+
+
+# -- a pool of instances ----------------------------------------------------------------------------
+
+
+async def test_the_pool_controller_keeps_a_pool_of_instances_and_replaces_one_terminated_behind_its_back(
+        make: Any, aws: Any, tmp_path: Path) -> None:
+    """The pool controller on EC2: its floor launched, and an instance terminated from the
+    console (not by the pool) said once as vanished and replaced — nothing destroyed twice."""
+    now = [1_800_000_000.0]
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}", sqlite_synchronous="NORMAL")
+    try:
+        store.put_pool(Pool("ehr"), now[0])
+        policy = PoolPolicy.model_validate({"min": 2, "max": 3, "provider": "ec2", "warm": {"min": 0, "max": 0}})
+        store.put_pool_policy("ehr", policy.model_dump(mode="json"), expected_version=0, now=now[0])
+        provider, calls = make(clock=lambda: now[0])
+        controller = Controller(store, StoreRunner(store), {"ec2": Retrying(provider)}, leads=lambda: True,
+                                clock=lambda: now[0], ready_time=600.0)
+
+        def live() -> set[str]:
+            return {i for i, d in instances(aws).items() if d["State"]["Name"] not in ("terminated", "shutting-down")}
+
+        await controller.tick()
+        first = live()
+        assert len(first) == 2, instances(aws)
+        assert len(params(calls, "RunInstances")) == 2
+        gone = sorted(first)[0]
+        aws.terminate_instances(InstanceIds=[gone])  # someone else's doing
+        now[0] += 10
+        await controller.tick()
+        await controller.tick()  # said once, not every pass
+        [vanished] = [e for e in store.events(limit=100) if e.kind == "pool.machine_vanished"]
+        assert vanished.data["provider_id"] == gone and vanished.data["now"] == "terminated", vanished
+        second = live()
+        assert len(second) == 2 and gone not in second and len(second & first) == 1, instances(aws)
+        assert len(params(calls, "RunInstances")) == 3  # one replacement
+        assert params(calls, "TerminateInstances") == []  # nothing left to destroy: the pool did not try
+    finally:
+        store.close()

@@ -80,6 +80,9 @@ BOOT_TIMEOUT_FACTOR = 3.0
 COMING = frozenset({ProviderState.PROVISIONING, ProviderState.BOOTING, ProviderState.RUNNING,
                     ProviderState.REBOOTING})
 GONE = frozenset({ProviderState.TERMINATING, ProviderState.TERMINATED})
+#: seconds a machine just made may be missing from its provider's list and get before it
+#: counts as vanished (a cloud's listing can lag its create)
+LIST_LAG = 60.0
 #: seconds after which a recycle order nobody answered may be given again
 RECYCLE_RESEND = 60.0
 
@@ -193,6 +196,9 @@ class _PoolState:
     known: dict[str, ProviderMachine] = field(default_factory=dict)
     provider: str = ""
     vanished: set[str] = field(default_factory=set)  # written off, their agents maybe still connected
+    #: made by this controller and not listed yet, by name: when made (a cloud's list may lag its
+    #: create — EC2's is eventually consistent — so absence is not vanishing for a while)
+    unlisted: dict[str, float] = field(default_factory=dict)
 
     def rebuilding(self, machine_id: str) -> bool:
         """Retired for a rebuild (its age): destroyed once idle, never put back in service."""
@@ -603,8 +609,10 @@ class Controller:
         except ProviderError as exc:
             await self._provider_error(state, pool, "list", exc, now)
             return None
-        at_provider = [m for m in listed if m.state not in GONE]
-        await self._notice_vanished(state, pool, provider, listed, now)
+        # and those its list missed but that are still there (its get says so), or were made
+        # too recently to be listed: supply all the same, never made twice
+        at_provider = [m for m in listed if m.state not in GONE] + await self._notice_vanished(
+            state, pool, provider, listed, now)
         # The machines that matter: up, busy, or the provider's — not every one destroyed before.
         enrolled = {m.id: m for m in await self.db(self.store.list_machines, pool,
                                                      live_or=tuple(m.name for m in at_provider))}
@@ -667,6 +675,9 @@ class Controller:
             await self._provider_error(state, pool, "create", exc, now)
             return
         state.tracked[name] = _Tracked(name, "provisioning", now, now)
+        if made.state not in GONE:
+            state.known[name] = made  # gone before the next pass's list: vanished all the same
+            state.unlisted[name] = now
         await self._event("machine.lifecycle", now, pool=pool, machine_id=name, reason="provisioning",
                           data={"step": "provisioning", "provider": provider.name, "provider_id": made.id})
 
@@ -703,7 +714,7 @@ class Controller:
                 state.tracked.pop(m.name, None)
 
     async def _notice_vanished(self, state: _PoolState, pool: str, provider: MachineProvider,
-                               listed: list[ProviderMachine], now: float) -> None:
+                               listed: list[ProviderMachine], now: float) -> list[ProviderMachine]:
         """Machines deleted behind the pool's back: seen up (or on their way) at the provider
         before, and now missing from its list and its ``get``, or terminated without this
         controller's order. Each is said and counted once (``pool.machine_vanished``) and
@@ -714,8 +725,10 @@ class Controller:
         demand needs it."""
         if state.provider != provider.name:  # a policy that changed provider: the old one's machines are not gone
             state.known.clear()
+            state.unlisted.clear()
             state.provider = provider.name
         seen = {m.name: m for m in listed}
+        unlisted: list[ProviderMachine] = []  # not in the list, yet not gone: returned
         for name, last in list(state.known.items()):
             found = seen.get(name)
             if found is None:
@@ -725,14 +738,23 @@ class Controller:
                     pass
                 except ProviderError as exc:
                     await self._provider_error(state, pool, "get", exc, now)
-                    continue  # asked again next pass
+                    unlisted.append(last)  # asked again next pass
+                    continue
             if found is not None and found.state not in GONE:
+                if name not in seen:
+                    unlisted.append(found)
+                continue
+            if found is None and now - state.unlisted.get(name, -LIST_LAG) < LIST_LAG:
+                unlisted.append(last)  # made a moment ago: the provider may not list it yet
                 continue
             del state.known[name]
+            state.unlisted.pop(name, None)
             await self._vanished(state, pool, provider, last, found, now)
         for m in listed:
+            state.unlisted.pop(m.name, None)
             if m.state not in GONE:
                 state.known[m.name] = m
+        return unlisted
 
     async def _vanished(self, state: _PoolState, pool: str, provider: MachineProvider, last: ProviderMachine,
                         found: ProviderMachine | None, now: float) -> None:
@@ -789,6 +811,7 @@ class Controller:
         if machine is not None and machine.active_attempt_id is not None:
             return False
         state.known.pop(m.name, None)  # gone from the provider's list after this: not vanished
+        state.unlisted.pop(m.name, None)
         try:
             await provider.destroy(m.id, token=f"destroy:{pool}:{m.id}")
         except ProviderError as exc:

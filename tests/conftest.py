@@ -8,7 +8,10 @@ as separate processes and kills them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+
+
+# -- the servers every test process shares -----------------------------------------------------------
+#: where the lock between test processes lives: every run on this host shares the test
+#: PostgreSQL server, whichever clone or worker it comes from
+SHARED_LOCKS = Path(tempfile.gettempdir()) / "deskfleet-tests"
+
+
+@contextlib.contextmanager
+def _shared_servers(*, exclusive: bool) -> Iterator[None]:
+    """A readers-writer lock between processes (flock) over the servers tests share: a test
+    holds it shared; one marked ``exclusive`` (it stops or restarts the test PostgreSQL)
+    holds it alone, so that no other worker's test meets a server it took down. The
+    turnstile comes first: once an exclusive test waits, no new test slips in before it,
+    and a stream of shared holders cannot starve it."""
+    SHARED_LOCKS.mkdir(exist_ok=True)
+    with open(SHARED_LOCKS / "turnstile.lock", "a") as turnstile, open(SHARED_LOCKS / "servers.lock", "a") as servers:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(servers, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield  # closing the files releases what is held
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Each test's setup, call and teardown — module fixtures' too — under the shared lock."""
+    with _shared_servers(exclusive=item.get_closest_marker("exclusive") is not None):
+        yield
 
 
 @pytest.fixture

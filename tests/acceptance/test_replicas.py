@@ -286,6 +286,7 @@ def partition_mid_attempt(c: Cluster, load: Load, proxy: Any, moments: dict[str,
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # restarts the test PostgreSQL
 @pytest.mark.timeout(400)
 def test_three_replicas_30_machines_2000_runs_through_leader_kill_db_restart_and_partition(
         pg_cluster: Cluster) -> None:
@@ -495,6 +496,7 @@ def test_agents_move_to_another_replica_when_theirs_is_killed_and_keep_their_lea
         assert [ehr.count_by_mrn(f"MOVE-{i}") for i in range(4)] == [1, 1, 1, 1]
 
 
+@pytest.mark.exclusive  # stops the test PostgreSQL
 def test_with_postgres_stopped_the_api_answers_503_and_runs_in_flight_finish_without_retry(
         pg_cluster: Cluster) -> None:
     c = pg_cluster

@@ -241,3 +241,23 @@ async def test_a_failed_pack_update_fails_the_machine_and_stalls_the_campaign(se
         [failed] = [e for e in await c.all_events(limit=10_000) if e["kind"] == "maintenance.machine_failed"]
         assert failed["machine"] == first and why in failed["reason"]
         assert not (data / "os-updates").exists()
+
+
+async def test_an_update_order_repeated_after_it_ran_is_answered_again_not_run_twice(
+        server_factory, fleet_factory, tmp_path):
+    """The controller asks again when an answer is late; an order that crossed the answer
+    gets the same report (``repeated``), and the hook does not run a second time. Another
+    campaign's order (another reason) runs it again."""
+    server, _fleet, provider, view, data = await pack_update_world(server_factory, fleet_factory, tmp_path)
+    first = sorted(provider.desktops)[0]
+
+    def answers() -> list:
+        return [e for e in view.events(limit=10_000) if e.kind == "machine.updated" and e.machine_id == first]
+
+    for asked in range(1, 4):
+        server.orch.dispatch.recycle(first, "update", "maintenance 7: 2026-12 patches" if asked < 3 else "maintenance 8")
+        await eventually(lambda n=asked: len(answers()) == n, timeout=10)
+    said = [(e.data["reason"], e.data["ok"], e.data.get("repeated", False)) for e in answers()]
+    assert said == [("maintenance 7: 2026-12 patches", True, False), ("maintenance 7: 2026-12 patches", True, True),
+                    ("maintenance 8", True, False)], said
+    assert (data / "os-updates").read_text().split() == [first, first]  # once per campaign

@@ -238,6 +238,7 @@ class Agent:
         self._seq = itertools.count(1)
         self._verifying = False
         self._updating = False  # the packs' update hooks run (a repeated order is ignored meanwhile)
+        self._updated: tuple[str, dict[str, Any]] | None = None  # the last update's order (its reason) and report
         self._stopped = asyncio.Event()
         self._offline_until = 0.0
         self.completed = 0
@@ -1083,9 +1084,14 @@ class Agent:
         """Run each pack's update hook (the OS update of a rolling maintenance: protocol 7),
         only while no attempt holds the machine, under the upkeep lock (an attempt assigned
         meanwhile waits for it). Said as ``event machine.updated``: ok, the error's text, the
-        seconds it took. Not done at all if an attempt arrived first: the orchestrator asks again."""
+        seconds it took. Not done at all if an attempt arrived first: the orchestrator asks again.
+        An order repeated after its update ran (the orchestrator asks again when an answer is
+        late; the two crossed) is answered with the same report, not run twice."""
         if self._updating:
             return  # a repeated order while the first runs
+        if self._updated is not None and self._updated[0] == order.reason:
+            await self.report("machine.updated", {**self._updated[1], "repeated": True})
+            return
         self._updating = True
         try:
             async with self._upkeep_lock:
@@ -1111,9 +1117,11 @@ class Agent:
                         log.warning("update failed: %s", error, extra=self._ctx())
                         break
                 seconds = round(time.monotonic() - t0, 3)
+            said = {"reason": order.reason, "ok": not error, "error": error or None,
+                    "packs": [app.name for app, _ in hooks], "seconds": seconds}
+            self._updated = (order.reason, said)
             # sent on the next connection if this one is gone (an update may take the network down)
-            await self.report("machine.updated", {"reason": order.reason, "ok": not error, "error": error or None,
-                                                  "packs": [app.name for app, _ in hooks], "seconds": seconds})
+            await self.report("machine.updated", said)
         finally:
             self._updating = False
 

@@ -55,11 +55,9 @@ def test_a_new_pack_passes_its_own_tests(pack: Path) -> None:
 
 def test_try_runs_the_scaffolds_automation_step_by_step_and_keeps_its_screenshots(pack: Path, tmp_path: Path) -> None:
     shots, state = tmp_path / "shots", tmp_path / "try"
-    started = time.monotonic()
     done = deskfleet("pack", "try", str(pack), "acme.add_item", "--input", ITEM, "--username", "demo",
                      "--password-stdin", "--screenshots", str(shots), "--state-dir", str(state), stdin="demo-pass\n")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert time.monotonic() - started < 30
     seen = steps(done.stdout)
     kinds = [k for k, _ in seen]
     assert kinds[:2] == ["desktop", "desktop"] and seen[1][1].startswith("DISPLAY=:")
@@ -87,18 +85,16 @@ def test_try_runs_the_scaffolds_automation_step_by_step_and_keeps_its_screenshot
 def test_a_refused_password_fails_fast_in_one_line_and_is_never_shown(pack: Path, tmp_path: Path) -> None:
     wrong = "not-the-Pass-7"
     shots = tmp_path / "shots"
-    started = time.monotonic()
     done = deskfleet("pack", "try", str(pack), "add_item", "--input", ITEM, "--username", "demo",
                      "--password-stdin", "--screenshots", str(shots), "--state-dir", str(tmp_path / "t"),
                      stdin=wrong)
     assert done.returncode == 1
-    assert time.monotonic() - started < 30  # two refusals, not eight playbook steps
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert lines[0].startswith("deskfleet: acme.add_item failed: pre-flight failed: login failed twice the same "
                                "way: DesktopError: the app refused the login of 'demo': Invalid username or password.")
     assert lines[0].endswith(f"(the screen then: {shots}/05-failure.png)")
-    assert [k for k, _ in steps(done.stdout)].count("playbook") == 2
+    assert [k for k, _ in steps(done.stdout)].count("playbook") == 2  # two refusals, not eight playbook steps
     assert wrong not in done.stdout + done.stderr
 
 

@@ -291,7 +291,7 @@ async def test_a_robot_past_its_timeout_is_killed_with_what_it_started(pack: Pac
     with pytest.raises(AutomationError, match=r"robot orders.slow ran past its timeout of 1.5s") as caught:
         await pack.registry.get("orders.slow").execute(trial.ctx, {"seconds": 30})  # type: ignore[union-attr]
     assert not isinstance(caught.value, BusinessError)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 15  # stopped, long before the robot's 30 s
     child = int((tmp_path / "pids").read_text().split()[-1])
     await eventually(lambda: _gone(child), timeout=3)  # Process library's child, in a session of its own
     assert _robot_processes() == []
@@ -315,7 +315,7 @@ async def test_a_stopped_attempt_stops_its_robot(pack: Pack, tmp_path: Path) -> 
     task.cancel()
     with pytest.raises((asyncio.CancelledError, Stopped)):
         await task
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 15  # stopped, long before the robot's 30 s
     assert _gone(robot.pid) and _gone(int((tmp_path / "pids").read_text().split()[-1]))
     assert not varfile.exists(), "the variable file goes with the attempt"
 

@@ -64,6 +64,8 @@ REDACTED = "***"
 PRIVATE_ENV = "DESKFLEET_"
 #: longest failure text kept (the run's error detail)
 MAX_DETAIL = 1800
+#: seconds a stop waits at most for the killed processes of a robot to be gone
+KILL_WAIT = 5.0
 
 
 class RobotTask(BaseModel):
@@ -254,7 +256,8 @@ async def stop(proc: asyncio.subprocess.Process, grace: float) -> None:
                 await asyncio.wait_for(proc.wait(), grace)
     finally:  # also when this task is cancelled meanwhile
         _signal_group(proc, graceful=False)
-        kill_all([*tree, *descendants(proc.pid)])
+        # gone, not only signalled, when the attempt ends: nothing the robot started acts after it
+        await asyncio.to_thread(kill_all, [*tree, *descendants(proc.pid)], wait=KILL_WAIT)
     if proc.returncode is None:
         await asyncio.shield(proc.wait())
 

@@ -89,7 +89,7 @@ async def test_long_poll_returns_as_soon_as_the_run_ends(live_server, fleet_fact
         # Waiting on a finished run answers at once.
         t1 = time.monotonic()
         assert (await get_run(c, run["id"], wait=60))["state"] == "succeeded"
-        assert time.monotonic() - t1 < 0.5
+        assert time.monotonic() - t1 < 5  # not the 60 s: bounds this loose hold on a stalled host
 
 
 async def test_long_poll_returns_the_current_state_when_the_wait_expires(live_server, fleet_factory):
@@ -105,12 +105,12 @@ async def test_long_poll_returns_the_current_state_when_the_wait_expires(live_se
         # wait=0 (the default) does not wait at all.
         t1 = time.monotonic()
         assert (await get_run(c, run["id"]))["state"] == "queued"
-        assert time.monotonic() - t1 < 0.5
+        assert time.monotonic() - t1 < 5  # the run stays queued: any wait would last the whole wait
         # An unknown run is a 404 at once, not after the wait.
         t2 = time.monotonic()
-        resp = await c.get("/v1/runs/run_nope", params={"wait": 5})
+        resp = await c.get("/v1/runs/run_nope", params={"wait": 30})
         assert resp.status_code == 404 and resp.json()["error"] == "not_found"
-        assert time.monotonic() - t2 < 1
+        assert time.monotonic() - t2 < 5
 
 
 async def test_long_poll_wakes_when_the_queue_wait_runs_out(live_server, fleet_factory):
